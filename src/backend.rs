@@ -1,0 +1,51 @@
+//! The compiled-in backends: burn's flex on the CPU always, CUDA behind the `cuda` feature.
+//! The rest of pipe is generic over `B: AutodiffBackend`; this module picks the concrete one.
+
+use anyhow::Result;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::error::bad_input;
+use crate::spec::BackendKind;
+
+/// Training on the CPU: flex with autodiff.
+pub type Cpu = Autodiff<Flex>;
+#[cfg(feature = "cuda")]
+pub type Gpu = Autodiff<burn::backend::Cuda>;
+
+/// Work that runs on whichever backend the user chose.
+pub trait BackendJob {
+    type Output;
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        device_name: String,
+    ) -> Result<Self::Output>;
+}
+
+/// Run `job` on `kind` (device `index` for GPUs).
+pub fn dispatch<J: BackendJob>(kind: BackendKind, index: usize, job: J) -> Result<J::Output> {
+    match kind {
+        BackendKind::Cpu => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            job.run::<Cpu>(Default::default(), format!("cpu (flex, {threads} threads)"))
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => job.run::<Gpu>(
+            burn::backend::cuda::CudaDevice::new(index),
+            format!("cuda:{index}"),
+        ),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => {
+            let _ = index;
+            Err(bad_input("backend `cuda` is not compiled into this pipe; rebuild with `cargo build --release --features cuda`"))
+        }
+    }
+}
+
+pub fn name(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Cpu => "flex",
+        BackendKind::Cuda => "cuda",
+    }
+}

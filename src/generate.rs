@@ -1,0 +1,138 @@
+//! Sampling from the model: greedy, temperature, top-k and top-p, seeded, with a KV cache so
+//! each new token costs one position of compute.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::model::{Gpt2, KvCache};
+
+/// How to pick each next token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy (argmax).
+    pub temperature: f64,
+    /// Keep the k most likely tokens; 0 = all.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches p; 1 = all.
+    pub top_p: f64,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+}
+
+/// A generator over one model, with its own seeded random stream.
+pub struct Generator<'a, B: Backend> {
+    model: &'a Gpt2<B>,
+    device: B::Device,
+    rng: StdRng,
+}
+
+impl<'a, B: Backend> Generator<'a, B> {
+    pub fn new(model: &'a Gpt2<B>, device: &B::Device, seed: u64) -> Self {
+        Self {
+            model,
+            device: device.clone(),
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Continue `prompt` by up to `max_new_tokens`, stopping after `eos` (which is returned as
+    /// the last id) or when the context is full. `on_token` sees each id as it is chosen.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampling: Sampling,
+        eos: Option<u32>,
+        mut on_token: impl FnMut(u32),
+    ) -> Vec<u32> {
+        let context = self.model.n_positions();
+        let mut cache = KvCache::new(self.model.blocks.len());
+        let mut out = Vec::new();
+        if prompt.is_empty() || prompt.len() >= context {
+            return out;
+        }
+        let mut feed: Vec<u32> = prompt.to_vec();
+        while out.len() < max_new_tokens && cache.len() + feed.len() <= context {
+            let tokens = Tensor::<B, 2, Int>::from_data(
+                TensorData::new(feed.iter().map(|&t| t as i32).collect(), [1, feed.len()]),
+                &self.device,
+            );
+            let hidden = self.model.hidden(tokens, Some(&mut cache)); // [1, fed, d_model]
+            let [_, fed, d_model] = hidden.dims();
+            let last = hidden.slice([0..1, fed - 1..fed]).reshape([1, d_model]); // [1, d_model]
+            let logits = self.model.lm_head(last); // [1, vocab]
+            let logits: Vec<f32> = logits.into_data().to_vec().expect("f32 logits");
+            let next = sample(&logits, sampling, &mut self.rng);
+            on_token(next);
+            out.push(next);
+            if Some(next) == eos {
+                break;
+            }
+            feed = vec![next];
+        }
+        out
+    }
+}
+
+/// Choose a token id from one position's logits.
+pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut impl Rng) -> u32 {
+    if sampling.temperature == 0.0 {
+        return argmax(logits);
+    }
+    // Candidates sorted by logit, most likely first; ties keep the lower id first.
+    let mut candidates: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l as f64 / sampling.temperature))
+        .collect();
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if sampling.top_k > 0 {
+        candidates.truncate(sampling.top_k);
+    }
+    let max = candidates[0].1;
+    let mut probs: Vec<f64> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if sampling.top_p < 1.0 {
+        // Keep tokens until the mass before them reaches top_p (the first is always kept).
+        let mut mass = 0.0;
+        let keep = probs
+            .iter()
+            .take_while(|&&p| {
+                let before = mass;
+                mass += p;
+                before < sampling.top_p
+            })
+            .count();
+        probs.truncate(keep.max(1));
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut draw: f64 = rng.random();
+    for (i, p) in probs.iter().enumerate() {
+        if draw < *p {
+            return candidates[i].0;
+        }
+        draw -= p;
+    }
+    candidates[probs.len() - 1].0
+}
+
+/// The index of the largest logit (the first, on ties, as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,13 @@
+//! pipe: declarative supervised fine-tuning pipelines for GPT-2-style models, on burn.
+//!
+//! Data flows one way: spec → prepared inputs → stages → run folder.
+
+pub mod backend;
+pub mod data;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod pipeline;
+pub mod run_dir;
+pub mod spec;
+pub mod train;

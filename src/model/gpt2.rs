@@ -1,0 +1,295 @@
+//! GPT-2 in burn: the whole model in one file, numerically matching HuggingFace
+//! transformers' `GPT2LMHeadModel` (pre-LayerNorm blocks, tanh GELU, tied LM head).
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+    Linear, LinearConfig,
+};
+use burn::tensor::activation::{gelu_approximate, log_softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, Tensor};
+
+/// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
+#[derive(Config, Debug, PartialEq)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    /// Context length: the number of learned positions.
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[config(default = 1e-5)]
+    pub layer_norm_epsilon: f64,
+    /// One probability for the embedding, attention and residual dropouts.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Standard deviation of the normal initialisation (GPT-2 uses 0.02).
+    #[config(default = 0.02)]
+    pub initializer_range: f64,
+}
+
+impl Gpt2Config {
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Parameter count (the tied LM head counted once).
+    pub fn num_params(&self) -> usize {
+        let d = self.n_embd;
+        let block =
+            2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d);
+        self.vocab_size * d + self.n_positions * d + self.n_layer * block + 2 * d
+    }
+
+    /// A freshly initialised model, as GPT-2 initialises one: N(0, initializer_range) weights,
+    /// zero biases, unit LayerNorms, and residual projections scaled by 1/sqrt(2·n_layer).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Gpt2<B> {
+        let std = self.initializer_range;
+        let normal = |std: f64| Initializer::Normal { mean: 0.0, std };
+        let proj_std = std / (2.0 * self.n_layer as f64).sqrt();
+        let linear = |d_in: usize, d_out: usize, std: f64| {
+            let layer = LinearConfig::new(d_in, d_out)
+                .with_initializer(normal(std))
+                .init(device);
+            Linear {
+                bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))),
+                ..layer
+            }
+        };
+        let layer_norm = || {
+            LayerNormConfig::new(self.n_embd)
+                .with_epsilon(self.layer_norm_epsilon)
+                .init(device)
+        };
+        let d = self.n_embd;
+        let blocks = (0..self.n_layer)
+            .map(|_| Block {
+                ln_1: layer_norm(),
+                attn: Attention {
+                    c_attn: linear(d, 3 * d, std),
+                    c_proj: linear(d, d, proj_std),
+                    n_head: self.n_head,
+                },
+                ln_2: layer_norm(),
+                mlp: Mlp {
+                    c_fc: linear(d, 4 * d, std),
+                    c_proj: linear(4 * d, d, proj_std),
+                },
+                dropout: DropoutConfig::new(self.dropout).init(),
+            })
+            .collect();
+        Gpt2 {
+            wte: EmbeddingConfig::new(self.vocab_size, d)
+                .with_initializer(normal(std))
+                .init(device),
+            wpe: EmbeddingConfig::new(self.n_positions, d)
+                .with_initializer(normal(0.01))
+                .init(device),
+            blocks,
+            ln_f: layer_norm(),
+            dropout: DropoutConfig::new(self.dropout).init(),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Gpt2<B: Backend> {
+    /// Token embedding; also the LM head (tied weights, as in GPT-2).
+    pub wte: Embedding<B>,
+    /// Learned position embedding.
+    pub wpe: Embedding<B>,
+    pub blocks: Vec<Block<B>>,
+    pub ln_f: LayerNorm<B>,
+    pub dropout: Dropout,
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub ln_1: LayerNorm<B>,
+    pub attn: Attention<B>,
+    pub ln_2: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+    pub dropout: Dropout,
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query, key and value projections in one matrix: [d, 3d].
+    pub c_attn: Linear<B>,
+    pub c_proj: Linear<B>,
+    pub n_head: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub c_fc: Linear<B>,
+    pub c_proj: Linear<B>,
+}
+
+/// Keys and values of every position seen so far, per layer, so that generation feeds only
+/// the new token through the model.
+pub struct KvCache<B: Backend> {
+    /// Per layer: ([batch, heads, seen, head_dim] keys, same-shaped values).
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    seen: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(n_layer: usize) -> Self {
+        Self {
+            layers: (0..n_layer).map(|_| None).collect(),
+            seen: 0,
+        }
+    }
+
+    /// How many positions the cache holds.
+    pub fn len(&self) -> usize {
+        self.seen
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen == 0
+    }
+}
+
+impl<B: Backend> Gpt2<B> {
+    pub fn n_positions(&self) -> usize {
+        self.wpe.weight.dims()[0]
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.wte.weight.dims()[0]
+    }
+
+    /// Final hidden states. With a cache, `tokens` are the positions after the cached ones.
+    /// tokens: [batch, seq] → [batch, seq, d_model]
+    pub fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq] = tokens.dims();
+        let start = cache.as_ref().map_or(0, |c| c.seen);
+        let device = tokens.device();
+        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + seq) as i64, &device)
+            .unsqueeze::<2>()
+            .expand([batch, seq]); // [batch, seq]
+        let x = self.wte.forward(tokens) + self.wpe.forward(positions); // [batch, seq, d_model]
+        let mut x = self.dropout.forward(x);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[layer]);
+            x = block.forward(x, layer_cache);
+        }
+        if let Some(cache) = cache {
+            cache.seen += seq;
+        }
+        self.ln_f.forward(x)
+    }
+
+    /// Next-token logits from hidden states, through the tied LM head.
+    /// hidden: [tokens, d_model] → [tokens, vocab]
+    pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        hidden.matmul(self.wte.weight.val().transpose())
+    }
+
+    /// Logits at every position. tokens: [batch, seq] → [batch, seq, vocab]
+    pub fn logits(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.hidden(tokens, cache); // [batch, seq, d_model]
+        let [batch, seq, d_model] = hidden.dims();
+        self.lm_head(hidden.reshape([batch * seq, d_model]))
+            .reshape([batch, seq, self.vocab_size()])
+    }
+
+    /// Per-token negative log-likelihood of `targets` given `inputs` (targets are the inputs
+    /// shifted left by one). inputs, targets: [batch, seq] → [batch, seq]
+    pub fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [batch, seq] = inputs.dims();
+        let hidden = self.hidden(inputs, None); // [batch, seq, d_model]
+        let d_model = hidden.dims()[2];
+        let logits = self.lm_head(hidden.reshape([batch * seq, d_model])); // [batch·seq, vocab]
+        let log_probs = log_softmax(logits, 1); // [batch·seq, vocab]
+        let picked = log_probs.gather(1, targets.reshape([batch * seq, 1])); // [batch·seq, 1]
+        picked.neg().reshape([batch, seq])
+    }
+
+    /// Sum of the per-token NLL weighted by `weights` (1 where a token is trained on, 0 for
+    /// prompt or padding), and so the numerator of a token-mean loss.
+    /// inputs, targets: [batch, seq] Int; weights: [batch, seq] → [1]
+    pub fn loss_sum(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+    ) -> Tensor<B, 1> {
+        (self.token_nll(inputs, targets) * weights).sum()
+    }
+}
+
+impl<B: Backend> Block<B> {
+    /// x: [batch, seq, d_model] → [batch, seq, d_model]
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache);
+        let x = x + self.dropout.forward(attn);
+        let mlp = self.mlp.forward(self.ln_2.forward(x.clone()));
+        x + self.dropout.forward(mlp)
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// Causal multi-head self-attention. x: [batch, seq, d_model] → [batch, seq, d_model]
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, d_model] = x.dims();
+        let head_dim = d_model / self.n_head;
+        let qkv = self.c_attn.forward(x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
+        let heads = |part: usize| {
+            qkv.clone()
+                .narrow(1, part * d_model, d_model)
+                .reshape([batch, seq, self.n_head, head_dim])
+                .swap_dims(1, 2) // [batch, heads, seq, head_dim]
+        };
+        let (q, mut k, mut v) = (heads(0), heads(1), heads(2));
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.take() {
+                k = Tensor::cat(vec![past_k, k], 2); // [batch, heads, seen + seq, head_dim]
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        // The causal mask is aligned bottom-right, so cached queries see every earlier key.
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let y = attention(q, k, v, None, None, options); // [batch, heads, seq, head_dim]
+        let y = y.swap_dims(1, 2).reshape([batch * seq, d_model]); // [batch·seq, d_model]
+        self.c_proj.forward(y).reshape([batch, seq, d_model])
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    /// GPT-2's "gelu_new" is the tanh approximation of GELU.
+    /// x: [batch, seq, d_model] → [batch, seq, d_model]
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, seq, d_model] = x.dims();
+        let h = self.c_fc.forward(x.reshape([batch * seq, d_model])); // [batch·seq, 4·d_model]
+        let h = gelu_approximate(h);
+        self.c_proj.forward(h).reshape([batch, seq, d_model])
+    }
+}

@@ -1,0 +1,389 @@
+//! HuggingFace GPT-2 directories in and out: `config.json` and `model.safetensors` with HF's
+//! tensor names (Conv1D weights stored `[in, out]`, the LM head tied to `wte` and not stored),
+//! and model names resolved through the HuggingFace hub cache.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::module::Param;
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::json;
+
+use super::gpt2::{Gpt2, Gpt2Config};
+use crate::error::bad_input;
+use crate::run_dir::write_atomic;
+
+/// The files a HF GPT-2 directory holds that pipe reads or writes.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
+/// GPT-2's `<|endoftext|>`, its BOS and EOS.
+const GPT2_EOS_ID: usize = 50256;
+
+/// Read the architecture from a HF `config.json`.
+pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
+    let path = dir.join(CONFIG_FILE);
+    if !dir.is_dir() {
+        return Err(bad_input(format!(
+            "model directory {} does not exist",
+            dir.display()
+        )));
+    }
+    let text = fs::read_to_string(&path).map_err(|e| {
+        bad_input(format!(
+            "{}: cannot read the model config: {e}",
+            path.display()
+        ))
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad_input(format!("{}: not valid JSON: {e}", path.display())))?;
+    let field = |name: &str| -> Result<usize> {
+        value
+            .get(name)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| {
+                bad_input(format!(
+                    "{}: field `{name}` is missing or not an integer",
+                    path.display()
+                ))
+            })
+    };
+    if let Some(act) = value.get("activation_function").and_then(|v| v.as_str()) {
+        if act != "gelu_new" && act != "gelu_pytorch_tanh" {
+            return Err(bad_input(format!(
+                "{}: activation_function `{act}` is not supported (GPT-2 uses gelu_new)",
+                path.display()
+            )));
+        }
+    }
+    let float =
+        |name: &str, default: f64| value.get(name).and_then(|v| v.as_f64()).unwrap_or(default);
+    Ok(Gpt2Config::new(
+        field("vocab_size")?,
+        field("n_positions")?,
+        field("n_embd")?,
+        field("n_layer")?,
+        field("n_head")?,
+    )
+    .with_layer_norm_epsilon(float("layer_norm_epsilon", 1e-5))
+    .with_dropout(float("resid_pdrop", 0.1))
+    .with_initializer_range(float("initializer_range", 0.02)))
+}
+
+/// The tensors of one safetensors file, as f32, by name.
+struct TensorFile {
+    path: PathBuf,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl TensorFile {
+    fn read(path: &Path) -> Result<Self> {
+        let bytes = fs::read(path)
+            .map_err(|e| bad_input(format!("{}: cannot read weights: {e}", path.display())))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| {
+            bad_input(format!(
+                "{}: not a valid safetensors file: {e}",
+                path.display()
+            ))
+        })?;
+        let mut tensors = HashMap::new();
+        for (name, view) in file.tensors() {
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(bad_input(format!(
+                        "{}: tensor `{name}` has dtype {other:?}; pipe reads F32, F16 and BF16",
+                        path.display()
+                    )))
+                }
+            };
+            tensors.insert(name, (view.shape().to_vec(), values));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+        })
+    }
+
+    /// Take a tensor by its HF name (without the `transformer.` prefix), checking its shape.
+    fn take<B: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Param<Tensor<B, D>>> {
+        let (found, values) = self
+            .tensors
+            .remove(name)
+            .or_else(|| self.tensors.remove(&format!("transformer.{name}")))
+            .ok_or_else(|| {
+                bad_input(format!(
+                    "{}: tensor `{name}` is missing",
+                    self.path.display()
+                ))
+            })?;
+        if found != shape {
+            return Err(bad_input(format!(
+                "{}: tensor `{name}` has shape {found:?}, the config expects {shape:?}",
+                self.path.display()
+            )));
+        }
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(values, shape),
+            device,
+        )))
+    }
+}
+
+/// Load a GPT-2 from a HF directory (`config.json` + `model.safetensors`). Names may carry the
+/// `transformer.` prefix or not; attention-mask buffers and a stored tied LM head are ignored;
+/// a missing, unexpected or wrongly shaped tensor is an error that names it.
+pub fn load<B: Backend>(
+    dir: &Path,
+    dropout: Option<f64>,
+    device: &B::Device,
+) -> Result<(Gpt2Config, Gpt2<B>)> {
+    let mut config = read_config(dir)?;
+    if let Some(p) = dropout {
+        config.dropout = p;
+    }
+    let mut file = TensorFile::read(&dir.join(WEIGHTS_FILE))?;
+    let mut model = config.init::<B>(device);
+    let (d, v, p) = (config.n_embd, config.vocab_size, config.n_positions);
+    let linear = |file: &mut TensorFile,
+                  linear: &mut Linear<B>,
+                  name: &str,
+                  d_in: usize,
+                  d_out: usize|
+     -> Result<()> {
+        linear.weight = file.take(&format!("{name}.weight"), [d_in, d_out], device)?;
+        linear.bias = Some(file.take(&format!("{name}.bias"), [d_out], device)?);
+        Ok(())
+    };
+    let layer_norm = |file: &mut TensorFile, norm: &mut LayerNorm<B>, name: &str| -> Result<()> {
+        norm.gamma = file.take(&format!("{name}.weight"), [d], device)?;
+        norm.beta = Some(file.take(&format!("{name}.bias"), [d], device)?);
+        Ok(())
+    };
+    model.wte.weight = file.take("wte.weight", [v, d], device)?;
+    model.wpe.weight = file.take("wpe.weight", [p, d], device)?;
+    for (i, block) in model.blocks.iter_mut().enumerate() {
+        layer_norm(&mut file, &mut block.ln_1, &format!("h.{i}.ln_1"))?;
+        linear(
+            &mut file,
+            &mut block.attn.c_attn,
+            &format!("h.{i}.attn.c_attn"),
+            d,
+            3 * d,
+        )?;
+        linear(
+            &mut file,
+            &mut block.attn.c_proj,
+            &format!("h.{i}.attn.c_proj"),
+            d,
+            d,
+        )?;
+        layer_norm(&mut file, &mut block.ln_2, &format!("h.{i}.ln_2"))?;
+        linear(
+            &mut file,
+            &mut block.mlp.c_fc,
+            &format!("h.{i}.mlp.c_fc"),
+            d,
+            4 * d,
+        )?;
+        linear(
+            &mut file,
+            &mut block.mlp.c_proj,
+            &format!("h.{i}.mlp.c_proj"),
+            4 * d,
+            d,
+        )?;
+    }
+    layer_norm(&mut file, &mut model.ln_f, "ln_f")?;
+    let mut unexpected: Vec<&String> = file
+        .tensors
+        .keys()
+        .filter(|name| {
+            let name = name.strip_prefix("transformer.").unwrap_or(name);
+            !(name.ends_with(".attn.bias")
+                || name.ends_with(".attn.masked_bias")
+                || name == "lm_head.weight")
+        })
+        .collect();
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        return Err(bad_input(format!(
+            "{}: unexpected tensors for a {}-layer GPT-2: {}",
+            file.path.display(),
+            config.n_layer,
+            unexpected
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok((config, model))
+}
+
+/// Every parameter under its HF name, as `save_pretrained` writes them.
+fn named_tensors<B: Backend>(model: &Gpt2<B>) -> Vec<(String, TensorData)> {
+    let mut out = Vec::new();
+    let mut push = |name: String, data: TensorData| out.push((format!("transformer.{name}"), data));
+    let linear = |push: &mut dyn FnMut(String, TensorData), linear: &Linear<B>, name: String| {
+        push(format!("{name}.weight"), linear.weight.val().into_data());
+        if let Some(bias) = &linear.bias {
+            push(format!("{name}.bias"), bias.val().into_data());
+        }
+    };
+    let layer_norm =
+        |push: &mut dyn FnMut(String, TensorData), norm: &LayerNorm<B>, name: String| {
+            push(format!("{name}.weight"), norm.gamma.val().into_data());
+            if let Some(beta) = &norm.beta {
+                push(format!("{name}.bias"), beta.val().into_data());
+            }
+        };
+    push("wte.weight".into(), model.wte.weight.val().into_data());
+    push("wpe.weight".into(), model.wpe.weight.val().into_data());
+    for (i, block) in model.blocks.iter().enumerate() {
+        layer_norm(&mut push, &block.ln_1, format!("h.{i}.ln_1"));
+        linear(&mut push, &block.attn.c_attn, format!("h.{i}.attn.c_attn"));
+        linear(&mut push, &block.attn.c_proj, format!("h.{i}.attn.c_proj"));
+        layer_norm(&mut push, &block.ln_2, format!("h.{i}.ln_2"));
+        linear(&mut push, &block.mlp.c_fc, format!("h.{i}.mlp.c_fc"));
+        linear(&mut push, &block.mlp.c_proj, format!("h.{i}.mlp.c_proj"));
+    }
+    layer_norm(&mut push, &model.ln_f, "ln_f".into());
+    out
+}
+
+/// The `config.json` transformers' `GPT2LMHeadModel.from_pretrained` expects.
+fn config_json(config: &Gpt2Config, eos_id: usize) -> serde_json::Value {
+    json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_positions,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": null,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": config.initializer_range,
+        "scale_attn_weights": true,
+        "tie_word_embeddings": true,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    })
+}
+
+/// Write a HF GPT-2 directory: config.json, generation_config.json and model.safetensors
+/// (f32, HF names). Each file is written atomically; the tokenizer is the caller's to copy.
+pub fn save<B: Backend>(
+    model: &Gpt2<B>,
+    config: &Gpt2Config,
+    eos_id: Option<usize>,
+    dir: &Path,
+) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let eos_id = eos_id.unwrap_or(GPT2_EOS_ID);
+    let tensors = named_tensors(model);
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(name, data)| {
+            let shape = data.shape.to_vec();
+            let values = data.to_vec::<f32>().expect("model parameters are f32");
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, bytes, shape)
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, bytes, shape)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .expect("shape matches data");
+            (name.clone(), view)
+        })
+        .collect::<Vec<_>>();
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let serialized =
+        safetensors::serialize(views, Some(metadata)).context("cannot serialize the weights")?;
+    write_atomic(&dir.join(WEIGHTS_FILE), &serialized)?;
+    let config_text = serde_json::to_string_pretty(&config_json(config, eos_id))?;
+    write_atomic(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
+    let generation =
+        json!({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id});
+    write_atomic(
+        &dir.join(GENERATION_CONFIG_FILE),
+        serde_json::to_string_pretty(&generation)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Where a model named by hub id lives: the HuggingFace cache (`HF_HUB_CACHE`, else
+/// `HF_HOME/hub`, else `~/.cache/huggingface/hub`), downloaded into it when online.
+pub fn resolve_hub_model(repo_id: &str) -> Result<PathBuf> {
+    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        Some(path) => hf_hub::Cache::new(PathBuf::from(path)),
+        None => hf_hub::Cache::from_env(),
+    };
+    let cached = cache.model(repo_id.to_string());
+    let needed = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
+    if let Some(config) = cached.get(CONFIG_FILE) {
+        if needed.iter().all(|f| cached.get(f).is_some()) {
+            tracing::info!(repo_id, path = %config.parent().unwrap().display(), "model found in the HuggingFace cache");
+            return Ok(config.parent().unwrap().to_path_buf());
+        }
+    }
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let download = || -> std::result::Result<PathBuf, String> {
+        if offline {
+            return Err("HF_HUB_OFFLINE is set".into());
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let repo = api.model(repo_id.to_string());
+        let mut dir = None;
+        for file in needed {
+            let path = repo.get(file).map_err(|e| e.to_string())?;
+            dir = path.parent().map(Path::to_path_buf);
+        }
+        Ok(dir.expect("at least one file"))
+    };
+    download().map_err(|why| {
+        bad_input(format!(
+            "model `{repo_id}` is not in the HuggingFace cache at {} and could not be downloaded ({why}). \
+             Download it where there is network (`huggingface-cli download {repo_id}`) and copy the cache \
+             folder here (HF_HOME or HF_HUB_CACHE point pipe at it), or set model.path to a local directory \
+             holding {CONFIG_FILE}, {WEIGHTS_FILE} and {TOKENIZER_FILE}",
+            cache.path().display()
+        ))
+    })
+}

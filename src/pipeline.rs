@@ -1,0 +1,361 @@
+//! Turns a resolved spec into its stages and runs them in order. Everything that can be wrong
+//! with the user's input (tokenizer, data, model) is checked before the run folder is created;
+//! once it exists, the folder's `meta.json` always says how the run ended.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::json;
+
+use crate::backend::{self, BackendJob};
+use crate::data::batch::{tokenize, TokenizeReport};
+use crate::data::{records, Example, Sequence, Tok};
+use crate::error::bad_input;
+use crate::generate::{Generator, Sampling};
+use crate::model::{hf, Gpt2, Gpt2Config};
+use crate::run_dir::{self, Meta, RunDir, Status};
+use crate::spec::{LoadedSpec, ModelSpec, Spec, Stage};
+use crate::train::{self, evaluate};
+
+/// Run the pipeline a spec describes; returns the run folder.
+pub fn run(loaded: &LoadedSpec) -> Result<PathBuf> {
+    let spec = &loaded.spec;
+    backend::dispatch(spec.run.backend, spec.run.device, RunJob { loaded })
+}
+
+struct RunJob<'a> {
+    loaded: &'a LoadedSpec,
+}
+
+impl BackendJob for RunJob<'_> {
+    type Output = PathBuf;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device, device_name: String) -> Result<PathBuf> {
+        let spec = &self.loaded.spec;
+        B::seed(&device, spec.run.seed);
+        let inputs = Inputs::<B>::prepare(spec, &device)?;
+        let mut run = RunDir::create(
+            &spec.run.runs_dir,
+            Meta {
+                pipe_version: env!("CARGO_PKG_VERSION").to_string(),
+                name: spec.run.name.clone(),
+                run_id: String::new(),
+                spec_file: self.loaded.path.clone(),
+                backend: backend::name(spec.run.backend).to_string(),
+                device: device_name,
+                seed: spec.run.seed,
+                started: run_dir::now(),
+                ended: None,
+                status: Status::Running,
+                error: None,
+            },
+        )?;
+        tracing::info!(run = %run.path.display(), "run folder");
+        match execute(spec, self.loaded, inputs, &run, &device) {
+            Ok(()) => {
+                run.finish(Status::Completed, None)?;
+                Ok(run.path)
+            }
+            Err(error) => {
+                run.finish(Status::Failed, Some(format!("{error:#}")))?;
+                Err(error.context(format!("run {} failed", run.path.display())))
+            }
+        }
+    }
+}
+
+/// The tokenizer, data and model a run starts from.
+struct Inputs<B: AutodiffBackend> {
+    tok: Tok,
+    train: Vec<Sequence>,
+    val: Vec<Sequence>,
+    config: Gpt2Config,
+    model: Gpt2<B>,
+}
+
+impl<B: AutodiffBackend> Inputs<B> {
+    fn prepare(spec: &Spec, device: &B::Device) -> Result<Self> {
+        let model_dir = model_dir(&spec.model)?;
+        let train_examples = records::read(&spec.data.path, &spec.data)?;
+        let (train_examples, val_examples, val_origin) = match &spec.data.val_path {
+            Some(path) => (
+                train_examples,
+                records::read(path, &spec.data)?,
+                path.clone(),
+            ),
+            None => {
+                let (train, val) = split(train_examples, spec.data.val_fraction, spec.run.seed);
+                (train, val, spec.data.path.clone())
+            }
+        };
+        let tok = match (
+            &spec.tokenizer.path,
+            spec.tokenizer.train_vocab_size,
+            &model_dir,
+        ) {
+            (Some(path), _, _) => Tok::load(path)?,
+            (None, Some(vocab), _) => {
+                tracing::info!(
+                    vocab,
+                    "training a byte-level BPE tokenizer on the training data"
+                );
+                Tok::train(
+                    train_examples
+                        .iter()
+                        .flat_map(|e| [e.prompt.as_str(), e.response.as_str()]),
+                    vocab,
+                )?
+            }
+            (None, None, Some(dir)) => Tok::load(&dir.join(hf::TOKENIZER_FILE))?,
+            (None, None, None) => unreachable!("validated: a new model names its tokenizer"),
+        };
+        let (config, model) = match &model_dir {
+            Some(dir) => hf::load::<B>(dir, spec.model.dropout, device)?,
+            None => {
+                let m = &spec.model;
+                let config = Gpt2Config::new(
+                    tok.vocab_size(),
+                    m.context.unwrap(),
+                    m.embd.unwrap(),
+                    m.layers.unwrap(),
+                    m.heads.unwrap(),
+                )
+                .with_dropout(m.dropout.unwrap_or(0.0));
+                let model = config.init::<B>(device);
+                (config, model)
+            }
+        };
+        if tok.vocab_size() > config.vocab_size {
+            return Err(bad_input(format!(
+                "the tokenizer has {} tokens but the model's vocabulary has {}: they must come from the same checkpoint",
+                tok.vocab_size(),
+                config.vocab_size
+            )));
+        }
+        let max_length = spec.train.max_length.unwrap_or(config.n_positions);
+        if max_length > config.n_positions {
+            return Err(bad_input(format!(
+                "train.max_length = {max_length} is longer than the model's context of {} positions",
+                config.n_positions
+            )));
+        }
+        let (train, report) = tokenize(
+            &train_examples,
+            &tok,
+            max_length,
+            spec.train.loss_on,
+            &spec.data.path,
+        )?;
+        let (val, _) = tokenize(
+            &val_examples,
+            &tok,
+            max_length,
+            spec.train.loss_on,
+            &val_origin,
+        )?;
+        log_data(&report, val.len(), &config);
+        Ok(Self {
+            tok,
+            train,
+            val,
+            config,
+            model,
+        })
+    }
+}
+
+fn log_data(report: &TokenizeReport, val: usize, config: &Gpt2Config) {
+    tracing::info!(
+        train_examples = report.examples,
+        val_examples = val,
+        train_tokens = report.tokens,
+        truncated = report.truncated,
+        "data"
+    );
+    tracing::info!(
+        layers = config.n_layer,
+        heads = config.n_head,
+        embd = config.n_embd,
+        context = config.n_positions,
+        vocab = config.vocab_size,
+        params = config.num_params(),
+        "model"
+    );
+}
+
+/// The HF directory a spec's model comes from, if it names one.
+fn model_dir(model: &ModelSpec) -> Result<Option<PathBuf>> {
+    match (&model.path, &model.hub) {
+        (Some(path), _) => {
+            if !path.join(hf::CONFIG_FILE).is_file() {
+                return Err(bad_input(format!(
+                    "model.path {}: no {} there",
+                    path.display(),
+                    hf::CONFIG_FILE
+                )));
+            }
+            Ok(Some(path.clone()))
+        }
+        (None, Some(id)) => hf::resolve_hub_model(id).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Hold out `fraction` of the examples for validation, chosen by a seeded shuffle (at least
+/// one when the fraction is positive and there are two or more examples).
+fn split(mut examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+    if fraction <= 0.0 || examples.len() < 2 {
+        return (examples, Vec::new());
+    }
+    let n_val = ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    let val_set: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
+    let mut val = Vec::with_capacity(n_val);
+    let mut i = 0;
+    examples.retain(|e| {
+        let held_out = val_set.contains(&i);
+        if held_out {
+            val.push(e.clone());
+        }
+        i += 1;
+        !held_out
+    });
+    (examples, val)
+}
+
+/// The stages, in the spec's order, in an existing run folder.
+fn execute<B: AutodiffBackend>(
+    spec: &Spec,
+    loaded: &LoadedSpec,
+    inputs: Inputs<B>,
+    run: &RunDir,
+    device: &B::Device,
+) -> Result<()> {
+    run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), loaded.to_toml().as_bytes())?;
+    inputs.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
+    let Inputs {
+        tok,
+        train,
+        val,
+        config,
+        mut model,
+    } = inputs;
+    let pad_id = tok.eos_id;
+    for stage in &spec.run.stages {
+        match stage {
+            Stage::Train => {
+                let (trained, summary) = train::train(
+                    model,
+                    &train,
+                    &val,
+                    (&spec.train, &spec.optimizer),
+                    spec.run.seed,
+                    pad_id,
+                    run,
+                    device,
+                )?;
+                model = trained;
+                save_final(&model.valid(), &config, &tok, run)?;
+                tracing::info!(
+                    steps = summary.steps,
+                    first_loss = summary.first_loss,
+                    last_loss = summary.last_loss,
+                    "training done"
+                );
+            }
+            Stage::Eval => {
+                if val.is_empty() {
+                    tracing::warn!("eval stage: no validation examples (data.val_fraction = 0 and no data.val_path)");
+                    continue;
+                }
+                let (val_loss, tokens) =
+                    evaluate(&model.valid(), &val, spec.train.batch_size, pad_id, device);
+                let record = json!({"eval": "final", "val_loss": val_loss, "val_ppl": val_loss.exp(), "val_tokens": tokens, "val_examples": val.len()});
+                run.log_metrics(&record)?;
+                run_dir::write_atomic(
+                    &run.file("eval.json"),
+                    serde_json::to_string_pretty(&record)?.as_bytes(),
+                )?;
+                tracing::info!(
+                    val_loss = format!("{val_loss:.4}"),
+                    val_ppl = format!("{:.2}", val_loss.exp()),
+                    "eval"
+                );
+            }
+            Stage::Generate => generate_samples(&model.valid(), &tok, spec, run, device)?,
+        }
+    }
+    Ok(())
+}
+
+/// Save the model as a HF GPT-2 directory `final/`, written beside and renamed into place.
+fn save_final<B: Backend>(
+    model: &Gpt2<B>,
+    config: &Gpt2Config,
+    tok: &Tok,
+    run: &RunDir,
+) -> Result<()> {
+    let final_dir = run.file(run_dir::FINAL_DIR);
+    let staging = run.file(".final.partial");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    hf::save(model, config, Some(tok.eos_id as usize), &staging)?;
+    tok.save(&staging.join(hf::TOKENIZER_FILE))?;
+    std::fs::rename(&staging, &final_dir)
+        .with_context(|| format!("cannot move the checkpoint into {}", final_dir.display()))?;
+    tracing::info!(path = %final_dir.display(), "saved the final model");
+    Ok(())
+}
+
+fn generate_samples<B: Backend>(
+    model: &Gpt2<B>,
+    tok: &Tok,
+    spec: &Spec,
+    run: &RunDir,
+    device: &B::Device,
+) -> Result<()> {
+    let g = &spec.generate;
+    let sampling = Sampling {
+        temperature: g.temperature,
+        top_k: g.top_k,
+        top_p: g.top_p,
+    };
+    let mut generator = Generator::new(model, device, g.seed);
+    let bar = indicatif::ProgressBar::new(g.prompts.len() as u64).with_prefix("generate");
+    for prompt in &g.prompts {
+        let ids = tok.encode(prompt)?;
+        let new = generator.generate(&ids, g.max_new_tokens, sampling, Some(tok.eos_id), |_| {});
+        let ended = new.last() == Some(&tok.eos_id);
+        let text = tok.decode(&new)?;
+        run.log_sample(
+            &json!({"prompt": prompt, "completion": text, "ids": new, "stopped_at_eos": ended}),
+        )?;
+        bar.suspend(|| println!("--- {}\n{}{}", prompt.trim_end(), prompt, text));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Resolve a model argument of the CLI (a run folder or a HF directory) to a HF directory.
+pub fn resolve_model_arg(path: &Path) -> Result<PathBuf> {
+    let final_dir = path.join(run_dir::FINAL_DIR);
+    if final_dir.join(hf::CONFIG_FILE).is_file() {
+        return Ok(final_dir);
+    }
+    if path.join(hf::CONFIG_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    Err(bad_input(format!(
+        "{}: neither a run folder with a final model nor a HF GPT-2 directory (no {})",
+        path.display(),
+        hf::CONFIG_FILE
+    )))
+}

@@ -1,0 +1,377 @@
+//! The training loop, top to bottom: shuffle, batch, loss, backward, accumulate, clip, step,
+//! schedule, log, evaluate.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{
+    Adam, AdamConfig, AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer,
+};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::json;
+
+use crate::data::{Batch, Sequence};
+use crate::model::Gpt2;
+use crate::run_dir::RunDir;
+use crate::spec::{OptimizerKind, OptimizerSpec, Schedule, TrainSpec};
+
+/// What a finished training stage reports.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+}
+
+/// Adam or AdamW over the model, as the spec names it.
+pub enum ModelOptimizer<B: AutodiffBackend> {
+    Adam(OptimizerAdaptor<Adam, Gpt2<B>, B>),
+    AdamW(OptimizerAdaptor<AdamW, Gpt2<B>, B>),
+}
+
+impl<B: AutodiffBackend> ModelOptimizer<B> {
+    /// burn's Adam and AdamW compute PyTorch's update: m̂ / (√v̂ + ε) in an algebraically equal
+    /// form, L2 decay added to the gradient for Adam and decoupled `lr·wd` decay for AdamW.
+    pub fn new(opt: &OptimizerSpec) -> Self {
+        let (b1, b2, eps) = (opt.betas[0] as f32, opt.betas[1] as f32, opt.eps as f32);
+        match opt.name {
+            OptimizerKind::Adam => {
+                let weight_decay = (opt.weight_decay > 0.0)
+                    .then(|| WeightDecayConfig::new(opt.weight_decay as f32));
+                let config = AdamConfig::new()
+                    .with_beta_1(b1)
+                    .with_beta_2(b2)
+                    .with_epsilon(eps)
+                    .with_weight_decay(weight_decay);
+                Self::Adam(config.init())
+            }
+            OptimizerKind::Adamw => {
+                let config = AdamWConfig::new()
+                    .with_beta_1(b1)
+                    .with_beta_2(b2)
+                    .with_epsilon(eps)
+                    .with_weight_decay(opt.weight_decay as f32);
+                Self::AdamW(config.init())
+            }
+        }
+    }
+
+    fn step(&mut self, lr: f64, model: Gpt2<B>, grads: GradientsParams) -> Gpt2<B> {
+        match self {
+            Self::Adam(optim) => optim.step(lr, model, grads),
+            Self::AdamW(optim) => optim.step(lr, model, grads),
+        }
+    }
+}
+
+/// What one optimizer step saw.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Mean loss over the step's trained tokens, before the update.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real input tokens processed.
+    pub tokens: usize,
+    /// Tokens the loss was computed on.
+    pub loss_tokens: usize,
+}
+
+/// The optimizer and how to step it: one `step` is one update of the model over a set of
+/// micro-batches.
+pub struct Trainer<B: AutodiffBackend> {
+    optim: ModelOptimizer<B>,
+    grad_clip: f64,
+    pad_id: u32,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    pub fn new(opt: &OptimizerSpec, pad_id: u32, device: &B::Device) -> Self {
+        Self {
+            optim: ModelOptimizer::new(opt),
+            grad_clip: opt.grad_clip,
+            pad_id,
+            device: device.clone(),
+        }
+    }
+
+    /// Forward and backward over each micro-batch, accumulating gradients, then clip and
+    /// update. The loss is normalised by the loss tokens of the whole step, so neither loss
+    /// nor gradient depends on how the step is split into micro-batches.
+    pub fn step(
+        &mut self,
+        model: Gpt2<B>,
+        micro_batches: &[Vec<&Sequence>],
+        lr: f64,
+    ) -> Result<(Gpt2<B>, StepStats)> {
+        let loss_tokens: usize = micro_batches
+            .iter()
+            .flatten()
+            .map(|s| s.loss_tokens())
+            .sum();
+        let mut accumulator = GradientsAccumulator::<Gpt2<B>>::new();
+        let (mut loss, mut tokens) = (0.0f64, 0usize);
+        for micro in micro_batches {
+            let batch = Batch::<B>::new(micro, self.pad_id, &self.device);
+            tokens += batch.tokens;
+            let micro_loss = model
+                .loss_sum(batch.inputs, batch.targets, batch.weights)
+                .div_scalar(loss_tokens as f64);
+            loss += micro_loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(micro_loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        if !loss.is_finite() {
+            bail!("the loss became {loss}; lower optimizer.lr or set optimizer.grad_clip");
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm = clip_global_norm(&model, &mut grads, self.grad_clip);
+        let model = self.optim.step(lr, model, grads);
+        Ok((
+            model,
+            StepStats {
+                loss,
+                grad_norm,
+                tokens,
+                loss_tokens,
+            },
+        ))
+    }
+}
+
+/// Train `model` on `train` for the spec's epochs, evaluating on `val` after each epoch.
+#[allow(clippy::too_many_arguments)]
+pub fn train<B: AutodiffBackend>(
+    mut model: Gpt2<B>,
+    train: &[Sequence],
+    val: &[Sequence],
+    (train_spec, opt): (&TrainSpec, &OptimizerSpec),
+    seed: u64,
+    pad_id: u32,
+    run: &RunDir,
+    device: &B::Device,
+) -> Result<(Gpt2<B>, TrainSummary)> {
+    let mut trainer = Trainer::new(opt, pad_id, device);
+    let examples_per_step = train_spec.batch_size * train_spec.grad_accum;
+    let steps_per_epoch = train.len().div_ceil(examples_per_step);
+    let total_steps = steps_per_epoch * train_spec.epochs;
+    let schedule = LrSchedule::new(opt, total_steps);
+    tracing::info!(
+        examples = train.len(),
+        steps_per_epoch,
+        total_steps,
+        "training"
+    );
+    let mut summary = TrainSummary {
+        steps: 0,
+        first_loss: f64::NAN,
+        last_loss: f64::NAN,
+    };
+    let started = Instant::now();
+
+    for epoch in 1..=train_spec.epochs {
+        let order = epoch_order(train.len(), seed, epoch);
+        let bar = progress_bar(
+            steps_per_epoch as u64,
+            &format!("epoch {epoch}/{}", train_spec.epochs),
+        );
+        let (mut epoch_loss, mut epoch_tokens) = (0.0, 0usize);
+        for step_examples in order.chunks(examples_per_step) {
+            let step_started = Instant::now();
+            let micro_batches: Vec<Vec<&Sequence>> = step_examples
+                .chunks(train_spec.batch_size)
+                .map(|chunk| chunk.iter().map(|&i| &train[i]).collect())
+                .collect();
+            let step = summary.steps + 1;
+            let lr = schedule.at(step - 1);
+            let stats;
+            (model, stats) = trainer
+                .step(model, &micro_batches, lr)
+                .with_context(|| format!("step {step} (epoch {epoch})"))?;
+            let tokens_per_s = stats.tokens as f64 / step_started.elapsed().as_secs_f64();
+            if summary.steps == 0 {
+                summary.first_loss = stats.loss;
+            }
+            summary.steps = step;
+            summary.last_loss = stats.loss;
+            epoch_loss += stats.loss * stats.loss_tokens as f64;
+            epoch_tokens += stats.loss_tokens;
+            run.log_metrics(&json!({
+                "step": step, "epoch": epoch, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                "tokens": stats.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": started.elapsed().as_secs_f64(),
+            }))?;
+            if step % train_spec.log_every == 0 {
+                tracing::debug!(
+                    step,
+                    epoch,
+                    loss = stats.loss,
+                    lr,
+                    grad_norm = stats.grad_norm,
+                    tokens_per_s,
+                    "step"
+                );
+            }
+            bar.set_message(format!("loss {:.4}  {tokens_per_s:.0} tok/s", stats.loss));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
+        if val.is_empty() {
+            tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done");
+        } else {
+            let (val_loss, _) =
+                evaluate(&model.valid(), val, train_spec.batch_size, pad_id, device);
+            run.log_metrics(&json!({
+                "step": summary.steps, "epoch": epoch, "val_loss": val_loss, "val_ppl": val_loss.exp(),
+            }))?;
+            tracing::info!(
+                epoch,
+                train_loss = format!("{train_loss:.4}"),
+                val_loss = format!("{val_loss:.4}"),
+                val_ppl = format!("{:.2}", val_loss.exp()),
+                "epoch done"
+            );
+        }
+    }
+    Ok((model, summary))
+}
+
+/// Token-weighted mean loss over `sequences`, and the number of loss tokens.
+pub fn evaluate<B: Backend>(
+    model: &Gpt2<B>,
+    sequences: &[Sequence],
+    batch_size: usize,
+    pad_id: u32,
+    device: &B::Device,
+) -> (f64, usize) {
+    let (mut sum, mut tokens) = (0.0, 0);
+    for chunk in sequences.chunks(batch_size) {
+        let refs: Vec<&Sequence> = chunk.iter().collect();
+        let batch = Batch::<B>::new(&refs, pad_id, device);
+        tokens += batch.loss_tokens;
+        sum += model
+            .loss_sum(batch.inputs, batch.targets, batch.weights)
+            .into_scalar()
+            .elem::<f64>();
+    }
+    (sum / tokens.max(1) as f64, tokens)
+}
+
+/// The order of examples in an epoch: a shuffle seeded by the run seed and the epoch, so the
+/// same spec and seed give the same run.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(epoch as u64),
+    );
+    order.shuffle(&mut rng);
+    order
+}
+
+fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// Linear warmup, then constant or cosine decay, by optimizer step (0-based).
+pub struct LrSchedule {
+    lr: f64,
+    warmup: usize,
+    total: usize,
+    schedule: Schedule,
+    min_lr: f64,
+}
+
+impl LrSchedule {
+    pub fn new(opt: &OptimizerSpec, total_steps: usize) -> Self {
+        Self {
+            lr: opt.lr,
+            warmup: opt.warmup_steps,
+            total: total_steps,
+            schedule: opt.schedule,
+            min_lr: opt.lr * opt.min_lr_ratio,
+        }
+    }
+
+    pub fn at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine => {
+                let span = self.total.saturating_sub(self.warmup).max(1) as f64;
+                let progress = ((step - self.warmup) as f64 / span).min(1.0);
+                self.min_lr
+                    + (self.lr - self.min_lr)
+                        * 0.5
+                        * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+/// The global L2 norm of all gradients, clipped to `max_norm` (0 = no clipping) as PyTorch's
+/// `clip_grad_norm_` does: every gradient scaled by max_norm / (norm + 1e-6) when that is < 1.
+/// burn's own clipping works per tensor, which is a different method.
+pub fn clip_global_norm<B: AutodiffBackend>(
+    model: &Gpt2<B>,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> f64 {
+    struct SquaredNorm<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let squares = grad.square().sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(sum) => sum + squares,
+                    None => squares,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                self.grads
+                    .register::<B::InnerBackend, D>(param.id, grad.mul_scalar(self.factor));
+            }
+        }
+    }
+    let mut visitor = SquaredNorm::<B> { grads, sum: None };
+    model.visit(&mut visitor);
+    let norm = visitor
+        .sum
+        .map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt());
+    if max_norm > 0.0 {
+        let factor = max_norm / (norm + 1e-6);
+        if factor < 1.0 {
+            model.visit(&mut Scale { grads, factor });
+        }
+    }
+    norm
+}

@@ -1,0 +1,229 @@
+//! pipe's GPT-2 against HuggingFace transformers on the tiny fixture: the numbers in
+//! reference.json were computed by transformers 5.24 / PyTorch 2.15 on CPU in float32.
+//! Tolerances: 1e-4 absolute on NLL and losses, exact token ids, 1e-3 on optimizer-step losses.
+
+mod common;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::AutodiffModule;
+use burn::tensor::{Int, Tensor, TensorData};
+use common::{fixture_dir, floats, ids, reference};
+use pipe::data::{Batch, Sequence, Tok};
+use pipe::generate::{Generator, Sampling};
+use pipe::model::{hf, Gpt2};
+use pipe::spec::{OptimizerKind, OptimizerSpec};
+use pipe::train::Trainer;
+
+type B = Flex;
+type AD = Autodiff<Flex>;
+
+fn model() -> Gpt2<B> {
+    hf::load::<B>(&fixture_dir(), None, &Default::default())
+        .unwrap()
+        .1
+}
+
+fn assert_close(what: &str, got: f64, want: f64, tol: f64) {
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: got {got}, transformers {want} (tolerance {tol})"
+    );
+}
+
+#[test]
+fn tokenizer_matches_transformers_ids() {
+    let r = reference();
+    let tok = Tok::load(&fixture_dir().join("tokenizer.json")).unwrap();
+    for (text, want) in r["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(r["encoded"].as_array().unwrap())
+    {
+        assert_eq!(
+            tok.encode(text.as_str().unwrap()).unwrap(),
+            ids(want),
+            "{text}"
+        );
+    }
+    assert_eq!(tok.eos_id, 50256);
+}
+
+#[test]
+fn per_token_nll_and_loss_match() {
+    let r = reference();
+    let model = model();
+    let device = Default::default();
+    for (i, encoded) in r["encoded"].as_array().unwrap().iter().enumerate() {
+        let x = ids(encoded);
+        let n = x.len() - 1;
+        let inputs = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(x[..n].iter().map(|&t| t as i32).collect(), [1, n]),
+            &device,
+        );
+        let targets = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(x[1..].iter().map(|&t| t as i32).collect(), [1, n]),
+            &device,
+        );
+        let nll: Vec<f32> = model
+            .token_nll(inputs, targets)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let want = floats(&r["nll"][i]);
+        assert_eq!(nll.len(), want.len());
+        for (j, (g, w)) in nll.iter().zip(&want).enumerate() {
+            assert_close(&format!("text {i} token {j} NLL"), *g as f64, *w, 1e-4);
+        }
+        let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        assert_close(
+            &format!("text {i} loss"),
+            mean,
+            r["loss"][i].as_f64().unwrap(),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn top5_next_tokens_match() {
+    let r = reference();
+    let model = model();
+    let x = ids(&r["encoded"][0]);
+    let tokens = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(x.iter().map(|&t| t as i32).collect(), [1, x.len()]),
+        &Default::default(),
+    );
+    let logits = model.logits(tokens, None); // [1, seq, vocab]
+    let (_, top) = logits.topk_with_indices(5, 2);
+    let top: Vec<i64> = top.into_data().convert::<i64>().to_vec().unwrap();
+    for (pos, want) in r["top5"].as_array().unwrap().iter().enumerate() {
+        let want: Vec<i64> = ids(want).into_iter().map(i64::from).collect();
+        assert_eq!(&top[pos * 5..pos * 5 + 5], &want[..], "position {pos}");
+    }
+}
+
+fn sequences_of(r: &serde_json::Value) -> Vec<Sequence> {
+    r["encoded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| Sequence {
+            ids: ids(e),
+            untrained_prefix: 0,
+        })
+        .collect()
+}
+
+/// The right-padded batch loss, through the same Batch the training loop uses.
+fn batch_loss(model: &Gpt2<B>, sequences: &[Sequence]) -> f64 {
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let batch = Batch::<B>::new(&refs, 50256, &Default::default());
+    let sum: f32 = model
+        .loss_sum(batch.inputs, batch.targets, batch.weights)
+        .into_scalar();
+    sum as f64 / batch.loss_tokens as f64
+}
+
+#[test]
+fn padded_batch_loss_matches() {
+    let r = reference();
+    assert_close(
+        "batch loss",
+        batch_loss(&model(), &sequences_of(&r)),
+        r["batch_loss"].as_f64().unwrap(),
+        1e-4,
+    );
+}
+
+#[test]
+fn completion_only_loss_matches() {
+    let r = reference();
+    let tok = Tok::load(&fixture_dir().join("tokenizer.json")).unwrap();
+    let mut sequences = Vec::new();
+    for (i, pair) in r["pairs"].as_array().unwrap().iter().enumerate() {
+        let (prompt, response) = (pair[0].as_str().unwrap(), pair[1].as_str().unwrap());
+        let prompt_ids = tok.encode(prompt).unwrap();
+        let mut all = prompt_ids.clone();
+        all.extend(tok.encode(response).unwrap());
+        // Tokenizing prompt and response apart gives transformers' ids for the joined text.
+        assert_eq!(all, ids(&r["pair_encoded"][i]));
+        assert_eq!(
+            prompt_ids.len() as u64,
+            r["pair_prompt_lens"][i].as_u64().unwrap()
+        );
+        sequences.push(Sequence {
+            ids: all,
+            untrained_prefix: prompt_ids.len(),
+        });
+    }
+    assert_close(
+        "masked loss",
+        batch_loss(&model(), &sequences),
+        r["masked_loss"].as_f64().unwrap(),
+        1e-4,
+    );
+}
+
+#[test]
+fn greedy_continuation_is_identical() {
+    let r = reference();
+    let model = model();
+    let g = &r["greedy"];
+    let mut generator = Generator::new(&model, &Default::default(), 0);
+    let new = generator.generate(
+        &ids(&g["prompt_ids"]),
+        g["max_new_tokens"].as_u64().unwrap() as usize,
+        Sampling::GREEDY,
+        None,
+        |_| {},
+    );
+    assert_eq!(new, ids(&g["new_ids"]));
+}
+
+fn optimizer_steps_match(name: OptimizerKind, weight_decay: f64, key: &str) {
+    let r = reference();
+    let want = &r["train"][key];
+    let device = Default::default();
+    let mut model = hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1;
+    let opt = OptimizerSpec {
+        name,
+        lr: 1e-3,
+        betas: [0.9, 0.95],
+        eps: 1e-8,
+        weight_decay,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::<AD>::new(&opt, 50256, &device);
+    let sequences = sequences_of(&r);
+    let batch: Vec<&Sequence> = sequences.iter().collect();
+    for (step, (loss, norm)) in floats(&want["losses_before_each_step"])
+        .into_iter()
+        .zip(floats(&want["grad_norms"]))
+        .enumerate()
+    {
+        let stats;
+        (model, stats) = trainer
+            .step(model, std::slice::from_ref(&batch), 1e-3)
+            .unwrap();
+        assert_close(&format!("{key} step {step} loss"), stats.loss, loss, 1e-3);
+        assert_close(
+            &format!("{key} step {step} grad norm"),
+            stats.grad_norm,
+            norm,
+            1e-3 * norm,
+        );
+    }
+    // And the weights after the last step give the next loss the same way.
+    let _ = model.valid();
+}
+
+#[test]
+fn adam_steps_match_pytorch() {
+    optimizer_steps_match(OptimizerKind::Adam, 0.0, "adam_lr1e-3_b0.9_0.95");
+}
+
+#[test]
+fn adamw_steps_match_pytorch() {
+    optimizer_steps_match(OptimizerKind::Adamw, 0.1, "adamw_lr1e-3_b0.9_0.95_wd0.1");
+}
