@@ -16,11 +16,7 @@ pub type Gpu = Autodiff<burn::backend::Cuda>;
 /// Work that runs on whichever backend the user chose.
 pub trait BackendJob {
     type Output;
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        device_name: String,
-    ) -> Result<Self::Output>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, device_name: String) -> Result<Self::Output>;
 }
 
 /// Run `job` on `kind` (device `index` for GPUs).
@@ -31,14 +27,13 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, index: usize, job: J) -> Resul
             job.run::<Cpu>(Default::default(), format!("cpu (flex, {threads} threads)"))
         }
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => job.run::<Gpu>(
-            burn::backend::cuda::CudaDevice::new(index),
-            format!("cuda:{index}"),
-        ),
+        BackendKind::Cuda => job.run::<Gpu>(burn::backend::cuda::CudaDevice::new(index), format!("cuda:{index}")),
         #[cfg(not(feature = "cuda"))]
         BackendKind::Cuda => {
             let _ = index;
-            Err(bad_input("backend `cuda` is not compiled into this pipe; rebuild with `cargo build --release --features cuda`"))
+            Err(bad_input(
+                "backend `cuda` is not compiled into this pipe; rebuild with `cargo build --release --features cuda`",
+            ))
         }
     }
 }

@@ -20,11 +20,7 @@ pub struct Sampling {
 }
 
 impl Sampling {
-    pub const GREEDY: Sampling = Sampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-    };
+    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
 }
 
 /// A generator over one model, with its own seeded random stream.
@@ -36,11 +32,7 @@ pub struct Generator<'a, B: Backend> {
 
 impl<'a, B: Backend> Generator<'a, B> {
     pub fn new(model: &'a Gpt2<B>, device: &B::Device, seed: u64) -> Self {
-        Self {
-            model,
-            device: device.clone(),
-            rng: StdRng::seed_from_u64(seed),
-        }
+        Self { model, device: device.clone(), rng: StdRng::seed_from_u64(seed) }
     }
 
     /// Continue `prompt` by up to `max_new_tokens`, stopping after `eos` (which is returned as
@@ -88,11 +80,8 @@ pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut impl Rng) -> u32 {
         return argmax(logits);
     }
     // Candidates sorted by logit, most likely first; ties keep the lower id first.
-    let mut candidates: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l as f64 / sampling.temperature))
-        .collect();
+    let mut candidates: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64 / sampling.temperature)).collect();
     candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if sampling.top_k > 0 {
         candidates.truncate(sampling.top_k);

@@ -1,6 +1,7 @@
 //! The `pipe` command line: parses arguments, calls the library, maps errors to exit codes
 //! (2 for bad input, 1 for a failed run).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -44,13 +45,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     let cli = Cli::parse();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,11 +72,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let loaded = spec::load(&spec, &sets)?;
             println!("{}: valid", loaded.path.display());
             let rows = loaded.provenance();
-            let width = rows
-                .iter()
-                .map(|(k, v, _)| k.len() + v.len() + 3)
-                .max()
-                .unwrap_or(0);
+            let width = rows.iter().map(|(k, v, _)| k.len() + v.len() + 3).max().unwrap_or(0);
             for (key, value, source) in rows {
                 println!("{:width$}  # {source}", format!("{key} = {value}"));
             }

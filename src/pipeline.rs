@@ -83,33 +83,17 @@ impl<B: AutodiffBackend> Inputs<B> {
         let model_dir = model_dir(&spec.model)?;
         let train_examples = records::read(&spec.data.path, &spec.data)?;
         let (train_examples, val_examples, val_origin) = match &spec.data.val_path {
-            Some(path) => (
-                train_examples,
-                records::read(path, &spec.data)?,
-                path.clone(),
-            ),
+            Some(path) => (train_examples, records::read(path, &spec.data)?, path.clone()),
             None => {
                 let (train, val) = split(train_examples, spec.data.val_fraction, spec.run.seed);
                 (train, val, spec.data.path.clone())
             }
         };
-        let tok = match (
-            &spec.tokenizer.path,
-            spec.tokenizer.train_vocab_size,
-            &model_dir,
-        ) {
+        let tok = match (&spec.tokenizer.path, spec.tokenizer.train_vocab_size, &model_dir) {
             (Some(path), _, _) => Tok::load(path)?,
             (None, Some(vocab), _) => {
-                tracing::info!(
-                    vocab,
-                    "training a byte-level BPE tokenizer on the training data"
-                );
-                Tok::train(
-                    train_examples
-                        .iter()
-                        .flat_map(|e| [e.prompt.as_str(), e.response.as_str()]),
-                    vocab,
-                )?
+                tracing::info!(vocab, "training a byte-level BPE tokenizer on the training data");
+                Tok::train(train_examples.iter().flat_map(|e| [e.prompt.as_str(), e.response.as_str()]), vocab)?
             }
             (None, None, Some(dir)) => Tok::load(&dir.join(hf::TOKENIZER_FILE))?,
             (None, None, None) => unreachable!("validated: a new model names its tokenizer"),
@@ -144,28 +128,10 @@ impl<B: AutodiffBackend> Inputs<B> {
                 config.n_positions
             )));
         }
-        let (train, report) = tokenize(
-            &train_examples,
-            &tok,
-            max_length,
-            spec.train.loss_on,
-            &spec.data.path,
-        )?;
-        let (val, _) = tokenize(
-            &val_examples,
-            &tok,
-            max_length,
-            spec.train.loss_on,
-            &val_origin,
-        )?;
+        let (train, report) = tokenize(&train_examples, &tok, max_length, spec.train.loss_on, &spec.data.path)?;
+        let (val, _) = tokenize(&val_examples, &tok, max_length, spec.train.loss_on, &val_origin)?;
         log_data(&report, val.len(), &config);
-        Ok(Self {
-            tok,
-            train,
-            val,
-            config,
-            model,
-        })
+        Ok(Self { tok, train, val, config, model })
     }
 }
 
@@ -193,11 +159,7 @@ fn model_dir(model: &ModelSpec) -> Result<Option<PathBuf>> {
     match (&model.path, &model.hub) {
         (Some(path), _) => {
             if !path.join(hf::CONFIG_FILE).is_file() {
-                return Err(bad_input(format!(
-                    "model.path {}: no {} there",
-                    path.display(),
-                    hf::CONFIG_FILE
-                )));
+                return Err(bad_input(format!("model.path {}: no {} there", path.display(), hf::CONFIG_FILE)));
             }
             Ok(Some(path.clone()))
         }
@@ -239,13 +201,7 @@ fn execute<B: AutodiffBackend>(
 ) -> Result<()> {
     run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), loaded.to_toml().as_bytes())?;
     inputs.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
-    let Inputs {
-        tok,
-        train,
-        val,
-        config,
-        mut model,
-    } = inputs;
+    let Inputs { tok, train, val, config, mut model } = inputs;
     let pad_id = tok.eos_id;
     for stage in &spec.run.stages {
         match stage {
@@ -274,19 +230,11 @@ fn execute<B: AutodiffBackend>(
                     tracing::warn!("eval stage: no validation examples (data.val_fraction = 0 and no data.val_path)");
                     continue;
                 }
-                let (val_loss, tokens) =
-                    evaluate(&model.valid(), &val, spec.train.batch_size, pad_id, device);
+                let (val_loss, tokens) = evaluate(&model.valid(), &val, spec.train.batch_size, pad_id, device);
                 let record = json!({"eval": "final", "val_loss": val_loss, "val_ppl": val_loss.exp(), "val_tokens": tokens, "val_examples": val.len()});
                 run.log_metrics(&record)?;
-                run_dir::write_atomic(
-                    &run.file("eval.json"),
-                    serde_json::to_string_pretty(&record)?.as_bytes(),
-                )?;
-                tracing::info!(
-                    val_loss = format!("{val_loss:.4}"),
-                    val_ppl = format!("{:.2}", val_loss.exp()),
-                    "eval"
-                );
+                run_dir::write_atomic(&run.file("eval.json"), serde_json::to_string_pretty(&record)?.as_bytes())?;
+                tracing::info!(val_loss = format!("{val_loss:.4}"), val_ppl = format!("{:.2}", val_loss.exp()), "eval");
             }
             Stage::Generate => generate_samples(&model.valid(), &tok, spec, run, device)?,
         }
@@ -295,12 +243,7 @@ fn execute<B: AutodiffBackend>(
 }
 
 /// Save the model as a HF GPT-2 directory `final/`, written beside and renamed into place.
-fn save_final<B: Backend>(
-    model: &Gpt2<B>,
-    config: &Gpt2Config,
-    tok: &Tok,
-    run: &RunDir,
-) -> Result<()> {
+fn save_final<B: Backend>(model: &Gpt2<B>, config: &Gpt2Config, tok: &Tok, run: &RunDir) -> Result<()> {
     let final_dir = run.file(run_dir::FINAL_DIR);
     let staging = run.file(".final.partial");
     if staging.exists() {
@@ -322,11 +265,7 @@ fn generate_samples<B: Backend>(
     device: &B::Device,
 ) -> Result<()> {
     let g = &spec.generate;
-    let sampling = Sampling {
-        temperature: g.temperature,
-        top_k: g.top_k,
-        top_p: g.top_p,
-    };
+    let sampling = Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p };
     let mut generator = Generator::new(model, device, g.seed);
     let bar = indicatif::ProgressBar::new(g.prompts.len() as u64).with_prefix("generate");
     for prompt in &g.prompts {
@@ -334,10 +273,8 @@ fn generate_samples<B: Backend>(
         let new = generator.generate(&ids, g.max_new_tokens, sampling, Some(tok.eos_id), |_| {});
         let ended = new.last() == Some(&tok.eos_id);
         let text = tok.decode(&new)?;
-        run.log_sample(
-            &json!({"prompt": prompt, "completion": text, "ids": new, "stopped_at_eos": ended}),
-        )?;
-        bar.suspend(|| println!("--- {}\n{}{}", prompt.trim_end(), prompt, text));
+        run.log_sample(&json!({"prompt": prompt, "completion": text, "ids": new, "stopped_at_eos": ended}))?;
+        bar.suspend(|| println!("--- sample\n{prompt}{text}"));
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -23,10 +23,7 @@ pub const FINAL_DIR: &str = "final";
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .context("a file path has a name")?
-        .to_string_lossy();
+    let name = path.file_name().context("a file path has a name")?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut file = File::create(&tmp)?;
@@ -83,20 +80,12 @@ impl RunDir {
     /// processes cannot take the same id).
     pub fn create(runs_dir: &Path, meta: Meta) -> Result<Self> {
         let parent = runs_dir.join(&meta.name);
-        fs::create_dir_all(&parent).map_err(|e| {
-            bad_input(format!(
-                "runs folder {}: cannot create it: {e}",
-                parent.display()
-            ))
-        })?;
+        fs::create_dir_all(&parent)
+            .map_err(|e| bad_input(format!("runs folder {}: cannot create it: {e}", parent.display())))?;
         let stamp: String = meta.started.chars().filter(char::is_ascii_digit).collect();
         let base = format!("{}-{}", &stamp[..8], &stamp[8..14]);
         for n in 1.. {
-            let id = if n == 1 {
-                base.clone()
-            } else {
-                format!("{base}-{n}")
-            };
+            let id = if n == 1 { base.clone() } else { format!("{base}-{n}") };
             let path = parent.join(&id);
             match fs::create_dir(&path) {
                 Ok(()) => {
@@ -107,10 +96,7 @@ impl RunDir {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(bad_input(format!(
-                        "runs folder {}: cannot create a run in it: {e}",
-                        parent.display()
-                    )))
+                    return Err(bad_input(format!("runs folder {}: cannot create a run in it: {e}", parent.display())))
                 }
             }
         }
@@ -122,10 +108,7 @@ impl RunDir {
     }
 
     pub fn write_meta(&self) -> Result<()> {
-        write_atomic(
-            &self.file(META_FILE),
-            serde_json::to_string_pretty(&self.meta)?.as_bytes(),
-        )
+        write_atomic(&self.file(META_FILE), serde_json::to_string_pretty(&self.meta)?.as_bytes())
     }
 
     /// Mark the run ended with `status`, recording the error if any.

@@ -81,10 +81,7 @@ pub struct DataSpec {
     pub format: DataFormat,
     #[serde(default = "default_prompt_field", deserialize_with = "lenient_string")]
     pub prompt_field: String,
-    #[serde(
-        default = "default_response_field",
-        deserialize_with = "lenient_string"
-    )]
+    #[serde(default = "default_response_field", deserialize_with = "lenient_string")]
     pub response_field: String,
     /// Validation examples from a second file; otherwise `val_fraction` of `path` is held out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,11 +118,7 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
     /// A hub id such as `openai-community/gpt2`, resolved through the HuggingFace cache.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "lenient_opt_string"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient_opt_string")]
     pub hub: Option<String>,
     /// Or an architecture to initialise from scratch:
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -427,13 +420,7 @@ pub struct LoadedSpec {
 
 /// The spec's path fields, which resolve against the spec file's folder when they come from
 /// the file, and against the current directory when they come from an override.
-const PATH_FIELDS: &[&str] = &[
-    "run.runs_dir",
-    "data.path",
-    "data.val_path",
-    "tokenizer.path",
-    "model.path",
-];
+const PATH_FIELDS: &[&str] = &["run.runs_dir", "data.path", "data.val_path", "tokenizer.path", "model.path"];
 
 /// Load a spec: the TOML file, then `PIPE_` environment variables, then `--set key=value`
 /// flags, later winning. Unknown fields, wrong types and invalid values are errors that name
@@ -446,56 +433,33 @@ pub fn load(path: &Path, sets: &[String]) -> Result<LoadedSpec> {
 /// [`load`] with the environment given explicitly (tests use this).
 pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> Result<LoadedSpec> {
     if !path.is_file() {
-        return Err(bad_input(format!(
-            "spec file {} does not exist",
-            path.display()
-        )));
+        return Err(bad_input(format!("spec file {} does not exist", path.display())));
     }
     let path = path.canonicalize()?;
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
     if let Err(e) = toml::from_str::<toml::Table>(&text) {
-        return Err(bad_input(format!(
-            "{}: {}",
-            path.display(),
-            toml_error_line(&e, &text)
-        )));
+        return Err(bad_input(format!("{}: {}", path.display(), toml_error_line(&e, &text))));
     }
     let mut figment = Figment::from(Toml::file_exact(&path));
-    let mut env_overrides: Vec<_> = env
-        .iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_NOT_OVERRIDES.contains(&k.as_str()))
-        .collect();
+    let mut env_overrides: Vec<_> =
+        env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_NOT_OVERRIDES.contains(&k.as_str())).collect();
     env_overrides.sort();
     for (var, value) in env_overrides {
-        let key = var[ENV_PREFIX.len()..]
-            .to_ascii_lowercase()
-            .replace("__", ".");
-        figment = figment.merge(Override {
-            source: Source::Env(var.clone()),
-            key,
-            raw: value.clone(),
-        });
+        let key = var[ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".");
+        figment = figment.merge(Override { source: Source::Env(var.clone()), key, raw: value.clone() });
     }
     for set in sets {
-        let (key, value) = set
-            .split_once('=')
-            .ok_or_else(|| bad_input(format!("--set {set}: expected section.field=value")))?;
+        let (key, value) =
+            set.split_once('=').ok_or_else(|| bad_input(format!("--set {set}: expected section.field=value")))?;
         let key = key.trim();
         if key.is_empty() || key.split('.').any(str::is_empty) {
-            return Err(bad_input(format!(
-                "--set {set}: `{key}` is not a field path such as train.epochs"
-            )));
+            return Err(bad_input(format!("--set {set}: `{key}` is not a field path such as train.epochs")));
         }
-        figment = figment.merge(Override {
-            source: Source::Set(set.clone()),
-            key: key.to_string(),
-            raw: value.to_string(),
-        });
+        figment =
+            figment.merge(Override { source: Source::Set(set.clone()), key: key.to_string(), raw: value.to_string() });
     }
-    let mut spec: Spec = figment
-        .extract()
-        .map_err(|e| bad_input(describe_figment_error(e)))?;
+    let mut spec: Spec = figment.extract().map_err(|e| bad_input(describe_figment_error(e)))?;
     let loaded_from = |key: &str| source_of(&figment, key);
     for field in PATH_FIELDS {
         if let Source::File(file) = loaded_from(field) {
@@ -508,11 +472,7 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
             }
         }
     }
-    let loaded = LoadedSpec {
-        spec,
-        path,
-        figment,
-    };
+    let loaded = LoadedSpec { spec, path, figment };
     loaded.validate()?;
     Ok(loaded)
 }
@@ -534,9 +494,7 @@ fn source_of(figment: &Figment, key: &str) -> Source {
         Some(md) => match &md.source {
             Some(figment::Source::File(path)) => Source::File(path.clone()),
             _ if md.name.starts_with("env ") => Source::Env(md.name["env ".len()..].to_string()),
-            _ if md.name.starts_with("--set ") => {
-                Source::Set(md.name["--set ".len()..].to_string())
-            }
+            _ if md.name.starts_with("--set ") => Source::Set(md.name["--set ".len()..].to_string()),
             _ => Source::Default,
         },
     }
@@ -620,29 +578,17 @@ impl LoadedSpec {
             }
             Ok(())
         };
-        if s.run.name.is_empty()
-            || s.run.name.contains(['/', '\\', '@'])
-            || s.run.name.starts_with('.')
-        {
+        if s.run.name.is_empty() || s.run.name.contains(['/', '\\', '@']) || s.run.name.starts_with('.') {
             return Err(self.invalid(
                 "run.name",
-                format!(
-                    "`{}` cannot be a folder name (no /, \\, @ or leading dot)",
-                    s.run.name
-                ),
+                format!("`{}` cannot be a folder name (no /, \\, @ or leading dot)", s.run.name),
             ));
         }
         if s.run.stages.is_empty() {
-            return Err(self.invalid(
-                "run.stages",
-                "name at least one stage: train, eval, generate",
-            ));
+            return Err(self.invalid("run.stages", "name at least one stage: train, eval, generate"));
         }
         if !(0.0..1.0).contains(&s.data.val_fraction) || s.data.val_fraction.is_nan() {
-            return Err(self.invalid(
-                "data.val_fraction",
-                format!("must be in [0, 1), got {}", s.data.val_fraction),
-            ));
+            return Err(self.invalid("data.val_fraction", format!("must be in [0, 1), got {}", s.data.val_fraction)));
         }
         positive_f("optimizer.lr", s.optimizer.lr)?;
         probability("optimizer.betas", s.optimizer.betas[0])?;
@@ -651,10 +597,9 @@ impl LoadedSpec {
         non_negative_f("optimizer.weight_decay", s.optimizer.weight_decay)?;
         non_negative_f("optimizer.grad_clip", s.optimizer.grad_clip)?;
         if !(0.0..=1.0).contains(&s.optimizer.min_lr_ratio) {
-            return Err(self.invalid(
-                "optimizer.min_lr_ratio",
-                format!("must be in [0, 1], got {}", s.optimizer.min_lr_ratio),
-            ));
+            return Err(
+                self.invalid("optimizer.min_lr_ratio", format!("must be in [0, 1], got {}", s.optimizer.min_lr_ratio))
+            );
         }
         positive("train.epochs", s.train.epochs)?;
         positive("train.batch_size", s.train.batch_size)?;
@@ -667,16 +612,11 @@ impl LoadedSpec {
         }
         non_negative_f("generate.temperature", s.generate.temperature)?;
         if !(s.generate.top_p > 0.0 && s.generate.top_p <= 1.0) {
-            return Err(self.invalid(
-                "generate.top_p",
-                format!("must be in (0, 1], got {}", s.generate.top_p),
-            ));
+            return Err(self.invalid("generate.top_p", format!("must be in (0, 1], got {}", s.generate.top_p)));
         }
         let m = &s.model;
         let arch = [m.layers, m.heads, m.embd, m.context];
-        let sources = m.path.is_some() as usize
-            + m.hub.is_some() as usize
-            + arch.iter().any(Option::is_some) as usize;
+        let sources = m.path.is_some() as usize + m.hub.is_some() as usize + arch.iter().any(Option::is_some) as usize;
         if sources != 1 {
             return Err(self.invalid(
                 "model",
@@ -698,11 +638,7 @@ impl LoadedSpec {
             if m.embd.unwrap() % m.heads.unwrap() != 0 {
                 return Err(self.invalid(
                     "model.embd",
-                    format!(
-                        "{} is not divisible by model.heads = {}",
-                        m.embd.unwrap(),
-                        m.heads.unwrap()
-                    ),
+                    format!("{} is not divisible by model.heads = {}", m.embd.unwrap(), m.heads.unwrap()),
                 ));
             }
         }
@@ -714,10 +650,7 @@ impl LoadedSpec {
             return Err(self.invalid("tokenizer", "give `path` or `train_vocab_size`, not both"));
         }
         if t.path.is_none() && t.train_vocab_size.is_none() && m.path.is_none() && m.hub.is_none() {
-            return Err(self.invalid(
-                "tokenizer",
-                "a new model needs `tokenizer.path` or `tokenizer.train_vocab_size`",
-            ));
+            return Err(self.invalid("tokenizer", "a new model needs `tokenizer.path` or `tokenizer.train_vocab_size`"));
         }
         if let Some(v) = t.train_vocab_size {
             if v < 257 {
@@ -728,10 +661,9 @@ impl LoadedSpec {
             }
         }
         if s.run.backend == BackendKind::Cuda && !cfg!(feature = "cuda") {
-            return Err(self.invalid(
-                "run.backend",
-                "`cuda` is not compiled into this pipe; rebuild with `--features cuda`",
-            ));
+            return Err(
+                self.invalid("run.backend", "`cuda` is not compiled into this pipe; rebuild with `--features cuda`")
+            );
         }
         Ok(())
     }
@@ -760,11 +692,7 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
     match value {
         toml::Value::Table(table) => {
             for (k, v) in table {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                 flatten(&key, v, out);
             }
         }

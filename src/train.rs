@@ -7,9 +7,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::decay::WeightDecayConfig;
-use burn::optim::{
-    Adam, AdamConfig, AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer,
-};
+use burn::optim::{Adam, AdamConfig, AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -44,13 +42,9 @@ impl<B: AutodiffBackend> ModelOptimizer<B> {
         let (b1, b2, eps) = (opt.betas[0] as f32, opt.betas[1] as f32, opt.eps as f32);
         match opt.name {
             OptimizerKind::Adam => {
-                let weight_decay = (opt.weight_decay > 0.0)
-                    .then(|| WeightDecayConfig::new(opt.weight_decay as f32));
-                let config = AdamConfig::new()
-                    .with_beta_1(b1)
-                    .with_beta_2(b2)
-                    .with_epsilon(eps)
-                    .with_weight_decay(weight_decay);
+                let weight_decay = (opt.weight_decay > 0.0).then(|| WeightDecayConfig::new(opt.weight_decay as f32));
+                let config =
+                    AdamConfig::new().with_beta_1(b1).with_beta_2(b2).with_epsilon(eps).with_weight_decay(weight_decay);
                 Self::Adam(config.init())
             }
             OptimizerKind::Adamw => {
@@ -96,36 +90,20 @@ pub struct Trainer<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(opt: &OptimizerSpec, pad_id: u32, device: &B::Device) -> Self {
-        Self {
-            optim: ModelOptimizer::new(opt),
-            grad_clip: opt.grad_clip,
-            pad_id,
-            device: device.clone(),
-        }
+        Self { optim: ModelOptimizer::new(opt), grad_clip: opt.grad_clip, pad_id, device: device.clone() }
     }
 
     /// Forward and backward over each micro-batch, accumulating gradients, then clip and
     /// update. The loss is normalised by the loss tokens of the whole step, so neither loss
     /// nor gradient depends on how the step is split into micro-batches.
-    pub fn step(
-        &mut self,
-        model: Gpt2<B>,
-        micro_batches: &[Vec<&Sequence>],
-        lr: f64,
-    ) -> Result<(Gpt2<B>, StepStats)> {
-        let loss_tokens: usize = micro_batches
-            .iter()
-            .flatten()
-            .map(|s| s.loss_tokens())
-            .sum();
+    pub fn step(&mut self, model: Gpt2<B>, micro_batches: &[Vec<&Sequence>], lr: f64) -> Result<(Gpt2<B>, StepStats)> {
+        let loss_tokens: usize = micro_batches.iter().flatten().map(|s| s.loss_tokens()).sum();
         let mut accumulator = GradientsAccumulator::<Gpt2<B>>::new();
         let (mut loss, mut tokens) = (0.0f64, 0usize);
         for micro in micro_batches {
             let batch = Batch::<B>::new(micro, self.pad_id, &self.device);
             tokens += batch.tokens;
-            let micro_loss = model
-                .loss_sum(batch.inputs, batch.targets, batch.weights)
-                .div_scalar(loss_tokens as f64);
+            let micro_loss = model.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(loss_tokens as f64);
             loss += micro_loss.clone().into_scalar().elem::<f64>();
             let grads = GradientsParams::from_grads(micro_loss.backward(), &model);
             accumulator.accumulate(&model, grads);
@@ -136,15 +114,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut grads = accumulator.grads();
         let grad_norm = clip_global_norm(&model, &mut grads, self.grad_clip);
         let model = self.optim.step(lr, model, grads);
-        Ok((
-            model,
-            StepStats {
-                loss,
-                grad_norm,
-                tokens,
-                loss_tokens,
-            },
-        ))
+        Ok((model, StepStats { loss, grad_norm, tokens, loss_tokens }))
     }
 }
 
@@ -165,25 +135,13 @@ pub fn train<B: AutodiffBackend>(
     let steps_per_epoch = train.len().div_ceil(examples_per_step);
     let total_steps = steps_per_epoch * train_spec.epochs;
     let schedule = LrSchedule::new(opt, total_steps);
-    tracing::info!(
-        examples = train.len(),
-        steps_per_epoch,
-        total_steps,
-        "training"
-    );
-    let mut summary = TrainSummary {
-        steps: 0,
-        first_loss: f64::NAN,
-        last_loss: f64::NAN,
-    };
+    tracing::info!(examples = train.len(), steps_per_epoch, total_steps, "training");
+    let mut summary = TrainSummary { steps: 0, first_loss: f64::NAN, last_loss: f64::NAN };
     let started = Instant::now();
 
     for epoch in 1..=train_spec.epochs {
         let order = epoch_order(train.len(), seed, epoch);
-        let bar = progress_bar(
-            steps_per_epoch as u64,
-            &format!("epoch {epoch}/{}", train_spec.epochs),
-        );
+        let bar = progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", train_spec.epochs));
         let (mut epoch_loss, mut epoch_tokens) = (0.0, 0usize);
         for step_examples in order.chunks(examples_per_step) {
             let step_started = Instant::now();
@@ -194,9 +152,8 @@ pub fn train<B: AutodiffBackend>(
             let step = summary.steps + 1;
             let lr = schedule.at(step - 1);
             let stats;
-            (model, stats) = trainer
-                .step(model, &micro_batches, lr)
-                .with_context(|| format!("step {step} (epoch {epoch})"))?;
+            (model, stats) =
+                trainer.step(model, &micro_batches, lr).with_context(|| format!("step {step} (epoch {epoch})"))?;
             let tokens_per_s = stats.tokens as f64 / step_started.elapsed().as_secs_f64();
             if summary.steps == 0 {
                 summary.first_loss = stats.loss;
@@ -210,15 +167,7 @@ pub fn train<B: AutodiffBackend>(
                 "tokens": stats.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": started.elapsed().as_secs_f64(),
             }))?;
             if step % train_spec.log_every == 0 {
-                tracing::debug!(
-                    step,
-                    epoch,
-                    loss = stats.loss,
-                    lr,
-                    grad_norm = stats.grad_norm,
-                    tokens_per_s,
-                    "step"
-                );
+                tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
             }
             bar.set_message(format!("loss {:.4}  {tokens_per_s:.0} tok/s", stats.loss));
             bar.inc(1);
@@ -228,8 +177,7 @@ pub fn train<B: AutodiffBackend>(
         if val.is_empty() {
             tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done");
         } else {
-            let (val_loss, _) =
-                evaluate(&model.valid(), val, train_spec.batch_size, pad_id, device);
+            let (val_loss, _) = evaluate(&model.valid(), val, train_spec.batch_size, pad_id, device);
             run.log_metrics(&json!({
                 "step": summary.steps, "epoch": epoch, "val_loss": val_loss, "val_ppl": val_loss.exp(),
             }))?;
@@ -258,10 +206,7 @@ pub fn evaluate<B: Backend>(
         let refs: Vec<&Sequence> = chunk.iter().collect();
         let batch = Batch::<B>::new(&refs, pad_id, device);
         tokens += batch.loss_tokens;
-        sum += model
-            .loss_sum(batch.inputs, batch.targets, batch.weights)
-            .into_scalar()
-            .elem::<f64>();
+        sum += model.loss_sum(batch.inputs, batch.targets, batch.weights).into_scalar().elem::<f64>();
     }
     (sum / tokens.max(1) as f64, tokens)
 }
@@ -270,10 +215,7 @@ pub fn evaluate<B: Backend>(
 /// same spec and seed give the same run.
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = StdRng::seed_from_u64(
-        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(epoch as u64),
-    );
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64));
     order.shuffle(&mut rng);
     order
 }
@@ -318,10 +260,7 @@ impl LrSchedule {
             Schedule::Cosine => {
                 let span = self.total.saturating_sub(self.warmup).max(1) as f64;
                 let progress = ((step - self.warmup) as f64 / span).min(1.0);
-                self.min_lr
-                    + (self.lr - self.min_lr)
-                        * 0.5
-                        * (1.0 + (std::f64::consts::PI * progress).cos())
+                self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
         }
     }
@@ -330,11 +269,7 @@ impl LrSchedule {
 /// The global L2 norm of all gradients, clipped to `max_norm` (0 = no clipping) as PyTorch's
 /// `clip_grad_norm_` does: every gradient scaled by max_norm / (norm + 1e-6) when that is < 1.
 /// burn's own clipping works per tensor, which is a different method.
-pub fn clip_global_norm<B: AutodiffBackend>(
-    model: &Gpt2<B>,
-    grads: &mut GradientsParams,
-    max_norm: f64,
-) -> f64 {
+pub fn clip_global_norm<B: AutodiffBackend>(model: &Gpt2<B>, grads: &mut GradientsParams, max_norm: f64) -> f64 {
     struct SquaredNorm<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
         sum: Option<Tensor<B::InnerBackend, 1>>,
@@ -357,16 +292,13 @@ pub fn clip_global_norm<B: AutodiffBackend>(
     impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-                self.grads
-                    .register::<B::InnerBackend, D>(param.id, grad.mul_scalar(self.factor));
+                self.grads.register::<B::InnerBackend, D>(param.id, grad.mul_scalar(self.factor));
             }
         }
     }
     let mut visitor = SquaredNorm::<B> { grads, sum: None };
     model.visit(&mut visitor);
-    let norm = visitor
-        .sum
-        .map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt());
+    let norm = visitor.sum.map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt());
     if max_norm > 0.0 {
         let factor = max_norm / (norm + 1e-6);
         if factor < 1.0 {

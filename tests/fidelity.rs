@@ -18,33 +18,19 @@ type B = Flex;
 type AD = Autodiff<Flex>;
 
 fn model() -> Gpt2<B> {
-    hf::load::<B>(&fixture_dir(), None, &Default::default())
-        .unwrap()
-        .1
+    hf::load::<B>(&fixture_dir(), None, &Default::default()).unwrap().1
 }
 
 fn assert_close(what: &str, got: f64, want: f64, tol: f64) {
-    assert!(
-        (got - want).abs() <= tol,
-        "{what}: got {got}, transformers {want} (tolerance {tol})"
-    );
+    assert!((got - want).abs() <= tol, "{what}: got {got}, transformers {want} (tolerance {tol})");
 }
 
 #[test]
 fn tokenizer_matches_transformers_ids() {
     let r = reference();
     let tok = Tok::load(&fixture_dir().join("tokenizer.json")).unwrap();
-    for (text, want) in r["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(r["encoded"].as_array().unwrap())
-    {
-        assert_eq!(
-            tok.encode(text.as_str().unwrap()).unwrap(),
-            ids(want),
-            "{text}"
-        );
+    for (text, want) in r["texts"].as_array().unwrap().iter().zip(r["encoded"].as_array().unwrap()) {
+        assert_eq!(tok.encode(text.as_str().unwrap()).unwrap(), ids(want), "{text}");
     }
     assert_eq!(tok.eos_id, 50256);
 }
@@ -65,23 +51,14 @@ fn per_token_nll_and_loss_match() {
             TensorData::new(x[1..].iter().map(|&t| t as i32).collect(), [1, n]),
             &device,
         );
-        let nll: Vec<f32> = model
-            .token_nll(inputs, targets)
-            .into_data()
-            .to_vec()
-            .unwrap();
+        let nll: Vec<f32> = model.token_nll(inputs, targets).into_data().to_vec().unwrap();
         let want = floats(&r["nll"][i]);
         assert_eq!(nll.len(), want.len());
         for (j, (g, w)) in nll.iter().zip(&want).enumerate() {
             assert_close(&format!("text {i} token {j} NLL"), *g as f64, *w, 1e-4);
         }
         let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-        assert_close(
-            &format!("text {i} loss"),
-            mean,
-            r["loss"][i].as_f64().unwrap(),
-            1e-4,
-        );
+        assert_close(&format!("text {i} loss"), mean, r["loss"][i].as_f64().unwrap(), 1e-4);
     }
 }
 
@@ -104,36 +81,21 @@ fn top5_next_tokens_match() {
 }
 
 fn sequences_of(r: &serde_json::Value) -> Vec<Sequence> {
-    r["encoded"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| Sequence {
-            ids: ids(e),
-            untrained_prefix: 0,
-        })
-        .collect()
+    r["encoded"].as_array().unwrap().iter().map(|e| Sequence { ids: ids(e), untrained_prefix: 0 }).collect()
 }
 
 /// The right-padded batch loss, through the same Batch the training loop uses.
 fn batch_loss(model: &Gpt2<B>, sequences: &[Sequence]) -> f64 {
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<B>::new(&refs, 50256, &Default::default());
-    let sum: f32 = model
-        .loss_sum(batch.inputs, batch.targets, batch.weights)
-        .into_scalar();
+    let sum: f32 = model.loss_sum(batch.inputs, batch.targets, batch.weights).into_scalar();
     sum as f64 / batch.loss_tokens as f64
 }
 
 #[test]
 fn padded_batch_loss_matches() {
     let r = reference();
-    assert_close(
-        "batch loss",
-        batch_loss(&model(), &sequences_of(&r)),
-        r["batch_loss"].as_f64().unwrap(),
-        1e-4,
-    );
+    assert_close("batch loss", batch_loss(&model(), &sequences_of(&r)), r["batch_loss"].as_f64().unwrap(), 1e-4);
 }
 
 #[test]
@@ -148,21 +110,10 @@ fn completion_only_loss_matches() {
         all.extend(tok.encode(response).unwrap());
         // Tokenizing prompt and response apart gives transformers' ids for the joined text.
         assert_eq!(all, ids(&r["pair_encoded"][i]));
-        assert_eq!(
-            prompt_ids.len() as u64,
-            r["pair_prompt_lens"][i].as_u64().unwrap()
-        );
-        sequences.push(Sequence {
-            ids: all,
-            untrained_prefix: prompt_ids.len(),
-        });
+        assert_eq!(prompt_ids.len() as u64, r["pair_prompt_lens"][i].as_u64().unwrap());
+        sequences.push(Sequence { ids: all, untrained_prefix: prompt_ids.len() });
     }
-    assert_close(
-        "masked loss",
-        batch_loss(&model(), &sequences),
-        r["masked_loss"].as_f64().unwrap(),
-        1e-4,
-    );
+    assert_close("masked loss", batch_loss(&model(), &sequences), r["masked_loss"].as_f64().unwrap(), 1e-4);
 }
 
 #[test]
@@ -186,33 +137,17 @@ fn optimizer_steps_match(name: OptimizerKind, weight_decay: f64, key: &str) {
     let want = &r["train"][key];
     let device = Default::default();
     let mut model = hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1;
-    let opt = OptimizerSpec {
-        name,
-        lr: 1e-3,
-        betas: [0.9, 0.95],
-        eps: 1e-8,
-        weight_decay,
-        ..Default::default()
-    };
+    let opt = OptimizerSpec { name, lr: 1e-3, betas: [0.9, 0.95], eps: 1e-8, weight_decay, ..Default::default() };
     let mut trainer = Trainer::<AD>::new(&opt, 50256, &device);
     let sequences = sequences_of(&r);
     let batch: Vec<&Sequence> = sequences.iter().collect();
-    for (step, (loss, norm)) in floats(&want["losses_before_each_step"])
-        .into_iter()
-        .zip(floats(&want["grad_norms"]))
-        .enumerate()
+    for (step, (loss, norm)) in
+        floats(&want["losses_before_each_step"]).into_iter().zip(floats(&want["grad_norms"])).enumerate()
     {
         let stats;
-        (model, stats) = trainer
-            .step(model, std::slice::from_ref(&batch), 1e-3)
-            .unwrap();
+        (model, stats) = trainer.step(model, std::slice::from_ref(&batch), 1e-3).unwrap();
         assert_close(&format!("{key} step {step} loss"), stats.loss, loss, 1e-3);
-        assert_close(
-            &format!("{key} step {step} grad norm"),
-            stats.grad_norm,
-            norm,
-            1e-3 * norm,
-        );
+        assert_close(&format!("{key} step {step} grad norm"), stats.grad_norm, norm, 1e-3 * norm);
     }
     // And the weights after the last step give the next loss the same way.
     let _ = model.valid();

@@ -42,10 +42,7 @@ pub fn tokenize(
     loss_on: LossOn,
     origin: &std::path::Path,
 ) -> Result<(Vec<Sequence>, TokenizeReport)> {
-    let mut report = TokenizeReport {
-        examples: examples.len(),
-        ..Default::default()
-    };
+    let mut report = TokenizeReport { examples: examples.len(), ..Default::default() };
     let mut sequences = Vec::with_capacity(examples.len());
     for example in examples {
         let prompt = tok.encode(&example.prompt)?;
@@ -70,10 +67,7 @@ pub fn tokenize(
             LossOn::Response => prompt.len(),
             LossOn::All => 0,
         };
-        sequences.push(Sequence {
-            ids,
-            untrained_prefix,
-        });
+        sequences.push(Sequence { ids, untrained_prefix });
     }
     if report.truncated > 0 {
         tracing::warn!(
@@ -104,12 +98,7 @@ pub struct Batch<B: Backend> {
 impl<B: Backend> Batch<B> {
     pub fn new(sequences: &[&Sequence], pad_id: u32, device: &B::Device) -> Self {
         let batch = sequences.len();
-        let seq = sequences
-            .iter()
-            .map(|s| s.ids.len() - 1)
-            .max()
-            .unwrap_or(1)
-            .max(1);
+        let seq = sequences.iter().map(|s| s.ids.len() - 1).max().unwrap_or(1).max(1);
         let mut inputs = vec![pad_id as i32; batch * seq];
         let mut targets = vec![pad_id as i32; batch * seq];
         let mut weights = vec![0f32; batch * seq];

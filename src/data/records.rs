@@ -18,8 +18,8 @@ pub struct Example {
 
 /// Read the examples of one file.
 pub fn read(path: &Path, spec: &DataSpec) -> Result<Vec<Example>> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| bad_input(format!("{}: cannot read the dataset: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| bad_input(format!("{}: cannot read the dataset: {e}", path.display())))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
@@ -37,13 +37,9 @@ pub fn read(path: &Path, spec: &DataSpec) -> Result<Vec<Example>> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                serde_json::from_str(l).map(|v| (i + 1, v)).map_err(|e| {
-                    bad_input(format!(
-                        "{}:{}: not a JSON object: {e}",
-                        path.display(),
-                        i + 1
-                    ))
-                })
+                serde_json::from_str(l)
+                    .map(|v| (i + 1, v))
+                    .map_err(|e| bad_input(format!("{}:{}: not a JSON object: {e}", path.display(), i + 1)))
             })
             .collect::<Result<_>>()?,
         _ => json_array(path, &text)?,
@@ -59,37 +55,22 @@ pub fn read(path: &Path, spec: &DataSpec) -> Result<Vec<Example>> {
                         path.display(),
                         kind_of(other)
                     ))),
-                    None => Err(bad_input(format!(
-                        "{}:{line}: record has no field `{name}`",
-                        path.display()
-                    ))),
+                    None => Err(bad_input(format!("{}:{line}: record has no field `{name}`", path.display()))),
                 }
             };
-            Ok(Example {
-                prompt: field(&spec.prompt_field)?,
-                response: field(&spec.response_field)?,
-                line,
-            })
+            Ok(Example { prompt: field(&spec.prompt_field)?, response: field(&spec.response_field)?, line })
         })
         .collect::<Result<Vec<_>>>()?;
     if examples.is_empty() {
-        return Err(bad_input(format!(
-            "{}: the dataset has no examples",
-            path.display()
-        )));
+        return Err(bad_input(format!("{}: the dataset has no examples", path.display())));
     }
     Ok(examples)
 }
 
 /// A JSON array of records, each with the line its object starts on.
 fn json_array(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
-    let values: Vec<Value> = serde_json::from_str(text).map_err(|e| {
-        bad_input(format!(
-            "{}:{}: not a JSON array of records: {e}",
-            path.display(),
-            e.line()
-        ))
-    })?;
+    let values: Vec<Value> = serde_json::from_str(text)
+        .map_err(|e| bad_input(format!("{}:{}: not a JSON array of records: {e}", path.display(), e.line())))?;
     // serde_json does not report where array elements start; find the top-level `{`s.
     let mut starts = Vec::new();
     let (mut depth, mut in_string, mut escaped, mut line) = (0usize, false, false, 1usize);
@@ -113,11 +94,7 @@ fn json_array(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
             _ => {}
         }
     }
-    Ok(values
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| (starts.get(i).copied().unwrap_or(1), v))
-        .collect())
+    Ok(values.into_iter().enumerate().map(|(i, v)| (starts.get(i).copied().unwrap_or(1), v)).collect())
 }
 
 fn kind_of(value: &Value) -> &'static str {

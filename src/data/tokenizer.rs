@@ -26,35 +26,23 @@ impl Tok {
     /// Load a `tokenizer.json`.
     pub fn load(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            return Err(bad_input(format!(
-                "tokenizer file {} does not exist",
-                path.display()
-            )));
+            return Err(bad_input(format!("tokenizer file {} does not exist", path.display())));
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| {
-            bad_input(format!(
-                "{}: not a valid tokenizer.json: {e}",
-                path.display()
-            ))
-        })?;
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| bad_input(format!("{}: not a valid tokenizer.json: {e}", path.display())))?;
         Self::with_eos(inner, path)
     }
 
     fn with_eos(inner: Tokenizer, origin: &Path) -> Result<Self> {
         let eos_id = inner.token_to_id(EOS_TOKEN).ok_or_else(|| {
-            bad_input(format!(
-                "{}: the tokenizer has no `{EOS_TOKEN}` token to end responses with",
-                origin.display()
-            ))
+            bad_input(format!("{}: the tokenizer has no `{EOS_TOKEN}` token to end responses with", origin.display()))
         })?;
         Ok(Self { inner, eos_id })
     }
 
     /// Train a byte-level BPE of `vocab_size` tokens (including the 256 bytes and EOS).
     pub fn train<'a>(texts: impl Iterator<Item = &'a str>, vocab_size: usize) -> Result<Self> {
-        let byte_level = ByteLevel::default()
-            .add_prefix_space(false)
-            .trim_offsets(false);
+        let byte_level = ByteLevel::default().add_prefix_space(false).trim_offsets(false);
         let mut inner = Tokenizer::new(BPE::default());
         inner.with_pre_tokenizer(Some(byte_level));
         inner.with_decoder(Some(byte_level));
@@ -80,24 +68,16 @@ impl Tok {
 
     /// Token ids of `text`, exactly as given (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
+        self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = self
-            .inner
-            .to_string(false)
-            .map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
+        let json = self.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
         crate::run_dir::write_atomic(path, json.as_bytes())
     }
 }

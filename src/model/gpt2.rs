@@ -4,8 +4,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
-    Linear, LinearConfig,
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
 use burn::tensor::activation::{gelu_approximate, log_softmax};
 use burn::tensor::backend::Backend;
@@ -40,8 +39,7 @@ impl Gpt2Config {
     /// Parameter count (the tied LM head counted once).
     pub fn num_params(&self) -> usize {
         let d = self.n_embd;
-        let block =
-            2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d);
+        let block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d);
         self.vocab_size * d + self.n_positions * d + self.n_layer * block + 2 * d
     }
 
@@ -52,43 +50,23 @@ impl Gpt2Config {
         let normal = |std: f64| Initializer::Normal { mean: 0.0, std };
         let proj_std = std / (2.0 * self.n_layer as f64).sqrt();
         let linear = |d_in: usize, d_out: usize, std: f64| {
-            let layer = LinearConfig::new(d_in, d_out)
-                .with_initializer(normal(std))
-                .init(device);
-            Linear {
-                bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))),
-                ..layer
-            }
+            let layer = LinearConfig::new(d_in, d_out).with_initializer(normal(std)).init(device);
+            Linear { bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))), ..layer }
         };
-        let layer_norm = || {
-            LayerNormConfig::new(self.n_embd)
-                .with_epsilon(self.layer_norm_epsilon)
-                .init(device)
-        };
+        let layer_norm = || LayerNormConfig::new(self.n_embd).with_epsilon(self.layer_norm_epsilon).init(device);
         let d = self.n_embd;
         let blocks = (0..self.n_layer)
             .map(|_| Block {
                 ln_1: layer_norm(),
-                attn: Attention {
-                    c_attn: linear(d, 3 * d, std),
-                    c_proj: linear(d, d, proj_std),
-                    n_head: self.n_head,
-                },
+                attn: Attention { c_attn: linear(d, 3 * d, std), c_proj: linear(d, d, proj_std), n_head: self.n_head },
                 ln_2: layer_norm(),
-                mlp: Mlp {
-                    c_fc: linear(d, 4 * d, std),
-                    c_proj: linear(4 * d, d, proj_std),
-                },
+                mlp: Mlp { c_fc: linear(d, 4 * d, std), c_proj: linear(4 * d, d, proj_std) },
                 dropout: DropoutConfig::new(self.dropout).init(),
             })
             .collect();
         Gpt2 {
-            wte: EmbeddingConfig::new(self.vocab_size, d)
-                .with_initializer(normal(std))
-                .init(device),
-            wpe: EmbeddingConfig::new(self.n_positions, d)
-                .with_initializer(normal(0.01))
-                .init(device),
+            wte: EmbeddingConfig::new(self.vocab_size, d).with_initializer(normal(std)).init(device),
+            wpe: EmbeddingConfig::new(self.n_positions, d).with_initializer(normal(0.01)).init(device),
             blocks,
             ln_f: layer_norm(),
             dropout: DropoutConfig::new(self.dropout).init(),
@@ -140,10 +118,7 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     pub fn new(n_layer: usize) -> Self {
-        Self {
-            layers: (0..n_layer).map(|_| None).collect(),
-            seen: 0,
-        }
+        Self { layers: (0..n_layer).map(|_| None).collect(), seen: 0 }
     }
 
     /// How many positions the cache holds.
@@ -167,11 +142,7 @@ impl<B: Backend> Gpt2<B> {
 
     /// Final hidden states. With a cache, `tokens` are the positions after the cached ones.
     /// tokens: [batch, seq] → [batch, seq, d_model]
-    pub fn hidden(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        mut cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+    pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.seen);
         let device = tokens.device();
@@ -197,15 +168,10 @@ impl<B: Backend> Gpt2<B> {
     }
 
     /// Logits at every position. tokens: [batch, seq] → [batch, seq, vocab]
-    pub fn logits(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+    pub fn logits(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let hidden = self.hidden(tokens, cache); // [batch, seq, d_model]
         let [batch, seq, d_model] = hidden.dims();
-        self.lm_head(hidden.reshape([batch * seq, d_model]))
-            .reshape([batch, seq, self.vocab_size()])
+        self.lm_head(hidden.reshape([batch * seq, d_model])).reshape([batch, seq, self.vocab_size()])
     }
 
     /// Per-token negative log-likelihood of `targets` given `inputs` (targets are the inputs
@@ -235,11 +201,7 @@ impl<B: Backend> Gpt2<B> {
 
 impl<B: Backend> Block<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
         let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache);
         let x = x + self.dropout.forward(attn);
         let mlp = self.mlp.forward(self.ln_2.forward(x.clone()));
@@ -249,19 +211,13 @@ impl<B: Backend> Block<B> {
 
 impl<B: Backend> Attention<B> {
     /// Causal multi-head self-attention. x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
         let head_dim = d_model / self.n_head;
         let qkv = self.c_attn.forward(x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
         let heads = |part: usize| {
-            qkv.clone()
-                .narrow(1, part * d_model, d_model)
-                .reshape([batch, seq, self.n_head, head_dim])
-                .swap_dims(1, 2) // [batch, heads, seq, head_dim]
+            qkv.clone().narrow(1, part * d_model, d_model).reshape([batch, seq, self.n_head, head_dim]).swap_dims(1, 2)
+            // [batch, heads, seq, head_dim]
         };
         let (q, mut k, mut v) = (heads(0), heads(1), heads(2));
         if let Some(cache) = cache {
@@ -272,11 +228,7 @@ impl<B: Backend> Attention<B> {
             *cache = Some((k.clone(), v.clone()));
         }
         // The causal mask is aligned bottom-right, so cached queries see every earlier key.
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
         let y = attention(q, k, v, None, None, options); // [batch, heads, seq, head_dim]
         let y = y.swap_dims(1, 2).reshape([batch * seq, d_model]); // [batch·seq, d_model]
         self.c_proj.forward(y).reshape([batch, seq, d_model])

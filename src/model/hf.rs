@@ -31,30 +31,18 @@ const GPT2_EOS_ID: usize = 50256;
 pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
     let path = dir.join(CONFIG_FILE);
     if !dir.is_dir() {
-        return Err(bad_input(format!(
-            "model directory {} does not exist",
-            dir.display()
-        )));
+        return Err(bad_input(format!("model directory {} does not exist", dir.display())));
     }
-    let text = fs::read_to_string(&path).map_err(|e| {
-        bad_input(format!(
-            "{}: cannot read the model config: {e}",
-            path.display()
-        ))
-    })?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| bad_input(format!("{}: not valid JSON: {e}", path.display())))?;
+    let text = fs::read_to_string(&path)
+        .map_err(|e| bad_input(format!("{}: cannot read the model config: {e}", path.display())))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not valid JSON: {e}", path.display())))?;
     let field = |name: &str| -> Result<usize> {
         value
             .get(name)
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
-            .ok_or_else(|| {
-                bad_input(format!(
-                    "{}: field `{name}` is missing or not an integer",
-                    path.display()
-                ))
-            })
+            .ok_or_else(|| bad_input(format!("{}: field `{name}` is missing or not an integer", path.display())))
     };
     if let Some(act) = value.get("activation_function").and_then(|v| v.as_str()) {
         if act != "gelu_new" && act != "gelu_pytorch_tanh" {
@@ -64,8 +52,7 @@ pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
             )));
         }
     }
-    let float =
-        |name: &str, default: f64| value.get(name).and_then(|v| v.as_f64()).unwrap_or(default);
+    let float = |name: &str, default: f64| value.get(name).and_then(|v| v.as_f64()).unwrap_or(default);
     Ok(Gpt2Config::new(
         field("vocab_size")?,
         field("n_positions")?,
@@ -86,30 +73,16 @@ struct TensorFile {
 
 impl TensorFile {
     fn read(path: &Path) -> Result<Self> {
-        let bytes = fs::read(path)
-            .map_err(|e| bad_input(format!("{}: cannot read weights: {e}", path.display())))?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| {
-            bad_input(format!(
-                "{}: not a valid safetensors file: {e}",
-                path.display()
-            ))
-        })?;
+        let bytes = fs::read(path).map_err(|e| bad_input(format!("{}: cannot read weights: {e}", path.display())))?;
+        let file = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad_input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
             let data = view.data();
             let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::F16 => data
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                Dtype::BF16 => data
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
+                Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
                 other => {
                     return Err(bad_input(format!(
                         "{}: tensor `{name}` has dtype {other:?}; pipe reads F32, F16 and BF16",
@@ -119,10 +92,7 @@ impl TensorFile {
             };
             tensors.insert(name, (view.shape().to_vec(), values));
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            tensors,
-        })
+        Ok(Self { path: path.to_path_buf(), tensors })
     }
 
     /// Take a tensor by its HF name (without the `transformer.` prefix), checking its shape.
@@ -136,33 +106,21 @@ impl TensorFile {
             .tensors
             .remove(name)
             .or_else(|| self.tensors.remove(&format!("transformer.{name}")))
-            .ok_or_else(|| {
-                bad_input(format!(
-                    "{}: tensor `{name}` is missing",
-                    self.path.display()
-                ))
-            })?;
+            .ok_or_else(|| bad_input(format!("{}: tensor `{name}` is missing", self.path.display())))?;
         if found != shape {
             return Err(bad_input(format!(
                 "{}: tensor `{name}` has shape {found:?}, the config expects {shape:?}",
                 self.path.display()
             )));
         }
-        Ok(Param::from_tensor(Tensor::from_data(
-            TensorData::new(values, shape),
-            device,
-        )))
+        Ok(Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device)))
     }
 }
 
 /// Load a GPT-2 from a HF directory (`config.json` + `model.safetensors`). Names may carry the
 /// `transformer.` prefix or not; attention-mask buffers and a stored tied LM head are ignored;
 /// a missing, unexpected or wrongly shaped tensor is an error that names it.
-pub fn load<B: Backend>(
-    dir: &Path,
-    dropout: Option<f64>,
-    device: &B::Device,
-) -> Result<(Gpt2Config, Gpt2<B>)> {
+pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<(Gpt2Config, Gpt2<B>)> {
     let mut config = read_config(dir)?;
     if let Some(p) = dropout {
         config.dropout = p;
@@ -170,12 +128,7 @@ pub fn load<B: Backend>(
     let mut file = TensorFile::read(&dir.join(WEIGHTS_FILE))?;
     let mut model = config.init::<B>(device);
     let (d, v, p) = (config.n_embd, config.vocab_size, config.n_positions);
-    let linear = |file: &mut TensorFile,
-                  linear: &mut Linear<B>,
-                  name: &str,
-                  d_in: usize,
-                  d_out: usize|
-     -> Result<()> {
+    let linear = |file: &mut TensorFile, linear: &mut Linear<B>, name: &str, d_in: usize, d_out: usize| -> Result<()> {
         linear.weight = file.take(&format!("{name}.weight"), [d_in, d_out], device)?;
         linear.bias = Some(file.take(&format!("{name}.bias"), [d_out], device)?);
         Ok(())
@@ -189,35 +142,11 @@ pub fn load<B: Backend>(
     model.wpe.weight = file.take("wpe.weight", [p, d], device)?;
     for (i, block) in model.blocks.iter_mut().enumerate() {
         layer_norm(&mut file, &mut block.ln_1, &format!("h.{i}.ln_1"))?;
-        linear(
-            &mut file,
-            &mut block.attn.c_attn,
-            &format!("h.{i}.attn.c_attn"),
-            d,
-            3 * d,
-        )?;
-        linear(
-            &mut file,
-            &mut block.attn.c_proj,
-            &format!("h.{i}.attn.c_proj"),
-            d,
-            d,
-        )?;
+        linear(&mut file, &mut block.attn.c_attn, &format!("h.{i}.attn.c_attn"), d, 3 * d)?;
+        linear(&mut file, &mut block.attn.c_proj, &format!("h.{i}.attn.c_proj"), d, d)?;
         layer_norm(&mut file, &mut block.ln_2, &format!("h.{i}.ln_2"))?;
-        linear(
-            &mut file,
-            &mut block.mlp.c_fc,
-            &format!("h.{i}.mlp.c_fc"),
-            d,
-            4 * d,
-        )?;
-        linear(
-            &mut file,
-            &mut block.mlp.c_proj,
-            &format!("h.{i}.mlp.c_proj"),
-            4 * d,
-            d,
-        )?;
+        linear(&mut file, &mut block.mlp.c_fc, &format!("h.{i}.mlp.c_fc"), d, 4 * d)?;
+        linear(&mut file, &mut block.mlp.c_proj, &format!("h.{i}.mlp.c_proj"), 4 * d, d)?;
     }
     layer_norm(&mut file, &mut model.ln_f, "ln_f")?;
     let mut unexpected: Vec<&String> = file
@@ -225,9 +154,7 @@ pub fn load<B: Backend>(
         .keys()
         .filter(|name| {
             let name = name.strip_prefix("transformer.").unwrap_or(name);
-            !(name.ends_with(".attn.bias")
-                || name.ends_with(".attn.masked_bias")
-                || name == "lm_head.weight")
+            !(name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight")
         })
         .collect();
     if !unexpected.is_empty() {
@@ -236,11 +163,7 @@ pub fn load<B: Backend>(
             "{}: unexpected tensors for a {}-layer GPT-2: {}",
             file.path.display(),
             config.n_layer,
-            unexpected
-                .iter()
-                .map(|s| format!("`{s}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            unexpected.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
         )));
     }
     Ok((config, model))
@@ -256,13 +179,12 @@ fn named_tensors<B: Backend>(model: &Gpt2<B>) -> Vec<(String, TensorData)> {
             push(format!("{name}.bias"), bias.val().into_data());
         }
     };
-    let layer_norm =
-        |push: &mut dyn FnMut(String, TensorData), norm: &LayerNorm<B>, name: String| {
-            push(format!("{name}.weight"), norm.gamma.val().into_data());
-            if let Some(beta) = &norm.beta {
-                push(format!("{name}.bias"), beta.val().into_data());
-            }
-        };
+    let layer_norm = |push: &mut dyn FnMut(String, TensorData), norm: &LayerNorm<B>, name: String| {
+        push(format!("{name}.weight"), norm.gamma.val().into_data());
+        if let Some(beta) = &norm.beta {
+            push(format!("{name}.bias"), beta.val().into_data());
+        }
+    };
     push("wte.weight".into(), model.wte.weight.val().into_data());
     push("wpe.weight".into(), model.wpe.weight.val().into_data());
     for (i, block) in model.blocks.iter().enumerate() {
@@ -304,12 +226,7 @@ fn config_json(config: &Gpt2Config, eos_id: usize) -> serde_json::Value {
 
 /// Write a HF GPT-2 directory: config.json, generation_config.json and model.safetensors
 /// (f32, HF names). Each file is written atomically; the tokenizer is the caller's to copy.
-pub fn save<B: Backend>(
-    model: &Gpt2<B>,
-    config: &Gpt2Config,
-    eos_id: Option<usize>,
-    dir: &Path,
-) -> Result<()> {
+pub fn save<B: Backend>(model: &Gpt2<B>, config: &Gpt2Config, eos_id: Option<usize>, dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let eos_id = eos_id.unwrap_or(GPT2_EOS_ID);
     let tensors = named_tensors(model);
@@ -325,23 +242,18 @@ pub fn save<B: Backend>(
     let views = bytes
         .iter()
         .map(|(name, bytes, shape)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .expect("shape matches data");
+            let view =
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes).expect("shape matches data");
             (name.clone(), view)
         })
         .collect::<Vec<_>>();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let serialized =
-        safetensors::serialize(views, Some(metadata)).context("cannot serialize the weights")?;
+    let serialized = safetensors::serialize(views, Some(metadata)).context("cannot serialize the weights")?;
     write_atomic(&dir.join(WEIGHTS_FILE), &serialized)?;
     let config_text = serde_json::to_string_pretty(&config_json(config, eos_id))?;
     write_atomic(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
-    let generation =
-        json!({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id});
-    write_atomic(
-        &dir.join(GENERATION_CONFIG_FILE),
-        serde_json::to_string_pretty(&generation)?.as_bytes(),
-    )?;
+    let generation = json!({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id});
+    write_atomic(&dir.join(GENERATION_CONFIG_FILE), serde_json::to_string_pretty(&generation)?.as_bytes())?;
     Ok(())
 }
 
@@ -360,15 +272,12 @@ pub fn resolve_hub_model(repo_id: &str) -> Result<PathBuf> {
             return Ok(config.parent().unwrap().to_path_buf());
         }
     }
-    let offline =
-        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let download = || -> std::result::Result<PathBuf, String> {
         if offline {
             return Err("HF_HUB_OFFLINE is set".into());
         }
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-            .build()
-            .map_err(|e| e.to_string())?;
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| e.to_string())?;
         let repo = api.model(repo_id.to_string());
         let mut dir = None;
         for file in needed {
