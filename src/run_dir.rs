@@ -82,6 +82,7 @@ impl RunDir {
         let parent = runs_dir.join(&meta.name);
         fs::create_dir_all(&parent)
             .map_err(|e| bad_input(format!("runs folder {}: cannot create it: {e}", parent.display())))?;
+        let parent = parent.canonicalize()?;
         let stamp: String = meta.started.chars().filter(char::is_ascii_digit).collect();
         let base = format!("{}-{}", &stamp[..8], &stamp[8..14]);
         for n in 1.. {
