@@ -45,9 +45,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    restore_default_sigpipe();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,11 +79,21 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let loaded = spec::load(&spec, &sets)?;
             println!("{}: valid", loaded.path.display());
             let rows = loaded.provenance();
-            let width = rows.iter().map(|(k, v, _)| k.len() + v.len() + 3).max().unwrap_or(0);
+            let width = rows.iter().map(|(k, v, _)| k.len() + v.len() + 3).filter(|&w| w <= 60).max().unwrap_or(0);
             for (key, value, source) in rows {
                 println!("{:width$}  # {source}", format!("{key} = {value}"));
             }
         }
     }
     Ok(())
+}
+
+/// Die quietly on a closed pipe (`pipe check spec.toml | head`), as command-line tools do,
+/// instead of Rust's default of panicking on the failed write.
+fn restore_default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to the default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }

@@ -467,7 +467,7 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
             let slot = path_field(&mut spec, field);
             if let Some(p) = slot {
                 if p.is_relative() {
-                    *p = base.join(&*p);
+                    *p = normalize(&base.join(&*p));
                 }
             }
         }
@@ -527,7 +527,7 @@ fn describe_figment_error(error: figment::Error) -> String {
                 },
                 None => "the spec".into(),
             };
-            let kind = e.kind.to_string();
+            let kind = describe_kind(&e.kind);
             if field.is_empty() {
                 format!("{source}: {kind}")
             } else {
@@ -536,6 +536,34 @@ fn describe_figment_error(error: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn describe_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    let list = |names: &[&str]| names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    match kind {
+        Kind::UnknownField(found, expected) => format!("unknown field `{found}`; expected one of {}", list(expected)),
+        Kind::UnknownVariant(found, expected) => format!("unknown value `{found}`; expected one of {}", list(expected)),
+        Kind::InvalidType(found, expected) => format!("expected {expected}, found {found}"),
+        Kind::MissingField(name) => format!("missing field `{name}`"),
+        other => other.to_string(),
+    }
+}
+
+/// Remove `.` and `dir/..` from a path without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl LoadedSpec {
@@ -697,7 +725,16 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
             }
         }
         other => {
-            out.insert(prefix.to_string(), other.to_string());
+            out.insert(prefix.to_string(), render(other));
         }
+    }
+}
+
+/// A value as one line of TOML (strings with escapes, never multi-line).
+fn render(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => serde_json::to_string(s).expect("a string serialises"),
+        toml::Value::Array(items) => format!("[{}]", items.iter().map(render).collect::<Vec<_>>().join(", ")),
+        other => other.to_string(),
     }
 }
