@@ -5,7 +5,6 @@ use anyhow::Result;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::error::bad_input;
 use crate::spec::BackendKind;
 
 /// Training on the CPU: flex with autodiff.
@@ -31,7 +30,7 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, index: usize, job: J) -> Resul
         #[cfg(not(feature = "cuda"))]
         BackendKind::Cuda => {
             let _ = index;
-            Err(bad_input(
+            Err(crate::error::bad_input(
                 "backend `cuda` is not compiled into this pipe; rebuild with `cargo build --release --features cuda`",
             ))
         }

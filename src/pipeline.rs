@@ -89,13 +89,25 @@ impl<B: AutodiffBackend> Inputs<B> {
                 (train, val, spec.data.path.clone())
             }
         };
-        let tok = match (&spec.tokenizer.path, spec.tokenizer.train_vocab_size, &model_dir) {
-            (Some(path), _, _) => Tok::load(path)?,
+        let (tok, tok_origin) = match (&spec.tokenizer.path, spec.tokenizer.train_vocab_size, &model_dir) {
+            (Some(path), _, _) => (Tok::load(path)?, path.display().to_string()),
             (None, Some(vocab), _) => {
                 tracing::info!(vocab, "training a byte-level BPE tokenizer on the training data");
-                Tok::train(train_examples.iter().flat_map(|e| [e.prompt.as_str(), e.response.as_str()]), vocab)?
+                let texts = train_examples.iter().flat_map(|e| [e.prompt.as_str(), e.response.as_str()]);
+                let tok = Tok::train(texts, vocab)?;
+                if tok.vocab_size() < vocab {
+                    tracing::warn!(
+                        asked = vocab,
+                        learned = tok.vocab_size(),
+                        "the training texts support fewer BPE merges than asked"
+                    );
+                }
+                (tok, "trained on data.path".to_string())
             }
-            (None, None, Some(dir)) => Tok::load(&dir.join(hf::TOKENIZER_FILE))?,
+            (None, None, Some(dir)) => {
+                let path = dir.join(hf::TOKENIZER_FILE);
+                (Tok::load(&path)?, path.display().to_string())
+            }
             (None, None, None) => unreachable!("validated: a new model names its tokenizer"),
         };
         let (config, model) = match &model_dir {
@@ -116,9 +128,10 @@ impl<B: AutodiffBackend> Inputs<B> {
         };
         if tok.vocab_size() > config.vocab_size {
             return Err(bad_input(format!(
-                "the tokenizer has {} tokens but the model's vocabulary has {}: they must come from the same checkpoint",
+                "the tokenizer ({tok_origin}) has {} tokens but the model's vocabulary has {}{}: use the tokenizer the model was trained with",
                 tok.vocab_size(),
-                config.vocab_size
+                config.vocab_size,
+                model_dir.as_ref().map(|d| format!(" ({})", d.display())).unwrap_or_default()
             )));
         }
         let max_length = spec.train.max_length.unwrap_or(config.n_positions);

@@ -379,9 +379,13 @@ impl Provider for Override {
 
 /// Read an override's text as the value it spells. Numbers are parsed with Rust's own parsers
 /// (so `1e-4` is a float and `0.1` is exactly the f64 0.1); text with a leading zero such as
-/// `007` stays a string; `[a, b]` is a TOML array.
+/// `007` stays a string; `[a, b]` is a TOML array; an empty value unsets an optional field.
 fn parse_override(raw: &str) -> Value {
     let text = raw.trim();
+    if text.is_empty() {
+        // `--set model.path=` clears an optional field.
+        return Value::Empty(figment::value::Tag::Default, figment::value::Empty::None);
+    }
     let leading_zero = text.len() > 1 && text.starts_with('0') && !text.starts_with("0.");
     if text.starts_with('[') {
         if let Ok(table) = toml::from_str::<toml::Table>(&format!("v = {text}")) {
@@ -663,7 +667,7 @@ impl LoadedSpec {
                     Some(v) => positive(key, v)?,
                 }
             }
-            if m.embd.unwrap() % m.heads.unwrap() != 0 {
+            if !m.embd.unwrap().is_multiple_of(m.heads.unwrap()) {
                 return Err(self.invalid(
                     "model.embd",
                     format!("{} is not divisible by model.heads = {}", m.embd.unwrap(), m.heads.unwrap()),

@@ -166,7 +166,7 @@ pub fn train<B: AutodiffBackend>(
                 "step": step, "epoch": epoch, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                 "tokens": stats.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": started.elapsed().as_secs_f64(),
             }))?;
-            if step % train_spec.log_every == 0 {
+            if step.is_multiple_of(train_spec.log_every) {
                 tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
             }
             bar.set_message(format!("loss {:.4}  {tokens_per_s:.0} tok/s", stats.loss));

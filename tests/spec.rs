@@ -96,8 +96,8 @@ fn relative_paths_resolve_against_the_spec_folder() {
     std::fs::create_dir(&spec_dir).unwrap();
     let path = write_spec(&spec_dir, &BASE.replace("data/train.jsonl", "../data/train.jsonl"));
     let loaded = load_with_env(&path, &[], &[]).unwrap();
-    let spec_dir = spec_dir.canonicalize().unwrap();
-    assert_eq!(loaded.spec.data.path, spec_dir.join("../data/train.jsonl"));
+    let root = dir.path().canonicalize().unwrap();
+    assert_eq!(loaded.spec.data.path, root.join("data/train.jsonl"));
     // A path given on the command line is relative to where the command runs.
     let loaded = load_with_env(&path, &["data.path=other.jsonl".into()], &[]).unwrap();
     assert_eq!(loaded.spec.data.path, PathBuf::from("other.jsonl"));
@@ -198,4 +198,14 @@ fn missing_spec_file_is_named() {
     let error = load_with_env(Path::new("/nonexistent/spec.toml"), &[], &[]).err().unwrap();
     assert!(is_bad_input(&error));
     assert!(format!("{error}").contains("/nonexistent/spec.toml"));
+}
+
+#[test]
+fn an_empty_override_unsets_an_optional_field() {
+    let text = BASE
+        .replace("[tokenizer]\ntrain_vocab_size = 300\n", "")
+        .replace("layers = 2\nheads = 2\nembd = 32\ncontext = 64\n", "path = \"models/gpt2\"\n");
+    let loaded = load(&text, &["model.path=", "model.hub=openai-community/gpt2"], &[]).unwrap();
+    assert_eq!(loaded.spec.model.path, None);
+    assert_eq!(loaded.spec.model.hub.as_deref(), Some("openai-community/gpt2"));
 }

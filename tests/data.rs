@@ -1,0 +1,210 @@
+//! The data path: records and their line numbers, tokenization with EOS, loss masks, padding,
+//! truncation, and gradient accumulation that does not change the step.
+
+mod common;
+
+use std::path::Path;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::AutodiffModule;
+use common::fixture_dir;
+use pipe::data::batch::tokenize;
+use pipe::data::{records, Batch, Example, Sequence, Tok};
+use pipe::error::is_bad_input;
+use pipe::model::{hf, Gpt2};
+use pipe::spec::{DataFormat, DataSpec, LossOn, OptimizerSpec};
+use pipe::train::Trainer;
+
+fn data_spec() -> DataSpec {
+    DataSpec {
+        path: "unused".into(),
+        format: DataFormat::Auto,
+        prompt_field: "prompt".into(),
+        response_field: "response".into(),
+        val_path: None,
+        val_fraction: 0.0,
+    }
+}
+
+fn gpt2_tok() -> Tok {
+    Tok::load(&fixture_dir().join("tokenizer.json")).unwrap()
+}
+
+fn example(prompt: &str, response: &str) -> Example {
+    Example { prompt: prompt.into(), response: response.into(), line: 1 }
+}
+
+fn read_error(name: &str, contents: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents).unwrap();
+    let error = records::read(&path, &data_spec()).unwrap_err();
+    assert!(is_bad_input(&error));
+    format!("{error:#}")
+}
+
+#[test]
+fn jsonl_and_json_array_records_keep_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("a.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"prompt\": \"p1\", \"response\": \"r1\"}\n\n{\"prompt\": \"p2\", \"response\": \"r2\", \"extra\": 1}\n",
+    )
+    .unwrap();
+    let examples = records::read(&jsonl, &data_spec()).unwrap();
+    assert_eq!(
+        examples,
+        vec![
+            Example { prompt: "p1".into(), response: "r1".into(), line: 1 },
+            Example { prompt: "p2".into(), response: "r2".into(), line: 3 },
+        ]
+    );
+    let json = dir.path().join("a.json");
+    std::fs::write(&json, "[\n  {\"prompt\": \"p1\", \"response\": \"r1 {not a brace}\"},\n  {\n    \"prompt\": \"p2\",\n    \"response\": \"r2\"\n  }\n]\n").unwrap();
+    let examples = records::read(&json, &data_spec()).unwrap();
+    assert_eq!(examples.iter().map(|e| e.line).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(examples[0].response, "r1 {not a brace}");
+}
+
+#[test]
+fn custom_field_names_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qa.jsonl");
+    std::fs::write(&path, "{\"question\": \"q\", \"answer\": \"a\"}\n").unwrap();
+    let spec = DataSpec { prompt_field: "question".into(), response_field: "answer".into(), ..data_spec() };
+    assert_eq!(records::read(&path, &spec).unwrap()[0].response, "a");
+}
+
+#[test]
+fn bad_records_name_file_and_line() {
+    let message = read_error(
+        "d.jsonl",
+        b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\", \"response\": \"b\"}\n{not json}\n",
+    );
+    assert!(message.contains("d.jsonl:3") && message.contains("not a JSON object"), "{message}");
+    let message = read_error("d.jsonl", b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\"}\n");
+    assert!(message.contains("d.jsonl:2") && message.contains("`response`"), "{message}");
+    let message = read_error("d.jsonl", b"{\"prompt\": \"a\", \"response\": 3}\n");
+    assert!(message.contains("d.jsonl:1") && message.contains("must be a string"), "{message}");
+    let message = read_error(
+        "d.jsonl",
+        b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"\xff\", \"response\": \"b\"}\n",
+    );
+    assert!(message.contains("d.jsonl:2") && message.contains("UTF-8"), "{message}");
+    let message = read_error("d.jsonl", b"\n\n");
+    assert!(message.contains("d.jsonl") && message.contains("no examples"), "{message}");
+    let message = read_error(
+        "d.json",
+        b"[\n{\"prompt\": \"a\", \"response\": \"b\"},\n{\"prompt\": \"a\" \"response\": \"b\"}\n]",
+    );
+    assert!(message.contains("d.json:3"), "{message}");
+    let error = records::read(Path::new("/nonexistent/train.jsonl"), &data_spec()).unwrap_err();
+    assert!(is_bad_input(&error) && format!("{error}").contains("/nonexistent/train.jsonl"));
+}
+
+#[test]
+fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
+    let tok = gpt2_tok();
+    let examples = [example("What is the capital of France?\n", "Paris."), example("Hi\n", "Hello there, friend.")];
+    let (sequences, report) = tokenize(&examples, &tok, 64, LossOn::Response, Path::new("x")).unwrap();
+    let prompt = tok.encode("What is the capital of France?\n").unwrap();
+    let response = tok.encode("Paris.").unwrap();
+    let mut want = prompt.clone();
+    want.extend(&response);
+    want.push(tok.eos_id);
+    assert_eq!(sequences[0].ids, want);
+    assert_eq!(sequences[0].untrained_prefix, prompt.len());
+    assert_eq!(report.truncated, 0);
+
+    // EOS doubles as padding; the EOS that ends a response must still be trained on.
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let batch = Batch::<Flex>::new(&refs, tok.eos_id, &Default::default());
+    let weights: Vec<f32> = batch.weights.to_data().to_vec().unwrap();
+    let targets: Vec<i32> = batch.targets.to_data().convert::<i32>().to_vec().unwrap();
+    let width = batch.weights.dims()[1];
+    for (row, s) in sequences.iter().enumerate() {
+        for j in 0..width {
+            let trained = weights[row * width + j] == 1.0;
+            let target_index = j + 1;
+            let expect = target_index < s.ids.len() && target_index >= s.untrained_prefix;
+            assert_eq!(trained, expect, "row {row} position {j}");
+        }
+        let last = s.ids.len() - 2;
+        assert_eq!(targets[row * width + last], tok.eos_id as i32, "row {row} ends with EOS as a target");
+        assert_eq!(weights[row * width + last], 1.0, "row {row}: the EOS target is trained on");
+    }
+    assert_eq!(batch.loss_tokens, sequences.iter().map(Sequence::loss_tokens).sum::<usize>());
+    assert_eq!(sequences[0].loss_tokens(), response.len() + 1);
+}
+
+#[test]
+fn whole_text_mask_trains_every_real_token() {
+    let tok = gpt2_tok();
+    let (sequences, _) = tokenize(&[example("Q\n", "A.")], &tok, 64, LossOn::All, Path::new("x")).unwrap();
+    assert_eq!(sequences[0].untrained_prefix, 0);
+    assert_eq!(sequences[0].loss_tokens(), sequences[0].ids.len() - 1);
+}
+
+#[test]
+fn long_examples_are_truncated_and_counted() {
+    let tok = gpt2_tok();
+    let long = "word ".repeat(50);
+    let examples = [example("Prompt:\n", &long), example("Prompt:\n", "short")];
+    let (sequences, report) = tokenize(&examples, &tok, 16, LossOn::Response, Path::new("x")).unwrap();
+    assert_eq!(report.truncated, 1);
+    assert_eq!(sequences[0].ids.len(), 16);
+    assert_ne!(*sequences[0].ids.last().unwrap(), tok.eos_id, "a cut response does not end with EOS");
+    assert_eq!(*sequences[1].ids.last().unwrap(), tok.eos_id);
+}
+
+#[test]
+fn a_prompt_that_does_not_fit_is_an_error_naming_the_line() {
+    let tok = gpt2_tok();
+    let examples =
+        [Example { prompt: "one two three four five six seven eight".into(), response: "x".into(), line: 17 }];
+    let error = tokenize(&examples, &tok, 6, LossOn::Response, Path::new("data/train.jsonl")).unwrap_err();
+    assert!(is_bad_input(&error));
+    let message = format!("{error}");
+    assert!(message.contains("data/train.jsonl:17") && message.contains("max_length = 6"), "{message}");
+}
+
+type AD = Autodiff<Flex>;
+
+fn flat_params(model: &Gpt2<Flex>) -> Vec<f32> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = hf::read_config(&fixture_dir()).unwrap();
+    hf::save(model, &config, None, dir.path()).unwrap();
+    let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+#[test]
+fn gradient_accumulation_does_not_change_the_step() {
+    let tok = gpt2_tok();
+    let examples = [
+        example("Name three primary colours.\n", "Red, yellow and blue."),
+        example("What is the capital of France?\n", "The capital of France is Paris."),
+        example("How many legs does a spider have?\n", "Eight."),
+        example("Write a haiku about the sea.\n", "Grey waves fold and break."),
+    ];
+    let (sequences, _) = tokenize(&examples, &tok, 64, LossOn::Response, Path::new("x")).unwrap();
+    let all: Vec<&Sequence> = sequences.iter().collect();
+    let device = Default::default();
+    // Adam's first step is lr·g/(|g|+ε): with the usual tiny ε it is nearly lr·sign(g), which
+    // magnifies float summation-order noise in gradients close to zero. With ε = 1 the update is
+    // a smooth function of the gradient, so equal weights after the step mean equal gradients.
+    let opt = OptimizerSpec { lr: 1.0, eps: 1.0, ..Default::default() };
+    let step = |micro_batches: Vec<Vec<&Sequence>>| {
+        let model = hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1;
+        let mut trainer = Trainer::<AD>::new(&opt, tok.eos_id, &device);
+        let (model, stats) = trainer.step(model, &micro_batches, opt.lr).unwrap();
+        (flat_params(&model.valid()), stats)
+    };
+    let (whole, whole_stats) = step(vec![all.clone()]);
+    let (split, split_stats) = step(vec![all[..1].to_vec(), all[1..3].to_vec(), all[3..].to_vec()]);
+    assert!((whole_stats.loss - split_stats.loss).abs() < 1e-5, "{} vs {}", whole_stats.loss, split_stats.loss);
+    assert!((whole_stats.grad_norm - split_stats.grad_norm).abs() < 1e-4 * whole_stats.grad_norm);
+    let max_diff = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 1e-6, "weights differ by {max_diff} after one step");
+}
