@@ -3,11 +3,14 @@
 //! Data flows one way: spec → prepared inputs → stages → run folder.
 
 pub mod backend;
+pub mod chat;
 pub mod data;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod pipeline;
 pub mod run_dir;
+pub mod runs;
+pub mod score;
 pub mod spec;
 pub mod train;

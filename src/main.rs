@@ -2,12 +2,16 @@
 //! (2 for bad input, 1 for a failed run).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pipe::error::is_bad_input;
-use pipe::{pipeline, spec};
+use pipe::data::Tok;
+use pipe::error::{bad_input, is_bad_input};
+use pipe::generate::{Generator, Sampling};
+use pipe::model::{hf, Gpt2};
+use pipe::spec::{GenerateSpec, Spec};
+use pipe::{chat, pipeline, runs, score, spec};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +46,120 @@ enum Command {
         #[arg(long = "set", value_name = "FIELD=VALUE")]
         sets: Vec<String>,
     },
+    /// List the runs in a runs folder as a table.
+    Runs {
+        /// The runs folder.
+        #[arg(default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Only runs whose name contains this.
+        #[arg(long)]
+        name: Option<String>,
+        /// Sort by: started, name, status, duration, steps, loss, val_loss.
+        #[arg(long, default_value = "started")]
+        sort: String,
+    },
+    /// Compare runs: spec differences, final and best metrics, and loss curves (SVG + terminal).
+    Compare {
+        /// Runs: folders, `name` (its latest run) or `name@id`.
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<String>,
+        /// Where names are looked up.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Folder for loss.svg and comparison.json [default: <runs-dir>/_compare/<time>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sample a continuation of one prompt (used exactly as given).
+    Generate {
+        /// A run folder (its final model) or a HuggingFace GPT-2 directory.
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print JSON with the token ids too.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-token log-likelihood, loss and perplexity of texts, exactly as given (no BOS/EOS).
+    Score {
+        /// A run folder (its final model) or a HuggingFace GPT-2 directory.
+        model: PathBuf,
+        /// A text to score (repeatable).
+        #[arg(long, required_unless_present = "file")]
+        text: Vec<String>,
+        /// Texts from a file: one per line, or JSONL with a `text` field.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Talk to a model: each line is laid out with the run's prompt template, replies stream.
+    Chat {
+        /// A run folder (its final model) or a HuggingFace GPT-2 directory.
+        model: PathBuf,
+        /// The prompt template [default: the run's data.prompt_template, else "{prompt}\n"].
+        #[arg(long)]
+        template: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads.
+    Export {
+        /// A run folder.
+        run: PathBuf,
+        /// The new directory (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// A checkpoint folder inside the run instead of `final`.
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
+}
+
+/// Sampling flags; unset ones default to the run's generate stage, else to plain sampling.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// 0 = greedy.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// 0 = off.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// 1 = off.
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Greedy decoding (same as --temperature 0).
+    #[arg(long)]
+    greedy: bool,
+    /// A checkpoint folder inside the run instead of `final`.
+    #[arg(long)]
+    checkpoint: Option<String>,
+}
+
+impl SamplingArgs {
+    fn resolve(&self, defaults: &GenerateSpec) -> anyhow::Result<(Sampling, usize, u64)> {
+        let sampling = Sampling {
+            temperature: if self.greedy { 0.0 } else { self.temperature.unwrap_or(defaults.temperature) },
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+        };
+        if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+            return Err(bad_input(format!("--temperature {}: must be a finite number ≥ 0", sampling.temperature)));
+        }
+        if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+            return Err(bad_input(format!("--top-p {}: must be in (0, 1]", sampling.top_p)));
+        }
+        Ok((sampling, self.max_new_tokens.unwrap_or(defaults.max_new_tokens), self.seed.unwrap_or(defaults.seed)))
+    }
 }
 
 fn main() -> ExitCode {
@@ -68,7 +186,18 @@ fn main() -> ExitCode {
     }
 }
 
+type Cpu = burn::backend::Flex;
+
+/// A model from a run folder or HF directory, on the CPU, with its tokenizer and run spec.
+fn load_model(path: &Path, checkpoint: Option<&str>) -> anyhow::Result<(Gpt2<Cpu>, Tok, Option<Spec>)> {
+    let source = runs::model_source(path, checkpoint)?;
+    let (_, model) = hf::load::<Cpu>(&source.dir, None, &Default::default())?;
+    let tok = Tok::load(&source.dir.join(hf::TOKENIZER_FILE))?;
+    Ok((model, tok, source.spec))
+}
+
 fn execute(command: Command) -> anyhow::Result<()> {
+    let device = Default::default();
     match command {
         Command::Run { spec, sets } => {
             let loaded = spec::load(&spec, &sets)?;
@@ -84,8 +213,117 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("{:width$}  # {source}", format!("{key} = {value}"));
             }
         }
+        Command::Runs { runs_dir, name, sort } => {
+            let mut all = runs::list(&runs_dir)?;
+            if let Some(name) = name {
+                all.retain(|r| r.meta.name.contains(&name));
+            }
+            runs::sort(&mut all, &sort)?;
+            print!("{}", runs::table(&all));
+        }
+        Command::Compare { runs: refs, runs_dir, out, json } => {
+            let all = refs
+                .iter()
+                .map(|r| runs::resolve(&runs_dir, r).and_then(|p| runs::Run::read(&p)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let comparison = runs::Comparison::new(&all);
+            let out = out.unwrap_or_else(|| runs::default_compare_dir(&runs_dir));
+            let svg = runs::write_comparison(&comparison, &out)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&comparison.to_json(Some(&svg)))?);
+            } else {
+                print!("{}", comparison.render());
+                println!("\nplot: {}", svg.display());
+            }
+        }
+        Command::Generate { model, prompt, sampling, json } => {
+            let (model, tok, spec) = load_model(&model, sampling.checkpoint.as_deref())?;
+            let defaults = spec.map(|s| s.generate).unwrap_or_default();
+            let (settings, max_new_tokens, seed) = sampling.resolve(&defaults)?;
+            let ids = tok.encode(&prompt)?;
+            if ids.is_empty() || ids.len() >= model.n_positions() {
+                return Err(bad_input(format!(
+                    "--prompt is {} tokens; it must be 1 to {} for this model's context",
+                    ids.len(),
+                    model.n_positions() - 1
+                )));
+            }
+            let mut generator = Generator::new(&model, &device, seed);
+            let new = generator.generate(&ids, max_new_tokens, settings, Some(tok.eos_id), |_| {});
+            let text = tok.decode(&new)?;
+            if json {
+                let record =
+                    serde_json::json!({"prompt": prompt, "completion": text, "prompt_ids": ids, "new_ids": new});
+                println!("{record}");
+            } else {
+                println!("{prompt}{text}");
+            }
+        }
+        Command::Score { model, text, file, json } => {
+            let (model, tok, _) = load_model(&model, None)?;
+            let mut texts = text;
+            if let Some(file) = file {
+                texts.extend(score::read_texts(&file)?);
+            }
+            let (scores, overall) = score::score(&model, &tok, &texts, &device)?;
+            if json {
+                println!("{}", serde_json::json!({"texts": scores, "overall": overall}));
+            } else {
+                print!("{}", render_scores(&tok, &scores, &overall)?);
+            }
+        }
+        Command::Chat { model, template, sampling } => {
+            let (model, tok, spec) = load_model(&model, sampling.checkpoint.as_deref())?;
+            let template = template
+                .or_else(|| spec.as_ref().map(|s| s.data.prompt_template.clone()))
+                .unwrap_or_else(|| "{prompt}\n".to_string());
+            if !template.contains("{prompt}") {
+                return Err(bad_input("--template must contain `{prompt}`"));
+            }
+            let defaults = spec.map(|s| s.generate).unwrap_or_default();
+            let (sampling, max_new_tokens, seed) = sampling.resolve(&defaults)?;
+            let settings = chat::ChatSettings { template, sampling, max_new_tokens, seed };
+            chat::chat(&model, &tok, &settings, &device, std::io::stdin().lock(), std::io::stdout())?;
+        }
+        Command::Export { run, out, checkpoint } => {
+            let source = runs::model_source(&run, checkpoint.as_deref())?;
+            hf::export(&source.dir, &out)?;
+            println!("exported {} to {}", source.dir.display(), out.display());
+        }
     }
     Ok(())
+}
+
+fn render_scores(tok: &Tok, scores: &[score::TextScore], overall: &score::Overall) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (i, s) in scores.iter().enumerate() {
+        let figure = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        writeln!(
+            out,
+            "text {}: {} tokens, loss {}, perplexity {}",
+            i + 1,
+            s.ids.len(),
+            figure(s.loss),
+            figure(s.perplexity)
+        )?;
+        for (j, id) in s.ids.iter().enumerate() {
+            let piece = serde_json::to_string(&tok.decode(&[*id])?)?;
+            match j.checked_sub(1).and_then(|k| s.token_logprobs.get(k)) {
+                Some(lp) => writeln!(out, "  {piece:<24} {lp:>10.4}")?,
+                None => writeln!(out, "  {piece:<24} {:>10}", "(first)")?,
+            }
+        }
+    }
+    let figure = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    writeln!(
+        out,
+        "overall: {} scored tokens, loss {}, perplexity {}",
+        overall.scored_tokens,
+        figure(overall.loss),
+        figure(overall.perplexity)
+    )?;
+    Ok(out)
 }
 
 /// Die quietly on a closed pipe (`pipe check spec.toml | head`), as command-line tools do,

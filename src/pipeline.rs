@@ -2,7 +2,7 @@
 //! with the user's input (tokenizer, data, model) is checked before the run folder is created;
 //! once it exists, the folder's `meta.json` always says how the run ended.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::backend::{self, BackendJob};
 use crate::data::batch::{tokenize, TokenizeReport};
-use crate::data::{records, Example, Sequence, Tok};
+use crate::data::{apply_template, records, Example, Sequence, Tok};
 use crate::error::bad_input;
 use crate::generate::{Generator, Sampling};
 use crate::model::{hf, Gpt2, Gpt2Config};
@@ -141,8 +141,16 @@ impl<B: AutodiffBackend> Inputs<B> {
                 config.n_positions
             )));
         }
-        let (train, report) = tokenize(&train_examples, &tok, max_length, spec.train.loss_on, &spec.data.path)?;
-        let (val, _) = tokenize(&val_examples, &tok, max_length, spec.train.loss_on, &val_origin)?;
+        let (train, report) = tokenize(
+            &train_examples,
+            &tok,
+            max_length,
+            spec.train.loss_on,
+            &spec.data.prompt_template,
+            &spec.data.path,
+        )?;
+        let (val, _) =
+            tokenize(&val_examples, &tok, max_length, spec.train.loss_on, &spec.data.prompt_template, &val_origin)?;
         log_data(&report, val.len(), &config);
         Ok(Self { tok, train, val, config, model })
     }
@@ -282,30 +290,15 @@ fn generate_samples<B: Backend>(
     let mut generator = Generator::new(model, device, g.seed);
     let bar = indicatif::ProgressBar::new(g.prompts.len() as u64).with_prefix("generate");
     for prompt in &g.prompts {
-        let ids = tok.encode(prompt)?;
+        let text_in = apply_template(&spec.data.prompt_template, prompt);
+        let ids = tok.encode(&text_in)?;
         let new = generator.generate(&ids, g.max_new_tokens, sampling, Some(tok.eos_id), |_| {});
         let ended = new.last() == Some(&tok.eos_id);
         let text = tok.decode(&new)?;
         run.log_sample(&json!({"prompt": prompt, "completion": text, "ids": new, "stopped_at_eos": ended}))?;
-        bar.suspend(|| println!("--- sample\n{prompt}{text}"));
+        bar.suspend(|| println!("--- sample\n{text_in}{text}"));
         bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(())
-}
-
-/// Resolve a model argument of the CLI (a run folder or a HF directory) to a HF directory.
-pub fn resolve_model_arg(path: &Path) -> Result<PathBuf> {
-    let final_dir = path.join(run_dir::FINAL_DIR);
-    if final_dir.join(hf::CONFIG_FILE).is_file() {
-        return Ok(final_dir);
-    }
-    if path.join(hf::CONFIG_FILE).is_file() {
-        return Ok(path.to_path_buf());
-    }
-    Err(bad_input(format!(
-        "{}: neither a run folder with a final model nor a HF GPT-2 directory (no {})",
-        path.display(),
-        hf::CONFIG_FILE
-    )))
 }

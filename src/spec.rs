@@ -83,6 +83,10 @@ pub struct DataSpec {
     pub prompt_field: String,
     #[serde(default = "default_response_field", deserialize_with = "lenient_string")]
     pub response_field: String,
+    /// How a prompt is laid out before the response: `{prompt}` stands for the prompt field.
+    /// The generate stage's prompts and `pipe chat` use the same template.
+    #[serde(default = "default_prompt_template")]
+    pub prompt_template: String,
     /// Validation examples from a second file; otherwise `val_fraction` of `path` is held out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_path: Option<PathBuf>,
@@ -284,6 +288,9 @@ fn default_prompt_field() -> String {
 }
 fn default_response_field() -> String {
     "response".into()
+}
+fn default_prompt_template() -> String {
+    "{prompt}".into()
 }
 fn default_val_fraction() -> f64 {
     0.1
@@ -621,6 +628,9 @@ impl LoadedSpec {
         }
         if !(0.0..1.0).contains(&s.data.val_fraction) || s.data.val_fraction.is_nan() {
             return Err(self.invalid("data.val_fraction", format!("must be in [0, 1), got {}", s.data.val_fraction)));
+        }
+        if !s.data.prompt_template.contains("{prompt}") {
+            return Err(self.invalid("data.prompt_template", "must contain `{prompt}`, where the prompt goes"));
         }
         positive_f("optimizer.lr", s.optimizer.lr)?;
         probability("optimizer.betas", s.optimizer.betas[0])?;

@@ -21,6 +21,7 @@ fn data_spec() -> DataSpec {
         format: DataFormat::Auto,
         prompt_field: "prompt".into(),
         response_field: "response".into(),
+        prompt_template: "{prompt}".into(),
         val_path: None,
         val_fraction: 0.0,
     }
@@ -107,7 +108,7 @@ fn bad_records_name_file_and_line() {
 fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
     let tok = gpt2_tok();
     let examples = [example("What is the capital of France?\n", "Paris."), example("Hi\n", "Hello there, friend.")];
-    let (sequences, report) = tokenize(&examples, &tok, 64, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, report) = tokenize(&examples, &tok, 64, LossOn::Response, "{prompt}", Path::new("x")).unwrap();
     let prompt = tok.encode("What is the capital of France?\n").unwrap();
     let response = tok.encode("Paris.").unwrap();
     let mut want = prompt.clone();
@@ -141,7 +142,7 @@ fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
 #[test]
 fn whole_text_mask_trains_every_real_token() {
     let tok = gpt2_tok();
-    let (sequences, _) = tokenize(&[example("Q\n", "A.")], &tok, 64, LossOn::All, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&[example("Q\n", "A.")], &tok, 64, LossOn::All, "{prompt}", Path::new("x")).unwrap();
     assert_eq!(sequences[0].untrained_prefix, 0);
     assert_eq!(sequences[0].loss_tokens(), sequences[0].ids.len() - 1);
 }
@@ -151,7 +152,7 @@ fn long_examples_are_truncated_and_counted() {
     let tok = gpt2_tok();
     let long = "word ".repeat(50);
     let examples = [example("Prompt:\n", &long), example("Prompt:\n", "short")];
-    let (sequences, report) = tokenize(&examples, &tok, 16, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, report) = tokenize(&examples, &tok, 16, LossOn::Response, "{prompt}", Path::new("x")).unwrap();
     assert_eq!(report.truncated, 1);
     assert_eq!(sequences[0].ids.len(), 16);
     assert_ne!(*sequences[0].ids.last().unwrap(), tok.eos_id, "a cut response does not end with EOS");
@@ -163,7 +164,7 @@ fn a_prompt_that_does_not_fit_is_an_error_naming_the_line() {
     let tok = gpt2_tok();
     let examples =
         [Example { prompt: "one two three four five six seven eight".into(), response: "x".into(), line: 17 }];
-    let error = tokenize(&examples, &tok, 6, LossOn::Response, Path::new("data/train.jsonl")).unwrap_err();
+    let error = tokenize(&examples, &tok, 6, LossOn::Response, "{prompt}", Path::new("data/train.jsonl")).unwrap_err();
     assert!(is_bad_input(&error));
     let message = format!("{error}");
     assert!(message.contains("data/train.jsonl:17") && message.contains("max_length = 6"), "{message}");
@@ -188,7 +189,7 @@ fn gradient_accumulation_does_not_change_the_step() {
         example("How many legs does a spider have?\n", "Eight."),
         example("Write a haiku about the sea.\n", "Grey waves fold and break."),
     ];
-    let (sequences, _) = tokenize(&examples, &tok, 64, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&examples, &tok, 64, LossOn::Response, "{prompt}", Path::new("x")).unwrap();
     let all: Vec<&Sequence> = sequences.iter().collect();
     let device = Default::default();
     // Adam's first step is lr·g/(|g|+ε): with the usual tiny ε it is nearly lr·sign(g), which
@@ -207,4 +208,23 @@ fn gradient_accumulation_does_not_change_the_step() {
     assert!((whole_stats.grad_norm - split_stats.grad_norm).abs() < 1e-4 * whole_stats.grad_norm);
     let max_diff = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_diff < 1e-6, "weights differ by {max_diff} after one step");
+}
+
+#[test]
+fn the_prompt_template_lays_out_the_prompt_and_is_masked_with_it() {
+    let tok = gpt2_tok();
+    let template = "### Question\n{prompt}\n### Answer\n";
+    let (sequences, _) = tokenize(
+        &[example("Why is the sky blue?", "Scattering.")],
+        &tok,
+        64,
+        LossOn::Response,
+        template,
+        Path::new("x"),
+    )
+    .unwrap();
+    let prompt = tok.encode("### Question\nWhy is the sky blue?\n### Answer\n").unwrap();
+    assert_eq!(&sequences[0].ids[..prompt.len()], &prompt[..]);
+    assert_eq!(sequences[0].untrained_prefix, prompt.len(), "the whole laid-out prompt is masked");
+    assert_eq!(tok.decode(&sequences[0].ids[prompt.len()..]).unwrap(), "Scattering.");
 }

@@ -29,6 +29,7 @@ runs_dir = "runs"
 [data]
 path = "train.jsonl"
 val_fraction = 0.2
+prompt_template = "Q: {{prompt}}\nA: "
 
 [tokenizer]
 train_vocab_size = 300
@@ -48,7 +49,7 @@ epochs = 4
 batch_size = 8
 
 [generate]
-prompts = ["What is the capital of France?\n", "Name three primary colours.\n"]
+prompts = ["What is the capital of France?", "Name three primary colours."]
 max_new_tokens = 8
 temperature = 0.8
 top_k = 20
@@ -134,7 +135,7 @@ fn a_run_writes_a_complete_run_folder_and_learns() {
 
     let samples = json_lines(&run.join("samples.jsonl"));
     assert_eq!(samples.len(), 2);
-    assert_eq!(samples[0]["prompt"], "What is the capital of France?\n");
+    assert_eq!(samples[0]["prompt"], "What is the capital of France?");
     assert!(samples[0]["ids"].as_array().unwrap().len() <= 8);
     assert!(!run.join(".final.partial").exists());
 }

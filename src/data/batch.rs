@@ -4,7 +4,7 @@ use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::{Example, Tok};
+use super::{apply_template, Example, Tok};
 use crate::error::bad_input;
 use crate::spec::LossOn;
 
@@ -32,7 +32,7 @@ pub struct TokenizeReport {
     pub truncated: usize,
 }
 
-/// Tokenize examples into sequences of at most `max_length` tokens. A sequence too long is cut
+/// Tokenize examples (prompts laid out by `prompt_template`) into sequences of at most `max_length` tokens. A sequence too long is cut
 /// from the end of the response (and counted); an example whose prompt alone leaves no room
 /// for a response token is an error naming its line.
 pub fn tokenize(
@@ -40,12 +40,13 @@ pub fn tokenize(
     tok: &Tok,
     max_length: usize,
     loss_on: LossOn,
+    prompt_template: &str,
     origin: &std::path::Path,
 ) -> Result<(Vec<Sequence>, TokenizeReport)> {
     let mut report = TokenizeReport { examples: examples.len(), ..Default::default() };
     let mut sequences = Vec::with_capacity(examples.len());
     for example in examples {
-        let prompt = tok.encode(&example.prompt)?;
+        let prompt = tok.encode(&apply_template(prompt_template, &example.prompt))?;
         let response = tok.encode(&example.response)?;
         if prompt.len() + 1 > max_length {
             return Err(bad_input(format!(

@@ -296,3 +296,18 @@ pub fn resolve_hub_model(repo_id: &str) -> Result<PathBuf> {
         ))
     })
 }
+
+/// Copy a model directory as a fresh HF GPT-2 directory `out` (which must not exist or be
+/// empty): the weights re-saved with HF names and layout, the config, and the tokenizer.
+pub fn export(source: &Path, out: &Path) -> Result<()> {
+    if out.exists() && fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(bad_input(format!("{}: already exists and is not empty; choose a new folder", out.display())));
+    }
+    let device = Default::default();
+    let (config, model) = load::<burn::backend::Flex>(source, None, &device)?;
+    let tokenizer = source.join(TOKENIZER_FILE);
+    let eos_id = crate::data::Tok::load(&tokenizer)?.eos_id as usize;
+    save(&model, &config, Some(eos_id), out)?;
+    fs::copy(&tokenizer, out.join(TOKENIZER_FILE)).with_context(|| format!("cannot copy {}", tokenizer.display()))?;
+    Ok(())
+}

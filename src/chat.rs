@@ -1,0 +1,90 @@
+//! `pipe chat`: a conversation with a model, like the notebook's chat(). Each user line is laid
+//! out with the prompt template the run trained with, the reply streams token by token until
+//! EOS, and the history is kept within the context window by dropping the oldest turns.
+
+use std::io::{BufRead, Write};
+
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+
+use crate::data::{apply_template, Tok};
+use crate::generate::{Generator, Sampling};
+use crate::model::Gpt2;
+
+pub struct ChatSettings {
+    pub template: String,
+    pub sampling: Sampling,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+/// Converse over `input` until EOF or `/exit`, writing replies to `output`.
+pub fn chat<B: Backend>(
+    model: &Gpt2<B>,
+    tok: &Tok,
+    settings: &ChatSettings,
+    device: &B::Device,
+    input: impl BufRead,
+    mut output: impl Write,
+) -> Result<()> {
+    let context = model.n_positions();
+    let mut generator = Generator::new(model, device, settings.seed);
+    // Each finished turn: the laid-out user line, the reply and EOS, as token ids.
+    let mut history: Vec<Vec<u32>> = Vec::new();
+    writeln!(
+        output,
+        "chat with the model: type a message and press enter; /reset clears the history, /exit or Ctrl-D ends"
+    )?;
+    write!(output, "> ")?;
+    output.flush()?;
+    for line in input.lines() {
+        let line = line?;
+        match line.trim() {
+            "" => {}
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.clear();
+                writeln!(output, "(history cleared)")?;
+            }
+            message => {
+                let mut turn = tok.encode(&apply_template(&settings.template, message))?;
+                // Leave room for at least a few reply tokens; keep the end of a very long message.
+                let room = context.saturating_sub(settings.max_new_tokens.min(context / 2)).max(1);
+                if turn.len() > room {
+                    turn.drain(..turn.len() - room);
+                    writeln!(output, "(message cut to its last {room} tokens to fit the context)")?;
+                }
+                let budget = context - settings.max_new_tokens.min(context - turn.len());
+                while !history.is_empty() && history.iter().map(Vec::len).sum::<usize>() + turn.len() > budget {
+                    history.remove(0);
+                }
+                let prompt: Vec<u32> = history.iter().flatten().chain(&turn).copied().collect();
+                let max_new = settings.max_new_tokens.min(context - prompt.len());
+                let mut reply = Vec::new();
+                let mut shown = String::new();
+                generator.generate(&prompt, max_new, settings.sampling, Some(tok.eos_id), |id| {
+                    if id == tok.eos_id {
+                        return;
+                    }
+                    reply.push(id);
+                    // Decode the whole reply so far: a character may span several tokens.
+                    if let Ok(text) = tok.decode(&reply) {
+                        if let Some(new) = text.strip_prefix(shown.as_str()) {
+                            let _ = write!(output, "{new}");
+                            let _ = output.flush();
+                        }
+                        shown = text;
+                    }
+                });
+                writeln!(output)?;
+                turn.extend(&reply);
+                turn.push(tok.eos_id);
+                history.push(turn);
+            }
+        }
+        write!(output, "> ")?;
+        output.flush()?;
+    }
+    writeln!(output)?;
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! Reading run folders back: resolving a run by path, name or `name@id`, the `pipe runs` table,
+//! and `pipe compare` (spec differences, metrics, loss curves as SVG and sparklines).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::error::bad_input;
+use crate::model::hf;
+use crate::run_dir::{self, Meta};
+use crate::spec::Spec;
+
+/// One run folder, read back.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub path: PathBuf,
+    pub meta: Meta,
+    /// (step, train loss) per optimizer step.
+    pub train_loss: Vec<(u64, f64)>,
+    /// (step, val loss) per evaluation.
+    pub val_loss: Vec<(u64, f64)>,
+    /// The resolved spec as a TOML table.
+    pub spec: toml::Table,
+}
+
+impl Run {
+    pub fn read(path: &Path) -> Result<Self> {
+        let meta_path = path.join(run_dir::META_FILE);
+        let text = std::fs::read_to_string(&meta_path)
+            .map_err(|_| bad_input(format!("{}: not a run folder (no {})", path.display(), run_dir::META_FILE)))?;
+        let meta: Meta = serde_json::from_str(&text)
+            .map_err(|e| bad_input(format!("{}: not a pipe meta.json: {e}", meta_path.display())))?;
+        let (mut train_loss, mut val_loss) = (Vec::new(), Vec::new());
+        if let Ok(metrics) = std::fs::read_to_string(path.join(run_dir::METRICS_FILE)) {
+            for line in metrics.lines() {
+                let Ok(record) = serde_json::from_str::<Value>(line) else { continue };
+                let step = record["step"].as_u64().unwrap_or(0);
+                if let Some(loss) = record["loss"].as_f64() {
+                    train_loss.push((step, loss));
+                }
+                if let Some(loss) = record["val_loss"].as_f64() {
+                    val_loss.push((step, loss));
+                }
+            }
+        }
+        let spec = std::fs::read_to_string(path.join(run_dir::SPEC_FILE))
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .unwrap_or_default();
+        Ok(Self { path: path.to_path_buf(), meta, train_loss, val_loss, spec })
+    }
+
+    /// `name@id`, how runs are named on the command line.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.meta.name, self.meta.run_id)
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.train_loss.last().map_or(0, |&(s, _)| s)
+    }
+
+    pub fn final_train_loss(&self) -> Option<f64> {
+        self.train_loss.last().map(|&(_, l)| l)
+    }
+
+    pub fn best_val_loss(&self) -> Option<f64> {
+        self.val_loss.iter().map(|&(_, l)| l).min_by(f64::total_cmp)
+    }
+
+    pub fn duration_s(&self) -> Option<f64> {
+        let start = humantime::parse_rfc3339(&self.meta.started).ok()?;
+        let end = match &self.meta.ended {
+            Some(end) => humantime::parse_rfc3339(end).ok()?,
+            None => SystemTime::now(),
+        };
+        end.duration_since(start).ok().map(|d| d.as_secs_f64())
+    }
+}
+
+/// Every run under `runs_dir` (folders `<name>/<id>/` with a meta.json).
+pub fn list(runs_dir: &Path) -> Result<Vec<Run>> {
+    let names = std::fs::read_dir(runs_dir)
+        .map_err(|e| bad_input(format!("runs folder {}: cannot read it: {e}", runs_dir.display())))?;
+    let mut runs = Vec::new();
+    for name in names.flatten() {
+        let Ok(ids) = std::fs::read_dir(name.path()) else { continue };
+        for id in ids.flatten() {
+            if id.path().join(run_dir::META_FILE).is_file() {
+                runs.push(Run::read(&id.path())?);
+            }
+        }
+    }
+    runs.sort_by(|a, b| a.meta.started.cmp(&b.meta.started).then(a.path.cmp(&b.path)));
+    Ok(runs)
+}
+
+/// A run named on the command line: a folder, `name` (its latest run) or `name@id`.
+pub fn resolve(runs_dir: &Path, reference: &str) -> Result<PathBuf> {
+    let as_path = Path::new(reference);
+    if as_path.join(run_dir::META_FILE).is_file() {
+        return Ok(as_path.to_path_buf());
+    }
+    if let Some(latest) = latest_run_in(as_path) {
+        return Ok(latest);
+    }
+    let (name, id) = match reference.split_once('@') {
+        Some((name, id)) => (name, Some(id)),
+        None => (reference, None),
+    };
+    let folder = runs_dir.join(name);
+    let path = match id {
+        Some(id) => folder.join(id),
+        None => latest_run_in(&folder).unwrap_or(folder),
+    };
+    if path.join(run_dir::META_FILE).is_file() {
+        Ok(path)
+    } else {
+        Err(bad_input(format!(
+            "`{reference}` is not a run: no folder with a meta.json, and no run {} under {}",
+            if id.is_some() { "with that name and id" } else { "of that name" },
+            runs_dir.display()
+        )))
+    }
+}
+
+/// The latest run in a folder of runs of one name (ids sort by start time).
+fn latest_run_in(folder: &Path) -> Option<PathBuf> {
+    let mut ids: Vec<PathBuf> = std::fs::read_dir(folder)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join(run_dir::META_FILE).is_file())
+        .collect();
+    ids.sort_by_key(|p| {
+        // `20261127-152125-2` sorts after `20261127-152125`: compare (stamp, counter).
+        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let counter = name.get(16..).and_then(|c| c.parse::<u32>().ok()).unwrap_or(1);
+        (name.get(..15).unwrap_or(&name).to_string(), counter)
+    });
+    ids.pop()
+}
+
+/// A model argument: a run folder (its `final/` model, or `--checkpoint`) or a HF directory.
+pub struct ModelSource {
+    pub dir: PathBuf,
+    /// The run's spec, when the model comes from a run.
+    pub spec: Option<Spec>,
+}
+
+/// A model named on the command line: a HF directory, or a run as [`resolve`] takes it
+/// (looked up under `runs/`).
+pub fn model_source(reference: &Path, checkpoint: Option<&str>) -> Result<ModelSource> {
+    let path = if reference.join(hf::CONFIG_FILE).is_file() {
+        reference.to_path_buf()
+    } else {
+        match resolve(Path::new("runs"), &reference.to_string_lossy()) {
+            Ok(run) => run,
+            Err(_) => reference.to_path_buf(),
+        }
+    };
+    let path = path.as_path();
+    if path.join(run_dir::META_FILE).is_file() {
+        let dir = path.join(checkpoint.unwrap_or(run_dir::FINAL_DIR));
+        if !dir.join(hf::CONFIG_FILE).is_file() {
+            return Err(bad_input(format!("{}: the run has no model there (no {})", dir.display(), hf::CONFIG_FILE)));
+        }
+        let spec_path = path.join(run_dir::SPEC_FILE);
+        let spec = std::fs::read_to_string(&spec_path)
+            .ok()
+            .map(|text| toml::from_str::<Spec>(&text))
+            .transpose()
+            .map_err(|e| bad_input(format!("{}: {e}", spec_path.display())))?;
+        return Ok(ModelSource { dir, spec });
+    }
+    if checkpoint.is_some() {
+        return Err(bad_input(format!("{}: --checkpoint needs a run folder", path.display())));
+    }
+    if path.join(hf::CONFIG_FILE).is_file() {
+        return Ok(ModelSource { dir: path.to_path_buf(), spec: None });
+    }
+    Err(bad_input(format!(
+        "{}: neither a run folder (meta.json) nor a HuggingFace GPT-2 directory ({})",
+        path.display(),
+        hf::CONFIG_FILE
+    )))
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn fmt_duration(seconds: Option<f64>) -> String {
+    match seconds {
+        None => "-".into(),
+        Some(s) if s < 60.0 => format!("{s:.0}s"),
+        Some(s) if s < 3600.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        Some(s) => format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64),
+    }
+}
+
+/// Columns `pipe runs` can sort by.
+pub const SORT_COLUMNS: &[&str] = &["started", "name", "status", "duration", "steps", "loss", "val_loss"];
+
+/// The `pipe runs` table.
+pub fn table(runs: &[Run]) -> String {
+    let header = [
+        "name",
+        "id",
+        "status",
+        "started",
+        "duration",
+        "steps",
+        "train loss",
+        "best val loss",
+        "best val ppl",
+        "backend",
+    ];
+    let rows: Vec<[String; 10]> = runs
+        .iter()
+        .map(|r| {
+            [
+                r.meta.name.clone(),
+                r.meta.run_id.clone(),
+                format!("{:?}", r.meta.status).to_lowercase(),
+                r.meta.started.replace('T', " ").trim_end_matches('Z').to_string(),
+                fmt_duration(r.duration_s()),
+                r.steps().to_string(),
+                fmt_opt(r.final_train_loss(), 4),
+                fmt_opt(r.best_val_loss(), 4),
+                fmt_opt(r.best_val_loss().map(f64::exp), 2),
+                r.meta.backend.clone(),
+            ]
+        })
+        .collect();
+    render_table(&header, &rows)
+}
+
+fn render_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for row in rows {
+        line(row.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+/// Sort runs by a column of the table (see [`SORT_COLUMNS`]).
+pub fn sort(runs: &mut [Run], column: &str) -> Result<()> {
+    let key = |r: &Run| -> f64 {
+        match column {
+            "duration" => r.duration_s().unwrap_or(f64::INFINITY),
+            "steps" => r.steps() as f64,
+            "loss" => r.final_train_loss().unwrap_or(f64::INFINITY),
+            "val_loss" => r.best_val_loss().unwrap_or(f64::INFINITY),
+            _ => 0.0,
+        }
+    };
+    match column {
+        "started" => runs.sort_by(|a, b| a.meta.started.cmp(&b.meta.started)),
+        "name" => runs.sort_by(|a, b| a.meta.name.cmp(&b.meta.name).then(a.meta.run_id.cmp(&b.meta.run_id))),
+        "status" => runs.sort_by_key(|r| format!("{:?}", r.meta.status)),
+        c if SORT_COLUMNS.contains(&c) => runs.sort_by(|a, b| key(a).total_cmp(&key(b))),
+        other => {
+            return Err(bad_input(format!("--sort {other}: not a column; one of {}", SORT_COLUMNS.join(", "))));
+        }
+    }
+    Ok(())
+}
+
+/// Runs side by side: what differs in their specs, their metrics, and their curves.
+pub struct Comparison<'a> {
+    pub runs: &'a [Run],
+    /// Spec keys whose resolved values differ, with each run's value ("-" where unset).
+    pub spec_diff: BTreeMap<String, Vec<String>>,
+}
+
+impl<'a> Comparison<'a> {
+    pub fn new(runs: &'a [Run]) -> Self {
+        let flat: Vec<BTreeMap<String, String>> = runs.iter().map(|r| flatten(&r.spec)).collect();
+        let keys: BTreeSet<&String> = flat.iter().flat_map(|f| f.keys()).collect();
+        let spec_diff = keys
+            .into_iter()
+            .filter_map(|k| {
+                let values: Vec<String> =
+                    flat.iter().map(|f| f.get(k).cloned().unwrap_or_else(|| "-".into())).collect();
+                (values.iter().any(|v| v != &values[0])).then(|| (k.clone(), values))
+            })
+            .collect();
+        Self { runs, spec_diff }
+    }
+
+    pub fn to_json(&self, plot: Option<&Path>) -> Value {
+        json!({
+            "runs": self.runs.iter().map(|r| json!({
+                "run": r.label(),
+                "path": r.path,
+                "status": r.meta.status,
+                "steps": r.steps(),
+                "final_train_loss": r.final_train_loss(),
+                "best_val_loss": r.best_val_loss(),
+                "best_val_ppl": r.best_val_loss().map(f64::exp),
+                "duration_s": r.duration_s(),
+                "backend": r.meta.backend,
+                "train_loss": r.train_loss,
+                "val_loss": r.val_loss,
+            })).collect::<Vec<_>>(),
+            "spec_diff": self.spec_diff,
+            "plot": plot,
+        })
+    }
+
+    /// The terminal report: spec differences, metrics with the best of each marked `*`, and
+    /// loss sparklines on a shared scale.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let labels: Vec<String> = self.runs.iter().map(Run::label).collect();
+        out.push_str("spec differences:\n");
+        if self.spec_diff.is_empty() {
+            out.push_str("  (none)\n");
+        } else {
+            let mut header = vec!["field".to_string()];
+            header.extend(labels.iter().cloned());
+            let mut rows = vec![header];
+            rows.extend(
+                self.spec_diff.iter().map(|(k, vs)| std::iter::once(k.clone()).chain(vs.iter().cloned()).collect()),
+            );
+            out.push_str(&indent(&render_rows(&rows)));
+        }
+        out.push_str("\nmetrics (* best):\n");
+        let best = |values: Vec<Option<f64>>, digits: usize| -> Vec<String> {
+            let min = values.iter().flatten().copied().min_by(f64::total_cmp);
+            values.iter().map(|v| fmt_opt(*v, digits) + if v.is_some() && *v == min { "*" } else { "" }).collect()
+        };
+        let final_loss = best(self.runs.iter().map(Run::final_train_loss).collect(), 4);
+        let val = best(self.runs.iter().map(Run::best_val_loss).collect(), 4);
+        let ppl = best(self.runs.iter().map(|r| r.best_val_loss().map(f64::exp)).collect(), 2);
+        let mut rows =
+            vec![["run", "status", "steps", "final train loss", "best val loss", "best val ppl", "duration"]
+                .map(String::from)
+                .to_vec()];
+        for (i, r) in self.runs.iter().enumerate() {
+            rows.push(vec![
+                labels[i].clone(),
+                format!("{:?}", r.meta.status).to_lowercase(),
+                r.steps().to_string(),
+                final_loss[i].clone(),
+                val[i].clone(),
+                ppl[i].clone(),
+                fmt_duration(r.duration_s()),
+            ]);
+        }
+        out.push_str(&indent(&render_rows(&rows)));
+        out.push_str("\nloss curves (shared scale; low is good):\n");
+        let all: Vec<f64> =
+            self.runs.iter().flat_map(|r| r.train_loss.iter().chain(&r.val_loss).map(|&(_, l)| l)).collect();
+        let (lo, hi) =
+            (all.iter().copied().fold(f64::INFINITY, f64::min), all.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+        let width = labels.iter().map(String::len).max().unwrap_or(0);
+        for (label, r) in labels.iter().zip(self.runs) {
+            let _ = writeln!(out, "  {label:<width$}  train {}", sparkline(&r.train_loss, lo, hi, 48));
+            if !r.val_loss.is_empty() {
+                let _ = writeln!(out, "  {:<width$}  val   {}", "", sparkline(&r.val_loss, lo, hi, 48));
+            }
+        }
+        out
+    }
+
+    /// Train and validation loss of every run against the optimizer step, as an SVG image.
+    pub fn write_svg(&self, path: &Path) -> Result<()> {
+        use plotters::prelude::*;
+        let all: Vec<&(u64, f64)> = self.runs.iter().flat_map(|r| r.train_loss.iter().chain(&r.val_loss)).collect();
+        let max_step = all.iter().map(|p| p.0).max().unwrap_or(1).max(1);
+        let (lo, hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+        let (lo, hi) = if lo.is_finite() { (lo.min(hi - 1e-3), hi) } else { (0.0, 1.0) };
+        let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
+        let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption("loss by optimizer step (solid: train, thick: validation)", ("sans-serif", 20))
+                .margin(16)
+                .x_label_area_size(36)
+                .y_label_area_size(56)
+                .build_cartesian_2d(0u64..max_step, lo..hi)?;
+            chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+            for (i, r) in self.runs.iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(r.train_loss.iter().copied(), color.stroke_width(1)))?
+                    .label(format!("{} train", r.label()))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
+                if !r.val_loss.is_empty() {
+                    chart
+                        .draw_series(LineSeries::new(r.val_loss.iter().copied(), color.stroke_width(3)))?
+                        .label(format!("{} val", r.label()))
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+                }
+            }
+            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn render_rows(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            cells.join("  ").trim_end().to_string() + "\n"
+        })
+        .collect()
+}
+
+/// A series as block characters on the scale lo..hi, averaged into at most `width` buckets.
+pub fn sparkline(series: &[(u64, f64)], lo: f64, hi: f64, width: usize) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    if series.is_empty() {
+        return String::new();
+    }
+    let buckets = series.len().min(width);
+    (0..buckets)
+        .map(|b| {
+            let (from, to) =
+                (b * series.len() / buckets, ((b + 1) * series.len() / buckets).max(b * series.len() / buckets + 1));
+            let mean = series[from..to].iter().map(|p| p.1).sum::<f64>() / (to - from) as f64;
+            let level = if hi > lo { ((mean - lo) / (hi - lo) * 7.0).round() as usize } else { 0 };
+            BARS[level.min(7)]
+        })
+        .collect()
+}
+
+fn flatten(table: &toml::Table) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", &toml::Value::Table(table.clone()), &mut out);
+    out
+}
+
+/// Where `pipe compare` writes its files unless told: `<runs_dir>/_compare/<time>/`.
+pub fn default_compare_dir(runs_dir: &Path) -> PathBuf {
+    let stamp: String = run_dir::now().chars().filter(char::is_ascii_digit).collect();
+    runs_dir.join("_compare").join(format!("{}-{}", &stamp[..8], &stamp[8..14]))
+}
+
+/// Write the comparison's files: `loss.svg` and `comparison.json`.
+pub fn write_comparison(comparison: &Comparison, out: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let svg = out.join("loss.svg");
+    comparison.write_svg(&svg)?;
+    let json = serde_json::to_string_pretty(&comparison.to_json(Some(&svg)))?;
+    run_dir::write_atomic(&out.join("comparison.json"), json.as_bytes())?;
+    Ok(svg)
+}
