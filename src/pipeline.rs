@@ -224,6 +224,7 @@ fn execute<B: AutodiffBackend>(
     inputs.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
     let Inputs { tok, train, val, config, mut model } = inputs;
     let pad_id = tok.eos_id;
+    let mut steps_trained = 0;
     for stage in &spec.run.stages {
         match stage {
             Stage::Train => {
@@ -238,6 +239,7 @@ fn execute<B: AutodiffBackend>(
                     device,
                 )?;
                 model = trained;
+                steps_trained = summary.steps;
                 save_final(&model.valid(), &config, &tok, run)?;
                 tracing::info!(
                     steps = summary.steps,
@@ -252,7 +254,7 @@ fn execute<B: AutodiffBackend>(
                     continue;
                 }
                 let (val_loss, tokens) = evaluate(&model.valid(), &val, spec.train.batch_size, pad_id, device);
-                let record = json!({"eval": "final", "val_loss": val_loss, "val_ppl": val_loss.exp(), "val_tokens": tokens, "val_examples": val.len()});
+                let record = json!({"eval": "final", "step": steps_trained, "val_loss": val_loss, "val_ppl": val_loss.exp(), "val_tokens": tokens, "val_examples": val.len()});
                 run.log_metrics(&record)?;
                 run_dir::write_atomic(&run.file("eval.json"), serde_json::to_string_pretty(&record)?.as_bytes())?;
                 tracing::info!(val_loss = format!("{val_loss:.4}"), val_ppl = format!("{:.2}", val_loss.exp()), "eval");

@@ -120,6 +120,7 @@ fn a_run_writes_a_complete_run_folder_and_learns() {
     assert_eq!(evals.len(), 5, "one val record per epoch and the eval stage");
     let final_eval = evals.last().unwrap();
     assert_eq!(final_eval["eval"], "final");
+    assert_eq!(final_eval["step"], 16, "the final eval is at the last step");
     assert!((final_eval["val_ppl"].as_f64().unwrap() - final_eval["val_loss"].as_f64().unwrap().exp()).abs() < 1e-6);
 
     // The final model is a HF GPT-2 directory pipe (and transformers) can load.
