@@ -3,6 +3,7 @@
 //! Data flows one way: spec → prepared inputs → stages → run folder.
 
 pub mod backend;
+pub mod bench;
 pub mod chat;
 pub mod data;
 pub mod error;

@@ -10,8 +10,8 @@ use pipe::data::Tok;
 use pipe::error::{bad_input, is_bad_input};
 use pipe::generate::{Generator, Sampling};
 use pipe::model::{hf, Gpt2};
-use pipe::spec::{GenerateSpec, Spec};
-use pipe::{chat, pipeline, runs, score, spec};
+use pipe::spec::{BackendKind, GenerateSpec, Spec};
+use pipe::{backend, chat, pipeline, runs, score, spec};
 
 #[derive(Parser)]
 #[command(
@@ -107,6 +107,34 @@ enum Command {
         template: Option<String>,
         #[command(flatten)]
         sampling: SamplingArgs,
+    },
+    /// Measure training and generation speed on random tokens, as ../shared/bench/torch_ref.py does.
+    Bench {
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 256)]
+        embd: usize,
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Timed training steps (the median is reported).
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: usize,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// GPU index.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
     },
     /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads.
     Export {
@@ -284,6 +312,19 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let (sampling, max_new_tokens, seed) = sampling.resolve(&defaults)?;
             let settings = chat::ChatSettings { template, sampling, max_new_tokens, seed };
             chat::chat(&model, &tok, &settings, &device, std::io::stdin().lock(), std::io::stdout())?;
+        }
+        Command::Bench { layers, heads, embd, vocab, seq, batch, steps, warmup, gen_tokens, backend, device } => {
+            let kind = match backend.as_str() {
+                "cpu" => BackendKind::Cpu,
+                "cuda" => BackendKind::Cuda,
+                other => return Err(bad_input(format!("--backend {other}: expected cpu or cuda"))),
+            };
+            if [layers, heads, embd, vocab, seq, batch, steps].contains(&0) || embd % heads != 0 {
+                return Err(bad_input("bench sizes must be at least 1, and --embd divisible by --heads"));
+            }
+            let shape = pipe::bench::BenchShape { layers, heads, embd, vocab, seq, batch, steps, warmup, gen_tokens };
+            let result = backend::dispatch(kind, device, pipe::bench::Bench(shape))?;
+            println!("{result}");
         }
         Command::Export { run, out, checkpoint } => {
             let source = runs::model_source(&run, checkpoint.as_deref())?;

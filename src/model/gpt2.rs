@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use burn::tensor::activation::{gelu_approximate, log_softmax};
+use burn::tensor::activation::{log_softmax, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -236,12 +236,22 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: Backend> Mlp<B> {
-    /// GPT-2's "gelu_new" is the tanh approximation of GELU.
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
         let h = self.c_fc.forward(x.reshape([batch * seq, d_model])); // [batch·seq, 4·d_model]
-        let h = gelu_approximate(h);
+        let h = gelu_new(h);
         self.c_proj.forward(h).reshape([batch, seq, d_model])
     }
+}
+
+/// GPT-2's "gelu_new", the tanh approximation of GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+/// Since 0.5·(1 + tanh(z)) = σ(2z), this is x·σ(x·(a + b·x²)) with a = 2√(2/π), b = 0.044715·a:
+/// the same function, computed with a square and burn's sigmoid (one op with its own backward)
+/// instead of a power and a tanh, which the CPU backend evaluates with slow scalar calls.
+pub fn gelu_new<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    const A: f64 = 2.0 * core::f64::consts::FRAC_2_SQRT_PI * core::f64::consts::FRAC_1_SQRT_2;
+    const B_: f64 = 0.044715 * A;
+    let inner = x.clone() * (x.clone().square() * B_ + A);
+    x * sigmoid(inner)
 }

@@ -1,0 +1,114 @@
+//! `pipe bench`: the PyTorch reference's protocol (`torch_ref.py`) through pipe's own model,
+//! optimizer and sampler — the code paths a pipeline uses, not a separate fast path. AdamW on
+//! random token ids: training tokens/s over the median step after warm-up, then greedy
+//! generation tokens/s with the KV cache, and peak RSS, as one JSON line.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::backend::BackendJob;
+use crate::data::Sequence;
+use crate::generate::{Generator, Sampling};
+use crate::model::Gpt2Config;
+use crate::spec::{OptimizerKind, OptimizerSpec};
+use crate::train::Trainer;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub embd: usize,
+    pub vocab: usize,
+    pub seq: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub gen_tokens: usize,
+}
+
+impl BenchShape {
+    /// Training FLOPs per token: 6·params for the matmuls forward and backward, plus attention's
+    /// 12·layers·seq·width (the estimate torch_ref's figures are compared on).
+    pub fn train_flops_per_token(&self, params: usize) -> f64 {
+        6.0 * params as f64 + 12.0 * (self.layers * self.seq * self.embd) as f64
+    }
+}
+
+pub struct Bench(pub BenchShape);
+
+impl BackendJob for Bench {
+    type Output = Value;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device, device_name: String) -> Result<Value> {
+        let shape = self.0;
+        B::seed(&device, 0);
+        let config = Gpt2Config::new(shape.vocab, shape.seq.max(1024), shape.embd, shape.layers, shape.heads);
+        let params = config.num_params();
+        let mut model = config.init::<B>(&device);
+        let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-4, weight_decay: 0.01, ..Default::default() };
+        let mut trainer = Trainer::<B>::new(&opt, 0, &device);
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut random_ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..shape.vocab as u32)).collect() };
+
+        let mut times = Vec::new();
+        for step in 0..shape.warmup + shape.steps {
+            // seq + 1 ids give seq input positions, each with a next-token target.
+            let sequences: Vec<Sequence> =
+                (0..shape.batch).map(|_| Sequence { ids: random_ids(shape.seq + 1), untrained_prefix: 0 }).collect();
+            let batch: Vec<&Sequence> = sequences.iter().collect();
+            let started = Instant::now();
+            let stats;
+            (model, stats) = trainer.step(model, std::slice::from_ref(&batch), opt.lr)?;
+            B::sync(&device)?;
+            let seconds = started.elapsed().as_secs_f64();
+            tracing::debug!(step, loss = stats.loss, seconds, "bench step");
+            if step >= shape.warmup {
+                times.push(seconds);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let train_tps = (shape.batch * shape.seq) as f64 / median;
+
+        let inference = model.valid();
+        let mut generator = Generator::new(&inference, &device, 0);
+        let prompt = random_ids(16);
+        generator.generate(&prompt, 4, Sampling::GREEDY, None, |_| {});
+        let started = Instant::now();
+        let new = generator.generate(&prompt, shape.gen_tokens, Sampling::GREEDY, None, |_| {});
+        let gen_tps = new.len() as f64 / started.elapsed().as_secs_f64();
+
+        Ok(json!({
+            "impl": format!("pipe {} burn 0.21 {}", env!("CARGO_PKG_VERSION"), device_name),
+            "params": params,
+            "train_tokens_per_s": (train_tps * 10.0).round() / 10.0,
+            "gen_tokens_per_s": (gen_tps * 10.0).round() / 10.0,
+            "peak_rss_mib": peak_rss_mib(),
+            "train_tflops": (train_tps * shape.train_flops_per_token(params) / 1e12 * 1000.0).round() / 1000.0,
+            "shape": shape,
+        }))
+    }
+}
+
+/// The process's peak resident set size in MiB.
+fn peak_rss_mib() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+        let usage = unsafe {
+            libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+            usage.assume_init()
+        };
+        (usage.ru_maxrss as u64) / 1024
+    }
+    #[cfg(not(unix))]
+    0
+}
