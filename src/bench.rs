@@ -55,7 +55,8 @@ impl BackendJob for Bench {
         let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-4, weight_decay: 0.01, ..Default::default() };
         let mut trainer = Trainer::<B>::new(&opt, 0, &device);
         let mut rng = StdRng::seed_from_u64(0);
-        let mut random_ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..shape.vocab as u32)).collect() };
+        let mut random_ids =
+            |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..shape.vocab as u32)).collect() };
 
         let mut times = Vec::new();
         for step in 0..shape.warmup + shape.steps {

@@ -15,3 +15,13 @@ pub fn bad_input(message: impl Into<String>) -> anyhow::Error {
 pub fn is_bad_input(error: &anyhow::Error) -> bool {
     error.chain().any(|e| e.is::<BadInput>())
 }
+
+/// The user stopped a run (Ctrl-C); it was checkpointed and can be resumed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
+
+/// Whether any error in the chain is an [`Interrupted`].
+pub fn is_interrupted(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| e.is::<Interrupted>())
+}

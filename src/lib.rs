@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod bench;
 pub mod chat;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod generate;

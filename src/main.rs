@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pipe::data::Tok;
-use pipe::error::{bad_input, is_bad_input};
+use pipe::error::{bad_input, is_bad_input, is_interrupted};
 use pipe::generate::{Generator, Sampling};
 use pipe::model::{hf, Gpt2};
 use pipe::spec::{BackendKind, GenerateSpec, Spec};
@@ -39,6 +39,14 @@ enum Command {
         /// Override a field: --set optimizer.lr=3e-4 (repeatable; wins over PIPE_* variables).
         #[arg(long = "set", value_name = "FIELD=VALUE")]
         sets: Vec<String>,
+        /// Continue this unfinished run of the spec instead of starting a new one.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+    },
+    /// Continue an interrupted or failed run from its latest checkpoint, in the same folder.
+    Resume {
+        /// The run folder (runs/<name>/<run-id>), `name` (its latest run) or `name@id`.
+        run: PathBuf,
     },
     /// Validate a spec and print every resolved value with where it came from.
     Check {
@@ -207,6 +215,8 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             if is_bad_input(&error) {
                 ExitCode::from(2)
+            } else if is_interrupted(&error) {
+                ExitCode::from(130)
             } else {
                 ExitCode::from(1)
             }
@@ -227,9 +237,29 @@ fn load_model(path: &Path, checkpoint: Option<&str>) -> anyhow::Result<(Gpt2<Cpu
 fn execute(command: Command) -> anyhow::Result<()> {
     let device = Default::default();
     match command {
-        Command::Run { spec, sets } => {
+        Command::Run { spec, sets, resume: None } => {
             let loaded = spec::load(&spec, &sets)?;
             let run = pipeline::run(&loaded)?;
+            println!("run completed: {}", run.display());
+        }
+        Command::Run { spec, sets, resume: Some(run) } => {
+            let loaded = spec::load(&spec, &sets)?;
+            let run = runs::resolve(Path::new("runs"), &run.to_string_lossy())?;
+            let saved = std::fs::read_to_string(run.join("spec.toml")).unwrap_or_default();
+            if saved != loaded.to_toml() {
+                return Err(bad_input(format!(
+                    "{} resolves differently from the spec {} was started with; continue it as it was with: pipe resume {}",
+                    spec.display(),
+                    run.display(),
+                    run.display()
+                )));
+            }
+            let run = pipeline::resume(&run)?;
+            println!("run completed: {}", run.display());
+        }
+        Command::Resume { run } => {
+            let run = runs::resolve(Path::new("runs"), &run.to_string_lossy())?;
+            let run = pipeline::resume(&run)?;
             println!("run completed: {}", run.display());
         }
         Command::Check { spec, sets } => {

@@ -2,7 +2,9 @@
 //! with the user's input (tokenizer, data, model) is checked before the run folder is created;
 //! once it exists, the folder's `meta.json` always says how the run ended.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
@@ -13,23 +15,60 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::backend::{self, BackendJob};
+use crate::checkpoint;
 use crate::data::batch::{tokenize, TokenizeReport};
 use crate::data::{apply_template, records, Example, Sequence, Tok};
-use crate::error::bad_input;
+use crate::error::{bad_input, is_interrupted};
 use crate::generate::{Generator, Sampling};
 use crate::model::{hf, Gpt2, Gpt2Config};
 use crate::run_dir::{self, Meta, RunDir, Status};
 use crate::spec::{LoadedSpec, ModelSpec, Spec, Stage};
-use crate::train::{self, evaluate};
+use crate::train::{self, evaluate, TrainContext};
 
 /// Run the pipeline a spec describes; returns the run folder.
 pub fn run(loaded: &LoadedSpec) -> Result<PathBuf> {
     let spec = &loaded.spec;
-    backend::dispatch(spec.run.backend, spec.run.device, RunJob { loaded })
+    let interrupt = interrupt_on_ctrl_c()?;
+    backend::dispatch(spec.run.backend, spec.run.device, RunJob { loaded, resume: None, interrupt: &interrupt })
+}
+
+/// Continue an unfinished run from its latest complete checkpoint (or from the start when it
+/// has none), in the same folder, with the spec it was started with. A completed run is left
+/// as it is.
+pub fn resume(run_path: &Path) -> Result<PathBuf> {
+    let meta_path = run_path.join(run_dir::META_FILE);
+    if !meta_path.is_file() {
+        return Err(bad_input(format!("{}: not a run folder (no {})", run_path.display(), run_dir::META_FILE)));
+    }
+    let run = RunDir::open(run_path)?;
+    if run.meta.status == Status::Completed {
+        println!("run {} is already completed; nothing to resume", run_path.display());
+        return Ok(run.path);
+    }
+    let loaded = crate::spec::load_with_env(&run.file(run_dir::SPEC_FILE), &[], &[])?;
+    let interrupt = interrupt_on_ctrl_c()?;
+    let job = RunJob { loaded: &loaded, resume: Some(run), interrupt: &interrupt };
+    backend::dispatch(loaded.spec.run.backend, loaded.spec.run.device, job)
+}
+
+/// The first Ctrl-C sets the flag (training checkpoints after the current step and stops);
+/// a second one ends the process at once.
+fn interrupt_on_ctrl_c() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    #[cfg(unix)]
+    {
+        use signal_hook::consts::SIGINT;
+        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag))?;
+        signal_hook::flag::register(SIGINT, Arc::clone(&flag))?;
+    }
+    Ok(flag)
 }
 
 struct RunJob<'a> {
     loaded: &'a LoadedSpec,
+    /// The run folder to continue, for `pipe resume`.
+    resume: Option<RunDir>,
+    interrupt: &'a AtomicBool,
 }
 
 impl BackendJob for RunJob<'_> {
@@ -38,28 +77,51 @@ impl BackendJob for RunJob<'_> {
     fn run<B: AutodiffBackend>(self, device: B::Device, device_name: String) -> Result<PathBuf> {
         let spec = &self.loaded.spec;
         B::seed(&device, spec.run.seed);
-        let inputs = Inputs::<B>::prepare(spec, &device)?;
-        let mut run = RunDir::create(
-            &spec.run.runs_dir,
-            Meta {
-                pipe_version: env!("CARGO_PKG_VERSION").to_string(),
-                name: spec.run.name.clone(),
-                run_id: String::new(),
-                spec_file: self.loaded.path.clone(),
-                backend: backend::name(spec.run.backend).to_string(),
-                device: device_name,
-                seed: spec.run.seed,
-                started: run_dir::now(),
-                ended: None,
-                status: Status::Running,
-                error: None,
-            },
-        )?;
+        let (mut run, inputs, checkpoint) = match self.resume {
+            None => {
+                let inputs = Inputs::<B>::prepare(spec, None, &device)?;
+                let meta = Meta {
+                    pipe_version: env!("CARGO_PKG_VERSION").to_string(),
+                    name: spec.run.name.clone(),
+                    run_id: String::new(),
+                    spec_file: self.loaded.path.clone(),
+                    backend: backend::name(spec.run.backend).to_string(),
+                    device: device_name,
+                    seed: spec.run.seed,
+                    started: run_dir::now(),
+                    ended: None,
+                    status: Status::Running,
+                    error: None,
+                    resumed: Vec::new(),
+                };
+                let run = RunDir::create(&spec.run.runs_dir, meta)?;
+                run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
+                inputs.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
+                (run, inputs, None)
+            }
+            Some(mut run) => {
+                // The run's own tokenizer, not a retrained one.
+                let inputs = Inputs::<B>::prepare(spec, Some(&run.file(run_dir::TOKENIZER_FILE)), &device)?;
+                let latest = checkpoint::list(&run.path).pop();
+                let step = match &latest {
+                    Some(dir) => checkpoint::progress(dir)?.step,
+                    None => 0,
+                };
+                run.restart(step)?;
+                tracing::info!(from_step = step, "resuming the run from its latest checkpoint");
+                (run, inputs, latest)
+            }
+        };
         tracing::info!(run = %run.path.display(), "run folder");
-        match execute(spec, self.loaded, inputs, &run, &device) {
+        match execute(spec, inputs, &run, &device, checkpoint.as_deref(), self.interrupt) {
             Ok(()) => {
                 run.finish(Status::Completed, None)?;
                 Ok(run.path)
+            }
+            Err(error) if is_interrupted(&error) => {
+                run.finish(Status::Interrupted, Some(format!("{error:#}")))?;
+                let how = format!("continue it with: pipe resume {}", run.path.display());
+                Err(error.context(format!("run {} stopped by Ctrl-C; {how}", run.path.display())))
             }
             Err(error) => {
                 run.finish(Status::Failed, Some(format!("{error:#}")))?;
@@ -79,7 +141,8 @@ struct Inputs<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Inputs<B> {
-    fn prepare(spec: &Spec, device: &B::Device) -> Result<Self> {
+    /// `tokenizer` replaces the spec's tokenizer (a resumed run uses the one it saved).
+    fn prepare(spec: &Spec, tokenizer: Option<&Path>, device: &B::Device) -> Result<Self> {
         let model_dir = model_dir(&spec.model)?;
         let train_examples = records::read(&spec.data.path, &spec.data)?;
         let (train_examples, val_examples, val_origin) = match &spec.data.val_path {
@@ -89,7 +152,8 @@ impl<B: AutodiffBackend> Inputs<B> {
                 (train, val, spec.data.path.clone())
             }
         };
-        let (tok, tok_origin) = match (&spec.tokenizer.path, spec.tokenizer.train_vocab_size, &model_dir) {
+        let tokenizer_path = tokenizer.map(Path::to_path_buf).or_else(|| spec.tokenizer.path.clone());
+        let (tok, tok_origin) = match (&tokenizer_path, spec.tokenizer.train_vocab_size, &model_dir) {
             (Some(path), _, _) => (Tok::load(path)?, path.display().to_string()),
             (None, Some(vocab), _) => {
                 tracing::info!(vocab, "training a byte-level BPE tokenizer on the training data");
@@ -215,29 +279,21 @@ fn split(mut examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>,
 /// The stages, in the spec's order, in an existing run folder.
 fn execute<B: AutodiffBackend>(
     spec: &Spec,
-    loaded: &LoadedSpec,
     inputs: Inputs<B>,
     run: &RunDir,
     device: &B::Device,
+    resume_from: Option<&Path>,
+    interrupt: &AtomicBool,
 ) -> Result<()> {
-    run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), loaded.to_toml().as_bytes())?;
-    inputs.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
     let Inputs { tok, train, val, config, mut model } = inputs;
     let pad_id = tok.eos_id;
     let mut steps_trained = 0;
     for stage in &spec.run.stages {
         match stage {
             Stage::Train => {
-                let (trained, summary) = train::train(
-                    model,
-                    &train,
-                    &val,
-                    (&spec.train, &spec.optimizer),
-                    spec.run.seed,
-                    pad_id,
-                    run,
-                    device,
-                )?;
+                let ctx =
+                    TrainContext { train: &train, val: &val, spec, config: &config, tok: &tok, run, device, interrupt };
+                let (trained, summary) = train::train(&ctx, model, resume_from)?;
                 model = trained;
                 steps_trained = summary.steps;
                 save_final(&model.valid(), &config, &tok, run)?;
@@ -274,6 +330,10 @@ fn save_final<B: Backend>(model: &Gpt2<B>, config: &Gpt2Config, tok: &Tok, run: 
     }
     hf::save(model, config, Some(tok.eos_id as usize), &staging)?;
     tok.save(&staging.join(hf::TOKENIZER_FILE))?;
+    if final_dir.exists() {
+        // A resumed run that had finished training saves the same weights again.
+        std::fs::remove_dir_all(&final_dir)?;
+    }
     std::fs::rename(&staging, &final_dir)
         .with_context(|| format!("cannot move the checkpoint into {}", final_dir.display()))?;
     tracing::info!(path = %final_dir.display(), "saved the final model");

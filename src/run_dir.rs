@@ -43,6 +43,8 @@ pub enum Status {
     Running,
     Completed,
     Failed,
+    /// Stopped by Ctrl-C after a checkpoint; `pipe resume` continues it.
+    Interrupted,
 }
 
 /// `meta.json`: what ran, where, and how it ended.
@@ -61,6 +63,9 @@ pub struct Meta {
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When the run was resumed, each time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resumed: Vec<String>,
 }
 
 /// An open run folder.
@@ -102,6 +107,48 @@ impl RunDir {
             }
         }
         unreachable!("some run id is free")
+    }
+
+    /// An existing run folder.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta_path = path.join(META_FILE);
+        let text = fs::read_to_string(&meta_path)
+            .map_err(|e| bad_input(format!("{}: not a run folder: {e}", path.display())))?;
+        let meta = serde_json::from_str(&text)
+            .map_err(|e| bad_input(format!("{}: not a pipe meta.json: {e}", meta_path.display())))?;
+        Ok(Self { path: path.to_path_buf(), meta })
+    }
+
+    /// Make the folder ready to continue from optimizer step `step`: metrics after that step
+    /// are dropped (they will be recorded again), as are the outputs of later stages, and the
+    /// status is `running` again.
+    pub fn restart(&mut self, step: usize) -> Result<()> {
+        let metrics = self.file(METRICS_FILE);
+        if let Ok(text) = fs::read_to_string(&metrics) {
+            let kept: String = text
+                .lines()
+                .filter(|line| {
+                    let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else { return false };
+                    let at = record["step"].as_u64().unwrap_or(0) as usize;
+                    // Step records up to the checkpoint stay; evaluations at its step came after it.
+                    if record.get("loss").is_some() {
+                        at <= step
+                    } else {
+                        at < step
+                    }
+                })
+                .map(|line| format!("{line}\n"))
+                .collect();
+            write_atomic(&metrics, kept.as_bytes())?;
+        }
+        for later in [SAMPLES_FILE, "eval.json"] {
+            let _ = fs::remove_file(self.file(later));
+        }
+        self.meta.status = Status::Running;
+        self.meta.ended = None;
+        self.meta.error = None;
+        self.meta.resumed.push(now());
+        self.write_meta()
     }
 
     pub fn file(&self, name: &str) -> PathBuf {

@@ -219,6 +219,12 @@ pub struct TrainSpec {
     /// Log a metrics line every this many optimizer steps.
     #[serde(default = "one")]
     pub log_every: usize,
+    /// Checkpoint every this many optimizer steps (and always at the end); 0 = only at the end.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// How many checkpoints to keep (the newest).
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainSpec {
@@ -230,6 +236,8 @@ impl Default for TrainSpec {
             max_length: None,
             loss_on: LossOn::default(),
             log_every: 1,
+            checkpoint_every: default_checkpoint_every(),
+            keep_checkpoints: default_keep_checkpoints(),
         }
     }
 }
@@ -306,6 +314,12 @@ fn default_eps() -> f64 {
 }
 fn one() -> usize {
     1
+}
+fn default_checkpoint_every() -> usize {
+    100
+}
+fn default_keep_checkpoints() -> usize {
+    2
 }
 fn default_batch_size() -> usize {
     8
@@ -647,6 +661,7 @@ impl LoadedSpec {
         positive("train.batch_size", s.train.batch_size)?;
         positive("train.grad_accum", s.train.grad_accum)?;
         positive("train.log_every", s.train.log_every)?;
+        positive("train.keep_checkpoints", s.train.keep_checkpoints)?;
         if let Some(max) = s.train.max_length {
             if max < 2 {
                 return Err(self.invalid("train.max_length", "must be at least 2 tokens"));

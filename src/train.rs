@@ -16,10 +16,14 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::data::{Batch, Sequence};
-use crate::model::Gpt2;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::checkpoint::{self, Progress};
+use crate::data::{Batch, Sequence, Tok};
+use crate::error::Interrupted;
+use crate::model::{Gpt2, Gpt2Config};
 use crate::run_dir::RunDir;
-use crate::spec::{OptimizerKind, OptimizerSpec, Schedule, TrainSpec};
+use crate::spec::{OptimizerKind, OptimizerSpec, Schedule, Spec};
 
 /// What a finished training stage reports.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +68,31 @@ impl<B: AutodiffBackend> ModelOptimizer<B> {
             Self::AdamW(optim) => optim.step(lr, model, grads),
         }
     }
+
+    fn save(&self, at: CheckpointAt<'_, B>) -> Result<std::path::PathBuf> {
+        let CheckpointAt { run, model, config, tok, progress, keep } = at;
+        match self {
+            Self::Adam(optim) => checkpoint::save(run, model, config, tok, optim.to_record(), progress, keep),
+            Self::AdamW(optim) => checkpoint::save(run, model, config, tok, optim.to_record(), progress, keep),
+        }
+    }
+
+    fn restore(self, dir: &std::path::Path, device: &B::Device) -> Result<Self> {
+        Ok(match self {
+            Self::Adam(optim) => Self::Adam(optim.load_record(checkpoint::load_optimizer(dir, device)?)),
+            Self::AdamW(optim) => Self::AdamW(optim.load_record(checkpoint::load_optimizer(dir, device)?)),
+        })
+    }
+}
+
+/// What a checkpoint is taken of.
+struct CheckpointAt<'a, B: AutodiffBackend> {
+    run: &'a std::path::Path,
+    model: &'a Gpt2<B>,
+    config: &'a Gpt2Config,
+    tok: &'a Tok,
+    progress: Progress,
+    keep: usize,
 }
 
 /// What one optimizer step saw.
@@ -118,32 +147,64 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 }
 
-/// Train `model` on `train` for the spec's epochs, evaluating on `val` after each epoch.
-#[allow(clippy::too_many_arguments)]
+/// Everything the training stage works with besides the model.
+pub struct TrainContext<'a, B: AutodiffBackend> {
+    pub train: &'a [Sequence],
+    pub val: &'a [Sequence],
+    pub spec: &'a Spec,
+    pub config: &'a Gpt2Config,
+    pub tok: &'a Tok,
+    pub run: &'a RunDir,
+    pub device: &'a B::Device,
+    /// Set by Ctrl-C: finish the step, checkpoint, stop.
+    pub interrupt: &'a AtomicBool,
+}
+
+/// Train for the spec's epochs, evaluating on the validation set after each, checkpointing
+/// every `train.checkpoint_every` steps and at the end. With `resume`, training continues from
+/// a checkpoint exactly where the interrupted run stood.
 pub fn train<B: AutodiffBackend>(
+    ctx: &TrainContext<'_, B>,
     mut model: Gpt2<B>,
-    train: &[Sequence],
-    val: &[Sequence],
-    (train_spec, opt): (&TrainSpec, &OptimizerSpec),
-    seed: u64,
-    pad_id: u32,
-    run: &RunDir,
-    device: &B::Device,
+    resume: Option<&std::path::Path>,
 ) -> Result<(Gpt2<B>, TrainSummary)> {
+    let (train_spec, opt, seed) = (&ctx.spec.train, &ctx.spec.optimizer, ctx.spec.run.seed);
+    let (train, pad_id, device) = (ctx.train, ctx.tok.eos_id, ctx.device);
     let mut trainer = Trainer::new(opt, pad_id, device);
+    let mut start = Progress { step: 0, epoch: 1, position: 0 };
+    if let Some(dir) = resume {
+        let restored = checkpoint::load::<B>(dir, Some(ctx.config.dropout), device)?;
+        trainer.optim = trainer.optim.restore(dir, device)?;
+        model = restored.model;
+        start = restored.progress;
+        tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
+    }
     let examples_per_step = train_spec.batch_size * train_spec.grad_accum;
     let steps_per_epoch = train.len().div_ceil(examples_per_step);
     let total_steps = steps_per_epoch * train_spec.epochs;
     let schedule = LrSchedule::new(opt, total_steps);
     tracing::info!(examples = train.len(), steps_per_epoch, total_steps, "training");
-    let mut summary = TrainSummary { steps: 0, first_loss: f64::NAN, last_loss: f64::NAN };
+    let mut summary = TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN };
     let started = Instant::now();
+    let checkpoint = |model: &Gpt2<B>, trainer: &Trainer<B>, progress: Progress| {
+        let at = CheckpointAt {
+            run: &ctx.run.path,
+            model,
+            config: ctx.config,
+            tok: ctx.tok,
+            progress,
+            keep: train_spec.keep_checkpoints,
+        };
+        trainer.optim.save(at)
+    };
 
-    for epoch in 1..=train_spec.epochs {
+    for epoch in start.epoch..=train_spec.epochs {
         let order = epoch_order(train.len(), seed, epoch);
+        let skip = if epoch == start.epoch { start.position } else { 0 };
         let bar = progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", train_spec.epochs));
+        bar.set_position((skip / examples_per_step) as u64);
         let (mut epoch_loss, mut epoch_tokens) = (0.0, 0usize);
-        for step_examples in order.chunks(examples_per_step) {
+        for (i, step_examples) in order[skip..].chunks(examples_per_step).enumerate() {
             let step_started = Instant::now();
             let micro_batches: Vec<Vec<&Sequence>> = step_examples
                 .chunks(train_spec.batch_size)
@@ -151,18 +212,21 @@ pub fn train<B: AutodiffBackend>(
                 .collect();
             let step = summary.steps + 1;
             let lr = schedule.at(step - 1);
+            // Dropout draws from the backend's generator: seeding it per step makes a resumed
+            // run draw the same masks as an uninterrupted one.
+            B::seed(device, seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64));
             let stats;
             (model, stats) =
                 trainer.step(model, &micro_batches, lr).with_context(|| format!("step {step} (epoch {epoch})"))?;
             let tokens_per_s = stats.tokens as f64 / step_started.elapsed().as_secs_f64();
-            if summary.steps == 0 {
+            if summary.first_loss.is_nan() {
                 summary.first_loss = stats.loss;
             }
             summary.steps = step;
             summary.last_loss = stats.loss;
             epoch_loss += stats.loss * stats.loss_tokens as f64;
             epoch_tokens += stats.loss_tokens;
-            run.log_metrics(&json!({
+            ctx.run.log_metrics(&json!({
                 "step": step, "epoch": epoch, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                 "tokens": stats.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": started.elapsed().as_secs_f64(),
             }))?;
@@ -171,14 +235,25 @@ pub fn train<B: AutodiffBackend>(
             }
             bar.set_message(format!("loss {:.4}  {tokens_per_s:.0} tok/s", stats.loss));
             bar.inc(1);
+            let progress = Progress { step, epoch, position: skip + (i + 1) * examples_per_step };
+            let progress = Progress { position: progress.position.min(train.len()), ..progress };
+            if ctx.interrupt.load(Ordering::SeqCst) {
+                bar.finish_and_clear();
+                let dir = checkpoint(&model, &trainer, progress)?;
+                return Err(Interrupted(format!("interrupted after step {step}; checkpoint {}", dir.display())).into());
+            }
+            let every = train_spec.checkpoint_every;
+            if (every > 0 && step.is_multiple_of(every)) || step == total_steps {
+                checkpoint(&model, &trainer, progress)?;
+            }
         }
         bar.finish_and_clear();
         let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
-        if val.is_empty() {
+        if ctx.val.is_empty() {
             tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done");
         } else {
-            let (val_loss, _) = evaluate(&model.valid(), val, train_spec.batch_size, pad_id, device);
-            run.log_metrics(&json!({
+            let (val_loss, _) = evaluate(&model.valid(), ctx.val, train_spec.batch_size, pad_id, device);
+            ctx.run.log_metrics(&json!({
                 "step": summary.steps, "epoch": epoch, "val_loss": val_loss, "val_ppl": val_loss.exp(),
             }))?;
             tracing::info!(

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# pipe bench against the PyTorch reference (../shared/bench/torch_ref.py), same machine, same
+# sitting, alternating the two so that drift on a shared machine hits both alike.
+#   PYTHON=/path/to/python-with-torch-and-transformers scripts/cpu-bench.sh [rounds]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_REF=${TORCH_REF:-../shared/bench/torch_ref.py}
+ROUNDS=${1:-2}
+cargo build --release --quiet
+tiny="--layers 4 --heads 4 --embd 256 --vocab 8192 --seq 128 --batch 8"
+small="--layers 12 --heads 12 --embd 768 --vocab 50257 --seq 256 --batch 4 --steps 4 --warmup 1"
+for shape in "$tiny" "$small"; do
+  for _ in $(seq "$ROUNDS"); do
+    # shellcheck disable=SC2086
+    "$PYTHON" "$TORCH_REF" $shape --threads 2
+    # shellcheck disable=SC2086
+    ./target/release/pipe bench $shape
+  done
+done

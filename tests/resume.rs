@@ -1,0 +1,232 @@
+//! Runs that survive: a run killed (SIGKILL) at a chosen step, or in the middle of writing a
+//! checkpoint, or stopped with Ctrl-C, and then resumed, ends with final weights byte-identical
+//! to an uninterrupted run's, and with the same metrics for every step.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pipe, stderr};
+
+const SPEC: &str = r#"
+[run]
+name = "survive"
+seed = 11
+runs_dir = "runs"
+
+[data]
+path = "train.jsonl"
+val_fraction = 0.1
+prompt_template = "{prompt}\n"
+
+[tokenizer]
+train_vocab_size = 400
+
+[model]
+layers = 2
+heads = 2
+embd = 64
+context = 64
+dropout = 0.1
+
+[optimizer]
+lr = 2e-3
+schedule = "cosine"
+warmup_steps = 3
+grad_clip = 1.0
+
+[train]
+epochs = 3
+batch_size = 4
+grad_accum = 2
+checkpoint_every = 3
+keep_checkpoints = 2
+
+[generate]
+prompts = ["What is the capital of Kenya?"]
+max_new_tokens = 6
+"#;
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
+    std::fs::write(dir.path().join("train.jsonl"), data.lines().take(60).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
+    dir
+}
+
+fn runs(dir: &Path) -> Vec<PathBuf> {
+    let mut runs: Vec<PathBuf> =
+        std::fs::read_dir(dir.join("runs/survive")).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+    runs.sort();
+    runs
+}
+
+fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pipe"));
+    command.current_dir(dir).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.spawn().unwrap()
+}
+
+/// Step records as (step, loss), in file order.
+fn step_losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m.get("loss").is_some())
+        .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn last_step(run: &Path) -> u64 {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+fn status(run: &Path) -> String {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    meta["status"].as_str().unwrap().to_string()
+}
+
+fn weights(run: &Path) -> Vec<u8> {
+    std::fs::read(run.join("final/model.safetensors")).unwrap()
+}
+
+/// The uninterrupted run every interrupted one is compared with.
+fn reference(dir: &Path) -> PathBuf {
+    let out = pipe(dir, &["run", "spec.toml", "--set", "run.name=reference"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::read_dir(dir.join("runs/reference")).unwrap().next().unwrap().unwrap().path()
+}
+
+fn resume_and_compare(dir: &Path, run: &Path, reference: &Path) {
+    let out = pipe(dir, &["resume", run.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(status(run), "completed");
+    assert!(weights(run) == weights(reference), "final weights differ from the uninterrupted run's");
+    let (ours, theirs) = (step_losses(run), step_losses(reference));
+    assert_eq!(
+        ours.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=ours.len() as u64).collect::<Vec<_>>(),
+        "no duplicate or missing steps"
+    );
+    assert_eq!(ours, theirs, "every step's loss is the same as the uninterrupted run's");
+    let samples = |r: &Path| std::fs::read_to_string(r.join("samples.jsonl")).unwrap();
+    assert_eq!(samples(run), samples(reference));
+}
+
+#[test]
+fn sigkill_at_a_step_then_resume_is_exact() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let total = step_losses(&reference).len() as u64;
+    assert_eq!(total, 21, "54 examples in steps of 8, 3 epochs");
+    for kill_after in [5, 13] {
+        let mut child = spawn(dir.path(), &["run", "spec.toml"], &[]);
+        let run = loop {
+            if let Some(run) = runs(dir.path()).pop() {
+                if last_step(&run) >= kill_after {
+                    break run;
+                }
+            }
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before step {kill_after}");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert_eq!(status(&run), "running", "a killed run does not claim to be finished");
+        assert!(last_step(&run) < total);
+        resume_and_compare(dir.path(), &run, &reference);
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+}
+
+#[test]
+fn a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_complete() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_ABORT_IN_CHECKPOINT", "9")]);
+    let status_code = child.wait().unwrap();
+    assert!(!status_code.success(), "the run died in the checkpoint write");
+    let run = runs(dir.path()).pop().unwrap();
+    let checkpoints: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(checkpoints.contains(&".step-000009.partial".to_string()), "{checkpoints:?}");
+    assert!(!checkpoints.contains(&"step-000009".to_string()), "{checkpoints:?}");
+    assert!(checkpoints.contains(&"step-000006".to_string()), "the last good checkpoint is kept: {checkpoints:?}");
+    resume_and_compare(dir.path(), &run, &reference);
+    let checkpoints = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
+    assert_eq!(checkpoints, 2, "keep_checkpoints = 2, and no partial one left behind");
+}
+
+#[test]
+fn killed_before_the_first_checkpoint_resumes_from_the_start() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_ABORT_IN_CHECKPOINT", "3")]);
+    child.wait().unwrap();
+    let run = runs(dir.path()).pop().unwrap();
+    assert!(pipe::checkpoint::list(&run).is_empty());
+    resume_and_compare(dir.path(), &run, &reference);
+}
+
+#[test]
+fn ctrl_c_checkpoints_marks_interrupted_and_says_how_to_resume() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let child = spawn(dir.path(), &["run", "spec.toml"], &[]);
+    let run = loop {
+        if let Some(run) = runs(dir.path()).pop() {
+            if last_step(&run) >= 4 {
+                break run;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(message.contains("pipe resume") && message.contains(run.to_str().unwrap()), "{message}");
+    assert_eq!(status(&run), "interrupted");
+    let stopped_at = last_step(&run);
+    let latest = pipe::checkpoint::list(&run).pop().unwrap();
+    assert_eq!(
+        pipe::checkpoint::progress(&latest).unwrap().step as u64,
+        stopped_at,
+        "checkpointed at the step it stopped"
+    );
+    resume_and_compare(dir.path(), &run, &reference);
+}
+
+#[test]
+fn resuming_a_completed_run_does_nothing_and_resuming_a_non_run_is_bad_input() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let before = std::fs::read_to_string(reference.join("metrics.jsonl")).unwrap();
+    let out = pipe(dir.path(), &["resume", reference.to_str().unwrap()], &[]);
+    assert!(out.status.success());
+    assert!(common::stdout(&out).contains("already completed"));
+    assert_eq!(std::fs::read_to_string(reference.join("metrics.jsonl")).unwrap(), before);
+    let out = pipe(dir.path(), &["resume", "."], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not a run"), "{}", stderr(&out));
+}
