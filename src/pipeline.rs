@@ -174,6 +174,17 @@ impl<B: AutodiffBackend> Inputs<B> {
             }
             (None, None, None) => unreachable!("validated: a new model names its tokenizer"),
         };
+        let vocab_size = match &model_dir {
+            Some(dir) => hf::read_config(dir)?.vocab_size,
+            None => tok.vocab_size(),
+        };
+        if tok.vocab_size() > vocab_size {
+            return Err(bad_input(format!(
+                "the tokenizer ({tok_origin}) has {} tokens but the model's vocabulary has {vocab_size}{}: use the tokenizer the model was trained with",
+                tok.vocab_size(),
+                model_dir.as_ref().map(|d| format!(" ({})", d.display())).unwrap_or_default()
+            )));
+        }
         let (config, model) = match &model_dir {
             Some(dir) => hf::load::<B>(dir, spec.model.dropout, device)?,
             None => {
@@ -190,14 +201,6 @@ impl<B: AutodiffBackend> Inputs<B> {
                 (config, model)
             }
         };
-        if tok.vocab_size() > config.vocab_size {
-            return Err(bad_input(format!(
-                "the tokenizer ({tok_origin}) has {} tokens but the model's vocabulary has {}{}: use the tokenizer the model was trained with",
-                tok.vocab_size(),
-                config.vocab_size,
-                model_dir.as_ref().map(|d| format!(" ({})", d.display())).unwrap_or_default()
-            )));
-        }
         let max_length = spec.train.max_length.unwrap_or(config.n_positions);
         if max_length > config.n_positions {
             return Err(bad_input(format!(
