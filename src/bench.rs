@@ -62,7 +62,7 @@ impl BackendJob for Bench {
         for step in 0..shape.warmup + shape.steps {
             // seq + 1 ids give seq input positions, each with a next-token target.
             let sequences: Vec<Sequence> =
-                (0..shape.batch).map(|_| Sequence { ids: random_ids(shape.seq + 1), untrained_prefix: 0 }).collect();
+                (0..shape.batch).map(|_| Sequence::all_trained(random_ids(shape.seq + 1))).collect();
             let batch: Vec<&Sequence> = sequences.iter().collect();
             let started = Instant::now();
             let stats;

@@ -54,6 +54,16 @@ enum Command {
         #[arg(long = "set", value_name = "FIELD=VALUE")]
         sets: Vec<String>,
     },
+    /// Show how a spec's data is rendered and tokenized: the first examples with the trained
+    /// tokens marked [[...]], and counts.
+    Data {
+        spec: PathBuf,
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        sets: Vec<String>,
+        /// How many examples to show.
+        #[arg(short, long, default_value_t = 3)]
+        n: usize,
+    },
     /// List the runs in a runs folder as a table.
     Runs {
         /// The runs folder.
@@ -271,6 +281,19 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("{:width$}  # {source}", format!("{key} = {value}"));
             }
         }
+        Command::Data { spec, sets, n } => {
+            let loaded = spec::load(&spec, &sets)?;
+            let data = pipeline::PreparedData::prepare(&loaded.spec, None)?;
+            for (i, sequence) in data.train.iter().take(n).enumerate() {
+                println!("--- example {} ({} tokens, {} trained)", i + 1, sequence.ids.len(), sequence.loss_tokens());
+                println!("{}", pipe::data::render::show(sequence, &data.tok)?);
+            }
+            let r = &data.report;
+            println!(
+                "--- {} examples -> {} training sequences, {} tokens, {} trained on; {} truncated, {} dropped; {} validation sequences",
+                r.examples, r.sequences, r.tokens, r.trained_tokens, r.truncated, r.dropped, data.val.len()
+            );
+        }
         Command::Runs { runs_dir, name, sort } => {
             let mut all = runs::list(&runs_dir)?;
             if let Some(name) = name {
@@ -333,7 +356,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Chat { model, template, sampling } => {
             let (model, tok, spec) = load_model(&model, sampling.checkpoint.as_deref())?;
             let template = template
-                .or_else(|| spec.as_ref().map(|s| s.data.prompt_template.clone()))
+                .or_else(|| spec.as_ref().map(|s| pipe::data::prompt_layout(&s.data)))
                 .unwrap_or_else(|| "{prompt}\n".to_string());
             if !template.contains("{prompt}") {
                 return Err(bad_input("--template must contain `{prompt}`"));

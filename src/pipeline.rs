@@ -16,8 +16,7 @@ use serde_json::json;
 
 use crate::backend::{self, BackendJob};
 use crate::checkpoint;
-use crate::data::batch::{tokenize, TokenizeReport};
-use crate::data::{apply_template, records, Example, Sequence, Tok};
+use crate::data::{apply_template, cache, prompt_layout, records, tokenize, Example, Sequence, Tok, TokenizeReport};
 use crate::error::{bad_input, is_interrupted};
 use crate::generate::{Generator, Sampling};
 use crate::model::{hf, Gpt2, Gpt2Config};
@@ -143,6 +142,37 @@ struct Inputs<B: AutodiffBackend> {
 impl<B: AutodiffBackend> Inputs<B> {
     /// `tokenizer` replaces the spec's tokenizer (a resumed run uses the one it saved).
     fn prepare(spec: &Spec, tokenizer: Option<&Path>, device: &B::Device) -> Result<Self> {
+        let data = PreparedData::prepare(spec, tokenizer)?;
+        let (config, model) = match &data.model_dir {
+            Some(dir) => hf::load::<B>(dir, spec.model.dropout, device)?,
+            None => {
+                let m = &spec.model;
+                let (layers, heads, embd, context) =
+                    (m.layers.unwrap(), m.heads.unwrap(), m.embd.unwrap(), m.context.unwrap());
+                let config = Gpt2Config::new(data.tok.vocab_size(), context, embd, layers, heads)
+                    .with_dropout(m.dropout.unwrap_or(0.0));
+                let model = config.init::<B>(device);
+                (config, model)
+            }
+        };
+        log_data(&data.report, data.val.len(), &config);
+        Ok(Self { tok: data.tok, train: data.train, val: data.val, config, model })
+    }
+}
+
+/// The tokenizer and the tokenized train and validation sets of a spec.
+pub struct PreparedData {
+    pub tok: Tok,
+    pub train: Vec<Sequence>,
+    pub val: Vec<Sequence>,
+    pub report: TokenizeReport,
+    model_dir: Option<PathBuf>,
+}
+
+impl PreparedData {
+    /// Read, split and tokenize the spec's data (from the tokenized cache when the inputs are
+    /// unchanged), checking it against the model's vocabulary and context.
+    pub fn prepare(spec: &Spec, tokenizer: Option<&Path>) -> Result<Self> {
         let model_dir = model_dir(&spec.model)?;
         let train_examples = records::read(&spec.data.path, &spec.data)?;
         let (train_examples, val_examples, val_origin) = match &spec.data.val_path {
@@ -157,8 +187,7 @@ impl<B: AutodiffBackend> Inputs<B> {
             (Some(path), _, _) => (Tok::load(path)?, path.display().to_string()),
             (None, Some(vocab), _) => {
                 tracing::info!(vocab, "training a byte-level BPE tokenizer on the training data");
-                let texts = train_examples.iter().flat_map(|e| [e.prompt.as_str(), e.response.as_str()]);
-                let tok = Tok::train(texts, vocab)?;
+                let tok = Tok::train(train_examples.iter().flat_map(Example::texts), vocab)?;
                 if tok.vocab_size() < vocab {
                     tracing::warn!(
                         asked = vocab,
@@ -174,9 +203,12 @@ impl<B: AutodiffBackend> Inputs<B> {
             }
             (None, None, None) => unreachable!("validated: a new model names its tokenizer"),
         };
-        let vocab_size = match &model_dir {
-            Some(dir) => hf::read_config(dir)?.vocab_size,
-            None => tok.vocab_size(),
+        let (vocab_size, context) = match &model_dir {
+            Some(dir) => {
+                let config = hf::read_config(dir)?;
+                (config.vocab_size, config.n_positions)
+            }
+            None => (tok.vocab_size(), spec.model.context.expect("validated: a new model has a context")),
         };
         if tok.vocab_size() > vocab_size {
             return Err(bad_input(format!(
@@ -185,50 +217,69 @@ impl<B: AutodiffBackend> Inputs<B> {
                 model_dir.as_ref().map(|d| format!(" ({})", d.display())).unwrap_or_default()
             )));
         }
-        let (config, model) = match &model_dir {
-            Some(dir) => hf::load::<B>(dir, spec.model.dropout, device)?,
-            None => {
-                let m = &spec.model;
-                let config = Gpt2Config::new(
-                    tok.vocab_size(),
-                    m.context.unwrap(),
-                    m.embd.unwrap(),
-                    m.layers.unwrap(),
-                    m.heads.unwrap(),
-                )
-                .with_dropout(m.dropout.unwrap_or(0.0));
-                let model = config.init::<B>(device);
-                (config, model)
-            }
-        };
-        let max_length = spec.train.max_length.unwrap_or(config.n_positions);
-        if max_length > config.n_positions {
+        let max_length = spec.train.max_length.unwrap_or(context);
+        if max_length > context {
             return Err(bad_input(format!(
-                "train.max_length = {max_length} is longer than the model's context of {} positions",
-                config.n_positions
+                "train.max_length = {max_length} is longer than the model's context of {context} positions"
             )));
         }
-        let (train, report) = tokenize(
-            &train_examples,
-            &tok,
-            max_length,
-            spec.train.loss_on,
-            &spec.data.prompt_template,
-            &spec.data.path,
-        )?;
-        let (val, _) =
-            tokenize(&val_examples, &tok, max_length, spec.train.loss_on, &spec.data.prompt_template, &val_origin)?;
-        log_data(&report, val.len(), &config);
-        Ok(Self { tok, train, val, config, model })
+        let entry = cache_entry(spec, &tok, max_length)?;
+        let tokenized = match cache::load(&entry) {
+            Some(cached) => {
+                tracing::info!(path = %entry.display(), "reusing the tokenized data from the cache");
+                cached
+            }
+            None => {
+                let (train, report) =
+                    tokenize(&train_examples, &tok, &spec.data, max_length, spec.train.loss_on, &spec.data.path)?;
+                let (val, _) = tokenize(&val_examples, &tok, &spec.data, max_length, spec.train.loss_on, &val_origin)?;
+                let tokenized = cache::Tokenized { train, val, report };
+                match cache::store(&entry, &tokenized) {
+                    Ok(()) => tracing::info!(path = %entry.display(), "tokenized the data and cached it"),
+                    Err(e) => tracing::warn!("could not cache the tokenized data: {e:#}"),
+                }
+                tokenized
+            }
+        };
+        if tokenized.train.is_empty() {
+            return Err(bad_input(format!(
+                "{}: no training sequences are left after tokenizing",
+                spec.data.path.display()
+            )));
+        }
+        Ok(Self { tok, train: tokenized.train, val: tokenized.val, report: tokenized.report, model_dir })
     }
+}
+
+/// The cache entry for a spec's data: the dataset files' bytes, the tokenizer, and every
+/// setting that changes the tokenized result (paths themselves do not).
+fn cache_entry(spec: &Spec, tok: &Tok, max_length: usize) -> Result<PathBuf> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| bad_input(format!("{}: cannot read: {e}", p.display())));
+    let train = read(&spec.data.path)?;
+    let val = spec.data.val_path.as_deref().map(read).transpose()?.unwrap_or_default();
+    let tokenizer = tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
+    let mut data = spec.data.clone();
+    data.path = PathBuf::new();
+    data.val_path = None;
+    let settings = format!(
+        "{}\nseed={} max_length={max_length} loss_on={:?} version={}",
+        toml::to_string(&data)?,
+        spec.run.seed,
+        spec.train.loss_on,
+        env!("CARGO_PKG_VERSION")
+    );
+    Ok(cache::entry_path(&spec.run.runs_dir, &[&train, &val, tokenizer.as_bytes(), settings.as_bytes()]))
 }
 
 fn log_data(report: &TokenizeReport, val: usize, config: &Gpt2Config) {
     tracing::info!(
         train_examples = report.examples,
-        val_examples = val,
+        train_sequences = report.sequences,
+        val_sequences = val,
         train_tokens = report.tokens,
+        trained_tokens = report.trained_tokens,
         truncated = report.truncated,
+        dropped = report.dropped,
         "data"
     );
     tracing::info!(
@@ -355,7 +406,7 @@ fn generate_samples<B: Backend>(
     let mut generator = Generator::new(model, device, g.seed);
     let bar = indicatif::ProgressBar::new(g.prompts.len() as u64).with_prefix("generate");
     for prompt in &g.prompts {
-        let text_in = apply_template(&spec.data.prompt_template, prompt);
+        let text_in = apply_template(&prompt_layout(&spec.data), prompt);
         let ids = tok.encode(&text_in)?;
         let new = generator.generate(&ids, g.max_new_tokens, sampling, Some(tok.eos_id), |_| {});
         let ended = new.last() == Some(&tok.eos_id);

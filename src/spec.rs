@@ -15,8 +15,6 @@ use crate::error::bad_input;
 
 /// Prefix of environment variables that override spec fields (`PIPE_TRAIN__EPOCHS=3`).
 pub const ENV_PREFIX: &str = "PIPE_";
-/// Environment variables with the prefix that are pipe's own switches, not spec overrides.
-const ENV_NOT_OVERRIDES: &[&str] = &["PIPE_LOG"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,18 +73,43 @@ pub enum Stage {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// Training examples: a JSON array or JSONL of objects.
+    /// Training data: JSON array, JSONL, CSV with a header row, or plain text.
     pub path: PathBuf,
+    /// How the file is laid out; `auto` goes by the extension (.jsonl, .csv, .txt) or content.
     #[serde(default)]
     pub format: DataFormat,
+    /// What each record holds.
+    #[serde(default)]
+    pub kind: DataKind,
+    /// `pair` records: which fields hold prompt and response.
     #[serde(default = "default_prompt_field", deserialize_with = "lenient_string")]
     pub prompt_field: String,
     #[serde(default = "default_response_field", deserialize_with = "lenient_string")]
     pub response_field: String,
-    /// How a prompt is laid out before the response: `{prompt}` stands for the prompt field.
+    /// `pair` records: how a prompt is laid out before the response (`{prompt}` is the prompt).
     /// The generate stage's prompts and `pipe chat` use the same template.
     #[serde(default = "default_prompt_template")]
     pub prompt_template: String,
+    /// `alpaca` records: instruction, optional input, output.
+    #[serde(default = "default_instruction_field", deserialize_with = "lenient_string")]
+    pub instruction_field: String,
+    #[serde(default = "default_input_field", deserialize_with = "lenient_string")]
+    pub input_field: String,
+    #[serde(default = "default_output_field", deserialize_with = "lenient_string")]
+    pub output_field: String,
+    /// `chat` records: the field with the list of {role, content} messages.
+    #[serde(default = "default_messages_field", deserialize_with = "lenient_string")]
+    pub messages_field: String,
+    /// `chat` records: `simple`, or a format string with `{role}` and `{content}` that every
+    /// message is rendered with; assistant messages are followed by EOS.
+    #[serde(default = "default_chat_template")]
+    pub chat_template: String,
+    /// `text` records: the field that holds the text (JSON, JSONL or CSV).
+    #[serde(default = "default_text_field", deserialize_with = "lenient_string")]
+    pub text_field: String,
+    /// Plain-text files: one document per `line`, or the whole `file` as one document.
+    #[serde(default)]
+    pub documents: Documents,
     /// Validation examples from a second file; otherwise `val_fraction` of `path` is held out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_path: Option<PathBuf>,
@@ -97,11 +120,35 @@ pub struct DataSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
-    /// `.jsonl` files are JSONL, others are read as a JSON array or, failing that, JSONL.
+    /// By extension: `.jsonl`, `.csv`, `.txt`; otherwise a JSON array or, failing that, JSONL.
     #[default]
     Auto,
     Json,
     Jsonl,
+    Csv,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    /// A prompt and a response.
+    #[default]
+    Pair,
+    /// Alpaca records: instruction, optional input, output, in the two Alpaca prompt layouts.
+    Alpaca,
+    /// A list of {role, content} messages (system, user, assistant), several turns.
+    Chat,
+    /// Plain documents for continued pre-training, packed into blocks with EOS between.
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Documents {
+    #[default]
+    Line,
+    File,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -297,6 +344,24 @@ fn default_prompt_field() -> String {
 fn default_response_field() -> String {
     "response".into()
 }
+fn default_instruction_field() -> String {
+    "instruction".into()
+}
+fn default_input_field() -> String {
+    "input".into()
+}
+fn default_output_field() -> String {
+    "output".into()
+}
+fn default_messages_field() -> String {
+    "messages".into()
+}
+fn default_chat_template() -> String {
+    "simple".into()
+}
+fn default_text_field() -> String {
+    "text".into()
+}
 fn default_prompt_template() -> String {
     "{prompt}".into()
 }
@@ -467,8 +532,7 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
         return Err(bad_input(format!("{}: {}", path.display(), toml_error_line(&e, &text))));
     }
     let mut figment = Figment::from(Toml::file_exact(&path));
-    let mut env_overrides: Vec<_> =
-        env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_NOT_OVERRIDES.contains(&k.as_str())).collect();
+    let mut env_overrides: Vec<_> = env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
     env_overrides.sort();
     for (var, value) in env_overrides {
         let key = var[ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".");
@@ -642,6 +706,12 @@ impl LoadedSpec {
         }
         if !(0.0..1.0).contains(&s.data.val_fraction) || s.data.val_fraction.is_nan() {
             return Err(self.invalid("data.val_fraction", format!("must be in [0, 1), got {}", s.data.val_fraction)));
+        }
+        let chat = &s.data.chat_template;
+        if chat != "simple" && !(chat.contains("{role}") && chat.contains("{content}")) {
+            return Err(
+                self.invalid("data.chat_template", "must be `simple` or a format string with `{role}` and `{content}`")
+            );
         }
         if !s.data.prompt_template.contains("{prompt}") {
             return Err(self.invalid("data.prompt_template", "must contain `{prompt}`, where the prompt goes"));

@@ -8,23 +8,16 @@ use std::path::Path;
 use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use common::fixture_dir;
-use pipe::data::batch::tokenize;
-use pipe::data::{records, Batch, Example, Sequence, Tok};
+use pipe::data::{records, tokenize, Batch, Example, Record, Sequence, Tok};
 use pipe::error::is_bad_input;
 use pipe::model::{hf, Gpt2};
-use pipe::spec::{DataFormat, DataSpec, LossOn, OptimizerSpec};
+use pipe::spec::{DataSpec, LossOn, OptimizerSpec};
 use pipe::train::Trainer;
 
 fn data_spec() -> DataSpec {
-    DataSpec {
-        path: "unused".into(),
-        format: DataFormat::Auto,
-        prompt_field: "prompt".into(),
-        response_field: "response".into(),
-        prompt_template: "{prompt}".into(),
-        val_path: None,
-        val_fraction: 0.0,
-    }
+    let spec: pipe::spec::Spec =
+        toml::from_str("[run]\nname = \"t\"\n[data]\npath = \"unused\"\n[model]\npath = \"m\"\n").unwrap();
+    spec.data
 }
 
 fn gpt2_tok() -> Tok {
@@ -32,7 +25,11 @@ fn gpt2_tok() -> Tok {
 }
 
 fn example(prompt: &str, response: &str) -> Example {
-    Example { prompt: prompt.into(), response: response.into(), line: 1 }
+    Example { record: Record::Pair { prompt: prompt.into(), response: response.into() }, line: 1 }
+}
+
+fn pair_spec(template: &str) -> DataSpec {
+    DataSpec { prompt_template: template.into(), ..data_spec() }
 }
 
 fn read_error(name: &str, contents: &[u8]) -> String {
@@ -57,15 +54,15 @@ fn jsonl_and_json_array_records_keep_their_lines() {
     assert_eq!(
         examples,
         vec![
-            Example { prompt: "p1".into(), response: "r1".into(), line: 1 },
-            Example { prompt: "p2".into(), response: "r2".into(), line: 3 },
+            Example { record: Record::Pair { prompt: "p1".into(), response: "r1".into() }, line: 1 },
+            Example { record: Record::Pair { prompt: "p2".into(), response: "r2".into() }, line: 3 },
         ]
     );
     let json = dir.path().join("a.json");
     std::fs::write(&json, "[\n  {\"prompt\": \"p1\", \"response\": \"r1 {not a brace}\"},\n  {\n    \"prompt\": \"p2\",\n    \"response\": \"r2\"\n  }\n]\n").unwrap();
     let examples = records::read(&json, &data_spec()).unwrap();
     assert_eq!(examples.iter().map(|e| e.line).collect::<Vec<_>>(), vec![2, 3]);
-    assert_eq!(examples[0].response, "r1 {not a brace}");
+    assert_eq!(examples[0].record, Record::Pair { prompt: "p1".into(), response: "r1 {not a brace}".into() });
 }
 
 #[test]
@@ -74,7 +71,10 @@ fn custom_field_names_are_read() {
     let path = dir.path().join("qa.jsonl");
     std::fs::write(&path, "{\"question\": \"q\", \"answer\": \"a\"}\n").unwrap();
     let spec = DataSpec { prompt_field: "question".into(), response_field: "answer".into(), ..data_spec() };
-    assert_eq!(records::read(&path, &spec).unwrap()[0].response, "a");
+    assert_eq!(
+        records::read(&path, &spec).unwrap()[0].record,
+        Record::Pair { prompt: "q".into(), response: "a".into() }
+    );
 }
 
 #[test]
@@ -108,14 +108,14 @@ fn bad_records_name_file_and_line() {
 fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
     let tok = gpt2_tok();
     let examples = [example("What is the capital of France?\n", "Paris."), example("Hi\n", "Hello there, friend.")];
-    let (sequences, report) = tokenize(&examples, &tok, 64, LossOn::Response, "{prompt}", Path::new("x")).unwrap();
+    let (sequences, report) = tokenize(&examples, &tok, &data_spec(), 64, LossOn::Response, Path::new("x")).unwrap();
     let prompt = tok.encode("What is the capital of France?\n").unwrap();
     let response = tok.encode("Paris.").unwrap();
     let mut want = prompt.clone();
     want.extend(&response);
     want.push(tok.eos_id);
     assert_eq!(sequences[0].ids, want);
-    assert_eq!(sequences[0].untrained_prefix, prompt.len());
+    assert_eq!(sequences[0], Sequence::with_prompt(want.clone(), prompt.len()));
     assert_eq!(report.truncated, 0);
 
     // EOS doubles as padding; the EOS that ends a response must still be trained on.
@@ -128,7 +128,7 @@ fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
         for j in 0..width {
             let trained = weights[row * width + j] == 1.0;
             let target_index = j + 1;
-            let expect = target_index < s.ids.len() && target_index >= s.untrained_prefix;
+            let expect = target_index < s.ids.len() && s.trained[target_index];
             assert_eq!(trained, expect, "row {row} position {j}");
         }
         let last = s.ids.len() - 2;
@@ -142,8 +142,9 @@ fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
 #[test]
 fn whole_text_mask_trains_every_real_token() {
     let tok = gpt2_tok();
-    let (sequences, _) = tokenize(&[example("Q\n", "A.")], &tok, 64, LossOn::All, "{prompt}", Path::new("x")).unwrap();
-    assert_eq!(sequences[0].untrained_prefix, 0);
+    let (sequences, _) =
+        tokenize(&[example("Q\n", "A.")], &tok, &data_spec(), 64, LossOn::All, Path::new("x")).unwrap();
+    assert!(sequences[0].trained.iter().all(|&t| t));
     assert_eq!(sequences[0].loss_tokens(), sequences[0].ids.len() - 1);
 }
 
@@ -152,7 +153,7 @@ fn long_examples_are_truncated_and_counted() {
     let tok = gpt2_tok();
     let long = "word ".repeat(50);
     let examples = [example("Prompt:\n", &long), example("Prompt:\n", "short")];
-    let (sequences, report) = tokenize(&examples, &tok, 16, LossOn::Response, "{prompt}", Path::new("x")).unwrap();
+    let (sequences, report) = tokenize(&examples, &tok, &data_spec(), 16, LossOn::Response, Path::new("x")).unwrap();
     assert_eq!(report.truncated, 1);
     assert_eq!(sequences[0].ids.len(), 16);
     assert_ne!(*sequences[0].ids.last().unwrap(), tok.eos_id, "a cut response does not end with EOS");
@@ -162,9 +163,12 @@ fn long_examples_are_truncated_and_counted() {
 #[test]
 fn a_prompt_that_does_not_fit_is_an_error_naming_the_line() {
     let tok = gpt2_tok();
-    let examples =
-        [Example { prompt: "one two three four five six seven eight".into(), response: "x".into(), line: 17 }];
-    let error = tokenize(&examples, &tok, 6, LossOn::Response, "{prompt}", Path::new("data/train.jsonl")).unwrap_err();
+    let examples = [Example {
+        record: Record::Pair { prompt: "one two three four five six seven eight".into(), response: "x".into() },
+        line: 17,
+    }];
+    let error =
+        tokenize(&examples, &tok, &data_spec(), 6, LossOn::Response, Path::new("data/train.jsonl")).unwrap_err();
     assert!(is_bad_input(&error));
     let message = format!("{error}");
     assert!(message.contains("data/train.jsonl:17") && message.contains("max_length = 6"), "{message}");
@@ -189,7 +193,7 @@ fn gradient_accumulation_does_not_change_the_step() {
         example("How many legs does a spider have?\n", "Eight."),
         example("Write a haiku about the sea.\n", "Grey waves fold and break."),
     ];
-    let (sequences, _) = tokenize(&examples, &tok, 64, LossOn::Response, "{prompt}", Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&examples, &tok, &data_spec(), 64, LossOn::Response, Path::new("x")).unwrap();
     let all: Vec<&Sequence> = sequences.iter().collect();
     let device = Default::default();
     // Adam's first step is lr·g/(|g|+ε): with the usual tiny ε it is nearly lr·sign(g), which
@@ -214,17 +218,10 @@ fn gradient_accumulation_does_not_change_the_step() {
 fn the_prompt_template_lays_out_the_prompt_and_is_masked_with_it() {
     let tok = gpt2_tok();
     let template = "### Question\n{prompt}\n### Answer\n";
-    let (sequences, _) = tokenize(
-        &[example("Why is the sky blue?", "Scattering.")],
-        &tok,
-        64,
-        LossOn::Response,
-        template,
-        Path::new("x"),
-    )
-    .unwrap();
+    let examples = [example("Why is the sky blue?", "Scattering.")];
+    let (sequences, _) = tokenize(&examples, &tok, &pair_spec(template), 64, LossOn::Response, Path::new("x")).unwrap();
     let prompt = tok.encode("### Question\nWhy is the sky blue?\n### Answer\n").unwrap();
     assert_eq!(&sequences[0].ids[..prompt.len()], &prompt[..]);
-    assert_eq!(sequences[0].untrained_prefix, prompt.len(), "the whole laid-out prompt is masked");
+    assert_eq!(sequences[0].trained.iter().position(|&t| t), Some(prompt.len()), "the whole laid-out prompt is masked");
     assert_eq!(tok.decode(&sequences[0].ids[prompt.len()..]).unwrap(), "Scattering.");
 }

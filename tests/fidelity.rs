@@ -81,7 +81,7 @@ fn top5_next_tokens_match() {
 }
 
 fn sequences_of(r: &serde_json::Value) -> Vec<Sequence> {
-    r["encoded"].as_array().unwrap().iter().map(|e| Sequence { ids: ids(e), untrained_prefix: 0 }).collect()
+    r["encoded"].as_array().unwrap().iter().map(|e| Sequence::all_trained(ids(e))).collect()
 }
 
 /// The right-padded batch loss, through the same Batch the training loop uses.
@@ -111,7 +111,7 @@ fn completion_only_loss_matches() {
         // Tokenizing prompt and response apart gives transformers' ids for the joined text.
         assert_eq!(all, ids(&r["pair_encoded"][i]));
         assert_eq!(prompt_ids.len() as u64, r["pair_prompt_lens"][i].as_u64().unwrap());
-        sequences.push(Sequence { ids: all, untrained_prefix: prompt_ids.len() });
+        sequences.push(Sequence::with_prompt(all, prompt_ids.len()));
     }
     assert_close("masked loss", batch_loss(&model(), &sequences), r["masked_loss"].as_f64().unwrap(), 1e-4);
 }

@@ -1,15 +1,13 @@
-//! The data path: records from disk, the tokenizer, token sequences with their loss masks,
-//! and padded batches.
+//! The data path: records from disk, the tokenizer, rendering records into token sequences
+//! with their loss masks, the tokenized cache, and padded batches.
 
 pub mod batch;
+pub mod cache;
 pub mod records;
+pub mod render;
 pub mod tokenizer;
 
 pub use batch::{Batch, Sequence};
-pub use records::Example;
-
-/// Lay a prompt out as `template` says (`{prompt}` stands for the prompt).
-pub fn apply_template(template: &str, prompt: &str) -> String {
-    template.replace("{prompt}", prompt)
-}
+pub use records::{Example, Record};
+pub use render::{apply_template, prompt_layout, tokenize, TokenizeReport};
 pub use tokenizer::Tok;

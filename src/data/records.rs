@@ -1,4 +1,6 @@
-//! Prompt/response records from a JSON array or a JSONL file, each remembering its line.
+//! Records from disk — JSON arrays, JSONL, CSV with a header row, or plain text — as the
+//! spec's kind says: prompt/response pairs, alpaca records, chat conversations or documents.
+//! Each record remembers the line it starts on, for messages.
 
 use std::path::Path;
 
@@ -6,14 +8,62 @@ use anyhow::Result;
 use serde_json::Value;
 
 use crate::error::bad_input;
-use crate::spec::{DataFormat, DataSpec};
+use crate::spec::{DataFormat, DataKind, DataSpec, Documents};
 
-/// One training example, with the line of the file it came from (for messages).
+/// One training example, with the line of the file it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
-    pub prompt: String,
-    pub response: String,
+    pub record: Record,
     pub line: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Pair { prompt: String, response: String },
+    Alpaca { instruction: String, input: String, output: String },
+    Chat { messages: Vec<Message> },
+    Text { text: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl Example {
+    /// The record's texts, for training a tokenizer on them.
+    pub fn texts(&self) -> Vec<&str> {
+        match &self.record {
+            Record::Pair { prompt, response } => vec![prompt, response],
+            Record::Alpaca { instruction, input, output } => vec![instruction, input, output],
+            Record::Chat { messages } => messages.iter().map(|m| m.content.as_str()).collect(),
+            Record::Text { text } => vec![text],
+        }
+    }
+}
+
+/// A raw record: a JSON object or a CSV row, and its line.
+enum Row {
+    Json(Value),
+    Csv(std::collections::HashMap<String, String>),
 }
 
 /// Read the examples of one file.
@@ -25,50 +75,167 @@ pub fn read(path: &Path, spec: &DataSpec) -> Result<Vec<Example>> {
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
         bad_input(format!("{}:{line}: not valid UTF-8", path.display()))
     })?;
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let format = match spec.format {
-        DataFormat::Auto if path.extension().is_some_and(|e| e == "jsonl") => DataFormat::Jsonl,
-        DataFormat::Auto if text.trim_start().starts_with('[') => DataFormat::Json,
-        DataFormat::Auto => DataFormat::Jsonl,
+        DataFormat::Auto => match extension {
+            "jsonl" => DataFormat::Jsonl,
+            "csv" => DataFormat::Csv,
+            "txt" | "text" => DataFormat::Text,
+            _ if text.trim_start().starts_with('[') => DataFormat::Json,
+            _ => DataFormat::Jsonl,
+        },
         other => other,
     };
-    let records: Vec<(usize, Value)> = match format {
-        DataFormat::Jsonl => text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map(|v| (i + 1, v))
-                    .map_err(|e| bad_input(format!("{}:{}: not a JSON object: {e}", path.display(), i + 1)))
-            })
-            .collect::<Result<_>>()?,
-        _ => json_array(path, &text)?,
-    };
-    let examples = records
-        .into_iter()
-        .map(|(line, record)| {
-            let field = |name: &str| -> Result<String> {
-                match record.get(name) {
-                    Some(Value::String(s)) => Ok(s.clone()),
-                    Some(other) => Err(bad_input(format!(
-                        "{}:{line}: field `{name}` must be a string, found {}",
-                        path.display(),
-                        kind_of(other)
-                    ))),
-                    None => Err(bad_input(format!("{}:{line}: record has no field `{name}`", path.display()))),
-                }
+    let examples = match format {
+        DataFormat::Text => {
+            if spec.kind != DataKind::Text {
+                return Err(bad_input(format!(
+                    "{}: a plain-text file holds documents: set data.kind = \"text\"",
+                    path.display()
+                )));
+            }
+            documents(&text, spec.documents)
+        }
+        _ => {
+            let rows = match format {
+                DataFormat::Csv => csv_rows(path, &text)?,
+                DataFormat::Jsonl => jsonl_rows(path, &text)?,
+                _ => json_array(path, &text)?,
             };
-            Ok(Example { prompt: field(&spec.prompt_field)?, response: field(&spec.response_field)?, line })
-        })
-        .collect::<Result<Vec<_>>>()?;
+            rows.into_iter()
+                .map(|(line, row)| Ok(Example { record: record(path, line, &row, spec)?, line }))
+                .collect::<Result<Vec<_>>>()?
+        }
+    };
     if examples.is_empty() {
         return Err(bad_input(format!("{}: the dataset has no examples", path.display())));
     }
     Ok(examples)
 }
 
+fn documents(text: &str, documents: Documents) -> Vec<Example> {
+    match documents {
+        Documents::File => vec![Example { record: Record::Text { text: text.to_string() }, line: 1 }],
+        Documents::Line => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| Example { record: Record::Text { text: l.to_string() }, line: i + 1 })
+            .collect(),
+    }
+}
+
+fn record(path: &Path, line: usize, row: &Row, spec: &DataSpec) -> Result<Record> {
+    let at = || format!("{}:{line}", path.display());
+    let field = |name: &str, required: bool| -> Result<String> {
+        let found = match row {
+            Row::Json(value) => match value.get(name) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Null) | None => None,
+                Some(other) => {
+                    return Err(bad_input(format!(
+                        "{}: field `{name}` must be a string, found {}",
+                        at(),
+                        kind_of(other)
+                    )))
+                }
+            },
+            Row::Csv(map) => map.get(name).cloned(),
+        };
+        match found {
+            Some(s) => Ok(s),
+            None if required => Err(bad_input(format!("{}: record has no field `{name}`", at()))),
+            None => Ok(String::new()),
+        }
+    };
+    Ok(match spec.kind {
+        DataKind::Pair => {
+            Record::Pair { prompt: field(&spec.prompt_field, true)?, response: field(&spec.response_field, true)? }
+        }
+        DataKind::Alpaca => Record::Alpaca {
+            instruction: field(&spec.instruction_field, true)?,
+            input: field(&spec.input_field, false)?,
+            output: field(&spec.output_field, true)?,
+        },
+        DataKind::Text => Record::Text { text: field(&spec.text_field, true)? },
+        DataKind::Chat => {
+            let Row::Json(value) = row else {
+                return Err(bad_input(format!("{}: chat records need JSON or JSONL, not CSV", at())));
+            };
+            let name = &spec.messages_field;
+            let list = value
+                .get(name)
+                .ok_or_else(|| bad_input(format!("{}: record has no field `{name}`", at())))?
+                .as_array()
+                .ok_or_else(|| bad_input(format!("{}: field `{name}` must be a list of messages", at())))?;
+            let messages = list
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let role = match m.get("role").and_then(Value::as_str) {
+                        Some("system") => Role::System,
+                        Some("user") => Role::User,
+                        Some("assistant") => Role::Assistant,
+                        other => {
+                            return Err(bad_input(format!(
+                                "{}: message {} has role {}; expected system, user or assistant",
+                                at(),
+                                i + 1,
+                                other.map_or("missing".to_string(), |r| format!("`{r}`"))
+                            )))
+                        }
+                    };
+                    let content = m
+                        .get("content")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| bad_input(format!("{}: message {} has no string `content`", at(), i + 1)))?;
+                    Ok(Message { role, content: content.to_string() })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if !messages.iter().any(|m| m.role == Role::Assistant) {
+                return Err(bad_input(format!("{}: the conversation has no assistant message to train on", at())));
+            }
+            Record::Chat { messages }
+        }
+    })
+}
+
+fn jsonl_rows(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| match serde_json::from_str::<Value>(l) {
+            Ok(value @ Value::Object(_)) => Ok((i + 1, Row::Json(value))),
+            Ok(other) => Err(bad_input(format!(
+                "{}:{}: expected a JSON object, found {}",
+                path.display(),
+                i + 1,
+                kind_of(&other)
+            ))),
+            Err(e) => Err(bad_input(format!("{}:{}: not a JSON object: {e}", path.display(), i + 1))),
+        })
+        .collect()
+}
+
+fn csv_rows(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
+    let headers =
+        reader.headers().map_err(|e| bad_input(format!("{}:1: not a CSV header row: {e}", path.display())))?.clone();
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line());
+            bad_input(format!("{}:{line}: not a CSV record: {e}", path.display()))
+        })?;
+        let line = record.position().map_or(0, |p| p.line()) as usize;
+        let map = headers.iter().zip(record.iter()).map(|(h, v)| (h.to_string(), v.to_string())).collect();
+        rows.push((line, Row::Csv(map)));
+    }
+    Ok(rows)
+}
+
 /// A JSON array of records, each with the line its object starts on.
-fn json_array(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
+fn json_array(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
     let values: Vec<Value> = serde_json::from_str(text)
         .map_err(|e| bad_input(format!("{}:{}: not a JSON array of records: {e}", path.display(), e.line())))?;
     // serde_json does not report where array elements start; find the top-level `{`s.
@@ -94,7 +261,21 @@ fn json_array(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
             _ => {}
         }
     }
-    Ok(values.into_iter().enumerate().map(|(i, v)| (starts.get(i).copied().unwrap_or(1), v)).collect())
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let line = starts.get(i).copied().unwrap_or(1);
+            match v {
+                value @ Value::Object(_) => Ok((line, Row::Json(value))),
+                other => Err(bad_input(format!(
+                    "{}:{line}: expected a JSON object, found {}",
+                    path.display(),
+                    kind_of(&other)
+                ))),
+            }
+        })
+        .collect()
 }
 
 fn kind_of(value: &Value) -> &'static str {

@@ -76,6 +76,11 @@ impl Tok {
         self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
     }
 
+    /// Decode with special tokens shown (`<|endoftext|>`).
+    pub fn decode_all(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
         crate::run_dir::write_atomic(path, json.as_bytes())

@@ -1,0 +1,207 @@
+//! From records to token sequences with their loss masks: the prompt layouts (a template for
+//! pairs, the two Alpaca layouts, chat templates), EOS where a response ends, truncation to
+//! the length limit, and plain documents packed into blocks.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use super::records::{Example, Record, Role};
+use super::{Sequence, Tok};
+use crate::error::bad_input;
+use crate::spec::{DataKind, DataSpec, LossOn};
+
+/// The Alpaca prompt layouts, for records with and without an input.
+pub const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
+pub const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
+/// The built-in chat template (`chat_template = "simple"`).
+pub const SIMPLE_CHAT: &str = "<|{role}|>\n{content}\n";
+
+/// Lay a prompt out as `template` says (`{prompt}` stands for the prompt).
+pub fn apply_template(template: &str, prompt: &str) -> String {
+    template.replace("{prompt}", prompt)
+}
+
+fn chat_template(data: &DataSpec) -> &str {
+    if data.chat_template == "simple" {
+        SIMPLE_CHAT
+    } else {
+        &data.chat_template
+    }
+}
+
+/// What a chat message renders to before and after its content.
+fn message_parts(template: &str, role: Role) -> (String, String) {
+    let (before, after) = template.split_once("{content}").expect("validated: the template has {content}");
+    (before.replace("{role}", role.name()), after.replace("{role}", role.name()))
+}
+
+/// How a user's prompt is laid out for generation (the generate stage and `pipe chat`), so
+/// that the model sees what it was trained on: `{prompt}` stands for the user's text.
+pub fn prompt_layout(data: &DataSpec) -> String {
+    match data.kind {
+        DataKind::Pair => data.prompt_template.clone(),
+        DataKind::Alpaca => ALPACA_NO_INPUT.replace("{instruction}", "{prompt}"),
+        DataKind::Chat => {
+            let template = chat_template(data);
+            let (user_before, user_after) = message_parts(template, Role::User);
+            let (assistant_before, _) = message_parts(template, Role::Assistant);
+            format!("{user_before}{{prompt}}{user_after}{assistant_before}")
+        }
+        DataKind::Text => "{prompt}".into(),
+    }
+}
+
+/// A rendered record: text pieces and EOS tokens, each trained on or not.
+enum Piece {
+    Text(String, bool),
+    Eos(bool),
+}
+
+fn pieces(record: &Record, data: &DataSpec, loss_on: LossOn) -> Vec<Piece> {
+    let all = loss_on == LossOn::All;
+    match record {
+        Record::Pair { prompt, response } => vec![
+            Piece::Text(apply_template(&data.prompt_template, prompt), all),
+            Piece::Text(response.clone(), true),
+            Piece::Eos(true),
+        ],
+        Record::Alpaca { instruction, input, output } => {
+            let layout = if input.trim().is_empty() { ALPACA_NO_INPUT } else { ALPACA_WITH_INPUT };
+            let prompt = layout.replace("{instruction}", instruction).replace("{input}", input);
+            vec![Piece::Text(prompt, all), Piece::Text(output.clone(), true), Piece::Eos(true)]
+        }
+        Record::Chat { messages } => {
+            let template = chat_template(data);
+            let mut out = Vec::new();
+            for m in messages {
+                let (before, after) = message_parts(template, m.role);
+                if m.role == Role::Assistant {
+                    out.push(Piece::Text(before, all));
+                    out.push(Piece::Text(format!("{}{after}", m.content), true));
+                    out.push(Piece::Eos(true));
+                } else {
+                    out.push(Piece::Text(format!("{before}{}{after}", m.content), all));
+                }
+            }
+            out
+        }
+        Record::Text { text } => vec![Piece::Text(text.clone(), true), Piece::Eos(true)],
+    }
+}
+
+/// What tokenizing a dataset did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenizeReport {
+    pub examples: usize,
+    /// Sequences produced (packed blocks for documents).
+    pub sequences: usize,
+    pub tokens: usize,
+    /// Tokens the loss is computed on.
+    pub trained_tokens: usize,
+    /// Sequences cut at the length limit.
+    pub truncated: usize,
+    /// Conversations with nothing left to train on within the length limit.
+    pub dropped: usize,
+}
+
+/// Tokenize examples into sequences of at most `max_length` tokens. A pair or alpaca example
+/// whose prompt leaves no room for a response token is an error naming its line; longer ones
+/// are cut from the end (and counted); documents are packed into blocks of `max_length`.
+pub fn tokenize(
+    examples: &[Example],
+    tok: &Tok,
+    data: &DataSpec,
+    max_length: usize,
+    loss_on: LossOn,
+    origin: &Path,
+) -> Result<(Vec<Sequence>, TokenizeReport)> {
+    let mut report = TokenizeReport { examples: examples.len(), ..Default::default() };
+    let mut sequences = Vec::with_capacity(examples.len());
+    let (mut stream, mut stream_trained) = (Vec::new(), Vec::new());
+    for example in examples {
+        let (mut ids, mut trained) = (Vec::new(), Vec::new());
+        for piece in pieces(&example.record, data, loss_on) {
+            match piece {
+                Piece::Text(text, train) => {
+                    let piece_ids = tok.encode(&text)?;
+                    trained.extend(std::iter::repeat_n(train, piece_ids.len()));
+                    ids.extend(piece_ids);
+                }
+                Piece::Eos(train) => {
+                    ids.push(tok.eos_id);
+                    trained.push(train);
+                }
+            }
+        }
+        if matches!(example.record, Record::Text { .. }) {
+            stream.extend(ids);
+            stream_trained.extend(trained);
+            continue;
+        }
+        let first_trained = trained.iter().skip(1).position(|&t| t).map_or(ids.len(), |p| p + 1);
+        if first_trained >= max_length {
+            if matches!(example.record, Record::Chat { .. }) {
+                report.dropped += 1;
+                continue;
+            }
+            return Err(bad_input(format!(
+                "{}:{}: the prompt is {first_trained} tokens, which leaves no room for a response within max_length = {max_length}",
+                origin.display(),
+                example.line,
+            )));
+        }
+        if ids.len() > max_length {
+            ids.truncate(max_length);
+            trained.truncate(max_length);
+            report.truncated += 1;
+        }
+        sequences.push(Sequence { ids, trained });
+    }
+    // Documents: one stream, cut into blocks that overlap by one token so every token after
+    // the first is a target exactly once.
+    if stream.len() >= 2 {
+        let stride = max_length - 1;
+        let mut start = 0;
+        while start + 1 < stream.len() {
+            let end = (start + max_length).min(stream.len());
+            sequences.push(Sequence { ids: stream[start..end].to_vec(), trained: stream_trained[start..end].to_vec() });
+            start += stride;
+        }
+    }
+    report.sequences = sequences.len();
+    report.tokens = sequences.iter().map(|s| s.ids.len()).sum();
+    report.trained_tokens = sequences.iter().map(Sequence::loss_tokens).sum();
+    if report.truncated > 0 || report.dropped > 0 {
+        tracing::warn!(
+            truncated = report.truncated,
+            dropped = report.dropped,
+            of = report.examples,
+            max_length,
+            "examples longer than max_length were cut from the end (dropped when nothing to train on was left)"
+        );
+    }
+    Ok((sequences, report))
+}
+
+/// A sequence as text with the trained tokens marked `[[...]]`, to see what the loss is on.
+pub fn show(sequence: &Sequence, tok: &Tok) -> Result<String> {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sequence.ids.len() {
+        // Token 0 is never a target.
+        let trained = i > 0 && sequence.trained[i];
+        let mut j = i + 1;
+        while j < sequence.ids.len() && (j > 0 && sequence.trained[j]) == trained {
+            j += 1;
+        }
+        let text = tok.decode_all(&sequence.ids[i..j])?;
+        if trained {
+            out.push_str(&format!("[[{text}]]"));
+        } else {
+            out.push_str(&text);
+        }
+        i = j;
+    }
+    Ok(out)
+}
