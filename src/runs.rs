@@ -291,7 +291,8 @@ pub struct Comparison<'a> {
 
 impl<'a> Comparison<'a> {
     pub fn new(runs: &'a [Run]) -> Self {
-        let flat: Vec<BTreeMap<String, String>> = runs.iter().map(|r| flatten(&r.spec)).collect();
+        let flat: Vec<BTreeMap<String, String>> =
+            runs.iter().map(|r| crate::spec::flatten(&toml::Value::Table(r.spec.clone()))).collect();
         let keys: BTreeSet<&String> = flat.iter().flat_map(|f| f.keys()).collect();
         let spec_diff = keys
             .into_iter()
@@ -451,24 +452,6 @@ pub fn sparkline(series: &[(u64, f64)], lo: f64, hi: f64, width: usize) -> Strin
             BARS[level.min(7)]
         })
         .collect()
-}
-
-fn flatten(table: &toml::Table) -> BTreeMap<String, String> {
-    fn walk(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
-        match value {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, v, out);
-                }
-            }
-            other => {
-                out.insert(prefix.to_string(), other.to_string());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk("", &toml::Value::Table(table.clone()), &mut out);
-    out
 }
 
 /// Where `pipe compare` writes its files unless told: `<runs_dir>/_compare/<time>/`.

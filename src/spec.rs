@@ -798,9 +798,7 @@ impl LoadedSpec {
     /// Every leaf of the resolved spec as (dotted key, value as TOML text, source).
     pub fn provenance(&self) -> Vec<(String, String, Source)> {
         let value = toml::Value::try_from(&self.spec).expect("a spec serialises to TOML");
-        let mut leaves = BTreeMap::new();
-        flatten("", &value, &mut leaves);
-        leaves
+        flatten(&value)
             .into_iter()
             .map(|(k, v)| {
                 let source = self.source(&k);
@@ -815,18 +813,23 @@ impl LoadedSpec {
     }
 }
 
-fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
-    match value {
-        toml::Value::Table(table) => {
-            for (k, v) in table {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                flatten(&key, v, out);
+/// Every leaf of a TOML value as (dotted key, value as one line of TOML).
+pub fn flatten(value: &toml::Value) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (k, v) in table {
+                    walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), render(other));
             }
         }
-        other => {
-            out.insert(prefix.to_string(), render(other));
-        }
     }
+    let mut out = BTreeMap::new();
+    walk("", value, &mut out);
+    out
 }
 
 /// A value as one line of TOML (strings with escapes, never multi-line).
