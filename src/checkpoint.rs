@@ -79,9 +79,14 @@ pub fn save<B: AutodiffBackend, R: burn::record::Record<B>>(
     Ok(done)
 }
 
-/// Tests kill pipe in the middle of writing a checkpoint by naming its step here.
+/// Tests kill pipe (SIGKILL) in the middle of writing a checkpoint by naming its step here.
 fn fault_injection_point(step: usize) {
-    if std::env::var("PIPEFAULT_ABORT_IN_CHECKPOINT").is_ok_and(|s| s == step.to_string()) {
+    if std::env::var("PIPEFAULT_KILL_IN_CHECKPOINT").is_ok_and(|s| s == step.to_string()) {
+        #[cfg(unix)]
+        // SAFETY: sending SIGKILL to this very process, as an outside `kill -9` would.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
         std::process::abort();
     }
 }

@@ -174,3 +174,52 @@ fn gelu_new_is_the_tanh_approximation() {
         assert!((y as f64 - want).abs() < 2e-6 * (1.0 + want.abs()), "gelu_new({x}) = {y}, tanh form {want}");
     }
 }
+
+/// The fixture's tensors re-saved under other names, as the original GPT-2 checkpoint names them.
+fn resaved(rename: impl Fn(&str) -> Option<String>, extra: &[(&str, Vec<usize>)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture_dir().join("config.json"), dir.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(fixture_dir().join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, view)| rename(&name).map(|n| (n, view.shape().to_vec(), view.data().to_vec())))
+        .collect();
+    for (name, shape) in extra {
+        let data = vec![0u8; shape.iter().product::<usize>() * 4];
+        tensors.push((name.to_string(), shape.clone(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
+        })
+        .collect();
+    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn unprefixed_names_and_attention_mask_buffers_load_to_the_same_model() {
+    let r = reference();
+    let bias: Vec<(String, Vec<usize>)> = (0..2).map(|i| (format!("h.{i}.attn.bias"), vec![1, 1, 64, 64])).collect();
+    let bias: Vec<(&str, Vec<usize>)> = bias.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+    let dir = resaved(|name| Some(name.trim_start_matches("transformer.").to_string()), &bias);
+    let model = hf::load::<B>(dir.path(), None, &Default::default()).unwrap().1;
+    assert_close("batch loss", batch_loss(&model, &sequences_of(&r)), r["batch_loss"].as_f64().unwrap(), 1e-4);
+}
+
+#[test]
+fn missing_and_unexpected_tensors_are_named() {
+    let dir = resaved(|name| (name != "transformer.h.1.mlp.c_fc.bias").then(|| name.to_string()), &[]);
+    let error = hf::load::<B>(dir.path(), None, &Default::default()).err().unwrap();
+    assert!(format!("{error}").contains("`h.1.mlp.c_fc.bias` is missing"), "{error}");
+    let dir = resaved(|name| Some(name.to_string()), &[("transformer.h.2.attn.c_attn.weight", vec![32, 96])]);
+    let error = hf::load::<B>(dir.path(), None, &Default::default()).err().unwrap();
+    assert!(
+        format!("{error}").contains("unexpected tensors")
+            && format!("{error}").contains("`transformer.h.2.attn.c_attn.weight`"),
+        "{error}"
+    );
+}

@@ -158,9 +158,10 @@ fn sigkill_at_a_step_then_resume_is_exact() {
 fn a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_complete() {
     let dir = setup();
     let reference = reference(dir.path());
-    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_ABORT_IN_CHECKPOINT", "9")]);
+    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "9")]);
     let status_code = child.wait().unwrap();
-    assert!(!status_code.success(), "the run died in the checkpoint write");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status_code.signal(), Some(libc::SIGKILL), "the run was killed in the checkpoint write");
     let run = runs(dir.path()).pop().unwrap();
     let checkpoints: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -178,7 +179,7 @@ fn a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_complete()
 fn killed_before_the_first_checkpoint_resumes_from_the_start() {
     let dir = setup();
     let reference = reference(dir.path());
-    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_ABORT_IN_CHECKPOINT", "3")]);
+    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "3")]);
     child.wait().unwrap();
     let run = runs(dir.path()).pop().unwrap();
     assert!(pipe::checkpoint::list(&run).is_empty());
@@ -229,4 +230,20 @@ fn resuming_a_completed_run_does_nothing_and_resuming_a_non_run_is_bad_input() {
     let out = pipe(dir.path(), &["resume", "."], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("not a run"), "{}", stderr(&out));
+}
+
+#[test]
+fn run_with_resume_continues_the_same_spec_and_refuses_a_changed_one() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "12")]);
+    child.wait().unwrap();
+    let run = runs(dir.path()).pop().unwrap();
+    let out =
+        pipe(dir.path(), &["run", "spec.toml", "--set", "train.epochs=4", "--resume", run.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("resolves differently") && stderr(&out).contains("pipe resume"), "{}", stderr(&out));
+    let out = pipe(dir.path(), &["run", "spec.toml", "--resume", run.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(weights(&run) == weights(&reference));
 }
