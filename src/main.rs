@@ -351,7 +351,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::json!({"texts": scores, "overall": overall}));
             } else {
-                print!("{}", render_scores(&tok, &scores, &overall)?);
+                print!("{}", score::render(&tok, &scores, &overall)?);
             }
         }
         Command::Chat { model, template, sampling } => {
@@ -387,38 +387,6 @@ fn execute(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn render_scores(tok: &Tok, scores: &[score::TextScore], overall: &score::Overall) -> anyhow::Result<String> {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    for (i, s) in scores.iter().enumerate() {
-        let figure = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
-        writeln!(
-            out,
-            "text {}: {} tokens, loss {}, perplexity {}",
-            i + 1,
-            s.ids.len(),
-            figure(s.loss),
-            figure(s.perplexity)
-        )?;
-        for (j, id) in s.ids.iter().enumerate() {
-            let piece = serde_json::to_string(&tok.decode(&[*id])?)?;
-            match j.checked_sub(1).and_then(|k| s.token_logprobs.get(k)) {
-                Some(lp) => writeln!(out, "  {piece:<24} {lp:>10.4}")?,
-                None => writeln!(out, "  {piece:<24} {:>10}", "(first)")?,
-            }
-        }
-    }
-    let figure = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
-    writeln!(
-        out,
-        "overall: {} scored tokens, loss {}, perplexity {}",
-        overall.scored_tokens,
-        figure(overall.loss),
-        figure(overall.perplexity)
-    )?;
-    Ok(out)
 }
 
 /// Keep freed memory for reuse. Each training step frees and re-allocates the same large

@@ -90,3 +90,36 @@ pub fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
         Ok(content.lines().filter(|l| !l.is_empty()).map(str::to_string).collect())
     }
 }
+
+/// The human-readable report: each token with its log-likelihood, then the totals.
+pub fn render(tok: &Tok, scores: &[TextScore], overall: &Overall) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (i, s) in scores.iter().enumerate() {
+        let figure = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        writeln!(
+            out,
+            "text {}: {} tokens, loss {}, perplexity {}",
+            i + 1,
+            s.ids.len(),
+            figure(s.loss),
+            figure(s.perplexity)
+        )?;
+        for (j, id) in s.ids.iter().enumerate() {
+            let piece = serde_json::to_string(&tok.decode(&[*id])?)?;
+            match j.checked_sub(1).and_then(|k| s.token_logprobs.get(k)) {
+                Some(lp) => writeln!(out, "  {piece:<24} {lp:>10.4}")?,
+                None => writeln!(out, "  {piece:<24} {:>10}", "(first)")?,
+            }
+        }
+    }
+    let figure = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    writeln!(
+        out,
+        "overall: {} scored tokens, loss {}, perplexity {}",
+        overall.scored_tokens,
+        figure(overall.loss),
+        figure(overall.perplexity)
+    )?;
+    Ok(out)
+}
