@@ -126,7 +126,8 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
-    /// Measure training and generation speed on random tokens, as ../shared/bench/torch_ref.py does.
+    /// Measure training and generation speed (AdamW on random tokens, then greedy generation), as the
+    /// PyTorch reference measures HF transformers (see README, Speed).
     Bench {
         #[arg(long, default_value_t = 4)]
         layers: usize,
