@@ -258,3 +258,25 @@ fn a_hub_id_offline_and_not_cached_says_where_to_put_it() {
     assert!(message.contains("model.path"), "{message}");
     assert!(tiny.runs("tiny").is_empty(), "no run folder for bad input");
 }
+
+#[test]
+fn runs_started_in_the_same_second_get_distinct_folders() {
+    use pipe::run_dir::{Meta, RunDir, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Meta {
+        pipe_version: "test".into(),
+        name: "same-second".into(),
+        run_id: String::new(),
+        spec_file: "spec.toml".into(),
+        backend: "flex".into(),
+        device: "cpu".into(),
+        seed: 0,
+        started: "2026-11-27T15:21:25Z".into(),
+        ended: None,
+        status: Status::Running,
+        error: None,
+        resumed: Vec::new(),
+    };
+    let ids: Vec<String> = (0..3).map(|_| RunDir::create(dir.path(), meta.clone()).unwrap().meta.run_id).collect();
+    assert_eq!(ids, ["20261127-152125", "20261127-152125-2", "20261127-152125-3"]);
+}
