@@ -106,12 +106,11 @@ pub fn list(run: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// A checkpoint read back: the model (with its original parameter ids), where training
-/// stood, and the optimizer record to load.
+/// A checkpoint's model (with its original parameter ids) and where training stood; the
+/// optimizer record is read by [`load_optimizer`].
 pub struct Restored<B: AutodiffBackend> {
     pub model: Gpt2<B>,
     pub progress: Progress,
-    pub dir: PathBuf,
 }
 
 pub fn load<B: AutodiffBackend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Restored<B>> {
@@ -119,7 +118,7 @@ pub fn load<B: AutodiffBackend>(dir: &Path, dropout: Option<f64>, device: &B::De
         .with_context(|| format!("{}: unreadable trainer state", dir.display()))?;
     let (_, model) = hf::load::<B>(dir, dropout, device)?;
     let model = model.map(&mut SetIds { ids: state.param_ids.into_iter() });
-    Ok(Restored { model, progress: state.progress, dir: dir.to_path_buf() })
+    Ok(Restored { model, progress: state.progress })
 }
 
 /// Where training stood when a checkpoint was taken.

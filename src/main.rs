@@ -266,13 +266,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     run.display()
                 )));
             }
-            let run = pipeline::resume(&run)?;
-            println!("run completed: {}", run.display());
+            report_resume(pipeline::resume(&run)?);
         }
         Command::Resume { run } => {
             let run = runs::resolve(Path::new("runs"), &run.to_string_lossy())?;
-            let run = pipeline::resume(&run)?;
-            println!("run completed: {}", run.display());
+            report_resume(pipeline::resume(&run)?);
         }
         Command::Check { spec, sets } => {
             let loaded = spec::load(&spec, &sets)?;
@@ -388,6 +386,15 @@ fn execute(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn report_resume(resumed: pipeline::Resumed) {
+    match resumed {
+        pipeline::Resumed::Completed(run) => println!("run completed: {}", run.display()),
+        pipeline::Resumed::AlreadyCompleted(run) => {
+            println!("run {} is already completed; nothing to resume", run.display())
+        }
+    }
 }
 
 /// Keep freed memory for reuse. Each training step frees and re-allocates the same large

@@ -31,23 +31,26 @@ pub fn run(loaded: &LoadedSpec) -> Result<PathBuf> {
     backend::dispatch(spec.run.backend, spec.run.device, RunJob { loaded, resume: None, interrupt: &interrupt })
 }
 
+/// What `pipe resume` did.
+pub enum Resumed {
+    /// The run went on and completed.
+    Completed(PathBuf),
+    /// The run had already completed; nothing was done.
+    AlreadyCompleted(PathBuf),
+}
+
 /// Continue an unfinished run from its latest complete checkpoint (or from the start when it
 /// has none), in the same folder, with the spec it was started with. A completed run is left
 /// as it is.
-pub fn resume(run_path: &Path) -> Result<PathBuf> {
-    let meta_path = run_path.join(run_dir::META_FILE);
-    if !meta_path.is_file() {
-        return Err(bad_input(format!("{}: not a run folder (no {})", run_path.display(), run_dir::META_FILE)));
-    }
+pub fn resume(run_path: &Path) -> Result<Resumed> {
     let run = RunDir::open(run_path)?;
     if run.meta.status == Status::Completed {
-        println!("run {} is already completed; nothing to resume", run_path.display());
-        return Ok(run.path);
+        return Ok(Resumed::AlreadyCompleted(run.path));
     }
     let loaded = crate::spec::load_with_env(&run.file(run_dir::SPEC_FILE), &[], &[])?;
     let interrupt = interrupt_on_ctrl_c()?;
     let job = RunJob { loaded: &loaded, resume: Some(run), interrupt: &interrupt };
-    backend::dispatch(loaded.spec.run.backend, loaded.spec.run.device, job)
+    backend::dispatch(loaded.spec.run.backend, loaded.spec.run.device, job).map(Resumed::Completed)
 }
 
 /// The first Ctrl-C sets the flag (training checkpoints after the current step and stops);
@@ -95,7 +98,7 @@ impl BackendJob for RunJob<'_> {
                 };
                 let run = RunDir::create(&spec.run.runs_dir, meta)?;
                 run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
-                inputs.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
+                inputs.data.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
                 (run, inputs, None)
             }
             Some(mut run) => {
@@ -130,11 +133,9 @@ impl BackendJob for RunJob<'_> {
     }
 }
 
-/// The tokenizer, data and model a run starts from.
+/// The tokenized data and the model a run starts from.
 struct Inputs<B: AutodiffBackend> {
-    tok: Tok,
-    train: Vec<Sequence>,
-    val: Vec<Sequence>,
+    data: PreparedData,
     config: Gpt2Config,
     model: Gpt2<B>,
 }
@@ -156,7 +157,7 @@ impl<B: AutodiffBackend> Inputs<B> {
             }
         };
         log_data(&data.report, data.val.len(), &config);
-        Ok(Self { tok: data.tok, train: data.train, val: data.val, config, model })
+        Ok(Self { data, config, model })
     }
 }
 
@@ -339,7 +340,7 @@ fn execute<B: AutodiffBackend>(
     resume_from: Option<&Path>,
     interrupt: &AtomicBool,
 ) -> Result<()> {
-    let Inputs { tok, train, val, config, mut model } = inputs;
+    let Inputs { data: PreparedData { tok, train, val, .. }, config, mut model } = inputs;
     let pad_id = tok.eos_id;
     let mut steps_trained = 0;
     for stage in &spec.run.stages {

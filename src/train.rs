@@ -1,6 +1,7 @@
 //! The training loop, top to bottom: shuffle, batch, loss, backward, accumulate, clip, step,
 //! schedule, log, evaluate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -15,8 +16,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
-
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::checkpoint::{self, Progress};
 use crate::data::{Batch, Sequence, Tok};
@@ -235,8 +234,8 @@ pub fn train<B: AutodiffBackend>(
             }
             bar.set_message(format!("loss {:.4}  {tokens_per_s:.0} tok/s", stats.loss));
             bar.inc(1);
-            let progress = Progress { step, epoch, position: skip + (i + 1) * examples_per_step };
-            let progress = Progress { position: progress.position.min(train.len()), ..progress };
+            let position = (skip + (i + 1) * examples_per_step).min(train.len());
+            let progress = Progress { step, epoch, position };
             if ctx.interrupt.load(Ordering::SeqCst) {
                 bar.finish_and_clear();
                 let dir = checkpoint(&model, &trainer, progress)?;
