@@ -1,9 +1,9 @@
 //! The compiled-in backends: burn's flex on the CPU always, CUDA behind the `cuda` feature.
-//! The rest of pipe is generic over `B: AutodiffBackend`; this module picks the concrete one.
+//! The rest of pipe is generic over `B: TrainBackend` (autodiff over a backend with the fused ops); this module picks the concrete one.
 
+use crate::model::TrainBackend;
 use anyhow::Result;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::spec::BackendKind;
 
@@ -15,7 +15,7 @@ pub type Gpu = Autodiff<burn::backend::Cuda>;
 /// Work that runs on whichever backend the user chose.
 pub trait BackendJob {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device, device_name: String) -> Result<Self::Output>;
+    fn run<B: TrainBackend>(self, device: B::Device, device_name: String) -> Result<Self::Output>;
 }
 
 /// Run `job` on `kind` (device `index` for GPUs).

@@ -5,9 +5,9 @@
 
 use std::time::Instant;
 
+use crate::model::TrainBackend;
 use anyhow::Result;
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -46,7 +46,7 @@ pub struct Bench(pub BenchShape);
 impl BackendJob for Bench {
     type Output = Value;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, device_name: String) -> Result<Value> {
+    fn run<B: TrainBackend>(self, device: B::Device, device_name: String) -> Result<Value> {
         let shape = self.0;
         B::seed(&device, 0);
         let config = Gpt2Config::new(shape.vocab, shape.seq.max(1024), shape.embd, shape.layers, shape.heads);

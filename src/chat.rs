@@ -5,11 +5,10 @@
 use std::io::{BufRead, Write};
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 
 use crate::data::{apply_template, Tok};
 use crate::generate::{Generator, Sampling};
-use crate::model::Gpt2;
+use crate::model::{FusedOps, Gpt2};
 
 pub struct ChatSettings {
     pub template: String,
@@ -19,7 +18,7 @@ pub struct ChatSettings {
 }
 
 /// Converse over `input` until EOF or `/exit`, writing replies to `output`.
-pub fn chat<B: Backend>(
+pub fn chat<B: FusedOps>(
     model: &Gpt2<B>,
     tok: &Tok,
     settings: &ChatSettings,

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
+
+use crate::model::TrainBackend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +45,7 @@ fn step_dir_name(step: usize) -> String {
 }
 
 /// Write a checkpoint of `model` and the optimizer record, keeping the newest `keep`.
-pub fn save<B: AutodiffBackend, R: burn::record::Record<B>>(
+pub fn save<B: TrainBackend, R: burn::record::Record<B>>(
     run: &Path,
     model: &Gpt2<B>,
     config: &Gpt2Config,
@@ -108,12 +110,12 @@ pub fn list(run: &Path) -> Vec<PathBuf> {
 
 /// A checkpoint's model (with its original parameter ids) and where training stood; the
 /// optimizer record is read by [`load_optimizer`].
-pub struct Restored<B: AutodiffBackend> {
+pub struct Restored<B: TrainBackend> {
     pub model: Gpt2<B>,
     pub progress: Progress,
 }
 
-pub fn load<B: AutodiffBackend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Restored<B>> {
+pub fn load<B: TrainBackend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Restored<B>> {
     let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE))?)
         .with_context(|| format!("{}: unreadable trainer state", dir.display()))?;
     let (_, model) = hf::load::<B>(dir, dropout, device)?;

@@ -1,12 +1,11 @@
 //! Sampling from the model: greedy, temperature, top-k and top-p, seeded, with a KV cache so
 //! each new token costs one position of compute.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{Gpt2, KvCache};
+use crate::model::{FusedOps, Gpt2, KvCache};
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -24,13 +23,13 @@ impl Sampling {
 }
 
 /// A generator over one model, with its own seeded random stream.
-pub struct Generator<'a, B: Backend> {
+pub struct Generator<'a, B: FusedOps> {
     model: &'a Gpt2<B>,
     device: B::Device,
     rng: StdRng,
 }
 
-impl<'a, B: Backend> Generator<'a, B> {
+impl<'a, B: FusedOps> Generator<'a, B> {
     pub fn new(model: &'a Gpt2<B>, device: &B::Device, seed: u64) -> Self {
         Self { model, device: device.clone(), rng: StdRng::seed_from_u64(seed) }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -19,7 +19,7 @@ use crate::checkpoint;
 use crate::data::{apply_template, cache, prompt_layout, records, tokenize, Example, Sequence, Tok, TokenizeReport};
 use crate::error::{bad_input, is_interrupted};
 use crate::generate::{Generator, Sampling};
-use crate::model::{hf, Gpt2, Gpt2Config};
+use crate::model::{hf, FusedOps, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
 use crate::spec::{LoadedSpec, ModelSpec, Spec, Stage};
 use crate::train::{self, evaluate, TrainContext};
@@ -76,7 +76,7 @@ struct RunJob<'a> {
 impl BackendJob for RunJob<'_> {
     type Output = PathBuf;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, device_name: String) -> Result<PathBuf> {
+    fn run<B: TrainBackend>(self, device: B::Device, device_name: String) -> Result<PathBuf> {
         let spec = &self.loaded.spec;
         B::seed(&device, spec.run.seed);
         let (mut run, inputs, checkpoint) = match self.resume {
@@ -134,13 +134,13 @@ impl BackendJob for RunJob<'_> {
 }
 
 /// The tokenized data and the model a run starts from.
-struct Inputs<B: AutodiffBackend> {
+struct Inputs<B: TrainBackend> {
     data: PreparedData,
     config: Gpt2Config,
     model: Gpt2<B>,
 }
 
-impl<B: AutodiffBackend> Inputs<B> {
+impl<B: TrainBackend> Inputs<B> {
     /// `tokenizer` replaces the spec's tokenizer (a resumed run uses the one it saved).
     fn prepare(spec: &Spec, tokenizer: Option<&Path>, device: &B::Device) -> Result<Self> {
         let data = PreparedData::prepare(spec, tokenizer)?;
@@ -332,7 +332,7 @@ fn split(mut examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>,
 }
 
 /// The stages, in the spec's order, in an existing run folder.
-fn execute<B: AutodiffBackend>(
+fn execute<B: TrainBackend>(
     spec: &Spec,
     inputs: Inputs<B>,
     run: &RunDir,
@@ -395,7 +395,7 @@ fn save_final<B: Backend>(model: &Gpt2<B>, config: &Gpt2Config, tok: &Tok, run: 
     Ok(())
 }
 
-fn generate_samples<B: Backend>(
+fn generate_samples<B: FusedOps>(
     model: &Gpt2<B>,
     tok: &Tok,
     spec: &Spec,

@@ -2,13 +2,12 @@
 //! BOS or EOS added), so that pipe can be checked against transformers token by token.
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::data::Tok;
 use crate::error::bad_input;
-use crate::model::Gpt2;
+use crate::model::{FusedOps, Gpt2};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TextScore {
@@ -29,7 +28,7 @@ pub struct Overall {
 }
 
 /// Score each text; texts longer than the model's context are an error naming them.
-pub fn score<B: Backend>(
+pub fn score<B: FusedOps>(
     model: &Gpt2<B>,
     tok: &Tok,
     texts: &[String],

@@ -9,7 +9,6 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{Adam, AdamConfig, AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -20,7 +19,7 @@ use serde_json::json;
 use crate::checkpoint::{self, Progress};
 use crate::data::{Batch, Sequence, Tok};
 use crate::error::Interrupted;
-use crate::model::{Gpt2, Gpt2Config};
+use crate::model::{FusedOps, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::RunDir;
 use crate::spec::{OptimizerKind, OptimizerSpec, Schedule, Spec};
 
@@ -33,12 +32,12 @@ pub struct TrainSummary {
 }
 
 /// Adam or AdamW over the model, as the spec names it.
-pub enum ModelOptimizer<B: AutodiffBackend> {
+pub enum ModelOptimizer<B: TrainBackend> {
     Adam(OptimizerAdaptor<Adam, Gpt2<B>, B>),
     AdamW(OptimizerAdaptor<AdamW, Gpt2<B>, B>),
 }
 
-impl<B: AutodiffBackend> ModelOptimizer<B> {
+impl<B: TrainBackend> ModelOptimizer<B> {
     /// burn's Adam and AdamW compute PyTorch's update: m̂ / (√v̂ + ε) in an algebraically equal
     /// form, L2 decay added to the gradient for Adam and decoupled `lr·wd` decay for AdamW.
     pub fn new(opt: &OptimizerSpec) -> Self {
@@ -85,7 +84,7 @@ impl<B: AutodiffBackend> ModelOptimizer<B> {
 }
 
 /// What a checkpoint is taken of.
-struct CheckpointAt<'a, B: AutodiffBackend> {
+struct CheckpointAt<'a, B: TrainBackend> {
     run: &'a std::path::Path,
     model: &'a Gpt2<B>,
     config: &'a Gpt2Config,
@@ -109,14 +108,14 @@ pub struct StepStats {
 
 /// The optimizer and how to step it: one `step` is one update of the model over a set of
 /// micro-batches.
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: TrainBackend> {
     optim: ModelOptimizer<B>,
     grad_clip: f64,
     pad_id: u32,
     device: B::Device,
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: TrainBackend> Trainer<B> {
     pub fn new(opt: &OptimizerSpec, pad_id: u32, device: &B::Device) -> Self {
         Self { optim: ModelOptimizer::new(opt), grad_clip: opt.grad_clip, pad_id, device: device.clone() }
     }
@@ -147,7 +146,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 }
 
 /// Everything the training stage works with besides the model.
-pub struct TrainContext<'a, B: AutodiffBackend> {
+pub struct TrainContext<'a, B: TrainBackend> {
     pub train: &'a [Sequence],
     pub val: &'a [Sequence],
     pub spec: &'a Spec,
@@ -162,7 +161,7 @@ pub struct TrainContext<'a, B: AutodiffBackend> {
 /// Train for the spec's epochs, evaluating on the validation set after each, checkpointing
 /// every `train.checkpoint_every` steps and at the end. With `resume`, training continues from
 /// a checkpoint exactly where the interrupted run stood.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: TrainBackend>(
     ctx: &TrainContext<'_, B>,
     mut model: Gpt2<B>,
     resume: Option<&std::path::Path>,
@@ -268,7 +267,7 @@ pub fn train<B: AutodiffBackend>(
 }
 
 /// Token-weighted mean loss over `sequences`, and the number of loss tokens.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: FusedOps>(
     model: &Gpt2<B>,
     sequences: &[Sequence],
     batch_size: usize,
@@ -343,12 +342,12 @@ impl LrSchedule {
 /// The global L2 norm of all gradients, clipped to `max_norm` (0 = no clipping) as PyTorch's
 /// `clip_grad_norm_` does: every gradient scaled by max_norm / (norm + 1e-6) when that is < 1.
 /// burn's own clipping works per tensor, which is a different method.
-pub fn clip_global_norm<B: AutodiffBackend>(model: &Gpt2<B>, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    struct SquaredNorm<'a, B: AutodiffBackend> {
+pub fn clip_global_norm<B: TrainBackend>(model: &Gpt2<B>, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    struct SquaredNorm<'a, B: TrainBackend> {
         grads: &'a GradientsParams,
         sum: Option<Tensor<B::InnerBackend, 1>>,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+    impl<B: TrainBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
                 let squares = grad.square().sum();
@@ -363,7 +362,7 @@ pub fn clip_global_norm<B: AutodiffBackend>(model: &Gpt2<B>, grads: &mut Gradien
         grads: &'a mut GradientsParams,
         factor: f64,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+    impl<B: TrainBackend> ModuleVisitor<B> for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
                 self.grads.register::<B::InnerBackend, D>(param.id, grad.mul_scalar(self.factor));

@@ -166,8 +166,8 @@ fn adamw_steps_match_pytorch() {
 #[test]
 fn gelu_new_is_the_tanh_approximation() {
     let xs: Vec<f32> = (-800..=800).map(|i| i as f32 / 100.0).collect();
-    let x = Tensor::<B, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &Default::default());
-    let ours: Vec<f32> = pipe::model::gpt2::gelu_new(x.clone()).into_data().to_vec().unwrap();
+    let x = Tensor::<B, 2>::from_data(TensorData::new(xs.clone(), [1, xs.len()]), &Default::default());
+    let ours: Vec<f32> = pipe::model::fused::gelu_new(x).into_data().to_vec().unwrap();
     for (x, y) in xs.iter().zip(ours) {
         let x = *x as f64;
         let want = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());

@@ -6,11 +6,12 @@ use burn::module::{Module, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use burn::tensor::activation::{log_softmax, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
+
+use super::fused::{causal_attention, cross_entropy, gelu_new, FusedOps};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
 #[derive(Config, Debug, PartialEq)]
@@ -131,7 +132,7 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-impl<B: Backend> Gpt2<B> {
+impl<B: FusedOps> Gpt2<B> {
     pub fn n_positions(&self) -> usize {
         self.wpe.weight.dims()[0]
     }
@@ -181,9 +182,7 @@ impl<B: Backend> Gpt2<B> {
         let hidden = self.hidden(inputs, None); // [batch, seq, d_model]
         let d_model = hidden.dims()[2];
         let logits = self.lm_head(hidden.reshape([batch * seq, d_model])); // [batch·seq, vocab]
-        let log_probs = log_softmax(logits, 1); // [batch·seq, vocab]
-        let picked = log_probs.gather(1, targets.reshape([batch * seq, 1])); // [batch·seq, 1]
-        picked.neg().reshape([batch, seq])
+        cross_entropy(logits, targets.reshape([batch * seq])).reshape([batch, seq])
     }
 
     /// Sum of the per-token NLL weighted by `weights` (1 where a token is trained on, 0 for
@@ -199,7 +198,7 @@ impl<B: Backend> Gpt2<B> {
     }
 }
 
-impl<B: Backend> Block<B> {
+impl<B: FusedOps> Block<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
         let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache);
@@ -209,33 +208,48 @@ impl<B: Backend> Block<B> {
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: FusedOps> Attention<B> {
     /// Causal multi-head self-attention. x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let head_dim = d_model / self.n_head;
         let qkv = self.c_attn.forward(x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
+        let y = match cache {
+            // Training and scoring: one fused op reads the heads out of qkv directly.
+            None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head), // [batch, seq, d_model]
+            Some(cache) => self.cached_attention(qkv, batch, seq, cache),
+        };
+        self.c_proj.forward(y.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])
+    }
+
+    /// Generation: the new positions' queries against the cached and new keys and values.
+    /// qkv: [batch·seq, 3·d_model] → [batch, seq, d_model]
+    fn cached_attention(
+        &self,
+        qkv: Tensor<B, 2>,
+        batch: usize,
+        seq: usize,
+        cache: &mut Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    ) -> Tensor<B, 3> {
+        let d_model = qkv.dims()[1] / 3;
+        let head_dim = d_model / self.n_head;
         let heads = |part: usize| {
             qkv.clone().narrow(1, part * d_model, d_model).reshape([batch, seq, self.n_head, head_dim]).swap_dims(1, 2)
             // [batch, heads, seq, head_dim]
         };
         let (q, mut k, mut v) = (heads(0), heads(1), heads(2));
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.take() {
-                k = Tensor::cat(vec![past_k, k], 2); // [batch, heads, seen + seq, head_dim]
-                v = Tensor::cat(vec![past_v, v], 2);
-            }
-            *cache = Some((k.clone(), v.clone()));
+        if let Some((past_k, past_v)) = cache.take() {
+            k = Tensor::cat(vec![past_k, k], 2); // [batch, heads, seen + seq, head_dim]
+            v = Tensor::cat(vec![past_v, v], 2);
         }
+        *cache = Some((k.clone(), v.clone()));
         // The causal mask is aligned bottom-right, so cached queries see every earlier key.
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
         let y = attention(q, k, v, None, None, options); // [batch, heads, seq, head_dim]
-        let y = y.swap_dims(1, 2).reshape([batch * seq, d_model]); // [batch·seq, d_model]
-        self.c_proj.forward(y).reshape([batch, seq, d_model])
+        y.swap_dims(1, 2).reshape([batch, seq, d_model])
     }
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: FusedOps> Mlp<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
@@ -243,15 +257,4 @@ impl<B: Backend> Mlp<B> {
         let h = gelu_new(h);
         self.c_proj.forward(h).reshape([batch, seq, d_model])
     }
-}
-
-/// GPT-2's "gelu_new", the tanh approximation of GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
-/// Since 0.5·(1 + tanh(z)) = σ(2z), this is x·σ(x·(a + b·x²)) with a = 2√(2/π), b = 0.044715·a:
-/// the same function, computed with a square and burn's sigmoid (one op with its own backward)
-/// instead of a power and a tanh, which the CPU backend evaluates with slow scalar calls.
-pub fn gelu_new<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    const A: f64 = 2.0 * core::f64::consts::FRAC_2_SQRT_PI * core::f64::consts::FRAC_1_SQRT_2;
-    const B_: f64 = 0.044715 * A;
-    let inner = x.clone() * (x.clone().square() * B_ + A);
-    x * sigmoid(inner)
 }

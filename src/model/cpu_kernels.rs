@@ -1,0 +1,341 @@
+//! The CPU backend's kernels for the fused ops: plain loops over contiguous f32 rows, split
+//! across rayon's threads, and compiled a second time with AVX2 and FMA for CPUs that have them
+//! (LLVM vectorises the loops to the widest instructions it is allowed). `exp` is a polynomial
+//! that vectorises, unlike libm's `expf`; it is within 2 ulp of it (see the test below).
+
+use std::borrow::Cow;
+
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::tensor::{Bytes, DType, Shape};
+use rayon::prelude::*;
+
+use super::fused::composite::{GELU_A, GELU_B};
+
+/// Elements per parallel task in element-wise kernels: large enough to amortise scheduling.
+const CHUNK: usize = 16 * 1024;
+
+/// Runs `kernel` compiled for AVX2 and FMA when the CPU has them.
+#[inline(always)]
+fn vectorised<R>(kernel: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "avx2,fma")]
+        fn with_avx2<R>(kernel: impl FnOnce() -> R) -> R {
+            kernel()
+        }
+        // SAFETY: the CPU has the features just checked.
+        return unsafe { with_avx2(kernel) };
+    }
+    kernel()
+}
+
+/// e^x for f32, branch-free so that loops over it vectorise: x = n·ln 2 + r with |r| ≤ ln 2 / 2,
+/// e^r by Cephes' degree-6 polynomial, 2^n built in the exponent bits.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2^23 rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    e_r * two_n
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// A tensor's f32 elements in row-major order (copied only if the layout is not contiguous).
+fn f32s(t: &FlexTensor) -> Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("contiguous f32").to_vec()),
+    }
+}
+
+/// Index tensor elements as usize (burn's int tensors are i32 or i64 by backend and origin).
+fn indices(t: &FlexTensor) -> Vec<usize> {
+    let t = t.to_contiguous();
+    match t.dtype() {
+        DType::I32 => t.as_slice::<i32>().expect("contiguous").iter().map(|&i| i as usize).collect(),
+        DType::I64 => t.as_slice::<i64>().expect("contiguous").iter().map(|&i| i as usize).collect(),
+        other => panic!("index tensor of dtype {other:?}"),
+    }
+}
+
+fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
+}
+
+/// Sum and max over 16 independent lanes, so the loops vectorise (a single running f32 would
+/// have to be summed in order).
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+}
+
+#[inline(always)]
+fn row_sum_exp(row: &[f32], shift: f32) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += exp(x - shift);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().map(|&x| exp(x - shift)).sum::<f32>()
+}
+
+pub fn gelu_new(x: FlexTensor) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let x = f32s(&x);
+    let mut y = vec![0.0f32; x.len()];
+    let (a, b) = (GELU_A as f32, GELU_B as f32);
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+        vectorised(|| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x * sigmoid(x * (a + b * x * x));
+            }
+        })
+    });
+    tensor(y, shape)
+}
+
+pub fn gelu_new_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let (x, grad) = (f32s(&x), f32s(&grad));
+    let mut dx = vec![0.0f32; x.len()];
+    let (a, b) = (GELU_A as f32, GELU_B as f32);
+    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))).for_each(|(dx, (x, grad))| {
+        vectorised(|| {
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
+                let x2 = x * x;
+                let s = sigmoid(x * (a + b * x2));
+                *dx = g * (s + x * s * (1.0 - s) * (a + 3.0 * b * x2));
+            }
+        })
+    });
+    tensor(dx, shape)
+}
+
+pub fn cross_entropy(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, FlexTensor) {
+    let [rows, vocab] = logits.layout().shape().dims::<2>();
+    let (logits, targets) = (f32s(&logits), indices(&targets));
+    let mut nll = vec![0.0f32; rows];
+    let mut lse = vec![0.0f32; rows];
+    (logits.par_chunks(vocab), nll.par_iter_mut(), lse.par_iter_mut(), targets).into_par_iter().for_each(
+        |(row, nll, lse, target)| {
+            vectorised(|| {
+                let max = row_max(row);
+                *lse = max + row_sum_exp(row, max).ln();
+                *nll = *lse - row[target];
+            })
+        },
+    );
+    (tensor(nll, Shape::new([rows])), tensor(lse, Shape::new([rows])))
+}
+
+pub fn cross_entropy_backward(
+    logits: FlexTensor,
+    targets: FlexTensor,
+    lse: FlexTensor,
+    grad: FlexTensor,
+) -> FlexTensor {
+    let [rows, vocab] = logits.layout().shape().dims::<2>();
+    let (logits, targets, lse, grad) = (f32s(&logits), indices(&targets), f32s(&lse), f32s(&grad));
+    let mut dlogits = vec![0.0f32; rows * vocab];
+    dlogits.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).enumerate().for_each(|(i, (out, row))| {
+        let (g, lse) = (grad[i], lse[i]);
+        // Rows outside the loss (prompt, padding) have a zero gradient: nothing to compute.
+        if g == 0.0 {
+            return;
+        }
+        vectorised(|| {
+            for (out, &x) in out.iter_mut().zip(row) {
+                *out = g * exp(x - lse);
+            }
+        });
+        out[targets[i]] -= g;
+    });
+    tensor(dlogits, Shape::new([rows, vocab]))
+}
+
+/// A raw pointer that rayon's tasks may share: each task writes a disjoint part of the buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only where the tasks' writes are disjoint (one (batch, head) slot each).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method, so that closures capture the whole (Sync) wrapper, not its field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// One matrix of a strided buffer: element (r, c) at `ptr + r·row + c·col`.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    row: isize,
+    col: isize,
+}
+
+impl Mat {
+    fn t(self) -> Self {
+        Self { row: self.col, col: self.row, ..self }
+    }
+}
+
+/// dst[m×n] (row-major with row stride `dst_row`) = scale · lhs[m×k] · rhs[k×n], single-threaded
+/// (the callers run one per task).
+///
+/// # Safety
+/// The matrices must lie inside their buffers; `dst` must not overlap the inputs.
+unsafe fn matmul([m, n, k]: [usize; 3], (dst, dst_row): (*mut f32, isize), lhs: Mat, rhs: Mat, scale: f32) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row,
+        false,
+        lhs.ptr,
+        lhs.col,
+        lhs.row,
+        rhs.ptr,
+        rhs.col,
+        rhs.row,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Causal self-attention per (batch, head), reading the heads straight out of the packed
+/// projections and writing the output in [batch, seq, d_model] order, so that no head
+/// split/merge copies are made. Returns the output and the attention probabilities.
+pub fn causal_attention(qkv: FlexTensor, n_head: usize) -> (FlexTensor, FlexTensor) {
+    let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
+    let (d, qkv) = (three_d / 3, f32s(&qkv));
+    let head_dim = d / n_head;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut y = vec![0.0f32; batch * seq * d];
+    let mut probs = vec![0.0f32; batch * n_head * seq * seq];
+    let y_out = SharedMut(y.as_mut_ptr());
+    probs.par_chunks_mut(seq * seq).enumerate().for_each(|(bh, p)| {
+        let (b, h) = (bh / n_head, bh % n_head);
+        let base = (b * seq * three_d + h * head_dim) as isize;
+        let part = |i: usize| Mat { ptr: qkv[(base as usize) + i * d..].as_ptr(), row: three_d as isize, col: 1 };
+        let (q, k, v) = (part(0), part(1), part(2));
+        // SAFETY: all matrices lie inside qkv, p or y; this task alone writes head h of batch b in y.
+        unsafe {
+            matmul([seq, seq, head_dim], (p.as_mut_ptr(), seq as isize), q, k.t(), scale); // scores [seq, seq]
+            vectorised(|| causal_softmax_rows(p, seq));
+            let p = Mat { ptr: p.as_ptr(), row: seq as isize, col: 1 };
+            let y_bh = y_out.at(b * seq * d + h * head_dim);
+            matmul([seq, head_dim, seq], (y_bh, d as isize), p, v, 1.0); // [seq, head_dim]
+        }
+    });
+    (tensor(y, Shape::new([batch, seq, d])), tensor(probs, Shape::new([batch, n_head, seq, seq])))
+}
+
+/// Row i keeps columns 0..=i: softmax over those, zeros after.
+#[inline(always)]
+fn causal_softmax_rows(scores: &mut [f32], seq: usize) {
+    for (i, row) in scores.chunks_exact_mut(seq).enumerate() {
+        let (kept, masked) = row.split_at_mut(i + 1);
+        let max = row_max(kept);
+        let mut sum = 0.0;
+        for x in kept.iter_mut() {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        kept.iter_mut().for_each(|x| *x *= inv);
+        masked.fill(0.0);
+    }
+}
+
+/// The gradient of `causal_attention` with respect to the packed projections, from the saved
+/// probabilities P: dV = Pᵀ·dY, dP = dY·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = s·dS·K,
+/// dK = s·dSᵀ·Q. grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
+pub fn causal_attention_backward(qkv: FlexTensor, probs: FlexTensor, grad: FlexTensor, n_head: usize) -> FlexTensor {
+    let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
+    let (d, qkv, probs, grad) = (three_d / 3, f32s(&qkv), f32s(&probs), f32s(&grad));
+    let head_dim = d / n_head;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut dqkv = vec![0.0f32; batch * seq * three_d];
+    let out = SharedMut(dqkv.as_mut_ptr());
+    probs.par_chunks(seq * seq).enumerate().for_each(|(bh, p)| {
+        let (b, h) = (bh / n_head, bh % n_head);
+        let base = b * seq * three_d + h * head_dim;
+        let part = |i: usize| Mat { ptr: qkv[base + i * d..].as_ptr(), row: three_d as isize, col: 1 };
+        let (q, k, v) = (part(0), part(1), part(2));
+        let dy = Mat { ptr: grad[b * seq * d + h * head_dim..].as_ptr(), row: d as isize, col: 1 };
+        let p_mat = Mat { ptr: p.as_ptr(), row: seq as isize, col: 1 };
+        let mut ds = vec![0.0f32; seq * seq];
+        // SAFETY: all matrices lie inside their buffers; this task alone writes the head-h
+        // columns of batch b in dqkv; ds is its own.
+        unsafe {
+            let slot = |i: usize| out.at(base + i * d);
+            matmul([seq, head_dim, seq], (slot(2), three_d as isize), p_mat.t(), dy, 1.0); // dV [seq, head_dim]
+            matmul([seq, seq, head_dim], (ds.as_mut_ptr(), seq as isize), dy, v.t(), 1.0); // dP [seq, seq]
+            vectorised(|| softmax_backward_rows(&mut ds, p, seq));
+            let ds = Mat { ptr: ds.as_ptr(), row: seq as isize, col: 1 };
+            matmul([seq, head_dim, seq], (slot(0), three_d as isize), ds, k, scale); // dQ
+            matmul([seq, head_dim, seq], (slot(1), three_d as isize), ds.t(), q, scale);
+            // dK
+        }
+    });
+    tensor(dqkv, Shape::new([batch, seq, three_d]))
+}
+
+/// dP → dS in place, row by row: dS = P ⊙ (dP − Σ dP ⊙ P). Masked entries (P = 0) become 0.
+#[inline(always)]
+fn softmax_backward_rows(dp: &mut [f32], p: &[f32], seq: usize) {
+    for (i, (row, p)) in dp.chunks_exact_mut(seq).zip(p.chunks_exact(seq)).enumerate() {
+        let (ds, masked) = row.split_at_mut(i + 1);
+        let p = &p[..=i];
+        let dot: f32 = ds.iter().zip(p).map(|(g, p)| g * p).sum();
+        ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+        masked.fill(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_is_within_two_ulp_of_libm() {
+        let mut worst = 0.0f64;
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let (got, want) = (super::exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+    }
+}

@@ -1,0 +1,311 @@
+//! Fused operations for the hot spots of a GPT-2 step, as a backend extension: GELU, causal
+//! self-attention and the cross-entropy over the vocabulary are each one operation with a
+//! hand-written backward,
+//! instead of the chain of element-wise tensor ops (each a pass over memory and an autodiff
+//! node) that composing them from burn's API costs.
+//!
+//! Every backend gets the composite versions (burn's own ops; the numerics the fidelity tests
+//! check); the CPU backend overrides them with the kernels of `cpu_kernels`, which the tests in
+//! `tests/fused.rs` hold to the composite versions. Autodiff wraps whichever the inner backend
+//! has, with the backward below.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorPrimitive};
+
+use super::cpu_kernels;
+
+/// A backend pipe's model runs on: burn's ops plus the fused ones.
+pub trait FusedOps: Backend {
+    /// GPT-2's tanh GELU. x: [rows, cols] → [rows, cols]
+    fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        composite::gelu_new::<Self>(x)
+    }
+
+    /// The gradient of `gelu_new` at `x`, given the output's gradient. [rows, cols] each.
+    fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        composite::gelu_new_backward::<Self>(x, grad)
+    }
+
+    /// Negative log-likelihood of each row's target, and each row's log-sum-exp (kept for the
+    /// backward). logits: [rows, vocab], targets: [rows] → ([rows], [rows])
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composite::cross_entropy::<Self>(logits, targets)
+    }
+
+    /// The gradient of the NLL with respect to the logits: (softmax − one-hot) · grad per row.
+    /// logits: [rows, vocab], targets, lse, grad: [rows] → [rows, vocab]
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+    }
+
+    /// Causal multi-head self-attention over the packed query/key/value projections, and the
+    /// attention probabilities (kept for the backward).
+    /// qkv: [batch, seq, 3·d_model] → ([batch, seq, d_model], [batch, heads, seq, seq])
+    fn causal_attention(qkv: FloatTensor<Self>, n_head: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composite::causal_attention::<Self>(qkv, n_head)
+    }
+
+    /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient.
+    /// qkv: [batch, seq, 3·d_model], probs: [batch, heads, seq, seq], grad: [batch, seq, d_model]
+    /// → [batch, seq, 3·d_model]
+    fn causal_attention_backward(
+        qkv: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        n_head: usize,
+    ) -> FloatTensor<Self> {
+        composite::causal_attention_backward::<Self>(qkv, probs, grad, n_head)
+    }
+}
+
+/// A backend pipe trains on: autodiff over a backend with the fused ops.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+impl<B> TrainBackend for B where B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+
+/// GPT-2's "gelu_new", the tanh approximation of GELU. x: [rows, cols] → [rows, cols]
+pub fn gelu_new<B: FusedOps>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::gelu_new(x.into_primitive().tensor())))
+}
+
+/// Per-row negative log-likelihood of `targets` under softmax(`logits`).
+/// logits: [rows, vocab], targets: [rows] → [rows]
+pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let (nll, _lse) = B::cross_entropy(logits.into_primitive().tensor(), targets.into_primitive());
+    Tensor::from_primitive(TensorPrimitive::Float(nll))
+}
+
+/// Causal multi-head self-attention (no cache: every query sees the keys up to its own position).
+/// qkv: [batch, seq, 3·d_model] → [batch, seq, d_model]
+pub fn causal_attention<B: FusedOps>(qkv: Tensor<B, 3>, n_head: usize) -> Tensor<B, 3> {
+    let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), n_head);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// The fused ops written with burn's tensor API: what every backend runs unless it has faster
+/// kernels, and what those kernels are tested against.
+pub mod composite {
+    use super::*;
+
+    fn float<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(x))
+    }
+
+    /// 2·√(2/π) and 0.044715 times it: with them, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+    /// = x·σ(x·(A + B·x²)), since 0.5·(1 + tanh(z)) = σ(2z).
+    pub const GELU_A: f64 = 2.0 * core::f64::consts::FRAC_2_SQRT_PI * core::f64::consts::FRAC_1_SQRT_2;
+    pub const GELU_B: f64 = 0.044715 * GELU_A;
+
+    pub fn gelu_new<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        let x = float::<B, 2>(x);
+        let inner = x.clone() * (x.clone().square() * GELU_B + GELU_A);
+        (x * sigmoid(inner)).into_primitive().tensor()
+    }
+
+    /// d/dx x·σ(u) with u = x·(A + B·x²): σ(u) + x·σ(u)·(1 − σ(u))·(A + 3B·x²).
+    pub fn gelu_new_backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+        let (x, grad) = (float::<B, 2>(x), float::<B, 2>(grad));
+        let x2 = x.clone().square();
+        let s = sigmoid(x.clone() * (x2.clone() * GELU_B + GELU_A));
+        let slope = s.clone() + x * s.clone() * (s.neg() + 1.0) * (x2 * (3.0 * GELU_B) + GELU_A);
+        (slope * grad).into_primitive().tensor()
+    }
+
+    pub fn cross_entropy<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let logits = float::<B, 2>(logits);
+        let targets = Tensor::<B, 1, Int>::from_primitive(targets).unsqueeze_dim::<2>(1); // [rows, 1]
+        let log_probs = log_softmax(logits.clone(), 1); // [rows, vocab]
+        let nll = log_probs.clone().gather(1, targets).neg().squeeze_dim::<1>(1); // [rows]
+                                                                                  // log-sum-exp = logit − log-prob, at any column.
+        let lse = (logits.narrow(1, 0, 1) - log_probs.narrow(1, 0, 1)).squeeze_dim::<1>(1); // [rows]
+        (nll.into_primitive().tensor(), lse.into_primitive().tensor())
+    }
+
+    pub fn cross_entropy_backward<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+        lse: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let logits = float::<B, 2>(logits);
+        let vocab = logits.dims()[1];
+        let probs = (logits - float::<B, 1>(lse).unsqueeze_dim::<2>(1)).exp(); // [rows, vocab]
+        let one_hot = Tensor::<B, 1, Int>::from_primitive(targets).one_hot::<2>(vocab).float(); // [rows, vocab]
+        ((probs - one_hot) * float::<B, 1>(grad).unsqueeze_dim::<2>(1)).into_primitive().tensor()
+    }
+
+    /// qkv: [batch, seq, 3·d_model] → queries, keys, values, each [batch, heads, seq, head_dim]
+    fn split_heads<B: Backend>(qkv: Tensor<B, 3>, n_head: usize) -> [Tensor<B, 4>; 3] {
+        let [batch, seq, three_d] = qkv.dims();
+        let d = three_d / 3;
+        [0, 1, 2]
+            .map(|part| qkv.clone().narrow(2, part * d, d).reshape([batch, seq, n_head, d / n_head]).swap_dims(1, 2))
+    }
+
+    /// [batch, heads, seq, head_dim] → [batch, seq, d_model]
+    fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [batch, heads, seq, head_dim] = x.dims();
+        x.swap_dims(1, 2).reshape([batch, seq, heads * head_dim])
+    }
+
+    pub fn causal_attention<B: Backend>(qkv: FloatTensor<B>, n_head: usize) -> (FloatTensor<B>, FloatTensor<B>) {
+        let [q, k, v] = split_heads(float::<B, 3>(qkv), n_head);
+        let [_, _, seq, head_dim] = q.dims();
+        let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt(); // [batch, heads, seq, seq]
+        let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &scores.device()).unsqueeze::<4>();
+        let probs = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3); // [batch, heads, seq, seq]
+        let y = merge_heads(probs.clone().matmul(v)); // [batch, seq, d_model]
+        (y.into_primitive().tensor(), probs.into_primitive().tensor())
+    }
+
+    pub fn causal_attention_backward<B: Backend>(
+        qkv: FloatTensor<B>,
+        probs: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        n_head: usize,
+    ) -> FloatTensor<B> {
+        let [q, k, v] = split_heads(float::<B, 3>(qkv), n_head);
+        let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+        let probs = float::<B, 4>(probs); // [batch, heads, seq, seq]
+        let [batch, seq, d] = float::<B, 3>(grad.clone()).dims();
+        let dy = float::<B, 3>(grad).reshape([batch, seq, n_head, d / n_head]).swap_dims(1, 2); // [batch, heads, seq, head_dim]
+        let dv = probs.clone().swap_dims(2, 3).matmul(dy.clone());
+        let dp = dy.matmul(v.swap_dims(2, 3)); // [batch, heads, seq, seq]
+        let ds = probs.clone() * (dp.clone() - (dp * probs).sum_dim(3));
+        let dq = ds.clone().matmul(k) * scale;
+        let dk = ds.swap_dims(2, 3).matmul(q) * scale;
+        Tensor::cat(vec![merge_heads(dq), merge_heads(dk), merge_heads(dv)], 2).into_primitive().tensor()
+    }
+}
+
+impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GeluNew;
+        impl<B: FusedOps> Backward<B, 1> for GeluNew {
+            type State = FloatTensor<B>; // the input
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let x = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| B::gelu_new_backward(x, grad));
+            }
+        }
+        match GeluNew.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = B::gelu_new(x.primitive.clone());
+                prep.finish(x.primitive, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gelu_new(x.primitive)),
+        }
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct CrossEntropy;
+        impl<B: FusedOps> Backward<B, 1> for CrossEntropy {
+            type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>); // logits, targets, lse
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let (logits, targets, lse) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    B::cross_entropy_backward(logits, targets, lse, grad)
+                });
+            }
+        }
+        let (nll, lse) = B::cross_entropy(logits.primitive.clone(), targets.clone());
+        let nll = match CrossEntropy.prepare::<C>([logits.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((logits.primitive, targets, lse.clone()), nll),
+            OpsKind::UnTracked(prep) => prep.finish(nll),
+        };
+        (nll, Self::from_inner(lse))
+    }
+
+    fn causal_attention(qkv: FloatTensor<Self>, n_head: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct CausalAttention;
+        impl<B: FusedOps> Backward<B, 1> for CausalAttention {
+            type State = (FloatTensor<B>, FloatTensor<B>, usize); // qkv, probabilities, heads
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let (qkv, probs, n_head) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    B::causal_attention_backward(qkv, probs, grad, n_head)
+                });
+            }
+        }
+        let (y, probs) = B::causal_attention(qkv.primitive.clone(), n_head);
+        let y = match CausalAttention.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((qkv.primitive, probs.clone(), n_head), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, Self::from_inner(probs))
+    }
+}
+
+impl FusedOps for Flex {
+    fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match x.dtype() {
+            DType::F32 => cpu_kernels::gelu_new(x),
+            _ => composite::gelu_new::<Self>(x),
+        }
+    }
+
+    fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        match (x.dtype(), grad.dtype()) {
+            (DType::F32, DType::F32) => cpu_kernels::gelu_new_backward(x, grad),
+            _ => composite::gelu_new_backward::<Self>(x, grad),
+        }
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match logits.dtype() {
+            DType::F32 => cpu_kernels::cross_entropy(logits, targets),
+            _ => composite::cross_entropy::<Self>(logits, targets),
+        }
+    }
+
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match (logits.dtype(), lse.dtype(), grad.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => cpu_kernels::cross_entropy_backward(logits, targets, lse, grad),
+            _ => composite::cross_entropy_backward::<Self>(logits, targets, lse, grad),
+        }
+    }
+
+    fn causal_attention(qkv: FloatTensor<Self>, n_head: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match qkv.dtype() {
+            DType::F32 => cpu_kernels::causal_attention(qkv, n_head),
+            _ => composite::causal_attention::<Self>(qkv, n_head),
+        }
+    }
+
+    fn causal_attention_backward(
+        qkv: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        n_head: usize,
+    ) -> FloatTensor<Self> {
+        match (qkv.dtype(), probs.dtype(), grad.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => cpu_kernels::causal_attention_backward(qkv, probs, grad, n_head),
+            _ => composite::causal_attention_backward::<Self>(qkv, probs, grad, n_head),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl FusedOps for burn::backend::Cuda {}

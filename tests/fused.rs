@@ -1,0 +1,157 @@
+//! The CPU kernels of the fused ops against the composite versions built from burn's own ops
+//! (which tests/fidelity.rs holds to transformers), forward and backward, including the
+//! autodiff wiring: gradients through a fused op equal burn's autodiff through the composite.
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use pipe::model::fused::{composite, cross_entropy, gelu_new, FusedOps};
+
+type Ad = Autodiff<Flex>;
+
+fn random<B: Backend, const D: usize>(shape: [usize; D], scale: f64, seed: u64) -> Tensor<B, D> {
+    B::seed(&Default::default(), seed);
+    Tensor::random(shape, Distribution::Normal(0.0, scale), &Default::default())
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0.0f32, f32::max);
+    assert!(worst <= tol, "{what}: worst relative difference {worst:e} > {tol:e}");
+}
+
+fn float<const D: usize>(x: FloatTensor<Flex>) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(x))
+}
+
+fn prim<const D: usize>(x: &Tensor<Flex, D>) -> FloatTensor<Flex> {
+    x.clone().into_primitive().tensor()
+}
+
+/// Targets over the whole vocabulary, including its first and last ids.
+fn targets<B: Backend>(rows: usize, vocab: usize) -> Tensor<B, 1, Int> {
+    let ids: Vec<i64> = (0..rows).map(|i| ((i * 7919) % vocab) as i64).chain([0, vocab as i64 - 1]).collect();
+    Tensor::from_data(TensorData::new(ids, [rows + 2]), &Default::default())
+}
+
+#[test]
+fn gelu_kernel_matches_composite_forward_and_backward() {
+    // Wide range, odd length (not a multiple of any vector width or chunk).
+    let x = random::<Flex, 2>([37, 1031], 4.0, 1);
+    let grad = random::<Flex, 2>([37, 1031], 1.0, 2);
+    let fused = float::<2>(Flex::gelu_new(prim(&x)));
+    let plain = float::<2>(composite::gelu_new::<Flex>(prim(&x)));
+    assert_close(&values(fused), &values(plain), 1e-6, "gelu forward");
+    let fused = float::<2>(Flex::gelu_new_backward(prim(&x), prim(&grad)));
+    let plain = float::<2>(composite::gelu_new_backward::<Flex>(prim(&x), prim(&grad)));
+    assert_close(&values(fused), &values(plain), 1e-6, "gelu backward");
+}
+
+#[test]
+fn gelu_gradient_through_autodiff_matches_burns_own() {
+    let x = random::<Ad, 2>([16, 300], 3.0, 3).require_grad();
+    let weights = random::<Ad, 2>([16, 300], 1.0, 4);
+    let fused = (gelu_new(x.clone()) * weights.clone()).sum().backward();
+    // The same function composed from burn's ops, differentiated by burn's autodiff.
+    let plain = x.clone()
+        * burn::tensor::activation::sigmoid(x.clone() * (x.clone().square() * composite::GELU_B + composite::GELU_A));
+    let plain = (plain * weights).sum().backward();
+    assert_close(&values(x.grad(&fused).unwrap()), &values(x.grad(&plain).unwrap()), 1e-5, "gelu gradient");
+}
+
+#[test]
+fn cross_entropy_kernel_matches_composite() {
+    for (rows, vocab) in [(5, 8192), (3, 50257), (4, 17)] {
+        let logits = random::<Flex, 2>([rows + 2, vocab], 5.0, rows as u64);
+        let targets = targets::<Flex>(rows, vocab);
+        let (nll, lse) = Flex::cross_entropy(prim(&logits), targets.clone().into_primitive());
+        let (want_nll, want_lse) = composite::cross_entropy::<Flex>(prim(&logits), targets.clone().into_primitive());
+        assert_close(&values(float::<1>(nll)), &values(float::<1>(want_nll.clone())), 1e-5, "nll");
+        assert_close(&values(float::<1>(lse.clone())), &values(float::<1>(want_lse)), 1e-5, "logsumexp");
+
+        // A zero row gradient (a masked token) must give a zero row.
+        let mut g: Vec<f32> = (0..rows + 2).map(|i| 0.5 + i as f32).collect();
+        g[1] = 0.0;
+        let grad = Tensor::<Flex, 1>::from_data(TensorData::new(g, [rows + 2]), &Default::default());
+        let fused =
+            Flex::cross_entropy_backward(prim(&logits), targets.clone().into_primitive(), lse.clone(), prim(&grad));
+        let plain =
+            composite::cross_entropy_backward::<Flex>(prim(&logits), targets.into_primitive(), lse, prim(&grad));
+        let (fused, plain) = (values(float::<2>(fused)), values(float::<2>(plain)));
+        assert_close(&fused, &plain, 1e-6, "cross-entropy backward");
+        assert!(fused[vocab..2 * vocab].iter().all(|&v| v == 0.0), "masked row has a gradient");
+    }
+}
+
+#[test]
+fn cross_entropy_gradient_through_autodiff_matches_log_softmax() {
+    let (rows, vocab) = (6, 1000);
+    let logits = random::<Ad, 2>([rows + 2, vocab], 3.0, 9).require_grad();
+    let targets = targets::<Ad>(rows, vocab);
+    let weights = random::<Ad, 1>([rows + 2], 1.0, 10);
+    let fused_nll = cross_entropy(logits.clone(), targets.clone());
+    let fused = (fused_nll.clone() * weights.clone()).sum().backward();
+    let log_probs = burn::tensor::activation::log_softmax(logits.clone(), 1);
+    let plain_nll = log_probs.gather(1, targets.unsqueeze_dim::<2>(1)).neg().squeeze_dim::<1>(1);
+    assert_close(&values(fused_nll), &values(plain_nll.clone()), 1e-5, "nll through autodiff");
+    let plain = (plain_nll * weights).sum().backward();
+    assert_close(&values(logits.grad(&fused).unwrap()), &values(logits.grad(&plain).unwrap()), 1e-6, "logit gradient");
+}
+
+#[test]
+fn cross_entropy_takes_strided_logits() {
+    // A transposed (non-contiguous) logits tensor is read in its logical order.
+    let logits = random::<Flex, 2>([300, 4], 2.0, 11);
+    let targets = targets::<Flex>(2, 300);
+    let (rows_view, copied) = (logits.clone().transpose(), logits.transpose().into_data());
+    let copied = Tensor::<Flex, 2>::from_data(copied, &Default::default());
+    let (a, _) = Flex::cross_entropy(prim(&rows_view), targets.clone().into_primitive());
+    let (b, _) = Flex::cross_entropy(prim(&copied), targets.into_primitive());
+    assert_eq!(values(float::<1>(a)), values(float::<1>(b)));
+}
+
+#[test]
+fn attention_kernel_matches_composite_forward_and_backward() {
+    // Odd sizes: a sequence and head width no kernel tiles evenly.
+    let (batch, seq, n_head, head_dim) = (3, 37, 5, 12);
+    let d = n_head * head_dim;
+    let qkv = random::<Flex, 3>([batch, seq, 3 * d], 1.5, 21);
+    let grad = random::<Flex, 3>([batch, seq, d], 1.0, 22);
+    let (y, probs) = Flex::causal_attention(prim(&qkv), n_head);
+    let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head);
+    assert_close(&values(float::<3>(y)), &values(float::<3>(want_y)), 1e-5, "attention output");
+    let probs_values = values(float::<4>(probs.clone()));
+    assert_close(&probs_values, &values(float::<4>(want_probs)), 1e-6, "attention probabilities");
+    // Causal: nothing attends to a later position.
+    for (r, row) in probs_values.chunks(seq).enumerate() {
+        assert!(row[r % seq + 1..].iter().all(|&p| p == 0.0), "row {r} attends to the future");
+    }
+    let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), prim(&grad), n_head);
+    let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, prim(&grad), n_head);
+    assert_close(&values(float::<3>(fused)), &values(float::<3>(plain)), 1e-5, "attention backward");
+}
+
+#[test]
+fn attention_gradient_through_autodiff_matches_burns_attention() {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let (batch, seq, n_head, head_dim) = (2, 19, 3, 8);
+    let d = n_head * head_dim;
+    let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 31).require_grad();
+    let weights = random::<Ad, 3>([batch, seq, d], 1.0, 32);
+    let fused_y = pipe::model::fused::causal_attention(qkv.clone(), n_head);
+    // burn's own attention op on the split heads, differentiated by burn's autodiff.
+    let heads =
+        |part: usize| qkv.clone().narrow(2, part * d, d).reshape([batch, seq, n_head, head_dim]).swap_dims(1, 2);
+    let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+    let plain_y = attention(heads(0), heads(1), heads(2), None, None, options).swap_dims(1, 2).reshape([batch, seq, d]);
+    assert_close(&values(fused_y.clone()), &values(plain_y.clone()), 1e-5, "attention output");
+    let fused = (fused_y * weights.clone()).sum().backward();
+    let plain = (plain_y * weights).sum().backward();
+    assert_close(&values(qkv.grad(&fused).unwrap()), &values(qkv.grad(&plain).unwrap()), 1e-5, "qkv gradient");
+}
