@@ -4,8 +4,8 @@
 #   scripts/gpu-bench.sh                        # builds with --features cuda first
 #   GPU_PIPE_BIN=/path/to/pipe scripts/gpu-bench.sh # a prebuilt cuda binary (for machines without crates.io)
 # (not PIPE_…: pipe reads every PIPE_ variable as a spec override and rejects unknown ones)
-# PEAK_TFLOPS is the card's dense peak for the arithmetic used; pipe trains in f32, so the
-# default is an H100 SXM's 67 FP32 TFLOP/s (its bf16 tensor-core peak, 989, is printed too).
+# MFU is over the card's dense peak for the arithmetic used: PEAK_TFLOPS (default an H100/H200
+# SXM's 67 FP32 TFLOP/s) for f32 runs, PEAK_BF16_TFLOPS (default 989) for bf16 mixed precision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${GPU_PIPE_BIN:-}" ]; then
@@ -13,12 +13,19 @@ if [ -z "${GPU_PIPE_BIN:-}" ]; then
   GPU_PIPE_BIN=target/release/pipe
 fi
 PEAK_TFLOPS=${PEAK_TFLOPS:-67}
+PEAK_BF16_TFLOPS=${PEAK_BF16_TFLOPS:-989}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 mfu() {
   python3 -c "import json,sys; r=json.loads(sys.stdin.read()); t=r['train_tflops']; \
-print(json.dumps(r)); print(f\"MFU: {100*t/$PEAK_TFLOPS:.1f}% of $PEAK_TFLOPS TFLOP/s (f32), {100*t/989:.2f}% of 989 (bf16 dense)\")"
+bf16=r['shape']['precision']=='bf16'; peak=$PEAK_BF16_TFLOPS if bf16 else $PEAK_TFLOPS; \
+print(json.dumps(r)); print(f\"MFU: {100*t/peak:.1f}% of {peak} TFLOP/s ({'bf16' if bf16 else 'f32'} dense)\")"
 }
-"$GPU_PIPE_BIN" bench --backend cuda --layers 12 --heads 12 --embd 768 --vocab 50257 --seq 256 --batch 4 --steps 6 --warmup 2 | mfu
-"$GPU_PIPE_BIN" bench --backend cuda --layers 12 --heads 12 --embd 768 --vocab 50257 --seq 256 --batch 16 --steps 6 --warmup 2 | mfu
+small="--layers 12 --heads 12 --embd 768 --vocab 50257 --seq 256 --steps 6 --warmup 2"
+for precision in f32 bf16; do
+  # shellcheck disable=SC2086
+  "$GPU_PIPE_BIN" bench --backend cuda $small --batch 4 --precision $precision | mfu
+  # shellcheck disable=SC2086
+  "$GPU_PIPE_BIN" bench --backend cuda $small --batch 16 --precision $precision | mfu
+done
 "$GPU_PIPE_BIN" bench --backend cuda --layers 4 --heads 4 --embd 256 --vocab 8192 --seq 128 --batch 8 | mfu
 time "$GPU_PIPE_BIN" run pipelines/sft.toml --set run.backend=cuda --set run.name=sft-demo-cuda --set train.epochs=${EPOCHS:-30}

@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use crate::backend::BackendJob;
 use crate::data::Sequence;
 use crate::generate::{Generator, Sampling};
-use crate::model::Gpt2Config;
+use crate::model::gpt2::Precision;
+use crate::model::{Gpt2, Gpt2Config};
 use crate::spec::{OptimizerKind, OptimizerSpec};
 use crate::train::Trainer;
 
@@ -31,6 +32,7 @@ pub struct BenchShape {
     pub steps: usize,
     pub warmup: usize,
     pub gen_tokens: usize,
+    pub precision: Precision,
 }
 
 impl BenchShape {
@@ -51,7 +53,7 @@ impl BackendJob for Bench {
         B::seed(&device, 0);
         let config = Gpt2Config::new(shape.vocab, shape.seq.max(1024), shape.embd, shape.layers, shape.heads);
         let params = config.num_params();
-        let mut model = config.init::<B>(&device);
+        let mut model = Gpt2 { precision: shape.precision, ..config.init::<B>(&device) };
         let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-4, weight_decay: 0.01, ..Default::default() };
         let mut trainer = Trainer::<B>::new(&opt, 0, &device);
         let mut rng = StdRng::seed_from_u64(0);

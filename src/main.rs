@@ -10,7 +10,7 @@ use pipe::data::Tok;
 use pipe::error::{bad_input, is_bad_input, is_interrupted};
 use pipe::generate::{Generator, Sampling};
 use pipe::model::{hf, Gpt2};
-use pipe::spec::{BackendKind, GenerateSpec, Spec};
+use pipe::spec::{BackendKind, GenerateSpec, Precision, Spec};
 use pipe::{backend, chat, pipeline, runs, score, spec};
 
 #[derive(Parser)]
@@ -154,6 +154,9 @@ enum Command {
         /// GPU index.
         #[arg(long, default_value_t = 0)]
         device: usize,
+        /// f32, or bf16 (linear layers multiply in bf16, f32 master weights; as run.precision).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads.
     Export {
@@ -366,16 +369,45 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let settings = chat::ChatSettings { template, sampling, max_new_tokens, seed };
             chat::chat(&model, &tok, &settings, &device, std::io::stdin().lock(), std::io::stdout())?;
         }
-        Command::Bench { layers, heads, embd, vocab, seq, batch, steps, warmup, gen_tokens, backend, device } => {
+        Command::Bench {
+            layers,
+            heads,
+            embd,
+            vocab,
+            seq,
+            batch,
+            steps,
+            warmup,
+            gen_tokens,
+            backend,
+            device,
+            precision,
+        } => {
             let kind = match backend.as_str() {
                 "cpu" => BackendKind::Cpu,
                 "cuda" => BackendKind::Cuda,
                 other => return Err(bad_input(format!("--backend {other}: expected cpu or cuda"))),
             };
+            let precision = match precision.as_str() {
+                "f32" => Precision::F32,
+                "bf16" => Precision::Bf16,
+                other => return Err(bad_input(format!("--precision {other}: expected f32 or bf16"))),
+            };
             if [layers, heads, embd, vocab, seq, batch, steps].contains(&0) || embd % heads != 0 {
                 return Err(bad_input("bench sizes must be at least 1, and --embd divisible by --heads"));
             }
-            let shape = pipe::bench::BenchShape { layers, heads, embd, vocab, seq, batch, steps, warmup, gen_tokens };
+            let shape = pipe::bench::BenchShape {
+                layers,
+                heads,
+                embd,
+                vocab,
+                seq,
+                batch,
+                steps,
+                warmup,
+                gen_tokens,
+                precision,
+            };
             let result = backend::dispatch(kind, device, pipe::bench::Bench(shape))?;
             println!("{result}");
         }

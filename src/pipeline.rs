@@ -144,7 +144,7 @@ impl<B: TrainBackend> Inputs<B> {
     /// `tokenizer` replaces the spec's tokenizer (a resumed run uses the one it saved).
     fn prepare(spec: &Spec, tokenizer: Option<&Path>, device: &B::Device) -> Result<Self> {
         let data = PreparedData::prepare(spec, tokenizer)?;
-        let (config, model) = match &data.model_dir {
+        let (config, mut model) = match &data.model_dir {
             Some(dir) => hf::load::<B>(dir, spec.model.dropout, device)?,
             None => {
                 let m = &spec.model;
@@ -156,6 +156,7 @@ impl<B: TrainBackend> Inputs<B> {
                 (config, model)
             }
         };
+        model.precision = spec.run.precision;
         log_data(&data.report, data.val.len(), &config);
         Ok(Self { data, config, model })
     }

@@ -12,6 +12,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::bad_input;
+pub use crate::model::gpt2::Precision;
 
 /// Prefix of environment variables that override spec fields (`PIPE_TRAIN__EPOCHS=3`).
 pub const ENV_PREFIX: &str = "PIPE_";
@@ -47,6 +48,10 @@ pub struct RunSpec {
     /// Device index for GPU backends.
     #[serde(default)]
     pub device: usize,
+    /// "f32", or "bf16": linear layers and the LM head multiply in bf16, with f32 master
+    /// weights, gradients, optimizer state, LayerNorm, attention and loss (mixed precision).
+    #[serde(default)]
+    pub precision: Precision,
     /// The stages to run, in order.
     #[serde(default = "default_stages")]
     pub stages: Vec<Stage>,

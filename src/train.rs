@@ -173,7 +173,7 @@ pub fn train<B: TrainBackend>(
     if let Some(dir) = resume {
         let restored = checkpoint::load::<B>(dir, Some(ctx.config.dropout), device)?;
         trainer.optim = trainer.optim.restore(dir, device)?;
-        model = restored.model;
+        model = Gpt2 { precision: model.precision, ..restored.model };
         start = restored.progress;
         tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
     }

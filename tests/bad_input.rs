@@ -216,6 +216,11 @@ fn catalogue() -> Vec<Case> {
             &["spec.toml", "run.backend", "tpu"],
         ),
         case(
+            "unknown precision",
+            sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\nprecision = \"fp16\""),
+            &["spec.toml", "run.precision", "fp16"],
+        ),
+        case(
             "cuda not compiled in",
             sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\nbackend = \"cuda\""),
             &["run.backend", "--features cuda"],

@@ -10,6 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use common::{fixture_dir, floats, ids, reference};
 use pipe::data::{Batch, Sequence, Tok};
 use pipe::generate::{Generator, Sampling};
+use pipe::model::gpt2::Precision;
 use pipe::model::{hf, Gpt2};
 use pipe::spec::{OptimizerKind, OptimizerSpec};
 use pipe::train::Trainer;
@@ -222,4 +223,46 @@ fn missing_and_unexpected_tensors_are_named() {
             && format!("{error}").contains("`transformer.h.2.attn.c_attn.weight`"),
         "{error}"
     );
+}
+
+/// bf16 mixed precision: the linear layers multiply in bf16, so the loss moves off the f32
+/// reference by about bf16's resolution (8 mantissa bits) but no more.
+#[test]
+fn bf16_loss_is_within_bf16_resolution_of_transformers() {
+    let r = reference();
+    let want = r["batch_loss"].as_f64().unwrap();
+    let got = batch_loss(&Gpt2 { precision: Precision::Bf16, ..model() }, &sequences_of(&r));
+    let f32_loss = batch_loss(&model(), &sequences_of(&r));
+    assert!((got - want).abs() < 0.01 * want, "bf16 batch loss {got}, transformers (f32) {want}");
+    assert!((got - f32_loss).abs() > 1e-4, "bf16 loss {got} equals f32's {f32_loss}: no product ran in bf16");
+}
+
+/// With bf16 products, the master weights stay f32, receive f32 gradients and train: AdamW
+/// steps on the reference batch lower the loss as the f32 run does, within bf16 resolution.
+#[test]
+fn bf16_training_keeps_f32_master_weights_and_follows_f32() {
+    let r = reference();
+    let device = Default::default();
+    let opt =
+        OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-3, betas: [0.9, 0.95], eps: 1e-8, ..Default::default() };
+    let sequences = sequences_of(&r);
+    let batch: Vec<&Sequence> = sequences.iter().collect();
+    let losses = |precision: Precision| {
+        let mut model = Gpt2 { precision, ..hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1 };
+        let mut trainer = Trainer::<AD>::new(&opt, 50256, &device);
+        let mut losses = Vec::new();
+        for _ in 0..5 {
+            let stats;
+            (model, stats) = trainer.step(model, std::slice::from_ref(&batch), 1e-3).unwrap();
+            losses.push(stats.loss);
+        }
+        let weight = model.blocks[0].mlp.c_fc.weight.val();
+        assert_eq!(weight.dtype(), burn::tensor::DType::F32, "{precision:?} master weights");
+        losses
+    };
+    let (f32_losses, bf16_losses) = (losses(Precision::F32), losses(Precision::Bf16));
+    assert!(bf16_losses[4] < bf16_losses[0] - 0.1, "bf16 did not train: {bf16_losses:?}");
+    for (step, (a, b)) in f32_losses.iter().zip(&bf16_losses).enumerate() {
+        assert!((a - b).abs() < 0.01 * a, "step {step}: f32 loss {a}, bf16 {b}");
+    }
 }

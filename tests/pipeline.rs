@@ -180,6 +180,22 @@ fn env_and_set_overrides_reach_the_run() {
 }
 
 #[test]
+fn a_bf16_mixed_precision_run_trains_and_saves_f32_weights() {
+    let tiny = Tiny::new(16, "");
+    let out = tiny.run(&["--set", "run.precision=bf16", "--set", "train.epochs=2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = &tiny.runs("tiny")[0];
+    let spec: toml::Table = std::fs::read_to_string(run.join("spec.toml")).unwrap().parse().unwrap();
+    assert_eq!(spec["run"]["precision"].as_str(), Some("bf16"));
+    let losses: Vec<f64> =
+        json_lines(&run.join("metrics.jsonl")).iter().filter_map(|m| m.get("loss").and_then(|l| l.as_f64())).collect();
+    assert!(losses.windows(2).all(|w| w[1] < w[0]), "bf16 run did not learn: {losses:?}");
+    let bytes = std::fs::read(run.join("final/model.safetensors")).unwrap();
+    let weights = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(weights.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::F32), "master weights saved as f32");
+}
+
+#[test]
 fn fine_tuning_a_hf_checkpoint_uses_its_tokenizer_and_saves_hf_layout() {
     let tiny = Tiny::new(16, "");
     let fixture = fixture_dir();

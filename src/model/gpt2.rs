@@ -8,8 +8,9 @@ use burn::nn::{
 };
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
+use burn::tensor::module::linear;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 
 use super::fused::{causal_attention, cross_entropy, gelu_new, FusedOps};
 
@@ -66,6 +67,7 @@ impl Gpt2Config {
             })
             .collect();
         Gpt2 {
+            precision: Precision::F32,
             wte: EmbeddingConfig::new(self.vocab_size, d).with_initializer(normal(std)).init(device),
             wpe: EmbeddingConfig::new(self.n_positions, d).with_initializer(normal(0.01)).init(device),
             blocks,
@@ -75,8 +77,43 @@ impl Gpt2Config {
     }
 }
 
+/// What the matrix products of the linear layers and the LM head run in. With `Bf16` their
+/// inputs and weights are cast to bf16 for the product and the result back to f32 (PyTorch's
+/// autocast for linear layers): the weights themselves, their gradients, the optimizer state,
+/// LayerNorm, attention and the loss stay f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// `layer(x)`, its product in this precision. x: [rows, in] → [rows, out]
+    fn linear<B: Backend>(self, layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::F32 => layer.forward(x),
+            Self::Bf16 => {
+                let bias = layer.bias.as_ref().map(|b| b.val().cast(FloatDType::BF16));
+                linear(x.cast(FloatDType::BF16), layer.weight.val().cast(FloatDType::BF16), bias).cast(FloatDType::F32)
+            }
+        }
+    }
+
+    /// a·b, the product in this precision. a: [m, k], b: [k, n] → [m, n]
+    fn matmul<B: Backend>(self, a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::F32 => a.matmul(b),
+            Self::Bf16 => a.cast(FloatDType::BF16).matmul(b.cast(FloatDType::BF16)).cast(FloatDType::F32),
+        }
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Gpt2<B: Backend> {
+    /// What the linear layers' products run in (not saved: a run setting, not a weight).
+    pub precision: Precision,
     /// Token embedding; also the LM head (tied weights, as in GPT-2).
     pub wte: Embedding<B>,
     /// Learned position embedding.
@@ -109,11 +146,13 @@ pub struct Mlp<B: Backend> {
     pub c_proj: Linear<B>,
 }
 
+/// One layer's cache: ([batch, heads, seen, head_dim] keys, same-shaped values).
+type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
 /// Keys and values of every position seen so far, per layer, so that generation feeds only
 /// the new token through the model.
 pub struct KvCache<B: Backend> {
-    /// Per layer: ([batch, heads, seen, head_dim] keys, same-shaped values).
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<KvSlot<B>>,
     seen: usize,
 }
 
@@ -154,7 +193,7 @@ impl<B: FusedOps> Gpt2<B> {
         let mut x = self.dropout.forward(x);
         for (layer, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[layer]);
-            x = block.forward(x, layer_cache);
+            x = block.forward(x, layer_cache, self.precision);
         }
         if let Some(cache) = cache {
             cache.seen += seq;
@@ -165,7 +204,7 @@ impl<B: FusedOps> Gpt2<B> {
     /// Next-token logits from hidden states, through the tied LM head.
     /// hidden: [tokens, d_model] → [tokens, vocab]
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        hidden.matmul(self.wte.weight.val().transpose())
+        self.precision.matmul(hidden, self.wte.weight.val().transpose())
     }
 
     /// Logits at every position. tokens: [batch, seq] → [batch, seq, vocab]
@@ -200,36 +239,30 @@ impl<B: FusedOps> Gpt2<B> {
 
 impl<B: FusedOps> Block<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
-        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache);
+    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
+        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, precision);
         let x = x + self.dropout.forward(attn);
-        let mlp = self.mlp.forward(self.ln_2.forward(x.clone()));
+        let mlp = self.mlp.forward(self.ln_2.forward(x.clone()), precision);
         x + self.dropout.forward(mlp)
     }
 }
 
 impl<B: FusedOps> Attention<B> {
     /// Causal multi-head self-attention. x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let qkv = self.c_attn.forward(x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
+        let qkv = precision.linear(&self.c_attn, x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
         let y = match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
             None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head), // [batch, seq, d_model]
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
         };
-        self.c_proj.forward(y.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])
+        precision.linear(&self.c_proj, y.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])
     }
 
     /// Generation: the new positions' queries against the cached and new keys and values.
     /// qkv: [batch·seq, 3·d_model] → [batch, seq, d_model]
-    fn cached_attention(
-        &self,
-        qkv: Tensor<B, 2>,
-        batch: usize,
-        seq: usize,
-        cache: &mut Option<(Tensor<B, 4>, Tensor<B, 4>)>,
-    ) -> Tensor<B, 3> {
+    fn cached_attention(&self, qkv: Tensor<B, 2>, batch: usize, seq: usize, cache: &mut KvSlot<B>) -> Tensor<B, 3> {
         let d_model = qkv.dims()[1] / 3;
         let head_dim = d_model / self.n_head;
         let heads = |part: usize| {
@@ -251,10 +284,10 @@ impl<B: FusedOps> Attention<B> {
 
 impl<B: FusedOps> Mlp<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let h = self.c_fc.forward(x.reshape([batch * seq, d_model])); // [batch·seq, 4·d_model]
+        let h = precision.linear(&self.c_fc, x.reshape([batch * seq, d_model])); // [batch·seq, 4·d_model]
         let h = gelu_new(h);
-        self.c_proj.forward(h).reshape([batch, seq, d_model])
+        precision.linear(&self.c_proj, h).reshape([batch, seq, d_model])
     }
 }
