@@ -155,3 +155,49 @@ fn attention_gradient_through_autodiff_matches_burns_attention() {
     let plain = (plain_y * weights).sum().backward();
     assert_close(&values(qkv.grad(&fused).unwrap()), &values(qkv.grad(&plain).unwrap()), 1e-5, "qkv gradient");
 }
+
+#[test]
+fn linear_kernel_matches_burns_linear_forward_and_backward() {
+    // Sizes that split unevenly across threads and tiles; the second case is big enough to run
+    // in parallel blocks, by columns and then by rows.
+    for (rows, d_in, d_out) in [(7, 33, 45), (300, 200, 520), (600, 150, 130)] {
+        let x = random::<Flex, 2>([rows, d_in], 1.0, 41);
+        let weight = random::<Flex, 2>([d_in, d_out], 0.2, 42);
+        let bias = random::<Flex, 1>([d_out], 0.5, 43);
+        let grad = random::<Flex, 2>([rows, d_out], 1.0, 44);
+        let y = Flex::fused_linear(prim(&x), prim(&weight), Some(prim(&bias)));
+        let want = composite::linear::<Flex>(prim(&x), prim(&weight), Some(prim(&bias)));
+        assert_close(&values(float::<2>(y)), &values(float::<2>(want)), 1e-5, "linear forward");
+        let (dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), true);
+        let (want_dx, want_dw, want_db) =
+            composite::linear_backward::<Flex>(prim(&x), prim(&weight), prim(&grad), true);
+        assert_close(&values(float::<2>(dx)), &values(float::<2>(want_dx)), 1e-5, "linear dx");
+        assert_close(&values(float::<2>(dw)), &values(float::<2>(want_dw)), 1e-5, "linear dweight");
+        assert_close(&values(float::<1>(db.unwrap())), &values(float::<1>(want_db.unwrap())), 1e-5, "linear dbias");
+    }
+}
+
+#[test]
+fn linear_through_a_transposed_weight_matches_and_its_gradient_keeps_the_weight_layout() {
+    // The tied LM head: hidden · embeddingᵀ, the weight a transposed view, no bias.
+    let (rows, d, vocab) = (260, 64, 1000);
+    let hidden = random::<Ad, 2>([rows, d], 1.0, 51).require_grad();
+    let embedding = random::<Ad, 2>([vocab, d], 0.5, 52).require_grad();
+    let weights = random::<Ad, 2>([rows, vocab], 1.0, 53);
+    let fused_y = pipe::model::fused::linear(hidden.clone(), embedding.clone().transpose(), None);
+    let plain_y = hidden.clone().matmul(embedding.clone().transpose());
+    assert_close(&values(fused_y.clone()), &values(plain_y.clone()), 1e-5, "LM head logits");
+    let fused = (fused_y * weights.clone()).sum().backward();
+    let plain = (plain_y * weights).sum().backward();
+    assert_close(&values(hidden.grad(&fused).unwrap()), &values(hidden.grad(&plain).unwrap()), 1e-5, "hidden grad");
+    let grad = embedding.grad(&fused).unwrap();
+    assert_eq!(grad.dims(), [vocab, d]);
+    assert_close(&values(grad), &values(embedding.grad(&plain).unwrap()), 1e-5, "embedding grad");
+
+    // The weight gradient comes back in the weight's (column-major) layout, so that transposed
+    // back it is the embedding's own row-major layout and adds to its gradient without a copy.
+    let (hidden, embedding) = (random::<Flex, 2>([rows, d], 1.0, 54), random::<Flex, 2>([vocab, d], 0.5, 55));
+    let grad = random::<Flex, 2>([rows, vocab], 1.0, 56);
+    let (_, dw, _) = Flex::fused_linear_backward(prim(&hidden), prim(&embedding.transpose()), prim(&grad), false);
+    assert_eq!(dw.layout().strides(), &[1, d as isize]);
+}

@@ -1,6 +1,6 @@
-//! Fused operations for the hot spots of a GPT-2 step, as a backend extension: GELU, causal
-//! self-attention and the cross-entropy over the vocabulary are each one operation with a
-//! hand-written backward,
+//! Fused operations for the hot spots of a GPT-2 step, as a backend extension: the linear
+//! layers, GELU, causal self-attention and the cross-entropy over the vocabulary are each one
+//! operation with a hand-written backward,
 //! instead of the chain of element-wise tensor ops (each a pass over memory and an autodiff
 //! node) that composing them from burn's API costs.
 //!
@@ -16,13 +16,32 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::ops::{FloatTensor, IntTensor, ModuleOps};
 use burn::tensor::{Bool, DType, Int, Tensor, TensorPrimitive};
 
 use super::cpu_kernels;
 
 /// A backend pipe's model runs on: burn's ops plus the fused ones.
 pub trait FusedOps: Backend {
+    /// x·weight + bias. x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        composite::linear::<Self>(x, weight, bias)
+    }
+
+    /// The gradients of `fused_linear` for x, weight and (`with_bias`) bias, given the output's.
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        with_bias: bool,
+    ) -> LinearGrads<Self> {
+        composite::linear_backward::<Self>(x, weight, grad, with_bias)
+    }
+
     /// GPT-2's tanh GELU. x: [rows, cols] → [rows, cols]
     fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
         composite::gelu_new::<Self>(x)
@@ -70,9 +89,19 @@ pub trait FusedOps: Backend {
     }
 }
 
+/// The gradients of a linear layer: input, weight, and bias if it has one.
+pub type LinearGrads<B> = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+
 /// A backend pipe trains on: autodiff over a backend with the fused ops.
 pub trait TrainBackend: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
 impl<B> TrainBackend for B where B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+
+/// x·weight + bias. x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
+pub fn linear<B: FusedOps>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    let bias = bias.map(|b| b.into_primitive().tensor());
+    let y = B::fused_linear(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
 
 /// GPT-2's "gelu_new", the tanh approximation of GELU. x: [rows, cols] → [rows, cols]
 pub fn gelu_new<B: FusedOps>(x: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -100,6 +129,25 @@ pub mod composite {
 
     fn float<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
         Tensor::from_primitive(TensorPrimitive::Float(x))
+    }
+
+    /// burn's own linear op and its gradients.
+    pub fn linear<B: Backend>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: Option<FloatTensor<B>>,
+    ) -> FloatTensor<B> {
+        <B as ModuleOps<B>>::linear(x, weight, bias)
+    }
+
+    pub fn linear_backward<B: Backend>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        with_bias: bool,
+    ) -> LinearGrads<B> {
+        let bias = with_bias.then(|| B::linear_bias_backward(grad.clone()));
+        (B::linear_x_backward(weight, grad.clone()), B::linear_weight_backward(x, grad), bias)
     }
 
     /// 2·√(2/π) and 0.044715 times it: with them, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
@@ -193,6 +241,46 @@ pub mod composite {
 }
 
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Linear;
+        impl<B: FusedOps, const N: usize> Backward<B, N> for Linear {
+            type State = (FloatTensor<B>, FloatTensor<B>); // x, weight
+            fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, weight) = ops.state;
+                let parents = ops.parents; // x, weight, then bias when N = 3
+                let (dx, dw, db) = B::fused_linear_backward(x, weight, grad, N == 3);
+                for (parent, grad) in parents.into_iter().zip([Some(dx), Some(dw), db]) {
+                    if let (Some(node), Some(grad)) = (parent, grad) {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+        let state = (x.primitive.clone(), weight.primitive.clone());
+        match bias {
+            Some(bias) => {
+                let y = B::fused_linear(x.primitive, weight.primitive, Some(bias.primitive));
+                match Linear.prepare::<C>([x.node, weight.node, bias.node]).compute_bound().stateful() {
+                    OpsKind::Tracked(prep) => prep.finish(state, y),
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                }
+            }
+            None => {
+                let y = B::fused_linear(x.primitive, weight.primitive, None);
+                match Linear.prepare::<C>([x.node, weight.node]).compute_bound().stateful() {
+                    OpsKind::Tracked(prep) => prep.finish(state, y),
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                }
+            }
+        }
+    }
+
     fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct GeluNew;
@@ -254,6 +342,32 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 }
 
 impl FusedOps for Flex {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let f32 = |t: &FloatTensor<Self>| t.dtype() == DType::F32;
+        if f32(&x) && f32(&weight) && bias.as_ref().is_none_or(f32) {
+            cpu_kernels::linear(x, weight, bias)
+        } else {
+            composite::linear::<Self>(x, weight, bias)
+        }
+    }
+
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        with_bias: bool,
+    ) -> LinearGrads<Self> {
+        if [&x, &weight, &grad].iter().all(|t| t.dtype() == DType::F32) {
+            cpu_kernels::linear_backward(x, weight, grad, with_bias)
+        } else {
+            composite::linear_backward::<Self>(x, weight, grad, with_bias)
+        }
+    }
+
     fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
         match x.dtype() {
             DType::F32 => cpu_kernels::gelu_new(x),

@@ -8,11 +8,10 @@ use burn::nn::{
 };
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
-use burn::tensor::module::linear;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{FloatDType, Int, Tensor};
 
-use super::fused::{causal_attention, cross_entropy, gelu_new, FusedOps};
+use super::fused::{causal_attention, cross_entropy, gelu_new, linear, FusedOps};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
 #[derive(Config, Debug, PartialEq)]
@@ -90,23 +89,21 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// `layer(x)`, its product in this precision. x: [rows, in] → [rows, out]
-    fn linear<B: Backend>(self, layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// x·weight + bias, the product in this precision, the result in f32.
+    /// x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
+    fn linear<B: FusedOps>(self, x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
         match self {
-            Self::F32 => layer.forward(x),
+            Self::F32 => linear(x, weight, bias),
             Self::Bf16 => {
-                let bias = layer.bias.as_ref().map(|b| b.val().cast(FloatDType::BF16));
-                linear(x.cast(FloatDType::BF16), layer.weight.val().cast(FloatDType::BF16), bias).cast(FloatDType::F32)
+                let bf16 = FloatDType::BF16;
+                linear(x.cast(bf16), weight.cast(bf16), bias.map(|b| b.cast(bf16))).cast(FloatDType::F32)
             }
         }
     }
 
-    /// a·b, the product in this precision. a: [m, k], b: [k, n] → [m, n]
-    fn matmul<B: Backend>(self, a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
-        match self {
-            Self::F32 => a.matmul(b),
-            Self::Bf16 => a.cast(FloatDType::BF16).matmul(b.cast(FloatDType::BF16)).cast(FloatDType::F32),
-        }
+    /// `layer(x)`. x: [rows, in] → [rows, out]
+    fn layer<B: FusedOps>(self, layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
     }
 }
 
@@ -204,7 +201,7 @@ impl<B: FusedOps> Gpt2<B> {
     /// Next-token logits from hidden states, through the tied LM head.
     /// hidden: [tokens, d_model] → [tokens, vocab]
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.precision.matmul(hidden, self.wte.weight.val().transpose())
+        self.precision.linear(hidden, self.wte.weight.val().transpose(), None)
     }
 
     /// Logits at every position. tokens: [batch, seq] → [batch, seq, vocab]
@@ -251,13 +248,13 @@ impl<B: FusedOps> Attention<B> {
     /// Causal multi-head self-attention. x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let qkv = precision.linear(&self.c_attn, x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
+        let qkv = precision.layer(&self.c_attn, x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
         let y = match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
             None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head), // [batch, seq, d_model]
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
         };
-        precision.linear(&self.c_proj, y.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])
+        precision.layer(&self.c_proj, y.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])
     }
 
     /// Generation: the new positions' queries against the cached and new keys and values.
@@ -286,8 +283,8 @@ impl<B: FusedOps> Mlp<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let h = precision.linear(&self.c_fc, x.reshape([batch * seq, d_model])); // [batch·seq, 4·d_model]
+        let h = precision.layer(&self.c_fc, x.reshape([batch * seq, d_model])); // [batch·seq, 4·d_model]
         let h = gelu_new(h);
-        precision.linear(&self.c_proj, h).reshape([batch, seq, d_model])
+        precision.layer(&self.c_proj, h).reshape([batch, seq, d_model])
     }
 }
