@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: spec → prepared inputs → stages → run folder.
 
+pub mod adam;
 pub mod backend;
 pub mod bench;
 pub mod chat;

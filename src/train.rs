@@ -7,8 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::decay::WeightDecayConfig;
-use burn::optim::{Adam, AdamConfig, AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{ElementConversion, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -16,12 +15,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
 
+use crate::adam::FusedAdam;
 use crate::checkpoint::{self, Progress};
 use crate::data::{Batch, Sequence, Tok};
 use crate::error::Interrupted;
 use crate::model::{FusedOps, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::RunDir;
-use crate::spec::{OptimizerKind, OptimizerSpec, Schedule, Spec};
+use crate::spec::{OptimizerSpec, Schedule, Spec};
 
 /// What a finished training stage reports.
 #[derive(Debug, Clone, Copy)]
@@ -31,55 +31,25 @@ pub struct TrainSummary {
     pub last_loss: f64,
 }
 
-/// Adam or AdamW over the model, as the spec names it.
-pub enum ModelOptimizer<B: TrainBackend> {
-    Adam(OptimizerAdaptor<Adam, Gpt2<B>, B>),
-    AdamW(OptimizerAdaptor<AdamW, Gpt2<B>, B>),
-}
+/// Adam or AdamW over the model, as the spec names it, with burn keeping each parameter's state.
+pub struct ModelOptimizer<B: TrainBackend>(OptimizerAdaptor<FusedAdam, Gpt2<B>, B>);
 
 impl<B: TrainBackend> ModelOptimizer<B> {
-    /// burn's Adam and AdamW compute PyTorch's update: m̂ / (√v̂ + ε) in an algebraically equal
-    /// form, L2 decay added to the gradient for Adam and decoupled `lr·wd` decay for AdamW.
     pub fn new(opt: &OptimizerSpec) -> Self {
-        let (b1, b2, eps) = (opt.betas[0] as f32, opt.betas[1] as f32, opt.eps as f32);
-        match opt.name {
-            OptimizerKind::Adam => {
-                let weight_decay = (opt.weight_decay > 0.0).then(|| WeightDecayConfig::new(opt.weight_decay as f32));
-                let config =
-                    AdamConfig::new().with_beta_1(b1).with_beta_2(b2).with_epsilon(eps).with_weight_decay(weight_decay);
-                Self::Adam(config.init())
-            }
-            OptimizerKind::Adamw => {
-                let config = AdamWConfig::new()
-                    .with_beta_1(b1)
-                    .with_beta_2(b2)
-                    .with_epsilon(eps)
-                    .with_weight_decay(opt.weight_decay as f32);
-                Self::AdamW(config.init())
-            }
-        }
+        Self(FusedAdam::new(opt).init())
     }
 
     fn step(&mut self, lr: f64, model: Gpt2<B>, grads: GradientsParams) -> Gpt2<B> {
-        match self {
-            Self::Adam(optim) => optim.step(lr, model, grads),
-            Self::AdamW(optim) => optim.step(lr, model, grads),
-        }
+        self.0.step(lr, model, grads)
     }
 
     fn save(&self, at: CheckpointAt<'_, B>) -> Result<std::path::PathBuf> {
         let CheckpointAt { run, model, config, tok, progress, keep } = at;
-        match self {
-            Self::Adam(optim) => checkpoint::save(run, model, config, tok, optim.to_record(), progress, keep),
-            Self::AdamW(optim) => checkpoint::save(run, model, config, tok, optim.to_record(), progress, keep),
-        }
+        checkpoint::save(run, model, config, tok, self.0.to_record(), progress, keep)
     }
 
     fn restore(self, dir: &std::path::Path, device: &B::Device) -> Result<Self> {
-        Ok(match self {
-            Self::Adam(optim) => Self::Adam(optim.load_record(checkpoint::load_optimizer(dir, device)?)),
-            Self::AdamW(optim) => Self::AdamW(optim.load_record(checkpoint::load_optimizer(dir, device)?)),
-        })
+        Ok(Self(self.0.load_record(checkpoint::load_optimizer(dir, device)?)))
     }
 }
 

@@ -201,3 +201,40 @@ fn linear_through_a_transposed_weight_matches_and_its_gradient_keeps_the_weight_
     let (_, dw, _) = Flex::fused_linear_backward(prim(&hidden), prim(&embedding.transpose()), prim(&grad), false);
     assert_eq!(dw.layout().strides(), &[1, d as isize]);
 }
+
+#[test]
+fn adam_kernel_matches_composite_for_adam_and_adamw() {
+    use pipe::model::fused::AdamUpdate;
+    for decoupled in [false, true] {
+        let param = random::<Flex, 2>([37, 1100], 1.0, 61);
+        let (mut fused, mut plain) = ((prim(&param), None), (prim(&param), None));
+        for time in 1..=3 {
+            let grad = random::<Flex, 2>([37, 1100], 0.1, 61 + time as u64);
+            let update =
+                AdamUpdate { lr: 1e-2, beta_1: 0.9, beta_2: 0.95, epsilon: 1e-8, weight_decay: 0.1, decoupled, time };
+            let (p, m, v) = Flex::adam_step(fused.0, prim(&grad), fused.1, update);
+            fused = (p, Some((m, v)));
+            let (p, m, v) = composite::adam_step::<Flex>(plain.0, prim(&grad), plain.1, update);
+            plain = (p, Some((m, v)));
+        }
+        let what = if decoupled { "AdamW" } else { "Adam" };
+        let (fused_m, plain_m) = (fused.1.clone().unwrap().0, plain.1.clone().unwrap().0);
+        assert_close(&values(float::<2>(fused_m)), &values(float::<2>(plain_m)), 1e-6, &format!("{what} moment"));
+        let (fused_p, plain_p) = (values(float::<2>(fused.0)), values(float::<2>(plain.0)));
+        assert_close(&fused_p, &plain_p, 1e-6, &format!("{what} parameter"));
+        assert!(fused_p != values(param.clone()), "{what} did not move the parameter");
+    }
+}
+
+#[test]
+fn adam_leaves_a_shared_parameter_untouched() {
+    use pipe::model::fused::AdamUpdate;
+    // The update writes in place only into buffers nobody else holds.
+    let param = random::<Flex, 1>([5000], 1.0, 71);
+    let before = values(param.clone());
+    let grad = random::<Flex, 1>([5000], 1.0, 72);
+    let update =
+        AdamUpdate { lr: 0.1, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, weight_decay: 0.0, decoupled: true, time: 1 };
+    let _ = Flex::adam_step(prim(&param), prim(&grad), None, update);
+    assert_eq!(values(param), before);
+}

@@ -10,6 +10,7 @@ use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
 use super::fused::composite::{GELU_A, GELU_B};
+use super::fused::AdamUpdate;
 
 /// Elements per parallel task in element-wise kernels: large enough to amortise scheduling.
 const CHUNK: usize = 16 * 1024;
@@ -477,6 +478,55 @@ fn softmax_backward_rows(dp: &mut [f32], p: &[f32], seq: usize) {
         ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
         masked.fill(0.0);
     }
+}
+
+/// A tensor's f32 buffer to update in place: its own if it is contiguous and not shared,
+/// else a contiguous copy.
+fn owned(t: FlexTensor) -> FlexTensor {
+    let whole = t.is_contiguous() && t.layout().start_offset() == 0;
+    let mut t = if whole { t } else { t.to_contiguous() };
+    let _ = t.storage_mut::<f32>(); // copies now if shared, so the updates below stay ours
+    t
+}
+
+/// Adam(W), one pass over the parameter, its gradient and moments, in place, in parallel
+/// chunks; the same arithmetic as `composite::adam_step`.
+pub fn adam_step(
+    param: FlexTensor,
+    grad: FlexTensor,
+    moments: Option<(FlexTensor, FlexTensor)>,
+    u: AdamUpdate,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = param.layout().shape().clone();
+    let grad = f32s(&grad);
+    let (mut param, (mut moment_1, mut moment_2)) = (
+        owned(param),
+        match moments {
+            Some((m, v)) => (owned(m), owned(v)),
+            None => (FlexTensor::zeros(shape.clone(), DType::F32), FlexTensor::zeros(shape.clone(), DType::F32)),
+        },
+    );
+    let (b1, b2, eps, wd) = (u.beta_1, u.beta_2, u.epsilon, u.weight_decay);
+    let (c1, c2) = (1.0 - b1.powi(u.time as i32), 1.0 - b2.powi(u.time as i32));
+    let (l2, lr) = (if u.decoupled { 0.0 } else { wd }, u.lr as f32);
+    let keep = if u.decoupled { (1.0 - u.lr * wd as f64) as f32 } else { 1.0 };
+    let n = grad.len();
+    let p = &mut param.storage_mut::<f32>()[..n];
+    let (m, v) = (&mut moment_1.storage_mut::<f32>()[..n], &mut moment_2.storage_mut::<f32>()[..n]);
+    (p.par_chunks_mut(CHUNK), m.par_chunks_mut(CHUNK), v.par_chunks_mut(CHUNK), grad.par_chunks(CHUNK))
+        .into_par_iter()
+        .for_each(|(p, m, v, g)| {
+            vectorised(|| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    let g = *p * l2 + g;
+                    *m = *m * b1 + g * (1.0 - b1);
+                    *v = *v * b2 + g * g * (1.0 - b2);
+                    let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
+                    *p = *p * keep - delta * lr;
+                }
+            })
+        });
+    (param, moment_1, moment_2)
 }
 
 #[cfg(test)]

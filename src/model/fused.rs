@@ -17,7 +17,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor, ModuleOps};
-use burn::tensor::{Bool, DType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
 
 use super::cpu_kernels;
 
@@ -40,6 +40,17 @@ pub trait FusedOps: Backend {
         with_bias: bool,
     ) -> LinearGrads<Self> {
         composite::linear_backward::<Self>(x, weight, grad, with_bias)
+    }
+
+    /// One Adam(W) update of a parameter of any shape: the new parameter and first and second
+    /// moments (`moments` is None before the first update).
+    fn adam_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        update: AdamUpdate,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composite::adam_step::<Self>(param, grad, moments, update)
     }
 
     /// GPT-2's tanh GELU. x: [rows, cols] → [rows, cols]
@@ -87,6 +98,19 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self> {
         composite::causal_attention_backward::<Self>(qkv, probs, grad, n_head)
     }
+}
+
+/// One Adam or AdamW update's settings; `time` counts this update (1 for the first).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamUpdate {
+    pub lr: f64,
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+    /// AdamW's decoupled decay (p ← p·(1 − lr·wd)) rather than Adam's L2 term (g ← g + wd·p).
+    pub decoupled: bool,
+    pub time: usize,
 }
 
 /// The gradients of a linear layer: input, weight, and bias if it has one.
@@ -148,6 +172,34 @@ pub mod composite {
     ) -> LinearGrads<B> {
         let bias = with_bias.then(|| B::linear_bias_backward(grad.clone()));
         (B::linear_x_backward(weight, grad.clone()), B::linear_weight_backward(x, grad), bias)
+    }
+
+    /// burn's Adam/AdamW arithmetic, op for op.
+    pub fn adam_step<B: Backend>(
+        param: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        moments: Option<(FloatTensor<B>, FloatTensor<B>)>,
+        u: AdamUpdate,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let shape = param.shape();
+        let flat = |t: FloatTensor<B>| float::<B, 1>(B::float_reshape(t, Shape::new([shape.num_elements()])));
+        let (param, mut grad) = (flat(param), flat(grad));
+        if !u.decoupled && u.weight_decay != 0.0 {
+            grad = param.clone().mul_scalar(u.weight_decay) + grad;
+        }
+        let (b1, b2) = (u.beta_1 as f64, u.beta_2 as f64);
+        let (m, v) = match moments {
+            Some((m, v)) => (flat(m) * b1 + grad.clone() * (1.0 - b1), flat(v) * b2 + grad.square() * (1.0 - b2)),
+            None => (grad.clone() * (1.0 - b1), grad.square() * (1.0 - b2)),
+        };
+        let time = u.time as i32;
+        let m_hat = m.clone() / (1.0 - u.beta_1.powi(time)) as f64;
+        let v_hat = v.clone() / (1.0 - u.beta_2.powi(time)) as f64;
+        let delta = m_hat / (v_hat.sqrt() + u.epsilon as f64);
+        let param = if u.decoupled { param * (1.0 - u.lr * u.weight_decay as f64) } else { param };
+        let param = param - delta * u.lr;
+        let back = |t: Tensor<B, 1>| B::float_reshape(t.into_primitive().tensor(), shape.clone());
+        (back(param), back(m), back(v))
     }
 
     /// 2·√(2/π) and 0.044715 times it: with them, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
@@ -342,6 +394,20 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 }
 
 impl FusedOps for Flex {
+    fn adam_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        update: AdamUpdate,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let f32 = |t: &FloatTensor<Self>| t.dtype() == DType::F32;
+        if f32(&param) && f32(&grad) && moments.as_ref().is_none_or(|(m, v)| f32(m) && f32(v)) {
+            cpu_kernels::adam_step(param, grad, moments, update)
+        } else {
+            composite::adam_step::<Self>(param, grad, moments, update)
+        }
+    }
+
     fn fused_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
