@@ -238,3 +238,43 @@ fn adam_leaves_a_shared_parameter_untouched() {
     let _ = Flex::adam_step(prim(&param), prim(&grad), None, update);
     assert_eq!(values(param), before);
 }
+
+#[test]
+fn layer_norm_kernel_matches_composite_forward_and_backward() {
+    for (rows, d) in [(3, 5), (130, 256), (9, 1031)] {
+        let x = random::<Flex, 2>([rows, d], 3.0, 81).add_scalar(2.0); // off-centre rows
+        let (gamma, beta) = (random::<Flex, 1>([d], 1.0, 82), random::<Flex, 1>([d], 1.0, 83));
+        let grad = random::<Flex, 2>([rows, d], 1.0, 84);
+        let (y, mean, rstd) = Flex::fused_layer_norm(prim(&x), prim(&gamma), prim(&beta), 1e-5);
+        let (want_y, want_mean, want_rstd) = composite::layer_norm::<Flex>(prim(&x), prim(&gamma), prim(&beta), 1e-5);
+        assert_close(&values(float::<2>(y)), &values(float::<2>(want_y)), 1e-5, "layer norm");
+        assert_close(&values(float::<1>(mean.clone())), &values(float::<1>(want_mean)), 1e-6, "mean");
+        assert_close(&values(float::<1>(rstd.clone())), &values(float::<1>(want_rstd)), 1e-5, "1/sigma");
+        let fused = Flex::fused_layer_norm_backward(prim(&x), prim(&gamma), mean.clone(), rstd.clone(), prim(&grad));
+        let plain = composite::layer_norm_backward::<Flex>(prim(&x), prim(&gamma), mean, rstd, prim(&grad));
+        assert_close(&values(float::<2>(fused.0)), &values(float::<2>(plain.0)), 1e-4, "layer norm dx");
+        assert_close(&values(float::<1>(fused.1)), &values(float::<1>(plain.1)), 1e-4, "dgamma");
+        assert_close(&values(float::<1>(fused.2)), &values(float::<1>(plain.2)), 1e-4, "dbeta");
+    }
+}
+
+#[test]
+fn layer_norm_gradient_through_autodiff_matches_burns_layer_norm() {
+    use burn::module::Param;
+    use burn::nn::LayerNormConfig;
+    let (rows, d) = (40, 96);
+    let x = random::<Ad, 2>([rows, d], 2.0, 91).require_grad();
+    let weights = random::<Ad, 2>([rows, d], 1.0, 92);
+    let mut burns = LayerNormConfig::new(d).init::<Ad>(&Default::default());
+    burns.gamma = Param::from_tensor(random::<Ad, 1>([d], 1.0, 93));
+    burns.beta = Some(Param::from_tensor(random::<Ad, 1>([d], 1.0, 94)));
+    let (gamma, beta) = (burns.gamma.val(), burns.beta.as_ref().unwrap().val());
+    let fused_y = pipe::model::fused::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+    let plain_y = burns.forward(x.clone());
+    assert_close(&values(fused_y.clone()), &values(plain_y.clone()), 1e-5, "layer norm");
+    let fused = (fused_y * weights.clone()).sum().backward();
+    let plain = (plain_y * weights).sum().backward();
+    assert_close(&values(x.grad(&fused).unwrap()), &values(x.grad(&plain).unwrap()), 1e-4, "x gradient");
+    assert_close(&values(gamma.grad(&fused).unwrap()), &values(gamma.grad(&plain).unwrap()), 1e-4, "gamma gradient");
+    assert_close(&values(beta.grad(&fused).unwrap()), &values(beta.grad(&plain).unwrap()), 1e-4, "beta gradient");
+}

@@ -15,6 +15,13 @@ use super::fused::AdamUpdate;
 /// Elements per parallel task in element-wise kernels: large enough to amortise scheduling.
 const CHUNK: usize = 16 * 1024;
 
+/// Whether work over `len` elements is worth handing to rayon's pool: entering it from a
+/// thread outside it costs a cross-thread wake-up, more than a small kernel (one generated
+/// token's LayerNorm, a bias's Adam update) takes.
+fn worth_threads(len: usize) -> bool {
+    len > CHUNK
+}
+
 /// Runs `kernel` compiled for AVX2 and FMA when the CPU has them.
 #[inline(always)]
 fn vectorised<R>(kernel: impl FnOnce() -> R) -> R {
@@ -110,13 +117,17 @@ pub fn gelu_new(x: FlexTensor) -> FlexTensor {
     let x = f32s(&x);
     let mut y = vec![0.0f32; x.len()];
     let (a, b) = (GELU_A as f32, GELU_B as f32);
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+    let kernel = |(y, x): (&mut [f32], &[f32])| {
         vectorised(|| {
             for (y, &x) in y.iter_mut().zip(x) {
                 *y = x * sigmoid(x * (a + b * x * x));
             }
         })
-    });
+    };
+    match worth_threads(x.len()) {
+        true => y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(kernel),
+        false => kernel((&mut y, &x)),
+    }
     tensor(y, shape)
 }
 
@@ -125,7 +136,7 @@ pub fn gelu_new_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
     let (x, grad) = (f32s(&x), f32s(&grad));
     let mut dx = vec![0.0f32; x.len()];
     let (a, b) = (GELU_A as f32, GELU_B as f32);
-    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))).for_each(|(dx, (x, grad))| {
+    let kernel = |(dx, (x, grad)): (&mut [f32], (&[f32], &[f32]))| {
         vectorised(|| {
             for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
                 let x2 = x * x;
@@ -133,7 +144,11 @@ pub fn gelu_new_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
                 *dx = g * (s + x * s * (1.0 - s) * (a + 3.0 * b * x2));
             }
         })
-    });
+    };
+    match worth_threads(x.len()) {
+        true => dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))).for_each(kernel),
+        false => kernel((&mut dx, (&x, &grad))),
+    }
     tensor(dx, shape)
 }
 
@@ -367,18 +382,19 @@ pub fn linear_backward(
 fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
     let rows = values.len() / cols;
     let block = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    let partials: Vec<Vec<f32>> = values
-        .par_chunks(block * cols)
-        .map(|rows| {
-            vectorised(|| {
-                let mut sum = vec![0.0f32; cols];
-                for row in rows.chunks_exact(cols) {
-                    sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-                }
-                sum
-            })
+    let kernel = |rows: &[f32]| {
+        vectorised(|| {
+            let mut sum = vec![0.0f32; cols];
+            for row in rows.chunks_exact(cols) {
+                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            sum
         })
-        .collect();
+    };
+    let partials: Vec<Vec<f32>> = match worth_threads(values.len()) {
+        true => values.par_chunks(block * cols).map(kernel).collect(),
+        false => vec![kernel(values)],
+    };
     partials
         .into_iter()
         .reduce(|mut a, b| {
@@ -480,6 +496,114 @@ fn softmax_backward_rows(dp: &mut [f32], p: &[f32], seq: usize) {
     }
 }
 
+/// Rows per parallel task in row-wise kernels: about `CHUNK` elements.
+fn rows_per_task(width: usize) -> usize {
+    (CHUNK / width.max(1)).max(1)
+}
+
+pub fn layer_norm(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    epsilon: f64,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let [rows, d] = x.layout().shape().dims::<2>();
+    let (x, gamma, beta) = (f32s(&x), f32s(&gamma), f32s(&beta));
+    let (mut y, mut mean, mut rstd) = (vec![0.0f32; rows * d], vec![0.0f32; rows], vec![0.0f32; rows]);
+    let block = rows_per_task(d);
+    let kernel = |(y, x, mean, rstd): (&mut [f32], &[f32], &mut [f32], &mut [f32])| {
+        vectorised(|| {
+            for (((y, x), mean), rstd) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(mean).zip(rstd) {
+                *mean = lane_sum(x) / d as f32;
+                let centred = x.iter().map(|v| (v - *mean) * (v - *mean));
+                let var = centred.fold(0.0f32, |a, b| a + b) / d as f32;
+                *rstd = 1.0 / (var + epsilon as f32).sqrt();
+                for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma.iter()).zip(beta.iter()) {
+                    *y = (x - *mean) * *rstd * g + b;
+                }
+            }
+        })
+    };
+    if worth_threads(rows * d) {
+        (y.par_chunks_mut(block * d), x.par_chunks(block * d), mean.par_chunks_mut(block), rstd.par_chunks_mut(block))
+            .into_par_iter()
+            .for_each(kernel);
+    } else {
+        kernel((&mut y, &x, &mut mean, &mut rstd));
+    }
+    (tensor(y, Shape::new([rows, d])), tensor(mean, Shape::new([rows])), tensor(rstd, Shape::new([rows])))
+}
+
+/// Sum over 16 independent lanes, so that the loop vectorises.
+#[inline(always)]
+fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(l, v)| *l += v);
+    }
+    lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+/// dx row by row; dgamma and dbeta as per-task partial sums, then added.
+pub fn layer_norm_backward(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    mean: FlexTensor,
+    rstd: FlexTensor,
+    grad: FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let [rows, d] = x.layout().shape().dims::<2>();
+    let (x, gamma, mean, rstd, grad) = (f32s(&x), f32s(&gamma), f32s(&mean), f32s(&rstd), f32s(&grad));
+    let mut dx = vec![0.0f32; rows * d];
+    let block = rows_per_task(d);
+    type Block<'a> = (&'a mut [f32], &'a [f32], &'a [f32], &'a [f32], &'a [f32]);
+    let kernel = |(dx, x, grad, mean, rstd): Block<'_>| {
+        vectorised(|| {
+            let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
+            let rows = dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(grad.chunks_exact(d));
+            for (((dx, x), dy), (&mean, &rstd)) in rows.zip(mean.iter().zip(rstd)) {
+                // dx temporarily holds x̂, then the gradient.
+                dx.iter_mut().zip(x).for_each(|(h, &x)| *h = (x - mean) * rstd);
+                let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
+                for ((((&h, &dy), &gm), dg), db) in
+                    dx.iter().zip(dy).zip(gamma.iter()).zip(dgamma.iter_mut()).zip(dbeta.iter_mut())
+                {
+                    let g = dy * gm;
+                    sum_g += g;
+                    sum_gx += g * h;
+                    *dg += dy * h;
+                    *db += dy;
+                }
+                let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
+                for ((h, &dy), &gm) in dx.iter_mut().zip(dy).zip(gamma.iter()) {
+                    *h = rstd * (dy * gm - mean_g - *h * mean_gx);
+                }
+            }
+            (dgamma, dbeta)
+        })
+    };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = if worth_threads(rows * d) {
+        let blocks = (
+            dx.par_chunks_mut(block * d),
+            x.par_chunks(block * d),
+            grad.par_chunks(block * d),
+            mean.par_chunks(block),
+            rstd.par_chunks(block),
+        );
+        blocks.into_par_iter().map(kernel).collect()
+    } else {
+        vec![kernel((&mut dx, &x, &grad, &mean, &rstd))]
+    };
+    let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
+    for (g, b) in partials {
+        dgamma.iter_mut().zip(g).for_each(|(a, v)| *a += v);
+        dbeta.iter_mut().zip(b).for_each(|(a, v)| *a += v);
+    }
+    (tensor(dx, Shape::new([rows, d])), tensor(dgamma, Shape::new([d])), tensor(dbeta, Shape::new([d])))
+}
+
 /// A tensor's f32 buffer to update in place: its own if it is contiguous and not shared,
 /// else a contiguous copy.
 fn owned(t: FlexTensor) -> FlexTensor {
@@ -513,19 +637,24 @@ pub fn adam_step(
     let n = grad.len();
     let p = &mut param.storage_mut::<f32>()[..n];
     let (m, v) = (&mut moment_1.storage_mut::<f32>()[..n], &mut moment_2.storage_mut::<f32>()[..n]);
-    (p.par_chunks_mut(CHUNK), m.par_chunks_mut(CHUNK), v.par_chunks_mut(CHUNK), grad.par_chunks(CHUNK))
-        .into_par_iter()
-        .for_each(|(p, m, v, g)| {
-            vectorised(|| {
-                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                    let g = *p * l2 + g;
-                    *m = *m * b1 + g * (1.0 - b1);
-                    *v = *v * b2 + g * g * (1.0 - b2);
-                    let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
-                    *p = *p * keep - delta * lr;
-                }
-            })
-        });
+    let kernel = |(p, m, v, g): (&mut [f32], &mut [f32], &mut [f32], &[f32])| {
+        vectorised(|| {
+            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                let g = *p * l2 + g;
+                *m = *m * b1 + g * (1.0 - b1);
+                *v = *v * b2 + g * g * (1.0 - b2);
+                let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
+                *p = *p * keep - delta * lr;
+            }
+        })
+    };
+    if worth_threads(n) {
+        (p.par_chunks_mut(CHUNK), m.par_chunks_mut(CHUNK), v.par_chunks_mut(CHUNK), grad.par_chunks(CHUNK))
+            .into_par_iter()
+            .for_each(kernel);
+    } else {
+        kernel((p, m, v, &grad));
+    }
     (param, moment_1, moment_2)
 }
 

@@ -1,6 +1,7 @@
 //! Fused operations for the hot spots of a GPT-2 step, as a backend extension: the linear
-//! layers, GELU, causal self-attention and the cross-entropy over the vocabulary are each one
-//! operation with a hand-written backward,
+//! layers, LayerNorm, GELU, causal self-attention, the cross-entropy over the vocabulary and
+//! the Adam update are each one operation (the differentiable ones with a hand-written
+//! backward),
 //! instead of the chain of element-wise tensor ops (each a pass over memory and an autodiff
 //! node) that composing them from burn's API costs.
 //!
@@ -51,6 +52,28 @@ pub trait FusedOps: Backend {
         update: AdamUpdate,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         composite::adam_step::<Self>(param, grad, moments, update)
+    }
+
+    /// LayerNorm of each row (biased variance, ε inside the square root), and each row's mean
+    /// and 1/σ (kept for the backward). x: [rows, d], gamma, beta: [d] → ([rows, d], [rows], [rows])
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composite::layer_norm::<Self>(x, gamma, beta, epsilon)
+    }
+
+    /// The gradients of `fused_layer_norm` for x, gamma and beta, given the output's.
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composite::layer_norm_backward::<Self>(x, gamma, mean, rstd, grad)
     }
 
     /// GPT-2's tanh GELU. x: [rows, cols] → [rows, cols]
@@ -127,6 +150,14 @@ pub fn linear<B: FusedOps>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<T
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
+/// LayerNorm of each row. x: [rows, d], gamma, beta: [d] → [rows, d]
+pub fn layer_norm<B: FusedOps>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, epsilon: f64) -> Tensor<B, 2> {
+    let (x, gamma, beta) =
+        (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
+    let (y, _mean, _rstd) = B::fused_layer_norm(x, gamma, beta, epsilon);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
 /// GPT-2's "gelu_new", the tanh approximation of GELU. x: [rows, cols] → [rows, cols]
 pub fn gelu_new<B: FusedOps>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(B::gelu_new(x.into_primitive().tensor())))
@@ -172,6 +203,41 @@ pub mod composite {
     ) -> LinearGrads<B> {
         let bias = with_bias.then(|| B::linear_bias_backward(grad.clone()));
         (B::linear_x_backward(weight, grad.clone()), B::linear_weight_backward(x, grad), bias)
+    }
+
+    pub fn layer_norm<B: Backend>(
+        x: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+        beta: FloatTensor<B>,
+        epsilon: f64,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let x = float::<B, 2>(x);
+        let (var, mean) = x.clone().var_mean_bias(1); // [rows, 1] each
+        let rstd = (var + epsilon).sqrt().recip(); // [rows, 1]
+        let gamma = float::<B, 1>(gamma).unsqueeze::<2>();
+        let y = (x - mean.clone()) * rstd.clone() * gamma + float::<B, 1>(beta).unsqueeze::<2>();
+        let squeeze = |t: Tensor<B, 2>| t.squeeze_dim::<1>(1).into_primitive().tensor();
+        (y.into_primitive().tensor(), squeeze(mean), squeeze(rstd))
+    }
+
+    /// With x̂ = (x − mean)·rstd and g = grad·gamma: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)),
+    /// dgamma = Σ grad·x̂, dbeta = Σ grad over the rows.
+    pub fn layer_norm_backward<B: Backend>(
+        x: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+        mean: FloatTensor<B>,
+        rstd: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let (x, grad) = (float::<B, 2>(x), float::<B, 2>(grad));
+        let d = x.dims()[1];
+        let rstd = float::<B, 1>(rstd).unsqueeze_dim::<2>(1); // [rows, 1]
+        let x_hat = (x - float::<B, 1>(mean).unsqueeze_dim::<2>(1)) * rstd.clone(); // [rows, d]
+        let g = grad.clone() * float::<B, 1>(gamma).unsqueeze::<2>();
+        let dx = (g.clone() - g.clone().mean_dim(1) - x_hat.clone() * (g * x_hat.clone()).mean_dim(1)) * rstd;
+        let dgamma = (grad.clone() * x_hat).sum_dim(0).reshape([d]);
+        let dbeta = grad.sum_dim(0).reshape([d]);
+        (dx.into_primitive().tensor(), dgamma.into_primitive().tensor(), dbeta.into_primitive().tensor())
     }
 
     /// burn's Adam/AdamW arithmetic, op for op.
@@ -352,6 +418,36 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct LayerNorm;
+        impl<B: FusedOps> Backward<B, 3> for LayerNorm {
+            type State = [FloatTensor<B>; 4]; // x, gamma, mean, rstd
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [x, gamma, mean, rstd] = ops.state;
+                let (dx, dgamma, dbeta) = B::fused_layer_norm_backward(x, gamma, mean, rstd, grad);
+                for (parent, grad) in ops.parents.into_iter().zip([dx, dgamma, dbeta]) {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+        let (y, mean, rstd) =
+            B::fused_layer_norm(x.primitive.clone(), gamma.primitive.clone(), beta.primitive, epsilon);
+        let y = match LayerNorm.prepare::<C>([x.node, gamma.node, beta.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish([x.primitive, gamma.primitive, mean.clone(), rstd.clone()], y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, Self::from_inner(mean), Self::from_inner(rstd))
+    }
+
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
         #[derive(Debug)]
         struct CrossEntropy;
@@ -394,6 +490,33 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 }
 
 impl FusedOps for Flex {
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if [&x, &gamma, &beta].iter().all(|t| t.dtype() == DType::F32) {
+            cpu_kernels::layer_norm(x, gamma, beta, epsilon)
+        } else {
+            composite::layer_norm::<Self>(x, gamma, beta, epsilon)
+        }
+    }
+
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if [&x, &gamma, &mean, &rstd, &grad].iter().all(|t| t.dtype() == DType::F32) {
+            cpu_kernels::layer_norm_backward(x, gamma, mean, rstd, grad)
+        } else {
+            composite::layer_norm_backward::<Self>(x, gamma, mean, rstd, grad)
+        }
+    }
+
     fn adam_step(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,

@@ -3,15 +3,13 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{FloatDType, Int, Tensor};
 
-use super::fused::{causal_attention, cross_entropy, gelu_new, linear, FusedOps};
+use super::fused::{causal_attention, cross_entropy, gelu_new, layer_norm, linear, FusedOps};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
 #[derive(Config, Debug, PartialEq)]
@@ -54,7 +52,11 @@ impl Gpt2Config {
             let layer = LinearConfig::new(d_in, d_out).with_initializer(normal(std)).init(device);
             Linear { bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))), ..layer }
         };
-        let layer_norm = || LayerNormConfig::new(self.n_embd).with_epsilon(self.layer_norm_epsilon).init(device);
+        let layer_norm = || LayerNorm {
+            gamma: Param::from_tensor(Tensor::ones([self.n_embd], device)),
+            beta: Param::from_tensor(Tensor::zeros([self.n_embd], device)),
+            epsilon: self.layer_norm_epsilon,
+        };
         let d = self.n_embd;
         let blocks = (0..self.n_layer)
             .map(|_| Block {
@@ -118,6 +120,23 @@ pub struct Gpt2<B: Backend> {
     pub blocks: Vec<Block<B>>,
     pub ln_f: LayerNorm<B>,
     pub dropout: Dropout,
+}
+
+/// LayerNorm over the last dimension: (x − mean)/√(var + ε)·gamma + beta, biased variance.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub gamma: Param<Tensor<B, 1>>,
+    pub beta: Param<Tensor<B, 1>>,
+    pub epsilon: f64,
+}
+
+impl<B: FusedOps> LayerNorm<B> {
+    /// x: [batch, seq, d_model] → [batch, seq, d_model]
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, seq, d_model] = x.dims();
+        let rows = x.reshape([batch * seq, d_model]); // [batch·seq, d_model]
+        layer_norm(rows, self.gamma.val(), self.beta.val(), self.epsilon).reshape([batch, seq, d_model])
+    }
 }
 
 #[derive(Module, Debug)]

@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use burn::module::Param;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::json;
 
-use super::gpt2::{Gpt2, Gpt2Config};
+use super::gpt2::{Gpt2, Gpt2Config, LayerNorm};
 use crate::error::bad_input;
 use crate::run_dir::write_atomic;
 
@@ -135,7 +135,7 @@ pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) ->
     };
     let layer_norm = |file: &mut TensorFile, norm: &mut LayerNorm<B>, name: &str| -> Result<()> {
         norm.gamma = file.take(&format!("{name}.weight"), [d], device)?;
-        norm.beta = Some(file.take(&format!("{name}.bias"), [d], device)?);
+        norm.beta = file.take(&format!("{name}.bias"), [d], device)?;
         Ok(())
     };
     model.wte.weight = file.take("wte.weight", [v, d], device)?;
@@ -181,9 +181,7 @@ fn named_tensors<B: Backend>(model: &Gpt2<B>) -> Vec<(String, TensorData)> {
     };
     let layer_norm = |push: &mut dyn FnMut(String, TensorData), norm: &LayerNorm<B>, name: String| {
         push(format!("{name}.weight"), norm.gamma.val().into_data());
-        if let Some(beta) = &norm.beta {
-            push(format!("{name}.bias"), beta.val().into_data());
-        }
+        push(format!("{name}.bias"), norm.beta.val().into_data());
     };
     push("wte.weight".into(), model.wte.weight.val().into_data());
     push("wpe.weight".into(), model.wpe.weight.val().into_data());
