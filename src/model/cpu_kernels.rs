@@ -1,7 +1,7 @@
 //! The CPU backend's kernels for the fused ops: plain loops over contiguous f32 rows, split
-//! across rayon's threads, and compiled a second time with AVX2 and FMA for CPUs that have them
-//! (LLVM vectorises the loops to the widest instructions it is allowed). `exp` is a polynomial
-//! that vectorises, unlike libm's `expf`; it is within 2 ulp of it (see the test below).
+//! across rayon's threads, the inner loops compiled a second time with AVX2 and FMA for CPUs
+//! that have them (LLVM vectorises them to the widest instructions it is allowed). `exp` is a
+//! polynomial that vectorises, unlike libm's `expf`; it is within 2 ulp of it (test below).
 
 use std::borrow::Cow;
 
@@ -22,19 +22,28 @@ fn worth_threads(len: usize) -> bool {
     len > CHUNK
 }
 
-/// Runs `kernel` compiled for AVX2 and FMA when the CPU has them.
-#[inline(always)]
-fn vectorised<R>(kernel: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        fn with_avx2<R>(kernel: impl FnOnce() -> R) -> R {
-            kernel()
+/// `fn name(args) -> ret { body }` with the body compiled twice, for the baseline CPU and for
+/// AVX2 with FMA, the second chosen at run time on CPUs that have them. (A named inner function
+/// marked `inline(always)` is what reliably lands in the `target_feature` copy; a closure
+/// passed to a generic wrapper is not inlined there.)
+macro_rules! vectorised {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                // SAFETY: the CPU has the features just checked.
+                return unsafe { avx2($($arg),*) };
+            }
+            body($($arg),*)
         }
-        // SAFETY: the CPU has the features just checked.
-        return unsafe { with_avx2(kernel) };
-    }
-    kernel()
+    };
 }
 
 /// e^x for f32, branch-free so that loops over it vectorise: x = n·ln 2 + r with |r| ≤ ln 2 / 2,
@@ -112,18 +121,31 @@ fn row_sum_exp(row: &[f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + tail.iter().map(|&x| exp(x - shift)).sum::<f32>()
 }
 
+vectorised! {
+    fn gelu_chunk(y: &mut [f32], x: &[f32]) {
+        let (a, b) = (GELU_A as f32, GELU_B as f32);
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * sigmoid(x * (a + b * x * x));
+        }
+    }
+}
+
+vectorised! {
+    fn gelu_backward_chunk(dx: &mut [f32], x: &[f32], grad: &[f32]) {
+        let (a, b) = (GELU_A as f32, GELU_B as f32);
+        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
+            let x2 = x * x;
+            let s = sigmoid(x * (a + b * x2));
+            *dx = g * (s + x * s * (1.0 - s) * (a + 3.0 * b * x2));
+        }
+    }
+}
+
 pub fn gelu_new(x: FlexTensor) -> FlexTensor {
     let shape = x.layout().shape().clone();
     let x = f32s(&x);
     let mut y = vec![0.0f32; x.len()];
-    let (a, b) = (GELU_A as f32, GELU_B as f32);
-    let kernel = |(y, x): (&mut [f32], &[f32])| {
-        vectorised(|| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = x * sigmoid(x * (a + b * x * x));
-            }
-        })
-    };
+    let kernel = |(y, x): (&mut [f32], &[f32])| gelu_chunk(y, x);
     match worth_threads(x.len()) {
         true => y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(kernel),
         false => kernel((&mut y, &x)),
@@ -135,21 +157,29 @@ pub fn gelu_new_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
     let shape = x.layout().shape().clone();
     let (x, grad) = (f32s(&x), f32s(&grad));
     let mut dx = vec![0.0f32; x.len()];
-    let (a, b) = (GELU_A as f32, GELU_B as f32);
-    let kernel = |(dx, (x, grad)): (&mut [f32], (&[f32], &[f32]))| {
-        vectorised(|| {
-            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
-                let x2 = x * x;
-                let s = sigmoid(x * (a + b * x2));
-                *dx = g * (s + x * s * (1.0 - s) * (a + 3.0 * b * x2));
-            }
-        })
-    };
+    let kernel = |(dx, (x, grad)): (&mut [f32], (&[f32], &[f32]))| gelu_backward_chunk(dx, x, grad);
     match worth_threads(x.len()) {
         true => dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))).for_each(kernel),
         false => kernel((&mut dx, (&x, &grad))),
     }
     tensor(dx, shape)
+}
+
+vectorised! {
+    /// log Σ e^x over a row.
+    fn log_sum_exp(row: &[f32]) -> f32 {
+        let max = row_max(row);
+        max + row_sum_exp(row, max).ln()
+    }
+}
+
+vectorised! {
+    /// g · softmax(row) given the row's log-sum-exp.
+    fn scaled_softmax(out: &mut [f32], row: &[f32], lse: f32, g: f32) {
+        for (out, &x) in out.iter_mut().zip(row) {
+            *out = g * exp(x - lse);
+        }
+    }
 }
 
 pub fn cross_entropy(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, FlexTensor) {
@@ -159,11 +189,8 @@ pub fn cross_entropy(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, Fl
     let mut lse = vec![0.0f32; rows];
     (logits.par_chunks(vocab), nll.par_iter_mut(), lse.par_iter_mut(), targets).into_par_iter().for_each(
         |(row, nll, lse, target)| {
-            vectorised(|| {
-                let max = row_max(row);
-                *lse = max + row_sum_exp(row, max).ln();
-                *nll = *lse - row[target];
-            })
+            *lse = log_sum_exp(row);
+            *nll = *lse - row[target];
         },
     );
     (tensor(nll, Shape::new([rows])), tensor(lse, Shape::new([rows])))
@@ -184,11 +211,7 @@ pub fn cross_entropy_backward(
         if g == 0.0 {
             return;
         }
-        vectorised(|| {
-            for (out, &x) in out.iter_mut().zip(row) {
-                *out = g * exp(x - lse);
-            }
-        });
+        scaled_softmax(out, row, lse, g);
         out[targets[i]] -= g;
     });
     tensor(dlogits, Shape::new([rows, vocab]))
@@ -377,20 +400,22 @@ pub fn linear_backward(
     (tensor(dx, Shape::new([rows, d_in])), dw, db)
 }
 
+vectorised! {
+    fn column_sum_block(rows: &[f32], cols: usize) -> Vec<f32> {
+        let mut sum = vec![0.0f32; cols];
+        for row in rows.chunks_exact(cols) {
+            sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+        }
+        sum
+    }
+}
+
 /// Sums of the columns of a row-major [rows, cols] matrix: one partial sum per thread's block
 /// of rows, then the partials added.
 fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
     let rows = values.len() / cols;
     let block = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    let kernel = |rows: &[f32]| {
-        vectorised(|| {
-            let mut sum = vec![0.0f32; cols];
-            for row in rows.chunks_exact(cols) {
-                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-            }
-            sum
-        })
-    };
+    let kernel = |rows: &[f32]| column_sum_block(rows, cols);
     let partials: Vec<Vec<f32>> = match worth_threads(values.len()) {
         true => values.par_chunks(block * cols).map(kernel).collect(),
         false => vec![kernel(values)],
@@ -423,7 +448,7 @@ pub fn causal_attention(qkv: FlexTensor, n_head: usize) -> (FlexTensor, FlexTens
         // SAFETY: all matrices lie inside qkv, p or y; this task alone writes head h of batch b in y.
         unsafe {
             matmul([seq, seq, head_dim], Out::row_major(p.as_mut_ptr(), seq), q, k.t(), scale, false); // scores [seq, seq]
-            vectorised(|| causal_softmax_rows(p, seq));
+            causal_softmax_rows(p, seq);
             let p = Mat { ptr: p.as_ptr(), row: seq as isize, col: 1 };
             let y_bh = y_out.at(b * seq * d + h * head_dim);
             matmul([seq, head_dim, seq], Out::row_major(y_bh, d), p, v, 1.0, false);
@@ -433,8 +458,8 @@ pub fn causal_attention(qkv: FlexTensor, n_head: usize) -> (FlexTensor, FlexTens
     (tensor(y, Shape::new([batch, seq, d])), tensor(probs, Shape::new([batch, n_head, seq, seq])))
 }
 
+vectorised! {
 /// Row i keeps columns 0..=i: softmax over those, zeros after.
-#[inline(always)]
 fn causal_softmax_rows(scores: &mut [f32], seq: usize) {
     for (i, row) in scores.chunks_exact_mut(seq).enumerate() {
         let (kept, masked) = row.split_at_mut(i + 1);
@@ -448,6 +473,7 @@ fn causal_softmax_rows(scores: &mut [f32], seq: usize) {
         kept.iter_mut().for_each(|x| *x *= inv);
         masked.fill(0.0);
     }
+}
 }
 
 /// The gradient of `causal_attention` with respect to the packed projections, from the saved
@@ -474,7 +500,7 @@ pub fn causal_attention_backward(qkv: FlexTensor, probs: FlexTensor, grad: FlexT
             let slot = |i: usize| out.at(base + i * d);
             matmul([seq, head_dim, seq], Out::row_major(slot(2), three_d), p_mat.t(), dy, 1.0, false); // dV [seq, head_dim]
             matmul([seq, seq, head_dim], Out::row_major(ds.as_mut_ptr(), seq), dy, v.t(), 1.0, false); // dP [seq, seq]
-            vectorised(|| softmax_backward_rows(&mut ds, p, seq));
+            softmax_backward_rows(&mut ds, p, seq);
             let ds = Mat { ptr: ds.as_ptr(), row: seq as isize, col: 1 };
             matmul([seq, head_dim, seq], Out::row_major(slot(0), three_d), ds, k, scale, false); // dQ
             matmul([seq, head_dim, seq], Out::row_major(slot(1), three_d), ds.t(), q, scale, false);
@@ -484,8 +510,8 @@ pub fn causal_attention_backward(qkv: FlexTensor, probs: FlexTensor, grad: FlexT
     tensor(dqkv, Shape::new([batch, seq, three_d]))
 }
 
+vectorised! {
 /// dP → dS in place, row by row: dS = P ⊙ (dP − Σ dP ⊙ P). Masked entries (P = 0) become 0.
-#[inline(always)]
 fn softmax_backward_rows(dp: &mut [f32], p: &[f32], seq: usize) {
     for (i, (row, p)) in dp.chunks_exact_mut(seq).zip(p.chunks_exact(seq)).enumerate() {
         let (ds, masked) = row.split_at_mut(i + 1);
@@ -494,6 +520,7 @@ fn softmax_backward_rows(dp: &mut [f32], p: &[f32], seq: usize) {
         ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
         masked.fill(0.0);
     }
+}
 }
 
 /// Rows per parallel task in row-wise kernels: about `CHUNK` elements.
@@ -512,17 +539,7 @@ pub fn layer_norm(
     let (mut y, mut mean, mut rstd) = (vec![0.0f32; rows * d], vec![0.0f32; rows], vec![0.0f32; rows]);
     let block = rows_per_task(d);
     let kernel = |(y, x, mean, rstd): (&mut [f32], &[f32], &mut [f32], &mut [f32])| {
-        vectorised(|| {
-            for (((y, x), mean), rstd) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(mean).zip(rstd) {
-                *mean = lane_sum(x) / d as f32;
-                let centred = x.iter().map(|v| (v - *mean) * (v - *mean));
-                let var = centred.fold(0.0f32, |a, b| a + b) / d as f32;
-                *rstd = 1.0 / (var + epsilon as f32).sqrt();
-                for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma.iter()).zip(beta.iter()) {
-                    *y = (x - *mean) * *rstd * g + b;
-                }
-            }
-        })
+        layer_norm_rows(y, x, mean, rstd, &gamma, &beta, epsilon as f32)
     };
     if worth_threads(rows * d) {
         (y.par_chunks_mut(block * d), x.par_chunks(block * d), mean.par_chunks_mut(block), rstd.par_chunks_mut(block))
@@ -532,6 +549,29 @@ pub fn layer_norm(
         kernel((&mut y, &x, &mut mean, &mut rstd));
     }
     (tensor(y, Shape::new([rows, d])), tensor(mean, Shape::new([rows])), tensor(rstd, Shape::new([rows])))
+}
+
+vectorised! {
+    fn layer_norm_rows(
+        y: &mut [f32],
+        x: &[f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        gamma: &[f32],
+        beta: &[f32],
+        epsilon: f32,
+    ) {
+        let d = gamma.len();
+        for (((y, x), mean), rstd) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(mean).zip(rstd) {
+            *mean = lane_sum(x) / d as f32;
+            // Variance about the mean (two passes: no cancellation for off-centre rows).
+            y.iter_mut().zip(x).for_each(|(c, v)| *c = (v - *mean) * (v - *mean));
+            *rstd = 1.0 / (lane_sum(y) / d as f32 + epsilon).sqrt();
+            for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+                *y = (x - *mean) * *rstd * g + b;
+            }
+        }
+    }
 }
 
 /// Sum over 16 independent lanes, so that the loop vectorises.
@@ -544,6 +584,39 @@ fn lane_sum(values: &[f32]) -> f32 {
         lanes.iter_mut().zip(chunk).for_each(|(l, v)| *l += v);
     }
     lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+vectorised! {
+    /// dx for a block of rows, and the block's sums for dgamma and dbeta.
+    fn layer_norm_backward_rows(
+        dx: &mut [f32],
+        x: &[f32],
+        grad: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let d = gamma.len();
+        let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
+        let rows = dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(grad.chunks_exact(d));
+        for (((dx, x), dy), (&mean, &rstd)) in rows.zip(mean.iter().zip(rstd)) {
+            // dx first holds x̂, then the gradient.
+            dx.iter_mut().zip(x).for_each(|(h, &x)| *h = (x - mean) * rstd);
+            let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
+            for ((((&h, &dy), &gm), dg), db) in dx.iter().zip(dy).zip(gamma).zip(dgamma.iter_mut()).zip(dbeta.iter_mut()) {
+                let g = dy * gm;
+                sum_g += g;
+                sum_gx += g * h;
+                *dg += dy * h;
+                *db += dy;
+            }
+            let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
+            for ((h, &dy), &gm) in dx.iter_mut().zip(dy).zip(gamma) {
+                *h = rstd * (dy * gm - mean_g - *h * mean_gx);
+            }
+        }
+        (dgamma, dbeta)
+    }
 }
 
 /// dx row by row; dgamma and dbeta as per-task partial sums, then added.
@@ -559,31 +632,7 @@ pub fn layer_norm_backward(
     let mut dx = vec![0.0f32; rows * d];
     let block = rows_per_task(d);
     type Block<'a> = (&'a mut [f32], &'a [f32], &'a [f32], &'a [f32], &'a [f32]);
-    let kernel = |(dx, x, grad, mean, rstd): Block<'_>| {
-        vectorised(|| {
-            let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
-            let rows = dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(grad.chunks_exact(d));
-            for (((dx, x), dy), (&mean, &rstd)) in rows.zip(mean.iter().zip(rstd)) {
-                // dx temporarily holds x̂, then the gradient.
-                dx.iter_mut().zip(x).for_each(|(h, &x)| *h = (x - mean) * rstd);
-                let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
-                for ((((&h, &dy), &gm), dg), db) in
-                    dx.iter().zip(dy).zip(gamma.iter()).zip(dgamma.iter_mut()).zip(dbeta.iter_mut())
-                {
-                    let g = dy * gm;
-                    sum_g += g;
-                    sum_gx += g * h;
-                    *dg += dy * h;
-                    *db += dy;
-                }
-                let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
-                for ((h, &dy), &gm) in dx.iter_mut().zip(dy).zip(gamma.iter()) {
-                    *h = rstd * (dy * gm - mean_g - *h * mean_gx);
-                }
-            }
-            (dgamma, dbeta)
-        })
-    };
+    let kernel = |(dx, x, grad, mean, rstd): Block<'_>| layer_norm_backward_rows(dx, x, grad, mean, rstd, &gamma);
     let partials: Vec<(Vec<f32>, Vec<f32>)> = if worth_threads(rows * d) {
         let blocks = (
             dx.par_chunks_mut(block * d),
@@ -613,6 +662,32 @@ fn owned(t: FlexTensor) -> FlexTensor {
     t
 }
 
+/// The per-element constants of one Adam update: betas, bias corrections c = 1 − βᵗ, ε, the L2
+/// term (Adam), the learning rate and the decoupled decay factor `keep` = 1 − lr·wd (AdamW).
+#[derive(Clone, Copy)]
+struct AdamScalars {
+    b1: f32,
+    b2: f32,
+    c1: f32,
+    c2: f32,
+    eps: f32,
+    l2: f32,
+    lr: f32,
+    keep: f32,
+}
+
+vectorised! {
+    fn adam_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: AdamScalars) {
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = *p * k.l2 + g;
+            *m = *m * k.b1 + g * (1.0 - k.b1);
+            *v = *v * k.b2 + g * g * (1.0 - k.b2);
+            let delta = (*m / k.c1) / ((*v / k.c2).sqrt() + k.eps);
+            *p = *p * k.keep - delta * k.lr;
+        }
+    }
+}
+
 /// Adam(W), one pass over the parameter, its gradient and moments, in place, in parallel
 /// chunks; the same arithmetic as `composite::adam_step`.
 pub fn adam_step(
@@ -637,17 +712,8 @@ pub fn adam_step(
     let n = grad.len();
     let p = &mut param.storage_mut::<f32>()[..n];
     let (m, v) = (&mut moment_1.storage_mut::<f32>()[..n], &mut moment_2.storage_mut::<f32>()[..n]);
-    let kernel = |(p, m, v, g): (&mut [f32], &mut [f32], &mut [f32], &[f32])| {
-        vectorised(|| {
-            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                let g = *p * l2 + g;
-                *m = *m * b1 + g * (1.0 - b1);
-                *v = *v * b2 + g * g * (1.0 - b2);
-                let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
-                *p = *p * keep - delta * lr;
-            }
-        })
-    };
+    let scalars = AdamScalars { b1, b2, c1, c2, eps, l2, lr, keep };
+    let kernel = |(p, m, v, g): (&mut [f32], &mut [f32], &mut [f32], &[f32])| adam_chunk(p, m, v, g, scalars);
     if worth_threads(n) {
         (p.par_chunks_mut(CHUNK), m.par_chunks_mut(CHUNK), v.par_chunks_mut(CHUNK), grad.par_chunks(CHUNK))
             .into_par_iter()
