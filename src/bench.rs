@@ -21,18 +21,47 @@ use crate::model::{Gpt2, Gpt2Config};
 use crate::spec::{OptimizerKind, OptimizerSpec};
 use crate::train::Trainer;
 
-#[derive(Debug, Clone, Serialize)]
+/// The model and run sizes, as `pipe bench` flags (torch_ref.py's, plus the precision).
+#[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct BenchShape {
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4)]
     pub layers: usize,
+    /// Attention heads per block.
+    #[arg(long, default_value_t = 4)]
     pub heads: usize,
+    /// Model width (divisible by --heads).
+    #[arg(long, default_value_t = 256)]
     pub embd: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 8192)]
     pub vocab: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
     pub seq: usize,
+    /// Sequences per training step.
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Timed training steps (the median is reported).
+    #[arg(long, default_value_t = 8)]
     pub steps: usize,
+    /// Untimed steps before the timed ones.
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Tokens to generate greedily after training (after a 16-token prompt).
+    #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
+    /// f32, or bf16 (linear layers multiply in bf16, f32 master weights; as run.precision).
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: Precision,
+}
+
+fn parse_precision(name: &str) -> Result<Precision, String> {
+    match name {
+        "f32" => Ok(Precision::F32),
+        "bf16" => Ok(Precision::Bf16),
+        _ => Err("expected f32 or bf16".into()),
+    }
 }
 
 impl BenchShape {

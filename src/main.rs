@@ -10,7 +10,7 @@ use pipe::data::Tok;
 use pipe::error::{bad_input, is_bad_input, is_interrupted};
 use pipe::generate::{Generator, Sampling};
 use pipe::model::{hf, Gpt2};
-use pipe::spec::{BackendKind, GenerateSpec, Precision, Spec};
+use pipe::spec::{BackendKind, GenerateSpec, Spec};
 use pipe::{backend, chat, pipeline, runs, score, spec};
 
 #[derive(Parser)]
@@ -129,34 +129,14 @@ enum Command {
     /// Measure training and generation speed (AdamW on random tokens, then greedy generation), as the
     /// PyTorch reference measures HF transformers (see README, Speed).
     Bench {
-        #[arg(long, default_value_t = 4)]
-        layers: usize,
-        #[arg(long, default_value_t = 4)]
-        heads: usize,
-        #[arg(long, default_value_t = 256)]
-        embd: usize,
-        #[arg(long, default_value_t = 8192)]
-        vocab: usize,
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        /// Timed training steps (the median is reported).
-        #[arg(long, default_value_t = 8)]
-        steps: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        #[arg(long, default_value_t = 64)]
-        gen_tokens: usize,
+        #[command(flatten)]
+        shape: pipe::bench::BenchShape,
         /// cpu or cuda.
-        #[arg(long, default_value = "cpu")]
-        backend: String,
+        #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+        backend: BackendKind,
         /// GPU index.
         #[arg(long, default_value_t = 0)]
         device: usize,
-        /// f32, or bf16 (linear layers multiply in bf16, f32 master weights; as run.precision).
-        #[arg(long, default_value = "f32")]
-        precision: String,
     },
     /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads.
     Export {
@@ -369,45 +349,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let settings = chat::ChatSettings { template, sampling, max_new_tokens, seed };
             chat::chat(&model, &tok, &settings, &device, std::io::stdin().lock(), std::io::stdout())?;
         }
-        Command::Bench {
-            layers,
-            heads,
-            embd,
-            vocab,
-            seq,
-            batch,
-            steps,
-            warmup,
-            gen_tokens,
-            backend,
-            device,
-            precision,
-        } => {
-            let kind = match backend.as_str() {
-                "cpu" => BackendKind::Cpu,
-                "cuda" => BackendKind::Cuda,
-                other => return Err(bad_input(format!("--backend {other}: expected cpu or cuda"))),
-            };
-            let precision = match precision.as_str() {
-                "f32" => Precision::F32,
-                "bf16" => Precision::Bf16,
-                other => return Err(bad_input(format!("--precision {other}: expected f32 or bf16"))),
-            };
-            if [layers, heads, embd, vocab, seq, batch, steps].contains(&0) || embd % heads != 0 {
+        Command::Bench { shape, backend: kind, device } => {
+            let sizes = [shape.layers, shape.heads, shape.embd, shape.vocab, shape.seq, shape.batch, shape.steps];
+            if sizes.contains(&0) || shape.embd % shape.heads != 0 {
                 return Err(bad_input("bench sizes must be at least 1, and --embd divisible by --heads"));
             }
-            let shape = pipe::bench::BenchShape {
-                layers,
-                heads,
-                embd,
-                vocab,
-                seq,
-                batch,
-                steps,
-                warmup,
-                gen_tokens,
-                precision,
-            };
             let result = backend::dispatch(kind, device, pipe::bench::Bench(shape))?;
             println!("{result}");
         }
@@ -440,6 +386,14 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
+}
+
+fn parse_backend(name: &str) -> Result<BackendKind, String> {
+    match name {
+        "cpu" => Ok(BackendKind::Cpu),
+        "cuda" => Ok(BackendKind::Cuda),
+        _ => Err("expected cpu or cuda".into()),
     }
 }
 

@@ -179,3 +179,41 @@ fn check_prints_values_and_sources() {
     assert!(line("model.layers").contains("spec.toml"));
     assert!(line("optimizer.eps").ends_with("# default"));
 }
+
+/// `pipe bench` prints one JSON line with torch_ref.py's keys, through the real training and
+/// generation code (a tiny shape here; speed itself is measured, not asserted).
+#[test]
+fn bench_prints_torch_refs_keys_and_rejects_bad_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = ["--layers", "1", "--heads", "2", "--embd", "16", "--vocab", "64", "--seq", "8", "--batch", "2"];
+    let few = ["--steps", "2", "--warmup", "1", "--gen-tokens", "4"];
+    for precision in ["f32", "bf16"] {
+        let args: Vec<&str> =
+            ["bench"].iter().chain(&shape).chain(&few).chain(&["--precision", precision]).copied().collect();
+        let out = pipe(dir.path(), &args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        for key in ["impl", "params", "train_tokens_per_s", "gen_tokens_per_s", "peak_rss_mib", "shape"] {
+            assert!(line.get(key).is_some(), "{key} missing from {line}");
+        }
+        assert!(line["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(line["shape"]["precision"], precision);
+        // Token and (1024) position embeddings, one block, the final LayerNorm.
+        let d = 16;
+        let want = 64 * d
+            + 1024 * d
+            + (2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d))
+            + 2 * d;
+        assert_eq!(line["params"].as_u64(), Some(want as u64));
+    }
+    for (flag, value, needle) in
+        [("--precision", "fp16", "expected f32 or bf16"), ("--backend", "tpu", "expected cpu or cuda")]
+    {
+        let out = pipe(dir.path(), &["bench", flag, value], &[]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+    }
+    let out = pipe(dir.path(), &["bench", "--embd", "10", "--heads", "4"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("divisible by --heads"), "{}", stderr(&out));
+}
