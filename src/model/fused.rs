@@ -18,7 +18,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor, ModuleOps};
-use burn::tensor::{Bool, DType, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
 
 use super::cpu_kernels;
 
@@ -307,11 +307,12 @@ pub mod composite {
         lse: FloatTensor<B>,
         grad: FloatTensor<B>,
     ) -> FloatTensor<B> {
-        let logits = float::<B, 2>(logits);
-        let vocab = logits.dims()[1];
-        let probs = (logits - float::<B, 1>(lse).unsqueeze_dim::<2>(1)).exp(); // [rows, vocab]
-        let one_hot = Tensor::<B, 1, Int>::from_primitive(targets).one_hot::<2>(vocab).float(); // [rows, vocab]
-        ((probs - one_hot) * float::<B, 1>(grad).unsqueeze_dim::<2>(1)).into_primitive().tensor()
+        let probs = (float::<B, 2>(logits) - float::<B, 1>(lse).unsqueeze_dim::<2>(1)).exp(); // [rows, vocab]
+        let grad = float::<B, 1>(grad).unsqueeze_dim::<2>(1); // [rows, 1]
+        let targets = Tensor::<B, 1, Int>::from_primitive(targets).unsqueeze_dim::<2>(1); // [rows, 1]
+                                                                                          // −grad at each row's target (a scatter, not a one-hot: no [rows, vocab] mask, no
+                                                                                          // device-to-host bounds check).
+        (probs * grad.clone()).scatter(1, targets, grad.neg(), IndexingUpdateOp::Add).into_primitive().tensor()
     }
 
     /// qkv: [batch, seq, 3·d_model] → queries, keys, values, each [batch, heads, seq, head_dim]
