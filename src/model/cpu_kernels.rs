@@ -174,10 +174,10 @@ vectorised! {
 }
 
 vectorised! {
-    /// g · softmax(row) given the row's log-sum-exp.
-    fn scaled_softmax(out: &mut [f32], row: &[f32], lse: f32, g: f32) {
-        for (out, &x) in out.iter_mut().zip(row) {
-            *out = g * exp(x - lse);
+    /// Logits → g · softmax(logits), in place, given the row's log-sum-exp.
+    fn scaled_softmax(row: &mut [f32], lse: f32, g: f32) {
+        for x in row.iter_mut() {
+            *x = g * exp(*x - lse);
         }
     }
 }
@@ -196,6 +196,8 @@ pub fn cross_entropy(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, Fl
     (tensor(nll, Shape::new([rows])), tensor(lse, Shape::new([rows])))
 }
 
+/// The logits' gradient, written over the logits themselves when nothing else holds them (the
+/// usual case: only this op's saved state does), which spares a [rows, vocab] buffer.
 pub fn cross_entropy_backward(
     logits: FlexTensor,
     targets: FlexTensor,
@@ -203,18 +205,20 @@ pub fn cross_entropy_backward(
     grad: FlexTensor,
 ) -> FlexTensor {
     let [rows, vocab] = logits.layout().shape().dims::<2>();
-    let (logits, targets, lse, grad) = (f32s(&logits), indices(&targets), f32s(&lse), f32s(&grad));
-    let mut dlogits = vec![0.0f32; rows * vocab];
-    dlogits.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).enumerate().for_each(|(i, (out, row))| {
-        let (g, lse) = (grad[i], lse[i]);
-        // Rows outside the loss (prompt, padding) have a zero gradient: nothing to compute.
+    let (targets, lse, grad) = (indices(&targets), f32s(&lse), f32s(&grad));
+    let mut dlogits = owned(logits);
+    let values = &mut dlogits.storage_mut::<f32>()[..rows * vocab];
+    values.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
+        let g = grad[i];
+        // Rows outside the loss (prompt, padding) have a zero gradient.
         if g == 0.0 {
+            row.fill(0.0);
             return;
         }
-        scaled_softmax(out, row, lse, g);
-        out[targets[i]] -= g;
+        scaled_softmax(row, lse[i], g);
+        row[targets[i]] -= g;
     });
-    tensor(dlogits, Shape::new([rows, vocab]))
+    dlogits
 }
 
 /// A raw pointer that rayon's tasks may share: each task writes a disjoint part of the buffer.
