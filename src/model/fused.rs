@@ -1,9 +1,8 @@
 //! Fused operations for the hot spots of a GPT-2 step, as a backend extension: the linear
 //! layers, LayerNorm, GELU, causal self-attention, the cross-entropy over the vocabulary and
 //! the Adam update are each one operation (the differentiable ones with a hand-written
-//! backward),
-//! instead of the chain of element-wise tensor ops (each a pass over memory and an autodiff
-//! node) that composing them from burn's API costs.
+//! backward) instead of the chain of element-wise tensor ops (each a pass over memory and an
+//! autodiff node) that composing them from burn's API costs.
 //!
 //! Every backend gets the composite versions (burn's own ops; the numerics the fidelity tests
 //! check); the CPU backend overrides them with the kernels of `cpu_kernels`, which the tests in
