@@ -134,9 +134,14 @@ pub fn progress(dir: &Path) -> Result<Progress> {
 
 /// The optimizer record saved in a checkpoint.
 pub fn load_optimizer<B: Backend, R: burn::record::Record<B>>(dir: &Path, device: &B::Device) -> Result<R> {
-    BinFileRecorder::<FullPrecisionSettings>::new()
-        .load(dir.join(OPTIMIZER_FILE), device)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read the optimizer state: {e}", dir.display()))
+    BinFileRecorder::<FullPrecisionSettings>::new().load(dir.join(OPTIMIZER_FILE), device).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: cannot read the optimizer state (was it written by another pipe version? its weights still \
+                 load with model.path = \"{}\"): {e}",
+            dir.display(),
+            dir.display()
+        )
+    })
 }
 
 fn param_ids<B: Backend>(model: &Gpt2<B>) -> Vec<u64> {

@@ -247,3 +247,34 @@ fn run_with_resume_continues_the_same_spec_and_refuses_a_changed_one() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(weights(&run) == weights(&reference));
 }
+
+#[test]
+fn an_unreadable_optimizer_state_fails_the_resume_naming_the_checkpoint_and_the_way_out() {
+    let dir = setup();
+    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[]);
+    let run = loop {
+        if let Some(run) = runs(dir.path()).pop() {
+            if !pipe::checkpoint::list(&run).is_empty() {
+                break run;
+            }
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // As a checkpoint from a pipe whose optimizer records differ would read.
+    let checkpoint = pipe::checkpoint::list(&run).pop().unwrap();
+    let optimizer = std::fs::read_dir(&checkpoint)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("optimizer"))
+        .unwrap();
+    std::fs::write(&optimizer, [13u8; 64]).unwrap();
+    let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(message.contains("cannot read the optimizer state"), "{message}");
+    assert!(message.contains(&format!("model.path = \"{}\"", checkpoint.display())), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+}
