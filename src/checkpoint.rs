@@ -137,9 +137,9 @@ pub fn load_optimizer<B: Backend, R: burn::record::Record<B>>(dir: &Path, device
     BinFileRecorder::<FullPrecisionSettings>::new().load(dir.join(OPTIMIZER_FILE), device).map_err(|e| {
         anyhow::anyhow!(
             "{}: cannot read the optimizer state (was it written by another pipe version? its weights still \
-                 load with model.path = \"{}\"): {e}",
+             load with model.path = \"{}\"): {e}",
             dir.display(),
-            dir.display()
+            dir.canonicalize().as_deref().unwrap_or(dir).display()
         )
     })
 }
