@@ -332,7 +332,9 @@ pub mod composite {
         let [q, k, v] = split_heads(float::<B, 3>(qkv), n_head);
         let [_, _, seq, head_dim] = q.dims();
         let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt(); // [batch, heads, seq, seq]
-        let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &scores.device()).unsqueeze::<4>();
+                                                                             // Expanded to the scores' shape: mask_fill does not broadcast on every backend.
+        let future =
+            Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &scores.device()).unsqueeze::<4>().expand(scores.shape()); // [batch, heads, seq, seq]
         let probs = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3); // [batch, heads, seq, seq]
         let y = merge_heads(probs.clone().matmul(v)); // [batch, seq, d_model]
         (y.into_primitive().tensor(), probs.into_primitive().tensor())
