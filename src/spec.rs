@@ -263,6 +263,9 @@ pub struct TrainSpec {
     /// Micro-batches per optimizer step.
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Batch examples of similar length together (less padding), as TRL's `group_by_length`.
+    #[serde(default)]
+    pub group_by_length: bool,
     /// Longest example in tokens (prompt + response + EOS); defaults to the model's context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_length: Option<usize>,
@@ -285,6 +288,7 @@ impl Default for TrainSpec {
             epochs: 1,
             batch_size: default_batch_size(),
             grad_accum: 1,
+            group_by_length: false,
             max_length: None,
             loss_on: LossOn::default(),
             log_every: 1,

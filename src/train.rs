@@ -72,6 +72,8 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Real input tokens processed.
     pub tokens: usize,
+    /// Input positions processed, padding included.
+    pub positions: usize,
     /// Tokens the loss was computed on.
     pub loss_tokens: usize,
 }
@@ -96,10 +98,11 @@ impl<B: TrainBackend> Trainer<B> {
     pub fn step(&mut self, model: Gpt2<B>, micro_batches: &[Vec<&Sequence>], lr: f64) -> Result<(Gpt2<B>, StepStats)> {
         let loss_tokens: usize = micro_batches.iter().flatten().map(|s| s.loss_tokens()).sum();
         let mut accumulator = GradientsAccumulator::<Gpt2<B>>::new();
-        let (mut loss, mut tokens) = (0.0f64, 0usize);
+        let (mut loss, mut tokens, mut positions) = (0.0f64, 0usize, 0usize);
         for micro in micro_batches {
             let batch = Batch::<B>::new(micro, self.pad_id, &self.device);
             tokens += batch.tokens;
+            positions += batch.positions;
             let micro_loss = model.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(loss_tokens as f64);
             loss += micro_loss.clone().into_scalar().elem::<f64>();
             let grads = GradientsParams::from_grads(micro_loss.backward(), &model);
@@ -111,7 +114,7 @@ impl<B: TrainBackend> Trainer<B> {
         let mut grads = accumulator.grads();
         let grad_norm = clip_global_norm(&model, &mut grads, self.grad_clip);
         let model = self.optim.step(lr, model, grads);
-        Ok((model, StepStats { loss, grad_norm, tokens, loss_tokens }))
+        Ok((model, StepStats { loss, grad_norm, tokens, positions, loss_tokens }))
     }
 }
 
@@ -167,7 +170,7 @@ pub fn train<B: TrainBackend>(
     };
 
     for epoch in start.epoch..=train_spec.epochs {
-        let order = epoch_order(train.len(), seed, epoch);
+        let order = epoch_order(train, seed, epoch, train_spec.group_by_length.then_some(examples_per_step));
         let skip = if epoch == start.epoch { start.position } else { 0 };
         let bar = progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", train_spec.epochs));
         bar.set_position((skip / examples_per_step) as u64);
@@ -196,7 +199,7 @@ pub fn train<B: TrainBackend>(
             epoch_tokens += stats.loss_tokens;
             ctx.run.log_metrics(&json!({
                 "step": step, "epoch": epoch, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-                "tokens": stats.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": started.elapsed().as_secs_f64(),
+                "tokens": stats.tokens, "padded_tokens": stats.positions - stats.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": started.elapsed().as_secs_f64(),
             }))?;
             if step.is_multiple_of(train_spec.log_every) {
                 tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
@@ -255,12 +258,24 @@ pub fn evaluate<B: FusedOps>(
 }
 
 /// The order of examples in an epoch: a shuffle seeded by the run seed and the epoch, so the
-/// same spec and seed give the same run.
-fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
+/// same spec and seed give the same run (and a resumed run the same order).
+///
+/// With `group_by_length` (the examples per step), the shuffled examples are taken 50 steps at
+/// a time, each group sorted by length and cut into steps, and the full steps of the epoch are
+/// shuffled again: a batch holds examples of similar length, so little of it is padding, while
+/// the epoch stays randomly ordered. A last, short step stays last.
+pub fn epoch_order(train: &[Sequence], seed: u64, epoch: usize, group_by_length: Option<usize>) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64));
     order.shuffle(&mut rng);
-    order
+    let Some(per_step) = group_by_length else { return order };
+    for group in order.chunks_mut(per_step * 50) {
+        group.sort_by_key(|&i| std::cmp::Reverse(train[i].ids.len()));
+    }
+    let full = order.len() / per_step * per_step;
+    let mut steps: Vec<&[usize]> = order[..full].chunks(per_step).collect();
+    steps.shuffle(&mut rng);
+    steps.into_iter().flatten().chain(&order[full..]).copied().collect()
 }
 
 fn progress_bar(len: u64, prefix: &str) -> ProgressBar {

@@ -225,3 +225,38 @@ fn the_prompt_template_lays_out_the_prompt_and_is_masked_with_it() {
     assert_eq!(sequences[0].trained.iter().position(|&t| t), Some(prompt.len()), "the whole laid-out prompt is masked");
     assert_eq!(tok.decode(&sequences[0].ids[prompt.len()..]).unwrap(), "Scattering.");
 }
+
+/// Sequences of lengths 2..=101 in a scrambled order.
+fn varied_lengths(n: usize) -> Vec<Sequence> {
+    (0..n).map(|i| Sequence::all_trained(vec![1; 2 + (i * 37) % 100])).collect()
+}
+
+/// Padded positions over the steps of an order: each step padded to its longest sequence.
+fn padding(train: &[Sequence], order: &[usize], per_step: usize) -> usize {
+    order
+        .chunks(per_step)
+        .map(|step| {
+            let longest = step.iter().map(|&i| train[i].ids.len()).max().unwrap();
+            step.iter().map(|&i| longest - train[i].ids.len()).sum::<usize>()
+        })
+        .sum()
+}
+
+#[test]
+fn group_by_length_keeps_every_example_once_cuts_padding_and_is_reproducible() {
+    use pipe::train::epoch_order;
+    let (train, per_step) = (varied_lengths(1003), 8);
+    let plain = epoch_order(&train, 7, 1, None);
+    let grouped = epoch_order(&train, 7, 1, Some(per_step));
+    let mut sorted = grouped.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..train.len()).collect::<Vec<_>>(), "a permutation of the examples");
+    assert_eq!(grouped, epoch_order(&train, 7, 1, Some(per_step)), "same seed and epoch, same order");
+    assert_ne!(grouped, epoch_order(&train, 7, 2, Some(per_step)), "a new order each epoch");
+    let (plain_padding, grouped_padding) = (padding(&train, &plain, per_step), padding(&train, &grouped, per_step));
+    assert!(grouped_padding * 5 < plain_padding, "padding {grouped_padding} grouped vs {plain_padding} plain");
+    // Steps are shuffled after sorting: the epoch does not run from longest to shortest.
+    let step_longest: Vec<usize> =
+        grouped[..1000].chunks(per_step).map(|s| s.iter().map(|&i| train[i].ids.len()).max().unwrap()).collect();
+    assert!(step_longest.windows(2).any(|w| w[1] > w[0]), "steps in sorted order");
+}

@@ -180,6 +180,25 @@ fn env_and_set_overrides_reach_the_run() {
 }
 
 #[test]
+fn group_by_length_trains_on_the_same_steps_with_less_padding() {
+    let tiny = Tiny::new(40, "");
+    let padded = |name: &str, group: bool| {
+        let group = format!("train.group_by_length={group}");
+        // A context long enough that the examples are not all cut to one length.
+        let out = tiny.run(&["--set", &format!("run.name={name}"), "--set", &group, "--set", "model.context=512"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let metrics = json_lines(&tiny.runs(name)[0].join("metrics.jsonl"));
+        let steps: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("padded_tokens").is_some()).collect();
+        let tokens: u64 = steps.iter().map(|m| m["tokens"].as_u64().unwrap()).sum();
+        (steps.len(), tokens, steps.iter().map(|m| m["padded_tokens"].as_u64().unwrap()).sum::<u64>())
+    };
+    let (plain_steps, plain_tokens, plain_padding) = padded("plain", false);
+    let (grouped_steps, grouped_tokens, grouped_padding) = padded("grouped", true);
+    assert_eq!((grouped_steps, grouped_tokens), (plain_steps, plain_tokens), "the same steps over the same tokens");
+    assert!(grouped_padding < plain_padding, "padding {grouped_padding} grouped vs {plain_padding} plain");
+}
+
+#[test]
 fn a_bf16_mixed_precision_run_trains_and_saves_f32_weights() {
     let tiny = Tiny::new(16, "");
     let out = tiny.run(&["--set", "run.precision=bf16", "--set", "train.epochs=2"]);

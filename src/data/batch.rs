@@ -43,6 +43,8 @@ pub struct Batch<B: Backend> {
     pub loss_tokens: usize,
     /// Real (non-padding) input tokens.
     pub tokens: usize,
+    /// Input positions, padding included (batch · longest sequence).
+    pub positions: usize,
 }
 
 impl<B: Backend> Batch<B> {
@@ -71,6 +73,7 @@ impl<B: Backend> Batch<B> {
             weights: Tensor::from_data(TensorData::new(weights, [batch, seq]), device),
             loss_tokens,
             tokens,
+            positions: batch * seq,
         }
     }
 }
