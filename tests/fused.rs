@@ -33,6 +33,10 @@ fn prim<const D: usize>(x: &Tensor<Flex, D>) -> FloatTensor<Flex> {
     x.clone().into_primitive().tensor()
 }
 
+fn prim_ad<const D: usize>(x: &Tensor<Ad, D>) -> FloatTensor<Ad> {
+    x.clone().into_primitive().tensor()
+}
+
 /// Targets over the whole vocabulary, including its first and last ids.
 fn targets<B: Backend>(rows: usize, vocab: usize) -> Tensor<B, 1, Int> {
     let ids: Vec<i64> = (0..rows).map(|i| ((i * 7919) % vocab) as i64).chain([0, vocab as i64 - 1]).collect();
@@ -115,6 +119,12 @@ fn cross_entropy_takes_strided_logits() {
     assert_eq!(values(float::<1>(a)), values(float::<1>(b)));
 }
 
+/// A dropout mask as the model draws one: 0, or 1/(1 − p) with probability 1 − p.
+fn keep_mask<B: Backend>(shape: [usize; 4], p: f64, seed: u64) -> Tensor<B, 4> {
+    B::seed(&Default::default(), seed);
+    Tensor::<B, 4>::random(shape, Distribution::Bernoulli(1.0 - p), &Default::default()) / (1.0 - p)
+}
+
 #[test]
 fn attention_kernel_matches_composite_forward_and_backward() {
     // Odd sizes: a sequence and head width no kernel tiles evenly.
@@ -122,18 +132,65 @@ fn attention_kernel_matches_composite_forward_and_backward() {
     let d = n_head * head_dim;
     let qkv = random::<Flex, 3>([batch, seq, 3 * d], 1.5, 21);
     let grad = random::<Flex, 3>([batch, seq, d], 1.0, 22);
-    let (y, probs) = Flex::causal_attention(prim(&qkv), n_head);
-    let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head);
-    assert_close(&values(float::<3>(y)), &values(float::<3>(want_y)), 1e-5, "attention output");
-    let probs_values = values(float::<4>(probs.clone()));
-    assert_close(&probs_values, &values(float::<4>(want_probs)), 1e-6, "attention probabilities");
-    // Causal: nothing attends to a later position.
-    for (r, row) in probs_values.chunks(seq).enumerate() {
-        assert!(row[r % seq + 1..].iter().all(|&p| p == 0.0), "row {r} attends to the future");
+    let keep = keep_mask::<Flex>([batch, n_head, seq, seq], 0.3, 23);
+    for keep in [None, Some(prim(&keep))] {
+        let what = if keep.is_some() { "with dropout" } else { "without dropout" };
+        let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone());
+        let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head, keep.clone());
+        assert_close(&values(float::<3>(y)), &values(float::<3>(want_y)), 1e-5, &format!("output {what}"));
+        let probs_values = values(float::<4>(probs.clone()));
+        assert_close(&probs_values, &values(float::<4>(want_probs)), 1e-6, &format!("probabilities {what}"));
+        // Causal: nothing attends to a later position.
+        for (r, row) in probs_values.chunks(seq).enumerate() {
+            assert!(row[r % seq + 1..].iter().all(|&p| p == 0.0), "row {r} attends to the future");
+        }
+        let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), keep.clone(), prim(&grad), n_head);
+        let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, keep, prim(&grad), n_head);
+        assert_close(&values(float::<3>(fused)), &values(float::<3>(plain)), 1e-5, &format!("backward {what}"));
     }
-    let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), prim(&grad), n_head);
-    let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, prim(&grad), n_head);
-    assert_close(&values(float::<3>(fused)), &values(float::<3>(plain)), 1e-5, "attention backward");
+}
+
+#[test]
+fn attention_dropout_gradient_through_autodiff_matches_burns_ops() {
+    let (batch, seq, n_head, head_dim) = (2, 17, 3, 8);
+    let d = n_head * head_dim;
+    let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 33).require_grad();
+    let weights = random::<Ad, 3>([batch, seq, d], 1.0, 34);
+    let keep = keep_mask::<Ad>([batch, n_head, seq, seq], 0.25, 35);
+    let (fused_y, _) = Ad::causal_attention(qkv.clone().into_primitive().tensor(), n_head, Some(prim_ad(&keep)));
+    let fused_y = Tensor::<Ad, 3>::from_primitive(TensorPrimitive::Float(fused_y));
+    // The same attention from burn's ops: masked softmax, dropped, times V.
+    let heads =
+        |part: usize| qkv.clone().narrow(2, part * d, d).reshape([batch, seq, n_head, head_dim]).swap_dims(1, 2);
+    let scores = heads(0).matmul(heads(1).swap_dims(2, 3)) / (head_dim as f64).sqrt();
+    let future = Tensor::<Ad, 2, burn::tensor::Bool>::tril_mask([seq, seq], 0, &Default::default())
+        .unsqueeze::<4>()
+        .expand([batch, n_head, seq, seq]);
+    let probs = burn::tensor::activation::softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
+    let plain_y = (probs * keep).matmul(heads(2)).swap_dims(1, 2).reshape([batch, seq, d]);
+    assert_close(&values(fused_y.clone()), &values(plain_y.clone()), 1e-5, "attention output with dropout");
+    let fused = (fused_y * weights.clone()).sum().backward();
+    let plain = (plain_y * weights).sum().backward();
+    assert_close(&values(qkv.grad(&fused).unwrap()), &values(qkv.grad(&plain).unwrap()), 1e-5, "qkv gradient");
+}
+
+#[test]
+fn attention_dropout_applies_while_training_only_and_follows_the_seed() {
+    let (batch, seq, n_head, d) = (2, 12, 2, 16);
+    let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 36);
+    let run = |p: f64, seed: u64| {
+        Ad::seed(&Default::default(), seed);
+        values(pipe::model::fused::causal_attention(qkv.clone(), n_head, p))
+    };
+    assert_ne!(run(0.5, 1), run(0.0, 1), "dropout changed nothing while training");
+    assert_eq!(run(0.5, 1), run(0.5, 1), "the same seed draws the same mask");
+    assert_ne!(run(0.5, 1), run(0.5, 2), "another seed, another mask");
+    // Without autodiff (evaluation, generation) there is no dropout.
+    let inner = qkv.inner();
+    assert_eq!(
+        values(pipe::model::fused::causal_attention(inner.clone(), n_head, 0.5)),
+        values(pipe::model::fused::causal_attention(inner, n_head, 0.0))
+    );
 }
 
 #[test]
@@ -144,7 +201,7 @@ fn attention_gradient_through_autodiff_matches_burns_attention() {
     let d = n_head * head_dim;
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 31).require_grad();
     let weights = random::<Ad, 3>([batch, seq, d], 1.0, 32);
-    let fused_y = pipe::model::fused::causal_attention(qkv.clone(), n_head);
+    let fused_y = pipe::model::fused::causal_attention(qkv.clone(), n_head, 0.0);
     // burn's own attention op on the split heads, differentiated by burn's autodiff.
     let heads =
         |part: usize| qkv.clone().narrow(2, part * d, d).reshape([batch, seq, n_head, head_dim]).swap_dims(1, 2);

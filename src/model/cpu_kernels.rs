@@ -435,10 +435,12 @@ fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
 
 /// Causal self-attention per (batch, head), reading the heads straight out of the packed
 /// projections and writing the output in [batch, seq, d_model] order, so that no head
-/// split/merge copies are made. Returns the output and the attention probabilities.
-pub fn causal_attention(qkv: FlexTensor, n_head: usize) -> (FlexTensor, FlexTensor) {
+/// split/merge copies are made. With a dropout mask `keep`, the output is (P ⊙ keep)·V. Returns
+/// the output and the attention probabilities P (before dropout).
+pub fn causal_attention(qkv: FlexTensor, n_head: usize, keep: Option<FlexTensor>) -> (FlexTensor, FlexTensor) {
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
     let (d, qkv) = (three_d / 3, f32s(&qkv));
+    let keep = keep.as_ref().map(f32s);
     let head_dim = d / n_head;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut y = vec![0.0f32; batch * seq * d];
@@ -453,7 +455,8 @@ pub fn causal_attention(qkv: FlexTensor, n_head: usize) -> (FlexTensor, FlexTens
         unsafe {
             matmul([seq, seq, head_dim], Out::row_major(p.as_mut_ptr(), seq), q, k.t(), scale, false); // scores [seq, seq]
             causal_softmax_rows(p, seq);
-            let p = Mat { ptr: p.as_ptr(), row: seq as isize, col: 1 };
+            let dropped = keep.as_ref().map(|keep| times(p, &keep[bh * seq * seq..(bh + 1) * seq * seq]));
+            let p = Mat { ptr: dropped.as_deref().unwrap_or(p).as_ptr(), row: seq as isize, col: 1 };
             let y_bh = y_out.at(b * seq * d + h * head_dim);
             matmul([seq, head_dim, seq], Out::row_major(y_bh, d), p, v, 1.0, false);
             // [seq, head_dim]
@@ -480,12 +483,34 @@ fn causal_softmax_rows(scores: &mut [f32], seq: usize) {
 }
 }
 
+vectorised! {
+    /// a ⊙ b.
+    fn times(a: &[f32], b: &[f32]) -> Vec<f32> {
+        a.iter().zip(b).map(|(a, b)| a * b).collect()
+    }
+}
+
+vectorised! {
+    /// a ⊙= b.
+    fn times_in_place(a: &mut [f32], b: &[f32]) {
+        a.iter_mut().zip(b).for_each(|(a, b)| *a *= b);
+    }
+}
+
 /// The gradient of `causal_attention` with respect to the packed projections, from the saved
-/// probabilities P: dV = Pᵀ·dY, dP = dY·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = s·dS·K,
-/// dK = s·dSᵀ·Q. grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
-pub fn causal_attention_backward(qkv: FlexTensor, probs: FlexTensor, grad: FlexTensor, n_head: usize) -> FlexTensor {
+/// probabilities P and dropout mask M (1 without dropout): dV = (P⊙M)ᵀ·dY, dP = (dY·Vᵀ) ⊙ M,
+/// dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = s·dS·K, dK = s·dSᵀ·Q.
+/// grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
+pub fn causal_attention_backward(
+    qkv: FlexTensor,
+    probs: FlexTensor,
+    keep: Option<FlexTensor>,
+    grad: FlexTensor,
+    n_head: usize,
+) -> FlexTensor {
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
     let (d, qkv, probs, grad) = (three_d / 3, f32s(&qkv), f32s(&probs), f32s(&grad));
+    let keep = keep.as_ref().map(f32s);
     let head_dim = d / n_head;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut dqkv = vec![0.0f32; batch * seq * three_d];
@@ -496,7 +521,9 @@ pub fn causal_attention_backward(qkv: FlexTensor, probs: FlexTensor, grad: FlexT
         let part = |i: usize| Mat { ptr: qkv[base + i * d..].as_ptr(), row: three_d as isize, col: 1 };
         let (q, k, v) = (part(0), part(1), part(2));
         let dy = Mat { ptr: grad[b * seq * d + h * head_dim..].as_ptr(), row: d as isize, col: 1 };
-        let p_mat = Mat { ptr: p.as_ptr(), row: seq as isize, col: 1 };
+        let keep = keep.as_ref().map(|keep| &keep[bh * seq * seq..(bh + 1) * seq * seq]);
+        let dropped = keep.map(|keep| times(p, keep));
+        let p_mat = Mat { ptr: dropped.as_deref().unwrap_or(p).as_ptr(), row: seq as isize, col: 1 };
         let mut ds = vec![0.0f32; seq * seq];
         // SAFETY: all matrices lie inside their buffers; this task alone writes the head-h
         // columns of batch b in dqkv; ds is its own.
@@ -504,11 +531,14 @@ pub fn causal_attention_backward(qkv: FlexTensor, probs: FlexTensor, grad: FlexT
             let slot = |i: usize| out.at(base + i * d);
             matmul([seq, head_dim, seq], Out::row_major(slot(2), three_d), p_mat.t(), dy, 1.0, false); // dV [seq, head_dim]
             matmul([seq, seq, head_dim], Out::row_major(ds.as_mut_ptr(), seq), dy, v.t(), 1.0, false); // dP [seq, seq]
+            if let Some(keep) = keep {
+                times_in_place(&mut ds, keep);
+            }
             softmax_backward_rows(&mut ds, p, seq);
             let ds = Mat { ptr: ds.as_ptr(), row: seq as isize, col: 1 };
             matmul([seq, head_dim, seq], Out::row_major(slot(0), three_d), ds, k, scale, false); // dQ
-            matmul([seq, head_dim, seq], Out::row_major(slot(1), three_d), ds.t(), q, scale, false);
-            // dK
+            let dk = Out::row_major(slot(1), three_d);
+            matmul([seq, head_dim, seq], dk, ds.t(), q, scale, false);
         }
     });
     tensor(dqkv, Shape::new([batch, seq, three_d]))

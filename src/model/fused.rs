@@ -17,7 +17,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor, ModuleOps};
-use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, DType, Distribution, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
 
 use super::cpu_kernels;
 
@@ -103,22 +103,29 @@ pub trait FusedOps: Backend {
     }
 
     /// Causal multi-head self-attention over the packed query/key/value projections, and the
-    /// attention probabilities (kept for the backward).
-    /// qkv: [batch, seq, 3·d_model] → ([batch, seq, d_model], [batch, heads, seq, seq])
-    fn causal_attention(qkv: FloatTensor<Self>, n_head: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        composite::causal_attention::<Self>(qkv, n_head)
+    /// attention probabilities before dropout (kept for the backward). `keep` is the dropout
+    /// mask on the probabilities, already scaled (0 or 1/(1 − p)); None for no dropout.
+    /// qkv: [batch, seq, 3·d_model], keep: [batch, heads, seq, seq]
+    /// → ([batch, seq, d_model], [batch, heads, seq, seq])
+    fn causal_attention(
+        qkv: FloatTensor<Self>,
+        n_head: usize,
+        keep: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composite::causal_attention::<Self>(qkv, n_head, keep)
     }
 
     /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient.
-    /// qkv: [batch, seq, 3·d_model], probs: [batch, heads, seq, seq], grad: [batch, seq, d_model]
-    /// → [batch, seq, 3·d_model]
+    /// qkv: [batch, seq, 3·d_model], probs, keep: [batch, heads, seq, seq],
+    /// grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
     fn causal_attention_backward(
         qkv: FloatTensor<Self>,
         probs: FloatTensor<Self>,
+        keep: Option<FloatTensor<Self>>,
         grad: FloatTensor<Self>,
         n_head: usize,
     ) -> FloatTensor<Self> {
-        composite::causal_attention_backward::<Self>(qkv, probs, grad, n_head)
+        composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head)
     }
 }
 
@@ -169,10 +176,17 @@ pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, In
     Tensor::from_primitive(TensorPrimitive::Float(nll))
 }
 
-/// Causal multi-head self-attention (no cache: every query sees the keys up to its own position).
+/// Causal multi-head self-attention (no cache: every query sees the keys up to its own position),
+/// with dropout `p` on the attention probabilities while training (as GPT-2's `attn_pdrop`).
 /// qkv: [batch, seq, 3·d_model] → [batch, seq, d_model]
-pub fn causal_attention<B: FusedOps>(qkv: Tensor<B, 3>, n_head: usize) -> Tensor<B, 3> {
-    let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), n_head);
+pub fn causal_attention<B: FusedOps>(qkv: Tensor<B, 3>, n_head: usize, dropout: f64) -> Tensor<B, 3> {
+    let device = qkv.device();
+    let keep = (dropout > 0.0 && B::ad_enabled(&device)).then(|| {
+        let [batch, seq, _] = qkv.dims();
+        let keep = Tensor::<B, 4>::random([batch, n_head, seq, seq], Distribution::Bernoulli(1.0 - dropout), &device);
+        (keep / (1.0 - dropout)).into_primitive().tensor()
+    });
+    let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), n_head, keep);
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
@@ -328,21 +342,34 @@ pub mod composite {
         x.swap_dims(1, 2).reshape([batch, seq, heads * head_dim])
     }
 
-    pub fn causal_attention<B: Backend>(qkv: FloatTensor<B>, n_head: usize) -> (FloatTensor<B>, FloatTensor<B>) {
+    /// P ⊙ keep, or P without dropout. [batch, heads, seq, seq]
+    fn dropped<B: Backend>(probs: Tensor<B, 4>, keep: Option<FloatTensor<B>>) -> Tensor<B, 4> {
+        match keep {
+            Some(keep) => probs * float::<B, 4>(keep),
+            None => probs,
+        }
+    }
+
+    pub fn causal_attention<B: Backend>(
+        qkv: FloatTensor<B>,
+        n_head: usize,
+        keep: Option<FloatTensor<B>>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
         let [q, k, v] = split_heads(float::<B, 3>(qkv), n_head);
         let [_, _, seq, head_dim] = q.dims();
         let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt(); // [batch, heads, seq, seq]
                                                                              // Expanded to the scores' shape: mask_fill does not broadcast on every backend.
-        let future =
-            Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &scores.device()).unsqueeze::<4>().expand(scores.shape()); // [batch, heads, seq, seq]
+        let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &scores.device()).unsqueeze::<4>();
+        let future = future.expand(scores.shape()); // [batch, heads, seq, seq]
         let probs = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3); // [batch, heads, seq, seq]
-        let y = merge_heads(probs.clone().matmul(v)); // [batch, seq, d_model]
+        let y = merge_heads(dropped(probs.clone(), keep).matmul(v)); // [batch, seq, d_model]
         (y.into_primitive().tensor(), probs.into_primitive().tensor())
     }
 
     pub fn causal_attention_backward<B: Backend>(
         qkv: FloatTensor<B>,
         probs: FloatTensor<B>,
+        keep: Option<FloatTensor<B>>,
         grad: FloatTensor<B>,
         n_head: usize,
     ) -> FloatTensor<B> {
@@ -351,8 +378,8 @@ pub mod composite {
         let probs = float::<B, 4>(probs); // [batch, heads, seq, seq]
         let [batch, seq, d] = float::<B, 3>(grad.clone()).dims();
         let dy = float::<B, 3>(grad).reshape([batch, seq, n_head, d / n_head]).swap_dims(1, 2); // [batch, heads, seq, head_dim]
-        let dv = probs.clone().swap_dims(2, 3).matmul(dy.clone());
-        let dp = dy.matmul(v.swap_dims(2, 3)); // [batch, heads, seq, seq]
+        let dv = dropped(probs.clone(), keep.clone()).swap_dims(2, 3).matmul(dy.clone());
+        let dp = dropped(dy.matmul(v.swap_dims(2, 3)), keep); // [batch, heads, seq, seq]
         let ds = probs.clone() * (dp.clone() - (dp * probs).sum_dim(3));
         let dq = ds.clone().matmul(k) * scale;
         let dk = ds.swap_dims(2, 3).matmul(q) * scale;
@@ -470,21 +497,27 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         (nll, Self::from_inner(lse))
     }
 
-    fn causal_attention(qkv: FloatTensor<Self>, n_head: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn causal_attention(
+        qkv: FloatTensor<Self>,
+        n_head: usize,
+        keep: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         #[derive(Debug)]
         struct CausalAttention;
         impl<B: FusedOps> Backward<B, 1> for CausalAttention {
-            type State = (FloatTensor<B>, FloatTensor<B>, usize); // qkv, probabilities, heads
+            // qkv, probabilities, dropout mask, heads
+            type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>, usize);
             fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let (qkv, probs, n_head) = ops.state;
+                let (qkv, probs, keep, n_head) = ops.state;
                 unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                    B::causal_attention_backward(qkv, probs, grad, n_head)
+                    B::causal_attention_backward(qkv, probs, keep, grad, n_head)
                 });
             }
         }
-        let (y, probs) = B::causal_attention(qkv.primitive.clone(), n_head);
+        let keep = keep.map(|k| k.primitive); // a constant: no gradient flows to the mask
+        let (y, probs) = B::causal_attention(qkv.primitive.clone(), n_head, keep.clone());
         let y = match CausalAttention.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((qkv.primitive, probs.clone(), n_head), y),
+            OpsKind::Tracked(prep) => prep.finish((qkv.primitive, probs.clone(), keep, n_head), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, Self::from_inner(probs))
@@ -592,22 +625,31 @@ impl FusedOps for Flex {
         }
     }
 
-    fn causal_attention(qkv: FloatTensor<Self>, n_head: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match qkv.dtype() {
-            DType::F32 => cpu_kernels::causal_attention(qkv, n_head),
-            _ => composite::causal_attention::<Self>(qkv, n_head),
+    fn causal_attention(
+        qkv: FloatTensor<Self>,
+        n_head: usize,
+        keep: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let f32 = |t: &FloatTensor<Self>| t.dtype() == DType::F32;
+        if f32(&qkv) && keep.as_ref().is_none_or(f32) {
+            cpu_kernels::causal_attention(qkv, n_head, keep)
+        } else {
+            composite::causal_attention::<Self>(qkv, n_head, keep)
         }
     }
 
     fn causal_attention_backward(
         qkv: FloatTensor<Self>,
         probs: FloatTensor<Self>,
+        keep: Option<FloatTensor<Self>>,
         grad: FloatTensor<Self>,
         n_head: usize,
     ) -> FloatTensor<Self> {
-        match (qkv.dtype(), probs.dtype(), grad.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => cpu_kernels::causal_attention_backward(qkv, probs, grad, n_head),
-            _ => composite::causal_attention_backward::<Self>(qkv, probs, grad, n_head),
+        let f32 = |t: &FloatTensor<Self>| t.dtype() == DType::F32;
+        if f32(&qkv) && f32(&probs) && f32(&grad) && keep.as_ref().is_none_or(f32) {
+            cpu_kernels::causal_attention_backward(qkv, probs, keep, grad, n_head)
+        } else {
+            composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head)
         }
     }
 }

@@ -256,7 +256,8 @@ impl<B: FusedOps> Gpt2<B> {
 impl<B: FusedOps> Block<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
-        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, precision);
+        // The attention probabilities drop with the block's probability, as GPT-2's attn_pdrop.
+        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, precision, self.dropout.prob);
         let x = x + self.dropout.forward(attn);
         let mlp = self.mlp.forward(self.ln_2.forward(x.clone()), precision);
         x + self.dropout.forward(mlp)
@@ -264,13 +265,21 @@ impl<B: FusedOps> Block<B> {
 }
 
 impl<B: FusedOps> Attention<B> {
-    /// Causal multi-head self-attention. x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
+    /// Causal multi-head self-attention, with `dropout` on its probabilities while training.
+    /// x: [batch, seq, d_model] → [batch, seq, d_model]
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<&mut KvSlot<B>>,
+        precision: Precision,
+        dropout: f64,
+    ) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
         let qkv = precision.layer(&self.c_attn, x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
         let y = match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
-            None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head), // [batch, seq, d_model]
+            // (Generation, below, runs without autodiff, so without dropout.)
+            None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, dropout), // [batch, seq, d_model]
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
         };
         precision.layer(&self.c_proj, y.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])
