@@ -360,7 +360,7 @@ pub fn linear(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> Fl
     let d_out = weight.layout().shape().dims::<2>()[1];
     let x = f32s(&x);
     let x_mat = Mat { ptr: x.as_ptr(), row: d_in as isize, col: 1 };
-    let bias = bias.map(|b| f32s(&b).into_owned());
+    let bias = bias.as_ref().map(f32s);
     let y = filled(rows * d_out, |ptr| {
         if let Some(bias) = &bias {
             for r in 0..rows {

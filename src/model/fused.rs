@@ -524,6 +524,11 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     }
 }
 
+/// The CPU kernels are written for f32; other dtypes (bf16 products) take the composite path.
+fn all_f32<'a>(tensors: impl IntoIterator<Item = &'a FloatTensor<Flex>>) -> bool {
+    tensors.into_iter().all(|t| t.dtype() == DType::F32)
+}
+
 impl FusedOps for Flex {
     fn fused_layer_norm(
         x: FloatTensor<Self>,
@@ -531,7 +536,7 @@ impl FusedOps for Flex {
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if [&x, &gamma, &beta].iter().all(|t| t.dtype() == DType::F32) {
+        if all_f32([&x, &gamma, &beta]) {
             cpu_kernels::layer_norm(x, gamma, beta, epsilon)
         } else {
             composite::layer_norm::<Self>(x, gamma, beta, epsilon)
@@ -545,7 +550,7 @@ impl FusedOps for Flex {
         rstd: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if [&x, &gamma, &mean, &rstd, &grad].iter().all(|t| t.dtype() == DType::F32) {
+        if all_f32([&x, &gamma, &mean, &rstd, &grad]) {
             cpu_kernels::layer_norm_backward(x, gamma, mean, rstd, grad)
         } else {
             composite::layer_norm_backward::<Self>(x, gamma, mean, rstd, grad)
@@ -558,8 +563,7 @@ impl FusedOps for Flex {
         moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         update: AdamUpdate,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let f32 = |t: &FloatTensor<Self>| t.dtype() == DType::F32;
-        if f32(&param) && f32(&grad) && moments.as_ref().is_none_or(|(m, v)| f32(m) && f32(v)) {
+        if all_f32([&param, &grad].into_iter().chain(moments.iter().flat_map(|(m, v)| [m, v]))) {
             cpu_kernels::adam_step(param, grad, moments, update)
         } else {
             composite::adam_step::<Self>(param, grad, moments, update)
@@ -571,8 +575,7 @@ impl FusedOps for Flex {
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        let f32 = |t: &FloatTensor<Self>| t.dtype() == DType::F32;
-        if f32(&x) && f32(&weight) && bias.as_ref().is_none_or(f32) {
+        if all_f32([&x, &weight].into_iter().chain(&bias)) {
             cpu_kernels::linear(x, weight, bias)
         } else {
             composite::linear::<Self>(x, weight, bias)
@@ -585,7 +588,7 @@ impl FusedOps for Flex {
         grad: FloatTensor<Self>,
         with_bias: bool,
     ) -> LinearGrads<Self> {
-        if [&x, &weight, &grad].iter().all(|t| t.dtype() == DType::F32) {
+        if all_f32([&x, &weight, &grad]) {
             cpu_kernels::linear_backward(x, weight, grad, with_bias)
         } else {
             composite::linear_backward::<Self>(x, weight, grad, with_bias)
@@ -593,23 +596,26 @@ impl FusedOps for Flex {
     }
 
     fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match x.dtype() {
-            DType::F32 => cpu_kernels::gelu_new(x),
-            _ => composite::gelu_new::<Self>(x),
+        if all_f32([&x]) {
+            cpu_kernels::gelu_new(x)
+        } else {
+            composite::gelu_new::<Self>(x)
         }
     }
 
     fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        match (x.dtype(), grad.dtype()) {
-            (DType::F32, DType::F32) => cpu_kernels::gelu_new_backward(x, grad),
-            _ => composite::gelu_new_backward::<Self>(x, grad),
+        if all_f32([&x, &grad]) {
+            cpu_kernels::gelu_new_backward(x, grad)
+        } else {
+            composite::gelu_new_backward::<Self>(x, grad)
         }
     }
 
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match logits.dtype() {
-            DType::F32 => cpu_kernels::cross_entropy(logits, targets),
-            _ => composite::cross_entropy::<Self>(logits, targets),
+        if all_f32([&logits]) {
+            cpu_kernels::cross_entropy(logits, targets)
+        } else {
+            composite::cross_entropy::<Self>(logits, targets)
         }
     }
 
@@ -619,9 +625,10 @@ impl FusedOps for Flex {
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        match (logits.dtype(), lse.dtype(), grad.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => cpu_kernels::cross_entropy_backward(logits, targets, lse, grad),
-            _ => composite::cross_entropy_backward::<Self>(logits, targets, lse, grad),
+        if all_f32([&logits, &lse, &grad]) {
+            cpu_kernels::cross_entropy_backward(logits, targets, lse, grad)
+        } else {
+            composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
         }
     }
 
@@ -630,8 +637,7 @@ impl FusedOps for Flex {
         n_head: usize,
         keep: Option<FloatTensor<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let f32 = |t: &FloatTensor<Self>| t.dtype() == DType::F32;
-        if f32(&qkv) && keep.as_ref().is_none_or(f32) {
+        if all_f32([&qkv].into_iter().chain(&keep)) {
             cpu_kernels::causal_attention(qkv, n_head, keep)
         } else {
             composite::causal_attention::<Self>(qkv, n_head, keep)
@@ -645,8 +651,7 @@ impl FusedOps for Flex {
         grad: FloatTensor<Self>,
         n_head: usize,
     ) -> FloatTensor<Self> {
-        let f32 = |t: &FloatTensor<Self>| t.dtype() == DType::F32;
-        if f32(&qkv) && f32(&probs) && f32(&grad) && keep.as_ref().is_none_or(f32) {
+        if all_f32([&qkv, &probs, &grad].into_iter().chain(&keep)) {
             cpu_kernels::causal_attention_backward(qkv, probs, keep, grad, n_head)
         } else {
             composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head)
