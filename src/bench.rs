@@ -17,7 +17,7 @@ use crate::backend::BackendJob;
 use crate::data::Sequence;
 use crate::generate::{Generator, Sampling};
 use crate::model::gpt2::Precision;
-use crate::model::{Gpt2, Gpt2Config};
+use crate::model::{CausalLm, Gpt2, Gpt2Config};
 use crate::spec::{OptimizerKind, OptimizerSpec};
 use crate::train::Trainer;
 
@@ -52,16 +52,8 @@ pub struct BenchShape {
     #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
     /// f32, or bf16 (linear layers multiply in bf16, f32 master weights; as run.precision).
-    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
-}
-
-fn parse_precision(name: &str) -> Result<Precision, String> {
-    match name {
-        "f32" => Ok(Precision::F32),
-        "bf16" => Ok(Precision::Bf16),
-        _ => Err("expected f32 or bf16".into()),
-    }
 }
 
 impl BenchShape {
@@ -81,8 +73,8 @@ impl BackendJob for Bench {
         let shape = self.0;
         B::seed(&device, 0);
         let config = Gpt2Config::new(shape.vocab, shape.seq.max(1024), shape.embd, shape.layers, shape.heads);
-        let params = config.num_params();
         let mut model = Gpt2 { precision: shape.precision, ..config.init::<B>(&device) };
+        let params = model.num_params();
         let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-4, weight_decay: 0.01, ..Default::default() };
         let mut trainer = Trainer::<B>::new(&opt, 0, &device);
         let mut rng = StdRng::seed_from_u64(0);

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::data::{apply_template, Tok};
 use crate::generate::{Generator, Sampling};
-use crate::model::{FusedOps, Gpt2};
+use crate::model::{CausalLm, FusedOps};
 
 pub struct ChatSettings {
     pub template: String,
@@ -18,15 +18,15 @@ pub struct ChatSettings {
 }
 
 /// Converse over `input` until EOF or `/exit`, writing replies to `output`.
-pub fn chat<B: FusedOps>(
-    model: &Gpt2<B>,
+pub fn chat<B: FusedOps, M: CausalLm<B>>(
+    model: &M,
     tok: &Tok,
     settings: &ChatSettings,
     device: &B::Device,
     input: impl BufRead,
     mut output: impl Write,
 ) -> Result<()> {
-    let context = model.n_positions();
+    let context = model.context();
     let mut generator = Generator::new(model, device, settings.seed);
     // Each finished turn: the laid-out user line, the reply and EOS, as token ids.
     let mut history: Vec<Vec<u32>> = Vec::new();

@@ -3,19 +3,17 @@
 //! training stood. A checkpoint is written into `.step-000040.partial/` and renamed into
 //! place, so a crash mid-write never leaves one that looks complete.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::Backend;
-
-use crate::model::TrainBackend;
-use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Tok;
-use crate::model::{hf, Gpt2, Gpt2Config};
+use crate::error::bad_input;
+use crate::model::{params, CausalLm, FusedOps, TrainBackend, TrainableLm};
 
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 const STATE_FILE: &str = "trainer.json";
@@ -36,8 +34,16 @@ pub struct Progress {
 #[derive(Serialize, Deserialize)]
 struct TrainerState {
     progress: Progress,
-    /// The model's parameter ids in visiting order; the optimizer state is keyed by them.
-    param_ids: Vec<u64>,
+    /// The id of each parameter by name; the optimizer state is keyed by these ids.
+    param_ids: ParamIds,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum ParamIds {
+    ByName(BTreeMap<String, u64>),
+    /// Checkpoints written before parameters were named: ids in the model's visiting order.
+    InVisitingOrder(Vec<u64>),
 }
 
 fn step_dir_name(step: usize) -> String {
@@ -45,10 +51,9 @@ fn step_dir_name(step: usize) -> String {
 }
 
 /// Write a checkpoint of `model` and the optimizer record, keeping the newest `keep`.
-pub fn save<B: TrainBackend, R: burn::record::Record<B>>(
+pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
     run: &Path,
-    model: &Gpt2<B>,
-    config: &Gpt2Config,
+    model: &M,
     tok: &Tok,
     optimizer: R,
     progress: Progress,
@@ -61,14 +66,16 @@ pub fn save<B: TrainBackend, R: burn::record::Record<B>>(
     if partial.exists() {
         std::fs::remove_dir_all(&partial)?;
     }
-    hf::save(&model.valid(), config, Some(tok.eos_id as usize), &partial)?;
-    tok.save(&partial.join(hf::TOKENIZER_FILE))?;
+    model.valid().save(&partial, Some(tok.eos_id as usize))?;
+    tok.save(&partial.join(crate::model::hf::TOKENIZER_FILE))?;
     BinFileRecorder::<FullPrecisionSettings>::new()
         .record(optimizer, partial.join(OPTIMIZER_FILE))
         .map_err(|e| anyhow::anyhow!("cannot write the optimizer state: {e}"))?;
-    let state = TrainerState { progress, param_ids: param_ids(model) };
+    let ids = params::ids(model).into_iter().map(|(name, id)| (name, id.val())).collect();
+    let state = TrainerState { progress, param_ids: ParamIds::ByName(ids) };
     crate::run_dir::write_atomic(&partial.join(STATE_FILE), serde_json::to_string(&state)?.as_bytes())?;
-    fault_injection_point(progress.step);
+    #[cfg(feature = "fault-injection")]
+    kill_if_asked(progress.step);
     let done = root.join(&name);
     if done.exists() {
         std::fs::remove_dir_all(&done)?;
@@ -81,8 +88,10 @@ pub fn save<B: TrainBackend, R: burn::record::Record<B>>(
     Ok(done)
 }
 
-/// Tests kill pipe (SIGKILL) in the middle of writing a checkpoint by naming its step here.
-fn fault_injection_point(step: usize) {
+/// Tests kill pipe (SIGKILL) in the middle of writing a checkpoint by naming its step in
+/// `PIPEFAULT_KILL_IN_CHECKPOINT`; only builds with the `fault-injection` feature listen.
+#[cfg(feature = "fault-injection")]
+fn kill_if_asked(step: usize) {
     if std::env::var("PIPEFAULT_KILL_IN_CHECKPOINT").is_ok_and(|s| s == step.to_string()) {
         #[cfg(unix)]
         // SAFETY: sending SIGKILL to this very process, as an outside `kill -9` would.
@@ -108,28 +117,45 @@ pub fn list(run: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// A checkpoint's model (with its original parameter ids) and where training stood; the
-/// optimizer record is read by [`load_optimizer`].
-pub struct Restored<B: TrainBackend> {
-    pub model: Gpt2<B>,
-    pub progress: Progress,
+/// A checkpoint's model, with the parameter ids its optimizer state is keyed by, and where
+/// training stood; the optimizer record is read by [`load_optimizer`].
+pub fn load<B: FusedOps, M: CausalLm<B>>(
+    dir: &Path,
+    dropout: Option<f64>,
+    device: &B::Device,
+) -> Result<(M, Progress)> {
+    let state = read_state(dir)?;
+    let model = M::load(dir, dropout, device)?;
+    let ids = match state.param_ids {
+        ParamIds::ByName(ids) => ids,
+        ParamIds::InVisitingOrder(ids) => {
+            let names = params::ids(&model).into_iter().map(|(name, _)| name);
+            let count = names.len();
+            if count != ids.len() {
+                return Err(bad_input(format!(
+                    "{}: lists {} parameter ids, the model has {count} parameters",
+                    dir.join(STATE_FILE).display(),
+                    ids.len()
+                )));
+            }
+            names.zip(ids).collect()
+        }
+    };
+    let model = params::set_ids(model, &ids).map_err(|why| {
+        bad_input(format!("{}: does not match the checkpoint's model: {why}", dir.join(STATE_FILE).display()))
+    })?;
+    Ok((model, state.progress))
 }
 
-pub fn load<B: TrainBackend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Restored<B>> {
-    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE))?)
-        .with_context(|| format!("{}: unreadable trainer state", dir.display()))?;
-    let (_, model) = hf::load::<B>(dir, dropout, device)?;
-    let model = model.map(&mut SetIds { ids: state.param_ids.into_iter() });
-    Ok(Restored { model, progress: state.progress })
+fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: no trainer state", dir.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: unreadable trainer state", path.display()))
 }
 
 /// Where training stood when a checkpoint was taken.
 pub fn progress(dir: &Path) -> Result<Progress> {
-    let text = std::fs::read_to_string(dir.join(STATE_FILE))
-        .with_context(|| format!("{}: no trainer state", dir.display()))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).with_context(|| format!("{}: unreadable trainer state", dir.display()))?;
-    Ok(state.progress)
+    Ok(read_state(dir)?.progress)
 }
 
 /// The optimizer record saved in a checkpoint.
@@ -142,29 +168,4 @@ pub fn load_optimizer<B: Backend, R: burn::record::Record<B>>(dir: &Path, device
             dir.canonicalize().as_deref().unwrap_or(dir).display()
         )
     })
-}
-
-fn param_ids<B: Backend>(model: &Gpt2<B>) -> Vec<u64> {
-    struct Ids(Vec<u64>);
-    impl<B: Backend> ModuleVisitor<B> for Ids {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0.push(param.id.val());
-        }
-    }
-    let mut ids = Ids(Vec::new());
-    model.visit(&mut ids);
-    ids.0
-}
-
-/// Give a freshly loaded model the parameter ids it had when saved.
-struct SetIds {
-    ids: std::vec::IntoIter<u64>,
-}
-
-impl<B: Backend> ModuleMapper<B> for SetIds {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (_, tensor, mapper) = param.consume();
-        let id = ParamId::from(self.ids.next().expect("a checkpoint lists every parameter"));
-        Param::from_mapped_value(id, tensor, mapper)
-    }
 }

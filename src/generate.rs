@@ -5,7 +5,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{FusedOps, Gpt2, KvCache};
+use crate::model::{CausalLm, FusedOps};
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,14 +23,14 @@ impl Sampling {
 }
 
 /// A generator over one model, with its own seeded random stream.
-pub struct Generator<'a, B: FusedOps> {
-    model: &'a Gpt2<B>,
+pub struct Generator<'a, B: FusedOps, M: CausalLm<B>> {
+    model: &'a M,
     device: B::Device,
     rng: StdRng,
 }
 
-impl<'a, B: FusedOps> Generator<'a, B> {
-    pub fn new(model: &'a Gpt2<B>, device: &B::Device, seed: u64) -> Self {
+impl<'a, B: FusedOps, M: CausalLm<B>> Generator<'a, B, M> {
+    pub fn new(model: &'a M, device: &B::Device, seed: u64) -> Self {
         Self { model, device: device.clone(), rng: StdRng::seed_from_u64(seed) }
     }
 
@@ -44,22 +44,19 @@ impl<'a, B: FusedOps> Generator<'a, B> {
         eos: Option<u32>,
         mut on_token: impl FnMut(u32),
     ) -> Vec<u32> {
-        let context = self.model.n_positions();
-        let mut cache = KvCache::new(self.model.blocks.len());
+        let context = self.model.context();
+        let mut cache = self.model.new_cache();
         let mut out = Vec::new();
         if prompt.is_empty() || prompt.len() >= context {
             return out;
         }
         let mut feed: Vec<u32> = prompt.to_vec();
-        while out.len() < max_new_tokens && cache.len() + feed.len() <= context {
+        while out.len() < max_new_tokens && M::cached(&cache) + feed.len() <= context {
             let tokens = Tensor::<B, 2, Int>::from_data(
                 TensorData::new(feed.iter().map(|&t| t as i32).collect(), [1, feed.len()]),
                 &self.device,
             );
-            let hidden = self.model.hidden(tokens, Some(&mut cache)); // [1, fed, d_model]
-            let [_, fed, d_model] = hidden.dims();
-            let last = hidden.slice([0..1, fed - 1..fed]).reshape([1, d_model]); // [1, d_model]
-            let logits = self.model.lm_head(last); // [1, vocab]
+            let logits = self.model.next_logits(tokens, &mut cache); // [1, vocab]
             let logits: Vec<f32> = logits.into_data().to_vec().expect("f32 logits");
             let next = sample(&logits, sampling, &mut self.rng);
             on_token(next);
@@ -78,7 +75,20 @@ pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut impl Rng) -> u32 {
     if sampling.temperature == 0.0 {
         return argmax(logits);
     }
-    // Candidates sorted by logit, most likely first; ties keep the lower id first.
+    let candidates = distribution(logits, sampling);
+    let mut draw: f64 = rng.random();
+    for &(id, p) in &candidates {
+        if draw < p {
+            return id;
+        }
+        draw -= p;
+    }
+    candidates[candidates.len() - 1].0
+}
+
+/// The distribution `sample` draws from at a temperature above 0: (token id, probability)
+/// after temperature, top-k and top-p, most likely first (ties: lower id first), summing to 1.
+pub fn distribution(logits: &[f32], sampling: Sampling) -> Vec<(u32, f64)> {
     let mut candidates: Vec<(u32, f64)> =
         logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64 / sampling.temperature)).collect();
     candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -104,14 +114,7 @@ pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut impl Rng) -> u32 {
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
-    let mut draw: f64 = rng.random();
-    for (i, p) in probs.iter().enumerate() {
-        if draw < *p {
-            return candidates[i].0;
-        }
-        draw -= p;
-    }
-    candidates[probs.len() - 1].0
+    candidates.into_iter().zip(probs).map(|((id, _), p)| (id, p)).collect()
 }
 
 /// The index of the largest logit (the first, on ties, as `torch.argmax`).

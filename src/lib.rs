@@ -1,6 +1,8 @@
 //! pipe: declarative supervised fine-tuning pipelines for GPT-2-style models, on burn.
 //!
-//! Data flows one way: spec → prepared inputs → stages → run folder.
+//! Data flows one way: spec → prepared inputs → stages → run folder. The seams: a model family
+//! implements `model::CausalLm`; a training objective implements `objective::Objective`; a
+//! stage is a file in `stages/`.
 
 pub mod adam;
 pub mod backend;
@@ -11,9 +13,11 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod objective;
 pub mod pipeline;
 pub mod run_dir;
 pub mod runs;
 pub mod score;
 pub mod spec;
+pub mod stages;
 pub mod train;

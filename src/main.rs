@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use pipe::data::Tok;
 use pipe::error::{bad_input, is_bad_input, is_interrupted};
 use pipe::generate::{Generator, Sampling};
-use pipe::model::{hf, Gpt2};
+use pipe::model::{hf, CausalLm, Gpt2};
 use pipe::spec::{BackendKind, GenerateSpec, Spec};
 use pipe::{backend, chat, pipeline, runs, score, spec};
 
@@ -47,6 +47,8 @@ enum Command {
     Resume {
         /// The run folder (runs/<name>/<run-id>), `name` (its latest run) or `name@id`.
         run: PathBuf,
+        #[command(flatten)]
+        runs: RunsDirArg,
     },
     /// Validate a spec and print every resolved value with where it came from.
     Check {
@@ -95,6 +97,8 @@ enum Command {
     Generate {
         /// A run folder (its final model) or a HuggingFace GPT-2 directory.
         model: PathBuf,
+        #[command(flatten)]
+        runs: RunsDirArg,
         #[arg(long)]
         prompt: String,
         #[command(flatten)]
@@ -107,6 +111,8 @@ enum Command {
     Score {
         /// A run folder (its final model) or a HuggingFace GPT-2 directory.
         model: PathBuf,
+        #[command(flatten)]
+        runs: RunsDirArg,
         /// A text to score (repeatable).
         #[arg(long, required_unless_present = "file")]
         text: Vec<String>,
@@ -120,6 +126,8 @@ enum Command {
     Chat {
         /// A run folder (its final model) or a HuggingFace GPT-2 directory.
         model: PathBuf,
+        #[command(flatten)]
+        runs: RunsDirArg,
         /// The prompt template [default: the run's data.prompt_template, else "{prompt}\n"].
         #[arg(long)]
         template: Option<String>,
@@ -131,8 +139,8 @@ enum Command {
     Bench {
         #[command(flatten)]
         shape: pipe::bench::BenchShape,
-        /// cpu or cuda.
-        #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+        /// Where to run it.
+        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
         backend: BackendKind,
         /// GPU index.
         #[arg(long, default_value_t = 0)]
@@ -140,8 +148,10 @@ enum Command {
     },
     /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads.
     Export {
-        /// A run folder.
+        /// A run folder, `name` (its latest run) or `name@id`.
         run: PathBuf,
+        #[command(flatten)]
+        runs: RunsDirArg,
         /// The new directory (must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
@@ -149,6 +159,14 @@ enum Command {
         #[arg(long)]
         checkpoint: Option<String>,
     },
+}
+
+/// Where runs named by `name` or `name@id` are looked up.
+#[derive(clap::Args)]
+struct RunsDirArg {
+    /// The runs folder names are looked up in.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
 }
 
 /// Sampling flags; unset ones default to the run's generate stage, else to plain sampling.
@@ -222,8 +240,12 @@ fn main() -> ExitCode {
 type Cpu = burn::backend::Flex;
 
 /// A model from a run folder or HF directory, on the CPU, with its tokenizer and run spec.
-fn load_model(path: &Path, checkpoint: Option<&str>) -> anyhow::Result<(Gpt2<Cpu>, Tok, Option<Spec>)> {
-    let source = runs::model_source(path, checkpoint)?;
+fn load_model(
+    runs: &RunsDirArg,
+    path: &Path,
+    checkpoint: Option<&str>,
+) -> anyhow::Result<(Gpt2<Cpu>, Tok, Option<Spec>)> {
+    let source = runs::model_source(&runs.runs_dir, path, checkpoint)?;
     let (_, model) = hf::load::<Cpu>(&source.dir, None, &Default::default())?;
     let tok = Tok::load(&source.dir.join(hf::TOKENIZER_FILE))?;
     Ok((model, tok, source.spec))
@@ -239,21 +261,12 @@ fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Run { spec, sets, resume: Some(run) } => {
             let loaded = spec::load(&spec, &sets)?;
-            let run = runs::resolve(Path::new("runs"), &run.to_string_lossy())?;
-            let saved = std::fs::read_to_string(run.join("spec.toml")).unwrap_or_default();
-            if saved != loaded.to_toml() {
-                return Err(bad_input(format!(
-                    "{} resolves differently from the spec {} was started with; continue it as it was with: pipe resume {}",
-                    spec.display(),
-                    run.display(),
-                    run.display()
-                )));
-            }
-            report_resume(pipeline::resume(&run)?);
+            let run = runs::resolve(&loaded.spec.run.runs_dir, &run.to_string_lossy())?;
+            report_resume(pipeline::resume(&run, Some(&loaded))?);
         }
-        Command::Resume { run } => {
-            let run = runs::resolve(Path::new("runs"), &run.to_string_lossy())?;
-            report_resume(pipeline::resume(&run)?);
+        Command::Resume { run, runs } => {
+            let run = runs::resolve(&runs.runs_dir, &run.to_string_lossy())?;
+            report_resume(pipeline::resume(&run, None)?);
         }
         Command::Check { spec, sets } => {
             let loaded = spec::load(&spec, &sets)?;
@@ -266,7 +279,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Data { spec, sets, n } => {
             let loaded = spec::load(&spec, &sets)?;
-            let data = pipeline::PreparedData::prepare(&loaded.spec, None)?;
+            let data = pipe::data::PreparedData::prepare(&loaded.spec, None)?;
             for (i, sequence) in data.train.iter().take(n).enumerate() {
                 println!("--- example {} ({} tokens, {} trained)", i + 1, sequence.ids.len(), sequence.loss_tokens());
                 println!("{}", pipe::data::render::show(sequence, &data.tok)?);
@@ -300,16 +313,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("\nplot: {}", svg.display());
             }
         }
-        Command::Generate { model, prompt, sampling, json } => {
-            let (model, tok, spec) = load_model(&model, sampling.checkpoint.as_deref())?;
+        Command::Generate { model, runs, prompt, sampling, json } => {
+            let (model, tok, spec) = load_model(&runs, &model, sampling.checkpoint.as_deref())?;
             let defaults = spec.map(|s| s.generate).unwrap_or_default();
             let (settings, max_new_tokens, seed) = sampling.resolve(&defaults)?;
             let ids = tok.encode(&prompt)?;
-            if ids.is_empty() || ids.len() >= model.n_positions() {
+            if ids.is_empty() || ids.len() >= model.context() {
                 return Err(bad_input(format!(
                     "--prompt is {} tokens; it must be 1 to {} for this model's context",
                     ids.len(),
-                    model.n_positions() - 1
+                    model.context() - 1
                 )));
             }
             let mut generator = Generator::new(&model, &device, seed);
@@ -323,8 +336,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("{prompt}{text}");
             }
         }
-        Command::Score { model, text, file, json } => {
-            let (model, tok, _) = load_model(&model, None)?;
+        Command::Score { model, runs, text, file, json } => {
+            let (model, tok, _) = load_model(&runs, &model, None)?;
             let mut texts = text;
             if let Some(file) = file {
                 texts.extend(score::read_texts(&file)?);
@@ -336,8 +349,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 print!("{}", score::render(&tok, &scores, &overall)?);
             }
         }
-        Command::Chat { model, template, sampling } => {
-            let (model, tok, spec) = load_model(&model, sampling.checkpoint.as_deref())?;
+        Command::Chat { model, runs, template, sampling } => {
+            let (model, tok, spec) = load_model(&runs, &model, sampling.checkpoint.as_deref())?;
             let template = template
                 .or_else(|| spec.as_ref().map(|s| pipe::data::prompt_layout(&s.data)))
                 .unwrap_or_else(|| "{prompt}\n".to_string());
@@ -357,8 +370,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let result = backend::dispatch(kind, device, pipe::bench::Bench(shape))?;
             println!("{result}");
         }
-        Command::Export { run, out, checkpoint } => {
-            let source = runs::model_source(&run, checkpoint.as_deref())?;
+        Command::Export { run, runs, out, checkpoint } => {
+            let source = runs::model_source(&runs.runs_dir, &run, checkpoint.as_deref())?;
             hf::export(&source.dir, &out)?;
             println!("exported {} to {}", source.dir.display(), out.display());
         }
@@ -386,14 +399,6 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
-    }
-}
-
-fn parse_backend(name: &str) -> Result<BackendKind, String> {
-    match name {
-        "cpu" => Ok(BackendKind::Cpu),
-        "cuda" => Ok(BackendKind::Cuda),
-        _ => Err("expected cpu or cuda".into()),
     }
 }
 

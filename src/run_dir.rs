@@ -17,6 +17,8 @@ pub const META_FILE: &str = "meta.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SAMPLES_FILE: &str = "samples.jsonl";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The eval stage's figures.
+pub const EVAL_FILE: &str = "eval.json";
 /// The final model, as a HuggingFace GPT-2 directory.
 pub const FINAL_DIR: &str = "final";
 
@@ -68,6 +70,103 @@ pub struct Meta {
     pub resumed: Vec<String>,
 }
 
+impl Meta {
+    /// A run folder's `meta.json`: every reader of run folders goes through this.
+    pub fn read(run: &Path) -> Result<Self> {
+        let path = run.join(META_FILE);
+        let text = fs::read_to_string(&path)
+            .map_err(|e| bad_input(format!("{}: not a run folder (no readable {META_FILE}: {e})", run.display())))?;
+        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not a pipe meta.json: {e}", path.display())))
+    }
+}
+
+/// One line of `metrics.jsonl`. Readers tell the kinds apart by their fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MetricRecord {
+    Eval(EvalRecord),
+    Step(StepRecord),
+    Epoch(EpochRecord),
+}
+
+/// One optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub epoch: usize,
+    /// Mean loss over the step's trained tokens, before the update.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real input tokens.
+    pub tokens: usize,
+    /// Input positions that were padding.
+    pub padded_tokens: usize,
+    pub tokens_per_s: f64,
+    /// Seconds since training started (or resumed).
+    pub elapsed_s: f64,
+}
+
+/// The validation loss at the end of an epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub step: usize,
+    pub epoch: usize,
+    pub val_loss: f64,
+    pub val_ppl: f64,
+}
+
+/// The eval stage's figures (also written as `eval.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Which evaluation: `final`, the eval stage after training.
+    pub eval: String,
+    /// Optimizer steps the evaluated model was trained for.
+    pub step: usize,
+    pub val_loss: f64,
+    pub val_ppl: f64,
+    pub val_tokens: usize,
+    pub val_examples: usize,
+}
+
+impl MetricRecord {
+    /// The optimizer step the record was taken at.
+    pub fn step(&self) -> usize {
+        match self {
+            Self::Eval(r) => r.step,
+            Self::Step(r) => r.step,
+            Self::Epoch(r) => r.step,
+        }
+    }
+
+    /// The validation loss, for evaluations.
+    pub fn val_loss(&self) -> Option<f64> {
+        match self {
+            Self::Eval(r) => Some(r.val_loss),
+            Self::Epoch(r) => Some(r.val_loss),
+            Self::Step(_) => None,
+        }
+    }
+}
+
+/// One line of `samples.jsonl`: a generate-stage sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    pub prompt: String,
+    pub completion: String,
+    pub ids: Vec<u32>,
+    pub stopped_at_eos: bool,
+}
+
+/// A run's metric records, in order; lines that are not records (a line cut by a crash) are
+/// skipped. A run with no metrics file has none.
+pub fn read_metrics(run: &Path) -> Vec<MetricRecord> {
+    fs::read_to_string(run.join(METRICS_FILE))
+        .map(|text| text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect())
+        .unwrap_or_default()
+}
+
 /// An open run folder.
 pub struct RunDir {
     pub path: PathBuf,
@@ -111,12 +210,7 @@ impl RunDir {
 
     /// An existing run folder.
     pub fn open(path: &Path) -> Result<Self> {
-        let meta_path = path.join(META_FILE);
-        let text = fs::read_to_string(&meta_path)
-            .map_err(|e| bad_input(format!("{}: not a run folder: {e}", path.display())))?;
-        let meta = serde_json::from_str(&text)
-            .map_err(|e| bad_input(format!("{}: not a pipe meta.json: {e}", meta_path.display())))?;
-        Ok(Self { path: path.to_path_buf(), meta })
+        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)? })
     }
 
     /// Make the folder ready to continue from optimizer step `step`: metrics after that step
@@ -124,24 +218,22 @@ impl RunDir {
     /// status is `running` again.
     pub fn restart(&mut self, step: usize) -> Result<()> {
         let metrics = self.file(METRICS_FILE);
-        if let Ok(text) = fs::read_to_string(&metrics) {
-            let kept: String = text
-                .lines()
-                .filter(|line| {
-                    let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else { return false };
-                    let at = record["step"].as_u64().unwrap_or(0) as usize;
-                    // Step records up to the checkpoint stay; evaluations at its step came after it.
-                    if record.get("loss").is_some() {
-                        at <= step
-                    } else {
-                        at < step
-                    }
-                })
-                .map(|line| format!("{line}\n"))
-                .collect();
+        if metrics.exists() {
+            let mut kept = String::new();
+            for record in read_metrics(&self.path) {
+                // Step records up to the checkpoint stay; evaluations at its step came after it.
+                let stays = match &record {
+                    MetricRecord::Step(r) => r.step <= step,
+                    other => other.step() < step,
+                };
+                if stays {
+                    kept += &serde_json::to_string(&record)?;
+                    kept.push('\n');
+                }
+            }
             write_atomic(&metrics, kept.as_bytes())?;
         }
-        for later in [SAMPLES_FILE, "eval.json"] {
+        for later in [SAMPLES_FILE, EVAL_FILE] {
             let _ = fs::remove_file(self.file(later));
         }
         self.meta.status = Status::Running;
@@ -167,14 +259,14 @@ impl RunDir {
         self.write_meta()
     }
 
-    /// Append one JSON record to `metrics.jsonl`.
-    pub fn log_metrics(&self, record: &serde_json::Value) -> Result<()> {
-        append_line(&self.file(METRICS_FILE), &record.to_string())
+    /// Append one record to `metrics.jsonl`.
+    pub fn log_metrics(&self, record: &MetricRecord) -> Result<()> {
+        append_line(&self.file(METRICS_FILE), &serde_json::to_string(record)?)
     }
 
-    /// Append one JSON record to `samples.jsonl`.
-    pub fn log_sample(&self, record: &serde_json::Value) -> Result<()> {
-        append_line(&self.file(SAMPLES_FILE), &record.to_string())
+    /// Append one sample to `samples.jsonl`.
+    pub fn log_sample(&self, record: &SampleRecord) -> Result<()> {
+        append_line(&self.file(SAMPLES_FILE), &serde_json::to_string(record)?)
     }
 }
 

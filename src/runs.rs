@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::error::bad_input;
 use crate::model::hf;
-use crate::run_dir::{self, Meta};
+use crate::run_dir::{self, Meta, MetricRecord};
 use crate::spec::Spec;
 
 /// One run folder, read back.
@@ -29,22 +29,15 @@ pub struct Run {
 
 impl Run {
     pub fn read(path: &Path) -> Result<Self> {
-        let meta_path = path.join(run_dir::META_FILE);
-        let text = std::fs::read_to_string(&meta_path)
-            .map_err(|_| bad_input(format!("{}: not a run folder (no {})", path.display(), run_dir::META_FILE)))?;
-        let meta: Meta = serde_json::from_str(&text)
-            .map_err(|e| bad_input(format!("{}: not a pipe meta.json: {e}", meta_path.display())))?;
+        let meta = Meta::read(path)?;
         let (mut train_loss, mut val_loss) = (Vec::new(), Vec::new());
-        if let Ok(metrics) = std::fs::read_to_string(path.join(run_dir::METRICS_FILE)) {
-            for line in metrics.lines() {
-                let Ok(record) = serde_json::from_str::<Value>(line) else { continue };
-                let step = record["step"].as_u64().unwrap_or(0);
-                if let Some(loss) = record["loss"].as_f64() {
-                    train_loss.push((step, loss));
-                }
-                if let Some(loss) = record["val_loss"].as_f64() {
-                    val_loss.push((step, loss));
-                }
+        for record in run_dir::read_metrics(path) {
+            let step = record.step() as u64;
+            if let MetricRecord::Step(r) = &record {
+                train_loss.push((step, r.loss));
+            }
+            if let Some(loss) = record.val_loss() {
+                val_loss.push((step, loss));
             }
         }
         let spec = std::fs::read_to_string(path.join(run_dir::SPEC_FILE))
@@ -152,12 +145,12 @@ pub struct ModelSource {
 }
 
 /// A model named on the command line: a HF directory, or a run as [`resolve`] takes it
-/// (looked up under `runs/`).
-pub fn model_source(reference: &Path, checkpoint: Option<&str>) -> Result<ModelSource> {
+/// (names looked up under `runs_dir`).
+pub fn model_source(runs_dir: &Path, reference: &Path, checkpoint: Option<&str>) -> Result<ModelSource> {
     let path = if reference.join(hf::CONFIG_FILE).is_file() {
         reference.to_path_buf()
     } else {
-        match resolve(Path::new("runs"), &reference.to_string_lossy()) {
+        match resolve(runs_dir, &reference.to_string_lossy()) {
             Ok(run) => run,
             Err(_) => reference.to_path_buf(),
         }
@@ -219,44 +212,22 @@ pub fn table(runs: &[Run]) -> String {
         "best val ppl",
         "backend",
     ];
-    let rows: Vec<[String; 10]> = runs
-        .iter()
-        .map(|r| {
-            [
-                r.meta.name.clone(),
-                r.meta.run_id.clone(),
-                format!("{:?}", r.meta.status).to_lowercase(),
-                r.meta.started.replace('T', " ").trim_end_matches('Z').to_string(),
-                fmt_duration(r.duration_s()),
-                r.steps().to_string(),
-                fmt_opt(r.final_train_loss(), 4),
-                fmt_opt(r.best_val_loss(), 4),
-                fmt_opt(r.best_val_loss().map(f64::exp), 2),
-                r.meta.backend.clone(),
-            ]
-        })
-        .collect();
-    render_table(&header, &rows)
-}
-
-fn render_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = header.map(|h| h.chars().count());
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let line = |cells: Vec<&str>, out: &mut String| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(padded.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec(), &mut out);
-    for row in rows {
-        line(row.iter().map(String::as_str).collect(), &mut out);
-    }
-    out
+    let rows = runs.iter().map(|r| {
+        vec![
+            r.meta.name.clone(),
+            r.meta.run_id.clone(),
+            format!("{:?}", r.meta.status).to_lowercase(),
+            r.meta.started.replace('T', " ").trim_end_matches('Z').to_string(),
+            fmt_duration(r.duration_s()),
+            r.steps().to_string(),
+            fmt_opt(r.final_train_loss(), 4),
+            fmt_opt(r.best_val_loss(), 4),
+            fmt_opt(r.best_val_loss().map(f64::exp), 2),
+            r.meta.backend.clone(),
+        ]
+    });
+    let rows: Vec<Vec<String>> = std::iter::once(header.map(String::from).to_vec()).chain(rows).collect();
+    render_rows(&rows)
 }
 
 /// Sort runs by a column of the table (see [`SORT_COLUMNS`]).

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::data::Tok;
 use crate::error::bad_input;
-use crate::model::{FusedOps, Gpt2};
+use crate::model::{CausalLm, FusedOps};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TextScore {
@@ -28,13 +28,13 @@ pub struct Overall {
 }
 
 /// Score each text; texts longer than the model's context are an error naming them.
-pub fn score<B: FusedOps>(
-    model: &Gpt2<B>,
+pub fn score<B: FusedOps, M: CausalLm<B>>(
+    model: &M,
     tok: &Tok,
     texts: &[String],
     device: &B::Device,
 ) -> Result<(Vec<TextScore>, Overall)> {
-    let context = model.n_positions();
+    let context = model.context();
     let mut scores = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
         let ids = tok.encode(text)?;

@@ -1,11 +1,12 @@
 //! The training loop, top to bottom: shuffle, batch, loss, backward, accumulate, clip, step,
 //! schedule, log, evaluate.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{ElementConversion, Tensor};
@@ -13,14 +14,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde_json::json;
 
 use crate::adam::FusedAdam;
 use crate::checkpoint::{self, Progress};
-use crate::data::{Batch, Sequence, Tok};
+use crate::data::{Sequence, Tok};
 use crate::error::Interrupted;
-use crate::model::{FusedOps, Gpt2, Gpt2Config, TrainBackend};
-use crate::run_dir::RunDir;
+use crate::model::{CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
+use crate::objective::{Objective, TokenLoss};
+use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
 use crate::spec::{OptimizerSpec, Schedule, Spec};
 
 /// What a finished training stage reports.
@@ -32,32 +33,31 @@ pub struct TrainSummary {
 }
 
 /// Adam or AdamW over the model, as the spec names it, with burn keeping each parameter's state.
-pub struct ModelOptimizer<B: TrainBackend>(OptimizerAdaptor<FusedAdam, Gpt2<B>, B>);
+pub struct ModelOptimizer<B: TrainBackend, M: TrainableLm<B>>(OptimizerAdaptor<FusedAdam, M, B>);
 
-impl<B: TrainBackend> ModelOptimizer<B> {
+impl<B: TrainBackend, M: TrainableLm<B>> ModelOptimizer<B, M> {
     pub fn new(opt: &OptimizerSpec) -> Self {
         Self(FusedAdam::new(opt).init())
     }
 
-    fn step(&mut self, lr: f64, model: Gpt2<B>, grads: GradientsParams) -> Gpt2<B> {
+    fn step(&mut self, lr: f64, model: M, grads: GradientsParams) -> M {
         self.0.step(lr, model, grads)
     }
 
-    fn save(&self, at: CheckpointAt<'_, B>) -> Result<std::path::PathBuf> {
-        let CheckpointAt { run, model, config, tok, progress, keep } = at;
-        checkpoint::save(run, model, config, tok, self.0.to_record(), progress, keep)
+    fn save(&self, at: CheckpointAt<'_, M>) -> Result<PathBuf> {
+        let CheckpointAt { run, model, tok, progress, keep } = at;
+        checkpoint::save(run, model, tok, self.0.to_record(), progress, keep)
     }
 
-    fn restore(self, dir: &std::path::Path, device: &B::Device) -> Result<Self> {
+    fn restore(self, dir: &Path, device: &B::Device) -> Result<Self> {
         Ok(Self(self.0.load_record(checkpoint::load_optimizer(dir, device)?)))
     }
 }
 
 /// What a checkpoint is taken of.
-struct CheckpointAt<'a, B: TrainBackend> {
-    run: &'a std::path::Path,
-    model: &'a Gpt2<B>,
-    config: &'a Gpt2Config,
+struct CheckpointAt<'a, M> {
+    run: &'a Path,
+    model: &'a M,
     tok: &'a Tok,
     progress: Progress,
     keep: usize,
@@ -78,32 +78,39 @@ pub struct StepStats {
     pub loss_tokens: usize,
 }
 
-/// The optimizer and how to step it: one `step` is one update of the model over a set of
-/// micro-batches.
-pub struct Trainer<B: TrainBackend> {
-    optim: ModelOptimizer<B>,
+/// The optimizer, the objective and how to step them: one `step` is one update of the model
+/// over a set of micro-batches.
+pub struct Trainer<B: TrainBackend, M: TrainableLm<B> = Gpt2<B>, O: Objective<B, M> = TokenLoss> {
+    optim: ModelOptimizer<B, M>,
+    objective: O,
     grad_clip: f64,
-    pad_id: u32,
     device: B::Device,
 }
 
-impl<B: TrainBackend> Trainer<B> {
+impl<B: TrainBackend, M: TrainableLm<B>> Trainer<B, M, TokenLoss> {
+    /// A trainer for supervised fine-tuning's token loss, padding batches with `pad_id`.
     pub fn new(opt: &OptimizerSpec, pad_id: u32, device: &B::Device) -> Self {
-        Self { optim: ModelOptimizer::new(opt), grad_clip: opt.grad_clip, pad_id, device: device.clone() }
+        Self::with_objective(opt, TokenLoss { pad_id }, device)
+    }
+}
+
+impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
+    pub fn with_objective(opt: &OptimizerSpec, objective: O, device: &B::Device) -> Self {
+        Self { optim: ModelOptimizer::new(opt), objective, grad_clip: opt.grad_clip, device: device.clone() }
     }
 
     /// Forward and backward over each micro-batch, accumulating gradients, then clip and
     /// update. The loss is normalised by the loss tokens of the whole step, so neither loss
     /// nor gradient depends on how the step is split into micro-batches.
-    pub fn step(&mut self, model: Gpt2<B>, micro_batches: &[Vec<&Sequence>], lr: f64) -> Result<(Gpt2<B>, StepStats)> {
-        let loss_tokens: usize = micro_batches.iter().flatten().map(|s| s.loss_tokens()).sum();
-        let mut accumulator = GradientsAccumulator::<Gpt2<B>>::new();
+    pub fn step(&mut self, model: M, micro_batches: &[Vec<&O::Example>], lr: f64) -> Result<(M, StepStats)> {
+        let loss_tokens: usize = micro_batches.iter().flatten().map(|e| self.objective.loss_tokens(e)).sum();
+        let mut accumulator = GradientsAccumulator::<M>::new();
         let (mut loss, mut tokens, mut positions) = (0.0f64, 0usize, 0usize);
         for micro in micro_batches {
-            let batch = Batch::<B>::new(micro, self.pad_id, &self.device);
-            tokens += batch.tokens;
-            positions += batch.positions;
-            let micro_loss = model.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(loss_tokens as f64);
+            let (micro_loss, counts) = self.objective.loss_sum(&model, micro, &self.device);
+            tokens += counts.tokens;
+            positions += counts.positions;
+            let micro_loss = micro_loss.div_scalar(loss_tokens as f64);
             loss += micro_loss.clone().into_scalar().elem::<f64>();
             let grads = GradientsParams::from_grads(micro_loss.backward(), &model);
             accumulator.accumulate(&model, grads);
@@ -123,7 +130,6 @@ pub struct TrainContext<'a, B: TrainBackend> {
     pub train: &'a [Sequence],
     pub val: &'a [Sequence],
     pub spec: &'a Spec,
-    pub config: &'a Gpt2Config,
     pub tok: &'a Tok,
     pub run: &'a RunDir,
     pub device: &'a B::Device,
@@ -132,22 +138,22 @@ pub struct TrainContext<'a, B: TrainBackend> {
 }
 
 /// Train for the spec's epochs, evaluating on the validation set after each, checkpointing
-/// every `train.checkpoint_every` steps and at the end. With `resume`, training continues from
-/// a checkpoint exactly where the interrupted run stood.
-pub fn train<B: TrainBackend>(
+/// every `train.checkpoint_every` steps and at the end. With `resume` (a checkpoint whose
+/// weights `model` already holds, and where training stood), training continues exactly where
+/// the interrupted run stood.
+pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     ctx: &TrainContext<'_, B>,
-    mut model: Gpt2<B>,
-    resume: Option<&std::path::Path>,
-) -> Result<(Gpt2<B>, TrainSummary)> {
+    mut model: M,
+    resume: Option<(&Path, Progress)>,
+) -> Result<(M, TrainSummary)> {
     let (train_spec, opt, seed) = (&ctx.spec.train, &ctx.spec.optimizer, ctx.spec.run.seed);
-    let (train, pad_id, device) = (ctx.train, ctx.tok.eos_id, ctx.device);
-    let mut trainer = Trainer::new(opt, pad_id, device);
+    let (train, device) = (ctx.train, ctx.device);
+    let objective = TokenLoss { pad_id: ctx.tok.eos_id };
+    let mut trainer = Trainer::<B, M, _>::with_objective(opt, objective, device);
     let mut start = Progress { step: 0, epoch: 1, position: 0 };
-    if let Some(dir) = resume {
-        let restored = checkpoint::load::<B>(dir, Some(ctx.config.dropout), device)?;
+    if let Some((dir, progress)) = resume {
         trainer.optim = trainer.optim.restore(dir, device)?;
-        model = Gpt2 { precision: model.precision, ..restored.model };
-        start = restored.progress;
+        start = progress;
         tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
     }
     let examples_per_step = train_spec.batch_size * train_spec.grad_accum;
@@ -157,15 +163,8 @@ pub fn train<B: TrainBackend>(
     tracing::info!(examples = train.len(), steps_per_epoch, total_steps, "training");
     let mut summary = TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN };
     let started = Instant::now();
-    let checkpoint = |model: &Gpt2<B>, trainer: &Trainer<B>, progress: Progress| {
-        let at = CheckpointAt {
-            run: &ctx.run.path,
-            model,
-            config: ctx.config,
-            tok: ctx.tok,
-            progress,
-            keep: train_spec.keep_checkpoints,
-        };
+    let checkpoint = |model: &M, trainer: &Trainer<B, M, TokenLoss>, progress: Progress| {
+        let at = CheckpointAt { run: &ctx.run.path, model, tok: ctx.tok, progress, keep: train_spec.keep_checkpoints };
         trainer.optim.save(at)
     };
 
@@ -197,9 +196,16 @@ pub fn train<B: TrainBackend>(
             summary.last_loss = stats.loss;
             epoch_loss += stats.loss * stats.loss_tokens as f64;
             epoch_tokens += stats.loss_tokens;
-            ctx.run.log_metrics(&json!({
-                "step": step, "epoch": epoch, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-                "tokens": stats.tokens, "padded_tokens": stats.positions - stats.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": started.elapsed().as_secs_f64(),
+            ctx.run.log_metrics(&MetricRecord::Step(StepRecord {
+                step,
+                epoch,
+                loss: stats.loss,
+                lr,
+                grad_norm: stats.grad_norm,
+                tokens: stats.tokens,
+                padded_tokens: stats.positions - stats.tokens,
+                tokens_per_s,
+                elapsed_s: started.elapsed().as_secs_f64(),
             }))?;
             if step.is_multiple_of(train_spec.log_every) {
                 tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
@@ -223,10 +229,9 @@ pub fn train<B: TrainBackend>(
         if ctx.val.is_empty() {
             tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done");
         } else {
-            let (val_loss, _) = evaluate(&model.valid(), ctx.val, train_spec.batch_size, pad_id, device);
-            ctx.run.log_metrics(&json!({
-                "step": summary.steps, "epoch": epoch, "val_loss": val_loss, "val_ppl": val_loss.exp(),
-            }))?;
+            let (val_loss, _) = evaluate(&model.valid(), &objective, ctx.val, train_spec.batch_size, device);
+            let record = EpochRecord { step: summary.steps, epoch, val_loss, val_ppl: val_loss.exp() };
+            ctx.run.log_metrics(&MetricRecord::Epoch(record))?;
             tracing::info!(
                 epoch,
                 train_loss = format!("{train_loss:.4}"),
@@ -239,20 +244,19 @@ pub fn train<B: TrainBackend>(
     Ok((model, summary))
 }
 
-/// Token-weighted mean loss over `sequences`, and the number of loss tokens.
-pub fn evaluate<B: FusedOps>(
-    model: &Gpt2<B>,
-    sequences: &[Sequence],
+/// The objective's token-weighted mean loss over `examples`, and the number of loss tokens.
+pub fn evaluate<B: FusedOps, M: CausalLm<B>, O: Objective<B, M>>(
+    model: &M,
+    objective: &O,
+    examples: &[O::Example],
     batch_size: usize,
-    pad_id: u32,
     device: &B::Device,
 ) -> (f64, usize) {
     let (mut sum, mut tokens) = (0.0, 0);
-    for chunk in sequences.chunks(batch_size) {
-        let refs: Vec<&Sequence> = chunk.iter().collect();
-        let batch = Batch::<B>::new(&refs, pad_id, device);
-        tokens += batch.loss_tokens;
-        sum += model.loss_sum(batch.inputs, batch.targets, batch.weights).into_scalar().elem::<f64>();
+    for chunk in examples.chunks(batch_size) {
+        let refs: Vec<&O::Example> = chunk.iter().collect();
+        tokens += refs.iter().map(|e| objective.loss_tokens(e)).sum::<usize>();
+        sum += objective.loss_sum(model, &refs, device).0.into_scalar().elem::<f64>();
     }
     (sum / tokens.max(1) as f64, tokens)
 }
@@ -327,7 +331,7 @@ impl LrSchedule {
 /// The global L2 norm of all gradients, clipped to `max_norm` (0 = no clipping) as PyTorch's
 /// `clip_grad_norm_` does: every gradient scaled by max_norm / (norm + 1e-6) when that is < 1.
 /// burn's own clipping works per tensor, which is a different method.
-pub fn clip_global_norm<B: TrainBackend>(model: &Gpt2<B>, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+pub fn clip_global_norm<B: TrainBackend, M: Module<B>>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
     struct SquaredNorm<'a, B: TrainBackend> {
         grads: &'a GradientsParams,
         sum: Option<Tensor<B::InnerBackend, 1>>,

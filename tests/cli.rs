@@ -207,7 +207,7 @@ fn bench_prints_torch_refs_keys_and_rejects_bad_flags() {
         assert_eq!(line["params"].as_u64(), Some(want as u64));
     }
     for (flag, value, needle) in
-        [("--precision", "fp16", "expected f32 or bf16"), ("--backend", "tpu", "expected cpu or cuda")]
+        [("--precision", "fp16", "possible values: f32, bf16"), ("--backend", "tpu", "possible values: cpu, cuda")]
     {
         let out = pipe(dir.path(), &["bench", flag, value], &[]);
         assert_eq!(out.status.code(), Some(2));

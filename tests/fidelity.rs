@@ -11,7 +11,7 @@ use common::{fixture_dir, floats, ids, reference};
 use pipe::data::{Batch, Sequence, Tok};
 use pipe::generate::{Generator, Sampling};
 use pipe::model::gpt2::Precision;
-use pipe::model::{hf, Gpt2};
+use pipe::model::{hf, CausalLm, Gpt2};
 use pipe::spec::{OptimizerKind, OptimizerSpec};
 use pipe::train::Trainer;
 
@@ -256,7 +256,7 @@ fn bf16_training_keeps_f32_master_weights_and_follows_f32() {
             (model, stats) = trainer.step(model, std::slice::from_ref(&batch), 1e-3).unwrap();
             losses.push(stats.loss);
         }
-        let weight = model.blocks[0].mlp.c_fc.weight.val();
+        let weight = model.h[0].mlp.c_fc.weight.val();
         assert_eq!(weight.dtype(), burn::tensor::DType::F32, "{precision:?} master weights");
         losses
     };

@@ -2,6 +2,7 @@
 //! across rayon's threads, the inner loops compiled a second time with AVX2 and FMA for CPUs
 //! that have them (LLVM vectorises them to the widest instructions it is allowed). `exp` is a
 //! polynomial that vectorises, unlike libm's `expf`; it is within 2 ulp of it (test below).
+//! The matrix products and every other unsafe piece they need live in `raw`.
 
 use std::borrow::Cow;
 
@@ -11,6 +12,7 @@ use rayon::prelude::*;
 
 use super::fused::composite::{GELU_A, GELU_B};
 use super::fused::AdamUpdate;
+use super::raw::{filled, matmul, par_matmul, vectorised, Mat, SharedMut};
 
 /// Elements per parallel task in element-wise kernels: large enough to amortise scheduling.
 const CHUNK: usize = 16 * 1024;
@@ -20,30 +22,6 @@ const CHUNK: usize = 16 * 1024;
 /// token's LayerNorm, a bias's Adam update) takes.
 fn worth_threads(len: usize) -> bool {
     len > CHUNK
-}
-
-/// `fn name(args) -> ret { body }` with the body compiled twice, for the baseline CPU and for
-/// AVX2 with FMA, the second chosen at run time on CPUs that have them. (A named inner function
-/// marked `inline(always)` is what reliably lands in the `target_feature` copy; a closure
-/// passed to a generic wrapper is not inlined there.)
-macro_rules! vectorised {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
-                }
-                // SAFETY: the CPU has the features just checked.
-                return unsafe { avx2($($arg),*) };
-            }
-            body($($arg),*)
-        }
-    };
 }
 
 /// e^x for f32, branch-free so that loops over it vectorise: x = n·ln 2 + r with |r| ≤ ln 2 / 2,
@@ -221,156 +199,24 @@ pub fn cross_entropy_backward(
     dlogits
 }
 
-/// A raw pointer that rayon's tasks may share: each task writes a disjoint part of the buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: used only where the tasks' writes are disjoint (one (batch, head) slot or one block
-// of output columns each).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Through a method, so that closures capture the whole (Sync) wrapper, not its field.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
-/// One matrix of a strided buffer: element (r, c) at `ptr + r·row + c·col`.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    row: isize,
-    col: isize,
-}
-
-// SAFETY: read-only views, shared by tasks that only read them.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
-
-impl Mat {
-    fn t(self) -> Self {
-        Self { row: self.col, col: self.row, ..self }
-    }
-
-    /// The matrix from row `r` and column `c` on.
-    fn from(self, r: usize, c: usize) -> Self {
-        Self { ptr: self.ptr.wrapping_offset(r as isize * self.row + c as isize * self.col), ..self }
-    }
-
-    /// A 2-D tensor as it lies in memory (a transposed view stays a view).
-    fn of(t: &FlexTensor) -> Self {
-        let layout = t.layout();
-        let (row, col) = (layout.strides()[0], layout.strides()[1]);
-        Self { ptr: t.storage::<f32>()[layout.start_offset()..].as_ptr(), row, col }
-    }
-}
-
-/// The output side of a product: where element (r, c) goes.
-#[derive(Clone, Copy)]
-struct Out {
-    ptr: SharedMut,
-    row: isize,
-    col: isize,
-}
-
-impl Out {
-    fn row_major(ptr: *mut f32, row: usize) -> Self {
-        Self { ptr: SharedMut(ptr), row: row as isize, col: 1 }
-    }
-
-    fn from(self, r: usize, c: usize) -> Self {
-        let offset = r as isize * self.row + c as isize * self.col;
-        Self { ptr: SharedMut(self.ptr.0.wrapping_offset(offset)), ..self }
-    }
-}
-
-/// dst[m×n] = (dst if `accumulate`) + scale · lhs[m×k] · rhs[k×n], on the calling thread.
-///
-/// # Safety
-/// The matrices must lie inside their buffers; `dst` must not overlap the inputs.
-unsafe fn matmul([m, n, k]: [usize; 3], dst: Out, lhs: Mat, rhs: Mat, scale: f32, accumulate: bool) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.ptr.0,
-        dst.col,
-        dst.row,
-        accumulate,
-        lhs.ptr,
-        lhs.col,
-        lhs.row,
-        rhs.ptr,
-        rhs.col,
-        rhs.row,
-        1.0,
-        scale,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
-/// `matmul` split across rayon's threads by blocks of output columns (rows, when the output is
-/// taller than wide), one single-threaded product each: at the shapes of a GPT-2 step this is
-/// faster here than gemm's own threading (e.g. 189 vs 146 GFLOP/s for the LM head's weight
-/// gradient on 2 cores).
-///
-/// # Safety
-/// As `matmul`.
-unsafe fn par_matmul([m, n, k]: [usize; 3], dst: Out, lhs: Mat, rhs: Mat, accumulate: bool) {
-    // Small products (generation's one-token steps) are not worth a trip through the pool.
-    const PARALLEL_FROM: usize = 192 * 192 * 192;
-    let parts = if m * n * k < PARALLEL_FROM { 1 } else { rayon::current_num_threads().max(1) };
-    if parts == 1 {
-        return matmul([m, n, k], dst, lhs, rhs, 1.0, accumulate);
-    }
-    let by_columns = n >= m;
-    let extent = if by_columns { n } else { m };
-    // Blocks of whole 16-wide tiles, so that no block ends in a ragged microkernel tile.
-    let block = extent.div_ceil(parts).next_multiple_of(16);
-    (0..extent.div_ceil(block)).into_par_iter().for_each(|i| {
-        let (start, len) = (i * block, block.min(extent - i * block));
-        // SAFETY: each block writes its own columns (rows) of dst.
-        unsafe {
-            if by_columns {
-                matmul([m, len, k], dst.from(0, start), lhs, rhs.from(0, start), 1.0, accumulate);
-            } else {
-                matmul([len, n, k], dst.from(start, 0), lhs.from(start, 0), rhs, 1.0, accumulate);
-            }
-        }
-    });
-}
-
-/// A vector of `len` elements, each written by `fill` before the vector is handed out.
-fn filled(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
-    let mut v = Vec::<f32>::with_capacity(len);
-    fill(v.spare_capacity_mut().as_mut_ptr().cast());
-    // SAFETY: `fill` wrote all `len` elements (its callers' products cover the whole output).
-    unsafe { v.set_len(len) };
-    v
-}
-
 /// x·weight + bias, the bias written first and the product added onto it, into memory that is
 /// not zeroed first. x: [rows, in], weight: [in, out] (any strides), bias: [out] → [rows, out]
 pub fn linear(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> FlexTensor {
     let [rows, d_in] = x.layout().shape().dims::<2>();
     let d_out = weight.layout().shape().dims::<2>()[1];
     let x = f32s(&x);
-    let x_mat = Mat { ptr: x.as_ptr(), row: d_in as isize, col: 1 };
+    let x_mat = Mat::row_major(&x, 0, d_in);
     let bias = bias.as_ref().map(f32s);
-    let y = filled(rows * d_out, |ptr| {
-        if let Some(bias) = &bias {
-            for r in 0..rows {
-                // SAFETY: row r of the [rows, d_out] buffer.
-                unsafe { ptr.add(r * d_out).copy_from_nonoverlapping(bias.as_ptr(), d_out) };
+    // SAFETY: the product writes every element of the [rows, d_out] output (onto the bias rows
+    // when there is a bias); the output is new, so nothing else reads or writes it.
+    let y = unsafe {
+        filled(rows * d_out, |out| {
+            if let Some(bias) = &bias {
+                (0..rows).for_each(|r| out.copy_in(r * d_out, bias));
             }
-        }
-        // SAFETY: x, weight and the output buffer hold the shapes given.
-        unsafe { par_matmul([rows, d_out, d_in], Out::row_major(ptr, d_out), x_mat, Mat::of(&weight), bias.is_some()) };
-    });
+            par_matmul([rows, d_out, d_in], out.row_major(0, d_out), x_mat, Mat::of(&weight), bias.is_some());
+        })
+    };
     tensor(y, Shape::new([rows, d_out]))
 }
 
@@ -385,19 +231,23 @@ pub fn linear_backward(
     let [rows, d_in] = x.layout().shape().dims::<2>();
     let d_out = weight.layout().shape().dims::<2>()[1];
     let (x, grad) = (f32s(&x), f32s(&grad));
-    let x_mat = Mat { ptr: x.as_ptr(), row: d_in as isize, col: 1 };
-    let grad_mat = Mat { ptr: grad.as_ptr(), row: d_out as isize, col: 1 };
-    let dx = filled(rows * d_in, |ptr| {
-        // SAFETY: shapes as given; the output is [rows, d_in].
-        unsafe { par_matmul([rows, d_in, d_out], Out::row_major(ptr, d_in), grad_mat, Mat::of(&weight).t(), false) };
-    });
+    let x_mat = Mat::row_major(&x, 0, d_in);
+    let grad_mat = Mat::row_major(&grad, 0, d_out);
+    // SAFETY: the product writes every element of the new [rows, d_in] output.
+    let dx = unsafe {
+        filled(rows * d_in, |out| {
+            par_matmul([rows, d_in, d_out], out.row_major(0, d_in), grad_mat, Mat::of(&weight).t(), false)
+        })
+    };
     // A column-major weight (the tied LM head's transposed embedding) gets a column-major gradient.
     let column_major = weight.layout().strides()[0] == 1 && d_out > 1;
     let (row, col) = if column_major { (1, d_in as isize) } else { (d_out as isize, 1) };
-    let dw = filled(d_in * d_out, |ptr| {
-        // SAFETY: shapes as given; the output holds d_in·d_out elements in either layout.
-        unsafe { par_matmul([d_in, d_out, rows], Out { ptr: SharedMut(ptr), row, col }, x_mat.t(), grad_mat, false) };
-    });
+    // SAFETY: the product writes every one of the d_in·d_out elements, in either layout.
+    let dw = unsafe {
+        filled(d_in * d_out, |out| {
+            par_matmul([d_in, d_out, rows], out.strided(0, row, col), x_mat.t(), grad_mat, false)
+        })
+    };
     let dw =
         FlexTensor::new(Bytes::from_elems(dw), Layout::new(Shape::new([d_in, d_out]), vec![row, col], 0), DType::F32);
     let db = with_bias.then(|| tensor(column_sums(&grad, d_out), Shape::new([d_out])));
@@ -445,21 +295,20 @@ pub fn causal_attention(qkv: FlexTensor, n_head: usize, keep: Option<FlexTensor>
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut y = vec![0.0f32; batch * seq * d];
     let mut probs = vec![0.0f32; batch * n_head * seq * seq];
-    let y_out = SharedMut(y.as_mut_ptr());
+    let y_out = SharedMut::new(&mut y);
     probs.par_chunks_mut(seq * seq).enumerate().for_each(|(bh, p)| {
         let (b, h) = (bh / n_head, bh % n_head);
-        let base = (b * seq * three_d + h * head_dim) as isize;
-        let part = |i: usize| Mat { ptr: qkv[(base as usize) + i * d..].as_ptr(), row: three_d as isize, col: 1 };
+        let base = b * seq * three_d + h * head_dim;
+        let part = |i: usize| Mat::row_major(&qkv, base + i * d, three_d);
         let (q, k, v) = (part(0), part(1), part(2));
-        // SAFETY: all matrices lie inside qkv, p or y; this task alone writes head h of batch b in y.
+        // SAFETY: p is this task's own; y's head-h columns of batch b are written by this task alone.
         unsafe {
-            matmul([seq, seq, head_dim], Out::row_major(p.as_mut_ptr(), seq), q, k.t(), scale, false); // scores [seq, seq]
+            matmul([seq, seq, head_dim], SharedMut::new(p).row_major(0, seq), q, k.t(), scale, false); // scores [seq, seq]
             causal_softmax_rows(p, seq);
             let dropped = keep.as_ref().map(|keep| times(p, &keep[bh * seq * seq..(bh + 1) * seq * seq]));
-            let p = Mat { ptr: dropped.as_deref().unwrap_or(p).as_ptr(), row: seq as isize, col: 1 };
-            let y_bh = y_out.at(b * seq * d + h * head_dim);
-            matmul([seq, head_dim, seq], Out::row_major(y_bh, d), p, v, 1.0, false);
-            // [seq, head_dim]
+            let p = Mat::row_major(dropped.as_deref().unwrap_or(p), 0, seq);
+            let y_bh = y_out.row_major(b * seq * d + h * head_dim, d);
+            matmul([seq, head_dim, seq], y_bh, p, v, 1.0, false); // [seq, head_dim]
         }
     });
     (tensor(y, Shape::new([batch, seq, d])), tensor(probs, Shape::new([batch, n_head, seq, seq])))
@@ -514,31 +363,33 @@ pub fn causal_attention_backward(
     let head_dim = d / n_head;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut dqkv = vec![0.0f32; batch * seq * three_d];
-    let out = SharedMut(dqkv.as_mut_ptr());
+    let out = SharedMut::new(&mut dqkv);
     probs.par_chunks(seq * seq).enumerate().for_each(|(bh, p)| {
         let (b, h) = (bh / n_head, bh % n_head);
         let base = b * seq * three_d + h * head_dim;
-        let part = |i: usize| Mat { ptr: qkv[base + i * d..].as_ptr(), row: three_d as isize, col: 1 };
+        let part = |i: usize| Mat::row_major(&qkv, base + i * d, three_d);
         let (q, k, v) = (part(0), part(1), part(2));
-        let dy = Mat { ptr: grad[b * seq * d + h * head_dim..].as_ptr(), row: d as isize, col: 1 };
+        let dy = Mat::row_major(&grad, b * seq * d + h * head_dim, d);
         let keep = keep.as_ref().map(|keep| &keep[bh * seq * seq..(bh + 1) * seq * seq]);
         let dropped = keep.map(|keep| times(p, keep));
-        let p_mat = Mat { ptr: dropped.as_deref().unwrap_or(p).as_ptr(), row: seq as isize, col: 1 };
+        let p_mat = Mat::row_major(dropped.as_deref().unwrap_or(p), 0, seq);
         let mut ds = vec![0.0f32; seq * seq];
-        // SAFETY: all matrices lie inside their buffers; this task alone writes the head-h
-        // columns of batch b in dqkv; ds is its own.
+        let slot = |i: usize| out.row_major(base + i * d, three_d);
+        // SAFETY: this task alone writes the head-h columns of batch b in dqkv; ds is its own.
         unsafe {
-            let slot = |i: usize| out.at(base + i * d);
-            matmul([seq, head_dim, seq], Out::row_major(slot(2), three_d), p_mat.t(), dy, 1.0, false); // dV [seq, head_dim]
-            matmul([seq, seq, head_dim], Out::row_major(ds.as_mut_ptr(), seq), dy, v.t(), 1.0, false); // dP [seq, seq]
-            if let Some(keep) = keep {
-                times_in_place(&mut ds, keep);
-            }
-            softmax_backward_rows(&mut ds, p, seq);
-            let ds = Mat { ptr: ds.as_ptr(), row: seq as isize, col: 1 };
-            matmul([seq, head_dim, seq], Out::row_major(slot(0), three_d), ds, k, scale, false); // dQ
-            let dk = Out::row_major(slot(1), three_d);
-            matmul([seq, head_dim, seq], dk, ds.t(), q, scale, false);
+            matmul([seq, head_dim, seq], slot(2), p_mat.t(), dy, 1.0, false); // dV [seq, head_dim]
+            matmul([seq, seq, head_dim], SharedMut::new(&mut ds).row_major(0, seq), dy, v.t(), 1.0, false);
+            // dP [seq, seq]
+        }
+        if let Some(keep) = keep {
+            times_in_place(&mut ds, keep);
+        }
+        softmax_backward_rows(&mut ds, p, seq);
+        let ds = Mat::row_major(&ds, 0, seq);
+        // SAFETY: as above.
+        unsafe {
+            matmul([seq, head_dim, seq], slot(0), ds, k, scale, false); // dQ
+            matmul([seq, head_dim, seq], slot(1), ds.t(), q, scale, false); // dK
         }
     });
     tensor(dqkv, Shape::new([batch, seq, three_d]))
@@ -697,7 +548,7 @@ fn owned(t: FlexTensor) -> FlexTensor {
 }
 
 /// The per-element constants of one Adam update: betas, bias corrections c = 1 − βᵗ, ε, the L2
-/// term (Adam), the learning rate and the decoupled decay factor `keep` = 1 − lr·wd (AdamW).
+/// term (Adam), the learning rate and the decoupled decay factor `decay` = 1 − lr·wd (AdamW).
 #[derive(Clone, Copy)]
 struct AdamScalars {
     b1: f32,
@@ -707,7 +558,7 @@ struct AdamScalars {
     eps: f32,
     l2: f32,
     lr: f32,
-    keep: f32,
+    decay: f32,
 }
 
 vectorised! {
@@ -717,7 +568,7 @@ vectorised! {
             *m = *m * k.b1 + g * (1.0 - k.b1);
             *v = *v * k.b2 + g * g * (1.0 - k.b2);
             let delta = (*m / k.c1) / ((*v / k.c2).sqrt() + k.eps);
-            *p = *p * k.keep - delta * k.lr;
+            *p = *p * k.decay - delta * k.lr;
         }
     }
 }
@@ -742,11 +593,11 @@ pub fn adam_step(
     let (b1, b2, eps, wd) = (u.beta_1, u.beta_2, u.epsilon, u.weight_decay);
     let (c1, c2) = (1.0 - b1.powi(u.time as i32), 1.0 - b2.powi(u.time as i32));
     let (l2, lr) = (if u.decoupled { 0.0 } else { wd }, u.lr as f32);
-    let keep = if u.decoupled { (1.0 - u.lr * wd as f64) as f32 } else { 1.0 };
+    let decay = if u.decoupled { (1.0 - u.lr * wd as f64) as f32 } else { 1.0 };
     let n = grad.len();
     let p = &mut param.storage_mut::<f32>()[..n];
     let (m, v) = (&mut moment_1.storage_mut::<f32>()[..n], &mut moment_2.storage_mut::<f32>()[..n]);
-    let scalars = AdamScalars { b1, b2, c1, c2, eps, l2, lr, keep };
+    let scalars = AdamScalars { b1, b2, c1, c2, eps, l2, lr, decay };
     let kernel = |(p, m, v, g): (&mut [f32], &mut [f32], &mut [f32], &[f32])| adam_chunk(p, m, v, g, scalars);
     if worth_threads(n) {
         (p.par_chunks_mut(CHUNK), m.par_chunks_mut(CHUNK), v.par_chunks_mut(CHUNK), grad.par_chunks(CHUNK))

@@ -524,137 +524,94 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     }
 }
 
-/// The CPU kernels are written for f32; other dtypes (bf16 products) take the composite path.
-fn all_f32<'a>(tensors: impl IntoIterator<Item = &'a FloatTensor<Flex>>) -> bool {
-    tensors.into_iter().all(|t| t.dtype() == DType::F32)
+/// Whether a kernel argument is f32 (the CPU kernels are written for f32 alone).
+trait IsF32 {
+    fn is_f32(&self) -> bool;
 }
 
+impl IsF32 for burn::backend::flex::FlexTensor {
+    fn is_f32(&self) -> bool {
+        self.dtype() == DType::F32
+    }
+}
+
+impl<T: IsF32> IsF32 for Option<T> {
+    fn is_f32(&self) -> bool {
+        self.as_ref().is_none_or(T::is_f32)
+    }
+}
+
+impl<T: IsF32> IsF32 for (T, T) {
+    fn is_f32(&self) -> bool {
+        self.0.is_f32() && self.1.is_f32()
+    }
+}
+
+/// Each listed op runs `cpu_kernels::$op` when the float arguments named after `f32:` are all
+/// f32, else `composite::$op` (bf16 products, for one).
+macro_rules! f32_kernels {
+    ($(fn $method:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty { f32: [$($float:ident),*] => $op:ident })*) => {
+        $(
+            fn $method($($arg: $ty),*) -> $ret {
+                if $($float.is_f32())&&* {
+                    cpu_kernels::$op($($arg),*)
+                } else {
+                    composite::$op::<Self>($($arg),*)
+                }
+            }
+        )*
+    };
+}
+
+type FlexFloat = FloatTensor<Flex>;
+type Moments = Option<(FlexFloat, FlexFloat)>;
+
 impl FusedOps for Flex {
-    fn fused_layer_norm(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        beta: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if all_f32([&x, &gamma, &beta]) {
-            cpu_kernels::layer_norm(x, gamma, beta, epsilon)
-        } else {
-            composite::layer_norm::<Self>(x, gamma, beta, epsilon)
+    f32_kernels! {
+        fn fused_linear(x: FlexFloat, weight: FlexFloat, bias: Option<FlexFloat>) -> FlexFloat {
+            f32: [x, weight, bias] => linear
         }
-    }
-
-    fn fused_layer_norm_backward(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        rstd: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if all_f32([&x, &gamma, &mean, &rstd, &grad]) {
-            cpu_kernels::layer_norm_backward(x, gamma, mean, rstd, grad)
-        } else {
-            composite::layer_norm_backward::<Self>(x, gamma, mean, rstd, grad)
+        fn fused_linear_backward(x: FlexFloat, weight: FlexFloat, grad: FlexFloat, with_bias: bool) -> LinearGrads<Self> {
+            f32: [x, weight, grad] => linear_backward
         }
-    }
-
-    fn adam_step(
-        param: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
-        update: AdamUpdate,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if all_f32([&param, &grad].into_iter().chain(moments.iter().flat_map(|(m, v)| [m, v]))) {
-            cpu_kernels::adam_step(param, grad, moments, update)
-        } else {
-            composite::adam_step::<Self>(param, grad, moments, update)
+        fn adam_step(param: FlexFloat, grad: FlexFloat, moments: Moments, update: AdamUpdate) -> (FlexFloat, FlexFloat, FlexFloat) {
+            f32: [param, grad, moments] => adam_step
         }
-    }
-
-    fn fused_linear(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: Option<FloatTensor<Self>>,
-    ) -> FloatTensor<Self> {
-        if all_f32([&x, &weight].into_iter().chain(&bias)) {
-            cpu_kernels::linear(x, weight, bias)
-        } else {
-            composite::linear::<Self>(x, weight, bias)
+        fn fused_layer_norm(x: FlexFloat, gamma: FlexFloat, beta: FlexFloat, epsilon: f64) -> (FlexFloat, FlexFloat, FlexFloat) {
+            f32: [x, gamma, beta] => layer_norm
         }
-    }
-
-    fn fused_linear_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        with_bias: bool,
-    ) -> LinearGrads<Self> {
-        if all_f32([&x, &weight, &grad]) {
-            cpu_kernels::linear_backward(x, weight, grad, with_bias)
-        } else {
-            composite::linear_backward::<Self>(x, weight, grad, with_bias)
+        fn fused_layer_norm_backward(
+            x: FlexFloat,
+            gamma: FlexFloat,
+            mean: FlexFloat,
+            rstd: FlexFloat,
+            grad: FlexFloat,
+        ) -> (FlexFloat, FlexFloat, FlexFloat) {
+            f32: [x, gamma, mean, rstd, grad] => layer_norm_backward
         }
-    }
-
-    fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        if all_f32([&x]) {
-            cpu_kernels::gelu_new(x)
-        } else {
-            composite::gelu_new::<Self>(x)
+        fn gelu_new(x: FlexFloat) -> FlexFloat {
+            f32: [x] => gelu_new
         }
-    }
-
-    fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        if all_f32([&x, &grad]) {
-            cpu_kernels::gelu_new_backward(x, grad)
-        } else {
-            composite::gelu_new_backward::<Self>(x, grad)
+        fn gelu_new_backward(x: FlexFloat, grad: FlexFloat) -> FlexFloat {
+            f32: [x, grad] => gelu_new_backward
         }
-    }
-
-    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if all_f32([&logits]) {
-            cpu_kernels::cross_entropy(logits, targets)
-        } else {
-            composite::cross_entropy::<Self>(logits, targets)
+        fn cross_entropy(logits: FlexFloat, targets: IntTensor<Self>) -> (FlexFloat, FlexFloat) {
+            f32: [logits] => cross_entropy
         }
-    }
-
-    fn cross_entropy_backward(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        lse: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        if all_f32([&logits, &lse, &grad]) {
-            cpu_kernels::cross_entropy_backward(logits, targets, lse, grad)
-        } else {
-            composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+        fn cross_entropy_backward(logits: FlexFloat, targets: IntTensor<Self>, lse: FlexFloat, grad: FlexFloat) -> FlexFloat {
+            f32: [logits, lse, grad] => cross_entropy_backward
         }
-    }
-
-    fn causal_attention(
-        qkv: FloatTensor<Self>,
-        n_head: usize,
-        keep: Option<FloatTensor<Self>>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if all_f32([&qkv].into_iter().chain(&keep)) {
-            cpu_kernels::causal_attention(qkv, n_head, keep)
-        } else {
-            composite::causal_attention::<Self>(qkv, n_head, keep)
+        fn causal_attention(qkv: FlexFloat, n_head: usize, keep: Option<FlexFloat>) -> (FlexFloat, FlexFloat) {
+            f32: [qkv, keep] => causal_attention
         }
-    }
-
-    fn causal_attention_backward(
-        qkv: FloatTensor<Self>,
-        probs: FloatTensor<Self>,
-        keep: Option<FloatTensor<Self>>,
-        grad: FloatTensor<Self>,
-        n_head: usize,
-    ) -> FloatTensor<Self> {
-        if all_f32([&qkv, &probs, &grad].into_iter().chain(&keep)) {
-            cpu_kernels::causal_attention_backward(qkv, probs, keep, grad, n_head)
-        } else {
-            composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head)
+        fn causal_attention_backward(
+            qkv: FlexFloat,
+            probs: FlexFloat,
+            keep: Option<FlexFloat>,
+            grad: FlexFloat,
+            n_head: usize,
+        ) -> FlexFloat {
+            f32: [qkv, probs, keep, grad] => causal_attention_backward
         }
     }
 }

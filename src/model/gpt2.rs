@@ -1,6 +1,12 @@
 //! GPT-2 in burn: the whole model in one file, numerically matching HuggingFace
 //! transformers' `GPT2LMHeadModel` (pre-LayerNorm blocks, tanh GELU, tied LM head).
+//!
+//! Field names follow transformers' module names (`h`, `ln_1`, `c_attn`, a LayerNorm's `weight`
+//! and `bias`), so a parameter's module path is its name in a HF checkpoint: `h.0.attn.c_attn.weight`.
 
+use std::path::Path;
+
+use anyhow::Result;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
@@ -10,6 +16,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{FloatDType, Int, Tensor};
 
 use super::fused::{causal_attention, cross_entropy, gelu_new, layer_norm, linear, FusedOps};
+use super::{hf, CausalLm};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
 #[derive(Config, Debug, PartialEq)]
@@ -53,12 +60,12 @@ impl Gpt2Config {
             Linear { bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))), ..layer }
         };
         let layer_norm = || LayerNorm {
-            gamma: Param::from_tensor(Tensor::ones([self.n_embd], device)),
-            beta: Param::from_tensor(Tensor::zeros([self.n_embd], device)),
+            weight: Param::from_tensor(Tensor::ones([self.n_embd], device)),
+            bias: Param::from_tensor(Tensor::zeros([self.n_embd], device)),
             epsilon: self.layer_norm_epsilon,
         };
         let d = self.n_embd;
-        let blocks = (0..self.n_layer)
+        let h = (0..self.n_layer)
             .map(|_| Block {
                 ln_1: layer_norm(),
                 attn: Attention { c_attn: linear(d, 3 * d, std), c_proj: linear(d, d, proj_std), n_head: self.n_head },
@@ -68,10 +75,11 @@ impl Gpt2Config {
             })
             .collect();
         Gpt2 {
+            config: self.clone(),
             precision: Precision::F32,
             wte: EmbeddingConfig::new(self.vocab_size, d).with_initializer(normal(std)).init(device),
             wpe: EmbeddingConfig::new(self.n_positions, d).with_initializer(normal(0.01)).init(device),
-            blocks,
+            h,
             ln_f: layer_norm(),
             dropout: DropoutConfig::new(self.dropout).init(),
         }
@@ -82,7 +90,7 @@ impl Gpt2Config {
 /// inputs and weights are cast to bf16 for the product and the result back to f32 (PyTorch's
 /// autocast for linear layers): the weights themselves, their gradients, the optimizer state,
 /// LayerNorm, attention and the loss stay f32.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
@@ -111,22 +119,25 @@ impl Precision {
 
 #[derive(Module, Debug)]
 pub struct Gpt2<B: Backend> {
+    /// The architecture (not a parameter).
+    pub config: Gpt2Config,
     /// What the linear layers' products run in (not saved: a run setting, not a weight).
     pub precision: Precision,
     /// Token embedding; also the LM head (tied weights, as in GPT-2).
     pub wte: Embedding<B>,
     /// Learned position embedding.
     pub wpe: Embedding<B>,
-    pub blocks: Vec<Block<B>>,
+    /// The transformer blocks.
+    pub h: Vec<Block<B>>,
     pub ln_f: LayerNorm<B>,
     pub dropout: Dropout,
 }
 
-/// LayerNorm over the last dimension: (x − mean)/√(var + ε)·gamma + beta, biased variance.
+/// LayerNorm over the last dimension: (x − mean)/√(var + ε)·weight + bias, biased variance.
 #[derive(Module, Debug)]
 pub struct LayerNorm<B: Backend> {
-    pub gamma: Param<Tensor<B, 1>>,
-    pub beta: Param<Tensor<B, 1>>,
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
     pub epsilon: f64,
 }
 
@@ -135,7 +146,7 @@ impl<B: FusedOps> LayerNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
         let rows = x.reshape([batch * seq, d_model]); // [batch·seq, d_model]
-        layer_norm(rows, self.gamma.val(), self.beta.val(), self.epsilon).reshape([batch, seq, d_model])
+        layer_norm(rows, self.weight.val(), self.bias.val(), self.epsilon).reshape([batch, seq, d_model])
     }
 }
 
@@ -176,26 +187,61 @@ impl<B: Backend> KvCache<B> {
     pub fn new(n_layer: usize) -> Self {
         Self { layers: (0..n_layer).map(|_| None).collect(), seen: 0 }
     }
+}
 
-    /// How many positions the cache holds.
-    pub fn len(&self) -> usize {
-        self.seen
+impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
+    type Config = Gpt2Config;
+    type Cache = KvCache<B>;
+
+    fn config(&self) -> &Gpt2Config {
+        &self.config
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.seen == 0
+    fn context(&self) -> usize {
+        self.config.n_positions
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn num_params(&self) -> usize {
+        self.config.num_params()
+    }
+
+    fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [batch, seq] = inputs.dims();
+        let hidden = self.hidden(inputs, None); // [batch, seq, d_model]
+        let d_model = hidden.dims()[2];
+        let logits = self.lm_head(hidden.reshape([batch * seq, d_model])); // [batch·seq, vocab]
+        cross_entropy(logits, targets.reshape([batch * seq])).reshape([batch, seq])
+    }
+
+    fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.h.len())
+    }
+
+    fn cached(cache: &KvCache<B>) -> usize {
+        cache.seen
+    }
+
+    fn next_logits(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
+        let hidden = self.hidden(tokens, Some(cache)); // [batch, fed, d_model]
+        let [batch, fed, d_model] = hidden.dims();
+        self.lm_head(hidden.slice([0..batch, fed - 1..fed]).reshape([batch, d_model]))
+        // [batch, vocab]
+    }
+
+    fn save(&self, dir: &Path, eos_id: Option<usize>) -> Result<()> {
+        hf::save(self, eos_id, dir)
+    }
+
+    fn load(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Self> {
+        Ok(hf::load(dir, dropout, device)?.1)
     }
 }
 
 impl<B: FusedOps> Gpt2<B> {
-    pub fn n_positions(&self) -> usize {
-        self.wpe.weight.dims()[0]
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.wte.weight.dims()[0]
-    }
-
     /// Final hidden states. With a cache, `tokens` are the positions after the cached ones.
     /// tokens: [batch, seq] → [batch, seq, d_model]
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
@@ -207,7 +253,7 @@ impl<B: FusedOps> Gpt2<B> {
             .expand([batch, seq]); // [batch, seq]
         let x = self.wte.forward(tokens) + self.wpe.forward(positions); // [batch, seq, d_model]
         let mut x = self.dropout.forward(x);
-        for (layer, block) in self.blocks.iter().enumerate() {
+        for (layer, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[layer]);
             x = block.forward(x, layer_cache, self.precision);
         }
@@ -227,29 +273,7 @@ impl<B: FusedOps> Gpt2<B> {
     pub fn logits(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let hidden = self.hidden(tokens, cache); // [batch, seq, d_model]
         let [batch, seq, d_model] = hidden.dims();
-        self.lm_head(hidden.reshape([batch * seq, d_model])).reshape([batch, seq, self.vocab_size()])
-    }
-
-    /// Per-token negative log-likelihood of `targets` given `inputs` (targets are the inputs
-    /// shifted left by one). inputs, targets: [batch, seq] → [batch, seq]
-    pub fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        let [batch, seq] = inputs.dims();
-        let hidden = self.hidden(inputs, None); // [batch, seq, d_model]
-        let d_model = hidden.dims()[2];
-        let logits = self.lm_head(hidden.reshape([batch * seq, d_model])); // [batch·seq, vocab]
-        cross_entropy(logits, targets.reshape([batch * seq])).reshape([batch, seq])
-    }
-
-    /// Sum of the per-token NLL weighted by `weights` (1 where a token is trained on, 0 for
-    /// prompt or padding), and so the numerator of a token-mean loss.
-    /// inputs, targets: [batch, seq] Int; weights: [batch, seq] → [1]
-    pub fn loss_sum(
-        &self,
-        inputs: Tensor<B, 2, Int>,
-        targets: Tensor<B, 2, Int>,
-        weights: Tensor<B, 2>,
-    ) -> Tensor<B, 1> {
-        (self.token_nll(inputs, targets) * weights).sum()
+        self.lm_head(hidden.reshape([batch * seq, d_model])).reshape([batch, seq, self.config.vocab_size])
     }
 }
 

@@ -7,14 +7,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::module::Param;
-use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::TensorData;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::json;
 
-use super::gpt2::{Gpt2, Gpt2Config, LayerNorm};
+use super::gpt2::{Gpt2, Gpt2Config};
+use super::params;
 use crate::error::bad_input;
 use crate::run_dir::write_atomic;
 
@@ -23,6 +22,9 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
+/// What transformers' `GPT2LMHeadModel` puts before the module paths of the GPT-2 body.
+const PREFIX: &str = "transformer.";
 
 /// GPT-2's `<|endoftext|>`, its BOS and EOS.
 const GPT2_EOS_ID: usize = 50256;
@@ -96,16 +98,11 @@ impl TensorFile {
     }
 
     /// Take a tensor by its HF name (without the `transformer.` prefix), checking its shape.
-    fn take<B: Backend, const D: usize>(
-        &mut self,
-        name: &str,
-        shape: [usize; D],
-        device: &B::Device,
-    ) -> Result<Param<Tensor<B, D>>> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData> {
         let (found, values) = self
             .tensors
             .remove(name)
-            .or_else(|| self.tensors.remove(&format!("transformer.{name}")))
+            .or_else(|| self.tensors.remove(&format!("{PREFIX}{name}")))
             .ok_or_else(|| bad_input(format!("{}: tensor `{name}` is missing", self.path.display())))?;
         if found != shape {
             return Err(bad_input(format!(
@@ -113,11 +110,12 @@ impl TensorFile {
                 self.path.display()
             )));
         }
-        Ok(Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device)))
+        Ok(TensorData::new(values, shape))
     }
 }
 
-/// Load a GPT-2 from a HF directory (`config.json` + `model.safetensors`). Names may carry the
+/// Load a GPT-2 from a HF directory (`config.json` + `model.safetensors`). Each parameter is
+/// read under its module path as the HF name (see `params`); names may carry the
 /// `transformer.` prefix or not; attention-mask buffers and a stored tied LM head are ignored;
 /// a missing, unexpected or wrongly shaped tensor is an error that names it.
 pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<(Gpt2Config, Gpt2<B>)> {
@@ -126,34 +124,12 @@ pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) ->
         config.dropout = p;
     }
     let mut file = TensorFile::read(&dir.join(WEIGHTS_FILE))?;
-    let mut model = config.init::<B>(device);
-    let (d, v, p) = (config.n_embd, config.vocab_size, config.n_positions);
-    let linear = |file: &mut TensorFile, linear: &mut Linear<B>, name: &str, d_in: usize, d_out: usize| -> Result<()> {
-        linear.weight = file.take(&format!("{name}.weight"), [d_in, d_out], device)?;
-        linear.bias = Some(file.take(&format!("{name}.bias"), [d_out], device)?);
-        Ok(())
-    };
-    let layer_norm = |file: &mut TensorFile, norm: &mut LayerNorm<B>, name: &str| -> Result<()> {
-        norm.gamma = file.take(&format!("{name}.weight"), [d], device)?;
-        norm.beta = file.take(&format!("{name}.bias"), [d], device)?;
-        Ok(())
-    };
-    model.wte.weight = file.take("wte.weight", [v, d], device)?;
-    model.wpe.weight = file.take("wpe.weight", [p, d], device)?;
-    for (i, block) in model.blocks.iter_mut().enumerate() {
-        layer_norm(&mut file, &mut block.ln_1, &format!("h.{i}.ln_1"))?;
-        linear(&mut file, &mut block.attn.c_attn, &format!("h.{i}.attn.c_attn"), d, 3 * d)?;
-        linear(&mut file, &mut block.attn.c_proj, &format!("h.{i}.attn.c_proj"), d, d)?;
-        layer_norm(&mut file, &mut block.ln_2, &format!("h.{i}.ln_2"))?;
-        linear(&mut file, &mut block.mlp.c_fc, &format!("h.{i}.mlp.c_fc"), d, 4 * d)?;
-        linear(&mut file, &mut block.mlp.c_proj, &format!("h.{i}.mlp.c_proj"), 4 * d, d)?;
-    }
-    layer_norm(&mut file, &mut model.ln_f, "ln_f")?;
+    let model = params::load(config.init::<B>(device), |name, shape| file.take(name, shape))?;
     let mut unexpected: Vec<&String> = file
         .tensors
         .keys()
         .filter(|name| {
-            let name = name.strip_prefix("transformer.").unwrap_or(name);
+            let name = name.strip_prefix(PREFIX).unwrap_or(name);
             !(name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight")
         })
         .collect();
@@ -167,34 +143,6 @@ pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) ->
         )));
     }
     Ok((config, model))
-}
-
-/// Every parameter under its HF name, as `save_pretrained` writes them.
-fn named_tensors<B: Backend>(model: &Gpt2<B>) -> Vec<(String, TensorData)> {
-    let mut out = Vec::new();
-    let mut push = |name: String, data: TensorData| out.push((format!("transformer.{name}"), data));
-    let linear = |push: &mut dyn FnMut(String, TensorData), linear: &Linear<B>, name: String| {
-        push(format!("{name}.weight"), linear.weight.val().into_data());
-        if let Some(bias) = &linear.bias {
-            push(format!("{name}.bias"), bias.val().into_data());
-        }
-    };
-    let layer_norm = |push: &mut dyn FnMut(String, TensorData), norm: &LayerNorm<B>, name: String| {
-        push(format!("{name}.weight"), norm.gamma.val().into_data());
-        push(format!("{name}.bias"), norm.beta.val().into_data());
-    };
-    push("wte.weight".into(), model.wte.weight.val().into_data());
-    push("wpe.weight".into(), model.wpe.weight.val().into_data());
-    for (i, block) in model.blocks.iter().enumerate() {
-        layer_norm(&mut push, &block.ln_1, format!("h.{i}.ln_1"));
-        linear(&mut push, &block.attn.c_attn, format!("h.{i}.attn.c_attn"));
-        linear(&mut push, &block.attn.c_proj, format!("h.{i}.attn.c_proj"));
-        layer_norm(&mut push, &block.ln_2, format!("h.{i}.ln_2"));
-        linear(&mut push, &block.mlp.c_fc, format!("h.{i}.mlp.c_fc"));
-        linear(&mut push, &block.mlp.c_proj, format!("h.{i}.mlp.c_proj"));
-    }
-    layer_norm(&mut push, &model.ln_f, "ln_f".into());
-    out
 }
 
 /// The `config.json` transformers' `GPT2LMHeadModel.from_pretrained` expects.
@@ -224,10 +172,10 @@ fn config_json(config: &Gpt2Config, eos_id: usize) -> serde_json::Value {
 
 /// Write a HF GPT-2 directory: config.json, generation_config.json and model.safetensors
 /// (f32, HF names). Each file is written atomically; the tokenizer is the caller's to copy.
-pub fn save<B: Backend>(model: &Gpt2<B>, config: &Gpt2Config, eos_id: Option<usize>, dir: &Path) -> Result<()> {
+pub fn save<B: Backend>(model: &Gpt2<B>, eos_id: Option<usize>, dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let eos_id = eos_id.unwrap_or(GPT2_EOS_ID);
-    let tensors = named_tensors(model);
+    let tensors = params::tensors(model).into_iter().map(|(name, data)| (format!("{PREFIX}{name}"), data));
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .into_iter()
         .map(|(name, data)| {
@@ -248,7 +196,7 @@ pub fn save<B: Backend>(model: &Gpt2<B>, config: &Gpt2Config, eos_id: Option<usi
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let serialized = safetensors::serialize(views, Some(metadata)).context("cannot serialize the weights")?;
     write_atomic(&dir.join(WEIGHTS_FILE), &serialized)?;
-    let config_text = serde_json::to_string_pretty(&config_json(config, eos_id))?;
+    let config_text = serde_json::to_string_pretty(&config_json(&model.config, eos_id))?;
     write_atomic(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
     let generation = json!({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id});
     write_atomic(&dir.join(GENERATION_CONFIG_FILE), serde_json::to_string_pretty(&generation)?.as_bytes())?;
@@ -302,10 +250,10 @@ pub fn export(source: &Path, out: &Path) -> Result<()> {
         return Err(bad_input(format!("{}: already exists and is not empty; choose a new folder", out.display())));
     }
     let device = Default::default();
-    let (config, model) = load::<burn::backend::Flex>(source, None, &device)?;
+    let (_, model) = load::<burn::backend::Flex>(source, None, &device)?;
     let tokenizer = source.join(TOKENIZER_FILE);
     let eos_id = crate::data::Tok::load(&tokenizer)?.eos_id as usize;
-    save(&model, &config, Some(eos_id), out)?;
+    save(&model, Some(eos_id), out)?;
     fs::copy(&tokenizer, out.join(TOKENIZER_FILE)).with_context(|| format!("cannot copy {}", tokenizer.display()))?;
     Ok(())
 }

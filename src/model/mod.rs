@@ -1,10 +1,84 @@
-//! The model: GPT-2 itself, the fused operations its hot spots run as, and HuggingFace
-//! checkpoint directories in and out.
+//! The model: the causal-language-model seam the rest of pipe is written against, GPT-2 (the
+//! one family pipe has), the fused operations its hot spots run as, parameters by name, and
+//! HuggingFace checkpoint directories in and out.
 
 mod cpu_kernels;
 pub mod fused;
 pub mod gpt2;
 pub mod hf;
+pub mod params;
+mod raw;
+
+use std::path::Path;
+
+use anyhow::Result;
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::{Int, Tensor};
 
 pub use fused::{FusedOps, TrainBackend};
 pub use gpt2::{Gpt2, Gpt2Config, KvCache};
+
+/// A causal language model: everything the trainer, checkpoints, evaluation, generation,
+/// scoring and chat need of a model family.
+///
+/// Its parameters are named on disk by their module paths (`h.0.attn.c_attn.weight`, see
+/// [`params`]): saving, loading and the optimizer state's parameter order all go through those
+/// names, so a parameter added to a model is in every checkpoint without a list to update.
+pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
+    /// The architecture.
+    type Config: Clone + core::fmt::Debug;
+    /// What decoding keeps from one step to the next (GPT-2: every layer's keys and values).
+    type Cache;
+
+    fn config(&self) -> &Self::Config;
+
+    /// The positions the model attends over.
+    fn context(&self) -> usize;
+
+    fn vocab_size(&self) -> usize;
+
+    /// Trainable parameter count (a tied weight counted once).
+    fn num_params(&self) -> usize;
+
+    /// Per-token negative log-likelihood of `targets` given `inputs` (targets are the inputs
+    /// shifted left by one). inputs, targets: [batch, seq] → [batch, seq]
+    fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2>;
+
+    /// Sum of the per-token NLL weighted by `weights` (1 where a token is trained on, 0 for
+    /// prompt or padding): the numerator of a token-mean loss.
+    /// inputs, targets: [batch, seq] Int; weights: [batch, seq] → [1]
+    fn loss_sum(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 1> {
+        (self.token_nll(inputs, targets) * weights).sum()
+    }
+
+    /// An empty cache for one decoding session.
+    fn new_cache(&self) -> Self::Cache;
+
+    /// How many positions `cache` holds.
+    fn cached(cache: &Self::Cache) -> usize;
+
+    /// The next-token logits after `tokens`, which follow the positions already in `cache`
+    /// (and are added to it). tokens: [batch, seq] → [batch, vocab]
+    fn next_logits(&self, tokens: Tensor<B, 2, Int>, cache: &mut Self::Cache) -> Tensor<B, 2>;
+
+    /// Write the model as a folder in its family's format (GPT-2: a HuggingFace directory);
+    /// `eos_id` is the tokenizer's end-of-text id, recorded in the config.
+    fn save(&self, dir: &Path, eos_id: Option<usize>) -> Result<()>;
+
+    /// Read a model written by `save` (or by its family's own tools). `dropout` replaces the
+    /// folder's dropout probability.
+    fn load(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Self>
+    where
+        Self: Sized;
+}
+
+/// A model pipe can train: a [`CausalLm`] under autodiff whose inference copy is one too.
+pub trait TrainableLm<B: TrainBackend>:
+    CausalLm<B> + AutodiffModule<B, InnerModule: CausalLm<B::InnerBackend>>
+{
+}
+
+impl<B: TrainBackend, M> TrainableLm<B> for M where
+    M: CausalLm<B> + AutodiffModule<B, InnerModule: CausalLm<B::InnerBackend>>
+{
+}

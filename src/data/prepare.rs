@@ -1,0 +1,164 @@
+//! Preparing a spec's data: read the records, split off the validation set, load or train the
+//! tokenizer, tokenize (through the cache), and check the result against the model's
+//! vocabulary and context.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::{cache, records, tokenize, Example, Sequence, Tok, TokenizeReport};
+use crate::error::bad_input;
+use crate::model::hf;
+use crate::spec::{ModelSpec, Spec};
+
+/// The tokenizer and the tokenized train and validation sets of a spec.
+pub struct PreparedData {
+    pub tok: Tok,
+    pub train: Vec<Sequence>,
+    pub val: Vec<Sequence>,
+    pub report: TokenizeReport,
+    /// The HuggingFace directory the model comes from, if the spec names one.
+    pub model_dir: Option<PathBuf>,
+}
+
+impl PreparedData {
+    /// Read, split and tokenize the spec's data (from the tokenized cache when the inputs are
+    /// unchanged), checking it against the model's vocabulary and context.
+    pub fn prepare(spec: &Spec, tokenizer: Option<&Path>) -> Result<Self> {
+        let model_dir = model_dir(&spec.model)?;
+        let train_examples = records::read(&spec.data.path, &spec.data)?;
+        let (train_examples, val_examples, val_origin) = match &spec.data.val_path {
+            Some(path) => (train_examples, records::read(path, &spec.data)?, path.clone()),
+            None => {
+                let (train, val) = split(train_examples, spec.data.val_fraction, spec.run.seed);
+                (train, val, spec.data.path.clone())
+            }
+        };
+        let tokenizer_path = tokenizer.map(Path::to_path_buf).or_else(|| spec.tokenizer.path.clone());
+        let (tok, tok_origin) = match (&tokenizer_path, spec.tokenizer.train_vocab_size, &model_dir) {
+            (Some(path), _, _) => (Tok::load(path)?, path.display().to_string()),
+            (None, Some(vocab), _) => {
+                tracing::info!(vocab, "training a byte-level BPE tokenizer on the training data");
+                let tok = Tok::train(train_examples.iter().flat_map(Example::texts), vocab)?;
+                if tok.vocab_size() < vocab {
+                    tracing::warn!(
+                        asked = vocab,
+                        learned = tok.vocab_size(),
+                        "the training texts support fewer BPE merges than asked"
+                    );
+                }
+                (tok, "trained on data.path".to_string())
+            }
+            (None, None, Some(dir)) => {
+                let path = dir.join(hf::TOKENIZER_FILE);
+                (Tok::load(&path)?, path.display().to_string())
+            }
+            (None, None, None) => unreachable!("validated: a new model names its tokenizer"),
+        };
+        let (vocab_size, context) = match &model_dir {
+            Some(dir) => {
+                let config = hf::read_config(dir)?;
+                (config.vocab_size, config.n_positions)
+            }
+            None => (tok.vocab_size(), spec.model.context.expect("validated: a new model has a context")),
+        };
+        if tok.vocab_size() > vocab_size {
+            return Err(bad_input(format!(
+                "the tokenizer ({tok_origin}) has {} tokens but the model's vocabulary has {vocab_size}{}: use the tokenizer the model was trained with",
+                tok.vocab_size(),
+                model_dir.as_ref().map(|d| format!(" ({})", d.display())).unwrap_or_default()
+            )));
+        }
+        let max_length = spec.train.max_length.unwrap_or(context);
+        if max_length > context {
+            return Err(bad_input(format!(
+                "train.max_length = {max_length} is longer than the model's context of {context} positions"
+            )));
+        }
+        let entry = cache_entry(spec, &tok, max_length)?;
+        let tokenized = match cache::load(&entry) {
+            Some(cached) => {
+                tracing::info!(path = %entry.display(), "reusing the tokenized data from the cache");
+                cached
+            }
+            None => {
+                let (train, report) =
+                    tokenize(&train_examples, &tok, &spec.data, max_length, spec.train.loss_on, &spec.data.path)?;
+                let (val, _) = tokenize(&val_examples, &tok, &spec.data, max_length, spec.train.loss_on, &val_origin)?;
+                let tokenized = cache::Tokenized { train, val, report };
+                match cache::store(&entry, &tokenized) {
+                    Ok(()) => tracing::info!(path = %entry.display(), "tokenized the data and cached it"),
+                    Err(e) => tracing::warn!("could not cache the tokenized data: {e:#}"),
+                }
+                tokenized
+            }
+        };
+        if tokenized.train.is_empty() {
+            return Err(bad_input(format!(
+                "{}: no training sequences are left after tokenizing",
+                spec.data.path.display()
+            )));
+        }
+        Ok(Self { tok, train: tokenized.train, val: tokenized.val, report: tokenized.report, model_dir })
+    }
+}
+
+/// The cache entry for a spec's data: the dataset files' bytes, the tokenizer, and every
+/// setting that changes the tokenized result (paths themselves do not).
+fn cache_entry(spec: &Spec, tok: &Tok, max_length: usize) -> Result<PathBuf> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| bad_input(format!("{}: cannot read: {e}", p.display())));
+    let train = read(&spec.data.path)?;
+    let val = spec.data.val_path.as_deref().map(read).transpose()?.unwrap_or_default();
+    let tokenizer = tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
+    let mut data = spec.data.clone();
+    data.path = PathBuf::new();
+    data.val_path = None;
+    let settings = format!(
+        "{}\nseed={} max_length={max_length} loss_on={:?} version={}",
+        toml::to_string(&data)?,
+        spec.run.seed,
+        spec.train.loss_on,
+        env!("CARGO_PKG_VERSION")
+    );
+    Ok(cache::entry_path(&spec.run.runs_dir, &[&train, &val, tokenizer.as_bytes(), settings.as_bytes()]))
+}
+
+/// The HF directory a spec's model comes from, if it names one.
+fn model_dir(model: &ModelSpec) -> Result<Option<PathBuf>> {
+    match (&model.path, &model.hub) {
+        (Some(path), _) => {
+            if !path.join(hf::CONFIG_FILE).is_file() {
+                return Err(bad_input(format!("model.path {}: no {} there", path.display(), hf::CONFIG_FILE)));
+            }
+            Ok(Some(path.clone()))
+        }
+        (None, Some(id)) => hf::resolve_hub_model(id).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Hold out `fraction` of the examples for validation, chosen by a seeded shuffle (at least
+/// one when the fraction is positive and there are two or more examples).
+fn split(mut examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+    if fraction <= 0.0 || examples.len() < 2 {
+        return (examples, Vec::new());
+    }
+    let n_val = ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    let val_set: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
+    let mut val = Vec::with_capacity(n_val);
+    let mut i = 0;
+    examples.retain(|e| {
+        let held_out = val_set.contains(&i);
+        if held_out {
+            val.push(e.clone());
+        }
+        i += 1;
+        !held_out
+    });
+    (examples, val)
+}

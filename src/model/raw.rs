@@ -1,0 +1,234 @@
+//! The one room for pipe's unsafe CPU plumbing: strided matrix views over f32 buffers, an
+//! output pointer that parallel tasks share, the single- and multi-threaded matrix products
+//! (gemm), vectors handed out before they are zeroed, and the `vectorised!` dispatch to AVX2
+//! copies of inner loops. The op kernels in `cpu_kernels` build on these.
+//!
+//! Invariants: a view never reaches outside the buffer it was made from (checked by
+//! `debug_assert!` in debug builds when a product uses it); parallel tasks writing through one
+//! `SharedMut` write disjoint elements (the callers' comments say why theirs are).
+
+use burn::backend::flex::FlexTensor;
+use rayon::prelude::*;
+
+/// `fn name(args) -> ret { body }` with the body compiled twice, for the baseline CPU and for
+/// AVX2 with FMA, the second chosen at run time on CPUs that have them. (A named inner function
+/// marked `inline(always)` is what reliably lands in the `target_feature` copy; a closure
+/// passed to a generic wrapper is not inlined there.)
+macro_rules! vectorised {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                // SAFETY: the CPU has the features just checked.
+                return unsafe { avx2($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use vectorised;
+
+/// A raw pointer that rayon's tasks may share: each task writes a disjoint part of the buffer.
+#[derive(Clone, Copy)]
+pub struct SharedMut {
+    ptr: *mut f32,
+    /// Elements from `ptr` to the end of the buffer.
+    len: usize,
+}
+// SAFETY: used only where the tasks' writes are disjoint (one (batch, head) slot or one block
+// of output columns each); every user says why its writes are.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    pub fn new(buffer: &mut [f32]) -> Self {
+        Self { ptr: buffer.as_mut_ptr(), len: buffer.len() }
+    }
+
+    /// Write `values` at element `offset` of the buffer.
+    ///
+    /// # Safety
+    /// No other thread may read or write those elements meanwhile.
+    pub unsafe fn copy_in(self, offset: usize, values: &[f32]) {
+        assert!(offset + values.len() <= self.len, "{} values at {offset} past a buffer of {}", values.len(), self.len);
+        // SAFETY: inside the buffer (just checked); the caller vouches for exclusive access.
+        unsafe { self.ptr.add(offset).copy_from_nonoverlapping(values.as_ptr(), values.len()) };
+    }
+
+    /// The output matrix at element `offset` of the buffer, rows `row` elements apart.
+    pub fn row_major(self, offset: usize, row: usize) -> Out {
+        self.strided(offset, row as isize, 1)
+    }
+
+    /// The output matrix at element `offset`, element (r, c) at `offset + r·row + c·col`.
+    pub fn strided(self, offset: usize, row: isize, col: isize) -> Out {
+        debug_assert!(offset <= self.len, "output offset {offset} past a buffer of {}", self.len);
+        Out { ptr: self.ptr.wrapping_add(offset), len: self.len.saturating_sub(offset), row, col }
+    }
+}
+
+/// Whether a [rows, cols] matrix with strides (row, col) starting at a pointer reaches only
+/// the `len` elements after it. Strides are non-negative in pipe's views.
+fn fits(len: usize, rows: usize, cols: usize, row: isize, col: isize) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    row >= 0 && col >= 0 && (rows - 1) * (row as usize) + (cols - 1) * (col as usize) < len
+}
+
+/// One matrix of a strided, read-only f32 buffer: element (r, c) at `ptr + r·row + c·col`.
+#[derive(Clone, Copy)]
+pub struct Mat {
+    ptr: *const f32,
+    /// Elements from `ptr` to the end of the buffer.
+    len: usize,
+    row: isize,
+    col: isize,
+}
+
+// SAFETY: read-only views, shared by tasks that only read them.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    /// The matrix at element `offset` of `buffer`, rows `row` elements apart, columns adjacent.
+    pub fn row_major(buffer: &[f32], offset: usize, row: usize) -> Self {
+        Self::strided(buffer, offset, row as isize, 1)
+    }
+
+    /// The matrix at element `offset`, element (r, c) at `offset + r·row + c·col`.
+    pub fn strided(buffer: &[f32], offset: usize, row: isize, col: isize) -> Self {
+        assert!(offset <= buffer.len(), "view offset {offset} past a buffer of {}", buffer.len());
+        Self { ptr: buffer[offset..].as_ptr(), len: buffer.len() - offset, row, col }
+    }
+
+    /// A 2-D f32 tensor as it lies in memory (a transposed view stays a view).
+    pub fn of(t: &FlexTensor) -> Self {
+        let layout = t.layout();
+        let (row, col) = (layout.strides()[0], layout.strides()[1]);
+        Self::strided(t.storage::<f32>(), layout.start_offset(), row, col)
+    }
+
+    /// The transpose, as a view of the same memory.
+    pub fn t(self) -> Self {
+        Self { row: self.col, col: self.row, ..self }
+    }
+
+    /// The sub-matrix whose element (0, 0) is this one's (r, c).
+    pub fn offset_to(self, r: usize, c: usize) -> Self {
+        let offset = r as isize * self.row + c as isize * self.col;
+        debug_assert!(offset >= 0 && offset as usize <= self.len, "sub-matrix ({r}, {c}) outside the view");
+        Self { ptr: self.ptr.wrapping_offset(offset), len: self.len.saturating_sub(offset as usize), ..self }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        fits(self.len, rows, cols, self.row, self.col)
+    }
+}
+
+/// The output side of a product: where element (r, c) goes.
+#[derive(Clone, Copy)]
+pub struct Out {
+    ptr: *mut f32,
+    len: usize,
+    row: isize,
+    col: isize,
+}
+
+// SAFETY: as SharedMut, which every Out comes from.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The sub-matrix whose element (0, 0) is this one's (r, c).
+    pub fn offset_to(self, r: usize, c: usize) -> Self {
+        let offset = r as isize * self.row + c as isize * self.col;
+        debug_assert!(offset >= 0 && offset as usize <= self.len, "sub-matrix ({r}, {c}) outside the output");
+        Self { ptr: self.ptr.wrapping_offset(offset), len: self.len.saturating_sub(offset as usize), ..self }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        fits(self.len, rows, cols, self.row, self.col)
+    }
+}
+
+/// dst[m×n] = (dst if `accumulate`) + scale · lhs[m×k] · rhs[k×n], on the calling thread.
+///
+/// # Safety
+/// `dst` must not overlap the inputs, and no other thread may read or write the elements of
+/// `dst` this product writes while it runs. (That every view lies inside its buffer is checked
+/// in debug builds.)
+pub unsafe fn matmul([m, n, k]: [usize; 3], dst: Out, lhs: Mat, rhs: Mat, scale: f32, accumulate: bool) {
+    debug_assert!(lhs.fits(m, k) && rhs.fits(k, n) && dst.fits(m, n), "a [{m}, {n}, {k}] product outside its buffers");
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        dst.col,
+        dst.row,
+        accumulate,
+        lhs.ptr,
+        lhs.col,
+        lhs.row,
+        rhs.ptr,
+        rhs.col,
+        rhs.row,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// `matmul` split across rayon's threads by blocks of output columns (rows, when the output is
+/// taller than wide), one single-threaded product each: at the shapes of a GPT-2 step this is
+/// faster than gemm's own threading (README, Speed).
+///
+/// # Safety
+/// As `matmul`.
+pub unsafe fn par_matmul([m, n, k]: [usize; 3], dst: Out, lhs: Mat, rhs: Mat, accumulate: bool) {
+    // Small products (generation's one-token steps) are not worth a trip through the pool.
+    const PARALLEL_FROM: usize = 192 * 192 * 192;
+    let parts = if m * n * k < PARALLEL_FROM { 1 } else { rayon::current_num_threads().max(1) };
+    if parts == 1 {
+        return matmul([m, n, k], dst, lhs, rhs, 1.0, accumulate);
+    }
+    let by_columns = n >= m;
+    let extent = if by_columns { n } else { m };
+    // Blocks of whole 16-wide tiles, so that no block ends in a ragged microkernel tile.
+    let block = extent.div_ceil(parts).next_multiple_of(16);
+    (0..extent.div_ceil(block)).into_par_iter().for_each(|i| {
+        let (start, len) = (i * block, block.min(extent - i * block));
+        // SAFETY: each block writes its own columns (rows) of dst; the caller vouches for the rest.
+        unsafe {
+            if by_columns {
+                matmul([m, len, k], dst.offset_to(0, start), lhs, rhs.offset_to(0, start), 1.0, accumulate);
+            } else {
+                matmul([len, n, k], dst.offset_to(start, 0), lhs.offset_to(start, 0), rhs, 1.0, accumulate);
+            }
+        }
+    });
+}
+
+/// A vector of `len` elements that `fill` writes through the shared pointer it is given,
+/// handed out without being zeroed first.
+///
+/// # Safety
+/// `fill` must write every one of the `len` elements.
+pub unsafe fn filled(len: usize, fill: impl FnOnce(SharedMut)) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(len);
+    fill(SharedMut { ptr: v.spare_capacity_mut().as_mut_ptr().cast(), len });
+    // SAFETY: the caller promised that `fill` wrote all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}

@@ -1,0 +1,358 @@
+//! The pipeline spec: the TOML schema as plain serde structs, one `Default` per section (what
+//! a field left out of the file means), loaded with provenance in `load` and checked in
+//! `validate`.
+
+mod load;
+mod validate;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use crate::model::gpt2::Precision;
+pub use load::{flatten, load, load_with_env, LoadedSpec, Source};
+
+/// Prefix of environment variables that override spec fields (`PIPE_TRAIN__EPOCHS=3`).
+pub const ENV_PREFIX: &str = "PIPE_";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub run: RunSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub tokenizer: TokenizerSpec,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub generate: GenerateSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSpec {
+    /// Runs land in `<runs_dir>/<name>/<run-id>/`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub name: String,
+    pub seed: u64,
+    pub runs_dir: PathBuf,
+    pub backend: BackendKind,
+    /// Device index for GPU backends.
+    pub device: usize,
+    /// "f32", or "bf16": linear layers and the LM head multiply in bf16, with f32 master
+    /// weights, gradients, optimizer state, LayerNorm, attention and loss (mixed precision).
+    pub precision: Precision,
+    /// The stages to run, in order.
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// burn's flex backend on the CPU.
+    #[default]
+    Cpu,
+    /// burn's CUDA backend (needs the `cuda` cargo feature).
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Train,
+    Eval,
+    Generate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSpec {
+    /// Training data: JSON array, JSONL, CSV with a header row, or plain text.
+    pub path: PathBuf,
+    /// How the file is laid out; `auto` goes by the extension (.jsonl, .csv, .txt) or content.
+    pub format: DataFormat,
+    /// What each record holds.
+    pub kind: DataKind,
+    /// `pair` records: which fields hold prompt and response.
+    #[serde(deserialize_with = "lenient_string")]
+    pub prompt_field: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub response_field: String,
+    /// `pair` records: how a prompt is laid out before the response (`{prompt}` is the prompt).
+    /// The generate stage's prompts and `pipe chat` use the same template.
+    pub prompt_template: String,
+    /// `alpaca` records: instruction, optional input, output.
+    #[serde(deserialize_with = "lenient_string")]
+    pub instruction_field: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub input_field: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub output_field: String,
+    /// `chat` records: the field with the list of {role, content} messages.
+    #[serde(deserialize_with = "lenient_string")]
+    pub messages_field: String,
+    /// `chat` records: `simple`, or a format string with `{role}` and `{content}` that every
+    /// message is rendered with; assistant messages are followed by EOS.
+    pub chat_template: String,
+    /// `text` records: the field that holds the text (JSON, JSONL or CSV).
+    #[serde(deserialize_with = "lenient_string")]
+    pub text_field: String,
+    /// Plain-text files: one document per `line`, or the whole `file` as one document.
+    pub documents: Documents,
+    /// Validation examples from a second file; otherwise `val_fraction` of `path` is held out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_path: Option<PathBuf>,
+    pub val_fraction: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// By extension: `.jsonl`, `.csv`, `.txt`; otherwise a JSON array or, failing that, JSONL.
+    #[default]
+    Auto,
+    Json,
+    Jsonl,
+    Csv,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    /// A prompt and a response.
+    #[default]
+    Pair,
+    /// Alpaca records: instruction, optional input, output, in the two Alpaca prompt layouts.
+    Alpaca,
+    /// A list of {role, content} messages (system, user, assistant), several turns.
+    Chat,
+    /// Plain documents for continued pre-training, packed into blocks with EOS between.
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Documents {
+    #[default]
+    Line,
+    File,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenizerSpec {
+    /// A HuggingFace `tokenizer.json`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Train a byte-level BPE of this vocabulary size on the training data instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_vocab_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A HuggingFace GPT-2 directory (config.json + model.safetensors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A hub id such as `openai-community/gpt2`, resolved through the HuggingFace cache.
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "lenient_opt_string")]
+    pub hub: Option<String>,
+    /// Or an architecture to initialise from scratch:
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heads: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embd: Option<usize>,
+    /// Context length (learned positions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<usize>,
+    /// Dropout probability; defaults to the checkpoint's, or 0 for a new model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerSpec {
+    pub name: OptimizerKind,
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// L2 penalty added to the gradient for `adam`; decoupled decay for `adamw` (as PyTorch).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value, as `torch.nn.utils.clip_grad_norm_`; 0 = off.
+    pub grad_clip: f64,
+    pub schedule: Schedule,
+    /// Linear warmup from 0 to `lr` over this many optimizer steps.
+    pub warmup_steps: usize,
+    /// The learning rate the cosine schedule decays to, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adam,
+    #[default]
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Constant after the warmup.
+    #[default]
+    Constant,
+    /// Cosine decay to `min_lr_ratio · lr` over the run, after the warmup.
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSpec {
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Batch examples of similar length together (less padding), as TRL's `group_by_length`.
+    pub group_by_length: bool,
+    /// Longest example in tokens (prompt + response + EOS); defaults to the model's context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    pub loss_on: LossOn,
+    /// Log a metrics line every this many optimizer steps.
+    pub log_every: usize,
+    /// Checkpoint every this many optimizer steps (and always at the end); 0 = only at the end.
+    pub checkpoint_every: usize,
+    /// How many checkpoints to keep (the newest).
+    pub keep_checkpoints: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossOn {
+    /// Only the response tokens (and the EOS after them) are trained on.
+    #[default]
+    Response,
+    /// Every token of prompt + response + EOS.
+    All,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerateSpec {
+    pub prompts: Vec<String>,
+    pub max_new_tokens: usize,
+    /// 0 means greedy decoding.
+    pub temperature: f64,
+    /// Keep the k most likely tokens; 0 = no limit.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p; 1 = no limit.
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            seed: 0,
+            runs_dir: "runs".into(),
+            backend: BackendKind::Cpu,
+            device: 0,
+            precision: Precision::F32,
+            stages: vec![Stage::Train, Stage::Eval, Stage::Generate],
+        }
+    }
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            format: DataFormat::Auto,
+            kind: DataKind::Pair,
+            prompt_field: "prompt".into(),
+            response_field: "response".into(),
+            prompt_template: "{prompt}".into(),
+            instruction_field: "instruction".into(),
+            input_field: "input".into(),
+            output_field: "output".into(),
+            messages_field: "messages".into(),
+            chat_template: "simple".into(),
+            text_field: "text".into(),
+            documents: Documents::Line,
+            val_path: None,
+            val_fraction: 0.1,
+        }
+    }
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        Self {
+            name: OptimizerKind::Adamw,
+            lr: 1e-4,
+            betas: [0.9, 0.95],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_clip: 0.0,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            min_lr_ratio: 0.0,
+        }
+    }
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 8,
+            grad_accum: 1,
+            group_by_length: false,
+            max_length: None,
+            loss_on: LossOn::Response,
+            log_every: 1,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+impl Default for GenerateSpec {
+    fn default() -> Self {
+        Self { prompts: Vec::new(), max_new_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// A string field also takes a number or a boolean (`--set run.name=2024`).
+fn lenient_string<'de, D: Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(de)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+fn lenient_opt_string<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    lenient_string(de).map(Some)
+}

@@ -1,0 +1,149 @@
+//! Checking a loaded spec's values: each problem is an error naming the field and where its
+//! value came from.
+
+use anyhow::Result;
+
+use super::{BackendKind, LoadedSpec, Source};
+use crate::error::bad_input;
+
+impl LoadedSpec {
+    fn invalid(&self, key: &str, problem: impl std::fmt::Display) -> anyhow::Error {
+        let source = match self.source(key) {
+            Source::Default => format!("{} (default)", self.path.display()),
+            other => other.to_string(),
+        };
+        bad_input(format!("{source}: field `{key}`: {problem}"))
+    }
+
+    pub(super) fn validate(&self) -> Result<()> {
+        let s = &self.spec;
+        let positive_f = |key: &str, v: f64| -> Result<()> {
+            if !v.is_finite() || v <= 0.0 {
+                return Err(self.invalid(key, format!("must be a finite number > 0, got {v}")));
+            }
+            Ok(())
+        };
+        let non_negative_f = |key: &str, v: f64| -> Result<()> {
+            if !v.is_finite() || v < 0.0 {
+                return Err(self.invalid(key, format!("must be a finite number ≥ 0, got {v}")));
+            }
+            Ok(())
+        };
+        let positive = |key: &str, v: usize| -> Result<()> {
+            if v == 0 {
+                return Err(self.invalid(key, "must be at least 1"));
+            }
+            Ok(())
+        };
+        let probability = |key: &str, v: f64| -> Result<()> {
+            if !(0.0..1.0).contains(&v) {
+                return Err(self.invalid(key, format!("must be in [0, 1), got {v}")));
+            }
+            Ok(())
+        };
+        if s.run.name.is_empty() {
+            return Err(self.invalid("run.name", "is missing: name the run (runs land in <runs_dir>/<name>/<run-id>/)"));
+        }
+        if s.data.path.as_os_str().is_empty() {
+            return Err(self.invalid("data.path", "is missing: name the training data file"));
+        }
+        if s.run.name.contains(['/', '\\', '@']) || s.run.name.starts_with('.') {
+            return Err(self.invalid(
+                "run.name",
+                format!("`{}` cannot be a folder name (no /, \\, @ or leading dot)", s.run.name),
+            ));
+        }
+        if s.run.stages.is_empty() {
+            return Err(self.invalid("run.stages", "name at least one stage: train, eval, generate"));
+        }
+        if !(0.0..1.0).contains(&s.data.val_fraction) || s.data.val_fraction.is_nan() {
+            return Err(self.invalid("data.val_fraction", format!("must be in [0, 1), got {}", s.data.val_fraction)));
+        }
+        let chat = &s.data.chat_template;
+        if chat != "simple" && !(chat.contains("{role}") && chat.contains("{content}")) {
+            return Err(
+                self.invalid("data.chat_template", "must be `simple` or a format string with `{role}` and `{content}`")
+            );
+        }
+        if !s.data.prompt_template.contains("{prompt}") {
+            return Err(self.invalid("data.prompt_template", "must contain `{prompt}`, where the prompt goes"));
+        }
+        positive_f("optimizer.lr", s.optimizer.lr)?;
+        probability("optimizer.betas", s.optimizer.betas[0])?;
+        probability("optimizer.betas", s.optimizer.betas[1])?;
+        positive_f("optimizer.eps", s.optimizer.eps)?;
+        non_negative_f("optimizer.weight_decay", s.optimizer.weight_decay)?;
+        non_negative_f("optimizer.grad_clip", s.optimizer.grad_clip)?;
+        if !(0.0..=1.0).contains(&s.optimizer.min_lr_ratio) {
+            return Err(
+                self.invalid("optimizer.min_lr_ratio", format!("must be in [0, 1], got {}", s.optimizer.min_lr_ratio))
+            );
+        }
+        positive("train.epochs", s.train.epochs)?;
+        positive("train.batch_size", s.train.batch_size)?;
+        positive("train.grad_accum", s.train.grad_accum)?;
+        positive("train.log_every", s.train.log_every)?;
+        positive("train.keep_checkpoints", s.train.keep_checkpoints)?;
+        if let Some(max) = s.train.max_length {
+            if max < 2 {
+                return Err(self.invalid("train.max_length", "must be at least 2 tokens"));
+            }
+        }
+        non_negative_f("generate.temperature", s.generate.temperature)?;
+        if !(s.generate.top_p > 0.0 && s.generate.top_p <= 1.0) {
+            return Err(self.invalid("generate.top_p", format!("must be in (0, 1], got {}", s.generate.top_p)));
+        }
+        let m = &s.model;
+        let arch = [m.layers, m.heads, m.embd, m.context];
+        let sources = m.path.is_some() as usize + m.hub.is_some() as usize + arch.iter().any(Option::is_some) as usize;
+        if sources != 1 {
+            return Err(self.invalid(
+                "model",
+                "give exactly one of: `path` (a HF GPT-2 directory), `hub` (a hub id), or `layers`, `heads`, `embd` and `context` (a new model)",
+            ));
+        }
+        if m.path.is_none() && m.hub.is_none() {
+            for (key, v) in [
+                ("model.layers", m.layers),
+                ("model.heads", m.heads),
+                ("model.embd", m.embd),
+                ("model.context", m.context),
+            ] {
+                match v {
+                    None => return Err(self.invalid(key, "is needed to initialise a new model")),
+                    Some(v) => positive(key, v)?,
+                }
+            }
+            if !m.embd.unwrap().is_multiple_of(m.heads.unwrap()) {
+                return Err(self.invalid(
+                    "model.embd",
+                    format!("{} is not divisible by model.heads = {}", m.embd.unwrap(), m.heads.unwrap()),
+                ));
+            }
+        }
+        if let Some(p) = m.dropout {
+            probability("model.dropout", p)?;
+        }
+        let t = &s.tokenizer;
+        if t.path.is_some() && t.train_vocab_size.is_some() {
+            return Err(self.invalid("tokenizer", "give `path` or `train_vocab_size`, not both"));
+        }
+        if t.path.is_none() && t.train_vocab_size.is_none() && m.path.is_none() && m.hub.is_none() {
+            return Err(self.invalid("tokenizer", "a new model needs `tokenizer.path` or `tokenizer.train_vocab_size`"));
+        }
+        if let Some(v) = t.train_vocab_size {
+            if v < 257 {
+                return Err(self.invalid(
+                    "tokenizer.train_vocab_size",
+                    format!("must be at least 257 (256 bytes + EOS), got {v}"),
+                ));
+            }
+        }
+        if s.run.backend == BackendKind::Cuda && !cfg!(feature = "cuda") {
+            return Err(
+                self.invalid("run.backend", "`cuda` is not compiled into this pipe; rebuild with `--features cuda`")
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,30 @@
+//! The generate stage: a sample for each of the spec's prompts, laid out with the data's prompt
+//! template, printed and kept in `samples.jsonl`.
+
+use anyhow::Result;
+
+use super::{StageContext, Trained};
+use crate::data::{apply_template, prompt_layout};
+use crate::generate::{Generator, Sampling};
+use crate::model::{TrainBackend, TrainableLm};
+use crate::run_dir::SampleRecord;
+
+pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
+    let (g, tok) = (&ctx.spec.generate, &ctx.data.tok);
+    let sampling = Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p };
+    let model = state.model.valid();
+    let mut generator = Generator::new(&model, ctx.device, g.seed);
+    let bar = indicatif::ProgressBar::new(g.prompts.len() as u64).with_prefix("generate");
+    for prompt in &g.prompts {
+        let text_in = apply_template(&prompt_layout(&ctx.spec.data), prompt);
+        let ids = tok.encode(&text_in)?;
+        let new = generator.generate(&ids, g.max_new_tokens, sampling, Some(tok.eos_id), |_| {});
+        let stopped_at_eos = new.last() == Some(&tok.eos_id);
+        let completion = tok.decode(&new)?;
+        bar.suspend(|| println!("--- sample\n{text_in}{completion}"));
+        ctx.run.log_sample(&SampleRecord { prompt: prompt.clone(), completion, ids: new, stopped_at_eos })?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(state)
+}

@@ -1,0 +1,50 @@
+//! The stages a pipeline runs, one file each, all with one signature: a stage takes the run's
+//! context and the model as the previous stage left it, and returns the model for the next.
+
+mod eval;
+mod generate;
+mod train;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Result;
+
+use crate::checkpoint::Progress;
+use crate::data::PreparedData;
+use crate::model::{TrainBackend, TrainableLm};
+use crate::run_dir::RunDir;
+use crate::spec::{Spec, Stage};
+
+/// What every stage works with besides the model.
+pub struct StageContext<'a, B: TrainBackend> {
+    pub spec: &'a Spec,
+    pub data: &'a PreparedData,
+    pub run: &'a RunDir,
+    pub device: &'a B::Device,
+    /// Set by Ctrl-C.
+    pub interrupt: &'a AtomicBool,
+    /// The checkpoint a resumed run continues from (the model already holds its weights), and
+    /// where training stood then.
+    pub resume: Option<(PathBuf, Progress)>,
+}
+
+/// The model between stages, and how many optimizer steps it has had.
+pub struct Trained<M> {
+    pub model: M,
+    pub steps: usize,
+}
+
+/// Run the spec's stages in order.
+pub fn run_all<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, model: M) -> Result<()> {
+    let steps = ctx.resume.as_ref().map_or(0, |(_, progress)| progress.step);
+    let mut state = Trained { model, steps };
+    for stage in &ctx.spec.run.stages {
+        state = match stage {
+            Stage::Train => train::run(ctx, state)?,
+            Stage::Eval => eval::run(ctx, state)?,
+            Stage::Generate => generate::run(ctx, state)?,
+        };
+    }
+    Ok(())
+}
