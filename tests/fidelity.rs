@@ -266,3 +266,102 @@ fn bf16_training_keeps_f32_master_weights_and_follows_f32() {
         assert!((a - b).abs() < 0.01 * a, "step {step}: f32 loss {a}, bf16 {b}");
     }
 }
+
+/// Every parameter's gradient at step 0, by module path, on the reference batch.
+fn gradients_by_name(model: &Gpt2<AD>) -> Vec<(String, Vec<f32>)> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    struct Collect<'a> {
+        path: Vec<String>,
+        grads: &'a GradientsParams,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl ModuleVisitor<AD> for Collect<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+            let grad = self.grads.get::<B, D>(param.id).expect("every parameter has a gradient");
+            self.out.push((self.path.join("."), grad.into_data().to_vec().unwrap()));
+        }
+    }
+    let sequences = sequences_of(&reference());
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let batch = Batch::<AD>::new(&refs, 50256, &Default::default());
+    let loss = model.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(batch.loss_tokens as f64);
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    let mut collect = Collect { path: Vec::new(), grads: &grads, out: Vec::new() };
+    model.visit(&mut collect);
+    collect.out
+}
+
+/// llm.c's parity check: not only the global norm but every parameter's gradient equals
+/// transformers', tensor by tensor (grads.safetensors, from scripts/make_training_reference.py).
+/// The tied LM head's gradient arrives in `wte.weight`, as in transformers.
+#[test]
+fn every_parameter_gradient_matches_transformers() {
+    let model = hf::load::<AD>(&fixture_dir(), None, &Default::default()).unwrap().1;
+    let bytes = std::fs::read(fixture_dir().join("grads.safetensors")).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ours = gradients_by_name(&model);
+    assert_eq!(ours.len(), reference.len(), "one gradient per parameter");
+    let mut worst = (String::new(), 0.0f64);
+    for (name, got) in ours {
+        let want =
+            reference.tensor(&format!("transformer.{name}")).unwrap_or_else(|_| panic!("no reference for {name}"));
+        let want: Vec<f32> =
+            want.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+        // Relative to the tensor's largest gradient: float32 sums in another order.
+        assert!(diff <= 1e-5 * scale + 1e-7, "{name}: off by {diff:e}, largest gradient {scale:e}");
+        if diff / scale > worst.1 {
+            worst = (name, diff / scale);
+        }
+    }
+    eprintln!("largest relative gradient difference: {} {:e}", worst.0, worst.1);
+}
+
+/// Eight AdamW steps with linear warmup, cosine decay to a floor and global-norm clipping that
+/// bites in the first steps, against PyTorch running the same schedule and
+/// `clip_grad_norm_` (training_reference.json).
+#[test]
+fn warmup_cosine_and_clipping_follow_pytorch() {
+    use pipe::spec::Schedule;
+    use pipe::train::LrSchedule;
+    let text = std::fs::read_to_string(fixture_dir().join("training_reference.json")).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let device = Default::default();
+    let opt = OptimizerSpec {
+        name: OptimizerKind::Adamw,
+        lr: 1e-3,
+        betas: [0.9, 0.95],
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_clip: 2.5,
+        schedule: Schedule::Cosine,
+        warmup_steps: 2,
+        min_lr_ratio: 0.1,
+    };
+    let steps = want["steps"].as_u64().unwrap() as usize;
+    let schedule = LrSchedule::new(&opt, steps);
+    let mut model = hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1;
+    let mut trainer = Trainer::<AD>::new(&opt, 50256, &device);
+    let sequences = sequences_of(&reference());
+    let batch: Vec<&Sequence> = sequences.iter().collect();
+    let (losses, norms, lrs) =
+        (floats(&want["losses_before_each_step"]), floats(&want["grad_norms_before_clipping"]), floats(&want["lrs"]));
+    assert!(norms[0] > 2.5 && norms[steps - 1] < 2.5, "the reference clips some steps and not others");
+    for step in 0..steps {
+        let lr = schedule.at(step);
+        assert!((lr - lrs[step]).abs() < 1e-12, "step {step}: lr {lr}, reference {}", lrs[step]);
+        let stats;
+        (model, stats) = trainer.step(model, std::slice::from_ref(&batch), lr).unwrap();
+        assert_close(&format!("step {step} loss"), stats.loss, losses[step], 1e-3);
+        assert_close(&format!("step {step} grad norm"), stats.grad_norm, norms[step], 1e-3 * norms[step]);
+    }
+}

@@ -279,3 +279,43 @@ fn an_unreadable_optimizer_state_fails_the_resume_naming_the_checkpoint_and_the_
     assert!(message.contains(&format!("model.path = \"{}\"", absolute.display())), "{message}");
     assert!(!message.contains("panicked"), "{message}");
 }
+
+/// The optimizer state is keyed by parameter ids, which a checkpoint records by parameter name.
+/// A record that does not match the model's parameters is refused, naming the file and the
+/// parameter; a checkpoint from before names (ids in the model's visiting order) still resumes
+/// exactly.
+#[test]
+fn parameter_ids_are_matched_by_name_and_old_checkpoints_still_resume() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "9")]);
+    child.wait().unwrap();
+    let run = runs(dir.path()).pop().unwrap();
+    let latest = pipe::checkpoint::list(&run).pop().unwrap();
+    let state_path = latest.join("trainer.json");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let by_name = state["param_ids"].as_object().unwrap().clone();
+    assert!(by_name.contains_key("h.1.attn.c_attn.weight") && by_name.contains_key("wte.weight"), "{by_name:?}");
+
+    let mut renamed = state.clone();
+    let id = renamed["param_ids"].as_object_mut().unwrap().remove("h.1.mlp.c_fc.bias").unwrap();
+    renamed["param_ids"]["h.1.mlp.c_fc.b"] = id;
+    std::fs::write(&state_path, renamed.to_string()).unwrap();
+    let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(
+        message.contains("trainer.json")
+            && message.contains("`h.1.mlp.c_fc.bias`")
+            && message.contains("`h.1.mlp.c_fc.b`"),
+        "{message}"
+    );
+
+    let model = pipe::model::hf::load::<burn::backend::Flex>(&latest, None, &Default::default()).unwrap().1;
+    let in_visiting_order: Vec<&serde_json::Value> =
+        pipe::model::params::ids(&model).iter().map(|(name, _)| &by_name[name]).collect();
+    let mut legacy = state.clone();
+    legacy["param_ids"] = serde_json::json!(in_visiting_order);
+    std::fs::write(&state_path, legacy.to_string()).unwrap();
+    resume_and_compare(dir.path(), &run, &reference);
+}

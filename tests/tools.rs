@@ -289,3 +289,31 @@ fn export_round_trips_with_hf_names_and_layout() {
     assert_eq!(out.status.code(), Some(2), "never overwrite a folder");
     assert!(stderr(&out).contains("not empty"));
 }
+
+/// Run names are looked up where the runs are: `--runs-dir` for the tools, the spec's
+/// `run.runs_dir` for `pipe run --resume`; never a fixed `runs/`.
+#[test]
+fn run_names_are_looked_up_in_the_runs_folder_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
+    std::fs::write(dir.path().join("train.jsonl"), data.lines().take(16).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(dir.path().join("spec.toml"), SPEC.replace("runs_dir = \"runs\"", "runs_dir = \"elsewhere\""))
+        .unwrap();
+    let out = pipe(dir.path(), &["run", "spec.toml", "--set", "train.epochs=1"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let prompt = ["--prompt", "Hello", "--greedy", "--max-new-tokens", "3"];
+    let out = pipe(dir.path(), &[&["generate", "small"][..], &prompt].concat(), &[]);
+    assert_eq!(out.status.code(), Some(2), "not under runs/: {}", stderr(&out));
+    let out = pipe(dir.path(), &[&["generate", "small", "--runs-dir", "elsewhere"][..], &prompt].concat(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for tool in [
+        &["score", "small", "--runs-dir", "elsewhere", "--text", "Hello there"][..],
+        &["resume", "small", "--runs-dir", "elsewhere"],
+    ] {
+        let out = pipe(dir.path(), tool, &[]);
+        assert!(out.status.success(), "{tool:?}: {}", stderr(&out));
+    }
+    let out = pipe(dir.path(), &["run", "spec.toml", "--set", "train.epochs=1", "--resume", "small"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("already completed"), "{}", stdout(&out));
+}
