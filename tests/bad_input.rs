@@ -186,6 +186,22 @@ fn catalogue() -> Vec<Case> {
             fixture_file("model.safetensors")[..5000].to_vec(),
         ),
         model_dir(
+            case("config.json dropout above 1", hf_spec.clone(), &["config.json", "`resid_pdrop` = 1.5", "[0, 1)"]),
+            String::from_utf8(fixture_file("config.json"))
+                .unwrap()
+                .replace("\"resid_pdrop\": 0.0", "\"resid_pdrop\": 1.5")
+                .into_bytes(),
+            fixture_file("model.safetensors"),
+        ),
+        model_dir(
+            case("config.json unscaled attention", hf_spec.clone(), &["config.json", "`scale_attn_weights` = false"]),
+            String::from_utf8(fixture_file("config.json"))
+                .unwrap()
+                .replace("\"scale_attn_weights\": true", "\"scale_attn_weights\": false")
+                .into_bytes(),
+            fixture_file("model.safetensors"),
+        ),
+        model_dir(
             case(
                 "tensor shape mismatch",
                 hf_spec.clone(),

@@ -29,15 +29,26 @@ pub struct Gpt2Config {
     pub n_head: usize,
     #[config(default = 1e-5)]
     pub layer_norm_epsilon: f64,
-    /// One probability for the embedding, attention and residual dropouts.
+    /// Dropout on the embeddings' sum (`embd_pdrop`).
     #[config(default = 0.0)]
-    pub dropout: f64,
+    pub embd_pdrop: f64,
+    /// Dropout on each block's attention and MLP outputs (`resid_pdrop`).
+    #[config(default = 0.0)]
+    pub resid_pdrop: f64,
+    /// Dropout on the attention probabilities (`attn_pdrop`).
+    #[config(default = 0.0)]
+    pub attn_pdrop: f64,
     /// Standard deviation of the normal initialisation (GPT-2 uses 0.02).
     #[config(default = 0.02)]
     pub initializer_range: f64,
 }
 
 impl Gpt2Config {
+    /// The same probability for all three dropouts (what `model.dropout` sets).
+    pub fn with_dropout(self, p: f64) -> Self {
+        Self { embd_pdrop: p, resid_pdrop: p, attn_pdrop: p, ..self }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }
@@ -68,10 +79,15 @@ impl Gpt2Config {
         let h = (0..self.n_layer)
             .map(|_| Block {
                 ln_1: layer_norm(),
-                attn: Attention { c_attn: linear(d, 3 * d, std), c_proj: linear(d, d, proj_std), n_head: self.n_head },
+                attn: Attention {
+                    c_attn: linear(d, 3 * d, std),
+                    c_proj: linear(d, d, proj_std),
+                    n_head: self.n_head,
+                    attn_pdrop: self.attn_pdrop,
+                },
                 ln_2: layer_norm(),
                 mlp: Mlp { c_fc: linear(d, 4 * d, std), c_proj: linear(4 * d, d, proj_std) },
-                dropout: DropoutConfig::new(self.dropout).init(),
+                dropout: DropoutConfig::new(self.resid_pdrop).init(),
             })
             .collect();
         Gpt2 {
@@ -81,7 +97,7 @@ impl Gpt2Config {
             wpe: EmbeddingConfig::new(self.n_positions, d).with_initializer(normal(0.01)).init(device),
             h,
             ln_f: layer_norm(),
-            dropout: DropoutConfig::new(self.dropout).init(),
+            dropout: DropoutConfig::new(self.embd_pdrop).init(),
         }
     }
 }
@@ -130,6 +146,7 @@ pub struct Gpt2<B: Backend> {
     /// The transformer blocks.
     pub h: Vec<Block<B>>,
     pub ln_f: LayerNorm<B>,
+    /// On the embeddings' sum.
     pub dropout: Dropout,
 }
 
@@ -156,6 +173,7 @@ pub struct Block<B: Backend> {
     pub attn: Attention<B>,
     pub ln_2: LayerNorm<B>,
     pub mlp: Mlp<B>,
+    /// On the attention and MLP outputs, before each joins the residual stream.
     pub dropout: Dropout,
 }
 
@@ -165,6 +183,8 @@ pub struct Attention<B: Backend> {
     pub c_attn: Linear<B>,
     pub c_proj: Linear<B>,
     pub n_head: usize,
+    /// Dropout on the attention probabilities while training.
+    pub attn_pdrop: f64,
 }
 
 #[derive(Module, Debug)]
@@ -280,8 +300,7 @@ impl<B: FusedOps> Gpt2<B> {
 impl<B: FusedOps> Block<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
-        // The attention probabilities drop with the block's probability, as GPT-2's attn_pdrop.
-        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, precision, self.dropout.prob);
+        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, precision);
         let x = x + self.dropout.forward(attn);
         let mlp = self.mlp.forward(self.ln_2.forward(x.clone()), precision);
         x + self.dropout.forward(mlp)
@@ -289,21 +308,15 @@ impl<B: FusedOps> Block<B> {
 }
 
 impl<B: FusedOps> Attention<B> {
-    /// Causal multi-head self-attention, with `dropout` on its probabilities while training.
+    /// Causal multi-head self-attention, with `attn_pdrop` on its probabilities while training.
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        cache: Option<&mut KvSlot<B>>,
-        precision: Precision,
-        dropout: f64,
-    ) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
         let qkv = precision.layer(&self.c_attn, x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
         let y = match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
             // (Generation, below, runs without autodiff, so without dropout.)
-            None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, dropout), // [batch, seq, d_model]
+            None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, self.attn_pdrop), // [batch, seq, d_model]
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
         };
         precision.layer(&self.c_proj, y.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])

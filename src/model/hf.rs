@@ -29,7 +29,25 @@ const PREFIX: &str = "transformer.";
 /// GPT-2's `<|endoftext|>`, its BOS and EOS.
 const GPT2_EOS_ID: usize = 50256;
 
-/// Read the architecture from a HF `config.json`.
+/// `config.json` settings that change GPT-2's arithmetic in ways pipe does not implement, with
+/// the one value pipe computes: any other value is refused rather than silently ignored.
+/// (README, "Loading HuggingFace GPT-2 checkpoints", lists every field of `GPT2Config`.)
+fn fixed_settings() -> [(&'static str, serde_json::Value, &'static str); 6] {
+    use serde_json::Value::Bool;
+    [
+        ("scale_attn_weights", Bool(true), "pipe always scales attention scores by 1/sqrt(head_dim)"),
+        ("scale_attn_by_inverse_layer_idx", Bool(false), "pipe does not scale attention by the layer index"),
+        ("reorder_and_upcast_attn", Bool(false), "pipe does not implement the reordered, upcast attention"),
+        ("tie_word_embeddings", Bool(true), "pipe's LM head is tied to the token embedding"),
+        ("add_cross_attention", Bool(false), "pipe's GPT-2 has no cross-attention"),
+        ("is_encoder_decoder", Bool(false), "pipe's GPT-2 is a decoder only"),
+    ]
+}
+
+/// Read the architecture from a HF `config.json`. Every field of transformers' `GPT2Config`
+/// that changes the model's arithmetic is either read and implemented or, when it asks for
+/// something pipe does not compute, refused naming the key and the value; fields that do not
+/// (generation settings, labels, the summary head of `GPT2DoubleHeadsModel`) are ignored.
 pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
     let path = dir.join(CONFIG_FILE);
     if !dir.is_dir() {
@@ -39,32 +57,59 @@ pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
         .map_err(|e| bad_input(format!("{}: cannot read the model config: {e}", path.display())))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not valid JSON: {e}", path.display())))?;
-    let field = |name: &str| -> Result<usize> {
-        value
-            .get(name)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| bad_input(format!("{}: field `{name}` is missing or not an integer", path.display())))
+    let refuse = |key: &str, found: &serde_json::Value, why: &str| {
+        bad_input(format!("{}: `{key}` = {found}: {why}", path.display()))
     };
-    if let Some(act) = value.get("activation_function").and_then(|v| v.as_str()) {
-        if act != "gelu_new" && act != "gelu_pytorch_tanh" {
-            return Err(bad_input(format!(
-                "{}: activation_function `{act}` is not supported (GPT-2 uses gelu_new)",
-                path.display()
-            )));
+    let size = |name: &str| -> Result<usize> {
+        match value.get(name) {
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| refuse(name, v, "must be an integer ≥ 1")),
+            None => Err(bad_input(format!("{}: field `{name}` is missing", path.display()))),
+        }
+    };
+    // A number in `range` (checked by `ok`), or `default` when the key is absent or null.
+    let number = |name: &str, default: f64, ok: fn(f64) -> bool, what: &str| -> Result<f64> {
+        match value.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v.as_f64().filter(|&x| x.is_finite() && ok(x)).ok_or_else(|| refuse(name, v, what)),
+        }
+    };
+    if let Some(model_type) = value.get("model_type") {
+        if model_type != "gpt2" {
+            return Err(refuse("model_type", model_type, "pipe loads GPT-2 checkpoints (`gpt2`) only"));
         }
     }
-    let float = |name: &str, default: f64| value.get(name).and_then(|v| v.as_f64()).unwrap_or(default);
-    Ok(Gpt2Config::new(
-        field("vocab_size")?,
-        field("n_positions")?,
-        field("n_embd")?,
-        field("n_layer")?,
-        field("n_head")?,
-    )
-    .with_layer_norm_epsilon(float("layer_norm_epsilon", 1e-5))
-    .with_dropout(float("resid_pdrop", 0.1))
-    .with_initializer_range(float("initializer_range", 0.02)))
+    if let Some(act) = value.get("activation_function") {
+        if act != "gelu_new" && act != "gelu_pytorch_tanh" {
+            return Err(refuse("activation_function", act, "pipe implements GPT-2's tanh GELU (`gelu_new`) only"));
+        }
+    }
+    for (key, wanted, why) in fixed_settings() {
+        if let Some(found) = value.get(key) {
+            if *found != wanted {
+                return Err(refuse(key, found, why));
+            }
+        }
+    }
+    let (n_embd, n_head) = (size("n_embd")?, size("n_head")?);
+    if n_embd % n_head != 0 {
+        return Err(refuse("n_head", &value["n_head"], &format!("does not divide n_embd = {n_embd}")));
+    }
+    if let Some(inner) = value.get("n_inner").filter(|v| !v.is_null()) {
+        if inner.as_u64() != Some(4 * n_embd as u64) {
+            return Err(refuse("n_inner", inner, &format!("pipe's MLP is 4·n_embd = {} wide (null)", 4 * n_embd)));
+        }
+    }
+    let probability = |name: &str| number(name, 0.1, |p| (0.0..1.0).contains(&p), "must be a probability in [0, 1)");
+    Ok(Gpt2Config::new(size("vocab_size")?, size("n_positions")?, n_embd, size("n_layer")?, n_head)
+        .with_layer_norm_epsilon(number("layer_norm_epsilon", 1e-5, |e| e > 0.0, "must be a number > 0")?)
+        .with_embd_pdrop(probability("embd_pdrop")?)
+        .with_resid_pdrop(probability("resid_pdrop")?)
+        .with_attn_pdrop(probability("attn_pdrop")?)
+        .with_initializer_range(number("initializer_range", 0.02, |r| r >= 0.0, "must be a number ≥ 0")?))
 }
 
 /// The tensors of one safetensors file, as f32, by name.
@@ -121,7 +166,7 @@ impl TensorFile {
 pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<(Gpt2Config, Gpt2<B>)> {
     let mut config = read_config(dir)?;
     if let Some(p) = dropout {
-        config.dropout = p;
+        config = config.with_dropout(p);
     }
     let mut file = TensorFile::read(&dir.join(WEIGHTS_FILE))?;
     let model = params::load(config.init::<B>(device), |name, shape| file.take(name, shape))?;
@@ -158,9 +203,9 @@ fn config_json(config: &Gpt2Config, eos_id: usize) -> serde_json::Value {
         "n_head": config.n_head,
         "n_inner": null,
         "layer_norm_epsilon": config.layer_norm_epsilon,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
+        "resid_pdrop": config.resid_pdrop,
+        "embd_pdrop": config.embd_pdrop,
+        "attn_pdrop": config.attn_pdrop,
         "initializer_range": config.initializer_range,
         "scale_attn_weights": true,
         "tie_word_embeddings": true,
