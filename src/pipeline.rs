@@ -90,6 +90,7 @@ impl BackendJob for RunJob<'_> {
             None => {
                 let data = PreparedData::prepare(spec, None)?;
                 let model = initial_model::<B>(spec, &data, &device)?;
+                check_plan(spec, &data, &model.config)?;
                 let meta = Meta {
                     pipe_version: env!("CARGO_PKG_VERSION").to_string(),
                     name: spec.run.name.clone(),
@@ -121,6 +122,7 @@ impl BackendJob for RunJob<'_> {
                     }
                     None => (initial_model::<B>(spec, &data, &device)?, None),
                 };
+                check_plan(spec, &data, &model.config)?;
                 let step = resume.as_ref().map_or(0, |(_, progress): &(PathBuf, Progress)| progress.step);
                 run.restart(step)?;
                 tracing::info!(from_step = step, "resuming the run from its latest checkpoint");
@@ -162,6 +164,13 @@ fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Devic
         }
     };
     Ok(Gpt2 { precision: spec.run.precision, ..model })
+}
+
+/// What would otherwise fail only once its stage came, checked before the run folder is
+/// created or touched: the step count and the generate stage's prompts.
+fn check_plan(spec: &Spec, data: &PreparedData, config: &Gpt2Config) -> Result<()> {
+    crate::train::StepPlan::new(data.train.len(), &spec.train)?;
+    stages::check_prompts(spec, &data.tok, config.n_positions)
 }
 
 fn log_data(report: &TokenizeReport, val: usize, config: &Gpt2Config) {

@@ -74,7 +74,8 @@ impl Run {
     }
 }
 
-/// Every run under `runs_dir` (folders `<name>/<id>/` with a meta.json).
+/// Every run under `runs_dir` (folders `<name>/<id>/` with a meta.json); a run whose meta.json
+/// cannot be read is skipped with a warning naming it.
 pub fn list(runs_dir: &Path) -> Result<Vec<Run>> {
     let names = std::fs::read_dir(runs_dir)
         .map_err(|e| bad_input(format!("runs folder {}: cannot read it: {e}", runs_dir.display())))?;
@@ -83,7 +84,11 @@ pub fn list(runs_dir: &Path) -> Result<Vec<Run>> {
         let Ok(ids) = std::fs::read_dir(name.path()) else { continue };
         for id in ids.flatten() {
             if id.path().join(run_dir::META_FILE).is_file() {
-                runs.push(Run::read(&id.path())?);
+                // One damaged run folder must not hide the others.
+                match Run::read(&id.path()) {
+                    Ok(run) => runs.push(run),
+                    Err(error) => tracing::warn!("skipping {}: {error:#}", id.path().display()),
+                }
             }
         }
     }

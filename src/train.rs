@@ -18,11 +18,11 @@ use rand::SeedableRng;
 use crate::adam::FusedAdam;
 use crate::checkpoint::{self, Progress};
 use crate::data::{Sequence, Tok};
-use crate::error::Interrupted;
+use crate::error::{bad_input, Interrupted};
 use crate::model::{CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
 use crate::objective::{Objective, TokenLoss};
 use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
-use crate::spec::{OptimizerSpec, Schedule, Spec};
+use crate::spec::{OptimizerSpec, Schedule, Spec, TrainSpec};
 
 /// What a finished training stage reports.
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +125,33 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
     }
 }
 
+/// How a run's examples divide into optimizer steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepPlan {
+    pub examples_per_step: usize,
+    pub steps_per_epoch: usize,
+    pub total_steps: usize,
+}
+
+impl StepPlan {
+    /// The plan for `examples` training examples; sizes whose product does not fit are an
+    /// error naming the field (a wrapped count would train a different schedule).
+    pub fn new(examples: usize, train: &TrainSpec) -> Result<Self> {
+        let examples_per_step = train
+            .batch_size
+            .checked_mul(train.grad_accum)
+            .ok_or_else(|| bad_input("train.batch_size × train.grad_accum is too large"))?;
+        let steps_per_epoch = examples.div_ceil(examples_per_step);
+        let total_steps = steps_per_epoch.checked_mul(train.epochs).ok_or_else(|| {
+            bad_input(format!(
+                "train.epochs = {}: {steps_per_epoch} steps per epoch for that many epochs is more steps than can be counted",
+                train.epochs
+            ))
+        })?;
+        Ok(Self { examples_per_step, steps_per_epoch, total_steps })
+    }
+}
+
 /// Everything the training stage works with besides the model.
 pub struct TrainContext<'a, B: TrainBackend> {
     pub train: &'a [Sequence],
@@ -156,9 +183,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
         start = progress;
         tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
     }
-    let examples_per_step = train_spec.batch_size * train_spec.grad_accum;
-    let steps_per_epoch = train.len().div_ceil(examples_per_step);
-    let total_steps = steps_per_epoch * train_spec.epochs;
+    let StepPlan { examples_per_step, steps_per_epoch, total_steps } = StepPlan::new(train.len(), train_spec)?;
     let schedule = LrSchedule::new(opt, total_steps);
     tracing::info!(examples = train.len(), steps_per_epoch, total_steps, "training");
     let mut summary = TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN };

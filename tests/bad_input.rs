@@ -241,6 +241,34 @@ fn catalogue() -> Vec<Case> {
             sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\nbackend = \"cuda\""),
             &["run.backend", "--features cuda"],
         ),
+        case(
+            "a stage named twice",
+            sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\nstages = [\"train\", \"eval\", \"train\"]"),
+            &["spec.toml", "run.stages", "`train` twice"],
+        ),
+        case(
+            "a generate stage without prompts",
+            sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\nstages = [\"train\", \"generate\"]"),
+            &["generate.prompts", "at least one prompt"],
+        ),
+        case(
+            "an empty generate prompt",
+            format!("{SPEC}\n[generate]\nprompts = [\"Q: one\", \"\"]\n"),
+            &["generate.prompts[1]", "0 tokens", "1 to 31"],
+        ),
+        case(
+            "a generate prompt longer than the context",
+            format!("{SPEC}\n[generate]\nprompts = [\"{}\"]\n", "many words ".repeat(40)),
+            &["generate.prompts[0]", "context of 32"],
+        ),
+        with_args(
+            case(
+                "epochs past counting",
+                SPEC.into(),
+                &["train.epochs = 18446744073709551615", "more steps than can be counted"],
+            ),
+            &["--set", "train.epochs=18446744073709551615", "--set", "train.batch_size=1"],
+        ),
         Case {
             env: vec![("PIPE_TRAIN__EPOCS", "3".into())],
             ..case("env override of a missing field", SPEC.into(), &["PIPE_TRAIN__EPOCS", "epocs"])

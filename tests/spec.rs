@@ -209,3 +209,29 @@ fn an_empty_override_unsets_an_optional_field() {
     assert_eq!(loaded.spec.model.path, None);
     assert_eq!(loaded.spec.model.hub.as_deref(), Some("openai-community/gpt2"));
 }
+
+#[test]
+fn only_variables_named_pipe_section_field_are_overrides() {
+    let loaded = load(BASE, &[], &[("PIPE_HOME", "/somewhere"), ("PIPE_", "x"), ("PIPE_TRAIN__EPOCHS", "3")]).unwrap();
+    assert_eq!(loaded.spec.train.epochs, 3);
+    assert!(error_of(BASE, &[], &[("PIPE_TRAIN__EPOCS", "3")]).contains("PIPE_TRAIN__EPOCS"));
+}
+
+#[test]
+fn a_list_of_bare_words_is_a_list_of_strings() {
+    let loaded =
+        load(BASE, &["generate.prompts=[Hello there, What is 2+2?]", "optimizer.betas=[0.8, 0.99]"], &[]).unwrap();
+    assert_eq!(loaded.spec.generate.prompts, ["Hello there", "What is 2+2?"]);
+    assert_eq!(loaded.spec.optimizer.betas, [0.8, 0.99]);
+    let quoted = load(BASE, &["generate.prompts=[\"a, b\", \"c\"]"], &[]).unwrap();
+    assert_eq!(quoted.spec.generate.prompts, ["a, b", "c"], "quoted TOML strings keep their commas");
+}
+
+#[test]
+fn the_default_stages_sample_only_when_there_are_prompts() {
+    use pipe::spec::Stage;
+    let loaded = load(BASE, &[], &[]).unwrap();
+    assert_eq!(loaded.spec.run.stages, [Stage::Train, Stage::Eval]);
+    let loaded = load(&format!("{BASE}\n[generate]\nprompts = [\"Hi\"]\n"), &[], &[]).unwrap();
+    assert_eq!(loaded.spec.run.stages, [Stage::Train, Stage::Eval, Stage::Generate]);
+}

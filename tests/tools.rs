@@ -69,6 +69,15 @@ fn runs_lists_and_compare_diffs_tables_and_plots() {
     assert_eq!(stdout(&out).lines().count(), 1, "only the header");
     let out = pipe(dir.path(), &["runs", "--sort", "colour"], &[]);
     assert_eq!(out.status.code(), Some(2));
+    let damaged = runs[0].join("meta.json");
+    let meta = std::fs::read(&damaged).unwrap();
+    std::fs::write(&damaged, b"{\"name\": ").unwrap();
+    let out = pipe(dir.path(), &["runs"], &[]);
+    assert!(out.status.success(), "one damaged run does not stop the listing: {}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 2, "the header and the readable run: {}", stdout(&out));
+    let id = runs[0].file_name().unwrap().to_str().unwrap();
+    assert!(stderr(&out).contains(&format!("{id}/meta.json")), "the damaged one is named: {}", stderr(&out));
+    std::fs::write(&damaged, meta).unwrap();
 
     let refs: Vec<String> =
         runs.iter().map(|r| format!("small@{}", r.file_name().unwrap().to_str().unwrap())).collect();

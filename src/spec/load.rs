@@ -67,6 +67,12 @@ fn parse_override(raw: &str) -> Value {
                 return value;
             }
         }
+        // `[a, b]` without quotes: a list of the comma-separated words, each read as above.
+        if let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            let items: Vec<Value> =
+                inner.split(',').map(str::trim).filter(|t| !t.is_empty()).map(parse_override).collect();
+            return Value::from(items);
+        }
     }
     match text {
         "true" => return Value::from(true),
@@ -120,7 +126,9 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
         return Err(bad_input(format!("{}: {}", path.display(), toml_error_line(&e, &text))));
     }
     let mut figment = Figment::from(Toml::file_exact(&path));
-    let mut env_overrides: Vec<_> = env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    // Only PIPE_SECTION__FIELD names are overrides: PIPE_HOME and the like belong to others.
+    let is_override = |name: &str| name.strip_prefix(ENV_PREFIX).is_some_and(|rest| rest.contains("__"));
+    let mut env_overrides: Vec<_> = env.iter().filter(|(k, _)| is_override(k)).collect();
     env_overrides.sort();
     for (var, value) in env_overrides {
         let key = var[ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".");
@@ -138,6 +146,10 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
     }
     let mut spec: Spec = figment.extract().map_err(|e| bad_input(describe_figment_error(e)))?;
     let loaded_from = |key: &str| source_of(&figment, key);
+    if loaded_from("run.stages") == Source::Default && spec.generate.prompts.is_empty() {
+        // The default stages sample only when there is something to sample from.
+        spec.run.stages.retain(|stage| *stage != super::Stage::Generate);
+    }
     for field in PATH_FIELDS {
         if let Source::File(file) = loaded_from(field) {
             let base = file.parent().unwrap_or(Path::new("."));

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::{BackendKind, LoadedSpec, Source};
+use super::{BackendKind, LoadedSpec, Source, Stage};
 use crate::error::bad_input;
 
 impl LoadedSpec {
@@ -55,6 +55,17 @@ impl LoadedSpec {
         }
         if s.run.stages.is_empty() {
             return Err(self.invalid("run.stages", "name at least one stage: train, eval, generate"));
+        }
+        if let Some(twice) =
+            s.run.stages.iter().enumerate().find_map(|(i, st)| s.run.stages[..i].contains(st).then_some(st))
+        {
+            return Err(self.invalid("run.stages", format!("names `{}` twice", format!("{twice:?}").to_lowercase())));
+        }
+        if s.run.stages.contains(&Stage::Generate) && s.generate.prompts.is_empty() {
+            return Err(self.invalid("generate.prompts", "the generate stage needs at least one prompt"));
+        }
+        if s.train.batch_size.checked_mul(s.train.grad_accum).is_none() {
+            return Err(self.invalid("train.grad_accum", "times train.batch_size is too large a step"));
         }
         if !(0.0..1.0).contains(&s.data.val_fraction) || s.data.val_fraction.is_nan() {
             return Err(self.invalid("data.val_fraction", format!("must be in [0, 1), got {}", s.data.val_fraction)));

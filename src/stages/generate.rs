@@ -4,10 +4,31 @@
 use anyhow::Result;
 
 use super::{StageContext, Trained};
-use crate::data::{apply_template, prompt_layout};
+use crate::data::{apply_template, prompt_layout, Tok};
+use crate::error::bad_input;
 use crate::generate::{Generator, Sampling};
 use crate::model::{TrainBackend, TrainableLm};
 use crate::run_dir::SampleRecord;
+use crate::spec::{Spec, Stage};
+
+/// Each of the spec's prompts, laid out with the prompt template, must leave the model room to
+/// generate: 1 to context − 1 tokens, as `pipe generate` requires of its prompt.
+pub fn check_prompts(spec: &Spec, tok: &Tok, context: usize) -> Result<()> {
+    if !spec.run.stages.contains(&Stage::Generate) {
+        return Ok(());
+    }
+    for (i, prompt) in spec.generate.prompts.iter().enumerate() {
+        let ids = tok.encode(&apply_template(&prompt_layout(&spec.data), prompt))?;
+        if ids.is_empty() || ids.len() >= context {
+            return Err(bad_input(format!(
+                "generate.prompts[{i}] is {} tokens laid out with the prompt template; it must be 1 to {} for the model's context of {context}",
+                ids.len(),
+                context - 1
+            )));
+        }
+    }
+    Ok(())
+}
 
 pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
     let (g, tok) = (&ctx.spec.generate, &ctx.data.tok);

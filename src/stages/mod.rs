@@ -5,6 +5,8 @@ mod eval;
 mod generate;
 mod train;
 
+pub use generate::check_prompts;
+
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
