@@ -98,9 +98,19 @@ fn relative_paths_resolve_against_the_spec_folder() {
     let loaded = load_with_env(&path, &[], &[]).unwrap();
     let root = dir.path().canonicalize().unwrap();
     assert_eq!(loaded.spec.data.path, root.join("data/train.jsonl"));
-    // A path given on the command line is relative to where the command runs.
-    let loaded = load_with_env(&path, &["data.path=other.jsonl".into()], &[]).unwrap();
-    assert_eq!(loaded.spec.data.path, PathBuf::from("other.jsonl"));
+    // A path given on the command line or in the environment is relative to where the command
+    // runs, and is kept absolute, so that the run's saved spec finds it from inside the run.
+    let cwd = std::env::current_dir().unwrap();
+    let env = [("PIPE_DATA__VAL_PATH".to_string(), "held/val.jsonl".to_string())];
+    let loaded = load_with_env(&path, &["data.path=other.jsonl".into()], &env).unwrap();
+    assert_eq!(loaded.spec.data.path, cwd.join("other.jsonl"));
+    assert_eq!(loaded.spec.data.val_path, Some(cwd.join("held/val.jsonl")));
+    assert!(
+        loaded.to_toml().contains(&format!("{:?}", cwd.join("other.jsonl").display().to_string())),
+        "{}",
+        loaded.to_toml()
+    );
+    assert_eq!(loaded.spec.run.runs_dir, cwd.join("runs"), "the default runs folder too");
 }
 
 #[test]

@@ -150,14 +150,17 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
         // The default stages sample only when there is something to sample from.
         spec.run.stages.retain(|stage| *stage != super::Stage::Generate);
     }
+    // Relative paths become absolute, so that the spec a run saves means the same from anywhere
+    // (a resumed run reads it from inside the run folder).
+    let cwd = std::env::current_dir().map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))?;
     for field in PATH_FIELDS {
-        if let Source::File(file) = loaded_from(field) {
-            let base = file.parent().unwrap_or(Path::new("."));
-            let slot = path_field(&mut spec, field);
-            if let Some(p) = slot {
-                if p.is_relative() {
-                    *p = normalize(&base.join(&*p));
-                }
+        let base = match loaded_from(field) {
+            Source::File(file) => file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            Source::Env(_) | Source::Set(_) | Source::Default => cwd.clone(),
+        };
+        if let Some(p) = path_field(&mut spec, field) {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = normalize(&base.join(&*p));
             }
         }
     }
