@@ -39,7 +39,7 @@ pub enum Resumed {
 /// as it is. With `spec` (`pipe run SPEC --resume RUN`), the spec must resolve exactly as the
 /// run's own did.
 pub fn resume(run_path: &Path, spec: Option<&LoadedSpec>) -> Result<Resumed> {
-    let run = RunDir::open(run_path)?;
+    let run = RunDir::open_for_writing(run_path)?;
     if let Some(given) = spec {
         let saved = std::fs::read_to_string(run.file(run_dir::SPEC_FILE)).unwrap_or_default();
         if given.to_toml() != saved {

@@ -171,6 +171,59 @@ pub fn read_metrics(run: &Path) -> Vec<MetricRecord> {
 pub struct RunDir {
     pub path: PathBuf,
     pub meta: Meta,
+    /// The writer's lock on the folder, held while this value lives (see [`WriterLock`]).
+    _lock: Option<WriterLock>,
+}
+
+/// The lock file in a run folder: the process that writes the run holds an exclusive OS lock
+/// on it (and has its process id written in it). The OS drops the lock when the process ends,
+/// however it ends, so a crashed run never blocks the next writer.
+const LOCK_FILE: &str = ".lock";
+
+/// An exclusive lock on a run folder, for as long as it lives.
+pub struct WriterLock {
+    /// Open for as long as the lock is held: closing it releases the lock.
+    _file: File,
+}
+
+impl WriterLock {
+    /// Take the run's lock, or fail (bad input) naming the process that holds it.
+    pub fn take(run: &Path) -> Result<Self> {
+        let path = run.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0)?;
+                write!(file, "{}", std::process::id())?;
+                Ok(Self { _file: file })
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                Err(bad_input(format!(
+                    "{}: another pipe process (pid {}) is writing this run; wait for it to end or stop it first",
+                    run.display(),
+                    if holder.trim().is_empty() { "unknown" } else { holder.trim() }
+                )))
+            }
+            Err(fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+        }
+    }
+
+    /// Whether some process holds `run`'s lock now (a `running` run whose lock is free has
+    /// died without a word).
+    pub fn is_held(run: &Path) -> bool {
+        let Ok(file) = File::open(run.join(LOCK_FILE)) else { return false };
+        match file.try_lock_shared() {
+            Ok(()) => false,
+            Err(_) => true,
+        }
+    }
 }
 
 /// The current time as RFC 3339, to the second.
@@ -194,7 +247,8 @@ impl RunDir {
             let path = parent.join(&id);
             match fs::create_dir(&path) {
                 Ok(()) => {
-                    let mut run = Self { path, meta };
+                    let lock = WriterLock::take(&path)?;
+                    let mut run = Self { path, meta, _lock: Some(lock) };
                     run.meta.run_id = id;
                     run.write_meta()?;
                     return Ok(run);
@@ -208,9 +262,17 @@ impl RunDir {
         unreachable!("some run id is free")
     }
 
-    /// An existing run folder.
+    /// An existing run folder, to read.
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)? })
+        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)?, _lock: None })
+    }
+
+    /// An existing run folder, to continue writing: its lock is taken first (and its meta.json
+    /// read after, so that it is the current one).
+    pub fn open_for_writing(path: &Path) -> Result<Self> {
+        Meta::read(path)?; // a run folder, before a lock file is made in it
+        let lock = WriterLock::take(path)?;
+        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)?, _lock: Some(lock) })
     }
 
     /// Make the folder ready to continue from optimizer step `step`: metrics after that step

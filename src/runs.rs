@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::error::bad_input;
 use crate::model::hf;
-use crate::run_dir::{self, Meta, MetricRecord};
+use crate::run_dir::{self, Meta, MetricRecord, Status, WriterLock};
 use crate::spec::Spec;
 
 /// One run folder, read back.
@@ -48,6 +48,15 @@ impl Run {
     }
 
     /// `name@id`, how runs are named on the command line.
+    /// The status as `pipe runs` shows it: `crashed` for a run that says `running` while no
+    /// process holds its lock (killed, out of memory).
+    pub fn status(&self) -> String {
+        match self.meta.status {
+            Status::Running if !WriterLock::is_held(&self.path) => "crashed".into(),
+            status => format!("{status:?}").to_lowercase(),
+        }
+    }
+
     pub fn label(&self) -> String {
         format!("{}@{}", self.meta.name, self.meta.run_id)
     }
@@ -221,7 +230,7 @@ pub fn table(runs: &[Run]) -> String {
         vec![
             r.meta.name.clone(),
             r.meta.run_id.clone(),
-            format!("{:?}", r.meta.status).to_lowercase(),
+            r.status(),
             r.meta.started.replace('T', " ").trim_end_matches('Z').to_string(),
             fmt_duration(r.duration_s()),
             r.steps().to_string(),
@@ -249,7 +258,7 @@ pub fn sort(runs: &mut [Run], column: &str) -> Result<()> {
     match column {
         "started" => runs.sort_by(|a, b| a.meta.started.cmp(&b.meta.started)),
         "name" => runs.sort_by(|a, b| a.meta.name.cmp(&b.meta.name).then(a.meta.run_id.cmp(&b.meta.run_id))),
-        "status" => runs.sort_by_key(|r| format!("{:?}", r.meta.status)),
+        "status" => runs.sort_by_key(Run::status),
         c if SORT_COLUMNS.contains(&c) => runs.sort_by(|a, b| key(a).total_cmp(&key(b))),
         other => {
             return Err(bad_input(format!("--sort {other}: not a column; one of {}", SORT_COLUMNS.join(", "))));
@@ -286,7 +295,7 @@ impl<'a> Comparison<'a> {
             "runs": self.runs.iter().map(|r| json!({
                 "run": r.label(),
                 "path": r.path,
-                "status": r.meta.status,
+                "status": r.status(),
                 "steps": r.steps(),
                 "final_train_loss": r.final_train_loss(),
                 "best_val_loss": r.best_val_loss(),
@@ -333,7 +342,7 @@ impl<'a> Comparison<'a> {
         for (i, r) in self.runs.iter().enumerate() {
             rows.push(vec![
                 labels[i].clone(),
-                format!("{:?}", r.meta.status).to_lowercase(),
+                r.status(),
                 r.steps().to_string(),
                 final_loss[i].clone(),
                 val[i].clone(),

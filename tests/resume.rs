@@ -319,3 +319,37 @@ fn parameter_ids_are_matched_by_name_and_old_checkpoints_still_resume() {
     std::fs::write(&state_path, legacy.to_string()).unwrap();
     resume_and_compare(dir.path(), &run, &reference);
 }
+
+/// One writer per run folder: while a run is being written, a resume of it is refused naming
+/// the process that writes it; `pipe runs` tells a live run from one whose process died
+/// without a word, and the dead one's lock does not block its resume.
+#[test]
+fn one_writer_per_run_and_a_killed_run_shows_as_crashed() {
+    let dir = setup();
+    let spec = std::fs::read_to_string(dir.path().join("spec.toml")).unwrap().replace("epochs = 3", "epochs = 400");
+    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
+    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[]);
+    let run = loop {
+        if let Some(run) = runs(dir.path()).pop() {
+            if last_step(&run) >= 1 {
+                break run;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(message.contains(&format!("pid {}", child.id())) && message.contains("writing this run"), "{message}");
+    let listed = |dir: &Path| common::stdout(&pipe(dir, &["runs"], &[]));
+    assert!(listed(dir.path()).contains("running"), "{}", listed(dir.path()));
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(status(&run), "running", "meta.json cannot know the process died");
+    assert!(listed(dir.path()).contains("crashed"), "{}", listed(dir.path()));
+    let spec = std::fs::read_to_string(run.join("spec.toml")).unwrap().replace("epochs = 400", "epochs = 1");
+    std::fs::write(run.join("spec.toml"), spec).unwrap();
+    let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "the dead writer's lock does not block: {}", stderr(&out));
+}
