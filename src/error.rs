@@ -16,12 +16,16 @@ pub fn is_bad_input(error: &anyhow::Error) -> bool {
     error.chain().any(|e| e.is::<BadInput>())
 }
 
-/// The user stopped a run (Ctrl-C); it was checkpointed and can be resumed.
+/// A signal stopped a run at a clean point (after a checkpoint, when training); `pipe resume`
+/// continues it. The process exits with 128 + the signal's number, as a shell reports it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Interrupted(pub String);
+#[error("{message}")]
+pub struct Interrupted {
+    pub signal: i32,
+    pub message: String,
+}
 
-/// Whether any error in the chain is an [`Interrupted`].
-pub fn is_interrupted(error: &anyhow::Error) -> bool {
-    error.chain().any(|e| e.is::<Interrupted>())
+/// The signal of the [`Interrupted`] in the error's chain, if there is one.
+pub fn interrupted_by(error: &anyhow::Error) -> Option<i32> {
+    error.chain().find_map(|e| e.downcast_ref::<Interrupted>()).map(|i| i.signal)
 }

@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod run_dir;
 pub mod runs;
 pub mod score;
+pub mod signals;
 pub mod spec;
 pub mod stages;
 pub mod train;

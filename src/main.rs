@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pipe::data::Tok;
-use pipe::error::{bad_input, is_bad_input, is_interrupted};
+use pipe::error::{bad_input, interrupted_by, is_bad_input};
 use pipe::generate::{Generator, Sampling};
 use pipe::model::{hf, CausalLm, Gpt2};
 use pipe::spec::{BackendKind, GenerateSpec, Spec};
@@ -228,8 +228,8 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             if is_bad_input(&error) {
                 ExitCode::from(2)
-            } else if is_interrupted(&error) {
-                ExitCode::from(130)
+            } else if let Some(signal) = interrupted_by(&error) {
+                ExitCode::from((128 + signal).clamp(0, 255) as u8)
             } else {
                 ExitCode::from(1)
             }

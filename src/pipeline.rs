@@ -4,8 +4,6 @@
 //! `meta.json` always says how the run ended.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
@@ -13,17 +11,18 @@ use burn::tensor::backend::Backend;
 use crate::backend::{self, BackendJob};
 use crate::checkpoint::{self, Progress};
 use crate::data::{PreparedData, TokenizeReport};
-use crate::error::{bad_input, is_interrupted};
+use crate::error::{bad_input, interrupted_by};
 use crate::model::{hf, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
+use crate::signals::{self, StopSignal};
 use crate::spec::{LoadedSpec, Spec};
 use crate::stages::{self, StageContext};
 
 /// Run the pipeline a spec describes; returns the run folder.
 pub fn run(loaded: &LoadedSpec) -> Result<PathBuf> {
     let spec = &loaded.spec;
-    let interrupt = interrupt_on_ctrl_c()?;
-    backend::dispatch(spec.run.backend, spec.run.device, RunJob { loaded, resume: None, interrupt: &interrupt })
+    let stop = StopSignal::register()?;
+    backend::dispatch(spec.run.backend, spec.run.device, RunJob { loaded, resume: None, stop: &stop })
 }
 
 /// What `pipe resume` did.
@@ -55,29 +54,16 @@ pub fn resume(run_path: &Path, spec: Option<&LoadedSpec>) -> Result<Resumed> {
         return Ok(Resumed::AlreadyCompleted(run.path));
     }
     let loaded = crate::spec::load_with_env(&run.file(run_dir::SPEC_FILE), &[], &[])?;
-    let interrupt = interrupt_on_ctrl_c()?;
-    let job = RunJob { loaded: &loaded, resume: Some(run), interrupt: &interrupt };
+    let stop = StopSignal::register()?;
+    let job = RunJob { loaded: &loaded, resume: Some(run), stop: &stop };
     backend::dispatch(loaded.spec.run.backend, loaded.spec.run.device, job).map(Resumed::Completed)
-}
-
-/// The first Ctrl-C sets the flag (training checkpoints after the current step and stops);
-/// a second one ends the process at once.
-fn interrupt_on_ctrl_c() -> Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    #[cfg(unix)]
-    {
-        use signal_hook::consts::SIGINT;
-        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag))?;
-        signal_hook::flag::register(SIGINT, Arc::clone(&flag))?;
-    }
-    Ok(flag)
 }
 
 struct RunJob<'a> {
     loaded: &'a LoadedSpec,
     /// The run folder to continue, for `pipe resume`.
     resume: Option<RunDir>,
-    interrupt: &'a AtomicBool,
+    stop: &'a StopSignal,
 }
 
 impl BackendJob for RunJob<'_> {
@@ -91,6 +77,7 @@ impl BackendJob for RunJob<'_> {
                 let data = PreparedData::prepare(spec, None)?;
                 let model = initial_model::<B>(spec, &data, &device)?;
                 check_plan(spec, &data, &model.config)?;
+                self.stop.check("before the run started")?;
                 let meta = Meta {
                     pipe_version: env!("CARGO_PKG_VERSION").to_string(),
                     name: spec.run.name.clone(),
@@ -131,16 +118,17 @@ impl BackendJob for RunJob<'_> {
         };
         log_data(&data.report, data.val.len(), &model.config);
         tracing::info!(run = %run.path.display(), "run folder");
-        let ctx = StageContext { spec, data: &data, run: &run, device: &device, interrupt: self.interrupt, resume };
+        let ctx = StageContext { spec, data: &data, run: &run, device: &device, stop: self.stop, resume };
         match stages::run_all(&ctx, model) {
             Ok(()) => {
                 run.finish(Status::Completed, None)?;
                 Ok(run.path)
             }
-            Err(error) if is_interrupted(&error) => {
+            Err(error) if interrupted_by(&error).is_some() => {
                 run.finish(Status::Interrupted, Some(format!("{error:#}")))?;
+                let by = signals::name(interrupted_by(&error).unwrap_or_default());
                 let how = format!("continue it with: pipe resume {}", run.path.display());
-                Err(error.context(format!("run {} stopped by Ctrl-C; {how}", run.path.display())))
+                Err(error.context(format!("run {} stopped by {by}; {how}", run.path.display())))
             }
             Err(error) => {
                 run.finish(Status::Failed, Some(format!("{error:#}")))?;

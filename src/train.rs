@@ -2,7 +2,6 @@
 //! schedule, log, evaluate.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -22,6 +21,7 @@ use crate::error::{bad_input, Interrupted};
 use crate::model::{CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
 use crate::objective::{Objective, TokenLoss};
 use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
+use crate::signals::{self, StopSignal};
 use crate::spec::{OptimizerSpec, Schedule, Spec, TrainSpec};
 
 /// What a finished training stage reports.
@@ -160,8 +160,8 @@ pub struct TrainContext<'a, B: TrainBackend> {
     pub tok: &'a Tok,
     pub run: &'a RunDir,
     pub device: &'a B::Device,
-    /// Set by Ctrl-C: finish the step, checkpoint, stop.
-    pub interrupt: &'a AtomicBool,
+    /// Set by a stop signal: finish the step, checkpoint, stop.
+    pub stop: &'a StopSignal,
 }
 
 /// Train for the spec's epochs, evaluating on the validation set after each, checkpointing
@@ -239,10 +239,12 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
             bar.inc(1);
             let position = (skip + (i + 1) * examples_per_step).min(train.len());
             let progress = Progress { step, epoch, position };
-            if ctx.interrupt.load(Ordering::SeqCst) {
+            if let Some(signal) = ctx.stop.requested() {
                 bar.finish_and_clear();
                 let dir = checkpoint(&model, &trainer, progress)?;
-                return Err(Interrupted(format!("interrupted after step {step}; checkpoint {}", dir.display())).into());
+                let message =
+                    format!("stopped by {} after step {step}; checkpoint {}", signals::name(signal), dir.display());
+                return Err(Interrupted { signal, message }.into());
             }
             let every = train_spec.checkpoint_every;
             if (every > 0 && step.is_multiple_of(every)) || step == total_steps {

@@ -353,3 +353,69 @@ fn one_writer_per_run_and_a_killed_run_shows_as_crashed() {
     let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
     assert!(out.status.success(), "the dead writer's lock does not block: {}", stderr(&out));
 }
+
+/// SIGTERM (docker stop, Slurm, timeout) and SIGHUP end a training run as Ctrl-C does: the
+/// step finishes, a checkpoint is written, the run is `interrupted`, the exit code is 128 + the
+/// signal, and the resumed run is exact.
+#[test]
+fn sigterm_and_sighup_in_training_checkpoint_and_resume_exactly() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    for (signal, code, name) in [(libc::SIGTERM, 143, "SIGTERM"), (libc::SIGHUP, 129, "SIGHUP")] {
+        let child = spawn(dir.path(), &["run", "spec.toml"], &[]);
+        let run = loop {
+            if let Some(run) = runs(dir.path()).pop() {
+                if last_step(&run) >= 4 && status(&run) == "running" {
+                    break run;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(name) && stderr(&out).contains("pipe resume"), "{}", stderr(&out));
+        assert_eq!(status(&run), "interrupted", "{name}");
+        let latest = pipe::checkpoint::list(&run).pop().unwrap();
+        assert_eq!(pipe::checkpoint::progress(&latest).unwrap().step as u64, last_step(&run), "{name}");
+        resume_and_compare(dir.path(), &run, &reference);
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+}
+
+/// A signal in the generate stage stops after the sample in progress, marks the run
+/// `interrupted`, and the resumed run writes every sample.
+#[test]
+fn a_signal_in_the_generate_stage_interrupts_it_and_resume_finishes_it() {
+    let dir = setup();
+    let prompts = vec!["\"What is the capital of Kenya?\""; 400].join(", ");
+    let spec = std::fs::read_to_string(dir.path().join("spec.toml"))
+        .unwrap()
+        .replace("epochs = 3", "epochs = 1")
+        .replace("prompts = [\"What is the capital of Kenya?\"]", &format!("prompts = [{prompts}]"))
+        .replace("max_new_tokens = 6", "max_new_tokens = 40");
+    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
+    let child = spawn(dir.path(), &["run", "spec.toml"], &[]);
+    let run = loop {
+        if let Some(run) = runs(dir.path()).pop() {
+            if run.join("samples.jsonl").is_file() {
+                break run;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert!(stderr(&out).contains("generate stage"), "{}", stderr(&out));
+    assert_eq!(status(&run), "interrupted");
+    let samples =
+        |run: &Path| std::fs::read_to_string(run.join("samples.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+    assert!(samples(&run) < 400, "stopped before the last sample");
+    let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(status(&run), "completed");
+    assert_eq!(samples(&run), 400);
+}

@@ -15,6 +15,7 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         tracing::warn!("eval stage: no validation examples (data.val_fraction = 0 and no data.val_path)");
         return Ok(state);
     }
+    ctx.stop.check("before the eval stage")?;
     let objective = TokenLoss { pad_id: ctx.data.tok.eos_id };
     let (val_loss, tokens) = evaluate(&state.model.valid(), &objective, val, ctx.spec.train.batch_size, ctx.device);
     let record = EvalRecord {
@@ -28,5 +29,6 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     run_dir::write_atomic(&ctx.run.file(run_dir::EVAL_FILE), serde_json::to_string_pretty(&record)?.as_bytes())?;
     ctx.run.log_metrics(&MetricRecord::Eval(record))?;
     tracing::info!(val_loss = format!("{val_loss:.4}"), val_ppl = format!("{:.2}", val_loss.exp()), "eval");
+    ctx.stop.check("after the eval stage")?;
     Ok(state)
 }

@@ -36,7 +36,11 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     let model = state.model.valid();
     let mut generator = Generator::new(&model, ctx.device, g.seed);
     let bar = indicatif::ProgressBar::new(g.prompts.len() as u64).with_prefix("generate");
-    for prompt in &g.prompts {
+    for (i, prompt) in g.prompts.iter().enumerate() {
+        if let Err(stop) = ctx.stop.check(&format!("in the generate stage, after {i} of {} samples", g.prompts.len())) {
+            bar.finish_and_clear();
+            return Err(stop);
+        }
         let text_in = apply_template(&prompt_layout(&ctx.spec.data), prompt);
         let ids = tok.encode(&text_in)?;
         let new = generator.generate(&ids, g.max_new_tokens, sampling, Some(tok.eos_id), |_| {});

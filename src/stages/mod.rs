@@ -8,7 +8,6 @@ mod train;
 pub use generate::check_prompts;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
 
@@ -16,6 +15,7 @@ use crate::checkpoint::Progress;
 use crate::data::PreparedData;
 use crate::model::{TrainBackend, TrainableLm};
 use crate::run_dir::RunDir;
+use crate::signals::StopSignal;
 use crate::spec::{Spec, Stage};
 
 /// What every stage works with besides the model.
@@ -24,8 +24,8 @@ pub struct StageContext<'a, B: TrainBackend> {
     pub data: &'a PreparedData,
     pub run: &'a RunDir,
     pub device: &'a B::Device,
-    /// Set by Ctrl-C.
-    pub interrupt: &'a AtomicBool,
+    /// Set by Ctrl-C, SIGTERM or SIGHUP: each stage stops at the end of its unit of work.
+    pub stop: &'a StopSignal,
     /// The checkpoint a resumed run continues from (the model already holds its weights), and
     /// where training stood then.
     pub resume: Option<(PathBuf, Progress)>,

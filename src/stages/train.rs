@@ -17,7 +17,7 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         tok: &data.tok,
         run: ctx.run,
         device: ctx.device,
-        interrupt: ctx.interrupt,
+        stop: ctx.stop,
     };
     let resume = ctx.resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
     let (model, summary) = train::train(&train_ctx, state.model, resume)?;
