@@ -100,11 +100,9 @@ impl BackendJob for RunJob<'_> {
             Some(mut run) => {
                 // The run's own tokenizer, not a retrained one.
                 let data = PreparedData::prepare(spec, Some(&run.file(run_dir::TOKENIZER_FILE)))?;
-                let latest = checkpoint::list(&run.path).pop();
-                // The model is read once: from the checkpoint, or as the run started.
-                let (model, resume) = match latest {
-                    Some(dir) => {
-                        let (model, progress) = checkpoint::load::<B, Gpt2<B>>(&dir, spec.model.dropout, &device)?;
+                // The model is read once: from the newest readable checkpoint, or as the run started.
+                let (model, resume) = match latest_readable::<B>(&run.path, spec, &device)? {
+                    Some((model, dir, progress)) => {
                         (Gpt2 { precision: spec.run.precision, ..model }, Some((dir, progress)))
                     }
                     None => (initial_model::<B>(spec, &data, &device)?, None),
@@ -135,6 +133,34 @@ impl BackendJob for RunJob<'_> {
                 Err(error.context(format!("run {} failed", run.path.display())))
             }
         }
+    }
+}
+
+/// The newest checkpoint of a run whose model and trainer state read, with where training
+/// stood; a damaged newer one is passed over with a warning. None when the run has no
+/// checkpoint; an error when it has some and none reads.
+fn latest_readable<B: TrainBackend>(
+    run: &Path,
+    spec: &Spec,
+    device: &B::Device,
+) -> Result<Option<(Gpt2<B>, PathBuf, Progress)>> {
+    let mut newest_error = None;
+    for dir in checkpoint::list(run).into_iter().rev() {
+        match checkpoint::load::<B, Gpt2<B>>(&dir, spec.model.dropout, device) {
+            Ok((model, progress)) => return Ok(Some((model, dir, progress))),
+            Err(error) => {
+                tracing::warn!("checkpoint {} cannot be read ({error:#}); trying the one before it", dir.display());
+                newest_error.get_or_insert(error);
+            }
+        }
+    }
+    match newest_error {
+        None => Ok(None),
+        Some(error) => Err(error.context(format!(
+            "no checkpoint of {} can be read; remove {} to start the run over",
+            run.display(),
+            run.join(checkpoint::CHECKPOINTS_DIR).display()
+        ))),
     }
 }
 

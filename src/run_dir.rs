@@ -281,8 +281,17 @@ impl RunDir {
     pub fn restart(&mut self, step: usize) -> Result<()> {
         let metrics = self.file(METRICS_FILE);
         if metrics.exists() {
+            let lines = fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0);
+            let records = read_metrics(&self.path);
+            if records.len() < lines {
+                tracing::warn!(
+                    "{}: dropped {} unreadable line(s), such as a record cut off when the process died",
+                    metrics.display(),
+                    lines - records.len()
+                );
+            }
             let mut kept = String::new();
-            for record in read_metrics(&self.path) {
+            for record in records {
                 // Step records up to the checkpoint stay; evaluations at its step came after it.
                 let stays = match &record {
                     MetricRecord::Step(r) => r.step <= step,
