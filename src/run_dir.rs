@@ -219,10 +219,7 @@ impl WriterLock {
     /// died without a word).
     pub fn is_held(run: &Path) -> bool {
         let Ok(file) = File::open(run.join(LOCK_FILE)) else { return false };
-        match file.try_lock_shared() {
-            Ok(()) => false,
-            Err(_) => true,
-        }
+        file.try_lock_shared().is_err()
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::tensor::{Int, Tensor, TensorData};
-use common::{fixture_dir, floats, ids, reference};
+use common::{batch_loss, fixture_dir, floats, ids, reference, sequences_of};
 use pipe::data::{Batch, Sequence, Tok};
 use pipe::generate::{Generator, Sampling};
 use pipe::model::gpt2::Precision;
@@ -79,18 +79,6 @@ fn top5_next_tokens_match() {
         let want: Vec<i64> = ids(want).into_iter().map(i64::from).collect();
         assert_eq!(&top[pos * 5..pos * 5 + 5], &want[..], "position {pos}");
     }
-}
-
-fn sequences_of(r: &serde_json::Value) -> Vec<Sequence> {
-    r["encoded"].as_array().unwrap().iter().map(|e| Sequence::all_trained(ids(e))).collect()
-}
-
-/// The right-padded batch loss, through the same Batch the training loop uses.
-fn batch_loss(model: &Gpt2<B>, sequences: &[Sequence]) -> f64 {
-    let refs: Vec<&Sequence> = sequences.iter().collect();
-    let batch = Batch::<B>::new(&refs, 50256, &Default::default());
-    let sum: f32 = model.loss_sum(batch.inputs, batch.targets, batch.weights).into_scalar();
-    sum as f64 / batch.loss_tokens as f64
 }
 
 #[test]

@@ -4,10 +4,9 @@
 mod common;
 
 use burn::backend::Flex;
-use common::{fixture_dir, reference};
-use pipe::data::{Batch, Sequence};
+use common::{batch_loss, fixture_dir, reference, sequences_of};
 use pipe::error::is_bad_input;
-use pipe::model::{hf, CausalLm, Gpt2};
+use pipe::model::{hf, Gpt2};
 use serde_json::{json, Value};
 
 /// The fixture with `edit` applied to its config.json.
@@ -25,16 +24,6 @@ fn with_config(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> tempfi
 
 fn load(dir: &tempfile::TempDir) -> anyhow::Result<Gpt2<Flex>> {
     hf::load::<Flex>(dir.path(), None, &Default::default()).map(|(_, model)| model)
-}
-
-fn batch_loss(model: &Gpt2<Flex>) -> f64 {
-    let r = reference();
-    let sequences: Vec<Sequence> =
-        r["encoded"].as_array().unwrap().iter().map(|e| Sequence::all_trained(common::ids(e))).collect();
-    let refs: Vec<&Sequence> = sequences.iter().collect();
-    let batch = Batch::<Flex>::new(&refs, 50256, &Default::default());
-    let sum: f32 = model.loss_sum(batch.inputs, batch.targets, batch.weights).into_scalar();
-    sum as f64 / batch.loss_tokens as f64
 }
 
 #[test]
@@ -82,7 +71,8 @@ fn settings_that_keep_gpt2s_arithmetic_load_to_the_same_model() {
         let dir = with_config(|c| {
             c.insert(key.to_string(), value.clone());
         });
-        let loss = batch_loss(&load(&dir).unwrap_or_else(|e| panic!("{key} = {value}: {e:#}")));
+        let model = load(&dir).unwrap_or_else(|e| panic!("{key} = {value}: {e:#}"));
+        let loss = batch_loss(&model, &sequences_of(&reference()));
         assert!((loss - want).abs() < 1e-4, "{key} = {value}: loss {loss}, transformers {want}");
     }
 }

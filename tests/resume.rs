@@ -73,6 +73,26 @@ fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
     command.spawn().unwrap()
 }
 
+/// A `pipe run` that the fault hook kills (SIGKILL) while it writes the checkpoint of `step`;
+/// its run folder.
+fn killed_in_checkpoint(dir: &Path, step: &str) -> PathBuf {
+    let mut child = spawn(dir, &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", step)]);
+    child.wait().unwrap();
+    runs(dir).pop().unwrap()
+}
+
+/// The newest run folder, once `ready` holds for it.
+fn wait_for_run(dir: &Path, ready: impl Fn(&Path) -> bool) -> PathBuf {
+    loop {
+        if let Some(run) = runs(dir).pop() {
+            if ready(&run) {
+                return run;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Step records as (step, loss), in file order.
 fn step_losses(run: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -179,9 +199,7 @@ fn a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_complete()
 fn killed_before_the_first_checkpoint_resumes_from_the_start() {
     let dir = setup();
     let reference = reference(dir.path());
-    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "3")]);
-    child.wait().unwrap();
-    let run = runs(dir.path()).pop().unwrap();
+    let run = killed_in_checkpoint(dir.path(), "3");
     assert!(pipe::checkpoint::list(&run).is_empty());
     resume_and_compare(dir.path(), &run, &reference);
 }
@@ -191,14 +209,7 @@ fn ctrl_c_checkpoints_marks_interrupted_and_says_how_to_resume() {
     let dir = setup();
     let reference = reference(dir.path());
     let child = spawn(dir.path(), &["run", "spec.toml"], &[]);
-    let run = loop {
-        if let Some(run) = runs(dir.path()).pop() {
-            if last_step(&run) >= 4 {
-                break run;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let run = wait_for_run(dir.path(), |run| last_step(run) >= 4);
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = Instant::now();
@@ -236,9 +247,7 @@ fn resuming_a_completed_run_does_nothing_and_resuming_a_non_run_is_bad_input() {
 fn run_with_resume_continues_the_same_spec_and_refuses_a_changed_one() {
     let dir = setup();
     let reference = reference(dir.path());
-    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "12")]);
-    child.wait().unwrap();
-    let run = runs(dir.path()).pop().unwrap();
+    let run = killed_in_checkpoint(dir.path(), "12");
     let out =
         pipe(dir.path(), &["run", "spec.toml", "--set", "train.epochs=4", "--resume", run.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -288,9 +297,7 @@ fn an_unreadable_optimizer_state_fails_the_resume_naming_the_checkpoint_and_the_
 fn parameter_ids_are_matched_by_name_and_old_checkpoints_still_resume() {
     let dir = setup();
     let reference = reference(dir.path());
-    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "9")]);
-    child.wait().unwrap();
-    let run = runs(dir.path()).pop().unwrap();
+    let run = killed_in_checkpoint(dir.path(), "9");
     let checkpoints = pipe::checkpoint::list(&run);
     let state = |checkpoint: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(checkpoint.join("trainer.json")).unwrap()).unwrap()
@@ -334,14 +341,7 @@ fn one_writer_per_run_and_a_killed_run_shows_as_crashed() {
     let spec = std::fs::read_to_string(dir.path().join("spec.toml")).unwrap().replace("epochs = 3", "epochs = 400");
     std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
     let mut child = spawn(dir.path(), &["run", "spec.toml"], &[]);
-    let run = loop {
-        if let Some(run) = runs(dir.path()).pop() {
-            if last_step(&run) >= 1 {
-                break run;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let run = wait_for_run(dir.path(), |run| last_step(run) >= 1);
     let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let message = stderr(&out);
@@ -368,14 +368,7 @@ fn sigterm_and_sighup_in_training_checkpoint_and_resume_exactly() {
     let reference = reference(dir.path());
     for (signal, code, name) in [(libc::SIGTERM, 143, "SIGTERM"), (libc::SIGHUP, 129, "SIGHUP")] {
         let child = spawn(dir.path(), &["run", "spec.toml"], &[]);
-        let run = loop {
-            if let Some(run) = runs(dir.path()).pop() {
-                if last_step(&run) >= 4 && status(&run) == "running" {
-                    break run;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
+        let run = wait_for_run(dir.path(), |run| last_step(run) >= 4 && status(run) == "running");
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(child.id() as i32, signal) };
         let out = child.wait_with_output().unwrap();
@@ -402,14 +395,7 @@ fn a_signal_in_the_generate_stage_interrupts_it_and_resume_finishes_it() {
         .replace("max_new_tokens = 6", "max_new_tokens = 40");
     std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
     let child = spawn(dir.path(), &["run", "spec.toml"], &[]);
-    let run = loop {
-        if let Some(run) = runs(dir.path()).pop() {
-            if run.join("samples.jsonl").is_file() {
-                break run;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let run = wait_for_run(dir.path(), |run| run.join("samples.jsonl").is_file());
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
@@ -431,9 +417,7 @@ fn a_signal_in_the_generate_stage_interrupts_it_and_resume_finishes_it() {
 fn a_damaged_newest_checkpoint_falls_back_and_a_cut_metrics_line_is_repaired() {
     let dir = setup();
     let reference = reference(dir.path());
-    let mut child = spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "9")]);
-    child.wait().unwrap();
-    let run = runs(dir.path()).pop().unwrap();
+    let run = killed_in_checkpoint(dir.path(), "9");
     let checkpoints = pipe::checkpoint::list(&run);
     assert_eq!(checkpoints.len(), 2, "{checkpoints:?}");
     let newest = checkpoints[1].join("model.safetensors");

@@ -83,6 +83,13 @@ fn fits(len: usize, rows: usize, cols: usize, row: isize, col: isize) -> bool {
     row >= 0 && col >= 0 && (rows - 1) * (row as usize) + (cols - 1) * (col as usize) < len
 }
 
+/// Element (r, c)'s offset from a view's start, and the elements left after it there.
+fn shift(len: usize, row: isize, col: isize, r: usize, c: usize) -> (isize, usize) {
+    let offset = r as isize * row + c as isize * col;
+    debug_assert!(offset >= 0 && offset as usize <= len, "sub-matrix ({r}, {c}) outside its buffer");
+    (offset, len.saturating_sub(offset as usize))
+}
+
 /// One matrix of a strided, read-only f32 buffer: element (r, c) at `ptr + r·row + c·col`.
 #[derive(Clone, Copy)]
 pub struct Mat {
@@ -123,9 +130,8 @@ impl Mat {
 
     /// The sub-matrix whose element (0, 0) is this one's (r, c).
     pub fn offset_to(self, r: usize, c: usize) -> Self {
-        let offset = r as isize * self.row + c as isize * self.col;
-        debug_assert!(offset >= 0 && offset as usize <= self.len, "sub-matrix ({r}, {c}) outside the view");
-        Self { ptr: self.ptr.wrapping_offset(offset), len: self.len.saturating_sub(offset as usize), ..self }
+        let (offset, len) = shift(self.len, self.row, self.col, r, c);
+        Self { ptr: self.ptr.wrapping_offset(offset), len, ..self }
     }
 
     fn fits(&self, rows: usize, cols: usize) -> bool {
@@ -149,9 +155,8 @@ unsafe impl Sync for Out {}
 impl Out {
     /// The sub-matrix whose element (0, 0) is this one's (r, c).
     pub fn offset_to(self, r: usize, c: usize) -> Self {
-        let offset = r as isize * self.row + c as isize * self.col;
-        debug_assert!(offset >= 0 && offset as usize <= self.len, "sub-matrix ({r}, {c}) outside the output");
-        Self { ptr: self.ptr.wrapping_offset(offset), len: self.len.saturating_sub(offset as usize), ..self }
+        let (offset, len) = shift(self.len, self.row, self.col, r, c);
+        Self { ptr: self.ptr.wrapping_offset(offset), len, ..self }
     }
 
     fn fits(&self, rows: usize, cols: usize) -> bool {

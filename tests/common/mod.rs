@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use burn::backend::Flex;
+use pipe::data::{Batch, Sequence};
+use pipe::model::{CausalLm, Gpt2};
+
 pub fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
@@ -20,6 +24,19 @@ pub fn ids(value: &serde_json::Value) -> Vec<u32> {
 
 pub fn floats(value: &serde_json::Value) -> Vec<f64> {
     value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+}
+
+/// The reference texts' token ids, each trained on whole.
+pub fn sequences_of(r: &serde_json::Value) -> Vec<Sequence> {
+    r["encoded"].as_array().unwrap().iter().map(|e| Sequence::all_trained(ids(e))).collect()
+}
+
+/// The right-padded batch loss, through the same Batch the training loop uses.
+pub fn batch_loss(model: &Gpt2<Flex>, sequences: &[Sequence]) -> f64 {
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let batch = Batch::<Flex>::new(&refs, 50256, &Default::default());
+    let sum: f32 = model.loss_sum(batch.inputs, batch.targets, batch.weights).into_scalar();
+    sum as f64 / batch.loss_tokens as f64
 }
 
 /// Run `pipe` with `args` in `dir`, with no PIPE_ variables from the outer environment.
