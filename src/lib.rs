@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod inputs;
 pub mod model;
 pub mod objective;
 pub mod pipeline;

@@ -42,6 +42,10 @@ enum Command {
         /// Continue this unfinished run of the spec instead of starting a new one.
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        /// With --resume: continue even though a dataset, the tokenizer or the base model
+        /// changed since the run started (otherwise refused).
+        #[arg(long, requires = "resume")]
+        allow_changed_inputs: bool,
     },
     /// Continue an interrupted or failed run from its latest checkpoint, in the same folder.
     Resume {
@@ -49,6 +53,10 @@ enum Command {
         run: PathBuf,
         #[command(flatten)]
         runs: RunsDirArg,
+        /// Continue even though a dataset, the tokenizer or the base model changed since the
+        /// run started (otherwise refused, naming what changed).
+        #[arg(long)]
+        allow_changed_inputs: bool,
     },
     /// Validate a spec and print every resolved value with where it came from.
     Check {
@@ -254,19 +262,19 @@ fn load_model(
 fn execute(command: Command) -> anyhow::Result<()> {
     let device = Default::default();
     match command {
-        Command::Run { spec, sets, resume: None } => {
+        Command::Run { spec, sets, resume: None, .. } => {
             let loaded = spec::load(&spec, &sets)?;
             let run = pipeline::run(&loaded)?;
             println!("run completed: {}", run.display());
         }
-        Command::Run { spec, sets, resume: Some(run) } => {
+        Command::Run { spec, sets, resume: Some(run), allow_changed_inputs } => {
             let loaded = spec::load(&spec, &sets)?;
             let run = runs::resolve(&loaded.spec.run.runs_dir, &run.to_string_lossy())?;
-            report_resume(pipeline::resume(&run, Some(&loaded))?);
+            report_resume(pipeline::resume(&run, Some(&loaded), allow_changed_inputs)?);
         }
-        Command::Resume { run, runs } => {
+        Command::Resume { run, runs, allow_changed_inputs } => {
             let run = runs::resolve(&runs.runs_dir, &run.to_string_lossy())?;
-            report_resume(pipeline::resume(&run, None)?);
+            report_resume(pipeline::resume(&run, None, allow_changed_inputs)?);
         }
         Command::Check { spec, sets } => {
             let loaded = spec::load(&spec, &sets)?;

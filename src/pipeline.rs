@@ -12,17 +12,20 @@ use crate::backend::{self, BackendJob};
 use crate::checkpoint::{self, Progress};
 use crate::data::{PreparedData, TokenizeReport};
 use crate::error::{bad_input, interrupted_by};
+use crate::inputs;
 use crate::model::{hf, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
 use crate::signals::{self, StopSignal};
 use crate::spec::{LoadedSpec, Spec};
 use crate::stages::{self, StageContext};
+use crate::train::ModelOptimizer;
 
 /// Run the pipeline a spec describes; returns the run folder.
 pub fn run(loaded: &LoadedSpec) -> Result<PathBuf> {
     let spec = &loaded.spec;
     let stop = StopSignal::register()?;
-    backend::dispatch(spec.run.backend, spec.run.device, RunJob { loaded, resume: None, stop: &stop })
+    let job = RunJob { loaded, resume: None, allow_changed_inputs: false, stop: &stop };
+    backend::dispatch(spec.run.backend, spec.run.device, job)
 }
 
 /// What `pipe resume` did.
@@ -36,8 +39,9 @@ pub enum Resumed {
 /// Continue an unfinished run from its latest complete checkpoint (or from the start when it
 /// has none), in the same folder, with the spec it was started with. A completed run is left
 /// as it is. With `spec` (`pipe run SPEC --resume RUN`), the spec must resolve exactly as the
-/// run's own did.
-pub fn resume(run_path: &Path, spec: Option<&LoadedSpec>) -> Result<Resumed> {
+/// run's own did. An input file whose contents changed since the run started is refused unless
+/// `allow_changed_inputs`.
+pub fn resume(run_path: &Path, spec: Option<&LoadedSpec>, allow_changed_inputs: bool) -> Result<Resumed> {
     let run = RunDir::open_for_writing(run_path)?;
     if let Some(given) = spec {
         let saved = std::fs::read_to_string(run.file(run_dir::SPEC_FILE)).unwrap_or_default();
@@ -55,7 +59,7 @@ pub fn resume(run_path: &Path, spec: Option<&LoadedSpec>) -> Result<Resumed> {
     }
     let loaded = crate::spec::load_with_env(&run.file(run_dir::SPEC_FILE), &[], &[])?;
     let stop = StopSignal::register()?;
-    let job = RunJob { loaded: &loaded, resume: Some(run), stop: &stop };
+    let job = RunJob { loaded: &loaded, resume: Some(run), allow_changed_inputs, stop: &stop };
     backend::dispatch(loaded.spec.run.backend, loaded.spec.run.device, job).map(Resumed::Completed)
 }
 
@@ -63,6 +67,7 @@ struct RunJob<'a> {
     loaded: &'a LoadedSpec,
     /// The run folder to continue, for `pipe resume`.
     resume: Option<RunDir>,
+    allow_changed_inputs: bool,
     stop: &'a StopSignal,
 }
 
@@ -75,6 +80,7 @@ impl BackendJob for RunJob<'_> {
         let (mut run, data, model, resume) = match self.resume {
             None => {
                 let data = PreparedData::prepare(spec, None)?;
+                let inputs = inputs::of(spec, data.model_dir.as_deref())?;
                 let model = initial_model::<B>(spec, &data, &device)?;
                 check_plan(spec, &data, &model.config)?;
                 self.stop.check("before the run started")?;
@@ -91,6 +97,7 @@ impl BackendJob for RunJob<'_> {
                     status: Status::Running,
                     error: None,
                     resumed: Vec::new(),
+                    inputs,
                 };
                 let run = RunDir::create(&spec.run.runs_dir, meta)?;
                 run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
@@ -100,6 +107,7 @@ impl BackendJob for RunJob<'_> {
             Some(mut run) => {
                 // The run's own tokenizer, not a retrained one.
                 let data = PreparedData::prepare(spec, Some(&run.file(run_dir::TOKENIZER_FILE)))?;
+                run.meta.inputs = check_inputs(&run, spec, &data, self.allow_changed_inputs)?;
                 // The model is read once: from the newest readable checkpoint, or as the run started.
                 let (model, resume) = match latest_readable::<B>(&run.path, spec, &device)? {
                     Some((model, dir, progress)) => {
@@ -136,9 +144,34 @@ impl BackendJob for RunJob<'_> {
     }
 }
 
-/// The newest checkpoint of a run whose model and trainer state read, with where training
-/// stood; a damaged newer one is passed over with a warning. None when the run has no
-/// checkpoint; an error when it has some and none reads.
+/// The inputs as they are now, refused (unless `allow_changed`) when one differs from what the
+/// run started with.
+fn check_inputs(run: &RunDir, spec: &Spec, data: &PreparedData, allow_changed: bool) -> Result<inputs::Inputs> {
+    let now = inputs::of(spec, data.model_dir.as_deref())?;
+    let changes = inputs::changes(&run.meta.inputs, &now);
+    if changes.is_empty() {
+        return Ok(now);
+    }
+    if !allow_changed {
+        return Err(bad_input(format!(
+            "{} cannot continue on changed inputs:\n  {}\nrestore them, or continue on them as they are now with: pipe resume {} --allow-changed-inputs",
+            run.path.display(),
+            changes.join("\n  "),
+            run.path.display()
+        )));
+    }
+    for change in &changes {
+        tracing::warn!("{change}; continuing as --allow-changed-inputs asks");
+    }
+    if changes.iter().any(|c| c.starts_with("tokenizer")) {
+        tracing::warn!("the run keeps the tokenizer it started with ({})", run.file(run_dir::TOKENIZER_FILE).display());
+    }
+    Ok(now)
+}
+
+/// The newest checkpoint of a run whose model, trainer state and optimizer state all read, with
+/// where training stood; a damaged newer one is passed over with a warning. None when the run
+/// has no checkpoint; an error when it has some and none reads.
 fn latest_readable<B: TrainBackend>(
     run: &Path,
     spec: &Spec,
@@ -146,7 +179,12 @@ fn latest_readable<B: TrainBackend>(
 ) -> Result<Option<(Gpt2<B>, PathBuf, Progress)>> {
     let mut newest_error = None;
     for dir in checkpoint::list(run).into_iter().rev() {
-        match checkpoint::load::<B, Gpt2<B>>(&dir, spec.model.dropout, device) {
+        // The optimizer state is read here only to know it reads; training reads it again.
+        let readable = checkpoint::load::<B, Gpt2<B>>(&dir, spec.model.dropout, device).and_then(|loaded| {
+            ModelOptimizer::<B, Gpt2<B>>::new(&spec.optimizer).restore(&dir, device)?;
+            Ok(loaded)
+        });
+        match readable {
             Ok((model, progress)) => return Ok(Some((model, dir, progress))),
             Err(error) => {
                 tracing::warn!("checkpoint {} cannot be read ({error:#}); trying the one before it", dir.display());

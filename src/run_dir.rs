@@ -68,6 +68,9 @@ pub struct Meta {
     /// When the run was resumed, each time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resumed: Vec<String>,
+    /// A content hash of each input file, checked when the run resumes.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub inputs: crate::inputs::Inputs,
 }
 
 impl Meta {

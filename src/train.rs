@@ -49,7 +49,7 @@ impl<B: TrainBackend, M: TrainableLm<B>> ModelOptimizer<B, M> {
         checkpoint::save(run, model, tok, self.0.to_record(), progress, keep)
     }
 
-    fn restore(self, dir: &Path, device: &B::Device) -> Result<Self> {
+    pub fn restore(self, dir: &Path, device: &B::Device) -> Result<Self> {
         Ok(Self(self.0.load_record(checkpoint::load_optimizer(dir, device)?)))
     }
 }
@@ -195,7 +195,8 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
 
     for epoch in start.epoch..=train_spec.epochs {
         let order = epoch_order(train, seed, epoch, train_spec.group_by_length.then_some(examples_per_step));
-        let skip = if epoch == start.epoch { start.position } else { 0 };
+        // A position past the end is possible only when the data shrank under a resume.
+        let skip = if epoch == start.epoch { start.position.min(order.len()) } else { 0 };
         let bar = progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", train_spec.epochs));
         bar.set_position((skip / examples_per_step) as u64);
         let (mut epoch_loss, mut epoch_tokens) = (0.0, 0usize);

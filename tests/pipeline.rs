@@ -311,6 +311,7 @@ fn runs_started_in_the_same_second_get_distinct_folders() {
         status: Status::Running,
         error: None,
         resumed: Vec::new(),
+        inputs: Default::default(),
     };
     let ids: Vec<String> = (0..3).map(|_| RunDir::create(dir.path(), meta.clone()).unwrap().meta.run_id).collect();
     assert_eq!(ids, ["20261127-152125", "20261127-152125-2", "20261127-152125-3"]);

@@ -258,7 +258,7 @@ fn run_with_resume_continues_the_same_spec_and_refuses_a_changed_one() {
 }
 
 #[test]
-fn an_unreadable_optimizer_state_fails_the_resume_naming_the_checkpoint_and_the_way_out() {
+fn unreadable_optimizer_states_fail_the_resume_naming_the_checkpoint_and_the_way_out() {
     let dir = setup();
     let mut child = spawn(dir.path(), &["run", "spec.toml"], &[]);
     let run = loop {
@@ -272,19 +272,16 @@ fn an_unreadable_optimizer_state_fails_the_resume_naming_the_checkpoint_and_the_
     };
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    // As a checkpoint from a pipe whose optimizer records differ would read.
-    let checkpoint = pipe::checkpoint::list(&run).pop().unwrap();
-    let optimizer = std::fs::read_dir(&checkpoint)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("optimizer"))
-        .unwrap();
-    std::fs::write(&optimizer, [13u8; 64]).unwrap();
+    // As checkpoints from a pipe whose optimizer records differ would read.
+    for checkpoint in pipe::checkpoint::list(&run) {
+        std::fs::write(checkpoint.join("optimizer.bin"), [13u8; 64]).unwrap();
+    }
     let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let message = stderr(&out);
-    assert!(message.contains("cannot read the optimizer state"), "{message}");
-    let absolute = checkpoint.canonicalize().unwrap();
+    assert!(message.contains("no checkpoint of") && message.contains("cannot read the optimizer state"), "{message}");
+    let newest = pipe::checkpoint::list(&run).pop().unwrap();
+    let absolute = newest.canonicalize().unwrap();
     assert!(message.contains(&format!("model.path = \"{}\"", absolute.display())), "{message}");
     assert!(!message.contains("panicked"), "{message}");
 }
@@ -382,6 +379,36 @@ fn sigterm_and_sighup_in_training_checkpoint_and_resume_exactly() {
     }
 }
 
+/// Each stop signal (Ctrl-C, SIGTERM, SIGHUP) in each stage ends the run the same way: the unit
+/// of work in progress finishes (a training step, then a checkpoint), the run is `interrupted`,
+/// the exit code is 128 + the signal, the message names the signal and says how to resume, and
+/// the resumed run completes with the same model as an uninterrupted one.
+#[test]
+fn every_stop_signal_in_every_stage_interrupts_and_resumes() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    for stage in ["train", "eval", "generate"] {
+        for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
+            let asked = format!("{stage}:{signal}");
+            let out = pipe(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_SIGNAL_AT_STAGE", &asked)]);
+            let message = stderr(&out);
+            assert_eq!(out.status.code(), Some(128 + signal), "{asked}: {message}");
+            assert!(message.contains(name) && message.contains("pipe resume"), "{asked}: {message}");
+            assert!(!message.contains("panicked"), "{asked}: {message}");
+            let run = runs(dir.path()).pop().unwrap();
+            assert_eq!(status(&run), "interrupted", "{asked}");
+            let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+            assert!(out.status.success(), "{asked}: {}", stderr(&out));
+            assert_eq!(status(&run), "completed", "{asked}");
+            assert!(weights(&run) == weights(&reference), "{asked}");
+            let samples = std::fs::read_to_string(run.join("samples.jsonl")).unwrap();
+            assert_eq!(samples.lines().count(), 1, "{asked}");
+            assert!(run.join("eval.json").is_file(), "{asked}");
+            std::fs::remove_dir_all(&run).unwrap();
+        }
+    }
+}
+
 /// A signal in the generate stage stops after the sample in progress, marks the run
 /// `interrupted`, and the resumed run writes every sample.
 #[test]
@@ -411,27 +438,109 @@ fn a_signal_in_the_generate_stage_interrupts_it_and_resume_finishes_it() {
     assert_eq!(samples(&run), 400);
 }
 
-/// A damaged newest checkpoint is passed over for the one before it, with a warning, and the
-/// resumed run is still exact; a metrics.jsonl cut mid-line is repaired and the repair reported.
+/// A newest checkpoint with any of its files damaged (weights, optimizer state, trainer state)
+/// is passed over for the one before it, with a warning, and the resumed run is still exact; a
+/// metrics.jsonl cut mid-line is repaired and the repair reported.
 #[test]
 fn a_damaged_newest_checkpoint_falls_back_and_a_cut_metrics_line_is_repaired() {
     let dir = setup();
     let reference = reference(dir.path());
+    for damaged in ["model.safetensors", "optimizer.bin", "trainer.json"] {
+        let run = killed_in_checkpoint(dir.path(), "9");
+        let checkpoints = pipe::checkpoint::list(&run);
+        assert_eq!(checkpoints.len(), 2, "{checkpoints:?}");
+        let newest = checkpoints[1].join(damaged);
+        let bytes = std::fs::read(&newest).unwrap();
+        std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+        let metrics = run.join("metrics.jsonl");
+        let mut text = std::fs::read_to_string(&metrics).unwrap();
+        text.push_str("{\"step\":10,\"epoch\":2,\"lo");
+        std::fs::write(&metrics, text).unwrap();
+
+        let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+        assert!(out.status.success(), "{damaged}: {}", stderr(&out));
+        let message = stderr(&out);
+        assert!(
+            message.contains("step-000006") && message.contains("trying the one before it"),
+            "{damaged}: {message}"
+        );
+        assert!(message.contains("from_step=3"), "{damaged}: {message}");
+        assert!(message.contains("metrics.jsonl: dropped 1 unreadable line"), "{damaged}: {message}");
+        resume_and_compare(dir.path(), &run, &reference);
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+}
+
+/// A dataset edited under an unfinished run is refused on resume (exit 2, naming the field,
+/// the file and the way on) with the run folder untouched; `--allow-changed-inputs` continues
+/// on the data as it is now, even when it shrank below where the epoch stood.
+#[test]
+fn resume_refuses_a_changed_dataset_unless_asked() {
+    let dir = setup();
     let run = killed_in_checkpoint(dir.path(), "9");
-    let checkpoints = pipe::checkpoint::list(&run);
-    assert_eq!(checkpoints.len(), 2, "{checkpoints:?}");
-    let newest = checkpoints[1].join("model.safetensors");
-    let bytes = std::fs::read(&newest).unwrap();
-    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
-    let metrics = run.join("metrics.jsonl");
-    let mut text = std::fs::read_to_string(&metrics).unwrap();
-    text.push_str("{\"step\":10,\"epoch\":2,\"lo");
-    std::fs::write(&metrics, text).unwrap();
+    let train = dir.path().join("train.jsonl");
+    let data = std::fs::read_to_string(&train).unwrap();
+    std::fs::write(&train, data.lines().take(10).collect::<Vec<_>>().join("\n")).unwrap();
+    let metrics_before = std::fs::read(run.join("metrics.jsonl")).unwrap();
 
     let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let message = stderr(&out);
-    assert!(message.contains("step-000006") && message.contains("trying the one before it"), "{message}");
-    assert!(message.contains("metrics.jsonl: dropped 1 unreadable line"), "{message}");
-    resume_and_compare(dir.path(), &run, &reference);
+    let absolute = train.canonicalize().unwrap();
+    assert!(message.contains(&format!("data.path {}: its contents changed", absolute.display())), "{message}");
+    assert!(message.contains("--allow-changed-inputs"), "{message}");
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), metrics_before, "the run folder is untouched");
+    assert_eq!(status(&run), "running", "the refused resume leaves the status as it was");
+
+    let out = pipe(dir.path(), &["resume", run.to_str().unwrap(), "--allow-changed-inputs"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("its contents changed"), "the change is still reported: {}", stderr(&out));
+    assert_eq!(status(&run), "completed");
+    // The run now records the data it finished on: a later resume has nothing to refuse.
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    let recorded = meta["inputs"]["data.path"]["sha256"].as_str().unwrap().to_string();
+    let now = pipe::inputs::of(&pipe::spec::load(&run.join("spec.toml"), &[]).unwrap().spec, None).unwrap();
+    assert_eq!(now["data.path"].sha256, recorded);
+}
+
+/// Every input a run can have is hashed: the datasets, the tokenizer, the base model's
+/// config.json and weights; a change to any one of them is named.
+#[test]
+fn every_input_is_hashed_and_each_change_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(common::fixture_dir().join(file), model.join(file)).unwrap();
+    }
+    std::fs::write(dir.path().join("train.jsonl"), "{\"prompt\": \"a\", \"response\": \"b\"}\n").unwrap();
+    std::fs::write(dir.path().join("val.jsonl"), "{\"prompt\": \"c\", \"response\": \"d\"}\n").unwrap();
+    let spec_path = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec_path,
+        "[run]\nname = \"h\"\n[data]\npath = \"train.jsonl\"\nval_path = \"val.jsonl\"\n[model]\npath = \"model\"\n",
+    )
+    .unwrap();
+    let spec = pipe::spec::load(&spec_path, &[]).unwrap().spec;
+    let before = pipe::inputs::of(&spec, Some(&model)).unwrap();
+    let fields: Vec<&str> = before.keys().map(String::as_str).collect();
+    assert_eq!(fields, ["data.path", "data.val_path", "model.path", "tokenizer"]);
+    assert!(pipe::inputs::changes(&before, &before).is_empty());
+    for (field, file) in [
+        ("data.path", dir.path().join("train.jsonl")),
+        ("data.val_path", dir.path().join("val.jsonl")),
+        ("tokenizer", model.join("tokenizer.json")),
+        ("model.path", model.join("config.json")),
+        ("model.path", model.join("model.safetensors")),
+    ] {
+        let original = std::fs::read(&file).unwrap();
+        let mut edited = original.clone();
+        edited[original.len() / 2] ^= 1;
+        std::fs::write(&file, &edited).unwrap();
+        let changes = pipe::inputs::changes(&before, &pipe::inputs::of(&spec, Some(&model)).unwrap());
+        assert_eq!(changes.len(), 1, "{file:?}: {changes:?}");
+        assert!(changes[0].starts_with(&format!("{field} ")), "{changes:?}");
+        std::fs::write(&file, &original).unwrap();
+    }
 }

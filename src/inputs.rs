@@ -1,0 +1,87 @@
+//! What a run was made from: a content hash (SHA-256) of each input the user supplied — the
+//! datasets, the tokenizer, the base model — recorded in `meta.json` when the run starts and
+//! compared when it resumes, so that a run never continues on other data or weights without
+//! the user saying so.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::bad_input;
+use crate::model::hf;
+use crate::spec::Spec;
+
+/// One input: where it was read from and the SHA-256 of its contents (of its files in order,
+/// each with its length, for the base model's folder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputHash {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+/// A run's inputs, keyed by the spec field that names each (`data.path`, `model.path`, …).
+pub type Inputs = BTreeMap<String, InputHash>;
+
+/// The inputs of a spec whose base model (if any) is the HF folder `model_dir`.
+pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
+    let mut files: Vec<(&str, PathBuf, Vec<PathBuf>)> = vec![("data.path", spec.data.path.clone(), vec![])];
+    if let Some(val) = &spec.data.val_path {
+        files.push(("data.val_path", val.clone(), vec![]));
+    }
+    match (&spec.tokenizer.path, spec.tokenizer.train_vocab_size, model_dir) {
+        (Some(path), _, _) => files.push(("tokenizer.path", path.clone(), vec![])),
+        (None, None, Some(dir)) => files.push(("tokenizer", dir.join(hf::TOKENIZER_FILE), vec![])),
+        _ => {} // trained on the data, which is hashed
+    }
+    if let Some(dir) = model_dir {
+        let field = if spec.model.path.is_some() { "model.path" } else { "model.hub" };
+        files.push((field, dir.to_path_buf(), vec![dir.join(hf::CONFIG_FILE), dir.join(hf::WEIGHTS_FILE)]));
+    }
+    files
+        .into_iter()
+        .map(|(field, path, parts)| {
+            let parts = if parts.is_empty() { vec![path.clone()] } else { parts };
+            Ok((field.to_string(), InputHash { sha256: hash_files(&parts)?, path }))
+        })
+        .collect()
+}
+
+fn hash_files(paths: &[PathBuf]) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for path in paths {
+        let cannot = |e: std::io::Error| bad_input(format!("{}: cannot read: {e}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(cannot)?;
+        hasher.update(file.metadata().map_err(cannot)?.len().to_le_bytes());
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buffer).map_err(cannot)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// How `now` differs from what the run recorded, one line per changed input; empty when
+/// nothing changed. A run from before inputs were recorded has nothing to compare.
+pub fn changes(recorded: &Inputs, now: &Inputs) -> Vec<String> {
+    let short = |hash: &str| hash.chars().take(12).collect::<String>();
+    recorded
+        .iter()
+        .filter(|(field, then)| now.get(*field).is_none_or(|input| input.sha256 != then.sha256))
+        .map(|(field, then)| {
+            let now = now.get(field).map_or("no such input now".to_string(), |i| format!("{}… now", short(&i.sha256)));
+            format!(
+                "{field} {}: its contents changed since the run started (sha256 {}… then, {now})",
+                then.path.display(),
+                short(&then.sha256)
+            )
+        })
+        .collect()
+}
