@@ -3,9 +3,10 @@
 //! and its records). The arithmetic is PyTorch's: m̂ / (√v̂ + ε), L2 decay added to the
 //! gradient for Adam, decoupled `lr·wd` decay for AdamW.
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{LearningRate, SimpleOptimizer};
+use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
+use burn::optim::{LearningRate, Optimizer, SimpleOptimizer};
 use burn::record::Record;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorPrimitive};
@@ -90,5 +91,51 @@ impl<B: FusedOps> SimpleOptimizer<B> for FusedAdam {
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
         AdamState { moment_1: state.moment_1.to_device(device), moment_2: state.moment_2.to_device(device), ..state }
+    }
+}
+
+/// The optimizer state of a whole model, as burn records it: each parameter's, by id.
+pub type ModelState<B, M> = <OptimizerAdaptor<FusedAdam, M, B> as Optimizer<M, B>>::Record;
+
+/// Check a saved state against the parameters it is for (name, id, shape): every state must
+/// belong to a parameter and have its shape, or a step would read past it or update with
+/// another parameter's moments.
+pub fn check_state<B: AutodiffBackend<InnerBackend: FusedOps>, M: AutodiffModule<B>>(
+    state: &ModelState<B, M>,
+    params: &[(String, ParamId, Vec<usize>)],
+) -> Result<(), String> {
+    for (name, id, dims) in params {
+        let Some(record) = state.get(id) else { continue }; // a parameter not stepped yet
+        let AdaptorRecord::V1(record) = record;
+        let moments = |s: &dyn MomentDims| s.moment_dims();
+        let found = match record {
+            AdaptorRecordV1::Rank0(s) => moments(s),
+            AdaptorRecordV1::Rank1(s) => moments(s),
+            AdaptorRecordV1::Rank2(s) => moments(s),
+            AdaptorRecordV1::Rank3(s) => moments(s),
+            AdaptorRecordV1::Rank4(s) => moments(s),
+            AdaptorRecordV1::Rank5(s) => moments(s),
+            AdaptorRecordV1::Rank6(s) => moments(s),
+            AdaptorRecordV1::Rank7(s) => moments(s),
+            AdaptorRecordV1::Rank8(s) => moments(s),
+        };
+        if found.iter().any(|m| m != dims) {
+            return Err(format!("the state of `{name}` has shape {:?}, the parameter {dims:?}", found[0]));
+        }
+    }
+    if state.len() > params.len() {
+        return Err(format!("it holds {} parameter states, the model has {} parameters", state.len(), params.len()));
+    }
+    Ok(())
+}
+
+/// The shapes of a state's two moments, whatever its rank.
+trait MomentDims {
+    fn moment_dims(&self) -> [Vec<usize>; 2];
+}
+
+impl<B: Backend, const D: usize> MomentDims for AdamState<B, D> {
+    fn moment_dims(&self) -> [Vec<usize>; 2] {
+        [self.moment_1.dims().to_vec(), self.moment_2.dims().to_vec()]
     }
 }

@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Tok;
-use crate::error::bad_input;
+use crate::error::{bad_input, without_panics};
 use crate::model::{params, CausalLm, FusedOps, TrainBackend, TrainableLm};
 
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
@@ -160,7 +160,10 @@ pub fn progress(dir: &Path) -> Result<Progress> {
 
 /// The optimizer record saved in a checkpoint.
 pub fn load_optimizer<B: Backend, R: burn::record::Record<B>>(dir: &Path, device: &B::Device) -> Result<R> {
-    BinFileRecorder::<FullPrecisionSettings>::new().load(dir.join(OPTIMIZER_FILE), device).map_err(|e| {
+    // burn's recorder panics on some damaged records (a tensor whose shape disagrees with its data).
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+    let loaded = without_panics(|| recorder.load(dir.join(OPTIMIZER_FILE), device).map_err(|e| e.to_string()));
+    loaded.and_then(|loaded| loaded).map_err(|e| {
         anyhow::anyhow!(
             "{}: cannot read the optimizer state (was it written by another pipe version? its weights still \
              load with model.path = \"{}\"): {e}",

@@ -29,3 +29,31 @@ pub struct Interrupted {
 pub fn interrupted_by(error: &anyhow::Error) -> Option<i32> {
     error.chain().find_map(|e| e.downcast_ref::<Interrupted>()).map(|i| i.signal)
 }
+
+/// Run code of another crate that panics on some malformed inputs instead of returning an
+/// error (tokenizers' decoder section, for one): a panic becomes `Err` with its message, and is
+/// not printed. Panics elsewhere, on any thread, are reported as usual.
+pub fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    use std::cell::Cell;
+    use std::sync::Once;
+    thread_local!(static QUIET: Cell<bool> = const { Cell::new(false) });
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                default(info);
+            }
+        }));
+    });
+    let was_quiet = QUIET.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was_quiet));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
+}

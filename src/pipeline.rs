@@ -16,7 +16,7 @@ use crate::inputs;
 use crate::model::{hf, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
 use crate::signals::{self, StopSignal};
-use crate::spec::{LoadedSpec, Spec};
+use crate::spec::{BackendKind, LoadedSpec, Spec};
 use crate::stages::{self, StageContext};
 use crate::train::ModelOptimizer;
 
@@ -181,7 +181,7 @@ fn latest_readable<B: TrainBackend>(
     for dir in checkpoint::list(run).into_iter().rev() {
         // The optimizer state is read here only to know it reads; training reads it again.
         let readable = checkpoint::load::<B, Gpt2<B>>(&dir, spec.model.dropout, device).and_then(|loaded| {
-            ModelOptimizer::<B, Gpt2<B>>::new(&spec.optimizer).restore(&dir, device)?;
+            ModelOptimizer::<B, Gpt2<B>>::new(&spec.optimizer).restore(&dir, &loaded.0, device)?;
             Ok(loaded)
         });
         match readable {
@@ -210,12 +210,38 @@ fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Devic
             let m = &spec.model;
             let (layers, heads, embd, context) =
                 (m.layers.unwrap(), m.heads.unwrap(), m.embd.unwrap(), m.context.unwrap());
-            Gpt2Config::new(data.tok.vocab_size(), context, embd, layers, heads)
-                .with_dropout(m.dropout.unwrap_or(0.0))
-                .init::<B>(device)
+            let config = Gpt2Config::new(data.tok.vocab_size(), context, embd, layers, heads)
+                .with_dropout(m.dropout.unwrap_or(0.0));
+            if spec.run.backend == BackendKind::Cpu {
+                check_fits_in_memory(&config)?;
+            }
+            config.init::<B>(device)
         }
     };
     Ok(Gpt2 { precision: spec.run.precision, ..model })
+}
+
+/// A new model too large to train in this machine's memory is refused before it is allocated
+/// (the allocation would end the process without a word).
+fn check_fits_in_memory(config: &Gpt2Config) -> Result<()> {
+    // Weights, gradients and Adam's two moments, in f32.
+    let needed = config.num_params() as f64 * 16.0;
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kib| kib * 1024.0)
+    });
+    match total {
+        Some(total) if needed > total => Err(bad_input(format!(
+            "model.layers = {}, model.embd = {}, model.context = {}: a model of {} parameters needs about {:.0} GiB to train, more than this machine's {:.0} GiB",
+            config.n_layer,
+            config.n_embd,
+            config.n_positions,
+            config.num_params(),
+            needed / (1u64 << 30) as f64,
+            total / (1u64 << 30) as f64
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// What would otherwise fail only once its stage came, checked before the run folder is

@@ -34,10 +34,16 @@ pub fn score<B: FusedOps, M: CausalLm<B>>(
     texts: &[String],
     device: &B::Device,
 ) -> Result<(Vec<TextScore>, Overall)> {
+    if texts.is_empty() {
+        return Err(bad_input("no texts to score: give --text or a --file with texts in it"));
+    }
     let context = model.context();
     let mut scores = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
         let ids = tok.encode(text)?;
+        if ids.is_empty() {
+            return Err(bad_input(format!("text {} is empty: nothing to score", i + 1)));
+        }
         if ids.len() > context {
             return Err(bad_input(format!(
                 "text {} is {} tokens, longer than the model's context of {context}",

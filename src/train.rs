@@ -14,11 +14,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::adam::FusedAdam;
+use crate::adam::{check_state, FusedAdam, ModelState};
 use crate::checkpoint::{self, Progress};
 use crate::data::{Sequence, Tok};
 use crate::error::{bad_input, Interrupted};
-use crate::model::{CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
+use crate::model::{params, CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
 use crate::objective::{Objective, TokenLoss};
 use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
 use crate::signals::{self, StopSignal};
@@ -49,8 +49,13 @@ impl<B: TrainBackend, M: TrainableLm<B>> ModelOptimizer<B, M> {
         checkpoint::save(run, model, tok, self.0.to_record(), progress, keep)
     }
 
-    pub fn restore(self, dir: &Path, device: &B::Device) -> Result<Self> {
-        Ok(Self(self.0.load_record(checkpoint::load_optimizer(dir, device)?)))
+    /// The optimizer state saved in checkpoint `dir` for `model`: one that does not fit the
+    /// model's parameters is refused here, not found out in the middle of a step.
+    pub fn restore(self, dir: &Path, model: &M, device: &B::Device) -> Result<Self> {
+        let state: ModelState<B, M> = checkpoint::load_optimizer(dir, device)?;
+        check_state::<B, M>(&state, &params::shapes(model))
+            .map_err(|why| anyhow::anyhow!("{}: the optimizer state does not fit the model: {why}", dir.display()))?;
+        Ok(Self(self.0.load_record(state)))
     }
 }
 
@@ -179,7 +184,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     let mut trainer = Trainer::<B, M, _>::with_objective(opt, objective, device);
     let mut start = Progress { step: 0, epoch: 1, position: 0 };
     if let Some((dir, progress)) = resume {
-        trainer.optim = trainer.optim.restore(dir, device)?;
+        trainer.optim = trainer.optim.restore(dir, &model, device)?;
         start = progress;
         tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
     }

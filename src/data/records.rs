@@ -238,26 +238,34 @@ fn csv_rows(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
 fn json_array(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
     let values: Vec<Value> = serde_json::from_str(text)
         .map_err(|e| bad_input(format!("{}:{}: not a JSON array of records: {e}", path.display(), e.line())))?;
-    // serde_json does not report where array elements start; find the top-level `{`s.
+    // serde_json does not report where array elements start: find the line of each top-level value.
     let mut starts = Vec::new();
-    let (mut depth, mut in_string, mut escaped, mut line) = (0usize, false, false, 1usize);
+    let (mut depth, mut in_string, mut escaped, mut line, mut expecting) = (0usize, false, false, 1usize, false);
     for c in text.chars() {
-        match c {
-            '\n' => line += 1,
-            _ if in_string => match (escaped, c) {
+        if c == '\n' {
+            line += 1;
+        }
+        if in_string {
+            match (escaped, c) {
                 (true, _) => escaped = false,
                 (false, '\\') => escaped = true,
                 (false, '"') => in_string = false,
                 _ => {}
-            },
+            }
+            continue;
+        }
+        if depth == 1 && expecting && !c.is_whitespace() && c != ']' {
+            starts.push(line);
+            expecting = false;
+        }
+        match c {
             '"' => in_string = true,
             '[' | '{' => {
-                if depth == 1 {
-                    starts.push(line);
-                }
+                expecting = depth == 0;
                 depth += 1;
             }
             ']' | '}' => depth = depth.saturating_sub(1),
+            ',' if depth == 1 => expecting = true,
             _ => {}
         }
     }
@@ -269,7 +277,7 @@ fn json_array(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
             match v {
                 value @ Value::Object(_) => Ok((line, Row::Json(value))),
                 other => Err(bad_input(format!(
-                    "{}:{line}: expected a JSON object, found {}",
+                    "{}:{line}: record [{i}]: expected a JSON object, found {}",
                     path.display(),
                     kind_of(&other)
                 ))),

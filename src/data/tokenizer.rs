@@ -10,7 +10,7 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::error::bad_input;
+use crate::error::{bad_input, without_panics};
 
 /// GPT-2's end-of-text token, used as EOS (and as padding, which is never trained on).
 pub const EOS_TOKEN: &str = "<|endoftext|>";
@@ -20,6 +20,8 @@ pub const EOS_TOKEN: &str = "<|endoftext|>";
 pub struct Tok {
     pub inner: Tokenizer,
     pub eos_id: u32,
+    /// Where it came from, for messages.
+    origin: String,
 }
 
 impl Tok {
@@ -28,8 +30,9 @@ impl Tok {
         if !path.is_file() {
             return Err(bad_input(format!("tokenizer file {} does not exist", path.display())));
         }
-        let inner = Tokenizer::from_file(path)
-            .map_err(|e| bad_input(format!("{}: not a valid tokenizer.json: {e}", path.display())))?;
+        let invalid = |why: String| bad_input(format!("{}: not a valid tokenizer.json: {why}", path.display()));
+        let inner =
+            without_panics(|| Tokenizer::from_file(path)).map_err(invalid)?.map_err(|e| invalid(e.to_string()))?;
         Self::with_eos(inner, path)
     }
 
@@ -37,7 +40,7 @@ impl Tok {
         let eos_id = inner.token_to_id(EOS_TOKEN).ok_or_else(|| {
             bad_input(format!("{}: the tokenizer has no `{EOS_TOKEN}` token to end responses with", origin.display()))
         })?;
-        Ok(Self { inner, eos_id })
+        Ok(Self { inner, eos_id, origin: origin.display().to_string() })
     }
 
     /// Train a byte-level BPE of `vocab_size` tokens (including the 256 bytes and EOS).
@@ -68,17 +71,24 @@ impl Tok {
 
     /// Token ids of `text`, exactly as given (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode_fast(text, false).map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
+        let encoding = self.guarded("tokenizing", || self.inner.encode_fast(text, false))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
+        self.guarded("decoding", || self.inner.decode(ids, true))
     }
 
     /// Decode with special tokens shown (`<|endoftext|>`).
     pub fn decode_all(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
+        self.guarded("decoding", || self.inner.decode(ids, false))
+    }
+
+    /// A tokenizers call whose failure, or panic (some malformed tokenizer.json files load but
+    /// panic when used), is an error naming the tokenizer.
+    fn guarded<T>(&self, doing: &str, call: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+        let failed = |why: String| bad_input(format!("{}: {doing} failed: {why}", self.origin));
+        without_panics(call).map_err(failed)?.map_err(|e| failed(e.to_string()))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {

@@ -55,9 +55,18 @@ impl Gpt2Config {
 
     /// Parameter count (the tied LM head counted once).
     pub fn num_params(&self) -> usize {
+        self.checked_num_params().unwrap_or(usize::MAX)
+    }
+
+    /// The parameter count, or None when it does not fit in a `usize` (no such model can be
+    /// allocated).
+    pub fn checked_num_params(&self) -> Option<usize> {
         let d = self.n_embd;
-        let block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d);
-        self.vocab_size * d + self.n_positions * d + self.n_layer * block + 2 * d
+        let d2 = d.checked_mul(d)?;
+        // Two LayerNorms, c_attn, attn.c_proj, c_fc, mlp.c_proj: 12·d² + 13·d.
+        let block = d2.checked_mul(12)?.checked_add(d.checked_mul(13)?)?;
+        let embeddings = self.vocab_size.checked_add(self.n_positions)?.checked_mul(d)?;
+        embeddings.checked_add(self.n_layer.checked_mul(block)?)?.checked_add(d.checked_mul(2)?)
     }
 
     /// A freshly initialised model, as GPT-2 initialises one: N(0, initializer_range) weights,

@@ -104,12 +104,22 @@ pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
         }
     }
     let probability = |name: &str| number(name, 0.1, |p| (0.0..1.0).contains(&p), "must be a probability in [0, 1)");
-    Ok(Gpt2Config::new(size("vocab_size")?, size("n_positions")?, n_embd, size("n_layer")?, n_head)
+    let config = Gpt2Config::new(size("vocab_size")?, size("n_positions")?, n_embd, size("n_layer")?, n_head)
         .with_layer_norm_epsilon(number("layer_norm_epsilon", 1e-5, |e| e > 0.0, "must be a number > 0")?)
         .with_embd_pdrop(probability("embd_pdrop")?)
         .with_resid_pdrop(probability("resid_pdrop")?)
         .with_attn_pdrop(probability("attn_pdrop")?)
-        .with_initializer_range(number("initializer_range", 0.02, |r| r >= 0.0, "must be a number ≥ 0")?))
+        .with_initializer_range(number("initializer_range", 0.02, |r| r >= 0.0, "must be a number ≥ 0")?);
+    if config.checked_num_params().is_none() {
+        return Err(bad_input(format!(
+            "{}: vocab_size = {}, n_positions = {}, n_embd = {n_embd}, n_layer = {}: more parameters than can be counted",
+            path.display(),
+            config.vocab_size,
+            config.n_positions,
+            config.n_layer
+        )));
+    }
+    Ok(config)
 }
 
 /// The tensors of one safetensors file, as f32, by name.
@@ -142,12 +152,12 @@ impl TensorFile {
         Ok(Self { path: path.to_path_buf(), tensors })
     }
 
-    /// Take a tensor by its HF name (without the `transformer.` prefix), checking its shape.
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData> {
-        let (found, values) = self
+    /// Check a tensor's shape by its HF name (without the `transformer.` prefix).
+    fn expect(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let (found, _) = self
             .tensors
-            .remove(name)
-            .or_else(|| self.tensors.remove(&format!("{PREFIX}{name}")))
+            .get(name)
+            .or_else(|| self.tensors.get(&format!("{PREFIX}{name}")))
             .ok_or_else(|| bad_input(format!("{}: tensor `{name}` is missing", self.path.display())))?;
         if found != shape {
             return Err(bad_input(format!(
@@ -155,6 +165,17 @@ impl TensorFile {
                 self.path.display()
             )));
         }
+        Ok(())
+    }
+
+    /// Take a tensor by its HF name (without the `transformer.` prefix), checking its shape.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData> {
+        self.expect(name, shape)?;
+        let (_, values) = self
+            .tensors
+            .remove(name)
+            .or_else(|| self.tensors.remove(&format!("{PREFIX}{name}")))
+            .ok_or_else(|| bad_input(format!("{}: tensor `{name}` is missing", self.path.display())))?;
         Ok(TensorData::new(values, shape))
     }
 }
@@ -169,6 +190,13 @@ pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) ->
         config = config.with_dropout(p);
     }
     let mut file = TensorFile::read(&dir.join(WEIGHTS_FILE))?;
+    // The tensors that pin every size in the config (vocabulary, context, width, depth) are
+    // checked before the model is allocated: a config far larger than its weights would
+    // otherwise exhaust memory before the first tensor is compared.
+    let (d, last) = (config.n_embd, config.n_layer - 1);
+    file.expect("wte.weight", &[config.vocab_size, d])?;
+    file.expect("wpe.weight", &[config.n_positions, d])?;
+    file.expect(&format!("h.{last}.ln_1.weight"), &[d])?;
     let model = params::load(config.init::<B>(device), |name, shape| file.take(name, shape))?;
     let mut unexpected: Vec<&String> = file
         .tensors

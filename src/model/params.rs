@@ -66,6 +66,17 @@ pub fn ids<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, ParamId)> {
     visit_named(module, Ids(Vec::new())).0
 }
 
+/// Every float parameter's name, id and shape, in the module's visiting order.
+pub fn shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, ParamId, Vec<usize>)> {
+    struct Shapes(Vec<(String, ParamId, Vec<usize>)>);
+    impl<B: Backend> Sink<B> for Shapes {
+        fn float<const D: usize>(&mut self, name: String, param: &Param<Tensor<B, D>>) {
+            self.0.push((name, param.id, param.val().dims().to_vec()));
+        }
+    }
+    visit_named(module, Shapes(Vec::new())).0
+}
+
 /// Every float parameter's name and values, in visiting order.
 pub fn tensors<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, TensorData)> {
     struct Values(Vec<(String, TensorData)>);

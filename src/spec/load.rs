@@ -144,7 +144,7 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
         figment =
             figment.merge(Override { source: Source::Set(set.clone()), key: key.to_string(), raw: value.to_string() });
     }
-    let mut spec: Spec = figment.extract().map_err(|e| bad_input(describe_figment_error(e)))?;
+    let mut spec: Spec = figment.extract().map_err(|e| bad_input(describe_figment_error(e, &path)))?;
     let loaded_from = |key: &str| source_of(&figment, key);
     if loaded_from("run.stages") == Source::Default && spec.generate.prompts.is_empty() {
         // The default stages sample only when there is something to sample from.
@@ -206,8 +206,9 @@ fn toml_error_line(error: &toml::de::Error, text: &str) -> String {
     }
 }
 
-/// figment's errors, one line each: "<field>: <what is wrong> (from <source>)".
-fn describe_figment_error(error: figment::Error) -> String {
+/// figment's errors, one line each: "<source>: field `<field>`: <what is wrong>"; the source
+/// is the spec file when figment cannot tell.
+fn describe_figment_error(error: figment::Error, spec: &Path) -> String {
     error
         .into_iter()
         .map(|e| {
@@ -217,7 +218,7 @@ fn describe_figment_error(error: figment::Error) -> String {
                     Some(figment::Source::File(p)) => p.display().to_string(),
                     _ => md.name.to_string(),
                 },
-                None => "the spec".into(),
+                None => spec.display().to_string(),
             };
             let kind = describe_kind(&e.kind);
             if field.is_empty() {

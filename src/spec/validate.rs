@@ -95,6 +95,7 @@ impl LoadedSpec {
         positive("train.grad_accum", s.train.grad_accum)?;
         positive("train.log_every", s.train.log_every)?;
         positive("train.keep_checkpoints", s.train.keep_checkpoints)?;
+        positive("generate.max_new_tokens", s.generate.max_new_tokens)?;
         if let Some(max) = s.train.max_length {
             if max < 2 {
                 return Err(self.invalid("train.max_length", "must be at least 2 tokens"));
@@ -129,6 +130,15 @@ impl LoadedSpec {
                 return Err(self.invalid(
                     "model.embd",
                     format!("{} is not divisible by model.heads = {}", m.embd.unwrap(), m.heads.unwrap()),
+                ));
+            }
+            // The vocabulary is not known yet (the tokenizer may be trained); count it as GPT-2's.
+            let config =
+                crate::model::Gpt2Config::new(50257, m.context.unwrap(), m.embd.unwrap(), m.layers.unwrap(), 1);
+            if config.checked_num_params().is_none() {
+                return Err(self.invalid(
+                    "model.embd",
+                    "with model.layers and model.context: more parameters than can be counted",
                 ));
             }
         }
