@@ -36,6 +36,10 @@ struct TrainerState {
     progress: Progress,
     /// The id of each parameter by name; the optimizer state is keyed by these ids.
     param_ids: ParamIds,
+    /// The CRC-32C of the optimizer file, checked before it is decoded: burn's decoder trusts
+    /// the lengths in it, and a damaged length would ask for any amount of memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    optimizer_crc32c: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -71,8 +75,15 @@ pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
     BinFileRecorder::<FullPrecisionSettings>::new()
         .record(optimizer, partial.join(OPTIMIZER_FILE))
         .map_err(|e| anyhow::anyhow!("cannot write the optimizer state: {e}"))?;
+    let optimizer_file = partial.join(OPTIMIZER_FILE).with_extension("bin");
+    let optimizer_bytes =
+        std::fs::read(&optimizer_file).with_context(|| format!("cannot read back {}", optimizer_file.display()))?;
     let ids = params::ids(model).into_iter().map(|(name, id)| (name, id.val())).collect();
-    let state = TrainerState { progress, param_ids: ParamIds::ByName(ids) };
+    let state = TrainerState {
+        progress,
+        param_ids: ParamIds::ByName(ids),
+        optimizer_crc32c: Some(crc32c::crc32c(&optimizer_bytes)),
+    };
     crate::run_dir::write_atomic(&partial.join(STATE_FILE), serde_json::to_string(&state)?.as_bytes())?;
     #[cfg(feature = "fault-injection")]
     kill_if_asked(progress.step);
@@ -160,15 +171,23 @@ pub fn progress(dir: &Path) -> Result<Progress> {
 
 /// The optimizer record saved in a checkpoint.
 pub fn load_optimizer<B: Backend, R: burn::record::Record<B>>(dir: &Path, device: &B::Device) -> Result<R> {
+    let unreadable = |why: String| {
+        let absolute = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        anyhow::anyhow!(
+            "{}: cannot read the optimizer state ({why}); its weights still load with model.path = \"{}\"",
+            dir.display(),
+            absolute.display()
+        )
+    };
+    let file = dir.join(OPTIMIZER_FILE).with_extension("bin");
+    if let Some(expected) = read_state(dir)?.optimizer_crc32c {
+        let bytes = std::fs::read(&file).map_err(|e| unreadable(format!("{}: {e}", file.display())))?;
+        if crc32c::crc32c(&bytes) != expected {
+            return Err(unreadable(format!("{} is damaged: its checksum differs from trainer.json's", file.display())));
+        }
+    }
     // burn's recorder panics on some damaged records (a tensor whose shape disagrees with its data).
     let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
     let loaded = without_panics(|| recorder.load(dir.join(OPTIMIZER_FILE), device).map_err(|e| e.to_string()));
-    loaded.and_then(|loaded| loaded).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: cannot read the optimizer state (was it written by another pipe version? its weights still \
-             load with model.path = \"{}\"): {e}",
-            dir.display(),
-            dir.canonicalize().as_deref().unwrap_or(dir).display()
-        )
-    })
+    loaded.and_then(|loaded| loaded).map_err(|e| unreadable(format!("was it written by another pipe version? {e}")))
 }
