@@ -22,4 +22,5 @@ pub mod score;
 pub mod signals;
 pub mod spec;
 pub mod stages;
+pub mod tensorboard;
 pub mod train;

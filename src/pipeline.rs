@@ -101,6 +101,7 @@ impl BackendJob for RunJob<'_> {
                 };
                 let run = RunDir::create(&spec.run.runs_dir, meta)?;
                 run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
+                run.log_spec(&toml::Value::try_from(spec)?)?;
                 data.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
                 (run, data, model, None)
             }

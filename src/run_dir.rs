@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::error::bad_input;
+use crate::tensorboard::{self, EventFile, SessionStatus};
 
 pub const SPEC_FILE: &str = "spec.toml";
 pub const META_FILE: &str = "meta.json";
@@ -111,7 +112,7 @@ pub struct StepRecord {
     pub elapsed_s: f64,
 }
 
-/// The validation loss at the end of an epoch.
+/// The validation loss at the end of an epoch, or every `train.eval_every` steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub step: usize,
@@ -176,6 +177,8 @@ pub struct RunDir {
     pub meta: Meta,
     /// The writer's lock on the folder, held while this value lives (see [`WriterLock`]).
     _lock: Option<WriterLock>,
+    /// The TensorBoard view of the metrics and samples, when the folder is open for writing.
+    events: Option<EventFile>,
 }
 
 /// The lock file in a run folder: the process that writes the run holds an exclusive OS lock
@@ -248,7 +251,8 @@ impl RunDir {
             match fs::create_dir(&path) {
                 Ok(()) => {
                     let lock = WriterLock::take(&path)?;
-                    let mut run = Self { path, meta, _lock: Some(lock) };
+                    let events = EventFile::open(&path)?;
+                    let mut run = Self { path, meta, _lock: Some(lock), events: Some(events) };
                     run.meta.run_id = id;
                     run.write_meta()?;
                     return Ok(run);
@@ -264,7 +268,7 @@ impl RunDir {
 
     /// An existing run folder, to read.
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)?, _lock: None })
+        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)?, _lock: None, events: None })
     }
 
     /// An existing run folder, to continue writing: its lock is taken first (and its meta.json
@@ -272,7 +276,8 @@ impl RunDir {
     pub fn open_for_writing(path: &Path) -> Result<Self> {
         Meta::read(path)?; // a run folder, before a lock file is made in it
         let lock = WriterLock::take(path)?;
-        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)?, _lock: Some(lock) })
+        let events = EventFile::open(path)?;
+        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)?, _lock: Some(lock), events: Some(events) })
     }
 
     /// Make the folder ready to continue from optimizer step `step`: metrics after that step
@@ -292,10 +297,11 @@ impl RunDir {
             }
             let mut kept = String::new();
             for record in records {
-                // Step records up to the checkpoint stay; evaluations at its step came after it.
+                // What training logged up to the checkpoint stays (a checkpoint is taken after
+                // its step's evaluation); the eval stage's record came after it.
                 let stays = match &record {
-                    MetricRecord::Step(r) => r.step <= step,
-                    other => other.step() < step,
+                    MetricRecord::Eval(r) => r.step < step,
+                    other => other.step() <= step,
                 };
                 if stays {
                     kept += &serde_json::to_string(&record)?;
@@ -303,6 +309,19 @@ impl RunDir {
                 }
             }
             write_atomic(&metrics, kept.as_bytes())?;
+        }
+        if let Some(events) = &self.events {
+            // As for metrics.jsonl: training scalars up to the checkpoint, everything else before
+            // it; the hyperparameters stay, how the run ended goes.
+            let dropped = events.retain(|tag, at| match tag {
+                tensorboard::HPARAMS_START_TAG => true,
+                tensorboard::HPARAMS_END_TAG => false,
+                tag if TRAINING_TAGS.iter().any(|prefix| tag.starts_with(prefix)) => at <= step,
+                _ => at < step,
+            })?;
+            if dropped > 0 {
+                tracing::warn!("{}: dropped a record cut off when the process died", events.path().display());
+            }
         }
         for later in [SAMPLES_FILE, EVAL_FILE] {
             let _ = fs::remove_file(self.file(later));
@@ -327,19 +346,57 @@ impl RunDir {
         self.meta.status = status;
         self.meta.error = error;
         self.meta.ended = Some(now());
+        if let Some(events) = &self.events {
+            match status {
+                Status::Completed => events.session_end(SessionStatus::Success)?,
+                Status::Failed => events.session_end(SessionStatus::Failure)?,
+                Status::Running | Status::Interrupted => {} // to be resumed
+            }
+        }
         self.write_meta()
     }
 
-    /// Append one record to `metrics.jsonl`.
-    pub fn log_metrics(&self, record: &MetricRecord) -> Result<()> {
-        append_line(&self.file(METRICS_FILE), &serde_json::to_string(record)?)
+    /// Record the resolved spec, as TensorBoard's hyperparameters.
+    pub fn log_spec(&self, spec: &toml::Value) -> Result<()> {
+        self.events.as_ref().map_or(Ok(()), |events| events.hparams(spec))
     }
 
-    /// Append one sample to `samples.jsonl`.
-    pub fn log_sample(&self, record: &SampleRecord) -> Result<()> {
-        append_line(&self.file(SAMPLES_FILE), &serde_json::to_string(record)?)
+    /// Append one record to `metrics.jsonl`, and its figures to TensorBoard's.
+    pub fn log_metrics(&self, record: &MetricRecord) -> Result<()> {
+        append_line(&self.file(METRICS_FILE), &serde_json::to_string(record)?)?;
+        let Some(events) = &self.events else { return Ok(()) };
+        match record {
+            MetricRecord::Step(r) => events.scalars(
+                r.step,
+                &[
+                    ("train/loss", r.loss),
+                    ("train/lr", r.lr),
+                    ("train/grad_norm", r.grad_norm),
+                    ("train/tokens_per_s", r.tokens_per_s),
+                    ("train/epoch", r.epoch as f64),
+                ],
+            ),
+            MetricRecord::Epoch(r) => events.scalars(r.step, &[("val/loss", r.val_loss), ("val/ppl", r.val_ppl)]),
+            MetricRecord::Eval(r) => {
+                events.scalars(r.step, &[("eval/val_loss", r.val_loss), ("eval/val_ppl", r.val_ppl)])
+            }
+        }
+    }
+
+    /// Append the `index`th sample of the model trained for `step` steps to `samples.jsonl`,
+    /// and to TensorBoard's text.
+    pub fn log_sample(&self, record: &SampleRecord, index: usize, step: usize) -> Result<()> {
+        append_line(&self.file(SAMPLES_FILE), &serde_json::to_string(record)?)?;
+        let Some(events) = &self.events else { return Ok(()) };
+        // Fenced, so that the text shows as it is rather than as markdown.
+        let fence = |text: &str| format!("```\n{}\n```", text.replace("```", "` ` `"));
+        let text = format!("prompt:\n\n{}\n\ncompletion:\n\n{}", fence(&record.prompt), fence(&record.completion));
+        events.text(&format!("samples/{index}"), step, &text)
     }
 }
+
+/// The TensorBoard tags the training stage writes (steps and validation).
+const TRAINING_TAGS: [&str; 2] = ["train/", "val/"];
 
 fn append_line(path: &Path, line: &str) -> Result<()> {
     let mut file = OpenOptions::new()

@@ -193,6 +193,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     tracing::info!(examples = train.len(), steps_per_epoch, total_steps, "training");
     let mut summary = TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN };
     let started = Instant::now();
+    let mut latest_val = None;
     let checkpoint = |model: &M, trainer: &Trainer<B, M, TokenLoss>, progress: Progress| {
         let at = CheckpointAt { run: &ctx.run.path, model, tok: ctx.tok, progress, keep: train_spec.keep_checkpoints };
         trainer.optim.save(at)
@@ -241,10 +242,38 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
             if step.is_multiple_of(train_spec.log_every) {
                 tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
             }
-            bar.set_message(format!("loss {:.4}  {tokens_per_s:.0} tok/s", stats.loss));
-            bar.inc(1);
             let position = (skip + (i + 1) * examples_per_step).min(train.len());
             let progress = Progress { step, epoch, position };
+            // Evaluations come before the step's checkpoint, so a checkpoint holds everything
+            // logged up to its step and a resumed run neither repeats nor loses one.
+            let epoch_done = position == train.len();
+            let every = train_spec.eval_every;
+            if !ctx.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every))) {
+                let (val_loss, _) = evaluate(&model.valid(), &objective, ctx.val, train_spec.batch_size, device);
+                ctx.run.log_metrics(&MetricRecord::Epoch(EpochRecord {
+                    step,
+                    epoch,
+                    val_loss,
+                    val_ppl: val_loss.exp(),
+                }))?;
+                latest_val = Some(val_loss);
+                if epoch_done {
+                    let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
+                    tracing::info!(
+                        epoch,
+                        train_loss = format!("{train_loss:.4}"),
+                        val_loss = format!("{val_loss:.4}"),
+                        val_ppl = format!("{:.2}", val_loss.exp()),
+                        "epoch done"
+                    );
+                }
+            } else if epoch_done {
+                let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
+                tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done");
+            }
+            let val = latest_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
+            bar.set_message(format!("loss {:.4}{val}  {tokens_per_s:.0} tok/s", stats.loss));
+            bar.inc(1);
             if let Some(signal) = ctx.stop.requested() {
                 bar.finish_and_clear();
                 let dir = checkpoint(&model, &trainer, progress)?;
@@ -258,21 +287,6 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
             }
         }
         bar.finish_and_clear();
-        let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
-        if ctx.val.is_empty() {
-            tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done");
-        } else {
-            let (val_loss, _) = evaluate(&model.valid(), &objective, ctx.val, train_spec.batch_size, device);
-            let record = EpochRecord { step: summary.steps, epoch, val_loss, val_ppl: val_loss.exp() };
-            ctx.run.log_metrics(&MetricRecord::Epoch(record))?;
-            tracing::info!(
-                epoch,
-                train_loss = format!("{train_loss:.4}"),
-                val_loss = format!("{val_loss:.4}"),
-                val_ppl = format!("{:.2}", val_loss.exp()),
-                "epoch done"
-            );
-        }
     }
     Ok((model, summary))
 }

@@ -471,6 +471,46 @@ fn a_damaged_newest_checkpoint_falls_back_and_a_cut_metrics_line_is_repaired() {
     }
 }
 
+/// A resumed run's TensorBoard events continue from the checkpoint without duplicated or
+/// backwards steps (a record cut off by the kill is dropped), and hold one start and one end of
+/// the session.
+#[test]
+fn tensorboard_events_continue_across_a_resume_without_duplicates() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let run = killed_in_checkpoint(dir.path(), "9");
+    let events_file = pipe::tensorboard::find(&run).unwrap();
+    let mut bytes = std::fs::read(&events_file).unwrap();
+    bytes.extend_from_slice(&[7, 0, 0, 0, 0, 0, 0]); // a frame cut off mid-write
+    std::fs::write(&events_file, bytes).unwrap();
+    resume_and_compare(dir.path(), &run, &reference);
+
+    let tags_at = |run: &Path| -> Vec<(String, i64)> {
+        pipe::tensorboard::read(&pipe::tensorboard::find(run).unwrap())
+            .unwrap()
+            .iter()
+            .flat_map(|e| e.summary.iter().flat_map(|s| &s.value).map(move |v| (v.tag.clone(), e.step)))
+            .collect()
+    };
+    let (resumed, uninterrupted) = (tags_at(&run), tags_at(&reference));
+    let steps = |tags: &[(String, i64)], tag: &str| -> Vec<i64> {
+        tags.iter().filter(|(t, _)| t == tag).map(|&(_, s)| s).collect()
+    };
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "val/loss",
+        "eval/val_loss",
+        "samples/0",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    ] {
+        assert_eq!(steps(&resumed, tag), steps(&uninterrupted, tag), "{tag}");
+    }
+    let losses = steps(&resumed, "train/loss");
+    assert!(losses.windows(2).all(|w| w[0] < w[1]), "{losses:?}");
+}
+
 /// A dataset edited under an unfinished run is refused on resume (exit 2, naming the field,
 /// the file and the way on) with the run folder untouched; `--allow-changed-inputs` continues
 /// on the data as it is now, even when it shrank below where the epoch stood.

@@ -229,6 +229,8 @@ pub struct TrainSpec {
     pub loss_on: LossOn,
     /// Log a metrics line every this many optimizer steps.
     pub log_every: usize,
+    /// Evaluate on the validation set every N optimizer steps, besides each epoch's end (0 = only there).
+    pub eval_every: usize,
     /// Checkpoint every this many optimizer steps (and always at the end); 0 = only at the end.
     pub checkpoint_every: usize,
     /// How many checkpoints to keep (the newest).
@@ -321,6 +323,7 @@ impl Default for TrainSpec {
             max_length: None,
             loss_on: LossOn::Response,
             log_every: 1,
+            eval_every: 0,
             checkpoint_every: 100,
             keep_checkpoints: 2,
         }

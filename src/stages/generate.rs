@@ -47,7 +47,11 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         let stopped_at_eos = new.last() == Some(&tok.eos_id);
         let completion = tok.decode(&new)?;
         bar.suspend(|| println!("--- sample\n{text_in}{completion}"));
-        ctx.run.log_sample(&SampleRecord { prompt: prompt.clone(), completion, ids: new, stopped_at_eos })?;
+        ctx.run.log_sample(
+            &SampleRecord { prompt: prompt.clone(), completion, ids: new, stopped_at_eos },
+            i,
+            state.steps,
+        )?;
         bar.inc(1);
     }
     bar.finish_and_clear();
