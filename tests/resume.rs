@@ -43,6 +43,7 @@ batch_size = 4
 grad_accum = 2
 checkpoint_every = 3
 keep_checkpoints = 2
+eval_every = 2
 
 [generate]
 prompts = ["What is the capital of Kenya?"]
@@ -104,6 +105,17 @@ fn step_losses(run: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// Validation records (epoch ends, `eval_every`, the eval stage) as (step, val_loss), in file order.
+fn val_losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m.get("val_loss").is_some())
+        .map(|m| (m["step"].as_u64().unwrap(), m["val_loss"].as_f64().unwrap()))
+        .collect()
+}
+
 fn last_step(run: &Path) -> u64 {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .map(|t| {
@@ -144,6 +156,7 @@ fn resume_and_compare(dir: &Path, run: &Path, reference: &Path) {
         "no duplicate or missing steps"
     );
     assert_eq!(ours, theirs, "every step's loss is the same as the uninterrupted run's");
+    assert_eq!(val_losses(run), val_losses(reference), "every evaluation once, with the same loss");
     let samples = |r: &Path| std::fs::read_to_string(r.join("samples.jsonl")).unwrap();
     assert_eq!(samples(run), samples(reference));
 }

@@ -32,6 +32,7 @@ context = 48
 [train]
 epochs = 2
 batch_size = 4
+eval_every = 3
 
 [generate]
 prompts = ["What is the capital of Kenya?", "Name a colour"]
@@ -93,7 +94,9 @@ fn a_run_writes_scalars_samples_and_hparams_that_read_back() {
     }
     let val: Vec<i64> = scalars["val/loss"].iter().map(|&(s, _)| s).collect();
     assert_eq!(val, metric_steps(&run, "val_loss").iter().map(|&(s, _)| s).collect::<Vec<_>>());
-    assert_eq!(scalars["val/ppl"].len(), 2, "one per epoch");
+    // Every 3 steps and at each epoch's end (8 steps an epoch), once each.
+    assert_eq!(val, [3, 6, 8, 9, 12, 15, 16]);
+    assert_eq!(scalars["val/ppl"].len(), val.len());
     let last_step = losses.last().unwrap().0;
     assert_eq!(scalars["eval/val_loss"], vec![(last_step, scalars["val/loss"].last().unwrap().1)]);
 
