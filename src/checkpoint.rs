@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Tok;
 use crate::error::{bad_input, without_panics};
 use crate::model::{params, CausalLm, FusedOps, TrainBackend, TrainableLm};
+use crate::selection::{Scored, Selection};
 
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 const STATE_FILE: &str = "trainer.json";
@@ -21,7 +22,7 @@ const STATE_FILE: &str = "trainer.json";
 const OPTIMIZER_FILE: &str = "optimizer";
 
 /// Where training stood after an optimizer step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     /// Optimizer steps done.
     pub step: usize,
@@ -29,7 +30,15 @@ pub struct Progress {
     pub epoch: usize,
     /// Examples of this epoch's shuffled order already trained on.
     pub position: usize,
+    /// The best model so far and early stopping's count.
+    #[serde(default)]
+    pub selection: Selection,
 }
+
+/// The best model of a run, kept apart from the rolling checkpoints.
+pub const BEST_DIR: &str = "best";
+/// In `checkpoints/best/`: which evaluation it is the model of.
+const BEST_FILE: &str = "best.json";
 
 #[derive(Serialize, Deserialize)]
 struct TrainerState {
@@ -97,6 +106,32 @@ pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
     }
     tracing::debug!(path = %done.display(), "checkpoint");
     Ok(done)
+}
+
+/// Keep `model` as the run's best, `checkpoints/best/` (a HF directory and `best.json`),
+/// replacing the one before; written beside and renamed into place.
+pub fn save_best<B: FusedOps, M: CausalLm<B>>(run: &Path, model: &M, tok: &Tok, scored: Scored) -> Result<PathBuf> {
+    let root = run.join(CHECKPOINTS_DIR);
+    let (partial, done) = (root.join(format!(".{BEST_DIR}.partial")), root.join(BEST_DIR));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)?;
+    }
+    model.save(&partial, Some(tok.eos_id as usize))?;
+    tok.save(&partial.join(crate::model::hf::TOKENIZER_FILE))?;
+    crate::run_dir::write_atomic(&partial.join(BEST_FILE), serde_json::to_string_pretty(&scored)?.as_bytes())?;
+    if done.exists() {
+        std::fs::remove_dir_all(&done)?;
+    }
+    std::fs::rename(&partial, &done).with_context(|| format!("cannot move the best model into {}", done.display()))?;
+    tracing::debug!(step = scored.step, val_loss = scored.val_loss, "kept as the best model");
+    Ok(done)
+}
+
+/// The run's best model folder and which evaluation it is the model of, if it has one.
+pub fn best(run: &Path) -> Option<(PathBuf, Scored)> {
+    let dir = run.join(CHECKPOINTS_DIR).join(BEST_DIR);
+    let text = std::fs::read_to_string(dir.join(BEST_FILE)).ok()?;
+    Some((dir, serde_json::from_str(&text).ok()?))
 }
 
 /// Tests kill pipe (SIGKILL) in the middle of writing a checkpoint by naming its step in

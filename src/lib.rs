@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod run_dir;
 pub mod runs;
 pub mod score;
+pub mod selection;
 pub mod signals;
 pub mod spec;
 pub mod stages;

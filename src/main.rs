@@ -163,7 +163,8 @@ enum Command {
         /// The new directory (must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
-        /// A checkpoint folder inside the run instead of `final`.
+        /// Instead of `final/`: `best` (lowest validation loss), `last` (the newest checkpoint),
+        /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
         #[arg(long)]
         checkpoint: Option<String>,
     },
@@ -196,7 +197,8 @@ struct SamplingArgs {
     /// Greedy decoding (same as --temperature 0).
     #[arg(long)]
     greedy: bool,
-    /// A checkpoint folder inside the run instead of `final`.
+    /// Instead of `final/`: `best` (lowest validation loss), `last` (the newest checkpoint),
+    /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
     #[arg(long)]
     checkpoint: Option<String>,
 }

@@ -98,6 +98,7 @@ impl BackendJob for RunJob<'_> {
                     error: None,
                     resumed: Vec::new(),
                     inputs,
+                    training: None,
                 };
                 let run = RunDir::create(&spec.run.runs_dir, meta)?;
                 run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
@@ -127,7 +128,8 @@ impl BackendJob for RunJob<'_> {
         tracing::info!(run = %run.path.display(), "run folder");
         let ctx = StageContext { spec, data: &data, run: &run, device: &device, stop: self.stop, resume };
         match stages::run_all(&ctx, model) {
-            Ok(()) => {
+            Ok(training) => {
+                run.meta.training = training.or(run.meta.training);
                 run.finish(Status::Completed, None)?;
                 Ok(run.path)
             }

@@ -72,6 +72,9 @@ pub struct Meta {
     /// A content hash of each input file, checked when the run resumes.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub inputs: crate::inputs::Inputs,
+    /// How training ended: the best model, early stopping, which model `final/` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<crate::stages::TrainingOutcome>,
 }
 
 impl Meta {
@@ -298,9 +301,9 @@ impl RunDir {
             let mut kept = String::new();
             for record in records {
                 // What training logged up to the checkpoint stays (a checkpoint is taken after
-                // its step's evaluation); the eval stage's record came after it.
+                // its step's evaluation); the eval stage runs again after training.
                 let stays = match &record {
-                    MetricRecord::Eval(r) => r.step < step,
+                    MetricRecord::Eval(_) => false,
                     other => other.step() <= step,
                 };
                 if stays {
@@ -311,13 +314,12 @@ impl RunDir {
             write_atomic(&metrics, kept.as_bytes())?;
         }
         if let Some(events) = &self.events {
-            // As for metrics.jsonl: training scalars up to the checkpoint, everything else before
-            // it; the hyperparameters stay, how the run ended goes.
+            // As for metrics.jsonl: training's scalars up to the checkpoint stay, as do the
+            // hyperparameters; the later stages' figures and samples, and how the run ended, go.
             let dropped = events.retain(|tag, at| match tag {
                 tensorboard::HPARAMS_START_TAG => true,
-                tensorboard::HPARAMS_END_TAG => false,
                 tag if TRAINING_TAGS.iter().any(|prefix| tag.starts_with(prefix)) => at <= step,
-                _ => at < step,
+                _ => false,
             })?;
             if dropped > 0 {
                 tracing::warn!("{}: dropped a record cut off when the process died", events.path().display());

@@ -70,7 +70,20 @@ impl Run {
     }
 
     pub fn best_val_loss(&self) -> Option<f64> {
-        self.val_loss.iter().map(|&(_, l)| l).min_by(f64::total_cmp)
+        self.best_val().map(|(_, loss)| loss)
+    }
+
+    /// The lowest validation loss and the step it was measured at (the first, on a tie).
+    pub fn best_val(&self) -> Option<(u64, f64)> {
+        self.val_loss.iter().copied().reduce(|best, v| if v.1 < best.1 { v } else { best })
+    }
+
+    /// Which model `final/` is: `last` or `best`, and the step it was trained to.
+    pub fn final_model(&self) -> String {
+        match &self.meta.training {
+            Some(t) => format!("{}@{}", format!("{:?}", t.final_model).to_lowercase(), t.final_step),
+            None => "-".into(),
+        }
     }
 
     pub fn duration_s(&self) -> Option<f64> {
@@ -171,7 +184,19 @@ pub fn model_source(runs_dir: &Path, reference: &Path, checkpoint: Option<&str>)
     };
     let path = path.as_path();
     if path.join(run_dir::META_FILE).is_file() {
-        let dir = path.join(checkpoint.unwrap_or(run_dir::FINAL_DIR));
+        let dir = match checkpoint {
+            None => path.join(run_dir::FINAL_DIR),
+            Some("best") => crate::checkpoint::best(path).map(|(dir, _)| dir).ok_or_else(|| {
+                bad_input(format!(
+                    "{}: --checkpoint best: the run kept no best model (it has no evaluation on a validation set yet)",
+                    path.display()
+                ))
+            })?,
+            Some("last") => crate::checkpoint::list(path).pop().ok_or_else(|| {
+                bad_input(format!("{}: --checkpoint last: the run has no checkpoint", path.display()))
+            })?,
+            Some(other) => path.join(other),
+        };
         if !dir.join(hf::CONFIG_FILE).is_file() {
             return Err(bad_input(format!("{}: the run has no model there (no {})", dir.display(), hf::CONFIG_FILE)));
         }
@@ -224,6 +249,8 @@ pub fn table(runs: &[Run]) -> String {
         "train loss",
         "best val loss",
         "best val ppl",
+        "best step",
+        "final",
         "backend",
     ];
     let rows = runs.iter().map(|r| {
@@ -237,6 +264,8 @@ pub fn table(runs: &[Run]) -> String {
             fmt_opt(r.final_train_loss(), 4),
             fmt_opt(r.best_val_loss(), 4),
             fmt_opt(r.best_val_loss().map(f64::exp), 2),
+            r.best_val().map_or("-".into(), |(step, _)| step.to_string()),
+            r.final_model(),
             r.meta.backend.clone(),
         ]
     });
@@ -300,6 +329,8 @@ impl<'a> Comparison<'a> {
                 "final_train_loss": r.final_train_loss(),
                 "best_val_loss": r.best_val_loss(),
                 "best_val_ppl": r.best_val_loss().map(f64::exp),
+                "best_step": r.best_val().map(|(step, _)| step),
+                "training": r.meta.training,
                 "duration_s": r.duration_s(),
                 "backend": r.meta.backend,
                 "train_loss": r.train_loss,
@@ -335,10 +366,19 @@ impl<'a> Comparison<'a> {
         let final_loss = best(self.runs.iter().map(Run::final_train_loss).collect(), 4);
         let val = best(self.runs.iter().map(Run::best_val_loss).collect(), 4);
         let ppl = best(self.runs.iter().map(|r| r.best_val_loss().map(f64::exp)).collect(), 2);
-        let mut rows =
-            vec![["run", "status", "steps", "final train loss", "best val loss", "best val ppl", "duration"]
-                .map(String::from)
-                .to_vec()];
+        let mut rows = vec![[
+            "run",
+            "status",
+            "steps",
+            "final train loss",
+            "best val loss",
+            "best val ppl",
+            "best step",
+            "final",
+            "duration",
+        ]
+        .map(String::from)
+        .to_vec()];
         for (i, r) in self.runs.iter().enumerate() {
             rows.push(vec![
                 labels[i].clone(),
@@ -347,6 +387,8 @@ impl<'a> Comparison<'a> {
                 final_loss[i].clone(),
                 val[i].clone(),
                 ppl[i].clone(),
+                r.best_val().map_or("-".into(), |(step, _)| step.to_string()),
+                r.final_model(),
                 fmt_duration(r.duration_s()),
             ]);
         }

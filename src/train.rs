@@ -21,6 +21,7 @@ use crate::error::{bad_input, Interrupted};
 use crate::model::{params, CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
 use crate::objective::{Objective, TokenLoss};
 use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
+use crate::selection::{Scored, Selection};
 use crate::signals::{self, StopSignal};
 use crate::spec::{OptimizerSpec, Schedule, Spec, TrainSpec};
 
@@ -30,6 +31,8 @@ pub struct TrainSummary {
     pub steps: usize,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// The best model so far and whether early stopping ended training.
+    pub selection: Selection,
 }
 
 /// Adam or AdamW over the model, as the spec names it, with burn keeping each parameter's state.
@@ -182,7 +185,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     let (train, device) = (ctx.train, ctx.device);
     let objective = TokenLoss { pad_id: ctx.tok.eos_id };
     let mut trainer = Trainer::<B, M, _>::with_objective(opt, objective, device);
-    let mut start = Progress { step: 0, epoch: 1, position: 0 };
+    let mut start = Progress { step: 0, epoch: 1, position: 0, selection: Selection::default() };
     if let Some((dir, progress)) = resume {
         trainer.optim = trainer.optim.restore(dir, &model, device)?;
         start = progress;
@@ -191,7 +194,12 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     let StepPlan { examples_per_step, steps_per_epoch, total_steps } = StepPlan::new(train.len(), train_spec)?;
     let schedule = LrSchedule::new(opt, total_steps);
     tracing::info!(examples = train.len(), steps_per_epoch, total_steps, "training");
-    let mut summary = TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN };
+    let mut summary =
+        TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN, selection: start.selection };
+    if let Some(step) = start.selection.stopped_early_at {
+        tracing::info!(step, "training had ended early; nothing left to train");
+        return Ok((model, summary));
+    }
     let started = Instant::now();
     let mut latest_val = None;
     let checkpoint = |model: &M, trainer: &Trainer<B, M, TokenLoss>, progress: Progress| {
@@ -199,7 +207,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
         trainer.optim.save(at)
     };
 
-    for epoch in start.epoch..=train_spec.epochs {
+    'epochs: for epoch in start.epoch..=train_spec.epochs {
         let order = epoch_order(train, seed, epoch, train_spec.group_by_length.then_some(examples_per_step));
         // A position past the end is possible only when the data shrank under a resume.
         let skip = if epoch == start.epoch { start.position.min(order.len()) } else { 0 };
@@ -243,13 +251,15 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                 tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
             }
             let position = (skip + (i + 1) * examples_per_step).min(train.len());
-            let progress = Progress { step, epoch, position };
             // Evaluations come before the step's checkpoint, so a checkpoint holds everything
-            // logged up to its step and a resumed run neither repeats nor loses one.
+            // logged up to its step (and where selection stood) and a resumed run neither
+            // repeats nor loses one.
             let epoch_done = position == train.len();
             let every = train_spec.eval_every;
+            let mut stop_early = false;
             if !ctx.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every))) {
-                let (val_loss, _) = evaluate(&model.valid(), &objective, ctx.val, train_spec.batch_size, device);
+                let valid = model.valid();
+                let (val_loss, _) = evaluate(&valid, &objective, ctx.val, train_spec.batch_size, device);
                 ctx.run.log_metrics(&MetricRecord::Epoch(EpochRecord {
                     step,
                     epoch,
@@ -257,6 +267,11 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                     val_ppl: val_loss.exp(),
                 }))?;
                 latest_val = Some(val_loss);
+                let verdict = summary.selection.observe(Scored { step, val_loss }, train_spec);
+                if verdict.new_best {
+                    checkpoint::save_best(&ctx.run.path, &valid, ctx.tok, Scored { step, val_loss })?;
+                }
+                stop_early = verdict.stop;
                 if epoch_done {
                     let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
                     tracing::info!(
@@ -274,6 +289,21 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
             let val = latest_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
             bar.set_message(format!("loss {:.4}{val}  {tokens_per_s:.0} tok/s", stats.loss));
             bar.inc(1);
+            let progress = Progress { step, epoch, position, selection: summary.selection };
+            if stop_early {
+                bar.finish_and_clear();
+                checkpoint(&model, &trainer, progress)?;
+                let best = summary.selection.best.unwrap_or(Scored { step, val_loss: f64::NAN });
+                tracing::info!(
+                    step,
+                    patience = train_spec.early_stopping_patience,
+                    min_delta = train_spec.early_stopping_min_delta,
+                    best_step = best.step,
+                    best_val_loss = format!("{:.4}", best.val_loss),
+                    "early stopping: the validation loss did not improve by more than min_delta in `patience` evaluations"
+                );
+                break 'epochs;
+            }
             if let Some(signal) = ctx.stop.requested() {
                 bar.finish_and_clear();
                 let dir = checkpoint(&model, &trainer, progress)?;

@@ -346,6 +346,18 @@ fn catalogue() -> Vec<Case> {
         case("chat template without {content}", sub("val_fraction = 0.0", "val_fraction = 0.0\nkind = \"chat\"\nchat_template = \"{role}:\""), &["spec.toml", "data.chat_template"]),
         case("duplicate key", sub("epochs = 1", "epochs = 1\nepochs = 2"), &["spec.toml", "line 20"]),
         case("a section that is a value", format!("{SPEC}\ngenerate = 3\n"), &["spec.toml", "generate"]),
+        case("final best without validation", sub("batch_size = 2", "batch_size = 2\nfinal = \"best\""), &["spec.toml", "train.final", "data.val_fraction"]),
+        case("unknown final model", sub("batch_size = 2", "batch_size = 2\nfinal = \"middle\""), &["spec.toml", "train.final", "middle"]),
+        case(
+            "early stopping without validation",
+            sub("batch_size = 2", "batch_size = 2\nearly_stopping_patience = 2"),
+            &["spec.toml", "train.early_stopping_patience", "validation"],
+        ),
+        case(
+            "negative early stopping delta",
+            sub("batch_size = 2", "batch_size = 2\nearly_stopping_min_delta = -0.1"),
+            &["spec.toml", "train.early_stopping_min_delta"],
+        ),
         // The data files.
         case("validation file missing", sub("val_fraction = 0.0", "val_path = \"val.jsonl\""), &["val.jsonl"]),
         with_file(

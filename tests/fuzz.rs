@@ -679,7 +679,7 @@ fn mutate_safetensors(seed: &[u8], edits: &[Edit]) -> Vec<u8> {
     for edit in &bytes {
         // Mostly within the length prefix and the header, where a parser can go wrong.
         let edit = match *edit {
-            Edit::Flip { at, bit } => Edit::Flip { at: at % (out.len().min(8 + header_len + 16)), bit },
+            Edit::Flip { at, bit } => Edit::Flip { at: at % out.len().clamp(1, 8 + header_len + 16), bit },
             ref other => other.clone(),
         };
         edit_bytes(&mut out, &edit);

@@ -312,6 +312,7 @@ fn runs_started_in_the_same_second_get_distinct_folders() {
         error: None,
         resumed: Vec::new(),
         inputs: Default::default(),
+        training: None,
     };
     let ids: Vec<String> = (0..3).map(|_| RunDir::create(dir.path(), meta.clone()).unwrap().meta.run_id).collect();
     assert_eq!(ids, ["20261127-152125", "20261127-152125-2", "20261127-152125-3"]);

@@ -268,6 +268,10 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
     fn load(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Self> {
         Ok(hf::load(dir, dropout, device)?.1)
     }
+
+    fn with_weights_of(self, dir: &Path) -> Result<Self> {
+        hf::load_weights(self, dir)
+    }
 }
 
 impl<B: FusedOps> Gpt2<B> {

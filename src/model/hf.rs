@@ -189,7 +189,7 @@ pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) ->
     if let Some(p) = dropout {
         config = config.with_dropout(p);
     }
-    let mut file = TensorFile::read(&dir.join(WEIGHTS_FILE))?;
+    let file = TensorFile::read(&dir.join(WEIGHTS_FILE))?;
     // The tensors that pin every size in the config (vocabulary, context, width, depth) are
     // checked before the model is allocated: a config far larger than its weights would
     // otherwise exhaust memory before the first tensor is compared.
@@ -197,7 +197,20 @@ pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) ->
     file.expect("wte.weight", &[config.vocab_size, d])?;
     file.expect("wpe.weight", &[config.n_positions, d])?;
     file.expect(&format!("h.{last}.ln_1.weight"), &[d])?;
-    let model = params::load(config.init::<B>(device), |name, shape| file.take(name, shape))?;
+    let model = fill(config.init::<B>(device), file)?;
+    Ok((config, model))
+}
+
+/// `model` with the weights of the HF directory `dir`, which holds a model of the same
+/// architecture; the model's own settings (precision, dropout) stay.
+pub fn load_weights<B: Backend>(model: Gpt2<B>, dir: &Path) -> Result<Gpt2<B>> {
+    fill(model, TensorFile::read(&dir.join(WEIGHTS_FILE))?)
+}
+
+/// Every parameter of `model` from `file`, which must hold no other tensors.
+fn fill<B: Backend>(model: Gpt2<B>, mut file: TensorFile) -> Result<Gpt2<B>> {
+    let n_layer = model.config.n_layer;
+    let model = params::load(model, |name, shape| file.take(name, shape))?;
     let mut unexpected: Vec<&String> = file
         .tensors
         .keys()
@@ -209,13 +222,12 @@ pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) ->
     if !unexpected.is_empty() {
         unexpected.sort();
         return Err(bad_input(format!(
-            "{}: unexpected tensors for a {}-layer GPT-2: {}",
+            "{}: unexpected tensors for a {n_layer}-layer GPT-2: {}",
             file.path.display(),
-            config.n_layer,
             unexpected.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
         )));
     }
-    Ok((config, model))
+    Ok(model)
 }
 
 /// The `config.json` transformers' `GPT2LMHeadModel.from_pretrained` expects.

@@ -70,6 +70,12 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
     fn load(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Self>
     where
         Self: Sized;
+
+    /// This model with the weights of a model of the same architecture written by `save`,
+    /// keeping its own settings (precision, dropout).
+    fn with_weights_of(self, dir: &Path) -> Result<Self>
+    where
+        Self: Sized;
 }
 
 /// A model pipe can train: a [`CausalLm`] under autodiff whose inference copy is one too.

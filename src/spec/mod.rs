@@ -233,8 +233,25 @@ pub struct TrainSpec {
     pub eval_every: usize,
     /// Checkpoint every this many optimizer steps (and always at the end); 0 = only at the end.
     pub checkpoint_every: usize,
-    /// How many checkpoints to keep (the newest).
+    /// How many checkpoints to keep (the newest); the best model is kept apart.
     pub keep_checkpoints: usize,
+    /// Which model `final/` is: the last one trained, or the best by validation loss.
+    #[serde(rename = "final")]
+    pub final_model: FinalModel,
+    /// End training after this many evaluations without improvement (0 = never).
+    pub early_stopping_patience: usize,
+    /// The least decrease of the validation loss that counts as an improvement.
+    pub early_stopping_min_delta: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinalModel {
+    /// The model after the last optimizer step (as HF's Trainer).
+    #[default]
+    Last,
+    /// The model with the lowest validation loss (`checkpoints/best/`).
+    Best,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,6 +343,9 @@ impl Default for TrainSpec {
             eval_every: 0,
             checkpoint_every: 100,
             keep_checkpoints: 2,
+            final_model: FinalModel::Last,
+            early_stopping_patience: 0,
+            early_stopping_min_delta: 0.0,
         }
     }
 }

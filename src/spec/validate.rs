@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::{BackendKind, LoadedSpec, Source, Stage};
+use super::{BackendKind, FinalModel, LoadedSpec, Source, Stage};
 use crate::error::bad_input;
 
 impl LoadedSpec {
@@ -102,6 +102,20 @@ impl LoadedSpec {
             }
         }
         non_negative_f("generate.temperature", s.generate.temperature)?;
+        non_negative_f("train.early_stopping_min_delta", s.train.early_stopping_min_delta)?;
+        let has_validation = s.data.val_fraction > 0.0 || s.data.val_path.is_some();
+        if s.train.final_model == FinalModel::Best && !has_validation {
+            return Err(self.invalid(
+                "train.final",
+                "`best` is chosen by validation loss: set data.val_fraction or data.val_path",
+            ));
+        }
+        if s.train.early_stopping_patience > 0 && !has_validation {
+            return Err(self.invalid(
+                "train.early_stopping_patience",
+                "early stopping watches the validation loss: set data.val_fraction or data.val_path",
+            ));
+        }
         if !(s.generate.top_p > 0.0 && s.generate.top_p <= 1.0) {
             return Err(self.invalid("generate.top_p", format!("must be in (0, 1], got {}", s.generate.top_p)));
         }

@@ -10,13 +10,15 @@ pub use generate::check_prompts;
 use std::path::PathBuf;
 
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Progress;
 use crate::data::PreparedData;
 use crate::model::{TrainBackend, TrainableLm};
 use crate::run_dir::RunDir;
+use crate::selection::Selection;
 use crate::signals::StopSignal;
-use crate::spec::{Spec, Stage};
+use crate::spec::{FinalModel, Spec, Stage};
 
 /// What every stage works with besides the model.
 pub struct StageContext<'a, B: TrainBackend> {
@@ -31,16 +33,33 @@ pub struct StageContext<'a, B: TrainBackend> {
     pub resume: Option<(PathBuf, Progress)>,
 }
 
-/// The model between stages, and how many optimizer steps it has had.
+/// The model between stages, how many optimizer steps it has had, and how training ended.
 pub struct Trained<M> {
     pub model: M,
+    /// Optimizer steps the model was trained for (the best model's step when `final/` is it).
     pub steps: usize,
+    /// Set by the train stage.
+    pub training: Option<TrainingOutcome>,
 }
 
-/// Run the spec's stages in order.
-pub fn run_all<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, model: M) -> Result<()> {
+/// What the train stage chose: the best model seen, whether it stopped early, and which model
+/// `final/` (and the stages after it) is.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingOutcome {
+    #[serde(flatten)]
+    pub selection: Selection,
+    pub final_model: FinalModel,
+    /// The step the final model was trained to.
+    pub final_step: usize,
+}
+
+/// Run the spec's stages in order; how training ended, when there was a train stage.
+pub fn run_all<B: TrainBackend, M: TrainableLm<B>>(
+    ctx: &StageContext<'_, B>,
+    model: M,
+) -> Result<Option<TrainingOutcome>> {
     let steps = ctx.resume.as_ref().map_or(0, |(_, progress)| progress.step);
-    let mut state = Trained { model, steps };
+    let mut state = Trained { model, steps, training: None };
     for stage in &ctx.spec.run.stages {
         #[cfg(feature = "fault-injection")]
         signal_if_asked(*stage);
@@ -50,7 +69,7 @@ pub fn run_all<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, mo
             Stage::Generate => generate::run(ctx, state)?,
         };
     }
-    Ok(())
+    Ok(state.training)
 }
 
 /// Tests send pipe a stop signal as a stage begins by naming the stage and the signal's number

@@ -2,10 +2,13 @@
 
 use anyhow::{Context, Result};
 
-use super::{StageContext, Trained};
+use super::{StageContext, Trained, TrainingOutcome};
+use crate::checkpoint;
 use crate::data::Tok;
+use crate::error::bad_input;
 use crate::model::{hf, CausalLm, FusedOps, TrainBackend, TrainableLm};
 use crate::run_dir::{self, RunDir};
+use crate::spec::FinalModel;
 use crate::train::{self, TrainContext};
 
 pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
@@ -21,6 +24,26 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     };
     let resume = ctx.resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
     let (model, summary) = train::train(&train_ctx, state.model, resume)?;
+    let (model, final_step) = match (ctx.spec.train.final_model, checkpoint::best(&ctx.run.path)) {
+        (FinalModel::Last, _) => (model, summary.steps),
+        (FinalModel::Best, Some((dir, best))) if Some(best.step) == summary.selection.best.map(|b| b.step) => {
+            tracing::info!(step = best.step, val_loss = format!("{:.4}", best.val_loss), "final/ is the best model");
+            (model.with_weights_of(&dir)?, best.step)
+        }
+        (FinalModel::Best, Some((dir, kept))) => {
+            return Err(anyhow::anyhow!(
+                "{} holds the model of step {}, but this run's best evaluation is at step {:?} (were the inputs changed under a resume?)",
+                dir.display(),
+                kept.step,
+                summary.selection.best.map(|b| b.step)
+            ))
+        }
+        (FinalModel::Best, None) => {
+            return Err(bad_input(
+                "train.final = \"best\": no evaluation was made (is the validation set empty?), so there is no best model",
+            ))
+        }
+    };
     save_final(&model.valid(), &data.tok, ctx.run)?;
     tracing::info!(
         steps = summary.steps,
@@ -28,7 +51,8 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         last_loss = summary.last_loss,
         "training done"
     );
-    Ok(Trained { model, steps: summary.steps })
+    let outcome = TrainingOutcome { selection: summary.selection, final_model: ctx.spec.train.final_model, final_step };
+    Ok(Trained { model, steps: final_step, training: Some(outcome) })
 }
 
 /// Save the model as `final/` with its tokenizer, written beside and renamed into place.

@@ -1,0 +1,59 @@
+//! Model selection during training: the best validation loss so far (whose model is kept as
+//! `checkpoints/best/`), and early stopping when evaluations stop improving. Its state travels
+//! in every checkpoint, so a resumed run selects and stops exactly as an uninterrupted one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::TrainSpec;
+
+/// An evaluation: the step it was taken at and the validation loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    pub step: usize,
+    pub val_loss: f64,
+}
+
+/// Where selection stood after an evaluation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Selection {
+    /// The lowest validation loss so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<Scored>,
+    /// Evaluations since the last improvement of at least `train.early_stopping_min_delta`.
+    #[serde(default)]
+    pub evals_without_improvement: usize,
+    /// Set when early stopping ended training, at this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_early_at: Option<usize>,
+}
+
+/// What one evaluation means for selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// The evaluated model is the best so far: keep it.
+    pub new_best: bool,
+    /// Early stopping says training ends here.
+    pub stop: bool,
+}
+
+impl Selection {
+    /// Take an evaluation into account. The best model is the one with the lowest loss; patience
+    /// runs out after `early_stopping_patience` evaluations in a row that did not improve on the
+    /// best before them by more than `early_stopping_min_delta` (as HF's EarlyStoppingCallback
+    /// counts).
+    pub fn observe(&mut self, scored: Scored, train: &TrainSpec) -> Verdict {
+        let before = self.best.map(|b| b.val_loss);
+        let new_best = before.is_none_or(|b| scored.val_loss < b);
+        let improved = before.is_none_or(|b| b - scored.val_loss > train.early_stopping_min_delta);
+        if new_best {
+            self.best = Some(scored);
+        }
+        self.evals_without_improvement = if improved { 0 } else { self.evals_without_improvement + 1 };
+        let patience = train.early_stopping_patience;
+        let stop = patience > 0 && self.evals_without_improvement >= patience;
+        if stop {
+            self.stopped_early_at = Some(scored.step);
+        }
+        Verdict { new_best, stop }
+    }
+}
