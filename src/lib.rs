@@ -16,6 +16,7 @@ pub mod inputs;
 pub mod model;
 pub mod objective;
 pub mod pipeline;
+pub mod response_metrics;
 pub mod run_dir;
 pub mod runs;
 pub mod score;

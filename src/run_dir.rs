@@ -20,6 +20,8 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The eval stage's figures.
 pub const EVAL_FILE: &str = "eval.json";
+/// The eval stage's answers to held-out prompts, one JSON line each.
+pub const RESPONSES_FILE: &str = "responses.jsonl";
 /// The final model, as a HuggingFace GPT-2 directory.
 pub const FINAL_DIR: &str = "final";
 
@@ -135,6 +137,20 @@ pub struct EvalRecord {
     pub val_ppl: f64,
     pub val_tokens: usize,
     pub val_examples: usize,
+    /// The answers to held-out prompts (`eval.responses`), scored against the references.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub responses: Option<ResponseEval>,
+}
+
+/// How the model answered held-out prompts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEval {
+    /// How many were answered.
+    pub examples: usize,
+    #[serde(flatten)]
+    pub scores: crate::response_metrics::ResponseScores,
+    /// Seconds the answers took.
+    pub seconds: f64,
 }
 
 impl MetricRecord {
@@ -325,7 +341,7 @@ impl RunDir {
                 tracing::warn!("{}: dropped a record cut off when the process died", events.path().display());
             }
         }
-        for later in [SAMPLES_FILE, EVAL_FILE] {
+        for later in [SAMPLES_FILE, EVAL_FILE, RESPONSES_FILE] {
             let _ = fs::remove_file(self.file(later));
         }
         self.meta.status = Status::Running;
@@ -380,9 +396,25 @@ impl RunDir {
             ),
             MetricRecord::Epoch(r) => events.scalars(r.step, &[("val/loss", r.val_loss), ("val/ppl", r.val_ppl)]),
             MetricRecord::Eval(r) => {
-                events.scalars(r.step, &[("eval/val_loss", r.val_loss), ("eval/val_ppl", r.val_ppl)])
+                events.scalars(r.step, &[("eval/val_loss", r.val_loss), ("eval/val_ppl", r.val_ppl)])?;
+                match &r.responses {
+                    Some(answers) => events.scalars(
+                        r.step,
+                        &[
+                            ("eval/exact_match", answers.scores.exact_match),
+                            ("eval/token_f1", answers.scores.token_f1),
+                            ("eval/rouge_l", answers.scores.rouge_l),
+                        ],
+                    ),
+                    None => Ok(()),
+                }
             }
         }
+    }
+
+    /// Append one answer to a held-out prompt to `responses.jsonl`.
+    pub fn log_response(&self, record: &serde_json::Value) -> Result<()> {
+        append_line(&self.file(RESPONSES_FILE), &record.to_string())
     }
 
     /// Append the `index`th sample of the model trained for `step` steps to `samples.jsonl`,

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::error::bad_input;
 use crate::model::hf;
-use crate::run_dir::{self, Meta, MetricRecord, Status, WriterLock};
+use crate::run_dir::{self, Meta, MetricRecord, ResponseEval, Status, WriterLock};
 use crate::spec::Spec;
 
 /// One run folder, read back.
@@ -25,13 +25,18 @@ pub struct Run {
     pub val_loss: Vec<(u64, f64)>,
     /// The resolved spec as a TOML table.
     pub spec: toml::Table,
+    /// The eval stage's scores of answers to held-out prompts, if it made them.
+    pub responses: Option<ResponseEval>,
 }
 
 impl Run {
     pub fn read(path: &Path) -> Result<Self> {
         let meta = Meta::read(path)?;
-        let (mut train_loss, mut val_loss) = (Vec::new(), Vec::new());
+        let (mut train_loss, mut val_loss, mut responses) = (Vec::new(), Vec::new(), None);
         for record in run_dir::read_metrics(path) {
+            if let MetricRecord::Eval(r) = &record {
+                responses = r.responses.clone().or(responses);
+            }
             let step = record.step() as u64;
             if let MetricRecord::Step(r) = &record {
                 train_loss.push((step, r.loss));
@@ -44,7 +49,7 @@ impl Run {
             .ok()
             .and_then(|t| t.parse::<toml::Table>().ok())
             .unwrap_or_default();
-        Ok(Self { path: path.to_path_buf(), meta, train_loss, val_loss, spec })
+        Ok(Self { path: path.to_path_buf(), meta, train_loss, val_loss, spec, responses })
     }
 
     /// `name@id`, how runs are named on the command line.
@@ -331,6 +336,7 @@ impl<'a> Comparison<'a> {
                 "best_val_ppl": r.best_val_loss().map(f64::exp),
                 "best_step": r.best_val().map(|(step, _)| step),
                 "training": r.meta.training,
+                "responses": r.responses,
                 "duration_s": r.duration_s(),
                 "backend": r.meta.backend,
                 "train_loss": r.train_loss,
@@ -393,6 +399,22 @@ impl<'a> Comparison<'a> {
             ]);
         }
         out.push_str(&indent(&render_rows(&rows)));
+        if self.runs.iter().any(|r| r.responses.is_some()) {
+            out.push_str("\nanswers to held-out prompts (* best; high is good):\n");
+            let score = |f: fn(&ResponseEval) -> f64| -> Vec<String> {
+                let values: Vec<Option<f64>> = self.runs.iter().map(|r| r.responses.as_ref().map(f)).collect();
+                let max = values.iter().flatten().copied().max_by(f64::total_cmp);
+                values.iter().map(|v| fmt_opt(*v, 3) + if v.is_some() && *v == max { "*" } else { "" }).collect()
+            };
+            let (em, f1, rl) =
+                (score(|r| r.scores.exact_match), score(|r| r.scores.token_f1), score(|r| r.scores.rouge_l));
+            let mut rows = vec![["run", "answers", "exact match", "token F1", "ROUGE-L"].map(String::from).to_vec()];
+            for (i, r) in self.runs.iter().enumerate() {
+                let n = r.responses.as_ref().map_or("-".into(), |r| r.examples.to_string());
+                rows.push(vec![labels[i].clone(), n, em[i].clone(), f1[i].clone(), rl[i].clone()]);
+            }
+            out.push_str(&indent(&render_rows(&rows)));
+        }
         out.push_str("\nloss curves (shared scale; low is good):\n");
         let all: Vec<f64> =
             self.runs.iter().flat_map(|r| r.train_loss.iter().chain(&r.val_loss).map(|&(_, l)| l)).collect();

@@ -79,7 +79,7 @@ fn weights(dir: &Path) -> Vec<u8> {
 #[test]
 fn the_best_model_is_kept_final_is_it_and_training_stops_when_nothing_improves() {
     let dir = setup();
-    let (out, run) = run_spec(dir.path(), "select", &[]);
+    let (out, run) = run_spec(dir.path(), "select", &[("PIPE_EVAL__RESPONSES", "5")]);
     assert!(out.status.success(), "{}", stderr(&out));
     let evals = evaluations(&run);
     let (best_at, &(best_step, best_loss)) = evals.iter().enumerate().min_by(|a, b| a.1 .1.total_cmp(&b.1 .1)).unwrap();
@@ -135,6 +135,33 @@ fn the_best_model_is_kept_final_is_it_and_training_stops_when_nothing_improves()
     let compared = stdout(&pipe(dir.path(), &["compare", "select", "select", "--json"], &[]));
     let compared: serde_json::Value = serde_json::from_str(&compared).unwrap();
     assert_eq!(compared["runs"][0]["best_step"], best_step);
+
+    // The final model's answers to five held-out prompts, scored, in eval.json, responses.jsonl,
+    // TensorBoard and `pipe compare`.
+    let answers = &eval["responses"];
+    assert_eq!(answers["examples"], 5);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("responses.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    let mean_rouge = lines.iter().map(|l| l["scores"]["rouge_l"].as_f64().unwrap()).sum::<f64>() / 5.0;
+    assert!((answers["rouge_l"].as_f64().unwrap() - mean_rouge).abs() < 1e-12);
+    for line in &lines {
+        let scores = pipe::response_metrics::ResponseScores::of(
+            line["prediction"].as_str().unwrap(),
+            line["reference"].as_str().unwrap(),
+        );
+        assert!((line["scores"]["token_f1"].as_f64().unwrap() - scores.token_f1).abs() < 1e-12);
+        assert!(line["prompt"].as_str().unwrap().ends_with('\n'), "the prompt as laid out for training");
+    }
+    let events = pipe::tensorboard::read(&pipe::tensorboard::find(&run).unwrap()).unwrap();
+    let tags: Vec<&str> =
+        events.iter().flat_map(|e| e.summary.iter().flat_map(|s| &s.value)).map(|v| v.tag.as_str()).collect();
+    assert!(tags.contains(&"eval/rouge_l") && tags.contains(&"eval/exact_match"), "{tags:?}");
+    let compared = stdout(&pipe(dir.path(), &["compare", "select", run.to_str().unwrap()], &[]));
+    assert!(compared.contains("ROUGE-L") && compared.contains("token F1"), "{compared}");
 }
 
 /// A run killed mid-training, and one stopped by a signal in the stage after early stopping,

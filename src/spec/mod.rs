@@ -28,7 +28,26 @@ pub struct Spec {
     #[serde(default)]
     pub train: TrainSpec,
     #[serde(default)]
+    pub eval: EvalSpec,
+    #[serde(default)]
     pub generate: GenerateSpec,
+}
+
+/// The eval stage: the validation loss, and how the model answers held-out prompts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Answer (greedily) this many validation prompts and score the answers against the
+    /// references: exact match, token F1, ROUGE-L (0 = none).
+    pub responses: usize,
+    /// The longest answer, in tokens.
+    pub max_new_tokens: usize,
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        Self { responses: 0, max_new_tokens: 64 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -96,6 +96,7 @@ impl LoadedSpec {
         positive("train.log_every", s.train.log_every)?;
         positive("train.keep_checkpoints", s.train.keep_checkpoints)?;
         positive("generate.max_new_tokens", s.generate.max_new_tokens)?;
+        positive("eval.max_new_tokens", s.eval.max_new_tokens)?;
         if let Some(max) = s.train.max_length {
             if max < 2 {
                 return Err(self.invalid("train.max_length", "must be at least 2 tokens"));
