@@ -123,7 +123,7 @@ pub fn save_best<B: FusedOps, M: CausalLm<B>>(run: &Path, model: &M, tok: &Tok, 
         std::fs::remove_dir_all(&done)?;
     }
     std::fs::rename(&partial, &done).with_context(|| format!("cannot move the best model into {}", done.display()))?;
-    tracing::debug!(step = scored.step, val_loss = scored.val_loss, "kept as the best model");
+    tracing::debug!(step = scored.step, value = scored.value, "kept as the best model");
     Ok(done)
 }
 

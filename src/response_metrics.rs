@@ -3,9 +3,14 @@
 //! ROUGE-L (the F-measure of the longest common subsequence of lower-cased alphanumeric
 //! tokens, as Google's rouge-score computes it without stemming).
 
+use std::time::Instant;
+
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::data::Sequence;
+use crate::data::{Sequence, Tok};
+use crate::generate::{Generator, Sampling};
+use crate::model::{CausalLm, FusedOps};
 
 /// Scores of one response, or their means over several.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -47,6 +52,57 @@ impl ResponseScores {
         let sum = |f: fn(&Self) -> f64| all.iter().map(f).sum::<f64>() / n;
         Self { exact_match: sum(|s| s.exact_match), token_f1: sum(|s| s.token_f1), rouge_l: sum(|s| s.rouge_l) }
     }
+}
+
+/// One answer to a held-out prompt.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub prompt: String,
+    pub reference: String,
+    pub prediction: String,
+    pub scores: ResponseScores,
+}
+
+/// How a model answered held-out prompts: the mean scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEval {
+    /// How many were answered.
+    pub examples: usize,
+    #[serde(flatten)]
+    pub scores: ResponseScores,
+    /// Seconds the answers took.
+    pub seconds: f64,
+}
+
+/// Answer each example's prompt greedily (up to `max_new_tokens`) and score the answer
+/// against its reference; examples without a prompt (plain text) are passed over. `each` sees
+/// every answer as it is made, and may stop the work with an error.
+pub fn answer_all<B: FusedOps, M: CausalLm<B>>(
+    model: &M,
+    tok: &Tok,
+    examples: &[Sequence],
+    max_new_tokens: usize,
+    device: &B::Device,
+    mut each: impl FnMut(usize, &Answer) -> Result<()>,
+) -> Result<ResponseEval> {
+    let started = Instant::now();
+    let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
+    let mut generator = Generator::new(model, device, 0);
+    let mut scores = Vec::new();
+    for (i, example) in examples.iter().enumerate() {
+        let Some((prompt, reference)) = prompt_and_reference(example, tok.eos_id) else { continue };
+        let answer = generator.generate(prompt, max_new_tokens, greedy, Some(tok.eos_id), |_| {});
+        let answer = answer.strip_suffix(&[tok.eos_id]).unwrap_or(&answer);
+        let (prediction, reference) = (tok.decode(answer)?, tok.decode(reference)?);
+        let scores_of_one = ResponseScores::of(&prediction, &reference);
+        each(i, &Answer { prompt: tok.decode(prompt)?, reference, prediction, scores: scores_of_one })?;
+        scores.push(scores_of_one);
+    }
+    Ok(ResponseEval {
+        examples: scores.len(),
+        scores: ResponseScores::mean(&scores),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// A held-out example as a prompt and its reference response: the tokens before its last

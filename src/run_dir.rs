@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::error::bad_input;
+use crate::response_metrics::{Answer, ResponseEval, ResponseScores};
 use crate::tensorboard::{self, EventFile, SessionStatus};
 
 pub const SPEC_FILE: &str = "spec.toml";
@@ -124,6 +125,9 @@ pub struct EpochRecord {
     pub epoch: usize,
     pub val_loss: f64,
     pub val_ppl: f64,
+    /// The answers' mean scores, when `train.select_metric` is one of them.
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub responses: Option<ResponseScores>,
 }
 
 /// The eval stage's figures (also written as `eval.json`).
@@ -140,17 +144,6 @@ pub struct EvalRecord {
     /// The answers to held-out prompts (`eval.responses`), scored against the references.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub responses: Option<ResponseEval>,
-}
-
-/// How the model answered held-out prompts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResponseEval {
-    /// How many were answered.
-    pub examples: usize,
-    #[serde(flatten)]
-    pub scores: crate::response_metrics::ResponseScores,
-    /// Seconds the answers took.
-    pub seconds: f64,
 }
 
 impl MetricRecord {
@@ -394,7 +387,20 @@ impl RunDir {
                     ("train/epoch", r.epoch as f64),
                 ],
             ),
-            MetricRecord::Epoch(r) => events.scalars(r.step, &[("val/loss", r.val_loss), ("val/ppl", r.val_ppl)]),
+            MetricRecord::Epoch(r) => {
+                events.scalars(r.step, &[("val/loss", r.val_loss), ("val/ppl", r.val_ppl)])?;
+                match &r.responses {
+                    Some(scores) => events.scalars(
+                        r.step,
+                        &[
+                            ("val/exact_match", scores.exact_match),
+                            ("val/token_f1", scores.token_f1),
+                            ("val/rouge_l", scores.rouge_l),
+                        ],
+                    ),
+                    None => Ok(()),
+                }
+            }
             MetricRecord::Eval(r) => {
                 events.scalars(r.step, &[("eval/val_loss", r.val_loss), ("eval/val_ppl", r.val_ppl)])?;
                 match &r.responses {
@@ -413,8 +419,8 @@ impl RunDir {
     }
 
     /// Append one answer to a held-out prompt to `responses.jsonl`.
-    pub fn log_response(&self, record: &serde_json::Value) -> Result<()> {
-        append_line(&self.file(RESPONSES_FILE), &record.to_string())
+    pub fn log_response(&self, answer: &Answer) -> Result<()> {
+        append_line(&self.file(RESPONSES_FILE), &serde_json::to_string(answer)?)
     }
 
     /// Append the `index`th sample of the model trained for `step` steps to `samples.jsonl`,

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 
 use crate::error::bad_input;
 use crate::model::hf;
-use crate::run_dir::{self, Meta, MetricRecord, ResponseEval, Status, WriterLock};
+use crate::response_metrics::ResponseEval;
+use crate::run_dir::{self, Meta, MetricRecord, Status, WriterLock};
 use crate::spec::Spec;
 
 /// One run folder, read back.

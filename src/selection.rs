@@ -1,16 +1,17 @@
-//! Model selection during training: the best validation loss so far (whose model is kept as
-//! `checkpoints/best/`), and early stopping when evaluations stop improving. Its state travels
+//! Model selection during training: the best evaluation so far by `train.select_metric` (the
+//! validation loss, or a score of answers to held-out prompts), whose model is kept as
+//! `checkpoints/best/`, and early stopping when evaluations stop improving. Its state travels
 //! in every checkpoint, so a resumed run selects and stops exactly as an uninterrupted one.
 
 use serde::{Deserialize, Serialize};
 
 use crate::spec::TrainSpec;
 
-/// An evaluation: the step it was taken at and the validation loss.
+/// An evaluation: the step it was taken at and the selection metric's value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scored {
     pub step: usize,
-    pub val_loss: f64,
+    pub value: f64,
 }
 
 /// Where selection stood after an evaluation.
@@ -37,14 +38,16 @@ pub struct Verdict {
 }
 
 impl Selection {
-    /// Take an evaluation into account. The best model is the one with the lowest loss; patience
-    /// runs out after `early_stopping_patience` evaluations in a row that did not improve on the
-    /// best before them by more than `early_stopping_min_delta` (as HF's EarlyStoppingCallback
-    /// counts).
+    /// Take an evaluation into account. The best model is the one with the best value;
+    /// patience runs out after `early_stopping_patience` evaluations in a row that did not
+    /// improve on the best before them by more than `early_stopping_min_delta` (as HF's
+    /// EarlyStoppingCallback counts).
     pub fn observe(&mut self, scored: Scored, train: &TrainSpec) -> Verdict {
-        let before = self.best.map(|b| b.val_loss);
-        let new_best = before.is_none_or(|b| scored.val_loss < b);
-        let improved = before.is_none_or(|b| b - scored.val_loss > train.early_stopping_min_delta);
+        // Gains in the metric's good direction.
+        let sign = if train.select_metric.higher_is_better() { 1.0 } else { -1.0 };
+        let gain = self.best.map(|b| sign * (scored.value - b.value));
+        let new_best = gain.is_none_or(|g| g > 0.0);
+        let improved = gain.is_none_or(|g| g > train.early_stopping_min_delta);
         if new_best {
             self.best = Some(scored);
         }

@@ -20,10 +20,11 @@ use crate::data::{Sequence, Tok};
 use crate::error::{bad_input, Interrupted};
 use crate::model::{params, CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
 use crate::objective::{Objective, TokenLoss};
+use crate::response_metrics::answer_all;
 use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
 use crate::selection::{Scored, Selection};
 use crate::signals::{self, StopSignal};
-use crate::spec::{OptimizerSpec, Schedule, Spec, TrainSpec};
+use crate::spec::{OptimizerSpec, Schedule, SelectMetric, Spec, TrainSpec};
 
 /// What a finished training stage reports.
 #[derive(Debug, Clone, Copy)]
@@ -260,16 +261,31 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
             if !ctx.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every))) {
                 let valid = model.valid();
                 let (val_loss, _) = evaluate(&valid, &objective, ctx.val, train_spec.batch_size, device);
+                let metric = train_spec.select_metric;
+                let responses = if metric.higher_is_better() {
+                    let examples = &ctx.val[..ctx.spec.eval.responses.min(ctx.val.len())];
+                    let max_new = ctx.spec.eval.max_new_tokens;
+                    Some(answer_all(&valid, ctx.tok, examples, max_new, device, |_, _| Ok(()))?.scores)
+                } else {
+                    None
+                };
                 ctx.run.log_metrics(&MetricRecord::Epoch(EpochRecord {
                     step,
                     epoch,
                     val_loss,
                     val_ppl: val_loss.exp(),
+                    responses,
                 }))?;
                 latest_val = Some(val_loss);
-                let verdict = summary.selection.observe(Scored { step, val_loss }, train_spec);
+                let value = match (metric, responses) {
+                    (SelectMetric::ExactMatch, Some(r)) => r.exact_match,
+                    (SelectMetric::TokenF1, Some(r)) => r.token_f1,
+                    (SelectMetric::RougeL, Some(r)) => r.rouge_l,
+                    _ => val_loss,
+                };
+                let verdict = summary.selection.observe(Scored { step, value }, train_spec);
                 if verdict.new_best {
-                    checkpoint::save_best(&ctx.run.path, &valid, ctx.tok, Scored { step, val_loss })?;
+                    checkpoint::save_best(&ctx.run.path, &valid, ctx.tok, Scored { step, value })?;
                 }
                 stop_early = verdict.stop;
                 if epoch_done {
@@ -293,14 +309,15 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
             if stop_early {
                 bar.finish_and_clear();
                 checkpoint(&model, &trainer, progress)?;
-                let best = summary.selection.best.unwrap_or(Scored { step, val_loss: f64::NAN });
+                let best = summary.selection.best.unwrap_or(Scored { step, value: f64::NAN });
                 tracing::info!(
                     step,
+                    metric = ?train_spec.select_metric,
                     patience = train_spec.early_stopping_patience,
                     min_delta = train_spec.early_stopping_min_delta,
                     best_step = best.step,
-                    best_val_loss = format!("{:.4}", best.val_loss),
-                    "early stopping: the validation loss did not improve by more than min_delta in `patience` evaluations"
+                    best = format!("{:.4}", best.value),
+                    "early stopping: the selection metric did not improve by more than min_delta in `patience` evaluations"
                 );
                 break 'epochs;
             }

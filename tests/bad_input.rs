@@ -358,6 +358,16 @@ fn catalogue() -> Vec<Case> {
             sub("batch_size = 2", "batch_size = 2\nearly_stopping_min_delta = -0.1"),
             &["spec.toml", "train.early_stopping_min_delta"],
         ),
+        case(
+            "select by answers without answering",
+            sub("val_fraction = 0.0", "val_fraction = 0.5").replace("batch_size = 2", "batch_size = 2\nselect_metric = \"rouge_l\""),
+            &["spec.toml", "train.select_metric", "eval.responses"],
+        ),
+        case(
+            "unknown select metric",
+            sub("batch_size = 2", "batch_size = 2\nselect_metric = \"bleu\""),
+            &["spec.toml", "train.select_metric", "bleu"],
+        ),
         // The data files.
         case("validation file missing", sub("val_fraction = 0.0", "val_path = \"val.jsonl\""), &["val.jsonl"]),
         with_file(

@@ -190,7 +190,7 @@ fn best_tracking_and_early_stopping_resume_exactly() {
 fn patience_counts_evaluations_that_do_not_beat_the_best_by_min_delta() {
     let train = TrainSpec { early_stopping_patience: 2, early_stopping_min_delta: 0.1, ..TrainSpec::default() };
     let mut selection = Selection::default();
-    let mut observe = |step, val_loss| selection.observe(Scored { step, val_loss }, &train);
+    let mut observe = |step, value| selection.observe(Scored { step, value }, &train);
     assert!(observe(1, 3.0).new_best);
     // A new best, but by less than min_delta: kept, yet patience runs.
     let small = observe(2, 2.95);
@@ -198,6 +198,33 @@ fn patience_counts_evaluations_that_do_not_beat_the_best_by_min_delta() {
     // No new best: the second evaluation in a row without a real improvement ends training.
     let stop = observe(3, 2.96);
     assert!(stop.stop && !stop.new_best);
-    assert_eq!(selection.best, Some(Scored { step: 2, val_loss: 2.95 }));
+    assert_eq!(selection.best, Some(Scored { step: 2, value: 2.95 }));
     assert_eq!(selection.stopped_early_at, Some(3));
+}
+
+/// Selecting by a score of the answers to held-out prompts: every evaluation answers them, the
+/// best model is the one with the highest score, and patience counts in that direction.
+#[test]
+fn the_best_model_can_be_chosen_by_the_answers_rouge_l() {
+    let dir = setup();
+    let env = [("PIPE_EVAL__RESPONSES", "4"), ("PIPE_TRAIN__SELECT_METRIC", "rouge_l"), ("PIPE_TRAIN__EPOCHS", "6")];
+    let (out, run) = run_spec(dir.path(), "by-rouge", &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let scores: Vec<(u64, f64)> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m.get("val_loss").is_some() && m.get("eval").is_none())
+        .map(|m| (m["step"].as_u64().unwrap(), m["rouge_l"].as_f64().expect("each evaluation scores the answers")))
+        .collect();
+    let best = scores.iter().copied().reduce(|best, s| if s.1 > best.1 { s } else { best }).unwrap();
+    let training = &meta(&run)["training"];
+    assert_eq!(training["select_metric"], "rouge_l");
+    assert_eq!(training["best"]["step"], best.0);
+    assert!((training["best"]["value"].as_f64().unwrap() - best.1).abs() < 1e-12);
+    assert_eq!(training["final_step"], best.0);
+    let events = pipe::tensorboard::read(&pipe::tensorboard::find(&run).unwrap()).unwrap();
+    let rouge: usize =
+        events.iter().flat_map(|e| e.summary.iter().flat_map(|s| &s.value)).filter(|v| v.tag == "val/rouge_l").count();
+    assert_eq!(rouge, scores.len());
 }

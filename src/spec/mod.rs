@@ -254,13 +254,33 @@ pub struct TrainSpec {
     pub checkpoint_every: usize,
     /// How many checkpoints to keep (the newest); the best model is kept apart.
     pub keep_checkpoints: usize,
-    /// Which model `final/` is: the last one trained, or the best by validation loss.
+    /// Which model `final/` is: the last one trained, or the best by `select_metric`.
     #[serde(rename = "final")]
     pub final_model: FinalModel,
+    /// What "best" means: the lowest validation loss, or the highest score of the answers to
+    /// `eval.responses` held-out prompts (then answered at every evaluation).
+    pub select_metric: SelectMetric,
     /// End training after this many evaluations without improvement (0 = never).
     pub early_stopping_patience: usize,
-    /// The least decrease of the validation loss that counts as an improvement.
+    /// The least change of the selection metric (in its good direction) that counts as an improvement.
     pub early_stopping_min_delta: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectMetric {
+    #[default]
+    ValLoss,
+    ExactMatch,
+    TokenF1,
+    RougeL,
+}
+
+impl SelectMetric {
+    /// Whether a higher value is better (the response scores) or a lower one (the loss).
+    pub fn higher_is_better(self) -> bool {
+        self != Self::ValLoss
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,6 +383,7 @@ impl Default for TrainSpec {
             checkpoint_every: 100,
             keep_checkpoints: 2,
             final_model: FinalModel::Last,
+            select_metric: SelectMetric::ValLoss,
             early_stopping_patience: 0,
             early_stopping_min_delta: 0.0,
         }

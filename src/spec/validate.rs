@@ -108,13 +108,19 @@ impl LoadedSpec {
         if s.train.final_model == FinalModel::Best && !has_validation {
             return Err(self.invalid(
                 "train.final",
-                "`best` is chosen by validation loss: set data.val_fraction or data.val_path",
+                "`best` is chosen on the validation set: set data.val_fraction or data.val_path",
+            ));
+        }
+        if s.train.select_metric.higher_is_better() && s.eval.responses == 0 {
+            return Err(self.invalid(
+                "train.select_metric",
+                "selecting by the answers' scores needs eval.responses: how many held-out prompts to answer",
             ));
         }
         if s.train.early_stopping_patience > 0 && !has_validation {
             return Err(self.invalid(
                 "train.early_stopping_patience",
-                "early stopping watches the validation loss: set data.val_fraction or data.val_path",
+                "early stopping watches the validation set: set data.val_fraction or data.val_path",
             ));
         }
         if !(s.generate.top_p > 0.0 && s.generate.top_p <= 1.0) {

@@ -2,17 +2,13 @@
 //! `eval.responses`, its answers to held-out prompts scored against the references; into
 //! `metrics.jsonl`, `eval.json` and `responses.jsonl`.
 
-use std::time::Instant;
-
 use anyhow::Result;
 
 use super::{StageContext, Trained};
-use crate::data::Sequence;
-use crate::generate::{Generator, Sampling};
-use crate::model::{CausalLm, TrainBackend, TrainableLm};
+use crate::model::{TrainBackend, TrainableLm};
 use crate::objective::TokenLoss;
-use crate::response_metrics::{prompt_and_reference, ResponseScores};
-use crate::run_dir::{self, EvalRecord, MetricRecord, ResponseEval};
+use crate::response_metrics::answer_all;
+use crate::run_dir::{self, EvalRecord, MetricRecord};
 use crate::train::evaluate;
 
 pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
@@ -27,7 +23,17 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     let (val_loss, tokens) = evaluate(&model, &objective, val, ctx.spec.train.batch_size, ctx.device);
     let responses = match ctx.spec.eval.responses {
         0 => None,
-        n => Some(answer(ctx, &model, &val[..n.min(val.len())])?),
+        n => Some(answer_all(
+            &model,
+            &ctx.data.tok,
+            &val[..n.min(val.len())],
+            ctx.spec.eval.max_new_tokens,
+            ctx.device,
+            |i, answer| {
+                ctx.stop.check(&format!("in the eval stage, after {i} of {n} answers"))?;
+                ctx.run.log_response(answer)
+            },
+        )?),
     };
     let record = EvalRecord {
         eval: "final".into(),
@@ -54,39 +60,4 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     }
     ctx.stop.check("after the eval stage")?;
     Ok(state)
-}
-
-/// Answer each held-out example's prompt greedily and score the answer against its reference
-/// (examples without a prompt, such as plain text, are passed over); each answer goes to
-/// `responses.jsonl`.
-fn answer<B: TrainBackend, M: CausalLm<B::InnerBackend>>(
-    ctx: &StageContext<'_, B>,
-    model: &M,
-    examples: &[Sequence],
-) -> Result<ResponseEval> {
-    let started = Instant::now();
-    let tok = &ctx.data.tok;
-    let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
-    let mut generator = Generator::new(model, ctx.device, 0);
-    let mut scores = Vec::new();
-    for (i, example) in examples.iter().enumerate() {
-        ctx.stop.check(&format!("in the eval stage, after {i} of {} answers", examples.len()))?;
-        let Some((prompt, reference)) = prompt_and_reference(example, tok.eos_id) else { continue };
-        let answer = generator.generate(prompt, ctx.spec.eval.max_new_tokens, greedy, Some(tok.eos_id), |_| {});
-        let answer = answer.strip_suffix(&[tok.eos_id]).unwrap_or(&answer);
-        let (prediction, reference) = (tok.decode(answer)?, tok.decode(reference)?);
-        let score = ResponseScores::of(&prediction, &reference);
-        ctx.run.log_response(&serde_json::json!({
-            "prompt": tok.decode(prompt)?,
-            "reference": reference,
-            "prediction": prediction,
-            "scores": score,
-        }))?;
-        scores.push(score);
-    }
-    Ok(ResponseEval {
-        examples: scores.len(),
-        scores: ResponseScores::mean(&scores),
-        seconds: started.elapsed().as_secs_f64(),
-    })
 }

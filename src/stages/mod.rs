@@ -18,7 +18,7 @@ use crate::model::{TrainBackend, TrainableLm};
 use crate::run_dir::RunDir;
 use crate::selection::Selection;
 use crate::signals::StopSignal;
-use crate::spec::{FinalModel, Spec, Stage};
+use crate::spec::{FinalModel, SelectMetric, Spec, Stage};
 
 /// What every stage works with besides the model.
 pub struct StageContext<'a, B: TrainBackend> {
@@ -48,6 +48,8 @@ pub struct Trained<M> {
 pub struct TrainingOutcome {
     #[serde(flatten)]
     pub selection: Selection,
+    /// What `selection.best` is best by.
+    pub select_metric: SelectMetric,
     pub final_model: FinalModel,
     /// The step the final model was trained to.
     pub final_step: usize,

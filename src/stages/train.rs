@@ -27,7 +27,7 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     let (model, final_step) = match (ctx.spec.train.final_model, checkpoint::best(&ctx.run.path)) {
         (FinalModel::Last, _) => (model, summary.steps),
         (FinalModel::Best, Some((dir, best))) if Some(best.step) == summary.selection.best.map(|b| b.step) => {
-            tracing::info!(step = best.step, val_loss = format!("{:.4}", best.val_loss), "final/ is the best model");
+            tracing::info!(step = best.step, value = format!("{:.4}", best.value), "final/ is the best model");
             (model.with_weights_of(&dir)?, best.step)
         }
         (FinalModel::Best, Some((dir, kept))) => {
@@ -51,7 +51,13 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         last_loss = summary.last_loss,
         "training done"
     );
-    let outcome = TrainingOutcome { selection: summary.selection, final_model: ctx.spec.train.final_model, final_step };
+    let train = &ctx.spec.train;
+    let outcome = TrainingOutcome {
+        selection: summary.selection,
+        select_metric: train.select_metric,
+        final_model: train.final_model,
+        final_step,
+    };
     Ok(Trained { model, steps: final_step, training: Some(outcome) })
 }
 
