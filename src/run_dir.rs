@@ -133,7 +133,8 @@ pub struct EpochRecord {
 /// The eval stage's figures (also written as `eval.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
-    /// Which evaluation: `final`, the eval stage after training.
+    /// Which model: `final` (the eval stage's), or `last` (the last one trained, evaluated too
+    /// when `final/` is the best one).
     pub eval: String,
     /// Optimizer steps the evaluated model was trained for.
     pub step: usize,
@@ -402,18 +403,16 @@ impl RunDir {
                 }
             }
             MetricRecord::Eval(r) => {
-                events.scalars(r.step, &[("eval/val_loss", r.val_loss), ("eval/val_ppl", r.val_ppl)])?;
-                match &r.responses {
-                    Some(answers) => events.scalars(
-                        r.step,
-                        &[
-                            ("eval/exact_match", answers.scores.exact_match),
-                            ("eval/token_f1", answers.scores.token_f1),
-                            ("eval/rouge_l", answers.scores.rouge_l),
-                        ],
-                    ),
-                    None => Ok(()),
+                // The final model's figures as `eval/…`, another model's as `eval/<name>_…`.
+                let prefix = if r.eval == "final" { "eval/".to_string() } else { format!("eval/{}_", r.eval) };
+                let mut values = vec![("val_loss", r.val_loss), ("val_ppl", r.val_ppl)];
+                if let Some(answers) = &r.responses {
+                    let s = answers.scores;
+                    values.extend([("exact_match", s.exact_match), ("token_f1", s.token_f1), ("rouge_l", s.rouge_l)]);
                 }
+                let tagged: Vec<(String, f64)> = values.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)).collect();
+                let tagged: Vec<(&str, f64)> = tagged.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                events.scalars(r.step, &tagged)
             }
         }
     }

@@ -36,7 +36,9 @@ impl Run {
         let (mut train_loss, mut val_loss, mut responses) = (Vec::new(), Vec::new(), None);
         for record in run_dir::read_metrics(path) {
             if let MetricRecord::Eval(r) = &record {
-                responses = r.responses.clone().or(responses);
+                if r.eval == "final" {
+                    responses = r.responses.clone().or(responses);
+                }
             }
             let step = record.step() as u64;
             if let MetricRecord::Step(r) = &record {

@@ -95,6 +95,18 @@ fn the_best_model_is_kept_final_is_it_and_training_stops_when_nothing_improves()
     assert_eq!(eval["step"], best_step, "the eval stage evaluates final/, the best model");
     assert!((eval["val_loss"].as_f64().unwrap() - best_loss).abs() < 1e-9);
 
+    // The last model is evaluated too, beside final/ (the best).
+    let last_eval: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["eval"] == "last")
+        .collect();
+    assert_eq!(last_eval.len(), 1);
+    assert_eq!(last_eval[0]["step"], evals.last().unwrap().0);
+    assert!((last_eval[0]["val_loss"].as_f64().unwrap() - evals.last().unwrap().1).abs() < 1e-9);
+    assert_eq!(last_eval[0]["responses"]["examples"], 5);
+
     // Early stopping: exactly `patience` evaluations after the best did not improve on it.
     let patience = 3;
     assert_eq!(evals.len(), best_at + 1 + patience, "{evals:?}");
