@@ -16,7 +16,7 @@ use crate::inputs;
 use crate::model::{hf, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
 use crate::signals::{self, StopSignal};
-use crate::spec::{BackendKind, LoadedSpec, Spec};
+use crate::spec::{BackendKind, FinalModel, LoadedSpec, Spec};
 use crate::stages::{self, StageContext};
 use crate::train::ModelOptimizer;
 
@@ -248,9 +248,17 @@ fn check_fits_in_memory(config: &Gpt2Config) -> Result<()> {
 }
 
 /// What would otherwise fail only once its stage came, checked before the run folder is
-/// created or touched: the step count and the generate stage's prompts.
+/// created or touched: the step count, validation examples where selection needs them, and the
+/// generate stage's prompts.
 fn check_plan(spec: &Spec, data: &PreparedData, config: &Gpt2Config) -> Result<()> {
     crate::train::StepPlan::new(data.train.len(), &spec.train)?;
+    let t = &spec.train;
+    let needs_validation = t.final_model == FinalModel::Best || t.early_stopping_patience > 0;
+    if needs_validation && data.val.is_empty() {
+        return Err(bad_input(
+            "train.final = \"best\" and early stopping need validation examples, and none are left after tokenizing",
+        ));
+    }
     stages::check_prompts(spec, &data.tok, config.n_positions)
 }
 

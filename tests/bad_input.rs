@@ -368,6 +368,23 @@ fn catalogue() -> Vec<Case> {
             sub("batch_size = 2", "batch_size = 2\nselect_metric = \"bleu\""),
             &["spec.toml", "train.select_metric", "bleu"],
         ),
+        with_file(
+            with_data(
+                case(
+                    "final best with every validation example dropped",
+                    sub("val_fraction = 0.0", "val_path = \"val.jsonl\"\nkind = \"chat\"")
+                        .replace("batch_size = 2", "batch_size = 2\nfinal = \"best\""),
+                    &["train.final", "none are left after tokenizing"],
+                ),
+                b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
+            ),
+            "val.jsonl",
+            format!(
+                "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}, {{\"role\": \"assistant\", \"content\": \"ok\"}}]}}\n",
+                "many words ".repeat(40)
+            )
+            .into_bytes(),
+        ),
         // The data files.
         case("validation file missing", sub("val_fraction = 0.0", "val_path = \"val.jsonl\""), &["val.jsonl"]),
         with_file(
