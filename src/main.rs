@@ -129,6 +129,10 @@ enum Command {
         file: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Instead of `final/`: `best` (the best model), `last` (the newest checkpoint), or a
+        /// checkpoint folder inside the run (`checkpoints/step-000100`).
+        #[arg(long)]
+        checkpoint: Option<String>,
     },
     /// Talk to a model: each line is laid out with the run's prompt template, replies stream.
     Chat {
@@ -163,7 +167,7 @@ enum Command {
         /// The new directory (must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
-        /// Instead of `final/`: `best` (lowest validation loss), `last` (the newest checkpoint),
+        /// Instead of `final/`: `best` (the best model), `last` (the newest checkpoint),
         /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
         #[arg(long)]
         checkpoint: Option<String>,
@@ -197,7 +201,7 @@ struct SamplingArgs {
     /// Greedy decoding (same as --temperature 0).
     #[arg(long)]
     greedy: bool,
-    /// Instead of `final/`: `best` (lowest validation loss), `last` (the newest checkpoint),
+    /// Instead of `final/`: `best` (the best model), `last` (the newest checkpoint),
     /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
     #[arg(long)]
     checkpoint: Option<String>,
@@ -346,8 +350,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("{prompt}{text}");
             }
         }
-        Command::Score { model, runs, text, file, json } => {
-            let (model, tok, _) = load_model(&runs, &model, None)?;
+        Command::Score { model, runs, text, file, json, checkpoint } => {
+            let (model, tok, _) = load_model(&runs, &model, checkpoint.as_deref())?;
             let mut texts = text;
             if let Some(file) = file {
                 texts.extend(score::read_texts(&file)?);

@@ -143,6 +143,9 @@ fn the_best_model_is_kept_final_is_it_and_training_stops_when_nothing_improves()
             &[],
         );
         assert!(out.status.success(), "{checkpoint}: {}", stderr(&out));
+        let out =
+            pipe(dir.path(), &["score", run.to_str().unwrap(), "--checkpoint", checkpoint, "--text", "Hi there"], &[]);
+        assert!(out.status.success(), "{checkpoint}: {}", stderr(&out));
     }
     let compared = stdout(&pipe(dir.path(), &["compare", "select", "select", "--json"], &[]));
     let compared: serde_json::Value = serde_json::from_str(&compared).unwrap();
