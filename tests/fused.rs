@@ -6,7 +6,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
-use pipe::model::fused::{composite, cross_entropy, gelu_new, FusedOps};
+use pipe::model::fused::{composite, cross_entropy, gelu_new, FusedOps, LinearGradsWanted};
 
 type Ad = Autodiff<Flex>;
 
@@ -225,12 +225,18 @@ fn linear_kernel_matches_burns_linear_forward_and_backward() {
         let y = Flex::fused_linear(prim(&x), prim(&weight), Some(prim(&bias)));
         let want = composite::linear::<Flex>(prim(&x), prim(&weight), Some(prim(&bias)));
         assert_close(&values(float::<2>(y)), &values(float::<2>(want)), 1e-5, "linear forward");
-        let (dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), true);
-        let (want_dx, want_dw, want_db) =
-            composite::linear_backward::<Flex>(prim(&x), prim(&weight), prim(&grad), true);
-        assert_close(&values(float::<2>(dx)), &values(float::<2>(want_dx)), 1e-5, "linear dx");
-        assert_close(&values(float::<2>(dw)), &values(float::<2>(want_dw)), 1e-5, "linear dweight");
+        let all = LinearGradsWanted { weight: true, bias: true };
+        let (dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), all);
+        let (want_dx, want_dw, want_db) = composite::linear_backward::<Flex>(prim(&x), prim(&weight), prim(&grad), all);
+        let want_dx = values(float::<2>(want_dx));
+        assert_close(&values(float::<2>(dx)), &want_dx, 1e-5, "linear dx");
+        assert_close(&values(float::<2>(dw.unwrap())), &values(float::<2>(want_dw.unwrap())), 1e-5, "linear dweight");
         assert_close(&values(float::<1>(db.unwrap())), &values(float::<1>(want_db.unwrap())), 1e-5, "linear dbias");
+        // A frozen layer (LoRA's base): only the input's gradient, the same one.
+        let frozen = LinearGradsWanted { weight: false, bias: false };
+        let (frozen_dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), frozen);
+        assert!(dw.is_none() && db.is_none(), "a frozen layer's backward computes no weight or bias gradient");
+        assert_close(&values(float::<2>(frozen_dx)), &want_dx, 1e-5, "frozen linear dx");
     }
 }
 
@@ -255,8 +261,9 @@ fn linear_through_a_transposed_weight_matches_and_its_gradient_keeps_the_weight_
     // back it is the embedding's own row-major layout and adds to its gradient without a copy.
     let (hidden, embedding) = (random::<Flex, 2>([rows, d], 1.0, 54), random::<Flex, 2>([vocab, d], 0.5, 55));
     let grad = random::<Flex, 2>([rows, vocab], 1.0, 56);
-    let (_, dw, _) = Flex::fused_linear_backward(prim(&hidden), prim(&embedding.transpose()), prim(&grad), false);
-    assert_eq!(dw.layout().strides(), &[1, d as isize]);
+    let wanted = LinearGradsWanted { weight: true, bias: false };
+    let (_, dw, _) = Flex::fused_linear_backward(prim(&hidden), prim(&embedding.transpose()), prim(&grad), wanted);
+    assert_eq!(dw.unwrap().layout().strides(), &[1, d as isize]);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
 use super::fused::composite::{GELU_A, GELU_B};
-use super::fused::AdamUpdate;
+use super::fused::{AdamUpdate, LinearGradsWanted};
 use super::raw::{filled, matmul, par_matmul, vectorised, Mat, SharedMut};
 
 /// Elements per parallel task in element-wise kernels: large enough to amortise scheduling.
@@ -226,8 +226,8 @@ pub fn linear_backward(
     x: FlexTensor,
     weight: FlexTensor,
     grad: FlexTensor,
-    with_bias: bool,
-) -> (FlexTensor, FlexTensor, Option<FlexTensor>) {
+    wanted: LinearGradsWanted,
+) -> (FlexTensor, Option<FlexTensor>, Option<FlexTensor>) {
     let [rows, d_in] = x.layout().shape().dims::<2>();
     let d_out = weight.layout().shape().dims::<2>()[1];
     let (x, grad) = (f32s(&x), f32s(&grad));
@@ -239,6 +239,11 @@ pub fn linear_backward(
             par_matmul([rows, d_in, d_out], out.row_major(0, d_in), grad_mat, Mat::of(&weight).t(), false)
         })
     };
+    let db = wanted.bias.then(|| tensor(column_sums(&grad, d_out), Shape::new([d_out])));
+    let dx = tensor(dx, Shape::new([rows, d_in]));
+    if !wanted.weight {
+        return (dx, None, db);
+    }
     // A column-major weight (the tied LM head's transposed embedding) gets a column-major gradient.
     let column_major = weight.layout().strides()[0] == 1 && d_out > 1;
     let (row, col) = if column_major { (1, d_in as isize) } else { (d_out as isize, 1) };
@@ -250,8 +255,7 @@ pub fn linear_backward(
     };
     let dw =
         FlexTensor::new(Bytes::from_elems(dw), Layout::new(Shape::new([d_in, d_out]), vec![row, col], 0), DType::F32);
-    let db = with_bias.then(|| tensor(column_sums(&grad, d_out), Shape::new([d_out])));
-    (tensor(dx, Shape::new([rows, d_in])), dw, db)
+    (dx, Some(dw), db)
 }
 
 vectorised! {

@@ -32,14 +32,15 @@ pub trait FusedOps: Backend {
         composite::linear::<Self>(x, weight, bias)
     }
 
-    /// The gradients of `fused_linear` for x, weight and (`with_bias`) bias, given the output's.
+    /// The gradients of `fused_linear` for x, and for weight and bias where asked (a frozen
+    /// weight needs none), given the output's.
     fn fused_linear_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        with_bias: bool,
+        wanted: LinearGradsWanted,
     ) -> LinearGrads<Self> {
-        composite::linear_backward::<Self>(x, weight, grad, with_bias)
+        composite::linear_backward::<Self>(x, weight, grad, wanted)
     }
 
     /// One Adam(W) update of a parameter of any shape: the new parameter and first and second
@@ -142,8 +143,15 @@ pub struct AdamUpdate {
     pub time: usize,
 }
 
-/// The gradients of a linear layer: input, weight, and bias if it has one.
-pub type LinearGrads<B> = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+/// The gradients of a linear layer: input, and weight and bias where wanted.
+pub type LinearGrads<B> = (FloatTensor<B>, Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+/// Which parameter gradients a linear layer's backward computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearGradsWanted {
+    pub weight: bool,
+    pub bias: bool,
+}
 
 /// A backend pipe trains on: autodiff over a backend with the fused ops.
 pub trait TrainBackend: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
@@ -212,10 +220,11 @@ pub mod composite {
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
         grad: FloatTensor<B>,
-        with_bias: bool,
+        wanted: LinearGradsWanted,
     ) -> LinearGrads<B> {
-        let bias = with_bias.then(|| B::linear_bias_backward(grad.clone()));
-        (B::linear_x_backward(weight, grad.clone()), B::linear_weight_backward(x, grad), bias)
+        let bias = wanted.bias.then(|| B::linear_bias_backward(grad.clone()));
+        let dw = wanted.weight.then(|| B::linear_weight_backward(x, grad.clone()));
+        (B::linear_x_backward(weight, grad), dw, bias)
     }
 
     pub fn layer_norm<B: Backend>(
@@ -401,8 +410,10 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let grad = grads.consume::<B>(&ops.node);
                 let (x, weight) = ops.state;
                 let parents = ops.parents; // x, weight, then bias when N = 3
-                let (dx, dw, db) = B::fused_linear_backward(x, weight, grad, N == 3);
-                for (parent, grad) in parents.into_iter().zip([Some(dx), Some(dw), db]) {
+                let tracked = |i: usize| parents.get(i).is_some_and(Option::is_some);
+                let wanted = LinearGradsWanted { weight: tracked(1), bias: tracked(2) };
+                let (dx, dw, db) = B::fused_linear_backward(x, weight, grad, wanted);
+                for (parent, grad) in parents.into_iter().zip([Some(dx), dw, db]) {
                     if let (Some(node), Some(grad)) = (parent, grad) {
                         grads.register::<B>(node.id, grad);
                     }
@@ -571,7 +582,7 @@ impl FusedOps for Flex {
         fn fused_linear(x: FlexFloat, weight: FlexFloat, bias: Option<FlexFloat>) -> FlexFloat {
             f32: [x, weight, bias] => linear
         }
-        fn fused_linear_backward(x: FlexFloat, weight: FlexFloat, grad: FlexFloat, with_bias: bool) -> LinearGrads<Self> {
+        fn fused_linear_backward(x: FlexFloat, weight: FlexFloat, grad: FlexFloat, wanted: LinearGradsWanted) -> LinearGrads<Self> {
             f32: [x, weight, grad] => linear_backward
         }
         fn adam_step(param: FlexFloat, grad: FlexFloat, moments: Moments, update: AdamUpdate) -> (FlexFloat, FlexFloat, FlexFloat) {
