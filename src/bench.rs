@@ -17,8 +17,9 @@ use crate::backend::BackendJob;
 use crate::data::Sequence;
 use crate::generate::{Generator, Sampling};
 use crate::model::gpt2::Precision;
+use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
 use crate::model::{CausalLm, Gpt2, Gpt2Config};
-use crate::spec::{OptimizerKind, OptimizerSpec};
+use crate::spec::{LoraSpec, OptimizerKind, OptimizerSpec};
 use crate::train::Trainer;
 
 /// The model and run sizes, as `pipe bench` flags (torch_ref.py's, plus the precision).
@@ -54,13 +55,22 @@ pub struct BenchShape {
     /// f32, or bf16 (linear layers multiply in bf16, f32 master weights; as run.precision).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// Train LoRA adapters of this rank (alpha = 2·rank) on the attention projections of a
+    /// frozen model instead of all its weights.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
 }
 
 impl BenchShape {
     /// Training FLOPs per token: 6·params for the matmuls forward and backward, plus attention's
-    /// 12·layers·seq·width (the estimate torch_ref's figures are compared on).
-    pub fn train_flops_per_token(&self, params: usize) -> f64 {
-        6.0 * params as f64 + 12.0 * (self.layers * self.seq * self.embd) as f64
+    /// 12·layers·seq·width (the estimate torch_ref's figures are compared on). With LoRA the
+    /// frozen weights need no gradient: 4·params, plus 6·(the adapters').
+    pub fn train_flops_per_token(&self, params: usize, trainable: usize) -> f64 {
+        let matmuls = match self.lora_rank {
+            Some(_) => 4.0 * params as f64 + 6.0 * trainable as f64,
+            None => 6.0 * params as f64,
+        };
+        matmuls + 12.0 * (self.layers * self.seq * self.embd) as f64
     }
 }
 
@@ -75,6 +85,16 @@ impl BackendJob for Bench {
         let config = Gpt2Config::new(shape.vocab, shape.seq.max(1024), shape.embd, shape.layers, shape.heads);
         let mut model = Gpt2 { precision: shape.precision, ..config.init::<B>(&device) };
         let params = model.num_params();
+        if let Some(rank) = shape.lora_rank {
+            let targets = LoraSpec::default().targets;
+            let targets = Target::parse_list(&targets).expect("the default targets are known");
+            let config = LoraConfig { rank, alpha: 2.0 * rank as f64, dropout: 0.0, targets, rslora: false };
+            // Never saved, so no base folder to refer to.
+            let base =
+                BaseModel { name: "random (pipe bench)".into(), path: Default::default(), sha256: String::new() };
+            model = lora::attach(model, Adapters { config, base }, &device);
+        }
+        let trainable = model.num_params();
         let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-4, weight_decay: 0.01, ..Default::default() };
         let mut trainer = Trainer::<B>::new(&opt, 0, &device);
         let mut rng = StdRng::seed_from_u64(0);
@@ -112,10 +132,11 @@ impl BackendJob for Bench {
         Ok(json!({
             "impl": format!("pipe {} burn 0.21 {}", env!("CARGO_PKG_VERSION"), device_name),
             "params": params,
+            "trainable_params": trainable,
             "train_tokens_per_s": (train_tps * 10.0).round() / 10.0,
             "gen_tokens_per_s": (gen_tps * 10.0).round() / 10.0,
             "peak_rss_mib": peak_rss_mib(),
-            "train_tflops": (train_tps * shape.train_flops_per_token(params) / 1e12 * 1000.0).round() / 1000.0,
+            "train_tflops": (train_tps * shape.train_flops_per_token(params, trainable) / 1e12 * 1000.0).round() / 1000.0,
             "shape": shape,
         }))
     }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::bad_input;
-use crate::model::hf;
+use crate::model::{hf, lora};
 use crate::spec::Spec;
 
 /// One input: where it was read from and the SHA-256 of its contents (of its files in order,
@@ -39,7 +39,11 @@ pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
     }
     if let Some(dir) = model_dir {
         let field = if spec.model.path.is_some() { "model.path" } else { "model.hub" };
-        files.push((field, dir.to_path_buf(), vec![dir.join(hf::CONFIG_FILE), dir.join(hf::WEIGHTS_FILE)]));
+        files.push((field, dir.to_path_buf(), model_files(dir)));
+    }
+    if let Some(dir) = spec.lora.as_ref().and_then(|lora| lora.from.as_ref()) {
+        let files_of = vec![dir.join(lora::ADAPTER_CONFIG_FILE), dir.join(lora::ADAPTER_WEIGHTS_FILE)];
+        files.push(("lora.from", dir.clone(), files_of));
     }
     files
         .into_iter()
@@ -48,6 +52,16 @@ pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
             Ok((field.to_string(), InputHash { sha256: hash_files(&parts)?, path }))
         })
         .collect()
+}
+
+/// The files whose contents are a HF model folder's weights and architecture.
+fn model_files(dir: &Path) -> Vec<PathBuf> {
+    vec![dir.join(hf::CONFIG_FILE), dir.join(hf::WEIGHTS_FILE)]
+}
+
+/// The SHA-256 of HF model folder `dir`, as a run records its base model.
+pub fn model_sha256(dir: &Path) -> Result<String> {
+    hash_files(&model_files(dir))
 }
 
 fn hash_files(paths: &[PathBuf]) -> Result<String> {

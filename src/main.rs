@@ -158,7 +158,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         device: usize,
     },
-    /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads.
+    /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads; for a run
+    /// with LoRA adapters, a PEFT adapter folder (`PeftModel.from_pretrained`), or with --merge a
+    /// GPT-2 directory with the adapters folded in.
     Export {
         /// A run folder, `name` (its latest run) or `name@id`.
         run: PathBuf,
@@ -171,6 +173,9 @@ enum Command {
         /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
         #[arg(long)]
         checkpoint: Option<String>,
+        /// Fold the run's LoRA adapters into the base weights: a full GPT-2 directory.
+        #[arg(long)]
+        merge: bool,
     },
 }
 
@@ -260,7 +265,7 @@ fn load_model(
     checkpoint: Option<&str>,
 ) -> anyhow::Result<(Gpt2<Cpu>, Tok, Option<Spec>)> {
     let source = runs::model_source(&runs.runs_dir, path, checkpoint)?;
-    let (_, model) = hf::load::<Cpu>(&source.dir, None, &Default::default())?;
+    let model = Gpt2::<Cpu>::load(&source.dir, None, &Default::default())?;
     let tok = Tok::load(&source.dir.join(hf::TOKENIZER_FILE))?;
     Ok((model, tok, source.spec))
 }
@@ -381,13 +386,17 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if sizes.contains(&0) || shape.embd % shape.heads != 0 {
                 return Err(bad_input("bench sizes must be at least 1, and --embd divisible by --heads"));
             }
+            if let Some(rank) = shape.lora_rank.filter(|&r| r == 0 || r > shape.embd) {
+                return Err(bad_input(format!("--lora-rank {rank}: must be 1 to --embd ({})", shape.embd)));
+            }
             let result = backend::dispatch(kind, device, pipe::bench::Bench(shape))?;
             println!("{result}");
         }
-        Command::Export { run, runs, out, checkpoint } => {
+        Command::Export { run, runs, out, checkpoint, merge } => {
             let source = runs::model_source(&runs.runs_dir, &run, checkpoint.as_deref())?;
-            hf::export(&source.dir, &out)?;
-            println!("exported {} to {}", source.dir.display(), out.display());
+            pipe::model::export(&source.dir, &out, merge)?;
+            let how = if merge { " with its adapters merged" } else { "" };
+            println!("exported {}{how} to {}", source.dir.display(), out.display());
         }
     }
     Ok(())

@@ -13,10 +13,11 @@ use crate::checkpoint::{self, Progress};
 use crate::data::{PreparedData, TokenizeReport};
 use crate::error::{bad_input, interrupted_by};
 use crate::inputs;
-use crate::model::{hf, Gpt2, Gpt2Config, TrainBackend};
+use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
+use crate::model::{hf, CausalLm, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
 use crate::signals::{self, StopSignal};
-use crate::spec::{BackendKind, FinalModel, LoadedSpec, Spec};
+use crate::spec::{BackendKind, FinalModel, LoadedSpec, LoraSpec, Spec};
 use crate::stages::{self, StageContext};
 use crate::train::ModelOptimizer;
 
@@ -125,6 +126,17 @@ impl BackendJob for RunJob<'_> {
             }
         };
         log_data(&data.report, data.val.len(), &model.config);
+        if let Some(adapters) = &model.adapters {
+            let c = &adapters.config;
+            let targets: Vec<&str> = c.targets.iter().map(|t| t.peft_name()).collect();
+            tracing::info!(
+                rank = c.rank,
+                alpha = c.alpha,
+                ?targets,
+                trainable = model.num_params(),
+                "LoRA adapters on a frozen base"
+            );
+        }
         tracing::info!(run = %run.path.display(), "run folder");
         let ctx = StageContext { spec, data: &data, run: &run, device: &device, stop: self.stop, resume };
         match stages::run_all(&ctx, model) {
@@ -221,7 +233,56 @@ fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Devic
             config.init::<B>(device)
         }
     };
+    let model = match (&spec.lora, &data.model_dir) {
+        (Some(lora), Some(base_dir)) => with_adapters(model, lora, spec, base_dir, device)?,
+        _ => model,
+    };
     Ok(Gpt2 { precision: spec.run.precision, ..model })
+}
+
+/// The base model with the spec's adapters: fresh ones, or those of `lora.from` (whose
+/// settings must be the spec's).
+fn with_adapters<B: Backend>(
+    model: Gpt2<B>,
+    spec_lora: &LoraSpec,
+    spec: &Spec,
+    base_dir: &Path,
+    device: &B::Device,
+) -> Result<Gpt2<B>> {
+    let width = model.config.n_embd;
+    if spec_lora.rank > width {
+        return Err(bad_input(format!(
+            "lora.rank = {}: above the model's width (n_embd = {width}); a rank that large adapts nothing a full update would not",
+            spec_lora.rank
+        )));
+    }
+    let targets = Target::parse_list(&spec_lora.targets).map_err(|why| bad_input(format!("lora.targets: {why}")))?;
+    let config = LoraConfig {
+        rank: spec_lora.rank,
+        alpha: spec_lora.alpha,
+        dropout: spec_lora.dropout,
+        targets,
+        rslora: spec_lora.rslora,
+    };
+    let name = spec.model.hub.clone().unwrap_or_else(|| base_dir.display().to_string());
+    let adapters = Adapters { config, base: BaseModel::of(name, base_dir)? };
+    let Some(from) = &spec_lora.from else { return Ok(lora::attach(model, adapters, device)) };
+    let (found, _) = lora::read_peft_config(from)?;
+    let file = from.join(lora::ADAPTER_CONFIG_FILE);
+    let wanted = &adapters.config;
+    let disagreements = [
+        ("lora.rank", wanted.rank.to_string(), "r", found.rank.to_string()),
+        ("lora.alpha", wanted.alpha.to_string(), "lora_alpha", found.alpha.to_string()),
+        ("lora.targets", format!("{:?}", wanted.targets), "target_modules", format!("{:?}", found.targets)),
+        ("lora.rslora", wanted.rslora.to_string(), "use_rslora", found.rslora.to_string()),
+    ];
+    if let Some((field, ours, key, theirs)) = disagreements.into_iter().find(|(_, ours, _, theirs)| ours != theirs) {
+        return Err(bad_input(format!(
+            "{field} = {ours}, but the adapter to continue, {}, has `{key}` = {theirs}; make them agree",
+            file.display()
+        )));
+    }
+    lora::with_peft_adapter(model, from, adapters)
 }
 
 /// A new model too large to train in this machine's memory is refused before it is allocated

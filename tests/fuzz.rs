@@ -818,3 +818,33 @@ fn checkpoint_folders() {
         Ok(())
     });
 }
+
+#[test]
+fn lora_adapter_folders() {
+    use pipe::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
+    use pipe::model::{CausalLm, Gpt2};
+    // A model folder with adapters over the tiny model: adapter/adapter_config.json,
+    // adapter/adapter_model.safetensors, base.json; one of them edited per input.
+    let seed_dir = tempfile::tempdir().unwrap();
+    let base = BaseModel::of("tiny".into(), tiny_model_dir()).unwrap();
+    let config = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false };
+    let (_, model) = pipe::model::hf::load::<Flex>(tiny_model_dir(), None, &Default::default()).unwrap();
+    let model = lora::attach(model, Adapters { config, base }, &Default::default());
+    model.save(seed_dir.path(), Some(0)).unwrap();
+    let files = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "base.json"];
+    let seeds: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(seed_dir.path().join(f)).unwrap()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(seed_dir.path(), dir.path());
+    campaign("LoRA adapter folder", edits(files.len()), |(which, edits)| {
+        for (file, seed) in files.iter().zip(&seeds) {
+            write(&dir.path().join(file), seed);
+        }
+        let edited = match which {
+            1 => mutate_safetensors(&seeds[1], &edits),
+            _ => mutate_json(&seeds[which], &edits),
+        };
+        write(&dir.path().join(files[which]), &edited);
+        let loaded = Gpt2::<Flex>::load(dir.path(), None, &Default::default());
+        judge(&loaded, &[files[which].rsplit('/').next().unwrap()], true)
+    });
+}

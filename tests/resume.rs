@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pipe, stderr};
+use common::{pipe, stderr, step_losses};
 
 const SPEC: &str = r#"
 [run]
@@ -92,17 +92,6 @@ fn wait_for_run(dir: &Path, ready: impl Fn(&Path) -> bool) -> PathBuf {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// Step records as (step, loss), in file order.
-fn step_losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m.get("loss").is_some())
-        .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
-        .collect()
 }
 
 /// Validation records (epoch ends, `eval_every`, the eval stage) as (step, val_loss), in file order.

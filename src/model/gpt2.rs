@@ -16,6 +16,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{FloatDType, Int, Tensor};
 
 use super::fused::{causal_attention, cross_entropy, gelu_new, layer_norm, linear, FusedOps};
+use super::lora::{self, Adapters, Lora};
 use super::{hf, CausalLm};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
@@ -76,8 +77,8 @@ impl Gpt2Config {
         let normal = |std: f64| Initializer::Normal { mean: 0.0, std };
         let proj_std = std / (2.0 * self.n_layer as f64).sqrt();
         let linear = |d_in: usize, d_out: usize, std: f64| {
-            let layer = LinearConfig::new(d_in, d_out).with_initializer(normal(std)).init(device);
-            Linear { bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))), ..layer }
+            let Linear { weight, .. } = LinearConfig::new(d_in, d_out).with_initializer(normal(std)).init(device);
+            Projection { weight, bias: Param::from_tensor(Tensor::zeros([d_out], device)), lora: None }
         };
         let layer_norm = || LayerNorm {
             weight: Param::from_tensor(Tensor::ones([self.n_embd], device)),
@@ -102,6 +103,7 @@ impl Gpt2Config {
         Gpt2 {
             config: self.clone(),
             precision: Precision::F32,
+            adapters: None,
             wte: EmbeddingConfig::new(self.vocab_size, d).with_initializer(normal(std)).init(device),
             wpe: EmbeddingConfig::new(self.n_positions, d).with_initializer(normal(0.01)).init(device),
             h,
@@ -126,7 +128,12 @@ pub enum Precision {
 impl Precision {
     /// x·weight + bias, the product in this precision, the result in f32.
     /// x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
-    fn linear<B: FusedOps>(self, x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    pub fn linear<B: FusedOps>(
+        self,
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
         match self {
             Self::F32 => linear(x, weight, bias),
             Self::Bf16 => {
@@ -134,11 +141,6 @@ impl Precision {
                 linear(x.cast(bf16), weight.cast(bf16), bias.map(|b| b.cast(bf16))).cast(FloatDType::F32)
             }
         }
-    }
-
-    /// `layer(x)`. x: [rows, in] → [rows, out]
-    fn layer<B: FusedOps>(self, layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
     }
 }
 
@@ -148,6 +150,8 @@ pub struct Gpt2<B: Backend> {
     pub config: Gpt2Config,
     /// What the linear layers' products run in (not saved: a run setting, not a weight).
     pub precision: Precision,
+    /// With LoRA adapters: their settings and the frozen base model they adapt.
+    pub adapters: Option<Adapters>,
     /// Token embedding; also the LM head (tied weights, as in GPT-2).
     pub wte: Embedding<B>,
     /// Learned position embedding.
@@ -189,8 +193,8 @@ pub struct Block<B: Backend> {
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// Query, key and value projections in one matrix: [d, 3d].
-    pub c_attn: Linear<B>,
-    pub c_proj: Linear<B>,
+    pub c_attn: Projection<B>,
+    pub c_proj: Projection<B>,
     pub n_head: usize,
     /// Dropout on the attention probabilities while training.
     pub attn_pdrop: f64,
@@ -198,8 +202,35 @@ pub struct Attention<B: Backend> {
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub c_fc: Linear<B>,
-    pub c_proj: Linear<B>,
+    pub c_fc: Projection<B>,
+    pub c_proj: Projection<B>,
+}
+
+/// A linear layer as GPT-2's Conv1D stores it (weight `[in, out]`), with an optional LoRA
+/// adapter beside the (then frozen) weight.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    /// [in, out]
+    pub weight: Param<Tensor<B, 2>>,
+    /// [out]
+    pub bias: Param<Tensor<B, 1>>,
+    pub lora: Option<Lora<B>>,
+}
+
+impl<B: FusedOps> Projection<B> {
+    /// x·weight + bias, plus the adapter's low-rank term. x: [rows, in] → [rows, out]
+    pub fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+        let base = precision.linear(x.clone(), self.weight.val(), Some(self.bias.val()));
+        match &self.lora {
+            Some(lora) => base + lora.forward(x, precision),
+            None => base,
+        }
+    }
+
+    /// [in, out]
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.val().dims()
+    }
 }
 
 /// One layer's cache: ([batch, heads, seen, head_dim] keys, same-shaped values).
@@ -235,7 +266,10 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
     }
 
     fn num_params(&self) -> usize {
-        self.config.num_params()
+        match &self.adapters {
+            Some(_) => lora::trainable_params(self),
+            None => self.config.num_params(),
+        }
     }
 
     fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
@@ -262,15 +296,24 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
     }
 
     fn save(&self, dir: &Path, eos_id: Option<usize>) -> Result<()> {
-        hf::save(self, eos_id, dir)
+        match &self.adapters {
+            Some(adapters) => lora::save(self, adapters, dir, eos_id),
+            None => hf::save(self, eos_id, dir),
+        }
     }
 
     fn load(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Self> {
-        Ok(hf::load(dir, dropout, device)?.1)
+        match lora::is_adapter_dir(dir) {
+            true => lora::load(dir, dropout, device),
+            false => Ok(hf::load(dir, dropout, device)?.1),
+        }
     }
 
     fn with_weights_of(self, dir: &Path) -> Result<Self> {
-        hf::load_weights(self, dir)
+        match lora::is_adapter_dir(dir) {
+            true => lora::load_weights(self, dir),
+            false => hf::load_weights(self, dir),
+        }
     }
 }
 
@@ -325,14 +368,14 @@ impl<B: FusedOps> Attention<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let qkv = precision.layer(&self.c_attn, x.reshape([batch * seq, d_model])); // [batch·seq, 3·d_model]
+        let qkv = self.c_attn.forward(x.reshape([batch * seq, d_model]), precision); // [batch·seq, 3·d_model]
         let y = match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
             // (Generation, below, runs without autodiff, so without dropout.)
             None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, self.attn_pdrop), // [batch, seq, d_model]
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
         };
-        precision.layer(&self.c_proj, y.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])
+        self.c_proj.forward(y.reshape([batch * seq, d_model]), precision).reshape([batch, seq, d_model])
     }
 
     /// Generation: the new positions' queries against the cached and new keys and values.
@@ -361,8 +404,8 @@ impl<B: FusedOps> Mlp<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let h = precision.layer(&self.c_fc, x.reshape([batch * seq, d_model])); // [batch·seq, 4·d_model]
+        let h = self.c_fc.forward(x.reshape([batch * seq, d_model]), precision); // [batch·seq, 4·d_model]
         let h = gelu_new(h);
-        precision.layer(&self.c_proj, h).reshape([batch, seq, d_model])
+        self.c_proj.forward(h, precision).reshape([batch, seq, d_model])
     }
 }

@@ -123,13 +123,13 @@ pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
 }
 
 /// The tensors of one safetensors file, as f32, by name.
-struct TensorFile {
+pub(crate) struct TensorFile {
     path: PathBuf,
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
 }
 
 impl TensorFile {
-    fn read(path: &Path) -> Result<Self> {
+    pub(crate) fn read(path: &Path) -> Result<Self> {
         let bytes = fs::read(path).map_err(|e| bad_input(format!("{}: cannot read weights: {e}", path.display())))?;
         let file = SafeTensors::deserialize(&bytes)
             .map_err(|e| bad_input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
@@ -166,6 +166,24 @@ impl TensorFile {
             )));
         }
         Ok(())
+    }
+
+    /// Take a tensor by its exact name, checking its shape.
+    pub(crate) fn take_named(&mut self, name: &str, shape: &[usize]) -> Result<TensorData> {
+        let missing = || bad_input(format!("{}: tensor `{name}` is missing", self.path.display()));
+        let (found, values) = self.tensors.remove(name).ok_or_else(missing)?;
+        if found != shape {
+            return Err(bad_input(format!(
+                "{}: tensor `{name}` has shape {found:?}, the model expects {shape:?}",
+                self.path.display()
+            )));
+        }
+        Ok(TensorData::new(values, shape))
+    }
+
+    /// The names of the tensors not taken yet.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
     }
 
     /// Take a tensor by its HF name (without the `transformer.` prefix), checking its shape.
@@ -258,9 +276,15 @@ fn config_json(config: &Gpt2Config, eos_id: usize) -> serde_json::Value {
 /// Write a HF GPT-2 directory: config.json, generation_config.json and model.safetensors
 /// (f32, HF names). Each file is written atomically; the tokenizer is the caller's to copy.
 pub fn save<B: Backend>(model: &Gpt2<B>, eos_id: Option<usize>, dir: &Path) -> Result<()> {
+    debug_assert!(model.adapters.is_none(), "a model with adapters is saved by lora::save");
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let eos_id = eos_id.unwrap_or(GPT2_EOS_ID);
     let tensors = params::tensors(model).into_iter().map(|(name, data)| (format!("{PREFIX}{name}"), data));
+    write_safetensors(&dir.join(WEIGHTS_FILE), tensors.collect())?;
+    write_config(&model.config, eos_id, dir)
+}
+
+/// Write `tensors` (f32) as a safetensors file, atomically.
+pub(crate) fn write_safetensors(path: &Path, tensors: Vec<(String, TensorData)>) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .into_iter()
         .map(|(name, data)| {
@@ -280,8 +304,13 @@ pub fn save<B: Backend>(model: &Gpt2<B>, eos_id: Option<usize>, dir: &Path) -> R
         .collect::<Vec<_>>();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let serialized = safetensors::serialize(views, Some(metadata)).context("cannot serialize the weights")?;
-    write_atomic(&dir.join(WEIGHTS_FILE), &serialized)?;
-    let config_text = serde_json::to_string_pretty(&config_json(&model.config, eos_id))?;
+    write_atomic(path, &serialized)
+}
+
+/// Write `config.json` and `generation_config.json` for this architecture.
+pub(crate) fn write_config(config: &Gpt2Config, eos_id: Option<usize>, dir: &Path) -> Result<()> {
+    let eos_id = eos_id.unwrap_or(GPT2_EOS_ID);
+    let config_text = serde_json::to_string_pretty(&config_json(config, eos_id))?;
     write_atomic(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
     let generation = json!({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id});
     write_atomic(&dir.join(GENERATION_CONFIG_FILE), serde_json::to_string_pretty(&generation)?.as_bytes())?;
@@ -326,19 +355,4 @@ pub fn resolve_hub_model(repo_id: &str) -> Result<PathBuf> {
             cache.path().display()
         ))
     })
-}
-
-/// Copy a model directory as a fresh HF GPT-2 directory `out` (which must not exist or be
-/// empty): the weights re-saved with HF names and layout, the config, and the tokenizer.
-pub fn export(source: &Path, out: &Path) -> Result<()> {
-    if out.exists() && fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(bad_input(format!("{}: already exists and is not empty; choose a new folder", out.display())));
-    }
-    let device = Default::default();
-    let (_, model) = load::<burn::backend::Flex>(source, None, &device)?;
-    let tokenizer = source.join(TOKENIZER_FILE);
-    let eos_id = crate::data::Tok::load(&tokenizer)?.eos_id as usize;
-    save(&model, Some(eos_id), out)?;
-    fs::copy(&tokenizer, out.join(TOKENIZER_FILE)).with_context(|| format!("cannot copy {}", tokenizer.display()))?;
-    Ok(())
 }

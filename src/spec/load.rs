@@ -104,7 +104,8 @@ pub struct LoadedSpec {
 
 /// The spec's path fields, which resolve against the spec file's folder when they come from
 /// the file, and against the current directory when they come from an override.
-const PATH_FIELDS: &[&str] = &["run.runs_dir", "data.path", "data.val_path", "tokenizer.path", "model.path"];
+const PATH_FIELDS: &[&str] =
+    &["run.runs_dir", "data.path", "data.val_path", "tokenizer.path", "model.path", "lora.from"];
 
 /// Load a spec: the TOML file, then `PIPE_` environment variables, then `--set key=value`
 /// flags, later winning. Unknown fields, wrong types and invalid values are errors that name
@@ -176,6 +177,7 @@ fn path_field<'a>(spec: &'a mut Spec, field: &str) -> Option<&'a mut PathBuf> {
         "data.val_path" => spec.data.val_path.as_mut(),
         "tokenizer.path" => spec.tokenizer.path.as_mut(),
         "model.path" => spec.model.path.as_mut(),
+        "lora.from" => spec.lora.as_mut().and_then(|lora| lora.from.as_mut()),
         _ => unreachable!("{field} is not a path field"),
     }
 }

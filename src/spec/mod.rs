@@ -31,6 +31,45 @@ pub struct Spec {
     pub eval: EvalSpec,
     #[serde(default)]
     pub generate: GenerateSpec,
+    /// Train LoRA adapters on the frozen base model instead of all its weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+}
+
+/// LoRA adapters, with HF PEFT's meaning: each targeted projection of every layer adds
+/// `(alpha / rank)·B·A·x`, A Kaiming-uniform and B zero at the start; the base stays frozen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSpec {
+    /// The adapters' rank (`r`), at most the model width.
+    pub rank: usize,
+    /// `lora_alpha`: the low-rank term is scaled by alpha / rank.
+    pub alpha: f64,
+    /// Dropout on the adapters' input while training (`lora_dropout`).
+    pub dropout: f64,
+    /// The projections adapted, as PEFT names them: `c_attn`, `attn.c_proj`, `c_fc`,
+    /// `mlp.c_proj` (`c_proj` for both output projections, `all-linear` for all four).
+    pub targets: Vec<String>,
+    /// rsLoRA: scale by alpha / √rank (`use_rslora`).
+    pub rslora: bool,
+    /// Continue training the adapters of this PEFT adapter folder (`adapter_config.json` and
+    /// `adapter_model.safetensors`, from PEFT or pipe) instead of fresh ones; its settings
+    /// must agree with the fields above.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec!["c_attn".into(), "attn.c_proj".into()],
+            rslora: false,
+            from: None,
+        }
+    }
 }
 
 /// The eval stage: the validation loss, and how the model answers held-out prompts.

@@ -181,6 +181,18 @@ impl LoadedSpec {
                 ));
             }
         }
+        if let Some(lora) = &s.lora {
+            positive("lora.rank", lora.rank)?;
+            positive_f("lora.alpha", lora.alpha)?;
+            probability("lora.dropout", lora.dropout)?;
+            crate::model::lora::Target::parse_list(&lora.targets).map_err(|why| self.invalid("lora.targets", why))?;
+            if m.path.is_none() && m.hub.is_none() {
+                return Err(self.invalid(
+                    "lora",
+                    "adapters train on a pretrained base model: set model.path or model.hub (a new model trains all its weights)",
+                ));
+            }
+        }
         if s.run.backend == BackendKind::Cuda && !cfg!(feature = "cuda") {
             return Err(
                 self.invalid("run.backend", "`cuda` is not compiled into this pipe; rebuild with `--features cuda`")
