@@ -124,9 +124,9 @@ impl BackendJob for Bench {
         let inference = model.valid();
         let mut generator = Generator::new(&inference, &device, 0);
         let prompt = random_ids(16);
-        generator.generate(&prompt, 4, Sampling::GREEDY, None, |_| {});
+        generator.generate(&prompt, 4, Sampling::GREEDY, None, |_| true);
         let started = Instant::now();
-        let new = generator.generate(&prompt, shape.gen_tokens, Sampling::GREEDY, None, |_| {});
+        let new = generator.generate(&prompt, shape.gen_tokens, Sampling::GREEDY, None, |_| true);
         let gen_tps = new.len() as f64 / started.elapsed().as_secs_f64();
 
         Ok(json!({

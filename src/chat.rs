@@ -6,12 +6,12 @@ use std::io::{BufRead, Write};
 
 use anyhow::Result;
 
-use crate::data::{apply_template, Tok};
+use crate::data::{PromptLayout, Tok};
 use crate::generate::{Generator, Sampling};
 use crate::model::{CausalLm, FusedOps};
 
 pub struct ChatSettings {
-    pub template: String,
+    pub layout: PromptLayout,
     pub sampling: Sampling,
     pub max_new_tokens: usize,
     pub seed: u64,
@@ -46,7 +46,7 @@ pub fn chat<B: FusedOps, M: CausalLm<B>>(
                 writeln!(output, "(history cleared)")?;
             }
             message => {
-                let mut turn = tok.encode(&apply_template(&settings.template, message))?;
+                let mut turn = tok.encode(&settings.layout.apply(message))?;
                 // Leave room for at least a few reply tokens; keep the end of a very long message.
                 let room = context.saturating_sub(settings.max_new_tokens.min(context / 2)).max(1);
                 if turn.len() > room {
@@ -63,17 +63,19 @@ pub fn chat<B: FusedOps, M: CausalLm<B>>(
                 let mut shown = String::new();
                 generator.generate(&prompt, max_new, settings.sampling, Some(tok.eos_id), |id| {
                     if id == tok.eos_id {
-                        return;
+                        return false;
                     }
                     reply.push(id);
                     // Decode the whole reply so far: a character may span several tokens.
-                    if let Ok(text) = tok.decode(&reply) {
-                        if let Some(new) = text.strip_prefix(shown.as_str()) {
-                            let _ = write!(output, "{new}");
-                            let _ = output.flush();
-                        }
-                        shown = text;
+                    let Ok(text) = tok.decode(&reply) else { return true };
+                    // Up to the layout's stop text, which ends the turn and is not shown.
+                    let answer = settings.layout.cut(&text);
+                    if let Some(new) = answer.strip_prefix(shown.as_str()) {
+                        let _ = write!(output, "{new}");
+                        let _ = output.flush();
                     }
+                    shown = answer.to_string();
+                    answer.len() == text.len()
                 });
                 writeln!(output)?;
                 turn.extend(&reply);

@@ -5,6 +5,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use anyhow::Result;
+
+use crate::data::{PromptLayout, Tok};
 use crate::model::{CausalLm, FusedOps};
 
 /// How to pick each next token.
@@ -35,14 +38,15 @@ impl<'a, B: FusedOps, M: CausalLm<B>> Generator<'a, B, M> {
     }
 
     /// Continue `prompt` by up to `max_new_tokens`, stopping after `eos` (which is returned as
-    /// the last id) or when the context is full. `on_token` sees each id as it is chosen.
+    /// the last id), when the context is full, or when `on_token`, which sees each id as it is
+    /// chosen, returns false (a caller's stop text).
     pub fn generate(
         &mut self,
         prompt: &[u32],
         max_new_tokens: usize,
         sampling: Sampling,
         eos: Option<u32>,
-        mut on_token: impl FnMut(u32),
+        mut on_token: impl FnMut(u32) -> bool,
     ) -> Vec<u32> {
         let context = self.model.context();
         let mut cache = self.model.new_cache();
@@ -59,14 +63,32 @@ impl<'a, B: FusedOps, M: CausalLm<B>> Generator<'a, B, M> {
             let logits = self.model.next_logits(tokens, &mut cache); // [1, vocab]
             let logits: Vec<f32> = logits.into_data().to_vec().expect("f32 logits");
             let next = sample(&logits, sampling, &mut self.rng);
-            on_token(next);
+            let go_on = on_token(next);
             out.push(next);
-            if Some(next) == eos {
+            if Some(next) == eos || !go_on {
                 break;
             }
             feed = vec![next];
         }
         out
+    }
+
+    /// An answer to `prompt`: generated until EOS, `max_new_tokens`, or `layout`'s stop text.
+    pub fn answer(
+        &mut self,
+        tok: &Tok,
+        layout: &PromptLayout,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampling: Sampling,
+    ) -> Result<Vec<u32>> {
+        let mut so_far = Vec::new();
+        let new = self.generate(prompt, max_new_tokens, sampling, Some(tok.eos_id), |id| {
+            so_far.push(id);
+            // Decoding is cheap beside a forward pass; only layouts with a stop text pay it.
+            !layout.stop.as_deref().is_some_and(|stop| tok.decode(&so_far).is_ok_and(|text| text.contains(stop)))
+        });
+        Ok(new)
     }
 }
 

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pipe::data::PromptLayout;
 use pipe::data::Tok;
 use pipe::error::{bad_input, interrupted_by, is_bad_input};
 use pipe::generate::{Generator, Sampling};
 use pipe::model::{hf, CausalLm, Gpt2};
-use pipe::spec::{BackendKind, GenerateSpec, Spec};
+use pipe::spec::{BackendKind, GenerateSpec};
 use pipe::{backend, chat, pipeline, runs, score, spec};
 
 #[derive(Parser)]
@@ -101,7 +102,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Sample a continuation of one prompt (used exactly as given).
+    /// Answer one prompt: laid out as the run's training data was (its prompt template or chat
+    /// template), or exactly as given with --raw or for a HuggingFace directory.
     Generate {
         /// A run folder (its final model) or a HuggingFace GPT-2 directory.
         model: PathBuf,
@@ -109,6 +111,9 @@ enum Command {
         runs: RunsDirArg,
         #[arg(long)]
         prompt: String,
+        /// Use the prompt exactly as given, not laid out as the run's data was.
+        #[arg(long)]
+        raw: bool,
         #[command(flatten)]
         sampling: SamplingArgs,
         /// Print JSON with the token ids too.
@@ -263,11 +268,11 @@ fn load_model(
     runs: &RunsDirArg,
     path: &Path,
     checkpoint: Option<&str>,
-) -> anyhow::Result<(Gpt2<Cpu>, Tok, Option<Spec>)> {
+) -> anyhow::Result<(Gpt2<Cpu>, Tok, runs::ModelSource)> {
     let source = runs::model_source(&runs.runs_dir, path, checkpoint)?;
     let model = Gpt2::<Cpu>::load(&source.dir, None, &Default::default())?;
     let tok = Tok::load(&source.dir.join(hf::TOKENIZER_FILE))?;
-    Ok((model, tok, source.spec))
+    Ok((model, tok, source))
 }
 
 fn execute(command: Command) -> anyhow::Result<()> {
@@ -332,11 +337,13 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("\nplot: {}", svg.display());
             }
         }
-        Command::Generate { model, runs, prompt, sampling, json } => {
-            let (model, tok, spec) = load_model(&runs, &model, sampling.checkpoint.as_deref())?;
-            let defaults = spec.map(|s| s.generate).unwrap_or_default();
+        Command::Generate { model, runs, prompt, raw, sampling, json } => {
+            let (model, tok, source) = load_model(&runs, &model, sampling.checkpoint.as_deref())?;
+            let layout = source.layout.filter(|_| !raw).unwrap_or_else(PromptLayout::raw);
+            let defaults = source.spec.map(|s| s.generate).unwrap_or_default();
             let (settings, max_new_tokens, seed) = sampling.resolve(&defaults)?;
-            let ids = tok.encode(&prompt)?;
+            let text_in = layout.apply(&prompt);
+            let ids = tok.encode(&text_in)?;
             if ids.is_empty() || ids.len() >= model.context() {
                 return Err(bad_input(format!(
                     "--prompt is {} tokens; it must be 1 to {} for this model's context",
@@ -345,14 +352,13 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 )));
             }
             let mut generator = Generator::new(&model, &device, seed);
-            let new = generator.generate(&ids, max_new_tokens, settings, Some(tok.eos_id), |_| {});
-            let text = tok.decode(&new)?;
+            let new = generator.answer(&tok, &layout, &ids, max_new_tokens, settings)?;
+            let text = layout.cut(&tok.decode(&new)?).to_string();
             if json {
-                let record =
-                    serde_json::json!({"prompt": prompt, "completion": text, "prompt_ids": ids, "new_ids": new});
+                let record = serde_json::json!({"prompt": prompt, "laid_out": text_in, "completion": text, "prompt_ids": ids, "new_ids": new});
                 println!("{record}");
             } else {
-                println!("{prompt}{text}");
+                println!("{text_in}{text}");
             }
         }
         Command::Score { model, runs, text, file, json, checkpoint } => {
@@ -369,16 +375,19 @@ fn execute(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Chat { model, runs, template, sampling } => {
-            let (model, tok, spec) = load_model(&runs, &model, sampling.checkpoint.as_deref())?;
-            let template = template
-                .or_else(|| spec.as_ref().map(|s| pipe::data::prompt_layout(&s.data)))
-                .unwrap_or_else(|| "{prompt}\n".to_string());
-            if !template.contains("{prompt}") {
-                return Err(bad_input("--template must contain `{prompt}`"));
-            }
+            let (model, tok, source) = load_model(&runs, &model, sampling.checkpoint.as_deref())?;
+            let (spec, layout) = (source.spec, source.layout);
+            let layout = match (template, layout) {
+                (Some(template), _) if !template.contains("{prompt}") => {
+                    return Err(bad_input("--template must contain `{prompt}`"))
+                }
+                (Some(template), _) => PromptLayout { template, stop: None },
+                (None, Some(layout)) => layout,
+                (None, None) => PromptLayout { template: "{prompt}\n".into(), stop: None },
+            };
             let defaults = spec.map(|s| s.generate).unwrap_or_default();
             let (sampling, max_new_tokens, seed) = sampling.resolve(&defaults)?;
-            let settings = chat::ChatSettings { template, sampling, max_new_tokens, seed };
+            let settings = chat::ChatSettings { layout, sampling, max_new_tokens, seed };
             chat::chat(&model, &tok, &settings, &device, std::io::stdin().lock(), std::io::stdout())?;
         }
         Command::Bench { shape, backend: kind, device } => {

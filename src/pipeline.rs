@@ -105,6 +105,8 @@ impl BackendJob for RunJob<'_> {
                 run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
                 run.log_spec(&toml::Value::try_from(spec)?)?;
                 data.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
+                let layout = serde_json::to_string_pretty(&data.layout)?;
+                run_dir::write_atomic(&run.file(run_dir::PROMPT_LAYOUT_FILE), layout.as_bytes())?;
                 (run, data, model, None)
             }
             Some(mut run) => {
@@ -320,7 +322,7 @@ fn check_plan(spec: &Spec, data: &PreparedData, config: &Gpt2Config) -> Result<(
             "train.final = \"best\" and early stopping need validation examples, and none are left after tokenizing",
         ));
     }
-    stages::check_prompts(spec, &data.tok, config.n_positions)
+    stages::check_prompts(spec, &data.tok, &data.layout, config.n_positions)
 }
 
 fn log_data(report: &TokenizeReport, val: usize, config: &Gpt2Config) {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Sequence, Tok};
+use crate::data::{PromptLayout, Sequence, Tok};
 use crate::generate::{Generator, Sampling};
 use crate::model::{CausalLm, FusedOps};
 
@@ -74,12 +74,14 @@ pub struct ResponseEval {
     pub seconds: f64,
 }
 
-/// Answer each example's prompt greedily (up to `max_new_tokens`) and score the answer
-/// against its reference; examples without a prompt (plain text) are passed over. `each` sees
-/// every answer as it is made, and may stop the work with an error.
+/// Answer each example's prompt greedily (up to `max_new_tokens`, or the layout's stop text)
+/// and score the answer against its reference, both cut at the stop text; examples without a
+/// prompt (plain text) are passed over. `each` sees every answer as it is made, and may stop
+/// the work with an error.
 pub fn answer_all<B: FusedOps, M: CausalLm<B>>(
     model: &M,
     tok: &Tok,
+    layout: &PromptLayout,
     examples: &[Sequence],
     max_new_tokens: usize,
     device: &B::Device,
@@ -91,9 +93,10 @@ pub fn answer_all<B: FusedOps, M: CausalLm<B>>(
     let mut scores = Vec::new();
     for (i, example) in examples.iter().enumerate() {
         let Some((prompt, reference)) = prompt_and_reference(example, tok.eos_id) else { continue };
-        let answer = generator.generate(prompt, max_new_tokens, greedy, Some(tok.eos_id), |_| {});
+        let answer = generator.answer(tok, layout, prompt, max_new_tokens, greedy)?;
         let answer = answer.strip_suffix(&[tok.eos_id]).unwrap_or(&answer);
         let (prediction, reference) = (tok.decode(answer)?, tok.decode(reference)?);
+        let (prediction, reference) = (layout.cut(&prediction).to_string(), layout.cut(&reference).to_string());
         let scores_of_one = ResponseScores::of(&prediction, &reference);
         each(i, &Answer { prompt: tok.decode(prompt)?, reference, prediction, scores: scores_of_one })?;
         scores.push(scores_of_one);

@@ -19,6 +19,8 @@ pub const META_FILE: &str = "meta.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SAMPLES_FILE: &str = "samples.jsonl";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// How the run lays prompts out for generation (`PromptLayout`), for `pipe generate` and `chat`.
+pub const PROMPT_LAYOUT_FILE: &str = "prompt_layout.json";
 /// The eval stage's figures.
 pub const EVAL_FILE: &str = "eval.json";
 /// The eval stage's answers to held-out prompts, one JSON line each.

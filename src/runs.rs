@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use crate::data::{prompt_layout, PromptLayout};
 use crate::error::bad_input;
 use crate::model::hf;
 use crate::response_metrics::ResponseEval;
@@ -177,6 +178,8 @@ pub struct ModelSource {
     pub dir: PathBuf,
     /// The run's spec, when the model comes from a run.
     pub spec: Option<Spec>,
+    /// How the run laid prompts out, when the model comes from a run.
+    pub layout: Option<PromptLayout>,
 }
 
 /// A model named on the command line: a HF directory, or a run as [`resolve`] takes it
@@ -214,13 +217,21 @@ pub fn model_source(runs_dir: &Path, reference: &Path, checkpoint: Option<&str>)
             .map(|text| toml::from_str::<Spec>(&text))
             .transpose()
             .map_err(|e| bad_input(format!("{}: {e}", spec_path.display())))?;
-        return Ok(ModelSource { dir, spec });
+        let layout_path = path.join(run_dir::PROMPT_LAYOUT_FILE);
+        let layout = match std::fs::read_to_string(&layout_path) {
+            Ok(text) => {
+                Some(serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: {e}", layout_path.display())))?)
+            }
+            // Runs from before the layout was recorded: their spec's (they had no Jinja templates).
+            Err(_) => spec.as_ref().map(|s| prompt_layout(&s.data, None)).transpose()?,
+        };
+        return Ok(ModelSource { dir, spec, layout });
     }
     if checkpoint.is_some() {
         return Err(bad_input(format!("{}: --checkpoint needs a run folder", path.display())));
     }
     if path.join(hf::CONFIG_FILE).is_file() {
-        return Ok(ModelSource { dir: path.to_path_buf(), spec: None });
+        return Ok(ModelSource { dir: path.to_path_buf(), spec: None, layout: None });
     }
     Err(bad_input(format!(
         "{}: neither a run folder (meta.json) nor a HuggingFace GPT-2 directory ({})",

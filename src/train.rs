@@ -16,7 +16,7 @@ use rand::SeedableRng;
 
 use crate::adam::{check_state, FusedAdam, ModelState};
 use crate::checkpoint::{self, Progress};
-use crate::data::{Sequence, Tok};
+use crate::data::{PromptLayout, Sequence, Tok};
 use crate::error::{bad_input, Interrupted};
 use crate::model::{params, CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
 use crate::objective::{Objective, TokenLoss};
@@ -167,6 +167,8 @@ pub struct TrainContext<'a, B: TrainBackend> {
     pub val: &'a [Sequence],
     pub spec: &'a Spec,
     pub tok: &'a Tok,
+    /// How prompts are laid out for the answers that select the best model.
+    pub layout: &'a PromptLayout,
     pub run: &'a RunDir,
     pub device: &'a B::Device,
     /// Set by a stop signal: finish the step, checkpoint, stop.
@@ -265,7 +267,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                 let responses = if metric.higher_is_better() {
                     let examples = &ctx.val[..ctx.spec.eval.responses.min(ctx.val.len())];
                     let max_new = ctx.spec.eval.max_new_tokens;
-                    Some(answer_all(&valid, ctx.tok, examples, max_new, device, |_, _| Ok(()))?.scores)
+                    Some(answer_all(&valid, ctx.tok, ctx.layout, examples, max_new, device, |_, _| Ok(()))?.scores)
                 } else {
                     None
                 };

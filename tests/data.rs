@@ -108,7 +108,8 @@ fn bad_records_name_file_and_line() {
 fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
     let tok = gpt2_tok();
     let examples = [example("What is the capital of France?\n", "Paris."), example("Hi\n", "Hello there, friend.")];
-    let (sequences, report) = tokenize(&examples, &tok, &data_spec(), 64, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, report) =
+        tokenize(&examples, &tok, &data_spec(), None, 64, LossOn::Response, Path::new("x")).unwrap();
     let prompt = tok.encode("What is the capital of France?\n").unwrap();
     let response = tok.encode("Paris.").unwrap();
     let mut want = prompt.clone();
@@ -143,7 +144,7 @@ fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
 fn whole_text_mask_trains_every_real_token() {
     let tok = gpt2_tok();
     let (sequences, _) =
-        tokenize(&[example("Q\n", "A.")], &tok, &data_spec(), 64, LossOn::All, Path::new("x")).unwrap();
+        tokenize(&[example("Q\n", "A.")], &tok, &data_spec(), None, 64, LossOn::All, Path::new("x")).unwrap();
     assert!(sequences[0].trained.iter().all(|&t| t));
     assert_eq!(sequences[0].loss_tokens(), sequences[0].ids.len() - 1);
 }
@@ -153,7 +154,8 @@ fn long_examples_are_truncated_and_counted() {
     let tok = gpt2_tok();
     let long = "word ".repeat(50);
     let examples = [example("Prompt:\n", &long), example("Prompt:\n", "short")];
-    let (sequences, report) = tokenize(&examples, &tok, &data_spec(), 16, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, report) =
+        tokenize(&examples, &tok, &data_spec(), None, 16, LossOn::Response, Path::new("x")).unwrap();
     assert_eq!(report.truncated, 1);
     assert_eq!(sequences[0].ids.len(), 16);
     assert_ne!(*sequences[0].ids.last().unwrap(), tok.eos_id, "a cut response does not end with EOS");
@@ -168,7 +170,7 @@ fn a_prompt_that_does_not_fit_is_an_error_naming_the_line() {
         line: 17,
     }];
     let error =
-        tokenize(&examples, &tok, &data_spec(), 6, LossOn::Response, Path::new("data/train.jsonl")).unwrap_err();
+        tokenize(&examples, &tok, &data_spec(), None, 6, LossOn::Response, Path::new("data/train.jsonl")).unwrap_err();
     assert!(is_bad_input(&error));
     let message = format!("{error}");
     assert!(message.contains("data/train.jsonl:17") && message.contains("max_length = 6"), "{message}");
@@ -192,7 +194,7 @@ fn gradient_accumulation_does_not_change_the_step() {
         example("How many legs does a spider have?\n", "Eight."),
         example("Write a haiku about the sea.\n", "Grey waves fold and break."),
     ];
-    let (sequences, _) = tokenize(&examples, &tok, &data_spec(), 64, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&examples, &tok, &data_spec(), None, 64, LossOn::Response, Path::new("x")).unwrap();
     let all: Vec<&Sequence> = sequences.iter().collect();
     let device = Default::default();
     // Adam's first step is lr·g/(|g|+ε): with the usual tiny ε it is nearly lr·sign(g), which
@@ -218,7 +220,8 @@ fn the_prompt_template_lays_out_the_prompt_and_is_masked_with_it() {
     let tok = gpt2_tok();
     let template = "### Question\n{prompt}\n### Answer\n";
     let examples = [example("Why is the sky blue?", "Scattering.")];
-    let (sequences, _) = tokenize(&examples, &tok, &pair_spec(template), 64, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) =
+        tokenize(&examples, &tok, &pair_spec(template), None, 64, LossOn::Response, Path::new("x")).unwrap();
     let prompt = tok.encode("### Question\nWhy is the sky blue?\n### Answer\n").unwrap();
     assert_eq!(&sequences[0].ids[..prompt.len()], &prompt[..]);
     assert_eq!(sequences[0].trained.iter().position(|&t| t), Some(prompt.len()), "the whole laid-out prompt is masked");

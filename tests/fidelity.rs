@@ -116,7 +116,7 @@ fn greedy_continuation_is_identical() {
         g["max_new_tokens"].as_u64().unwrap() as usize,
         Sampling::GREEDY,
         None,
-        |_| {},
+        |_| true,
     );
     assert_eq!(new, ids(&g["new_ids"]));
 }

@@ -104,12 +104,16 @@ fn alpaca_layouts_with_and_without_input() {
             line: 2,
         },
     ];
-    let (sequences, _) = tokenize(&examples, &tok, &spec, 200, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&examples, &tok, &spec, None, 200, LossOn::Response, Path::new("x")).unwrap();
     let with_input = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2, 3\n\n### Response:\n";
     let without = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hello.\n\n### Response:\n";
     assert_eq!(sequences[0], expect(&tok, &[(with_input, false), ("5", true), ("<EOS>", true)]));
     assert_eq!(sequences[1], expect(&tok, &[(without, false), ("Hello!", true), ("<EOS>", true)]));
-    assert_eq!(prompt_layout(&spec).replace("{prompt}", "Say hello."), without, "generation uses the no-input layout");
+    assert_eq!(
+        prompt_layout(&spec, None).unwrap().template.replace("{prompt}", "Say hello."),
+        without,
+        "generation uses the no-input layout"
+    );
 }
 
 fn conversation() -> Example {
@@ -132,7 +136,8 @@ fn conversation() -> Example {
 fn multi_turn_chat_trains_only_assistant_turns_each_ending_with_eos() {
     let tok = tok();
     let spec = data_spec("kind = \"chat\"");
-    let (sequences, report) = tokenize(&[conversation()], &tok, &spec, 200, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, report) =
+        tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::Response, Path::new("x")).unwrap();
     let want = expect(
         &tok,
         &[
@@ -149,10 +154,10 @@ fn multi_turn_chat_trains_only_assistant_turns_each_ending_with_eos() {
     );
     assert_eq!(sequences[0], want);
     assert_eq!(report.trained_tokens, want.trained.iter().filter(|&&t| t).count());
-    assert_eq!(prompt_layout(&spec), "<|user|>\n{prompt}\n<|assistant|>\n");
+    assert_eq!(prompt_layout(&spec, None).unwrap().template, "<|user|>\n{prompt}\n<|assistant|>\n");
 
     // With the loss on everything, every token after the first is trained on.
-    let (all, _) = tokenize(&[conversation()], &tok, &spec, 200, LossOn::All, Path::new("x")).unwrap();
+    let (all, _) = tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::All, Path::new("x")).unwrap();
     assert_eq!(all[0].ids, want.ids);
     assert!(all[0].trained.iter().all(|&t| t));
 }
@@ -161,7 +166,7 @@ fn multi_turn_chat_trains_only_assistant_turns_each_ending_with_eos() {
 fn a_custom_chat_template_and_conversations_that_do_not_fit() {
     let tok = tok();
     let spec = data_spec("kind = \"chat\"\nchat_template = \"[{role}] {content} |\"");
-    let (sequences, _) = tokenize(&[conversation()], &tok, &spec, 200, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::Response, Path::new("x")).unwrap();
     let want = expect(
         &tok,
         &[
@@ -179,11 +184,12 @@ fn a_custom_chat_template_and_conversations_that_do_not_fit() {
     assert_eq!(sequences[0], want);
     // Cut inside the second exchange: the first answer stays trained, the rest is dropped.
     let cut = want.trained.iter().rposition(|&t| !t).unwrap();
-    let (short, report) = tokenize(&[conversation()], &tok, &spec, cut, LossOn::Response, Path::new("x")).unwrap();
+    let (short, report) =
+        tokenize(&[conversation()], &tok, &spec, None, cut, LossOn::Response, Path::new("x")).unwrap();
     assert_eq!(short[0].ids, want.ids[..cut]);
     assert_eq!(report.truncated, 1);
     // A limit before the first answer leaves nothing to train on: the conversation is dropped.
-    let (none, report) = tokenize(&[conversation()], &tok, &spec, 8, LossOn::Response, Path::new("x")).unwrap();
+    let (none, report) = tokenize(&[conversation()], &tok, &spec, None, 8, LossOn::Response, Path::new("x")).unwrap();
     assert!(none.is_empty());
     assert_eq!(report.dropped, 1);
 }
@@ -205,7 +211,7 @@ fn documents_are_packed_with_eos_between_and_every_token_trained_once() {
         stream.extend(tok.encode(doc).unwrap());
         stream.push(tok.eos_id);
     }
-    let (blocks, report) = tokenize(&examples, &tok, &spec, 8, LossOn::Response, Path::new("x")).unwrap();
+    let (blocks, report) = tokenize(&examples, &tok, &spec, None, 8, LossOn::Response, Path::new("x")).unwrap();
     assert!(blocks.iter().all(|b| b.ids.len() <= 8 && b.trained.iter().all(|&t| t)));
     // Consecutive blocks overlap by one token, so each token after the first is a target once.
     let mut rebuilt = blocks[0].ids.clone();

@@ -635,7 +635,7 @@ fn datasets_of_every_format_and_kind() {
         judge(&examples, &names, true)?;
         if let Ok(examples) = examples {
             let max_length = 2 + max_length % 40;
-            let tokenized = pipe::data::tokenize(&examples, &tok, &data, max_length, Default::default(), &path);
+            let tokenized = pipe::data::tokenize(&examples, &tok, &data, None, max_length, Default::default(), &path);
             judge(&tokenized, &names, true)?;
         }
         Ok(())

@@ -3,13 +3,15 @@
 
 pub mod batch;
 pub mod cache;
+pub mod chat_template;
 pub mod prepare;
 pub mod records;
 pub mod render;
 pub mod tokenizer;
 
 pub use batch::{Batch, Sequence};
+pub use chat_template::JinjaTemplate;
 pub use prepare::PreparedData;
 pub use records::{Example, Record};
-pub use render::{apply_template, prompt_layout, tokenize, TokenizeReport};
+pub use render::{apply_template, prompt_layout, tokenize, PromptLayout, TokenizeReport};
 pub use tokenizer::Tok;

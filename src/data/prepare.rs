@@ -9,10 +9,12 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::{cache, records, tokenize, Example, Sequence, Tok, TokenizeReport};
+use super::{
+    cache, prompt_layout, records, tokenize, Example, JinjaTemplate, PromptLayout, Sequence, Tok, TokenizeReport,
+};
 use crate::error::bad_input;
 use crate::model::hf;
-use crate::spec::{ModelSpec, Spec};
+use crate::spec::{DataKind, ModelSpec, Spec};
 
 /// The tokenizer and the tokenized train and validation sets of a spec.
 pub struct PreparedData {
@@ -22,6 +24,8 @@ pub struct PreparedData {
     pub report: TokenizeReport,
     /// The HuggingFace directory the model comes from, if the spec names one.
     pub model_dir: Option<PathBuf>,
+    /// How prompts are laid out for generation, as the data was.
+    pub layout: PromptLayout,
 }
 
 impl PreparedData {
@@ -78,16 +82,24 @@ impl PreparedData {
                 "train.max_length = {max_length} is longer than the model's context of {context} positions"
             )));
         }
-        let entry = cache_entry(spec, &tok, max_length)?;
+        // `hf` reads the template beside the tokenizer: the spec's, or the model's.
+        let tokenizer_dir = tokenizer_path.as_deref().and_then(Path::parent).or(model_dir.as_deref());
+        let chat = match spec.data.kind {
+            DataKind::Chat => JinjaTemplate::resolve(&spec.data.chat_template, tokenizer_dir, &tok)?,
+            _ => None,
+        };
+        let layout = prompt_layout(&spec.data, chat.as_ref())?;
+        let entry = cache_entry(spec, &tok, chat.as_ref(), max_length)?;
         let tokenized = match cache::load(&entry) {
             Some(cached) => {
                 tracing::info!(path = %entry.display(), "reusing the tokenized data from the cache");
                 cached
             }
             None => {
+                let (data, loss_on) = (&spec.data, spec.train.loss_on);
                 let (train, report) =
-                    tokenize(&train_examples, &tok, &spec.data, max_length, spec.train.loss_on, &spec.data.path)?;
-                let (val, _) = tokenize(&val_examples, &tok, &spec.data, max_length, spec.train.loss_on, &val_origin)?;
+                    tokenize(&train_examples, &tok, data, chat.as_ref(), max_length, loss_on, &data.path)?;
+                let (val, _) = tokenize(&val_examples, &tok, data, chat.as_ref(), max_length, loss_on, &val_origin)?;
                 let tokenized = cache::Tokenized { train, val, report };
                 match cache::store(&entry, &tokenized) {
                     Ok(()) => tracing::info!(path = %entry.display(), "tokenized the data and cached it"),
@@ -102,13 +114,13 @@ impl PreparedData {
                 spec.data.path.display()
             )));
         }
-        Ok(Self { tok, train: tokenized.train, val: tokenized.val, report: tokenized.report, model_dir })
+        Ok(Self { tok, train: tokenized.train, val: tokenized.val, report: tokenized.report, model_dir, layout })
     }
 }
 
-/// The cache entry for a spec's data: the dataset files' bytes, the tokenizer, and every
-/// setting that changes the tokenized result (paths themselves do not).
-fn cache_entry(spec: &Spec, tok: &Tok, max_length: usize) -> Result<PathBuf> {
+/// The cache entry for a spec's data: the dataset files' bytes, the tokenizer, the chat
+/// template's text, and every setting that changes the tokenized result (paths themselves do not).
+fn cache_entry(spec: &Spec, tok: &Tok, chat: Option<&JinjaTemplate>, max_length: usize) -> Result<PathBuf> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| bad_input(format!("{}: cannot read: {e}", p.display())));
     let train = read(&spec.data.path)?;
     let val = spec.data.val_path.as_deref().map(read).transpose()?.unwrap_or_default();
@@ -123,7 +135,9 @@ fn cache_entry(spec: &Spec, tok: &Tok, max_length: usize) -> Result<PathBuf> {
         spec.train.loss_on,
         env!("CARGO_PKG_VERSION")
     );
-    Ok(cache::entry_path(&spec.run.runs_dir, &[&train, &val, tokenizer.as_bytes(), settings.as_bytes()]))
+    let template = chat.map(serde_json::to_string).transpose()?.unwrap_or_default();
+    let parts: [&[u8]; 5] = [&train, &val, tokenizer.as_bytes(), settings.as_bytes(), template.as_bytes()];
+    Ok(cache::entry_path(&spec.run.runs_dir, &parts))
 }
 
 /// The HF directory a spec's model comes from, if it names one.

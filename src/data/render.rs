@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use super::chat_template::JinjaTemplate;
 use super::records::{Example, Record, Role};
 use super::{Sequence, Tok};
 use crate::error::bad_input;
@@ -36,20 +37,54 @@ fn message_parts(template: &str, role: Role) -> (String, String) {
     (before.replace("{role}", role.name()), after.replace("{role}", role.name()))
 }
 
-/// How a user's prompt is laid out for generation (the generate stage and `pipe chat`), so
-/// that the model sees what it was trained on: `{prompt}` stands for the user's text.
-pub fn prompt_layout(data: &DataSpec) -> String {
-    match data.kind {
+/// How a user's prompt is laid out for generation (the generate stage, `pipe generate` and
+/// `pipe chat` on a run), so that the model sees what it was trained on, and the text that ends
+/// an answer when the layout has one besides EOS (a chat template's end-of-turn marker).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PromptLayout {
+    /// `{prompt}` stands for the user's text.
+    pub template: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<String>,
+}
+
+impl PromptLayout {
+    /// The text as given, ended by EOS only.
+    pub fn raw() -> Self {
+        Self { template: "{prompt}".into(), stop: None }
+    }
+
+    /// `prompt` laid out.
+    pub fn apply(&self, prompt: &str) -> String {
+        apply_template(&self.template, prompt)
+    }
+
+    /// A completion cut where the answer ends (at the stop text, which is dropped).
+    pub fn cut<'a>(&self, completion: &'a str) -> &'a str {
+        match &self.stop {
+            Some(stop) => completion.split_once(stop.as_str()).map_or(completion, |(answer, _)| answer),
+            None => completion,
+        }
+    }
+}
+
+/// The layout of the data's kind; `chat` is the data's Jinja chat template, if it has one.
+pub fn prompt_layout(data: &DataSpec, chat: Option<&JinjaTemplate>) -> Result<PromptLayout> {
+    let template = match data.kind {
         DataKind::Pair => data.prompt_template.clone(),
         DataKind::Alpaca => ALPACA_NO_INPUT.replace("{instruction}", "{prompt}"),
-        DataKind::Chat => {
-            let template = chat_template(data);
-            let (user_before, user_after) = message_parts(template, Role::User);
-            let (assistant_before, _) = message_parts(template, Role::Assistant);
-            format!("{user_before}{{prompt}}{user_after}{assistant_before}")
-        }
+        DataKind::Chat => match chat {
+            Some(jinja) => return Ok(PromptLayout { template: jinja.prompt_layout()?, stop: jinja.end_of_turn()? }),
+            None => {
+                let template = chat_template(data);
+                let (user_before, user_after) = message_parts(template, Role::User);
+                let (assistant_before, _) = message_parts(template, Role::Assistant);
+                format!("{user_before}{{prompt}}{user_after}{assistant_before}")
+            }
+        },
         DataKind::Text => "{prompt}".into(),
-    }
+    };
+    Ok(PromptLayout { template, stop: None })
 }
 
 /// A rendered record: text pieces and EOS tokens, each trained on or not.
@@ -105,13 +140,51 @@ pub struct TokenizeReport {
     pub dropped: usize,
 }
 
-/// Tokenize examples into sequences of at most `max_length` tokens. A pair or alpaca example
-/// whose prompt leaves no room for a response token is an error naming its line; longer ones
-/// are cut from the end (and counted); documents are packed into blocks of `max_length`.
+/// Rendered pieces as token ids, each marked trained or not.
+fn tokenize_pieces(pieces: Vec<Piece>, tok: &Tok) -> Result<(Vec<u32>, Vec<bool>)> {
+    let (mut ids, mut trained) = (Vec::new(), Vec::new());
+    for piece in pieces {
+        match piece {
+            Piece::Text(text, train) => {
+                let piece_ids = tok.encode(&text)?;
+                trained.extend(std::iter::repeat_n(train, piece_ids.len()));
+                ids.extend(piece_ids);
+            }
+            Piece::Eos(train) => {
+                ids.push(tok.eos_id);
+                trained.push(train);
+            }
+        }
+    }
+    Ok((ids, trained))
+}
+
+/// A conversation laid out by a Jinja chat template, tokenized as one text (as transformers
+/// tokenizes `apply_chat_template`'s output), each token trained when it overlaps an answer.
+fn tokenize_conversation(
+    messages: &[super::records::Message],
+    template: &JinjaTemplate,
+    tok: &Tok,
+    loss_on: LossOn,
+) -> Result<(Vec<u32>, Vec<bool>)> {
+    let (text, answers) = template.render_with_answers(messages)?;
+    let (ids, offsets) = tok.encode_with_offsets(&text)?;
+    let trained = offsets
+        .iter()
+        .map(|&(start, end)| loss_on == LossOn::All || answers.iter().any(|a| start < a.end && end > a.start))
+        .collect();
+    Ok((ids, trained))
+}
+
+/// Tokenize examples into sequences of at most `max_length` tokens; conversations go through
+/// `chat` when the data has a Jinja chat template. A pair or alpaca example whose prompt
+/// leaves no room for a response token is an error naming its line; longer ones are cut from
+/// the end (and counted); documents are packed into blocks of `max_length`.
 pub fn tokenize(
     examples: &[Example],
     tok: &Tok,
     data: &DataSpec,
+    chat: Option<&JinjaTemplate>,
     max_length: usize,
     loss_on: LossOn,
     origin: &Path,
@@ -120,20 +193,11 @@ pub fn tokenize(
     let mut sequences = Vec::with_capacity(examples.len());
     let (mut stream, mut stream_trained) = (Vec::new(), Vec::new());
     for example in examples {
-        let (mut ids, mut trained) = (Vec::new(), Vec::new());
-        for piece in pieces(&example.record, data, loss_on) {
-            match piece {
-                Piece::Text(text, train) => {
-                    let piece_ids = tok.encode(&text)?;
-                    trained.extend(std::iter::repeat_n(train, piece_ids.len()));
-                    ids.extend(piece_ids);
-                }
-                Piece::Eos(train) => {
-                    ids.push(tok.eos_id);
-                    trained.push(train);
-                }
-            }
-        }
+        let (mut ids, mut trained) = match (&example.record, chat) {
+            (Record::Chat { messages }, Some(template)) => tokenize_conversation(messages, template, tok, loss_on)
+                .map_err(|e| bad_input(format!("{}:{}: {e:#}", origin.display(), example.line)))?,
+            (record, _) => tokenize_pieces(pieces(record, data, loss_on), tok)?,
+        };
         if matches!(example.record, Record::Text { .. }) {
             stream.extend(ids);
             stream_trained.extend(trained);

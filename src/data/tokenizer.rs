@@ -15,6 +15,9 @@ use crate::error::{bad_input, without_panics};
 /// GPT-2's end-of-text token, used as EOS (and as padding, which is never trained on).
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 
+/// A byte range of a text: (start, end).
+pub type ByteSpan = (usize, usize);
+
 /// A tokenizer with its EOS id.
 #[derive(Clone)]
 pub struct Tok {
@@ -73,6 +76,17 @@ impl Tok {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.guarded("tokenizing", || self.inner.encode_fast(text, false))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with each token's byte range in it (start, end).
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
+        let encoding = self.guarded("tokenizing", || self.inner.encode(text, false))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
+    /// The end-of-text token as text.
+    pub fn eos_token(&self) -> String {
+        EOS_TOKEN.to_string()
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

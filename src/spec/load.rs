@@ -165,6 +165,14 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
             }
         }
     }
+    // A chat template file resolves like a path field.
+    if spec.data.chat_template.ends_with(".jinja") && Path::new(&spec.data.chat_template).is_relative() {
+        let base = match loaded_from("data.chat_template") {
+            Source::File(file) => file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            Source::Env(_) | Source::Set(_) | Source::Default => cwd.clone(),
+        };
+        spec.data.chat_template = normalize(&base.join(&spec.data.chat_template)).display().to_string();
+    }
     let loaded = LoadedSpec { spec, path, figment };
     loaded.validate()?;
     Ok(loaded)

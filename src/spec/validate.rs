@@ -71,10 +71,12 @@ impl LoadedSpec {
             return Err(self.invalid("data.val_fraction", format!("must be in [0, 1), got {}", s.data.val_fraction)));
         }
         let chat = &s.data.chat_template;
-        if chat != "simple" && !(chat.contains("{role}") && chat.contains("{content}")) {
-            return Err(
-                self.invalid("data.chat_template", "must be `simple` or a format string with `{role}` and `{content}`")
-            );
+        let jinja = ["chatml", "hf"].contains(&chat.as_str()) || chat.ends_with(".jinja");
+        if chat != "simple" && !jinja && !(chat.contains("{role}") && chat.contains("{content}")) {
+            return Err(self.invalid(
+                "data.chat_template",
+                "must be `simple`, `chatml`, `hf` (the model's tokenizer_config.json), a path to a `.jinja` file, or a format string with `{role}` and `{content}`",
+            ));
         }
         if !s.data.prompt_template.contains("{prompt}") {
             return Err(self.invalid("data.prompt_template", "must contain `{prompt}`, where the prompt goes"));

@@ -51,6 +51,7 @@ fn evaluate_model<B: TrainBackend, M: CausalLm<B::InnerBackend>>(
         n => Some(answer_all(
             model,
             &ctx.data.tok,
+            &ctx.data.layout,
             &val[..n.min(val.len())],
             ctx.spec.eval.max_new_tokens,
             ctx.device,

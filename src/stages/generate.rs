@@ -4,21 +4,21 @@
 use anyhow::Result;
 
 use super::{StageContext, Trained};
-use crate::data::{apply_template, prompt_layout, Tok};
+use crate::data::{PromptLayout, Tok};
 use crate::error::bad_input;
 use crate::generate::{Generator, Sampling};
 use crate::model::{TrainBackend, TrainableLm};
 use crate::run_dir::SampleRecord;
 use crate::spec::{Spec, Stage};
 
-/// Each of the spec's prompts, laid out with the prompt template, must leave the model room to
+/// Each of the spec's prompts, laid out as the data was, must leave the model room to
 /// generate: 1 to context − 1 tokens, as `pipe generate` requires of its prompt.
-pub fn check_prompts(spec: &Spec, tok: &Tok, context: usize) -> Result<()> {
+pub fn check_prompts(spec: &Spec, tok: &Tok, layout: &PromptLayout, context: usize) -> Result<()> {
     if !spec.run.stages.contains(&Stage::Generate) {
         return Ok(());
     }
     for (i, prompt) in spec.generate.prompts.iter().enumerate() {
-        let ids = tok.encode(&apply_template(&prompt_layout(&spec.data), prompt))?;
+        let ids = tok.encode(&layout.apply(prompt))?;
         if ids.is_empty() || ids.len() >= context {
             return Err(bad_input(format!(
                 "generate.prompts[{i}] is {} tokens laid out with the prompt template; it must be 1 to {} for the model's context of {context}",
@@ -41,11 +41,12 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
             bar.finish_and_clear();
             return Err(stop);
         }
-        let text_in = apply_template(&prompt_layout(&ctx.spec.data), prompt);
+        let layout = &ctx.data.layout;
+        let text_in = layout.apply(prompt);
         let ids = tok.encode(&text_in)?;
-        let new = generator.generate(&ids, g.max_new_tokens, sampling, Some(tok.eos_id), |_| {});
+        let new = generator.answer(tok, layout, &ids, g.max_new_tokens, sampling)?;
         let stopped_at_eos = new.last() == Some(&tok.eos_id);
-        let completion = tok.decode(&new)?;
+        let completion = layout.cut(&tok.decode(&new)?).to_string();
         bar.suspend(|| println!("--- sample\n{text_in}{completion}"));
         ctx.run.log_sample(
             &SampleRecord { prompt: prompt.clone(), completion, ids: new, stopped_at_eos },

@@ -18,6 +18,7 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         val: &data.val,
         spec: ctx.spec,
         tok: &data.tok,
+        layout: &data.layout,
         run: ctx.run,
         device: ctx.device,
         stop: ctx.stop,

@@ -1,0 +1,173 @@
+//! HuggingFace chat templates: the Jinja templates models ship in `tokenizer_config.json`, a
+//! `.jinja` file, or the built-in ChatML, rendered with minijinja and its Python-compatibility
+//! methods (`.strip()`, `.items()`, …) as transformers' `apply_chat_template` renders them
+//! (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`).
+//!
+//! The assistant-only loss needs to know which characters are the assistant's. pipe derives it
+//! from message boundaries, without a "response template" search and without HF's
+//! `{% generation %}` tag: for each assistant message `i`, the conversation up to it rendered
+//! with the generation prompt ends where the answer begins, and the conversation through it
+//! ends where the answer (with its end-of-turn marker) ends. A template for which these
+//! renderings are not prefixes of the whole conversation's is refused, naming the message.
+
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::Result;
+use minijinja::{context, Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use super::records::{Message, Role};
+use super::Tok;
+use crate::error::bad_input;
+
+/// ChatML, the layout of OpenAI's and many open models' chat fine-tunes.
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// What stands for the user's text while a prompt layout is rendered.
+const PROMPT_MARK: &str = "\u{E000}pipe-prompt\u{E000}";
+
+/// A Jinja chat template with the special tokens it is rendered with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JinjaTemplate {
+    /// The template text.
+    pub source: String,
+    /// Where it came from, for messages: `chatml`, a `.jinja` file, a `tokenizer_config.json`.
+    pub origin: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl JinjaTemplate {
+    /// The Jinja template `chat_template` names, or None when it is pipe's `simple` layout or a
+    /// `{role}`/`{content}` format string: `chatml`; `hf`, the `chat_template` of
+    /// `tokenizer_config.json` in `tokenizer_dir` (a string, or the `default` of a list of named
+    /// templates); or a path to a `.jinja` file.
+    pub fn resolve(chat_template: &str, tokenizer_dir: Option<&Path>, tok: &Tok) -> Result<Option<Self>> {
+        let eos = tok.eos_token();
+        let plain =
+            |source: String, origin: String| Self { source, origin, bos_token: eos.clone(), eos_token: eos.clone() };
+        match chat_template {
+            "chatml" => Ok(Some(plain(CHATML.to_string(), "chatml".into()))),
+            "hf" => {
+                let Some(dir) = tokenizer_dir else {
+                    return Err(bad_input(
+                        "data.chat_template = \"hf\": there is no model or tokenizer folder to read tokenizer_config.json from",
+                    ));
+                };
+                Self::from_tokenizer_config(&dir.join("tokenizer_config.json"), &eos).map(Some)
+            }
+            path if path.ends_with(".jinja") => {
+                let source = std::fs::read_to_string(path)
+                    .map_err(|e| bad_input(format!("data.chat_template: {path}: cannot read: {e}")))?;
+                Ok(Some(plain(source, path.to_string())))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn from_tokenizer_config(path: &Path, eos: &str) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad_input(format!("data.chat_template = \"hf\": {}: cannot read: {e}", path.display())))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not valid JSON: {e}", path.display())))?;
+        let source = match config.get("chat_template") {
+            Some(serde_json::Value::String(source)) => source.clone(),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| bad_input(format!("{}: `chat_template` lists no `default` template", path.display())))?,
+            _ => {
+                return Err(bad_input(format!(
+                    "{}: no `chat_template` (data.chat_template = \"hf\" reads the model's own template)",
+                    path.display()
+                )))
+            }
+        };
+        // A special token is a string or an AddedToken object with its `content`.
+        let token = |key: &str| match config.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(object) => object.get("content")?.as_str().map(str::to_string),
+            None => None,
+        };
+        Ok(Self {
+            source,
+            origin: path.display().to_string(),
+            bos_token: token("bos_token").unwrap_or_else(|| eos.to_string()),
+            eos_token: token("eos_token").unwrap_or_else(|| eos.to_string()),
+        })
+    }
+
+    /// The conversation as the template lays it out.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        });
+        let failed = |e: minijinja::Error| {
+            let line = e.line().map(|l| format!(" (template line {l})")).unwrap_or_default();
+            let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
+            bad_input(format!("{}: the chat template does not render{line}: {}{detail}", self.origin, e.kind()))
+        };
+        let template = env.template_from_str(&self.source).map_err(failed)?;
+        let messages: Vec<_> =
+            messages.iter().map(|m| context! { role => m.role.name(), content => m.content.as_str() }).collect();
+        template
+            .render(context! {
+                messages,
+                add_generation_prompt,
+                bos_token => self.bos_token.as_str(),
+                eos_token => self.eos_token.as_str(),
+            })
+            .map_err(failed)
+    }
+
+    /// The whole conversation, and the byte ranges of it that are the assistant's answers (each
+    /// with its end-of-turn marker, without the whitespace that follows).
+    pub fn render_with_answers(&self, messages: &[Message]) -> Result<(String, Vec<Range<usize>>)> {
+        let text = self.render(messages, false)?;
+        let mut answers = Vec::new();
+        for (i, message) in messages.iter().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
+            let before = self.render(&messages[..i], true)?;
+            let through = self.render(&messages[..=i], false)?;
+            if !text.starts_with(&before) || !text.starts_with(&through) || through.len() < before.len() {
+                return Err(bad_input(format!(
+                    "{}: the chat template does not lay a conversation out message by message (rendering it up to message {i} is not the start of the whole), so the assistant's tokens cannot be found",
+                    self.origin
+                )));
+            }
+            let answer = through[before.len()..].trim_end();
+            if !message.content.trim().is_empty() && answer.is_empty() {
+                return Err(bad_input(format!("{}: the chat template drops assistant message {i}", self.origin)));
+            }
+            answers.push(before.len()..before.len() + answer.len());
+        }
+        Ok((text, answers))
+    }
+
+    /// How a user's prompt is laid out to be answered: one user message and the generation
+    /// prompt, with `{prompt}` where the text goes.
+    pub fn prompt_layout(&self) -> Result<String> {
+        let user = Message { role: Role::User, content: PROMPT_MARK.to_string() };
+        let layout = self.render(std::slice::from_ref(&user), true)?;
+        if !layout.contains(PROMPT_MARK) {
+            return Err(bad_input(format!("{}: the chat template does not show the user's message", self.origin)));
+        }
+        Ok(layout.replace(PROMPT_MARK, "{prompt}"))
+    }
+
+    /// What the template puts after an assistant's answer to end its turn (`<|im_end|>`), where
+    /// generation stops; None when it adds nothing.
+    pub fn end_of_turn(&self) -> Result<Option<String>> {
+        let messages = [
+            Message { role: Role::User, content: "hi".into() },
+            Message { role: Role::Assistant, content: PROMPT_MARK.to_string() },
+        ];
+        let text = self.render(&messages, false)?;
+        let after = text.split_once(PROMPT_MARK).map(|(_, after)| after.trim()).unwrap_or_default();
+        Ok((!after.is_empty()).then(|| after.to_string()))
+    }
+}
