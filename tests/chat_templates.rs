@@ -78,6 +78,18 @@ fn rendering_tokens_and_assistant_masks_equal_transformers() {
             }
             assert_eq!(template.render(&messages, false).unwrap(), want["text"].as_str().unwrap(), "{what}: text");
             let example = Example { record: Record::Chat { messages }, line: 1 };
+            // Cut before the first answer: dropped and counted, not an error.
+            let cut = tokenize(
+                std::slice::from_ref(&example),
+                &tok,
+                &data,
+                Some(&template),
+                6,
+                LossOn::Response,
+                Path::new("x"),
+            );
+            let (none, cut_report) = cut.unwrap();
+            assert!(none.is_empty() && cut_report.dropped == 1, "{what}: nothing to train on within 6 tokens");
             let (sequences, report) =
                 tokenize(&[example], &tok, &data, Some(&template), 1000, LossOn::Response, Path::new("x")).unwrap();
             assert_eq!(report.truncated + report.dropped, 0);
