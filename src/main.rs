@@ -313,6 +313,14 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 "--- {} examples -> {} training sequences, {} tokens, {} trained on; {} truncated, {} dropped; {} validation sequences",
                 r.examples, r.sequences, r.tokens, r.trained_tokens, r.truncated, r.dropped, data.val.len()
             );
+            if let Some(p) = data.packing {
+                println!(
+                    "--- packed: {} examples into {} sequences of up to max_length tokens, {:.1}% full",
+                    p.examples,
+                    p.sequences,
+                    100.0 * p.fill
+                );
+            }
         }
         Command::Runs { runs_dir, name, sort } => {
             let mut all = runs::list(&runs_dir)?;

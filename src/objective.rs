@@ -50,6 +50,6 @@ impl<B: FusedOps, M: CausalLm<B>> Objective<B, M> for TokenLoss {
     fn loss_sum(&self, model: &M, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, BatchCounts) {
         let batch = Batch::<B>::new(examples, self.pad_id, device);
         let counts = BatchCounts { tokens: batch.tokens, positions: batch.positions };
-        (model.loss_sum(batch.inputs, batch.targets, batch.weights), counts)
+        (model.loss_sum_packed(batch.inputs, batch.targets, batch.weights, batch.packing), counts)
     }
 }

@@ -36,7 +36,7 @@ fn expect(tok: &Tok, pieces: &[(&str, bool)]) -> Sequence {
         trained.extend(std::iter::repeat_n(train, piece.len()));
         ids.extend(piece);
     }
-    Sequence { ids, trained }
+    Sequence::new(ids, trained)
 }
 
 #[test]

@@ -133,16 +133,35 @@ fn attention_kernel_matches_composite_forward_and_backward() {
     let qkv = random::<Flex, 3>([batch, seq, 3 * d], 1.5, 21);
     let grad = random::<Flex, 3>([batch, seq, d], 1.0, 22);
     let keep = keep_mask::<Flex>([batch, n_head, seq, seq], 0.3, 23);
-    for keep in [None, Some(prim(&keep))] {
-        let what = if keep.is_some() { "with dropout" } else { "without dropout" };
-        let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone());
-        let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head, keep.clone());
+    // Packed rows: row 0 holds examples from 0, 10 and 25; row 1 one; row 2 from 0 and 36.
+    let example_starts = |row: usize, i: usize| -> i32 {
+        let starts: &[i32] = [&[0, 10, 25][..], &[0], &[0, 36]][row];
+        *starts.iter().rev().find(|&&s| s as usize <= i).unwrap()
+    };
+    let starts: Vec<i32> = (0..batch * seq).map(|k| example_starts(k / seq, k % seq)).collect();
+    let starts = Tensor::<Flex, 2, Int>::from_data(TensorData::new(starts, [batch, seq]), &Default::default());
+    for (keep, starts) in
+        [(None, None), (Some(prim(&keep)), None), (None, Some(starts.clone())), (Some(prim(&keep)), Some(starts))]
+    {
+        let packed = starts.is_some();
+        let what = format!(
+            "{} dropout{}",
+            if keep.is_some() { "with" } else { "without" },
+            if packed { ", packed" } else { "" }
+        );
+        let starts = starts.map(|s| s.into_primitive());
+        let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone(), starts.clone());
+        let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head, keep.clone(), starts);
         assert_close(&values(float::<3>(y)), &values(float::<3>(want_y)), 1e-5, &format!("output {what}"));
         let probs_values = values(float::<4>(probs.clone()));
         assert_close(&probs_values, &values(float::<4>(want_probs)), 1e-6, &format!("probabilities {what}"));
-        // Causal: nothing attends to a later position.
+        // Causal: nothing attends to a later position; packed, nothing to another example.
         for (r, row) in probs_values.chunks(seq).enumerate() {
-            assert!(row[r % seq + 1..].iter().all(|&p| p == 0.0), "row {r} attends to the future");
+            let (b, i) = (r / (n_head * seq), r % seq);
+            assert!(row[i + 1..].iter().all(|&p| p == 0.0), "row {r} attends to the future");
+            let start = if packed { example_starts(b, i) as usize } else { 0 };
+            assert!(row[..start].iter().all(|&p| p == 0.0), "row {r} attends to an earlier example");
+            assert!(row[start..=i].iter().all(|&p| p > 0.0), "row {r} attends to all of its own example");
         }
         let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), keep.clone(), prim(&grad), n_head);
         let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, keep, prim(&grad), n_head);
@@ -157,7 +176,7 @@ fn attention_dropout_gradient_through_autodiff_matches_burns_ops() {
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 33).require_grad();
     let weights = random::<Ad, 3>([batch, seq, d], 1.0, 34);
     let keep = keep_mask::<Ad>([batch, n_head, seq, seq], 0.25, 35);
-    let (fused_y, _) = Ad::causal_attention(qkv.clone().into_primitive().tensor(), n_head, Some(prim_ad(&keep)));
+    let (fused_y, _) = Ad::causal_attention(qkv.clone().into_primitive().tensor(), n_head, Some(prim_ad(&keep)), None);
     let fused_y = Tensor::<Ad, 3>::from_primitive(TensorPrimitive::Float(fused_y));
     // The same attention from burn's ops: masked softmax, dropped, times V.
     let heads =
@@ -180,7 +199,7 @@ fn attention_dropout_applies_while_training_only_and_follows_the_seed() {
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 36);
     let run = |p: f64, seed: u64| {
         Ad::seed(&Default::default(), seed);
-        values(pipe::model::fused::causal_attention(qkv.clone(), n_head, p))
+        values(pipe::model::fused::causal_attention(qkv.clone(), n_head, p, None))
     };
     assert_ne!(run(0.5, 1), run(0.0, 1), "dropout changed nothing while training");
     assert_eq!(run(0.5, 1), run(0.5, 1), "the same seed draws the same mask");
@@ -188,8 +207,8 @@ fn attention_dropout_applies_while_training_only_and_follows_the_seed() {
     // Without autodiff (evaluation, generation) there is no dropout.
     let inner = qkv.inner();
     assert_eq!(
-        values(pipe::model::fused::causal_attention(inner.clone(), n_head, 0.5)),
-        values(pipe::model::fused::causal_attention(inner, n_head, 0.0))
+        values(pipe::model::fused::causal_attention(inner.clone(), n_head, 0.5, None)),
+        values(pipe::model::fused::causal_attention(inner, n_head, 0.0, None))
     );
 }
 
@@ -201,7 +220,7 @@ fn attention_gradient_through_autodiff_matches_burns_attention() {
     let d = n_head * head_dim;
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 31).require_grad();
     let weights = random::<Ad, 3>([batch, seq, d], 1.0, 32);
-    let fused_y = pipe::model::fused::causal_attention(qkv.clone(), n_head, 0.0);
+    let fused_y = pipe::model::fused::causal_attention(qkv.clone(), n_head, 0.0, None);
     // burn's own attention op on the split heads, differentiated by burn's autodiff.
     let heads =
         |part: usize| qkv.clone().narrow(2, part * d, d).reshape([batch, seq, n_head, head_dim]).swap_dims(1, 2);

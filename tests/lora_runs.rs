@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
-use common::{fixture_dir, pipe, stderr, stdout, step_losses};
+use common::{fixture_dir, newest_run, pipe, stderr, stdout, step_losses};
 use pipe::model::{hf, CausalLm, Gpt2};
 
 fn spec(lora: &str) -> String {
@@ -70,14 +70,6 @@ fn run_ok(dir: &Path, args: &[&str]) -> PathBuf {
     assert!(out.status.success(), "{}", stderr(&out));
     let name = args.iter().find_map(|a| a.strip_prefix("run.name=")).unwrap_or("lora");
     newest_run(dir, name)
-}
-
-/// The newest run named `name`.
-fn newest_run(dir: &Path, name: &str) -> PathBuf {
-    let mut runs: Vec<PathBuf> =
-        std::fs::read_dir(dir.join("runs").join(name)).unwrap().map(|e| e.unwrap().path()).collect();
-    runs.sort();
-    runs.pop().unwrap()
 }
 
 fn json(path: &Path) -> serde_json::Value {

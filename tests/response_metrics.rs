@@ -26,7 +26,7 @@ fn the_prompt_is_what_comes_before_the_last_trained_span() {
     // Two turns: user 1-2, assistant 3-4 + EOS (9), user 5, assistant 6 + EOS.
     let ids = vec![1, 2, 3, 4, 9, 5, 6, 9];
     let trained = vec![false, false, true, true, true, false, true, true];
-    let sequence = Sequence { ids, trained };
+    let sequence = Sequence::new(ids, trained);
     let (prompt, reference) = prompt_and_reference(&sequence, 9).unwrap();
     assert_eq!(prompt, [1, 2, 3, 4, 9, 5]);
     assert_eq!(reference, [6]);

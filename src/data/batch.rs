@@ -1,27 +1,58 @@
-//! Token sequences with loss masks, and right-padded batches of them.
+//! Token sequences with loss masks, several packed into one, and right-padded batches of them.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-/// One tokenized example, and which of its tokens the loss is computed on.
+use crate::model::Packing;
+
+/// One tokenized example (or several packed), and which of its tokens the loss is computed on.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sequence {
     pub ids: Vec<u32>,
     /// Per token: whether predicting it counts in the loss (the first token never does).
     pub trained: Vec<bool>,
+    /// Packed examples: where each example after the first begins in `ids` (empty for one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<usize>,
 }
 
 impl Sequence {
+    pub fn new(ids: Vec<u32>, trained: Vec<bool>) -> Self {
+        Self { ids, trained, segments: Vec::new() }
+    }
+
     /// Every token after the first is trained on (plain language modelling).
     pub fn all_trained(ids: Vec<u32>) -> Self {
         let trained = vec![true; ids.len()];
-        Self { ids, trained }
+        Self::new(ids, trained)
     }
 
     /// The first `untrained` tokens are context (a prompt); the rest are trained on.
     pub fn with_prompt(ids: Vec<u32>, untrained: usize) -> Self {
         let trained = (0..ids.len()).map(|i| i >= untrained).collect();
-        Self { ids, trained }
+        Self::new(ids, trained)
+    }
+
+    /// Examples one after another in one sequence, each computed as if alone: attention and
+    /// positions restart at each (see `Batch`), and nothing predicts across a boundary (an
+    /// example's first token is never trained, as a sequence's first never is).
+    pub fn packed(parts: &[&Sequence]) -> Self {
+        let mut out = Sequence::new(Vec::new(), Vec::new());
+        for part in parts {
+            debug_assert!(part.segments.is_empty(), "packing packed sequences");
+            if !out.ids.is_empty() {
+                out.segments.push(out.ids.len());
+            }
+            out.ids.extend(&part.ids);
+            out.trained.push(false);
+            out.trained.extend(&part.trained[1..]);
+        }
+        out
+    }
+
+    /// Where the example holding token `i` begins.
+    fn segment_start(&self, i: usize) -> usize {
+        self.segments.iter().rev().find(|&&start| start <= i).copied().unwrap_or(0)
     }
 
     /// The number of tokens this sequence contributes to the loss.
@@ -45,6 +76,8 @@ pub struct Batch<B: Backend> {
     pub tokens: usize,
     /// Input positions, padding included (batch · longest sequence).
     pub positions: usize,
+    /// When a sequence packs several examples: where each one's positions and attention start.
+    pub packing: Option<Packing<B>>,
 }
 
 impl<B: Backend> Batch<B> {
@@ -67,6 +100,21 @@ impl<B: Backend> Batch<B> {
                 }
             }
         }
+        let packed = sequences.iter().any(|s| !s.segments.is_empty());
+        let packing = packed.then(|| {
+            let (mut positions, mut starts) = (vec![0i32; batch * seq], vec![0i32; batch * seq]);
+            for (row, s) in sequences.iter().enumerate() {
+                for j in 0..seq {
+                    // Padding continues the last example, which it never feeds.
+                    let start = s.segment_start(j);
+                    (positions[row * seq + j], starts[row * seq + j]) = ((j - start) as i32, start as i32);
+                }
+            }
+            Packing {
+                positions: Tensor::from_data(TensorData::new(positions, [batch, seq]), device),
+                starts: Tensor::from_data(TensorData::new(starts, [batch, seq]), device),
+            }
+        });
         Self {
             inputs: Tensor::from_data(TensorData::new(inputs, [batch, seq]), device),
             targets: Tensor::from_data(TensorData::new(targets, [batch, seq]), device),
@@ -74,6 +122,40 @@ impl<B: Backend> Batch<B> {
             loss_tokens,
             tokens,
             positions: batch * seq,
+            packing,
         }
     }
+}
+
+/// Pack sequences of at most `capacity` tokens into as few sequences of at most `capacity`
+/// as best-fit decreasing finds: longest first, each into the fullest sequence it still fits.
+/// The result does not depend on the input order beyond ties, and packed sequences come out in
+/// the order they were opened.
+pub fn pack(sequences: &[Sequence], capacity: usize) -> Vec<Sequence> {
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
+    // Open bins by room left; the smallest room that fits is the best fit.
+    let mut by_room: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        let len = sequences[i].ids.len();
+        let fit = by_room.range(len..).next().map(|(&room, _)| room);
+        let (bin, room) = match fit {
+            Some(room) => {
+                let slot = by_room.get_mut(&room).expect("listed");
+                let bin = slot.pop().expect("non-empty");
+                if slot.is_empty() {
+                    by_room.remove(&room);
+                }
+                (bin, room)
+            }
+            None => {
+                bins.push(Vec::new());
+                (bins.len() - 1, capacity)
+            }
+        };
+        bins[bin].push(i);
+        by_room.entry(room - len.min(room)).or_default().push(bin);
+    }
+    bins.iter().map(|bin| Sequence::packed(&bin.iter().map(|&i| &sequences[i]).collect::<Vec<_>>())).collect()
 }

@@ -9,7 +9,7 @@ pub mod records;
 pub mod render;
 pub mod tokenizer;
 
-pub use batch::{Batch, Sequence};
+pub use batch::{pack, Batch, Sequence};
 pub use chat_template::JinjaTemplate;
 pub use prepare::PreparedData;
 pub use records::{Example, Record};

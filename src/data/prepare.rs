@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::{
-    cache, prompt_layout, records, tokenize, Example, JinjaTemplate, PromptLayout, Sequence, Tok, TokenizeReport,
+    cache, pack, prompt_layout, records, tokenize, Example, JinjaTemplate, PromptLayout, Sequence, Tok, TokenizeReport,
 };
 use crate::error::bad_input;
 use crate::model::hf;
@@ -26,6 +26,18 @@ pub struct PreparedData {
     pub model_dir: Option<PathBuf>,
     /// How prompts are laid out for generation, as the data was.
     pub layout: PromptLayout,
+    /// With `train.packing`: how the training examples were packed.
+    pub packing: Option<PackingReport>,
+}
+
+/// What packing made of the training examples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PackingReport {
+    pub examples: usize,
+    /// Packed sequences.
+    pub sequences: usize,
+    /// Tokens over the packed sequences' room (sequences × max_length).
+    pub fill: f64,
 }
 
 impl PreparedData {
@@ -114,7 +126,23 @@ impl PreparedData {
                 spec.data.path.display()
             )));
         }
-        Ok(Self { tok, train: tokenized.train, val: tokenized.val, report: tokenized.report, model_dir, layout })
+        let (train, packing) = match spec.train.packing {
+            true => {
+                let packed = pack(&tokenized.train, max_length);
+                let tokens: usize = packed.iter().map(|s| s.ids.len()).sum();
+                let fill = tokens as f64 / (packed.len() * max_length) as f64;
+                let report = PackingReport { examples: tokenized.train.len(), sequences: packed.len(), fill };
+                tracing::info!(
+                    examples = report.examples,
+                    sequences = report.sequences,
+                    fill = format!("{fill:.3}"),
+                    "packed"
+                );
+                (packed, Some(report))
+            }
+            false => (tokenized.train, None),
+        };
+        Ok(Self { tok, train, val: tokenized.val, report: tokenized.report, model_dir, layout, packing })
     }
 }
 

@@ -220,7 +220,7 @@ pub fn tokenize(
             trained.truncate(max_length);
             report.truncated += 1;
         }
-        sequences.push(Sequence { ids, trained });
+        sequences.push(Sequence::new(ids, trained));
     }
     // Documents: one stream, cut into blocks that overlap by one token so every token after
     // the first is a target exactly once.
@@ -229,7 +229,7 @@ pub fn tokenize(
         let mut start = 0;
         while start + 1 < stream.len() {
             let end = (start + max_length).min(stream.len());
-            sequences.push(Sequence { ids: stream[start..end].to_vec(), trained: stream_trained[start..end].to_vec() });
+            sequences.push(Sequence::new(stream[start..end].to_vec(), stream_trained[start..end].to_vec()));
             start += stride;
         }
     }

@@ -291,10 +291,16 @@ fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
 /// projections and writing the output in [batch, seq, d_model] order, so that no head
 /// split/merge copies are made. With a dropout mask `keep`, the output is (P ⊙ keep)·V. Returns
 /// the output and the attention probabilities P (before dropout).
-pub fn causal_attention(qkv: FlexTensor, n_head: usize, keep: Option<FlexTensor>) -> (FlexTensor, FlexTensor) {
+pub fn causal_attention(
+    qkv: FlexTensor,
+    n_head: usize,
+    keep: Option<FlexTensor>,
+    starts: Option<FlexTensor>,
+) -> (FlexTensor, FlexTensor) {
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
     let (d, qkv) = (three_d / 3, f32s(&qkv));
     let keep = keep.as_ref().map(f32s);
+    let starts = starts.as_ref().map(indices); // [batch·seq]
     let head_dim = d / n_head;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut y = vec![0.0f32; batch * seq * d];
@@ -308,7 +314,7 @@ pub fn causal_attention(qkv: FlexTensor, n_head: usize, keep: Option<FlexTensor>
         // SAFETY: p is this task's own; y's head-h columns of batch b are written by this task alone.
         unsafe {
             matmul([seq, seq, head_dim], SharedMut::new(p).row_major(0, seq), q, k.t(), scale, false); // scores [seq, seq]
-            causal_softmax_rows(p, seq);
+            causal_softmax_rows(p, seq, starts.as_ref().map(|s| &s[b * seq..(b + 1) * seq]));
             let dropped = keep.as_ref().map(|keep| times(p, &keep[bh * seq * seq..(bh + 1) * seq * seq]));
             let p = Mat::row_major(dropped.as_deref().unwrap_or(p), 0, seq);
             let y_bh = y_out.row_major(b * seq * d + h * head_dim, d);
@@ -319,10 +325,14 @@ pub fn causal_attention(qkv: FlexTensor, n_head: usize, keep: Option<FlexTensor>
 }
 
 vectorised! {
-/// Row i keeps columns 0..=i: softmax over those, zeros after.
-fn causal_softmax_rows(scores: &mut [f32], seq: usize) {
+/// Row i keeps columns start..=i (start = `starts[i]`, the first position of its packed
+/// example, or 0): softmax over those, zeros elsewhere.
+fn causal_softmax_rows(scores: &mut [f32], seq: usize, starts: Option<&[usize]>) {
     for (i, row) in scores.chunks_exact_mut(seq).enumerate() {
-        let (kept, masked) = row.split_at_mut(i + 1);
+        let (upto, masked) = row.split_at_mut(i + 1);
+        let start = starts.map_or(0, |s| s[i].min(i));
+        let (before, kept) = upto.split_at_mut(start);
+        before.fill(0.0);
         let max = row_max(kept);
         let mut sum = 0.0;
         for x in kept.iter_mut() {

@@ -106,14 +106,18 @@ pub trait FusedOps: Backend {
     /// Causal multi-head self-attention over the packed query/key/value projections, and the
     /// attention probabilities before dropout (kept for the backward). `keep` is the dropout
     /// mask on the probabilities, already scaled (0 or 1/(1 − p)); None for no dropout.
-    /// qkv: [batch, seq, 3·d_model], keep: [batch, heads, seq, seq]
+    /// `starts` confines each position to its own example in a packed row: the position its
+    /// example starts at (block-diagonal causal attention); None for one example per row.
+    /// The backward needs no mask of its own: the probabilities it is given are zero outside.
+    /// qkv: [batch, seq, 3·d_model], keep: [batch, heads, seq, seq], starts: [batch, seq]
     /// → ([batch, seq, d_model], [batch, heads, seq, seq])
     fn causal_attention(
         qkv: FloatTensor<Self>,
         n_head: usize,
         keep: Option<FloatTensor<Self>>,
+        starts: Option<IntTensor<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        composite::causal_attention::<Self>(qkv, n_head, keep)
+        composite::causal_attention::<Self>(qkv, n_head, keep, starts)
     }
 
     /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient.
@@ -184,17 +188,24 @@ pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, In
     Tensor::from_primitive(TensorPrimitive::Float(nll))
 }
 
-/// Causal multi-head self-attention (no cache: every query sees the keys up to its own position),
-/// with dropout `p` on the attention probabilities while training (as GPT-2's `attn_pdrop`).
-/// qkv: [batch, seq, 3·d_model] → [batch, seq, d_model]
-pub fn causal_attention<B: FusedOps>(qkv: Tensor<B, 3>, n_head: usize, dropout: f64) -> Tensor<B, 3> {
+/// Causal multi-head self-attention (no cache: every query sees the keys up to its own position,
+/// from its example's first position when `starts` gives packed rows), with dropout `p` on the
+/// attention probabilities while training (as GPT-2's `attn_pdrop`).
+/// qkv: [batch, seq, 3·d_model], starts: [batch, seq] → [batch, seq, d_model]
+pub fn causal_attention<B: FusedOps>(
+    qkv: Tensor<B, 3>,
+    n_head: usize,
+    dropout: f64,
+    starts: Option<Tensor<B, 2, Int>>,
+) -> Tensor<B, 3> {
     let device = qkv.device();
     let keep = (dropout > 0.0 && B::ad_enabled(&device)).then(|| {
         let [batch, seq, _] = qkv.dims();
         let keep = Tensor::<B, 4>::random([batch, n_head, seq, seq], Distribution::Bernoulli(1.0 - dropout), &device);
         (keep / (1.0 - dropout)).into_primitive().tensor()
     });
-    let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), n_head, keep);
+    let starts = starts.map(Tensor::into_primitive);
+    let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), n_head, keep, starts);
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
@@ -363,14 +374,27 @@ pub mod composite {
         qkv: FloatTensor<B>,
         n_head: usize,
         keep: Option<FloatTensor<B>>,
+        starts: Option<IntTensor<B>>,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let [q, k, v] = split_heads(float::<B, 3>(qkv), n_head);
-        let [_, _, seq, head_dim] = q.dims();
+        let [batch, heads, seq, head_dim] = q.dims();
+        let device = q.device();
         let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt(); // [batch, heads, seq, seq]
                                                                              // Expanded to the scores' shape: mask_fill does not broadcast on every backend.
-        let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &scores.device()).unsqueeze::<4>();
-        let future = future.expand(scores.shape()); // [batch, heads, seq, seq]
-        let probs = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3); // [batch, heads, seq, seq]
+        let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &device).unsqueeze::<3>().expand([batch, seq, seq]);
+        let hidden = match starts {
+            // Keys before the query's own example are hidden too.
+            Some(starts) => {
+                let starts =
+                    Tensor::<B, 2, Int>::from_primitive(starts).unsqueeze_dim::<3>(2).expand([batch, seq, seq]);
+                let keys =
+                    Tensor::<B, 1, Int>::arange(0..seq as i64, &device).unsqueeze::<3>().expand([batch, seq, seq]);
+                future.bool_or(keys.lower(starts))
+            }
+            None => future,
+        };
+        let hidden = hidden.unsqueeze_dim::<4>(1).expand([batch, heads, seq, seq]);
+        let probs = softmax(scores.mask_fill(hidden, f32::NEG_INFINITY), 3); // [batch, heads, seq, seq]
         let y = merge_heads(dropped(probs.clone(), keep).matmul(v)); // [batch, seq, d_model]
         (y.into_primitive().tensor(), probs.into_primitive().tensor())
     }
@@ -512,6 +536,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         qkv: FloatTensor<Self>,
         n_head: usize,
         keep: Option<FloatTensor<Self>>,
+        starts: Option<IntTensor<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         #[derive(Debug)]
         struct CausalAttention;
@@ -526,7 +551,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             }
         }
         let keep = keep.map(|k| k.primitive); // a constant: no gradient flows to the mask
-        let (y, probs) = B::causal_attention(qkv.primitive.clone(), n_head, keep.clone());
+        let (y, probs) = B::causal_attention(qkv.primitive.clone(), n_head, keep.clone(), starts);
         let y = match CausalAttention.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((qkv.primitive, probs.clone(), keep, n_head), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
@@ -612,7 +637,7 @@ impl FusedOps for Flex {
         fn cross_entropy_backward(logits: FlexFloat, targets: IntTensor<Self>, lse: FlexFloat, grad: FlexFloat) -> FlexFloat {
             f32: [logits, lse, grad] => cross_entropy_backward
         }
-        fn causal_attention(qkv: FlexFloat, n_head: usize, keep: Option<FlexFloat>) -> (FlexFloat, FlexFloat) {
+        fn causal_attention(qkv: FlexFloat, n_head: usize, keep: Option<FlexFloat>, starts: Option<IntTensor<Self>>) -> (FlexFloat, FlexFloat) {
             f32: [qkv, keep] => causal_attention
         }
         fn causal_attention_backward(

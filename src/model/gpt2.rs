@@ -17,7 +17,7 @@ use burn::tensor::{FloatDType, Int, Tensor};
 
 use super::fused::{causal_attention, cross_entropy, gelu_new, layer_norm, linear, FusedOps};
 use super::lora::{self, Adapters, Lora};
-use super::{hf, CausalLm};
+use super::{hf, CausalLm, Packing};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
 #[derive(Config, Debug, PartialEq)]
@@ -272,9 +272,14 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         }
     }
 
-    fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    fn token_nll_packed(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        packing: Option<Packing<B>>,
+    ) -> Tensor<B, 2> {
         let [batch, seq] = inputs.dims();
-        let hidden = self.hidden(inputs, None); // [batch, seq, d_model]
+        let hidden = self.hidden(inputs, None, packing); // [batch, seq, d_model]
         let d_model = hidden.dims()[2];
         let logits = self.lm_head(hidden.reshape([batch * seq, d_model])); // [batch·seq, vocab]
         cross_entropy(logits, targets.reshape([batch * seq])).reshape([batch, seq])
@@ -289,7 +294,7 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
     }
 
     fn next_logits(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
-        let hidden = self.hidden(tokens, Some(cache)); // [batch, fed, d_model]
+        let hidden = self.hidden(tokens, Some(cache), None); // [batch, fed, d_model]
         let [batch, fed, d_model] = hidden.dims();
         self.lm_head(hidden.slice([0..batch, fed - 1..fed]).reshape([batch, d_model]))
         // [batch, vocab]
@@ -318,20 +323,30 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
 }
 
 impl<B: FusedOps> Gpt2<B> {
-    /// Final hidden states. With a cache, `tokens` are the positions after the cached ones.
+    /// Final hidden states. With a cache, `tokens` are the positions after the cached ones;
+    /// with `packing`, each row holds several examples, each computed as if alone.
     /// tokens: [batch, seq] → [batch, seq, d_model]
-    pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+        packing: Option<Packing<B>>,
+    ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.seen);
         let device = tokens.device();
-        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + seq) as i64, &device)
-            .unsqueeze::<2>()
-            .expand([batch, seq]); // [batch, seq]
+        let (positions, starts) = match packing {
+            Some(Packing { positions, starts }) => (positions, Some(starts)),
+            None => {
+                let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + seq) as i64, &device);
+                (positions.unsqueeze::<2>().expand([batch, seq]), None) // [batch, seq]
+            }
+        };
         let x = self.wte.forward(tokens) + self.wpe.forward(positions); // [batch, seq, d_model]
         let mut x = self.dropout.forward(x);
         for (layer, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[layer]);
-            x = block.forward(x, layer_cache, self.precision);
+            x = block.forward(x, layer_cache, starts.clone(), self.precision);
         }
         if let Some(cache) = cache {
             cache.seen += seq;
@@ -347,7 +362,7 @@ impl<B: FusedOps> Gpt2<B> {
 
     /// Logits at every position. tokens: [batch, seq] → [batch, seq, vocab]
     pub fn logits(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let hidden = self.hidden(tokens, cache); // [batch, seq, d_model]
+        let hidden = self.hidden(tokens, cache, None); // [batch, seq, d_model]
         let [batch, seq, d_model] = hidden.dims();
         self.lm_head(hidden.reshape([batch * seq, d_model])).reshape([batch, seq, self.config.vocab_size])
     }
@@ -355,8 +370,14 @@ impl<B: FusedOps> Gpt2<B> {
 
 impl<B: FusedOps> Block<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
-        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, precision);
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<&mut KvSlot<B>>,
+        starts: Option<Tensor<B, 2, Int>>,
+        precision: Precision,
+    ) -> Tensor<B, 3> {
+        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, starts, precision);
         let x = x + self.dropout.forward(attn);
         let mlp = self.mlp.forward(self.ln_2.forward(x.clone()), precision);
         x + self.dropout.forward(mlp)
@@ -364,15 +385,22 @@ impl<B: FusedOps> Block<B> {
 }
 
 impl<B: FusedOps> Attention<B> {
-    /// Causal multi-head self-attention, with `attn_pdrop` on its probabilities while training.
-    /// x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvSlot<B>>, precision: Precision) -> Tensor<B, 3> {
+    /// Causal multi-head self-attention, with `attn_pdrop` on its probabilities while training;
+    /// `starts` (packed rows) confines each position to its own example.
+    /// x: [batch, seq, d_model], starts: [batch, seq] → [batch, seq, d_model]
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<&mut KvSlot<B>>,
+        starts: Option<Tensor<B, 2, Int>>,
+        precision: Precision,
+    ) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
         let qkv = self.c_attn.forward(x.reshape([batch * seq, d_model]), precision); // [batch·seq, 3·d_model]
         let y = match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
             // (Generation, below, runs without autodiff, so without dropout.)
-            None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, self.attn_pdrop), // [batch, seq, d_model]
+            None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, self.attn_pdrop, starts), // [batch, seq, d_model]
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
         };
         self.c_proj.forward(y.reshape([batch * seq, d_model]), precision).reshape([batch, seq, d_model])

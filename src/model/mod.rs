@@ -19,6 +19,15 @@ use burn::tensor::{Int, Tensor};
 pub use fused::{FusedOps, TrainBackend};
 pub use gpt2::{Gpt2, Gpt2Config, KvCache};
 
+/// Rows that pack several examples each: every position's index within its own example (where
+/// position embeddings restart) and the row position its example starts at (where its
+/// attention begins). [batch, seq] each.
+#[derive(Debug, Clone)]
+pub struct Packing<B: burn::tensor::backend::Backend> {
+    pub positions: Tensor<B, 2, Int>,
+    pub starts: Tensor<B, 2, Int>,
+}
+
 /// A causal language model: everything the trainer, checkpoints, evaluation, generation,
 /// scoring and chat need of a model family.
 ///
@@ -43,13 +52,35 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
 
     /// Per-token negative log-likelihood of `targets` given `inputs` (targets are the inputs
     /// shifted left by one). inputs, targets: [batch, seq] → [batch, seq]
-    fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2>;
+    fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.token_nll_packed(inputs, targets, None)
+    }
+
+    /// `token_nll` of rows that may each pack several examples (`packing`): every example
+    /// computed as if it were alone in its row. inputs, targets: [batch, seq] → [batch, seq]
+    fn token_nll_packed(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        packing: Option<Packing<B>>,
+    ) -> Tensor<B, 2>;
 
     /// Sum of the per-token NLL weighted by `weights` (1 where a token is trained on, 0 for
     /// prompt or padding): the numerator of a token-mean loss.
     /// inputs, targets: [batch, seq] Int; weights: [batch, seq] → [1]
     fn loss_sum(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 1> {
-        (self.token_nll(inputs, targets) * weights).sum()
+        self.loss_sum_packed(inputs, targets, weights, None)
+    }
+
+    /// `loss_sum` of rows that may each pack several examples.
+    fn loss_sum_packed(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+        packing: Option<Packing<B>>,
+    ) -> Tensor<B, 1> {
+        (self.token_nll_packed(inputs, targets, packing) * weights).sum()
     }
 
     /// An empty cache for one decoding session.

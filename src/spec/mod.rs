@@ -281,6 +281,9 @@ pub struct TrainSpec {
     pub grad_accum: usize,
     /// Batch examples of similar length together (less padding), as TRL's `group_by_length`.
     pub group_by_length: bool,
+    /// Pack several examples into each `max_length` sequence (best-fit decreasing), each
+    /// attending only to itself with positions restarting at 0: no padding, no cross-talk.
+    pub packing: bool,
     /// Longest example in tokens (prompt + response + EOS); defaults to the model's context.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_length: Option<usize>,
@@ -415,6 +418,7 @@ impl Default for TrainSpec {
             batch_size: 8,
             grad_accum: 1,
             group_by_length: false,
+            packing: false,
             max_length: None,
             loss_on: LossOn::Response,
             log_every: 1,

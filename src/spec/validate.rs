@@ -183,6 +183,18 @@ impl LoadedSpec {
                 ));
             }
         }
+        if s.train.packing && s.data.kind == super::DataKind::Text {
+            return Err(self.invalid(
+                "train.packing",
+                "plain-text documents are already cut into full max_length blocks; packing is for pair, alpaca and chat examples",
+            ));
+        }
+        if s.train.packing && s.train.group_by_length {
+            return Err(self.invalid(
+                "train.packing",
+                "and train.group_by_length both remove padding; choose one (packing leaves none)",
+            ));
+        }
         if let Some(lora) = &s.lora {
             positive("lora.rank", lora.rank)?;
             positive_f("lora.alpha", lora.alpha)?;

@@ -72,3 +72,11 @@ pub fn step_losses(run: &Path) -> Vec<(u64, f64)> {
         .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
         .collect()
 }
+
+/// The newest run named `name` under `dir/runs`.
+pub fn newest_run(dir: &Path, name: &str) -> PathBuf {
+    let mut runs: Vec<PathBuf> =
+        std::fs::read_dir(dir.join("runs").join(name)).unwrap().map(|e| e.unwrap().path()).collect();
+    runs.sort();
+    runs.pop().unwrap()
+}
