@@ -55,11 +55,7 @@ max_new_tokens = 4
 const LORA: &str = "rank = 4\nalpha = 8\ndropout = 0.1\ntargets = [\"c_attn\", \"mlp.c_proj\"]";
 
 fn setup(lora: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
-    std::fs::write(dir.path().join("train.jsonl"), data.lines().take(40).collect::<Vec<_>>().join("\n")).unwrap();
-    std::fs::write(dir.path().join("spec.toml"), spec(lora)).unwrap();
-    dir
+    common::folder_with(&spec(lora), 40)
 }
 
 /// `pipe run spec.toml` with `args`; the run folder.

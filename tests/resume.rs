@@ -51,11 +51,7 @@ max_new_tokens = 6
 "#;
 
 fn setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
-    std::fs::write(dir.path().join("train.jsonl"), data.lines().take(60).collect::<Vec<_>>().join("\n")).unwrap();
-    std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
-    dir
+    common::folder_with(SPEC, 60)
 }
 
 fn runs(dir: &Path) -> Vec<PathBuf> {

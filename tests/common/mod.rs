@@ -80,3 +80,13 @@ pub fn newest_run(dir: &Path, name: &str) -> PathBuf {
     runs.sort();
     runs.pop().unwrap()
 }
+
+/// A temporary folder holding `spec.toml` and `train.jsonl`, the first `examples` pairs of the
+/// shipped default data.
+pub fn folder_with(spec: &str, examples: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
+    std::fs::write(dir.path().join("train.jsonl"), data.lines().take(examples).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
+    dir
+}
