@@ -78,8 +78,10 @@ pub fn chat<B: FusedOps, M: CausalLm<B>>(
                     answer.len() == text.len()
                 });
                 writeln!(output)?;
-                turn.extend(&reply);
-                turn.push(tok.eos_id);
+                // The exchange joins the history as the data laid exchanges out (the template's
+                // end of turn, or EOS), not as the reply happened to stop.
+                let answer = settings.layout.cut(&tok.decode(&reply)?).to_string();
+                turn.extend(tok.encode(&settings.layout.ended(&answer, &tok.eos_token()))?);
                 history.push(turn);
             }
         }

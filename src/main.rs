@@ -389,9 +389,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 (Some(template), _) if !template.contains("{prompt}") => {
                     return Err(bad_input("--template must contain `{prompt}`"))
                 }
-                (Some(template), _) => PromptLayout { template, stop: None },
+                (Some(template), _) => PromptLayout::new(template),
                 (None, Some(layout)) => layout,
-                (None, None) => PromptLayout { template: "{prompt}\n".into(), stop: None },
+                (None, None) => PromptLayout::new("{prompt}\n".into()),
             };
             let defaults = spec.map(|s| s.generate).unwrap_or_default();
             let (sampling, max_new_tokens, seed) = sampling.resolve(&defaults)?;

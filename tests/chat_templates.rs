@@ -116,6 +116,11 @@ fn hf_reads_the_default_of_named_templates_and_its_special_tokens() {
     let layout = prompt_layout(&chat_data("chatml"), Some(&chatml)).unwrap();
     assert_eq!(layout.template, "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n");
     assert_eq!(layout.stop.as_deref(), Some("<|im_end|>"), "generation stops at the end-of-turn marker");
+    assert_eq!(
+        layout.ended("Nairobi.", "<|endoftext|>"),
+        "Nairobi.<|im_end|>\n",
+        "a chat's history ends turns as the data does"
+    );
     assert_eq!(layout.cut("Nairobi.<|im_end|>\n<|im_start|>user"), "Nairobi.");
     // Without a template to read: named.
     let dir = tempfile::tempdir().unwrap();

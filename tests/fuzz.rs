@@ -848,3 +848,59 @@ fn lora_adapter_folders() {
         judge(&loaded, &[files[which].rsplit('/').next().unwrap()], true)
     });
 }
+
+/// Jinja's own tokens, which byte edits of a template insert.
+const JINJA_TOKENS: &[&str] = &[
+    "{{", "}}", "{%", "%}", "{#", "#}", "|", ".", "(", ")", "[", "]", "'", "\"", "+", "-", "loop.", "endfor", "endif",
+    "else", " if ", " in ", "~",
+];
+
+fn mutate_jinja(seed: &str, edits: &[Edit]) -> Vec<u8> {
+    let mut bytes = seed.as_bytes().to_vec();
+    for edit in edits {
+        match *edit {
+            Edit::Insert { at, token } => {
+                let at = at % (bytes.len() + 1);
+                bytes.splice(at..at, JINJA_TOKENS[token % JINJA_TOKENS.len()].bytes());
+            }
+            ref other => edit_bytes(&mut bytes, other),
+        }
+    }
+    bytes
+}
+
+#[test]
+fn chat_templates() {
+    use pipe::data::records::{Message, Role};
+    use pipe::data::{JinjaTemplate, Tok};
+    // A `.jinja` file (byte and Jinja-token edits) or a tokenizer_config.json (JSON edits),
+    // then rendered for a conversation, its assistant spans, the prompt layout and the turn end.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
+    let templates: Vec<String> = ["chatml", "headers", "zephyr", "gemma", "inst"]
+        .iter()
+        .map(|n| std::fs::read_to_string(fixtures.join(format!("{n}.jinja"))).unwrap())
+        .collect();
+    let config = std::fs::read(fixtures.join("tokenizer_config.json")).unwrap();
+    let tok = Tok::load(&common::fixture_dir().join("tokenizer.json")).unwrap();
+    let m = |role, content: &str| Message { role, content: content.into() };
+    let conversation =
+        [m(Role::User, "Hi"), m(Role::Assistant, " Hello! "), m(Role::User, "Bye"), m(Role::Assistant, "Bye.")];
+    let dir = tempfile::tempdir().unwrap();
+    let jinja = dir.path().join("style.jinja");
+    campaign("chat templates", edits(templates.len() + 1), |(which, edits)| {
+        let (template, name) = if which < templates.len() {
+            write(&jinja, &mutate_jinja(&templates[which], &edits));
+            (JinjaTemplate::resolve(jinja.to_str().unwrap(), None, &tok), "style.jinja")
+        } else {
+            write(&dir.path().join("tokenizer_config.json"), &mutate_json(&config, &edits));
+            (JinjaTemplate::resolve("hf", Some(dir.path()), &tok), "tokenizer_config.json")
+        };
+        judge(&template, &[name], true)?;
+        if let Ok(Some(template)) = template {
+            judge(&template.render_with_answers(&conversation), &[name], true)?;
+            judge(&template.prompt_layout(), &[name], true)?;
+            judge(&template.after_answer(), &[name], true)?;
+        }
+        Ok(())
+    });
+}

@@ -159,15 +159,14 @@ impl JinjaTemplate {
         Ok(layout.replace(PROMPT_MARK, "{prompt}"))
     }
 
-    /// What the template puts after an assistant's answer to end its turn (`<|im_end|>`), where
-    /// generation stops; None when it adds nothing.
-    pub fn end_of_turn(&self) -> Result<Option<String>> {
+    /// What the template puts after an assistant's answer to end its turn, whitespace and all
+    /// (`<|im_end|>\n`); its trimmed text is where generation stops.
+    pub fn after_answer(&self) -> Result<String> {
         let messages = [
             Message { role: Role::User, content: "hi".into() },
             Message { role: Role::Assistant, content: PROMPT_MARK.to_string() },
         ];
         let text = self.render(&messages, false)?;
-        let after = text.split_once(PROMPT_MARK).map(|(_, after)| after.trim()).unwrap_or_default();
-        Ok((!after.is_empty()).then(|| after.to_string()))
+        Ok(text.split_once(PROMPT_MARK).map(|(_, after)| after.to_string()).unwrap_or_default())
     }
 }

@@ -46,12 +46,26 @@ pub struct PromptLayout {
     pub template: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<String>,
+    /// What follows an answer in the data, whitespace and all (a chat template's end of turn);
+    /// None: EOS. A conversation's history is laid out with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
 }
 
 impl PromptLayout {
+    /// `template` with `{prompt}`, answers ended by EOS.
+    pub fn new(template: String) -> Self {
+        Self { template, stop: None, end: None }
+    }
+
     /// The text as given, ended by EOS only.
     pub fn raw() -> Self {
-        Self { template: "{prompt}".into(), stop: None }
+        Self::new("{prompt}".into())
+    }
+
+    /// An answer ended as the data ends one (`eos` is the end-of-text token's text).
+    pub fn ended(&self, answer: &str, eos: &str) -> String {
+        format!("{answer}{}", self.end.as_deref().unwrap_or(eos))
     }
 
     /// `prompt` laid out.
@@ -74,7 +88,11 @@ pub fn prompt_layout(data: &DataSpec, chat: Option<&JinjaTemplate>) -> Result<Pr
         DataKind::Pair => data.prompt_template.clone(),
         DataKind::Alpaca => ALPACA_NO_INPUT.replace("{instruction}", "{prompt}"),
         DataKind::Chat => match chat {
-            Some(jinja) => return Ok(PromptLayout { template: jinja.prompt_layout()?, stop: jinja.end_of_turn()? }),
+            Some(jinja) => {
+                let end = jinja.after_answer()?;
+                let stop = Some(end.trim().to_string()).filter(|s| !s.is_empty());
+                return Ok(PromptLayout { template: jinja.prompt_layout()?, stop, end: Some(end) });
+            }
             None => {
                 let template = chat_template(data);
                 let (user_before, user_after) = message_parts(template, Role::User);
@@ -84,7 +102,7 @@ pub fn prompt_layout(data: &DataSpec, chat: Option<&JinjaTemplate>) -> Result<Pr
         },
         DataKind::Text => "{prompt}".into(),
     };
-    Ok(PromptLayout { template, stop: None })
+    Ok(PromptLayout::new(template))
 }
 
 /// A rendered record: text pieces and EOS tokens, each trained on or not.
