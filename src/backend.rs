@@ -1,4 +1,4 @@
-//! The compiled-in backends: burn's flex on the CPU always, CUDA behind the `cuda` feature.
+//! The compiled-in backends: burn's flex on the CPU always, CUDA and wgpu behind their features.
 //! The rest of pipe is generic over `B: TrainBackend` (autodiff over a backend with the fused ops); this module picks the concrete one.
 
 use crate::model::TrainBackend;
@@ -11,6 +11,8 @@ use crate::spec::BackendKind;
 pub type Cpu = Autodiff<Flex>;
 #[cfg(feature = "cuda")]
 pub type Gpu = Autodiff<burn::backend::Cuda>;
+#[cfg(feature = "wgpu")]
+pub type WebGpu = Autodiff<burn::backend::Wgpu>;
 
 /// Work that runs on whichever backend the user chose.
 pub trait BackendJob {
@@ -27,12 +29,20 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, index: usize, job: J) -> Resul
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => job.run::<Gpu>(burn::backend::cuda::CudaDevice::new(index), format!("cuda:{index}")),
-        #[cfg(not(feature = "cuda"))]
-        BackendKind::Cuda => {
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            // wgpu picks the adapter (the best GPU there is, else a software one such as lavapipe).
             let _ = index;
-            Err(crate::error::bad_input(
-                "backend `cuda` is not compiled into this pipe; rebuild with `cargo build --release --features cuda`",
-            ))
+            job.run::<WebGpu>(burn::backend::wgpu::WgpuDevice::DefaultDevice, "wgpu (default adapter)".into())
+        }
+        #[cfg(not(all(feature = "cuda", feature = "wgpu")))]
+        missing => {
+            let _ = index;
+            Err(crate::error::bad_input(format!(
+                "backend `{}` is not compiled into this pipe; rebuild with `cargo build --release --features {}`",
+                name(missing),
+                name(missing)
+            )))
         }
     }
 }
@@ -41,5 +51,6 @@ pub fn name(kind: BackendKind) -> &'static str {
     match kind {
         BackendKind::Cpu => "flex",
         BackendKind::Cuda => "cuda",
+        BackendKind::Wgpu => "wgpu",
     }
 }

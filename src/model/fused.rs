@@ -654,3 +654,6 @@ impl FusedOps for Flex {
 
 #[cfg(feature = "cuda")]
 impl FusedOps for burn::backend::Cuda {}
+
+#[cfg(feature = "wgpu")]
+impl FusedOps for burn::backend::Wgpu {}

@@ -115,6 +115,8 @@ pub enum BackendKind {
     Cpu,
     /// burn's CUDA backend (needs the `cuda` cargo feature).
     Cuda,
+    /// burn's wgpu backend: Vulkan, Metal or DX12 GPUs (needs the `wgpu` cargo feature).
+    Wgpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

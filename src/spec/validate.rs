@@ -207,10 +207,17 @@ impl LoadedSpec {
                 ));
             }
         }
-        if s.run.backend == BackendKind::Cuda && !cfg!(feature = "cuda") {
-            return Err(
-                self.invalid("run.backend", "`cuda` is not compiled into this pipe; rebuild with `--features cuda`")
-            );
+        let compiled = match s.run.backend {
+            BackendKind::Cpu => true,
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+            BackendKind::Wgpu => cfg!(feature = "wgpu"),
+        };
+        if !compiled {
+            let name = crate::backend::name(s.run.backend);
+            return Err(self.invalid(
+                "run.backend",
+                format!("`{name}` is not compiled into this pipe; rebuild with `--features {name}`"),
+            ));
         }
         Ok(())
     }

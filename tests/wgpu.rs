@@ -1,0 +1,142 @@
+//! The GPU path on a machine without a GPU: burn's wgpu backend, on Mesa's lavapipe (Vulkan on
+//! the CPU) in CI, runs the same cubecl kernels burn's CUDA backend compiles — so the model,
+//! its fused operations' composite versions (what every GPU backend runs) and a training step
+//! are held here to transformers' numbers and to the CPU kernels on every change.
+//! Run with `cargo test --release --features wgpu --test wgpu` (needs a Vulkan driver:
+//! `apt-get install mesa-vulkan-drivers libvulkan1`). Tolerances: as the CPU fidelity suite
+//! (1e-4 on NLL, identical top-5 and greedy tokens); 1e-4 between backends on fused ops.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::{Autodiff, Flex, Wgpu};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use common::{fixture_dir, floats, ids, reference, sequences_of};
+use pipe::data::Sequence;
+use pipe::generate::{Generator, Sampling};
+use pipe::model::fused::{composite, FusedOps, LinearGradsWanted};
+use pipe::model::{hf, CausalLm, Gpt2};
+use pipe::spec::{OptimizerKind, OptimizerSpec};
+use pipe::train::Trainer;
+
+type G = Wgpu;
+
+fn tokens<B: Backend>(ids: &[u32]) -> Tensor<B, 2, Int> {
+    Tensor::from_data(TensorData::new(ids.iter().map(|&t| t as i32).collect(), [1, ids.len()]), &Default::default())
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * scale, "{what}[{i}]: wgpu {g}, reference {w}");
+    }
+}
+
+#[test]
+fn gpt2_on_wgpu_matches_transformers() {
+    let r = reference();
+    let model: Gpt2<G> = hf::load::<G>(&fixture_dir(), None, &Default::default()).unwrap().1;
+    for (i, encoded) in r["encoded"].as_array().unwrap().iter().enumerate() {
+        let x = ids(encoded);
+        let n = x.len() - 1;
+        let nll: Vec<f32> = model.token_nll(tokens(&x[..n]), tokens(&x[1..])).into_data().to_vec().unwrap();
+        let want: Vec<f32> = floats(&r["nll"][i]).into_iter().map(|v| v as f32).collect();
+        assert_close(&format!("text {i} NLL"), &nll, &want, 1e-4);
+    }
+    let x = ids(&r["encoded"][0]);
+    let (_, top) = model.logits(tokens(&x), None).topk_with_indices(5, 2);
+    let top: Vec<i64> = top.into_data().convert::<i64>().to_vec().unwrap();
+    let want: Vec<i64> = r["top5"].as_array().unwrap().iter().flat_map(ids).map(i64::from).collect();
+    assert_eq!(top, want, "top-5 next tokens at every position");
+    let g = &r["greedy"];
+    let mut generator = Generator::new(&model, &Default::default(), 0);
+    let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
+    let new = generator.generate(&ids(&g["prompt_ids"]), max_new, Sampling::GREEDY, None, |_| true);
+    assert_eq!(new, ids(&g["new_ids"]), "greedy continuation with the KV cache");
+}
+
+#[test]
+fn training_steps_on_wgpu_follow_the_cpu() {
+    let sequences: Vec<Sequence> = sequences_of(&reference());
+    let batch: Vec<&Sequence> = sequences.iter().collect();
+    let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-3, weight_decay: 0.01, ..Default::default() };
+    fn losses<B: pipe::model::TrainBackend>(batch: &[&Sequence], opt: &OptimizerSpec) -> Vec<f64> {
+        let device = Default::default();
+        let mut model: Gpt2<B> = hf::load::<B>(&fixture_dir(), None, &device).unwrap().1;
+        let mut trainer = Trainer::<B>::new(opt, 50256, &device);
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            let stats;
+            (model, stats) = trainer.step(model, &[batch.to_vec()], opt.lr).unwrap();
+            losses.push(stats.loss);
+        }
+        losses
+    }
+    let (gpu, cpu) = (losses::<Autodiff<G>>(&batch, &opt), losses::<Autodiff<Flex>>(&batch, &opt));
+    for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+        assert!((g - c).abs() <= 1e-4 * c.abs().max(1.0), "step {step}: wgpu loss {g}, cpu {c}");
+    }
+}
+
+fn random<B: Backend, const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
+    // The same values on both backends: drawn on the CPU, copied over.
+    Flex::seed(&Default::default(), seed);
+    let data = Tensor::<Flex, D>::random(shape, Distribution::Normal(0.0, 1.0), &Default::default()).into_data();
+    Tensor::from_data(data, &Default::default())
+}
+
+fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Vec<f32> {
+    Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t)).into_data().to_vec().unwrap()
+}
+
+fn prim<B: Backend, const D: usize>(t: &Tensor<B, D>) -> burn::tensor::ops::FloatTensor<B> {
+    t.clone().into_primitive().tensor()
+}
+
+#[test]
+fn fused_composites_on_wgpu_match_the_cpu_kernels() {
+    // Attention over packed rows, forward and backward.
+    let (batch, seq, n_head, d) = (2, 21, 3, 24);
+    let starts: Vec<i32> = (0..batch * seq).map(|k| if k / seq == 0 && k % seq >= 9 { 9 } else { 0 }).collect();
+    let starts_on = |_: ()| TensorData::new(starts.clone(), [batch, seq]);
+    let (qkv_g, qkv_c) = (random::<G, 3>([batch, seq, 3 * d], 1), random::<Flex, 3>([batch, seq, 3 * d], 1));
+    let (grad_g, grad_c) = (random::<G, 3>([batch, seq, d], 2), random::<Flex, 3>([batch, seq, d], 2));
+    let s_g = Tensor::<G, 2, Int>::from_data(starts_on(()), &Default::default()).into_primitive();
+    let s_c = Tensor::<Flex, 2, Int>::from_data(starts_on(()), &Default::default()).into_primitive();
+    let (y_g, p_g) = composite::causal_attention::<G>(prim(&qkv_g), n_head, None, Some(s_g));
+    let (y_c, p_c) = Flex::causal_attention(prim(&qkv_c), n_head, None, Some(s_c));
+    assert_close("packed attention", &float::<G, 3>(y_g), &float::<Flex, 3>(y_c), 1e-4);
+    let dg = composite::causal_attention_backward::<G>(prim(&qkv_g), p_g, None, prim(&grad_g), n_head);
+    let dc = Flex::causal_attention_backward(prim(&qkv_c), p_c, None, prim(&grad_c), n_head);
+    assert_close("packed attention backward", &float::<G, 3>(dg), &float::<Flex, 3>(dc), 1e-4);
+
+    // LayerNorm, GELU, cross-entropy and a frozen linear layer's backward.
+    let (x_g, x_c) = (random::<G, 2>([37, 48], 3), random::<Flex, 2>([37, 48], 3));
+    let (w_g, w_c) = (random::<G, 1>([48], 4), random::<Flex, 1>([48], 4));
+    let (b_g, b_c) = (random::<G, 1>([48], 5), random::<Flex, 1>([48], 5));
+    let (ln_g, ..) = composite::layer_norm::<G>(prim(&x_g), prim(&w_g), prim(&b_g), 1e-5);
+    let (ln_c, ..) = Flex::fused_layer_norm(prim(&x_c), prim(&w_c), prim(&b_c), 1e-5);
+    assert_close("layer norm", &float::<G, 2>(ln_g), &float::<Flex, 2>(ln_c), 1e-4);
+    assert_close(
+        "gelu",
+        &float::<G, 2>(composite::gelu_new::<G>(prim(&x_g))),
+        &float::<Flex, 2>(Flex::gelu_new(prim(&x_c))),
+        1e-4,
+    );
+    let targets: Vec<i32> = (0..37).map(|i| (i * 7) % 48).collect();
+    let t_g =
+        Tensor::<G, 1, Int>::from_data(TensorData::new(targets.clone(), [37]), &Default::default()).into_primitive();
+    let t_c = Tensor::<Flex, 1, Int>::from_data(TensorData::new(targets, [37]), &Default::default()).into_primitive();
+    let (nll_g, _) = composite::cross_entropy::<G>(prim(&x_g), t_g);
+    let (nll_c, _) = Flex::cross_entropy(prim(&x_c), t_c);
+    assert_close("cross-entropy", &float::<G, 1>(nll_g), &float::<Flex, 1>(nll_c), 1e-4);
+    let (m_g, m_c) = (random::<G, 2>([48, 20], 6), random::<Flex, 2>([48, 20], 6));
+    let (gy_g, gy_c) = (random::<G, 2>([37, 20], 7), random::<Flex, 2>([37, 20], 7));
+    let frozen = LinearGradsWanted { weight: false, bias: false };
+    let (dx_g, dw_g, _) = composite::linear_backward::<G>(prim(&x_g), prim(&m_g), prim(&gy_g), frozen);
+    let (dx_c, _, _) = Flex::fused_linear_backward(prim(&x_c), prim(&m_c), prim(&gy_c), frozen);
+    assert!(dw_g.is_none());
+    assert_close("frozen linear dx", &float::<G, 2>(dx_g), &float::<Flex, 2>(dx_c), 1e-4);
+}
