@@ -226,11 +226,6 @@ impl<B: FusedOps> Projection<B> {
             None => base,
         }
     }
-
-    /// [in, out]
-    pub fn dims(&self) -> [usize; 2] {
-        self.weight.val().dims()
-    }
 }
 
 /// One layer's cache: ([batch, heads, seen, head_dim] keys, same-shaped values).

@@ -340,7 +340,7 @@ pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) ->
     let (_, model) = hf::load::<B>(&base.path, dropout, device)
         .with_context(|| format!("{}: cannot load the base model", dir.join(BASE_FILE).display()))?;
     let (config, _) = read_peft_config(&dir.join(ADAPTER_DIR))?;
-    fill(model, Adapters { config, base }, &dir.join(ADAPTER_DIR))
+    with_peft_adapter(model, &dir.join(ADAPTER_DIR), Adapters { config, base })
 }
 
 /// `model` (which has adapters) with the adapter weights of model folder `dir`, which must
@@ -353,7 +353,7 @@ pub fn load_weights<B: Backend>(model: Gpt2<B>, dir: &Path) -> Result<Gpt2<B>> {
     if config != adapters.config || read_base(dir)? != adapters.base {
         return Err(bad_input(format!("{}: its adapters' settings or base differ from the model's", dir.display())));
     }
-    fill(without_adapters(model), adapters, &dir.join(ADAPTER_DIR))
+    with_peft_adapter(without_adapters(model), &dir.join(ADAPTER_DIR), adapters)
 }
 
 /// The model without its adapters (the base, still frozen).
@@ -365,12 +365,6 @@ fn without_adapters<B: Backend>(mut model: Gpt2<B>) -> Gpt2<B> {
     }
     model.adapters = None;
     model
-}
-
-/// `model` (a plain GPT-2) with the adapter weights of the PEFT folder `peft_dir`, which may
-/// have been written by PEFT itself (`lora.from`), under the settings of `adapters`.
-pub fn with_peft_adapter<B: Backend>(model: Gpt2<B>, peft_dir: &Path, adapters: Adapters) -> Result<Gpt2<B>> {
-    fill(model, adapters, peft_dir)
 }
 
 /// The base reference of a model folder with adapters, checked against the base's files.
@@ -394,10 +388,11 @@ fn read_base(dir: &Path) -> Result<BaseModel> {
     Ok(base)
 }
 
-/// Attach adapters read from the PEFT folder `peft_dir` to `model`: every targeted projection
-/// of every layer must have its two tensors, with the projection's shapes, and the file no
-/// other tensors.
-fn fill<B: Backend>(model: Gpt2<B>, adapters: Adapters, peft_dir: &Path) -> Result<Gpt2<B>> {
+/// `model` (a plain GPT-2) with the adapters of the PEFT folder `peft_dir` (written by pipe or
+/// by PEFT itself, as `lora.from` reads one), under the settings of `adapters`: every targeted
+/// projection of every layer must have its two tensors, with the projection's shapes, and the
+/// file no other tensors.
+pub fn with_peft_adapter<B: Backend>(model: Gpt2<B>, peft_dir: &Path, adapters: Adapters) -> Result<Gpt2<B>> {
     let path = peft_dir.join(ADAPTER_WEIGHTS_FILE);
     if !path.is_file() && peft_dir.join("adapter_model.bin").is_file() {
         return Err(bad_input(format!(
