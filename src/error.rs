@@ -49,11 +49,12 @@ pub fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String
     let was_quiet = QUIET.with(|q| q.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     QUIET.with(|q| q.set(was_quiet));
-    result.map_err(|payload| {
-        payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a panic without a message".into())
-    })
+    result.map_err(|payload| panic_message(&payload))
+}
+
+/// What a caught panic said.
+pub fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    (payload.downcast_ref::<String>().cloned())
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
 }

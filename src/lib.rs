@@ -10,6 +10,7 @@ pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod generate;
 pub mod inputs;

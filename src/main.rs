@@ -59,6 +59,13 @@ enum Command {
         #[arg(long)]
         allow_changed_inputs: bool,
     },
+    /// Start the orchestrator the nodes of a multi-node run meet through (burn-collective's):
+    /// each node's spec names it in `distributed.orchestrator` as host:port.
+    Orchestrator {
+        /// The port to listen on.
+        #[arg(long)]
+        port: u16,
+    },
     /// Validate a spec and print every resolved value with where it came from.
     Check {
         spec: PathBuf,
@@ -237,7 +244,9 @@ impl SamplingArgs {
 fn main() -> ExitCode {
     keep_freed_memory();
     restore_default_sigpipe();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // burn-collective logs its configuration and every connection at info.
+    let quiet = "info,burn_collective=warn,burn_communication=warn";
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| quiet.into());
     let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -278,15 +287,27 @@ fn load_model(
 fn execute(command: Command) -> anyhow::Result<()> {
     let device = Default::default();
     match command {
-        Command::Run { spec, sets, resume: None, .. } => {
+        Command::Run { spec, sets, resume, allow_changed_inputs } => {
             let loaded = spec::load(&spec, &sets)?;
-            let run = pipeline::run(&loaded)?;
-            println!("run completed: {}", run.display());
+            let resume = match resume {
+                Some(run) => Some(runs::resolve(&loaded.spec.run.runs_dir, &run.to_string_lossy())?),
+                None => None,
+            };
+            match (&loaded.spec.distributed, resume) {
+                (Some(d), resume) if d.rank > 0 => {
+                    pipeline::run_node(&loaded, resume.as_deref())?;
+                    println!("node {} of {}: trained its share; node 0 writes the run", d.rank, d.nodes);
+                }
+                (_, None) => {
+                    let run = pipeline::run(&loaded)?;
+                    println!("run completed: {}", run.display());
+                }
+                (_, Some(run)) => report_resume(pipeline::resume(&run, Some(&loaded), allow_changed_inputs)?),
+            }
         }
-        Command::Run { spec, sets, resume: Some(run), allow_changed_inputs } => {
-            let loaded = spec::load(&spec, &sets)?;
-            let run = runs::resolve(&loaded.spec.run.runs_dir, &run.to_string_lossy())?;
-            report_resume(pipeline::resume(&run, Some(&loaded), allow_changed_inputs)?);
+        Command::Orchestrator { port } => {
+            eprintln!("orchestrator listening on port {port} (Ctrl-C to stop)");
+            pipe::distributed::serve_orchestrator(port)?;
         }
         Command::Resume { run, runs, allow_changed_inputs } => {
             let run = runs::resolve(&runs.runs_dir, &run.to_string_lossy())?;

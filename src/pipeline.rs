@@ -29,6 +29,73 @@ pub fn run(loaded: &LoadedSpec) -> Result<PathBuf> {
     backend::dispatch(spec.run.backend, spec.run.device, job)
 }
 
+/// Train as node `distributed.rank` > 0 of a multi-node run: this node's peers take their
+/// share of every step, and node 0 writes the run. With `resume` (node 0's run folder, which
+/// this node must be able to read: a shared or copied folder), continue from its newest
+/// checkpoint, as node 0 does.
+pub fn run_node(loaded: &LoadedSpec, resume: Option<&Path>) -> Result<()> {
+    let stop = StopSignal::register()?;
+    let job = NodeJob { loaded, resume, stop: &stop };
+    backend::dispatch(loaded.spec.run.backend, loaded.spec.run.device, job)
+}
+
+struct NodeJob<'a> {
+    loaded: &'a LoadedSpec,
+    resume: Option<&'a Path>,
+    stop: &'a StopSignal,
+}
+
+impl BackendJob for NodeJob<'_> {
+    type Output = ();
+
+    fn run<B: TrainBackend>(self, device: B::Device, _device_name: String) -> Result<()> {
+        let spec = &self.loaded.spec;
+        B::seed(&device, spec.run.seed);
+        let (data, model, resume) = match self.resume {
+            None => {
+                let data = PreparedData::prepare(spec, None)?;
+                let model = initial_model::<B>(spec, &data, &device)?;
+                (data, model, None)
+            }
+            Some(run) => {
+                let saved = crate::spec::load_with_env(&run.join(run_dir::SPEC_FILE), &[], &[])?;
+                if serde_json::to_value(saved.spec.shared_by_nodes())? != serde_json::to_value(spec.shared_by_nodes())?
+                {
+                    return Err(bad_input(format!(
+                        "{} resolves differently from the spec {} was started with (beyond this node's rank, address and devices)",
+                        self.loaded.path.display(),
+                        run.display()
+                    )));
+                }
+                let data = PreparedData::prepare(spec, Some(&run.join(run_dir::TOKENIZER_FILE)))?;
+                match latest_readable::<B>(run, spec, &device)? {
+                    Some((model, dir, progress)) => {
+                        (data, Gpt2 { precision: spec.run.precision, ..model }, Some((dir, progress)))
+                    }
+                    None => {
+                        let model = initial_model::<B>(spec, &data, &device)?;
+                        (data, model, None)
+                    }
+                }
+            }
+        };
+        check_plan(spec, &data, &model.config)?;
+        let ctx = crate::train::TrainContext {
+            train: &data.train,
+            val: &data.val,
+            spec,
+            tok: &data.tok,
+            layout: &data.layout,
+            run: None,
+            device: &device,
+            stop: self.stop,
+        };
+        let resume = resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
+        crate::train::train(&ctx, model, resume)?;
+        Ok(())
+    }
+}
+
 /// What `pipe resume` did.
 pub enum Resumed {
     /// The run went on and completed.
@@ -232,7 +299,9 @@ fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Devic
             if spec.run.backend == BackendKind::Cpu {
                 check_fits_in_memory(&config)?;
             }
-            config.init::<B>(device)
+            let model = config.init::<B>(device);
+            crate::model::params::materialize(&model);
+            model
         }
     };
     let model = match (&spec.lora, &data.model_dir) {
@@ -314,7 +383,7 @@ fn check_fits_in_memory(config: &Gpt2Config) -> Result<()> {
 /// created or touched: the step count, validation examples where selection needs them, and the
 /// generate stage's prompts.
 fn check_plan(spec: &Spec, data: &PreparedData, config: &Gpt2Config) -> Result<()> {
-    crate::train::StepPlan::new(data.train.len(), &spec.train)?;
+    crate::train::StepPlan::new(data.train.len(), &spec.train, crate::distributed::Topology::of(spec).world())?;
     let t = &spec.train;
     let needs_validation = t.final_model == FinalModel::Best || t.early_stopping_patience > 0;
     if needs_validation && data.val.is_empty() {

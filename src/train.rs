@@ -2,9 +2,10 @@
 //! schedule, log, evaluate.
 
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
@@ -17,10 +18,11 @@ use rand::SeedableRng;
 use crate::adam::{check_state, FusedAdam, ModelState};
 use crate::checkpoint::{self, Progress};
 use crate::data::{PromptLayout, Sequence, Tok};
+use crate::distributed::{Peer, Peers, Topology};
 use crate::error::{bad_input, Interrupted};
 use crate::model::{params, CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
 use crate::objective::{Objective, TokenLoss};
-use crate::response_metrics::answer_all;
+use crate::response_metrics::{answer_all, ResponseScores};
 use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
 use crate::selection::{Scored, Selection};
 use crate::signals::{self, StopSignal};
@@ -94,6 +96,19 @@ pub struct Trainer<B: TrainBackend, M: TrainableLm<B> = Gpt2<B>, O: Objective<B,
     objective: O,
     grad_clip: f64,
     device: B::Device,
+    /// This trainer's place among data-parallel peers; None for one device.
+    peer: Option<Peer>,
+}
+
+/// A data-parallel peer's part of one optimizer step.
+pub struct StepShare {
+    /// Loss tokens of the whole step, all peers together: the loss is normalised by them.
+    pub loss_tokens: usize,
+    /// Seeds the dropout masks (per micro-batch and peer), so a resumed run draws the same;
+    /// None leaves the backend's generator as it is.
+    pub dropout_seed: Option<u64>,
+    /// This peer was asked to stop (a signal).
+    pub stop: Option<i32>,
 }
 
 impl<B: TrainBackend, M: TrainableLm<B>> Trainer<B, M, TokenLoss> {
@@ -105,7 +120,13 @@ impl<B: TrainBackend, M: TrainableLm<B>> Trainer<B, M, TokenLoss> {
 
 impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
     pub fn with_objective(opt: &OptimizerSpec, objective: O, device: &B::Device) -> Self {
-        Self { optim: ModelOptimizer::new(opt), objective, grad_clip: opt.grad_clip, device: device.clone() }
+        Self {
+            optim: ModelOptimizer::new(opt),
+            objective,
+            grad_clip: opt.grad_clip,
+            device: device.clone(),
+            peer: None,
+        }
     }
 
     /// Forward and backward over each micro-batch, accumulating gradients, then clip and
@@ -113,10 +134,33 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
     /// nor gradient depends on how the step is split into micro-batches.
     pub fn step(&mut self, model: M, micro_batches: &[Vec<&O::Example>], lr: f64) -> Result<(M, StepStats)> {
         let loss_tokens: usize = micro_batches.iter().flatten().map(|e| self.objective.loss_tokens(e)).sum();
+        let share = StepShare { loss_tokens, dropout_seed: None, stop: None };
+        self.step_share(model, micro_batches, share, lr).map(|(model, stats, _)| (model, stats))
+    }
+
+    /// `step` for one peer of a data-parallel run (or the only one): its micro-batches, the
+    /// whole step's loss tokens, and one all-reduce summing gradients, loss and counts over
+    /// the peers before clipping and the update, so every peer updates alike. Also returns
+    /// the stop signal any peer was asked to stop by.
+    fn step_share(
+        &mut self,
+        model: M,
+        micro_batches: &[Vec<&O::Example>],
+        share: StepShare,
+        lr: f64,
+    ) -> Result<(M, StepStats, Option<i32>)> {
+        let StepShare { loss_tokens, dropout_seed, mut stop } = share;
+        let rank = self.peer.as_ref().map_or(0, |p| p.rank);
         let mut accumulator = GradientsAccumulator::<M>::new();
         let (mut loss, mut tokens, mut positions) = (0.0f64, 0usize, 0usize);
-        for micro in micro_batches {
-            let (micro_loss, counts) = self.objective.loss_sum(&model, micro, &self.device);
+        for (i, micro) in micro_batches.iter().enumerate() {
+            let (micro_loss, counts) = {
+                let _turn = self.peer.as_ref().map(Peer::forward_turn);
+                if let Some(seed) = dropout_seed {
+                    B::seed(&self.device, dropout_draws(seed, rank, i));
+                }
+                self.objective.loss_sum(&model, micro, &self.device)
+            };
             tokens += counts.tokens;
             positions += counts.positions;
             let micro_loss = micro_loss.div_scalar(loss_tokens as f64);
@@ -124,14 +168,28 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
             let grads = GradientsParams::from_grads(micro_loss.backward(), &model);
             accumulator.accumulate(&model, grads);
         }
+        let mut grads = accumulator.grads();
+        if let Some(peer) = &mut self.peer {
+            let extras = [loss, tokens as f64, positions as f64, stop.unwrap_or(0) as f64];
+            let summed;
+            (grads, summed) =
+                peer.sum_gradients(&model, grads, &extras, "summing the step's gradients", &self.device)?;
+            (loss, tokens, positions) = (summed[0], summed[1] as usize, summed[2] as usize);
+            // Any peer's signal stops them all after this step (its number, or SIGTERM's if several).
+            stop = (summed[3] > 0.0).then(|| stop.unwrap_or(if summed[3] <= 64.0 { summed[3] as i32 } else { 15 }));
+        }
         if !loss.is_finite() {
             bail!("the loss became {loss}; lower optimizer.lr or set optimizer.grad_clip");
         }
-        let mut grads = accumulator.grads();
         let grad_norm = clip_global_norm(&model, &mut grads, self.grad_clip);
         let model = self.optim.step(lr, model, grads);
-        Ok((model, StepStats { loss, grad_norm, tokens, positions, loss_tokens }))
+        Ok((model, StepStats { loss, grad_norm, tokens, positions, loss_tokens }, stop))
     }
+}
+
+/// The seed of micro-batch `micro`'s dropout masks on peer `rank`, in a step seeded `step_seed`.
+fn dropout_draws(step_seed: u64, rank: usize, micro: usize) -> u64 {
+    step_seed.wrapping_add(((rank as u64) << 32 | micro as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// How a run's examples divide into optimizer steps.
@@ -143,13 +201,15 @@ pub struct StepPlan {
 }
 
 impl StepPlan {
-    /// The plan for `examples` training examples; sizes whose product does not fit are an
-    /// error naming the field (a wrapped count would train a different schedule).
-    pub fn new(examples: usize, train: &TrainSpec) -> Result<Self> {
+    /// The plan for `examples` training examples on `peers` data-parallel peers; sizes whose
+    /// product does not fit are an error naming the field (a wrapped count would train a
+    /// different schedule).
+    pub fn new(examples: usize, train: &TrainSpec, peers: usize) -> Result<Self> {
         let examples_per_step = train
             .batch_size
             .checked_mul(train.grad_accum)
-            .ok_or_else(|| bad_input("train.batch_size × train.grad_accum is too large"))?;
+            .and_then(|n| n.checked_mul(peers))
+            .ok_or_else(|| bad_input("train.batch_size × train.grad_accum × peers is too large"))?;
         let steps_per_epoch = examples.div_ceil(examples_per_step);
         let total_steps = steps_per_epoch.checked_mul(train.epochs).ok_or_else(|| {
             bad_input(format!(
@@ -162,6 +222,7 @@ impl StepPlan {
 }
 
 /// Everything the training stage works with besides the model.
+#[derive(Clone, Copy)]
 pub struct TrainContext<'a, B: TrainBackend> {
     pub train: &'a [Sequence],
     pub val: &'a [Sequence],
@@ -169,7 +230,8 @@ pub struct TrainContext<'a, B: TrainBackend> {
     pub tok: &'a Tok,
     /// How prompts are laid out for the answers that select the best model.
     pub layout: &'a PromptLayout,
-    pub run: &'a RunDir,
+    /// The run folder; None on the nodes of a multi-node run other than node 0.
+    pub run: Option<&'a RunDir>,
     pub device: &'a B::Device,
     /// Set by a stop signal: finish the step, checkpoint, stop.
     pub stop: &'a StopSignal,
@@ -178,25 +240,162 @@ pub struct TrainContext<'a, B: TrainBackend> {
 /// Train for the spec's epochs, evaluating on the validation set after each, checkpointing
 /// every `train.checkpoint_every` steps and at the end. With `resume` (a checkpoint whose
 /// weights `model` already holds, and where training stood), training continues exactly where
-/// the interrupted run stood.
+/// the interrupted run stood. With several peers (`run.devices`, `[distributed]`), this
+/// process trains its peers on threads of their own and returns rank 0's model.
 pub fn train<B: TrainBackend, M: TrainableLm<B>>(
+    ctx: &TrainContext<'_, B>,
+    model: M,
+    resume: Option<(&Path, Progress)>,
+) -> Result<(M, TrainSummary)> {
+    let topology = Topology::of(ctx.spec);
+    if topology.world() == 1 {
+        return train_peer(ctx, model, resume, None);
+    }
+    let peers = Arc::new(Peers::new(topology));
+    let weights = params::fingerprint(&model);
+    let mut ranks = peers.topology().local_ranks();
+    let first = ranks.next().expect("at least one local peer");
+    // The other local peers run on threads of their own, with their own copies of what they
+    // read, so that one that hangs cannot keep this process from ending with the error.
+    let (done, finished) = mpsc::channel();
+    if !ranks.is_empty() {
+        let shared = Arc::new(OwnedContext::<B>::of(ctx));
+        for rank in ranks {
+            let (peers, shared, done) = (peers.clone(), shared.clone(), done.clone());
+            let device = peers.topology().device_of::<B>(rank, ctx.device);
+            let model = model.clone().fork(&device);
+            let resume = resume.map(|(dir, progress)| (dir.to_path_buf(), progress));
+            std::thread::spawn(move || {
+                let ctx = TrainContext { device: &device, ..shared.borrow() };
+                let resume = resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    join_and_train(&peers, rank, &ctx, model, resume, weights).map(|_| ())
+                }))
+                .unwrap_or_else(|panic| Err(anyhow!("panicked: {}", crate::error::panic_message(&panic))));
+                if let Err(error) = &result {
+                    if crate::error::interrupted_by(error).is_none() {
+                        peers.fail(rank, error);
+                    }
+                }
+                let _ = done.send((rank, result));
+            });
+        }
+    }
+    drop(done);
+    let device = peers.topology().device_of::<B>(first, ctx.device);
+    let mine = TrainContext { device: &device, ..*ctx };
+    let (model, summary) = join_and_train(&peers, first, &mine, model.fork(&device), resume, weights)?;
+    // Every peer has passed the last all-reduce; a failure after it is still a failure.
+    let deadline = Instant::now() + peers.topology().timeout;
+    while let Ok((rank, result)) = finished.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        result.with_context(|| format!("peer rank {rank}"))?;
+    }
+    Ok((model.fork(ctx.device), summary))
+}
+
+/// Join the run as `rank`, check that every peer trains the same thing, and train.
+fn join_and_train<B: TrainBackend, M: TrainableLm<B>>(
+    peers: &Peers,
+    rank: usize,
+    ctx: &TrainContext<'_, B>,
+    model: M,
+    resume: Option<(&Path, Progress)>,
+    weights: u64,
+) -> Result<(M, TrainSummary)> {
+    let mut peer = peers.join::<B::InnerBackend>(rank, ctx.device)?;
+    let address = peers.topology().address();
+    peer.agree::<B::InnerBackend>(&fingerprints(ctx, weights, resume), address, ctx.device)?;
+    train_peer(ctx, model, resume, Some(peer))
+}
+
+/// What a peer on a thread of its own reads, owned: the data and settings of a `TrainContext`
+/// (no run folder: only the first peer of node 0 writes).
+struct OwnedContext<B: TrainBackend> {
+    train: Vec<Sequence>,
+    val: Vec<Sequence>,
+    spec: Spec,
+    tok: Tok,
+    layout: PromptLayout,
+    device: B::Device,
+    stop: StopSignal,
+}
+
+impl<B: TrainBackend> OwnedContext<B> {
+    fn of(ctx: &TrainContext<'_, B>) -> Self {
+        Self {
+            train: ctx.train.to_vec(),
+            val: ctx.val.to_vec(),
+            spec: ctx.spec.clone(),
+            tok: ctx.tok.clone(),
+            layout: ctx.layout.clone(),
+            device: ctx.device.clone(),
+            stop: ctx.stop.clone(),
+        }
+    }
+
+    fn borrow(&self) -> TrainContext<'_, B> {
+        TrainContext {
+            train: &self.train,
+            val: &self.val,
+            spec: &self.spec,
+            tok: &self.tok,
+            layout: &self.layout,
+            run: None,
+            device: &self.device,
+            stop: &self.stop,
+        }
+    }
+}
+
+/// What the peers of a run compare before training: the spec (less what differs by node),
+/// the training data, the model's weights, and where training stands.
+fn fingerprints<B: TrainBackend>(
+    ctx: &TrainContext<'_, B>,
+    weights: u64,
+    resume: Option<(&Path, Progress)>,
+) -> Vec<(&'static str, u64)> {
+    use sha2::{Digest, Sha256};
+    let digest = |bytes: &[u8]| u64::from_le_bytes(Sha256::digest(bytes)[..8].try_into().expect("8 bytes"));
+    let spec = digest(serde_json::to_string(&ctx.spec.shared_by_nodes()).unwrap_or_default().as_bytes());
+    let mut data = Sha256::new();
+    for sequence in ctx.train {
+        data.update((sequence.ids.len() as u64).to_le_bytes());
+        sequence.ids.iter().for_each(|id| data.update(id.to_le_bytes()));
+        data.update(sequence.trained.iter().map(|&t| t as u8).collect::<Vec<_>>());
+    }
+    let data = u64::from_le_bytes(data.finalize()[..8].try_into().expect("8 bytes"));
+    let step = resume.map_or(0, |(_, progress)| progress.step as u64);
+    vec![("spec", spec), ("training data", data), ("model weights", weights), ("resume step", step)]
+}
+
+/// The training loop of one peer (or of the only device, with no `peer`).
+fn train_peer<B: TrainBackend, M: TrainableLm<B>>(
     ctx: &TrainContext<'_, B>,
     mut model: M,
     resume: Option<(&Path, Progress)>,
+    peer: Option<Peer>,
 ) -> Result<(M, TrainSummary)> {
     let (train_spec, opt, seed) = (&ctx.spec.train, &ctx.spec.optimizer, ctx.spec.run.seed);
     let (train, device) = (ctx.train, ctx.device);
     let objective = TokenLoss { pad_id: ctx.tok.eos_id };
+    let world = peer.as_ref().map_or(1, |p| p.world);
+    // Rank 0 writes the run (metrics, checkpoints, the best model) and reports progress.
+    let run = ctx.run.filter(|_| peer.as_ref().is_none_or(Peer::writes));
+    let writes = run.is_some();
     let mut trainer = Trainer::<B, M, _>::with_objective(opt, objective, device);
+    trainer.peer = peer;
     let mut start = Progress { step: 0, epoch: 1, position: 0, selection: Selection::default() };
     if let Some((dir, progress)) = resume {
         trainer.optim = trainer.optim.restore(dir, &model, device)?;
         start = progress;
         tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
     }
-    let StepPlan { examples_per_step, steps_per_epoch, total_steps } = StepPlan::new(train.len(), train_spec)?;
+    let StepPlan { examples_per_step, steps_per_epoch, total_steps } = StepPlan::new(train.len(), train_spec, world)?;
+    let per_peer = examples_per_step / world;
     let schedule = LrSchedule::new(opt, total_steps);
-    tracing::info!(examples = train.len(), steps_per_epoch, total_steps, "training");
+    if writes {
+        tracing::info!(examples = train.len(), steps_per_epoch, total_steps, peers = world, "training");
+    }
     let mut summary =
         TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN, selection: start.selection };
     if let Some(step) = start.selection.stopped_early_at {
@@ -206,31 +405,46 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     let started = Instant::now();
     let mut latest_val = None;
     let checkpoint = |model: &M, trainer: &Trainer<B, M, TokenLoss>, progress: Progress| {
-        let at = CheckpointAt { run: &ctx.run.path, model, tok: ctx.tok, progress, keep: train_spec.keep_checkpoints };
-        trainer.optim.save(at)
+        let Some(run) = run else { return Ok(None) };
+        let at = CheckpointAt { run: &run.path, model, tok: ctx.tok, progress, keep: train_spec.keep_checkpoints };
+        trainer.optim.save(at).map(Some)
     };
 
     'epochs: for epoch in start.epoch..=train_spec.epochs {
         let order = epoch_order(train, seed, epoch, train_spec.group_by_length.then_some(examples_per_step));
         // A position past the end is possible only when the data shrank under a resume.
         let skip = if epoch == start.epoch { start.position.min(order.len()) } else { 0 };
-        let bar = progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", train_spec.epochs));
+        let bar = match writes {
+            true => progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", train_spec.epochs)),
+            false => ProgressBar::hidden(),
+        };
         bar.set_position((skip / examples_per_step) as u64);
         let (mut epoch_loss, mut epoch_tokens) = (0.0, 0usize);
         for (i, step_examples) in order[skip..].chunks(examples_per_step).enumerate() {
             let step_started = Instant::now();
-            let micro_batches: Vec<Vec<&Sequence>> = step_examples
-                .chunks(train_spec.batch_size)
-                .map(|chunk| chunk.iter().map(|&i| &train[i]).collect())
-                .collect();
+            let mine = match &trainer.peer {
+                Some(peer) => peer.share(step_examples, per_peer),
+                None => step_examples,
+            };
+            let micro_batches: Vec<Vec<&Sequence>> =
+                mine.chunks(train_spec.batch_size).map(|chunk| chunk.iter().map(|&i| &train[i]).collect()).collect();
             let step = summary.steps + 1;
+            #[cfg(feature = "fault-injection")]
+            if let Some(peer) = &trainer.peer {
+                crate::distributed::inject_fault(peer.rank, step)?;
+            }
             let lr = schedule.at(step - 1);
             // Dropout draws from the backend's generator: seeding it per step makes a resumed
             // run draw the same masks as an uninterrupted one.
-            B::seed(device, seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64));
-            let stats;
-            (model, stats) =
-                trainer.step(model, &micro_batches, lr).with_context(|| format!("step {step} (epoch {epoch})"))?;
+            let share = StepShare {
+                loss_tokens: step_examples.iter().map(|&i| train[i].loss_tokens()).sum(),
+                dropout_seed: Some(seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64)),
+                stop: ctx.stop.requested(),
+            };
+            let (stats, stop);
+            (model, stats, stop) = trainer
+                .step_share(model, &micro_batches, share, lr)
+                .with_context(|| format!("step {step} (epoch {epoch})"))?;
             let tokens_per_s = stats.tokens as f64 / step_started.elapsed().as_secs_f64();
             if summary.first_loss.is_nan() {
                 summary.first_loss = stats.loss;
@@ -239,7 +453,8 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
             summary.last_loss = stats.loss;
             epoch_loss += stats.loss * stats.loss_tokens as f64;
             epoch_tokens += stats.loss_tokens;
-            ctx.run.log_metrics(&MetricRecord::Step(StepRecord {
+            let log_metrics = |record: &MetricRecord| run.map_or(Ok(()), |run| run.log_metrics(record));
+            log_metrics(&MetricRecord::Step(StepRecord {
                 step,
                 epoch,
                 loss: stats.loss,
@@ -250,7 +465,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                 tokens_per_s,
                 elapsed_s: started.elapsed().as_secs_f64(),
             }))?;
-            if step.is_multiple_of(train_spec.log_every) {
+            if writes && step.is_multiple_of(train_spec.log_every) {
                 tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
             }
             let position = (skip + (i + 1) * examples_per_step).min(train.len());
@@ -262,16 +477,36 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
             let mut stop_early = false;
             if !ctx.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every))) {
                 let valid = model.valid();
-                let (val_loss, _) = evaluate(&valid, &objective, ctx.val, train_spec.batch_size, device);
                 let metric = train_spec.select_metric;
-                let responses = if metric.higher_is_better() {
-                    let examples = &ctx.val[..ctx.spec.eval.responses.min(ctx.val.len())];
-                    let max_new = ctx.spec.eval.max_new_tokens;
-                    Some(answer_all(&valid, ctx.tok, ctx.layout, examples, max_new, device, |_, _| Ok(()))?.scores)
-                } else {
-                    None
+                let (val_loss, responses) = match &mut trainer.peer {
+                    None => {
+                        let (val_loss, _) = evaluate(&valid, &objective, ctx.val, train_spec.batch_size, device);
+                        let responses = match metric.higher_is_better() {
+                            true => Some(answers(ctx, &valid)?),
+                            false => None,
+                        };
+                        (val_loss, responses)
+                    }
+                    // Each peer evaluates its share of the validation set; rank 0 answers.
+                    Some(peer) => {
+                        let shard = peer.share(ctx.val, ctx.val.len().div_ceil(world));
+                        let (loss, tokens) = evaluate(&valid, &objective, shard, train_spec.batch_size, device);
+                        let scores = match (metric.higher_is_better(), peer.writes()) {
+                            (true, true) => Some(answers(ctx, &valid)?),
+                            _ => None,
+                        };
+                        let s = scores.unwrap_or(ResponseScores { exact_match: 0.0, token_f1: 0.0, rouge_l: 0.0 });
+                        let local = [loss * tokens as f64, tokens as f64, s.exact_match, s.token_f1, s.rouge_l];
+                        let all = peer.sum::<B::InnerBackend>(&local, "summing the evaluation", device)?;
+                        let responses = metric.higher_is_better().then_some(ResponseScores {
+                            exact_match: all[2],
+                            token_f1: all[3],
+                            rouge_l: all[4],
+                        });
+                        (all[0] / all[1].max(1.0), responses)
+                    }
                 };
-                ctx.run.log_metrics(&MetricRecord::Epoch(EpochRecord {
+                log_metrics(&MetricRecord::Epoch(EpochRecord {
                     step,
                     epoch,
                     val_loss,
@@ -286,11 +521,11 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                     _ => val_loss,
                 };
                 let verdict = summary.selection.observe(Scored { step, value }, train_spec);
-                if verdict.new_best {
-                    checkpoint::save_best(&ctx.run.path, &valid, ctx.tok, Scored { step, value })?;
+                if let Some(run) = run.filter(|_| verdict.new_best) {
+                    checkpoint::save_best(&run.path, &valid, ctx.tok, Scored { step, value })?;
                 }
                 stop_early = verdict.stop;
-                if epoch_done {
+                if epoch_done && writes {
                     let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
                     tracing::info!(
                         epoch,
@@ -300,7 +535,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                         "epoch done"
                     );
                 }
-            } else if epoch_done {
+            } else if epoch_done && writes {
                 let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
                 tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done");
             }
@@ -323,11 +558,13 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                 );
                 break 'epochs;
             }
-            if let Some(signal) = ctx.stop.requested() {
+            if let Some(signal) = stop {
                 bar.finish_and_clear();
-                let dir = checkpoint(&model, &trainer, progress)?;
-                let message =
-                    format!("stopped by {} after step {step}; checkpoint {}", signals::name(signal), dir.display());
+                let written = match checkpoint(&model, &trainer, progress)? {
+                    Some(dir) => format!("checkpoint {}", dir.display()),
+                    None => "rank 0 writes the checkpoint".into(),
+                };
+                let message = format!("stopped by {} after step {step}; {written}", signals::name(signal));
                 return Err(Interrupted { signal, message }.into());
             }
             let every = train_spec.checkpoint_every;
@@ -337,7 +574,20 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
         }
         bar.finish_and_clear();
     }
+    if let Some(peer) = trainer.peer.take() {
+        peer.finish::<B::InnerBackend>()?;
+    }
     Ok((model, summary))
+}
+
+/// The answers to the first `eval.responses` validation prompts, scored.
+fn answers<B: TrainBackend, V: CausalLm<B::InnerBackend>>(
+    ctx: &TrainContext<'_, B>,
+    valid: &V,
+) -> Result<ResponseScores> {
+    let examples = &ctx.val[..ctx.spec.eval.responses.min(ctx.val.len())];
+    let max_new = ctx.spec.eval.max_new_tokens;
+    Ok(answer_all(valid, ctx.tok, ctx.layout, examples, max_new, ctx.device, |_, _| Ok(()))?.scores)
 }
 
 /// The objective's token-weighted mean loss over `examples`, and the number of loss tokens.

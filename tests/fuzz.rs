@@ -581,7 +581,7 @@ fn spec_and_its_overrides() {
                 .map(|p| p.display().to_string())
                 .collect();
             names.extend(files.iter().map(String::as_str));
-            judge(&pipe::train::StepPlan::new(4, &spec.train), &names, true)?;
+            judge(&pipe::train::StepPlan::new(4, &spec.train, 1), &names, true)?;
             if spec.tokenizer.train_vocab_size.is_some_and(|v| v <= 2000) && spec.data.path.ends_with("train.jsonl") {
                 judge(&pipe::data::PreparedData::prepare(spec, None), &names, true)?;
             }

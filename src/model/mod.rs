@@ -112,12 +112,12 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
 
 /// A model pipe can train: a [`CausalLm`] under autodiff whose inference copy is one too.
 pub trait TrainableLm<B: TrainBackend>:
-    CausalLm<B> + AutodiffModule<B, InnerModule: CausalLm<B::InnerBackend>>
+    CausalLm<B> + AutodiffModule<B, InnerModule: CausalLm<B::InnerBackend>> + 'static
 {
 }
 
 impl<B: TrainBackend, M> TrainableLm<B> for M where
-    M: CausalLm<B> + AutodiffModule<B, InnerModule: CausalLm<B::InnerBackend>>
+    M: CausalLm<B> + AutodiffModule<B, InnerModule: CausalLm<B::InnerBackend>> + 'static
 {
 }
 

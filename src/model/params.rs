@@ -114,6 +114,31 @@ fn map_named<B: Backend, M: Module<B>, S: MapSink<B>>(module: M, sink: S) -> (M,
 
 /// Replace every float parameter's values with `source(name, shape)`, keeping its id. Returns
 /// the module, or the first parameter `source` could not give (its error).
+/// Initialise every lazily created parameter now. burn draws a new parameter's values when it
+/// is first read, from the backend's generator as it stands then; reading them all right after
+/// the model is made ties the weights to the run's seed alone (not to whatever seeds the
+/// generator later, such as the first step's dropout), and lets clones share them.
+pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
+    struct Touch;
+    impl<B: Backend> ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+}
+
+/// A 64-bit digest of every parameter's name and bytes: equal models give equal digests.
+pub fn fingerprint<B: Backend, M: Module<B>>(module: &M) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (name, data) in tensors(module) {
+        hasher.update(name.as_bytes());
+        hasher.update(data.as_bytes());
+    }
+    u64::from_le_bytes(hasher.finalize()[..8].try_into().expect("8 bytes"))
+}
+
 pub fn load<B: Backend, M: Module<B>>(
     module: M,
     source: impl FnMut(&str, &[usize]) -> anyhow::Result<TensorData>,

@@ -34,6 +34,64 @@ pub struct Spec {
     /// Train LoRA adapters on the frozen base model instead of all its weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSpec>,
+    /// Training across several machines (nodes), each running this spec with its own rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedSpec>,
+}
+
+impl Spec {
+    /// The spec less what legitimately differs between the nodes of one run (each node's rank,
+    /// address, device indices, runs folder): what every node must agree on.
+    pub fn shared_by_nodes(&self) -> Spec {
+        let mut spec = self.clone();
+        spec.run.runs_dir = PathBuf::new();
+        spec.run.device = 0;
+        spec.run.devices = vec![0; spec.run.devices.len()];
+        if let Some(d) = &mut spec.distributed {
+            (d.rank, d.host, d.port, d.serve_orchestrator) = (0, String::new(), 0, false);
+        }
+        spec
+    }
+}
+
+/// Several nodes (processes, usually machines) training one model data-parallel: each runs
+/// `pipe run` on the same spec with its own `rank`, and they meet through burn-collective's
+/// orchestrator (`pipe orchestrator --port P`, or started by node 0 with `serve_orchestrator`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistributedSpec {
+    /// How many nodes take part.
+    pub nodes: usize,
+    /// This node's rank, 0..nodes; node 0 writes the run (metrics, checkpoints, final model).
+    pub rank: usize,
+    /// The orchestrator, `host:port`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub orchestrator: String,
+    /// Node 0 starts the orchestrator itself, on the port of `orchestrator`.
+    pub serve_orchestrator: bool,
+    /// The host other nodes reach this one at.
+    #[serde(deserialize_with = "lenient_string")]
+    pub host: String,
+    /// The port this node serves its share of each all-reduce on.
+    pub port: u16,
+    /// A peer that does not reach an all-reduce within this many seconds of the others is
+    /// taken as lost: the run stops with an error naming it (evaluations and checkpoints by
+    /// rank 0 happen between all-reduces, so leave room for them).
+    pub timeout_s: f64,
+}
+
+impl Default for DistributedSpec {
+    fn default() -> Self {
+        Self {
+            nodes: 1,
+            rank: 0,
+            orchestrator: String::new(),
+            serve_orchestrator: false,
+            host: "127.0.0.1".into(),
+            port: 0,
+            timeout_s: 600.0,
+        }
+    }
 }
 
 /// LoRA adapters, with HF PEFT's meaning: each targeted projection of every layer adds
@@ -100,6 +158,10 @@ pub struct RunSpec {
     pub backend: BackendKind,
     /// Device index for GPU backends.
     pub device: usize,
+    /// Train data-parallel on these devices, one peer (thread) each; each takes
+    /// `train.batch_size` examples per micro-batch. On the CPU the indices only count peers.
+    /// Empty: the one `device`.
+    pub devices: Vec<usize>,
     /// "f32", or "bf16": linear layers and the LM head multiply in bf16, with f32 master
     /// weights, gradients, optimizer state, LayerNorm, attention and loss (mixed precision).
     pub precision: Precision,
@@ -369,6 +431,7 @@ impl Default for RunSpec {
             runs_dir: "runs".into(),
             backend: BackendKind::Cpu,
             device: 0,
+            devices: Vec::new(),
             precision: Precision::F32,
             stages: vec![Stage::Train, Stage::Eval, Stage::Generate],
         }

@@ -207,6 +207,42 @@ impl LoadedSpec {
                 ));
             }
         }
+        if let Some(twice) =
+            s.run.devices.iter().enumerate().find_map(|(i, d)| s.run.devices[..i].contains(d).then_some(d))
+        {
+            return Err(self.invalid("run.devices", format!("names device {twice} twice (one peer per device)")));
+        }
+        if let Some(&large) = s.run.devices.iter().find(|&&d| d > u16::MAX as usize) {
+            return Err(self.invalid("run.devices", format!("device {large} is not a device index")));
+        }
+        if let Some(d) = &s.distributed {
+            positive("distributed.nodes", d.nodes)?;
+            if d.rank >= d.nodes {
+                return Err(self.invalid(
+                    "distributed.rank",
+                    format!("is {}, but ranks run 0..{} for {} nodes", d.rank, d.nodes, d.nodes),
+                ));
+            }
+            positive_f("distributed.timeout_s", d.timeout_s)?;
+            if d.nodes > 1 {
+                let port = d.orchestrator.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+                if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
+                    return Err(self.invalid(
+                        "distributed.orchestrator",
+                        format!("`{}` is not host:port (where `pipe orchestrator --port P` listens)", d.orchestrator),
+                    ));
+                }
+                if d.host.is_empty() || d.host.contains(['/', ' ']) {
+                    return Err(self.invalid("distributed.host", format!("`{}` is not a host name or address", d.host)));
+                }
+                if d.port == 0 {
+                    return Err(self.invalid(
+                        "distributed.port",
+                        "is missing: the port this node serves its share of each all-reduce on",
+                    ));
+                }
+            }
+        }
         let compiled = match s.run.backend {
             BackendKind::Cpu => true,
             BackendKind::Cuda => cfg!(feature = "cuda"),

@@ -19,7 +19,7 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         spec: ctx.spec,
         tok: &data.tok,
         layout: &data.layout,
-        run: ctx.run,
+        run: Some(ctx.run),
         device: ctx.device,
         stop: ctx.stop,
     };
