@@ -129,6 +129,7 @@ pub struct Peer {
     id: PeerId,
     timeout: Duration,
     calls: usize,
+    logged_size: bool,
     local: Arc<LocalPeers>,
 }
 
@@ -169,6 +170,7 @@ impl Peers {
             id: PeerId(rank as u32),
             timeout: self.topology.timeout,
             calls: 0,
+            logged_size: false,
             local: self.local.clone(),
         };
         let (id, device, config) = (peer.id, device.clone(), self.topology.config()?);
@@ -237,6 +239,12 @@ impl Peer {
         parts.push(Tensor::from_data(extras_data, device));
         // [Σ parameter sizes + extras]
         let flat = Tensor::cat(parts, 0);
+        if !self.logged_size && self.rank == 0 {
+            let floats = flat.dims()[0];
+            let mib = format!("{:.1}", (floats * 4) as f64 / (1 << 20) as f64);
+            tracing::info!(floats, mib, rank = self.rank, "each step all-reduces the gradients in one f32 tensor");
+            self.logged_size = true;
+        }
         let id = self.id;
         let summed = self.collective(what, move || all_reduce_sum(id, flat))?;
         let mut offset = 0;

@@ -118,6 +118,10 @@ pub struct StepRecord {
     pub tokens_per_s: f64,
     /// Seconds since training started (or resumed).
     pub elapsed_s: f64,
+    /// Data-parallel runs: seconds this step spent in its all-reduce, waiting for the other
+    /// peers included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
 }
 
 /// The validation loss at the end of an epoch, or every `train.eval_every` steps.

@@ -87,6 +87,8 @@ pub struct StepStats {
     pub positions: usize,
     /// Tokens the loss was computed on.
     pub loss_tokens: usize,
+    /// Seconds in the step's all-reduce (data-parallel runs).
+    pub allreduce_s: Option<f64>,
 }
 
 /// The optimizer, the objective and how to step them: one `step` is one update of the model
@@ -169,7 +171,9 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
             accumulator.accumulate(&model, grads);
         }
         let mut grads = accumulator.grads();
+        let mut allreduce_s = None;
         if let Some(peer) = &mut self.peer {
+            let started = Instant::now();
             let extras = [loss, tokens as f64, positions as f64, stop.unwrap_or(0) as f64];
             let summed;
             (grads, summed) =
@@ -177,13 +181,14 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
             (loss, tokens, positions) = (summed[0], summed[1] as usize, summed[2] as usize);
             // Any peer's signal stops them all after this step (its number, or SIGTERM's if several).
             stop = (summed[3] > 0.0).then(|| stop.unwrap_or(if summed[3] <= 64.0 { summed[3] as i32 } else { 15 }));
+            allreduce_s = Some(started.elapsed().as_secs_f64());
         }
         if !loss.is_finite() {
             bail!("the loss became {loss}; lower optimizer.lr or set optimizer.grad_clip");
         }
         let grad_norm = clip_global_norm(&model, &mut grads, self.grad_clip);
         let model = self.optim.step(lr, model, grads);
-        Ok((model, StepStats { loss, grad_norm, tokens, positions, loss_tokens }, stop))
+        Ok((model, StepStats { loss, grad_norm, tokens, positions, loss_tokens, allreduce_s }, stop))
     }
 }
 
@@ -464,6 +469,7 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>>(
                 padded_tokens: stats.positions - stats.tokens,
                 tokens_per_s,
                 elapsed_s: started.elapsed().as_secs_f64(),
+                allreduce_s: stats.allreduce_s,
             }))?;
             if writes && step.is_multiple_of(train_spec.log_every) {
                 tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");

@@ -295,6 +295,18 @@ fn two_nodes_on_loopback_train_what_one_device_trains() {
     let new: Vec<PathBuf> = runs(d).into_iter().filter(|r| !before.contains(r)).collect();
     assert_eq!(new.len(), 1, "node 0 alone writes a run folder: {new:?}");
     assert_same_training(&new[0], &single);
+
+    // Two nodes of two peers each, batch 2 apiece.
+    let nodes = Nodes::new();
+    let four = [
+        ("PIPE_RUN__DEVICES", "[0, 1]"),
+        ("PIPE_TRAIN__BATCH_SIZE", "2"),
+        ("PIPE_DISTRIBUTED__SERVE_ORCHESTRATOR", "true"),
+    ];
+    let [node0, node1] = finish(nodes.spawn(d, &["run", "spec.toml"], &four));
+    assert!(node0.status.success(), "{}", stderr(&node0));
+    assert!(node1.status.success(), "{}", stderr(&node1));
+    assert_same_training(&runs(d).pop().unwrap(), &single);
 }
 
 #[test]
