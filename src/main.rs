@@ -327,7 +327,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let data = pipe::data::PreparedData::prepare(&loaded.spec, None)?;
             for (i, sequence) in data.train.iter().take(n).enumerate() {
                 println!("--- example {} ({} tokens, {} trained)", i + 1, sequence.ids.len(), sequence.loss_tokens());
-                println!("{}", pipe::data::render::show(sequence, &data.tok)?);
+                println!("{}", pipe::data::render::show(&sequence, &data.tok)?);
             }
             let r = &data.report;
             println!(

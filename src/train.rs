@@ -17,7 +17,7 @@ use rand::SeedableRng;
 
 use crate::adam::{check_state, FusedAdam, ModelState};
 use crate::checkpoint::{self, Progress};
-use crate::data::{PromptLayout, Sequence, Tok};
+use crate::data::{Examples, PromptLayout, Sequence, Tok};
 use crate::distributed::{Peer, Peers, Topology};
 use crate::error::{bad_input, Interrupted};
 use crate::model::{params, CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
@@ -229,7 +229,7 @@ impl StepPlan {
 /// Everything the training stage works with besides the model.
 #[derive(Clone, Copy)]
 pub struct TrainContext<'a, B: TrainBackend> {
-    pub train: &'a [Sequence],
+    pub train: &'a Examples,
     pub val: &'a [Sequence],
     pub spec: &'a Spec,
     pub tok: &'a Tok,
@@ -316,7 +316,7 @@ fn join_and_train<B: TrainBackend, M: TrainableLm<B>>(
 /// What a peer on a thread of its own reads, owned: the data and settings of a `TrainContext`
 /// (no run folder: only the first peer of node 0 writes).
 struct OwnedContext<B: TrainBackend> {
-    train: Vec<Sequence>,
+    train: Examples,
     val: Vec<Sequence>,
     spec: Spec,
     tok: Tok,
@@ -328,7 +328,7 @@ struct OwnedContext<B: TrainBackend> {
 impl<B: TrainBackend> OwnedContext<B> {
     fn of(ctx: &TrainContext<'_, B>) -> Self {
         Self {
-            train: ctx.train.to_vec(),
+            train: ctx.train.clone(),
             val: ctx.val.to_vec(),
             spec: ctx.spec.clone(),
             tok: ctx.tok.clone(),
@@ -359,16 +359,10 @@ fn fingerprints<B: TrainBackend>(
     weights: u64,
     resume: Option<(&Path, Progress)>,
 ) -> Vec<(&'static str, u64)> {
-    use sha2::{Digest, Sha256};
-    let digest = |bytes: &[u8]| u64::from_le_bytes(Sha256::digest(bytes)[..8].try_into().expect("8 bytes"));
+    use sha2::Digest;
+    let digest = |bytes: &[u8]| u64::from_le_bytes(sha2::Sha256::digest(bytes)[..8].try_into().expect("8 bytes"));
     let spec = digest(serde_json::to_string(&ctx.spec.shared_by_nodes()).unwrap_or_default().as_bytes());
-    let mut data = Sha256::new();
-    for sequence in ctx.train {
-        data.update((sequence.ids.len() as u64).to_le_bytes());
-        sequence.ids.iter().for_each(|id| data.update(id.to_le_bytes()));
-        data.update(sequence.trained.iter().map(|&t| t as u8).collect::<Vec<_>>());
-    }
-    let data = u64::from_le_bytes(data.finalize()[..8].try_into().expect("8 bytes"));
+    let data = ctx.train.fingerprint();
     let step = resume.map_or(0, |(_, progress)| progress.step as u64);
     vec![("spec", spec), ("training data", data), ("model weights", weights), ("resume step", step)]
 }
@@ -431,8 +425,10 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>>(
                 Some(peer) => peer.share(step_examples, per_peer),
                 None => step_examples,
             };
+            // Read now (from the mapped cache, usually): only this step's sequences are in memory.
+            let sequences: Vec<Sequence> = mine.iter().map(|&i| train.get(i)).collect();
             let micro_batches: Vec<Vec<&Sequence>> =
-                mine.chunks(train_spec.batch_size).map(|chunk| chunk.iter().map(|&i| &train[i]).collect()).collect();
+                sequences.chunks(train_spec.batch_size).map(|chunk| chunk.iter().collect()).collect();
             let step = summary.steps + 1;
             #[cfg(feature = "fault-injection")]
             if let Some(peer) = &trainer.peer {
@@ -442,7 +438,7 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>>(
             // Dropout draws from the backend's generator: seeding it per step makes a resumed
             // run draw the same masks as an uninterrupted one.
             let share = StepShare {
-                loss_tokens: step_examples.iter().map(|&i| train[i].loss_tokens()).sum(),
+                loss_tokens: step_examples.iter().map(|&i| train.loss_tokens(i)).sum(),
                 dropout_seed: Some(seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64)),
                 stop: ctx.stop.requested(),
             };
@@ -620,13 +616,13 @@ pub fn evaluate<B: FusedOps, M: CausalLm<B>, O: Objective<B, M>>(
 /// a time, each group sorted by length and cut into steps, and the full steps of the epoch are
 /// shuffled again: a batch holds examples of similar length, so little of it is padding, while
 /// the epoch stays randomly ordered. A last, short step stays last.
-pub fn epoch_order(train: &[Sequence], seed: u64, epoch: usize, group_by_length: Option<usize>) -> Vec<usize> {
+pub fn epoch_order(train: &Examples, seed: u64, epoch: usize, group_by_length: Option<usize>) -> Vec<usize> {
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64));
     order.shuffle(&mut rng);
     let Some(per_step) = group_by_length else { return order };
     for group in order.chunks_mut(per_step * 50) {
-        group.sort_by_key(|&i| std::cmp::Reverse(train[i].ids.len()));
+        group.sort_by_key(|&i| std::cmp::Reverse(train.token_len(i)));
     }
     let full = order.len() / per_step * per_step;
     let mut steps: Vec<&[usize]> = order[..full].chunks(per_step).collect();

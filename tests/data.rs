@@ -248,13 +248,14 @@ fn padding(train: &[Sequence], order: &[usize], per_step: usize) -> usize {
 fn group_by_length_keeps_every_example_once_cuts_padding_and_is_reproducible() {
     use pipe::train::epoch_order;
     let (train, per_step) = (varied_lengths(1003), 8);
-    let plain = epoch_order(&train, 7, 1, None);
-    let grouped = epoch_order(&train, 7, 1, Some(per_step));
+    let examples = pipe::data::Examples::from(train.clone());
+    let plain = epoch_order(&examples, 7, 1, None);
+    let grouped = epoch_order(&examples, 7, 1, Some(per_step));
     let mut sorted = grouped.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, (0..train.len()).collect::<Vec<_>>(), "a permutation of the examples");
-    assert_eq!(grouped, epoch_order(&train, 7, 1, Some(per_step)), "same seed and epoch, same order");
-    assert_ne!(grouped, epoch_order(&train, 7, 2, Some(per_step)), "a new order each epoch");
+    assert_eq!(grouped, epoch_order(&examples, 7, 1, Some(per_step)), "same seed and epoch, same order");
+    assert_ne!(grouped, epoch_order(&examples, 7, 2, Some(per_step)), "a new order each epoch");
     let (plain_padding, grouped_padding) = (padding(&train, &plain, per_step), padding(&train, &grouped, per_step));
     assert!(grouped_padding * 5 < plain_padding, "padding {grouped_padding} grouped vs {plain_padding} plain");
     // Steps are shuffled after sorting: the epoch does not run from longest to shortest.

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod cache;
 pub mod chat_template;
+pub mod examples;
 pub mod prepare;
 pub mod records;
 pub mod render;
@@ -11,7 +12,10 @@ pub mod tokenizer;
 
 pub use batch::{pack, Batch, Sequence};
 pub use chat_template::JinjaTemplate;
+pub use examples::Examples;
 pub use prepare::PreparedData;
 pub use records::{Example, Record};
-pub use render::{apply_template, prompt_layout, tokenize, PromptLayout, TokenizeReport};
+pub use render::{
+    apply_template, prompt_layout, tokenize, tokenize_into, PromptLayout, TokenizeReport, TokenizeSettings,
+};
 pub use tokenizer::Tok;

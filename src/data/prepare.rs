@@ -4,13 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::{
-    cache, pack, prompt_layout, records, tokenize, Example, JinjaTemplate, PromptLayout, Sequence, Tok, TokenizeReport,
+    cache, pack, prompt_layout, records, tokenize, tokenize_into, Example, Examples, JinjaTemplate, PromptLayout,
+    Sequence, Tok, TokenizeReport, TokenizeSettings,
 };
 use crate::error::bad_input;
 use crate::model::hf;
@@ -19,7 +20,8 @@ use crate::spec::{DataKind, ModelSpec, Spec};
 /// The tokenizer and the tokenized train and validation sets of a spec.
 pub struct PreparedData {
     pub tok: Tok,
-    pub train: Vec<Sequence>,
+    /// Read in place from the tokenized cache (unless packed, or the cache cannot be written).
+    pub train: Examples,
     pub val: Vec<Sequence>,
     pub report: TokenizeReport,
     /// The HuggingFace directory the model comes from, if the spec names one.
@@ -45,19 +47,25 @@ impl PreparedData {
     /// unchanged), checking it against the model's vocabulary and context.
     pub fn prepare(spec: &Spec, tokenizer: Option<&Path>) -> Result<Self> {
         let model_dir = model_dir(&spec.model)?;
-        let train_examples = records::read(&spec.data.path, &spec.data)?;
-        let (train_examples, val_examples, val_origin) = match &spec.data.val_path {
-            Some(path) => (train_examples, records::read(path, &spec.data)?, path.clone()),
-            None => {
-                let (train, val) = split(train_examples, spec.data.val_fraction, spec.run.seed);
-                (train, val, spec.data.path.clone())
-            }
+        // The records are read only when needed: to train a tokenizer, or to tokenize (a
+        // cache hit needs neither, so reading a large cached dataset costs no memory).
+        let read_examples = || -> Result<(Vec<Example>, Vec<Example>, PathBuf)> {
+            let train_examples = records::read(&spec.data.path, &spec.data)?;
+            Ok(match &spec.data.val_path {
+                Some(path) => (train_examples, records::read(path, &spec.data)?, path.clone()),
+                None => {
+                    let (train, val) = split(train_examples, spec.data.val_fraction, spec.run.seed);
+                    (train, val, spec.data.path.clone())
+                }
+            })
         };
+        let mut examples = None;
         let tokenizer_path = tokenizer.map(Path::to_path_buf).or_else(|| spec.tokenizer.path.clone());
         let (tok, tok_origin) = match (&tokenizer_path, spec.tokenizer.train_vocab_size, &model_dir) {
             (Some(path), _, _) => (Tok::load(path)?, path.display().to_string()),
             (None, Some(vocab), _) => {
                 tracing::info!(vocab, "training a byte-level BPE tokenizer on the training data");
+                let (train_examples, ..) = examples.insert(read_examples()?);
                 let tok = Tok::train(train_examples.iter().flat_map(Example::texts), vocab)?;
                 if tok.vocab_size() < vocab {
                     tracing::warn!(
@@ -108,16 +116,31 @@ impl PreparedData {
                 cached
             }
             None => {
+                let (train_examples, val_examples, val_origin) = match examples.take() {
+                    Some(examples) => examples,
+                    None => read_examples()?,
+                };
                 let (data, loss_on) = (&spec.data, spec.train.loss_on);
-                let (train, report) =
-                    tokenize(&train_examples, &tok, data, chat.as_ref(), max_length, loss_on, &data.path)?;
+                let settings =
+                    TokenizeSettings { tok: &tok, data, chat: chat.as_ref(), max_length, loss_on, origin: &data.path };
                 let (val, _) = tokenize(&val_examples, &tok, data, chat.as_ref(), max_length, loss_on, &val_origin)?;
-                let tokenized = cache::Tokenized { train, val, report };
-                match cache::store(&entry, &tokenized) {
-                    Ok(()) => tracing::info!(path = %entry.display(), "tokenized the data and cached it"),
-                    Err(e) => tracing::warn!("could not cache the tokenized data: {e:#}"),
+                match cache::Writer::create(&entry) {
+                    Ok(mut writer) => {
+                        let report = tokenize_into(&train_examples, &settings, |sequence| writer.push(&sequence))?;
+                        writer.finish(val, report).context("cannot write the tokenized cache")?;
+                        tracing::info!(path = %entry.display(), "tokenized the data and cached it");
+                        cache::load(&entry).with_context(|| format!("{}: cannot read back", entry.display()))?
+                    }
+                    Err(e) => {
+                        tracing::warn!("could not cache the tokenized data: {e:#}; keeping it in memory");
+                        let mut train = Vec::new();
+                        let report = tokenize_into(&train_examples, &settings, |sequence| {
+                            train.push(sequence);
+                            Ok(())
+                        })?;
+                        cache::Tokenized { train: train.into(), val, report }
+                    }
                 }
-                tokenized
             }
         };
         if tokenized.train.is_empty() {
@@ -128,7 +151,7 @@ impl PreparedData {
         }
         let (train, packing) = match spec.train.packing {
             true => {
-                let packed = pack(&tokenized.train, max_length);
+                let packed = pack(&tokenized.train.iter().collect::<Vec<_>>(), max_length);
                 let tokens: usize = packed.iter().map(|s| s.ids.len()).sum();
                 let fill = tokens as f64 / (packed.len() * max_length) as f64;
                 let report = PackingReport { examples: tokenized.train.len(), sequences: packed.len(), fill };
@@ -138,7 +161,7 @@ impl PreparedData {
                     fill = format!("{fill:.3}"),
                     "packed"
                 );
-                (packed, Some(report))
+                (packed.into(), Some(report))
             }
             false => (tokenized.train, None),
         };

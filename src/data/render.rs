@@ -207,38 +207,79 @@ pub fn tokenize(
     loss_on: LossOn,
     origin: &Path,
 ) -> Result<(Vec<Sequence>, TokenizeReport)> {
-    let mut report = TokenizeReport { examples: examples.len(), ..Default::default() };
     let mut sequences = Vec::with_capacity(examples.len());
+    let settings = TokenizeSettings { tok, data, chat, max_length, loss_on, origin };
+    let report = tokenize_into(examples, &settings, |sequence| {
+        sequences.push(sequence);
+        Ok(())
+    })?;
+    Ok((sequences, report))
+}
+
+/// What tokenizing depends on besides the examples.
+pub struct TokenizeSettings<'a> {
+    pub tok: &'a Tok,
+    pub data: &'a DataSpec,
+    pub chat: Option<&'a JinjaTemplate>,
+    pub max_length: usize,
+    pub loss_on: LossOn,
+    /// The file the examples came from, for messages.
+    pub origin: &'a Path,
+}
+
+/// `tokenize`, handing each sequence to `sink` in order as it is made: examples are tokenized
+/// a chunk at a time, each chunk in parallel, so memory holds one chunk's tokens, not the
+/// dataset's (documents excepted: their token stream is cut into blocks at the end).
+pub fn tokenize_into(
+    examples: &[Example],
+    settings: &TokenizeSettings<'_>,
+    mut sink: impl FnMut(Sequence) -> Result<()>,
+) -> Result<TokenizeReport> {
+    use rayon::prelude::*;
+    let TokenizeSettings { tok, data, chat, max_length, loss_on, origin } = *settings;
+    let mut report = TokenizeReport { examples: examples.len(), ..Default::default() };
+    let mut emit = |sequence: Sequence, report: &mut TokenizeReport| {
+        report.sequences += 1;
+        report.tokens += sequence.ids.len();
+        report.trained_tokens += sequence.loss_tokens();
+        sink(sequence)
+    };
     let (mut stream, mut stream_trained) = (Vec::new(), Vec::new());
-    for example in examples {
-        let (mut ids, mut trained) = match (&example.record, chat) {
-            (Record::Chat { messages }, Some(template)) => tokenize_conversation(messages, template, tok, loss_on)
-                .map_err(|e| bad_input(format!("{}:{}: {e:#}", origin.display(), example.line)))?,
-            (record, _) => tokenize_pieces(pieces(record, data, loss_on), tok)?,
-        };
-        if matches!(example.record, Record::Text { .. }) {
-            stream.extend(ids);
-            stream_trained.extend(trained);
-            continue;
-        }
-        let first_trained = trained.iter().skip(1).position(|&t| t).map_or(ids.len(), |p| p + 1);
-        if first_trained >= max_length {
-            if matches!(example.record, Record::Chat { .. }) {
-                report.dropped += 1;
+    for chunk in examples.chunks(4096) {
+        let encoded: Vec<Result<(Vec<u32>, Vec<bool>)>> = chunk
+            .par_iter()
+            .map(|example| match (&example.record, chat) {
+                (Record::Chat { messages }, Some(template)) => tokenize_conversation(messages, template, tok, loss_on)
+                    .map_err(|e| bad_input(format!("{}:{}: {e:#}", origin.display(), example.line))),
+                (record, _) => tokenize_pieces(pieces(record, data, loss_on), tok),
+            })
+            .collect();
+        for (example, encoded) in chunk.iter().zip(encoded) {
+            let (mut ids, mut trained) = encoded?;
+            if matches!(example.record, Record::Text { .. }) {
+                stream.extend(ids);
+                stream_trained.extend(trained);
                 continue;
             }
-            return Err(bad_input(format!(
-                "{}:{}: the prompt is {first_trained} tokens, which leaves no room for a response within max_length = {max_length}",
-                origin.display(),
-                example.line,
-            )));
+            let first_trained = trained.iter().skip(1).position(|&t| t).map_or(ids.len(), |p| p + 1);
+            if first_trained >= max_length {
+                if matches!(example.record, Record::Chat { .. }) {
+                    report.dropped += 1;
+                    continue;
+                }
+                return Err(bad_input(format!(
+                    "{}:{}: the prompt is {first_trained} tokens, which leaves no room for a response within max_length = {max_length}",
+                    origin.display(),
+                    example.line,
+                )));
+            }
+            if ids.len() > max_length {
+                ids.truncate(max_length);
+                trained.truncate(max_length);
+                report.truncated += 1;
+            }
+            emit(Sequence::new(ids, trained), &mut report)?;
         }
-        if ids.len() > max_length {
-            ids.truncate(max_length);
-            trained.truncate(max_length);
-            report.truncated += 1;
-        }
-        sequences.push(Sequence::new(ids, trained));
     }
     // Documents: one stream, cut into blocks that overlap by one token so every token after
     // the first is a target exactly once.
@@ -247,13 +288,10 @@ pub fn tokenize(
         let mut start = 0;
         while start + 1 < stream.len() {
             let end = (start + max_length).min(stream.len());
-            sequences.push(Sequence::new(stream[start..end].to_vec(), stream_trained[start..end].to_vec()));
+            emit(Sequence::new(stream[start..end].to_vec(), stream_trained[start..end].to_vec()), &mut report)?;
             start += stride;
         }
     }
-    report.sequences = sequences.len();
-    report.tokens = sequences.iter().map(|s| s.ids.len()).sum();
-    report.trained_tokens = sequences.iter().map(Sequence::loss_tokens).sum();
     if report.truncated > 0 || report.dropped > 0 {
         tracing::warn!(
             truncated = report.truncated,
@@ -263,7 +301,7 @@ pub fn tokenize(
             "examples longer than max_length were cut from the end (dropped when nothing to train on was left)"
         );
     }
-    Ok((sequences, report))
+    Ok(report)
 }
 
 /// A sequence as text with the trained tokens marked `[[...]]`, to see what the loss is on.
