@@ -64,7 +64,8 @@ pub fn model_sha256(dir: &Path) -> Result<String> {
     hash_files(&model_files(dir))
 }
 
-fn hash_files(paths: &[PathBuf]) -> Result<String> {
+/// The SHA-256 of the files' contents (each with its length), read a block at a time.
+pub fn hash_files(paths: &[PathBuf]) -> Result<String> {
     let mut hasher = Sha256::new();
     for path in paths {
         let cannot = |e: std::io::Error| bad_input(format!("{}: cannot read: {e}", path.display()));

@@ -194,6 +194,16 @@ fn thread_peers_draw_dropout_deterministically_and_resume_exactly_after_sigkill(
     let mut child = spawn(d, &["run", "spec.toml"], &env);
     kill_after(&mut child, &d.join("runs/dp"), 10);
     let killed = runs(d).pop().unwrap();
+    // The world size is the spec's: continuing on three peers is refused, and changes nothing.
+    let three: Vec<_> = env
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "PIPE_RUN__DEVICES")
+        .chain([("PIPE_RUN__DEVICES", "[0, 1, 2]")])
+        .collect();
+    let out = pipe(d, &["run", "spec.toml", "--resume", killed.to_str().unwrap()], &three);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resolves differently"), "{}", stderr(&out));
     let out = pipe(d, &["resume", killed.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(step_losses(&killed), step_losses(&whole), "every step's loss, across the kill");

@@ -172,9 +172,10 @@ impl PreparedData {
 /// The cache entry for a spec's data: the dataset files' bytes, the tokenizer, the chat
 /// template's text, and every setting that changes the tokenized result (paths themselves do not).
 fn cache_entry(spec: &Spec, tok: &Tok, chat: Option<&JinjaTemplate>, max_length: usize) -> Result<PathBuf> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| bad_input(format!("{}: cannot read: {e}", p.display())));
-    let train = read(&spec.data.path)?;
-    let val = spec.data.val_path.as_deref().map(read).transpose()?.unwrap_or_default();
+    // Hashed as they are read: a large dataset is never held whole for its key.
+    let hash = |p: &Path| crate::inputs::hash_files(&[p.to_path_buf()]);
+    let train = hash(&spec.data.path)?;
+    let val = spec.data.val_path.as_deref().map(hash).transpose()?.unwrap_or_default();
     let tokenizer = tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
     let mut data = spec.data.clone();
     data.path = PathBuf::new();
@@ -187,7 +188,8 @@ fn cache_entry(spec: &Spec, tok: &Tok, chat: Option<&JinjaTemplate>, max_length:
         env!("CARGO_PKG_VERSION")
     );
     let template = chat.map(serde_json::to_string).transpose()?.unwrap_or_default();
-    let parts: [&[u8]; 5] = [&train, &val, tokenizer.as_bytes(), settings.as_bytes(), template.as_bytes()];
+    let parts: [&[u8]; 5] =
+        [train.as_bytes(), val.as_bytes(), tokenizer.as_bytes(), settings.as_bytes(), template.as_bytes()];
     Ok(cache::entry_path(&spec.run.runs_dir, &parts))
 }
 
