@@ -257,7 +257,8 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
         return train_peer(ctx, model, resume, None);
     }
     let peers = Arc::new(Peers::new(topology));
-    let weights = params::fingerprint(&model);
+    // What every peer compares with the others: the same for all of this process's peers.
+    let fingerprints = fingerprints(ctx, &model, resume);
     let mut ranks = peers.topology().local_ranks();
     let first = ranks.next().expect("at least one local peer");
     // The other local peers run on threads of their own, with their own copies of what they
@@ -266,7 +267,8 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     if !ranks.is_empty() {
         let shared = Arc::new(OwnedContext::<B>::of(ctx));
         for rank in ranks {
-            let (peers, shared, done) = (peers.clone(), shared.clone(), done.clone());
+            let (peers, shared, done, fingerprints) =
+                (peers.clone(), shared.clone(), done.clone(), fingerprints.clone());
             let device = peers.topology().device_of::<B>(rank, ctx.device);
             let model = model.clone().fork(&device);
             let resume = resume.map(|(dir, progress)| (dir.to_path_buf(), progress));
@@ -274,7 +276,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                 let ctx = TrainContext { device: &device, ..shared.borrow() };
                 let resume = resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    join_and_train(&peers, rank, &ctx, model, resume, weights).map(|_| ())
+                    join_and_train(&peers, rank, &ctx, model, resume, &fingerprints).map(|_| ())
                 }))
                 .unwrap_or_else(|panic| Err(anyhow!("panicked: {}", crate::error::panic_message(&panic))));
                 if let Err(error) = &result {
@@ -289,7 +291,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     drop(done);
     let device = peers.topology().device_of::<B>(first, ctx.device);
     let mine = TrainContext { device: &device, ..*ctx };
-    let (model, summary) = join_and_train(&peers, first, &mine, model.fork(&device), resume, weights)?;
+    let (model, summary) = join_and_train(&peers, first, &mine, model.fork(&device), resume, &fingerprints)?;
     // Every peer has passed the last all-reduce; a failure after it is still a failure.
     let deadline = Instant::now() + peers.topology().timeout;
     while let Ok((rank, result)) = finished.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -305,11 +307,10 @@ fn join_and_train<B: TrainBackend, M: TrainableLm<B>>(
     ctx: &TrainContext<'_, B>,
     model: M,
     resume: Option<(&Path, Progress)>,
-    weights: u64,
+    fingerprints: &[(&str, u64)],
 ) -> Result<(M, TrainSummary)> {
     let mut peer = peers.join::<B::InnerBackend>(rank, ctx.device)?;
-    let address = peers.topology().address();
-    peer.agree::<B::InnerBackend>(&fingerprints(ctx, weights, resume), address, ctx.device)?;
+    peer.agree::<B::InnerBackend>(fingerprints, peers.topology().address(), ctx.device)?;
     train_peer(ctx, model, resume, Some(peer))
 }
 
@@ -353,16 +354,18 @@ impl<B: TrainBackend> OwnedContext<B> {
 }
 
 /// What the peers of a run compare before training: the spec (less what differs by node),
-/// the training data, the model's weights, and where training stands.
-fn fingerprints<B: TrainBackend>(
+/// the training data, the model's weights, and where training stands. Reading every weight
+/// also initialises lazily created parameters, so that the peers' clones share them.
+fn fingerprints<B: TrainBackend, M: TrainableLm<B>>(
     ctx: &TrainContext<'_, B>,
-    weights: u64,
+    model: &M,
     resume: Option<(&Path, Progress)>,
 ) -> Vec<(&'static str, u64)> {
     use sha2::Digest;
     let digest = |bytes: &[u8]| u64::from_le_bytes(sha2::Sha256::digest(bytes)[..8].try_into().expect("8 bytes"));
     let spec = digest(serde_json::to_string(&ctx.spec.shared_by_nodes()).unwrap_or_default().as_bytes());
     let data = ctx.train.fingerprint();
+    let weights = params::fingerprint(model);
     let step = resume.map_or(0, |(_, progress)| progress.step as u64);
     vec![("spec", spec), ("training data", data), ("model weights", weights), ("resume step", step)]
 }

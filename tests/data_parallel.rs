@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use common::{pipe, stderr, step_losses};
+use common::{pipe, spawn, status, stderr, step_losses, val_losses};
 
 const SPEC: &str = r#"
 [run]
@@ -65,16 +65,6 @@ fn run(dir: &Path, env: &[(&str, &str)]) -> PathBuf {
     let after: Vec<PathBuf> = runs(dir).into_iter().filter(|r| !before.contains(r)).collect();
     assert_eq!(after.len(), 1, "one run folder, written by rank 0 alone: {after:?}");
     after[0].clone()
-}
-
-fn val_losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m.get("val_loss").is_some())
-        .map(|m| (m["step"].as_u64().unwrap(), m["val_loss"].as_f64().unwrap()))
-        .collect()
 }
 
 fn weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
@@ -158,24 +148,6 @@ fn kill_after(child: &mut Child, run_parent: &Path, steps: usize) {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-}
-
-fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pipe"));
-    command.current_dir(dir).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("PIPE_") {
-            command.env_remove(key);
-        }
-    }
-    command.envs(env.iter().copied());
-    command.spawn().unwrap()
-}
-
-fn status(run: &Path) -> String {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
-    meta["status"].as_str().unwrap().to_string()
 }
 
 #[test]

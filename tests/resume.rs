@@ -5,10 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pipe, stderr, step_losses};
+use common::{pipe, spawn, status, stderr, step_losses};
 
 const SPEC: &str = r#"
 [run]
@@ -61,15 +60,6 @@ fn runs(dir: &Path) -> Vec<PathBuf> {
     runs
 }
 
-fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pipe"));
-    command.current_dir(dir).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.spawn().unwrap()
-}
-
 /// A `pipe run` that the fault hook kills (SIGKILL) while it writes the checkpoint of `step`;
 /// its run folder.
 fn killed_in_checkpoint(dir: &Path, step: &str) -> PathBuf {
@@ -110,12 +100,6 @@ fn last_step(run: &Path) -> u64 {
                 .unwrap_or(0)
         })
         .unwrap_or(0)
-}
-
-fn status(run: &Path) -> String {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
-    meta["status"].as_str().unwrap().to_string()
 }
 
 fn weights(run: &Path) -> Vec<u8> {

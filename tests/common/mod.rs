@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use burn::backend::Flex;
 use pipe::data::{Batch, Sequence};
@@ -39,8 +39,8 @@ pub fn batch_loss(model: &Gpt2<Flex>, sequences: &[Sequence]) -> f64 {
     sum as f64 / batch.loss_tokens as f64
 }
 
-/// Run `pipe` with `args` in `dir`, with no PIPE_ variables from the outer environment.
-pub fn pipe(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+/// `pipe` with `args` in `dir`, with no PIPE_ variables from the outer environment.
+fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pipe"));
     command.current_dir(dir).args(args);
     for (key, _) in std::env::vars() {
@@ -51,7 +51,24 @@ pub fn pipe(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     for (key, value) in env {
         command.env(key, value);
     }
-    command.output().unwrap()
+    command
+}
+
+/// Run `pipe` with `args` in `dir` to its end.
+pub fn pipe(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(dir, args, env).output().unwrap()
+}
+
+/// Start `pipe` with `args` in `dir`, its output captured.
+pub fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    command(dir, args, env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// A run's `meta.json` status.
+pub fn status(run: &Path) -> String {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    meta["status"].as_str().unwrap().to_string()
 }
 
 pub fn stderr(output: &Output) -> String {
@@ -64,12 +81,22 @@ pub fn stdout(output: &Output) -> String {
 
 /// A run's step records as (step, loss), in file order.
 pub fn step_losses(run: &Path) -> Vec<(u64, f64)> {
+    metric(run, "loss")
+}
+
+/// A run's evaluation records as (step, validation loss), in file order.
+pub fn val_losses(run: &Path) -> Vec<(u64, f64)> {
+    metric(run, "val_loss")
+}
+
+/// (step, value of `field`) for each record of `metrics.jsonl` that has the field.
+fn metric(run: &Path, field: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m.get("loss").is_some())
-        .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
+        .filter(|m| m.get(field).is_some())
+        .map(|m| (m["step"].as_u64().unwrap(), m[field].as_f64().unwrap()))
         .collect()
 }
 
