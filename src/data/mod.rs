@@ -15,7 +15,5 @@ pub use chat_template::JinjaTemplate;
 pub use examples::Examples;
 pub use prepare::PreparedData;
 pub use records::{Example, Record};
-pub use render::{
-    apply_template, prompt_layout, tokenize, tokenize_into, PromptLayout, TokenizeReport, TokenizeSettings,
-};
+pub use render::{apply_template, prompt_layout, tokenize, PromptLayout, TokenizeReport, TokenizeSettings, Tokenizing};
 pub use tokenizer::Tok;

@@ -10,8 +10,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::{
-    cache, pack, prompt_layout, records, tokenize, tokenize_into, Example, Examples, JinjaTemplate, PromptLayout,
-    Sequence, Tok, TokenizeReport, TokenizeSettings,
+    cache, pack, prompt_layout, records, tokenize, Example, Examples, JinjaTemplate, PromptLayout, Sequence, Tok,
+    TokenizeReport, TokenizeSettings, Tokenizing,
 };
 use crate::error::bad_input;
 use crate::model::hf;
@@ -47,9 +47,9 @@ impl PreparedData {
     /// unchanged), checking it against the model's vocabulary and context.
     pub fn prepare(spec: &Spec, tokenizer: Option<&Path>) -> Result<Self> {
         let model_dir = model_dir(&spec.model)?;
-        // The records are read only when needed: to train a tokenizer, or to tokenize (a
-        // cache hit needs neither, so reading a large cached dataset costs no memory).
-        let read_examples = || -> Result<(Vec<Example>, Vec<Example>, PathBuf)> {
+        // The records are read whole only to train a tokenizer on them; tokenizing streams
+        // them, and a cache hit reads none.
+        let read_examples = || -> Result<ReadExamples> {
             let train_examples = records::read(&spec.data.path, &spec.data)?;
             Ok(match &spec.data.val_path {
                 Some(path) => (train_examples, records::read(path, &spec.data)?, path.clone()),
@@ -116,17 +116,13 @@ impl PreparedData {
                 cached
             }
             None => {
-                let (train_examples, val_examples, val_origin) = match examples.take() {
-                    Some(examples) => examples,
-                    None => read_examples()?,
-                };
                 let (data, loss_on) = (&spec.data, spec.train.loss_on);
                 let settings =
                     TokenizeSettings { tok: &tok, data, chat: chat.as_ref(), max_length, loss_on, origin: &data.path };
-                let (val, _) = tokenize(&val_examples, &tok, data, chat.as_ref(), max_length, loss_on, &val_origin)?;
+                let read = examples.take();
                 match cache::Writer::create(&entry) {
                     Ok(mut writer) => {
-                        let report = tokenize_into(&train_examples, &settings, |sequence| writer.push(&sequence))?;
+                        let (report, val) = tokenize_data(spec, &settings, read, |sequence| writer.push(&sequence))?;
                         writer.finish(val, report).context("cannot write the tokenized cache")?;
                         tracing::info!(path = %entry.display(), "tokenized the data and cached it");
                         cache::load(&entry).with_context(|| format!("{}: cannot read back", entry.display()))?
@@ -134,7 +130,7 @@ impl PreparedData {
                     Err(e) => {
                         tracing::warn!("could not cache the tokenized data: {e:#}; keeping it in memory");
                         let mut train = Vec::new();
-                        let report = tokenize_into(&train_examples, &settings, |sequence| {
+                        let (report, val) = tokenize_data(spec, &settings, read, |sequence| {
                             train.push(sequence);
                             Ok(())
                         })?;
@@ -207,25 +203,120 @@ fn model_dir(model: &ModelSpec) -> Result<Option<PathBuf>> {
     }
 }
 
-/// Hold out `fraction` of the examples for validation, chosen by a seeded shuffle (at least
-/// one when the fraction is positive and there are two or more examples).
-fn split(mut examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
-    if fraction <= 0.0 || examples.len() < 2 {
-        return (examples, Vec::new());
-    }
-    let n_val = ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed));
-    let val_set: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
-    let mut val = Vec::with_capacity(n_val);
-    let mut i = 0;
-    examples.retain(|e| {
-        let held_out = val_set.contains(&i);
-        if held_out {
-            val.push(e.clone());
+/// The training examples and the validation examples, with the file the latter came from.
+type ReadExamples = (Vec<Example>, Vec<Example>, PathBuf);
+
+/// Tokenize the training data into `sink`, returning the report and the validation sequences:
+/// from examples already read (to train a tokenizer), or streamed from the files a chunk at a
+/// time, the validation share held back as it passes (after a first pass that counts the
+/// examples, so that the seeded split is the one `split` makes).
+fn tokenize_data(
+    spec: &Spec,
+    settings: &TokenizeSettings<'_>,
+    read: Option<ReadExamples>,
+    sink: impl FnMut(Sequence) -> Result<()>,
+) -> Result<(TokenizeReport, Vec<Sequence>)> {
+    let data = &spec.data;
+    let mut tokenizing = Tokenizing::new(settings, sink);
+    let (val_examples, val_origin) = match (read, &data.val_path) {
+        (Some((train, val, origin)), _) => {
+            train.chunks(records::CHUNK).try_for_each(|chunk| tokenizing.push(chunk))?;
+            (val, origin)
         }
-        i += 1;
-        !held_out
-    });
-    (examples, val)
+        (None, Some(val_path)) => {
+            records::read_chunks(&data.path, data, |chunk| tokenizing.push(&chunk))?;
+            (records::read(val_path, data)?, val_path.clone())
+        }
+        (None, None) => {
+            let count = records::read_chunks(&data.path, data, |_| Ok(()))?;
+            let held_out = held_out(count, data.val_fraction, spec.run.seed);
+            let (mut val, mut index) = (Vec::new(), 0);
+            records::read_chunks(&data.path, data, |mut chunk| {
+                chunk.retain(|example| {
+                    let keep = !held_out.contains(&index);
+                    index += 1;
+                    if !keep {
+                        val.push(example.clone());
+                    }
+                    keep
+                });
+                tokenizing.push(&chunk)
+            })?;
+            (val, data.path.clone())
+        }
+    };
+    let report = tokenizing.finish()?;
+    let TokenizeSettings { tok, chat, max_length, loss_on, .. } = *settings;
+    let (val, _) = tokenize(&val_examples, tok, data, chat, max_length, loss_on, &val_origin)?;
+    Ok((report, val))
+}
+
+/// The indexes of the examples held out for validation: `fraction` of `count`, chosen by a
+/// seeded shuffle (at least one when the fraction is positive and there are two or more).
+fn held_out(count: usize, fraction: f64, seed: u64) -> std::collections::HashSet<usize> {
+    if fraction <= 0.0 || count < 2 {
+        return Default::default();
+    }
+    let n_val = ((count as f64 * fraction).round() as usize).clamp(1, count - 1);
+    let mut order: Vec<usize> = (0..count).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    order[..n_val].iter().copied().collect()
+}
+
+/// Hold out `fraction` of the examples for validation, as `held_out` chooses them.
+fn split(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+    let held_out = held_out(examples.len(), fraction, seed);
+    let (val, train): (Vec<_>, Vec<_>) = examples.into_iter().enumerate().partition(|(i, _)| held_out.contains(i));
+    (train.into_iter().map(|(_, e)| e).collect(), val.into_iter().map(|(_, e)| e).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Streaming the records (the usual path) tokenizes exactly what reading them whole and
+    /// splitting them does (the path a trained tokenizer takes): the same training sequences in
+    /// the same order, the same validation set and report, across several chunks, with blank
+    /// lines and CRLF endings in the file.
+    #[test]
+    fn streamed_records_tokenize_as_records_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.jsonl");
+        let lines: Vec<String> = (0..2 * records::CHUNK + 123)
+            .map(|i| match i % 1000 {
+                7 => String::new(),
+                _ => format!("{{\"prompt\": \"question {i}?\", \"response\": \"answer {}\"}}", i * 31 % 97),
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\r\n")).unwrap();
+        let toml = format!(
+            "[run]\nname = \"t\"\nseed = 3\n[data]\npath = {path:?}\nval_fraction = 0.1\n[model]\npath = \"m\"\n"
+        );
+        let spec: Spec = toml::from_str(&toml).unwrap();
+        let tok =
+            Tok::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json")).unwrap();
+        let settings = TokenizeSettings {
+            tok: &tok,
+            data: &spec.data,
+            chat: None,
+            max_length: 64,
+            loss_on: spec.train.loss_on,
+            origin: &spec.data.path,
+        };
+        let tokenized = |read: Option<ReadExamples>| {
+            let mut train = Vec::new();
+            let (report, val) = tokenize_data(&spec, &settings, read, |s| {
+                train.push(s);
+                Ok(())
+            })
+            .unwrap();
+            (train, val, report)
+        };
+        let whole = records::read(&spec.data.path, &spec.data).unwrap();
+        let (train, val) = split(whole, spec.data.val_fraction, spec.run.seed);
+        let (streamed, read_whole) = (tokenized(None), tokenized(Some((train, val, spec.data.path.clone()))));
+        assert_eq!(streamed.2.examples + streamed.1.len(), lines.len() - 9, "every non-blank line is an example");
+        assert_eq!(streamed.1.len(), ((lines.len() - 9) as f64 * 0.1).round() as usize);
+        assert_eq!(streamed, read_whole);
+    }
 }

@@ -2,6 +2,8 @@
 //! spec's kind says: prompt/response pairs, alpaca records, chat conversations or documents.
 //! Each record remembers the line it starts on, for messages.
 
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use anyhow::Result;
@@ -66,63 +68,136 @@ enum Row {
     Csv(std::collections::HashMap<String, String>),
 }
 
+/// Examples handed out at a time by `read_chunks`.
+pub const CHUNK: usize = 4096;
+
 /// Read the examples of one file.
 pub fn read(path: &Path, spec: &DataSpec) -> Result<Vec<Example>> {
-    let bytes =
-        std::fs::read(path).map_err(|e| bad_input(format!("{}: cannot read the dataset: {e}", path.display())))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-        bad_input(format!("{}:{line}: not valid UTF-8", path.display()))
+    let mut all = Vec::new();
+    read_chunks(path, spec, |chunk| {
+        all.extend(chunk);
+        Ok(())
     })?;
+    Ok(all)
+}
+
+/// The examples of one file in order, handed to `each` up to [`CHUNK`] at a time; returns how
+/// many there were. The line formats (JSONL, CSV, text by line) are read as a stream, so
+/// memory holds one chunk of records, not the file; a JSON array, or a text file that is one
+/// document, is read whole.
+pub fn read_chunks(path: &Path, spec: &DataSpec, each: impl FnMut(Vec<Example>) -> Result<()>) -> Result<usize> {
+    let cannot_read = |e: std::io::Error| bad_input(format!("{}: cannot read the dataset: {e}", path.display()));
+    let mut reader = BufReader::with_capacity(1 << 20, File::open(path).map_err(cannot_read)?);
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let format = match spec.format {
         DataFormat::Auto => match extension {
             "jsonl" => DataFormat::Jsonl,
             "csv" => DataFormat::Csv,
             "txt" | "text" => DataFormat::Text,
-            _ if text.trim_start().starts_with('[') => DataFormat::Json,
-            _ => DataFormat::Jsonl,
+            _ => {
+                let head = reader.fill_buf().map_err(cannot_read)?;
+                match head.iter().find(|b| !b.is_ascii_whitespace()) {
+                    Some(b'[') => DataFormat::Json,
+                    _ => DataFormat::Jsonl,
+                }
+            }
         },
         other => other,
     };
-    let examples = match format {
-        DataFormat::Text => {
-            if spec.kind != DataKind::Text {
-                return Err(bad_input(format!(
-                    "{}: a plain-text file holds documents: set data.kind = \"text\"",
-                    path.display()
-                )));
+    if format == DataFormat::Text && spec.kind != DataKind::Text {
+        return Err(bad_input(format!(
+            "{}: a plain-text file holds documents: set data.kind = \"text\"",
+            path.display()
+        )));
+    }
+    let mut chunks = Chunks { each, chunk: Vec::with_capacity(CHUNK), count: 0 };
+    let example =
+        |line: usize, row: Row| -> Result<Example> { Ok(Example { record: record(path, line, &row, spec)?, line }) };
+    match (format, spec.documents) {
+        (DataFormat::Text, Documents::File) => {
+            chunks.push(Example { record: Record::Text { text: whole_text(path, reader)? }, line: 1 })?
+        }
+        (DataFormat::Text, Documents::Line) => {
+            for line in lines(path, reader) {
+                let (number, text) = line?;
+                if !text.trim().is_empty() {
+                    chunks.push(Example { record: Record::Text { text }, line: number })?;
+                }
             }
-            documents(&text, spec.documents)
         }
+        (DataFormat::Jsonl, _) => {
+            for line in lines(path, reader) {
+                let (number, text) = line?;
+                if !text.trim().is_empty() {
+                    chunks.push(example(number, jsonl_row(path, number, &text)?)?)?;
+                }
+            }
+        }
+        (DataFormat::Csv, _) => csv_rows(path, reader, |line, row| chunks.push(example(line, row)?))?,
         _ => {
-            let rows = match format {
-                DataFormat::Csv => csv_rows(path, &text)?,
-                DataFormat::Jsonl => jsonl_rows(path, &text)?,
-                _ => json_array(path, &text)?,
-            };
-            rows.into_iter()
-                .map(|(line, row)| Ok(Example { record: record(path, line, &row, spec)?, line }))
-                .collect::<Result<Vec<_>>>()?
+            for (line, row) in json_array(path, &whole_text(path, reader)?)? {
+                chunks.push(example(line, row)?)?;
+            }
         }
-    };
-    if examples.is_empty() {
+    }
+    let count = chunks.finish()?;
+    if count == 0 {
         return Err(bad_input(format!("{}: the dataset has no examples", path.display())));
     }
-    Ok(examples)
+    Ok(count)
 }
 
-fn documents(text: &str, documents: Documents) -> Vec<Example> {
-    match documents {
-        Documents::File => vec![Example { record: Record::Text { text: text.to_string() }, line: 1 }],
-        Documents::Line => text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| Example { record: Record::Text { text: l.to_string() }, line: i + 1 })
-            .collect(),
+/// Examples gathered into chunks for a consumer.
+struct Chunks<F: FnMut(Vec<Example>) -> Result<()>> {
+    each: F,
+    chunk: Vec<Example>,
+    count: usize,
+}
+
+impl<F: FnMut(Vec<Example>) -> Result<()>> Chunks<F> {
+    fn push(&mut self, example: Example) -> Result<()> {
+        self.chunk.push(example);
+        self.count += 1;
+        match self.chunk.len() == CHUNK {
+            true => (self.each)(std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK))),
+            false => Ok(()),
+        }
     }
+
+    /// Hand out the last, partial chunk; how many examples there were.
+    fn finish(mut self) -> Result<usize> {
+        if !self.chunk.is_empty() {
+            (self.each)(std::mem::take(&mut self.chunk))?;
+        }
+        Ok(self.count)
+    }
+}
+
+/// The rest of the file as text; bytes that are not UTF-8 are an error naming their line.
+fn whole_text(path: &Path, mut reader: impl Read) -> Result<String> {
+    let mut bytes = Vec::new();
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad_input(format!("{}: cannot read the dataset: {e}", path.display())))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        bad_input(format!("{}:{line}: not valid UTF-8", path.display()))
+    })
+}
+
+/// The file's lines, numbered from 1, without their line ending (`\n` or `\r\n`); a line that
+/// is not UTF-8 is an error naming it.
+fn lines<'a>(path: &'a Path, reader: impl BufRead + 'a) -> impl Iterator<Item = Result<(usize, String)>> + 'a {
+    reader.split(b'\n').enumerate().map(move |(i, line)| {
+        let mut bytes = line.map_err(|e| bad_input(format!("{}: cannot read the dataset: {e}", path.display())))?;
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| bad_input(format!("{}:{}: not valid UTF-8", path.display(), i + 1)))?;
+        Ok((i + 1, text))
+    })
 }
 
 fn record(path: &Path, line: usize, row: &Row, spec: &DataSpec) -> Result<Record> {
@@ -200,28 +275,21 @@ fn record(path: &Path, line: usize, row: &Row, spec: &DataSpec) -> Result<Record
     })
 }
 
-fn jsonl_rows(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| match serde_json::from_str::<Value>(l) {
-            Ok(value @ Value::Object(_)) => Ok((i + 1, Row::Json(value))),
-            Ok(other) => Err(bad_input(format!(
-                "{}:{}: expected a JSON object, found {}",
-                path.display(),
-                i + 1,
-                kind_of(&other)
-            ))),
-            Err(e) => Err(bad_input(format!("{}:{}: not a JSON object: {e}", path.display(), i + 1))),
-        })
-        .collect()
+fn jsonl_row(path: &Path, line: usize, text: &str) -> Result<Row> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(value @ Value::Object(_)) => Ok(Row::Json(value)),
+        Ok(other) => {
+            Err(bad_input(format!("{}:{line}: expected a JSON object, found {}", path.display(), kind_of(&other))))
+        }
+        Err(e) => Err(bad_input(format!("{}:{line}: not a JSON object: {e}", path.display()))),
+    }
 }
 
-fn csv_rows(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
+/// Each CSV record after the header row, with its line, handed to `each` as it is read.
+fn csv_rows(path: &Path, reader: impl Read, mut each: impl FnMut(usize, Row) -> Result<()>) -> Result<()> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(reader);
     let headers =
         reader.headers().map_err(|e| bad_input(format!("{}:1: not a CSV header row: {e}", path.display())))?.clone();
-    let mut rows = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| {
             let line = e.position().map_or(0, |p| p.line());
@@ -229,9 +297,9 @@ fn csv_rows(path: &Path, text: &str) -> Result<Vec<(usize, Row)>> {
         })?;
         let line = record.position().map_or(0, |p| p.line()) as usize;
         let map = headers.iter().zip(record.iter()).map(|(h, v)| (h.to_string(), v.to_string())).collect();
-        rows.push((line, Row::Csv(map)));
+        each(line, Row::Csv(map))?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// A JSON array of records, each with the line its object starts on.

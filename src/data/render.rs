@@ -209,10 +209,12 @@ pub fn tokenize(
 ) -> Result<(Vec<Sequence>, TokenizeReport)> {
     let mut sequences = Vec::with_capacity(examples.len());
     let settings = TokenizeSettings { tok, data, chat, max_length, loss_on, origin };
-    let report = tokenize_into(examples, &settings, |sequence| {
+    let mut tokenizing = Tokenizing::new(&settings, |sequence| {
         sequences.push(sequence);
         Ok(())
-    })?;
+    });
+    examples.chunks(4096).try_for_each(|chunk| tokenizing.push(chunk))?;
+    let report = tokenizing.finish()?;
     Ok((sequences, report))
 }
 
@@ -227,25 +229,35 @@ pub struct TokenizeSettings<'a> {
     pub origin: &'a Path,
 }
 
-/// `tokenize`, handing each sequence to `sink` in order as it is made: examples are tokenized
-/// a chunk at a time, each chunk in parallel, so memory holds one chunk's tokens, not the
-/// dataset's (documents excepted: their token stream is cut into blocks at the end).
-pub fn tokenize_into(
-    examples: &[Example],
-    settings: &TokenizeSettings<'_>,
-    mut sink: impl FnMut(Sequence) -> Result<()>,
-) -> Result<TokenizeReport> {
-    use rayon::prelude::*;
-    let TokenizeSettings { tok, data, chat, max_length, loss_on, origin } = *settings;
-    let mut report = TokenizeReport { examples: examples.len(), ..Default::default() };
-    let mut emit = |sequence: Sequence, report: &mut TokenizeReport| {
-        report.sequences += 1;
-        report.tokens += sequence.ids.len();
-        report.trained_tokens += sequence.loss_tokens();
-        sink(sequence)
-    };
-    let (mut stream, mut stream_trained) = (Vec::new(), Vec::new());
-    for chunk in examples.chunks(4096) {
+/// Tokenizing examples a chunk at a time as they are read, each chunk in parallel, handing
+/// each sequence to the sink in order: memory holds one chunk's tokens, not the dataset's
+/// (documents excepted: their token stream is cut into blocks at the end).
+pub struct Tokenizing<'a, S: FnMut(Sequence) -> Result<()>> {
+    settings: &'a TokenizeSettings<'a>,
+    sink: S,
+    report: TokenizeReport,
+    /// Documents' tokens, joined, and whether each is trained on.
+    stream: Vec<u32>,
+    stream_trained: Vec<bool>,
+}
+
+impl<'a, S: FnMut(Sequence) -> Result<()>> Tokenizing<'a, S> {
+    pub fn new(settings: &'a TokenizeSettings<'a>, sink: S) -> Self {
+        Self { settings, sink, report: TokenizeReport::default(), stream: Vec::new(), stream_trained: Vec::new() }
+    }
+
+    fn emit(&mut self, sequence: Sequence) -> Result<()> {
+        self.report.sequences += 1;
+        self.report.tokens += sequence.ids.len();
+        self.report.trained_tokens += sequence.loss_tokens();
+        (self.sink)(sequence)
+    }
+
+    /// The next examples, in the order of the data.
+    pub fn push(&mut self, chunk: &[Example]) -> Result<()> {
+        use rayon::prelude::*;
+        let TokenizeSettings { tok, data, chat, max_length, loss_on, origin } = *self.settings;
+        self.report.examples += chunk.len();
         let encoded: Vec<Result<(Vec<u32>, Vec<bool>)>> = chunk
             .par_iter()
             .map(|example| match (&example.record, chat) {
@@ -257,14 +269,14 @@ pub fn tokenize_into(
         for (example, encoded) in chunk.iter().zip(encoded) {
             let (mut ids, mut trained) = encoded?;
             if matches!(example.record, Record::Text { .. }) {
-                stream.extend(ids);
-                stream_trained.extend(trained);
+                self.stream.extend(ids);
+                self.stream_trained.extend(trained);
                 continue;
             }
             let first_trained = trained.iter().skip(1).position(|&t| t).map_or(ids.len(), |p| p + 1);
             if first_trained >= max_length {
                 if matches!(example.record, Record::Chat { .. }) {
-                    report.dropped += 1;
+                    self.report.dropped += 1;
                     continue;
                 }
                 return Err(bad_input(format!(
@@ -276,32 +288,40 @@ pub fn tokenize_into(
             if ids.len() > max_length {
                 ids.truncate(max_length);
                 trained.truncate(max_length);
-                report.truncated += 1;
+                self.report.truncated += 1;
             }
-            emit(Sequence::new(ids, trained), &mut report)?;
+            self.emit(Sequence::new(ids, trained))?;
         }
+        Ok(())
     }
-    // Documents: one stream, cut into blocks that overlap by one token so every token after
-    // the first is a target exactly once.
-    if stream.len() >= 2 {
-        let stride = max_length - 1;
-        let mut start = 0;
-        while start + 1 < stream.len() {
-            let end = (start + max_length).min(stream.len());
-            emit(Sequence::new(stream[start..end].to_vec(), stream_trained[start..end].to_vec()), &mut report)?;
-            start += stride;
+
+    /// The documents' blocks, then what was made of the examples.
+    pub fn finish(mut self) -> Result<TokenizeReport> {
+        let max_length = self.settings.max_length;
+        // Documents: one stream, cut into blocks that overlap by one token so every token after
+        // the first is a target exactly once.
+        let (stream, stream_trained) = (std::mem::take(&mut self.stream), std::mem::take(&mut self.stream_trained));
+        if stream.len() >= 2 {
+            let stride = max_length - 1;
+            let mut start = 0;
+            while start + 1 < stream.len() {
+                let end = (start + max_length).min(stream.len());
+                self.emit(Sequence::new(stream[start..end].to_vec(), stream_trained[start..end].to_vec()))?;
+                start += stride;
+            }
         }
+        let report = self.report;
+        if report.truncated > 0 || report.dropped > 0 {
+            tracing::warn!(
+                truncated = report.truncated,
+                dropped = report.dropped,
+                of = report.examples,
+                max_length,
+                "examples longer than max_length were cut from the end (dropped when nothing to train on was left)"
+            );
+        }
+        Ok(report)
     }
-    if report.truncated > 0 || report.dropped > 0 {
-        tracing::warn!(
-            truncated = report.truncated,
-            dropped = report.dropped,
-            of = report.examples,
-            max_length,
-            "examples longer than max_length were cut from the end (dropped when nothing to train on was left)"
-        );
-    }
-    Ok(report)
 }
 
 /// A sequence as text with the trained tokens marked `[[...]]`, to see what the loss is on.
