@@ -15,11 +15,11 @@ use serde_json::{json, Value};
 
 use crate::backend::BackendJob;
 use crate::data::Sequence;
-use crate::generate::{Generator, Sampling};
+use crate::generate::{Decode, Generator, Sampling};
 use crate::model::gpt2::Precision;
 use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
-use crate::model::{CausalLm, Gpt2, Gpt2Config};
-use crate::spec::{LoraSpec, OptimizerKind, OptimizerSpec};
+use crate::model::{Bf16Decoder, CausalLm, Gpt2, Gpt2Config};
+use crate::spec::{BackendKind, LoraSpec, OptimizerKind, OptimizerSpec};
 use crate::train::Trainer;
 
 /// The model and run sizes, as `pipe bench` flags (torch_ref.py's, plus the precision).
@@ -52,7 +52,8 @@ pub struct BenchShape {
     /// Tokens to generate greedily after training (after a 16-token prompt).
     #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
-    /// f32, or bf16 (linear layers multiply in bf16, f32 master weights; as run.precision).
+    /// f32, or bf16: training's linear layers multiply in bf16 with f32 master weights (as
+    /// run.precision); on the CPU, generation decodes with bf16 weights (as generate --precision).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
     /// Train LoRA adapters of this rank (alpha = 2·rank) on the attention projections of a
@@ -74,7 +75,8 @@ impl BenchShape {
     }
 }
 
-pub struct Bench(pub BenchShape);
+/// The bench at a shape, on a backend.
+pub struct Bench(pub BenchShape, pub BackendKind);
 
 impl BackendJob for Bench {
     type Output = Value;
@@ -122,24 +124,81 @@ impl BackendJob for Bench {
         let train_tps = (shape.batch * shape.seq) as f64 / median;
 
         let inference = model.valid();
-        let mut generator = Generator::new(&inference, &device, 0);
         let prompt = random_ids(16);
-        generator.generate(&prompt, 4, Sampling::GREEDY, None, |_| true);
-        let started = Instant::now();
-        let new = generator.generate(&prompt, shape.gen_tokens, Sampling::GREEDY, None, |_| true);
-        let gen_tps = new.len() as f64 / started.elapsed().as_secs_f64();
+        let gen_tps = match (shape.precision, self.1) {
+            // On the CPU, bf16 generation is pipe's bf16-weight decoder (what `pipe generate
+            // --precision bf16` runs); elsewhere the model's own bf16 products.
+            (Precision::Bf16, BackendKind::Cpu) => {
+                generation_speed(Generator::with(Bf16Decoder::new(&inference), 0), &prompt, shape.gen_tokens)
+            }
+            _ => generation_speed(Generator::new(&inference, &device, 0), &prompt, shape.gen_tokens),
+        };
 
+        let peak_rss = peak_rss_mib(); // before the yardsticks below allocate their own buffers
+        let train_gflops = train_tps * shape.train_flops_per_token(params, trainable) / 1e9;
+        // What generation reads per token: every weight but the unused position rows, at the
+        // bytes the decoder holds them in.
+        let weight_bytes = match (shape.precision, self.1) {
+            (Precision::Bf16, BackendKind::Cpu) => 2.0,
+            _ => 4.0,
+        } * (params - shape.seq.max(1024) * shape.embd) as f64;
+        let machine = match self.1 {
+            // The same machine's yardsticks, so that figures compare across CPUs.
+            BackendKind::Cpu => {
+                let (gemm, memory) = (crate::model::gemm_gflops(2048, 3), memory_read_gb_per_s());
+                json!({
+                    "gemm_f32_gflops": gemm.round(),
+                    "train_fraction_of_gemm": (train_gflops / gemm * 1000.0).round() / 1000.0,
+                    "memory_read_gb_per_s": (memory * 10.0).round() / 10.0,
+                    "gen_fraction_of_memory": (gen_tps * weight_bytes / 1e9 / memory * 1000.0).round() / 1000.0,
+                })
+            }
+            _ => json!(null),
+        };
         Ok(json!({
             "impl": format!("pipe {} burn 0.21 {}", env!("CARGO_PKG_VERSION"), device_name),
             "params": params,
             "trainable_params": trainable,
             "train_tokens_per_s": (train_tps * 10.0).round() / 10.0,
             "gen_tokens_per_s": (gen_tps * 10.0).round() / 10.0,
-            "peak_rss_mib": peak_rss_mib(),
-            "train_tflops": (train_tps * shape.train_flops_per_token(params, trainable) / 1e12 * 1000.0).round() / 1000.0,
+            "peak_rss_mib": peak_rss,
+            "train_tflops": (train_gflops / 1e3 * 1000.0).round() / 1000.0,
+            "gen_weight_gb_per_s": (gen_tps * weight_bytes / 1e9 * 10.0).round() / 10.0,
+            "machine": machine,
             "shape": shape,
         }))
     }
+}
+
+/// Greedy tokens per second after `prompt`, after a short warm-up.
+fn generation_speed(mut generator: Generator<impl Decode>, prompt: &[u32], tokens: usize) -> f64 {
+    generator.generate(prompt, 4, Sampling::GREEDY, None, |_| true);
+    let started = Instant::now();
+    let new = generator.generate(prompt, tokens, Sampling::GREEDY, None, |_| true);
+    new.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// How fast all threads together read memory: the best of three sums over 512 MiB, more than
+/// any cache holds.
+fn memory_read_gb_per_s() -> f64 {
+    use rayon::prelude::*;
+    let buffer = vec![1.0f32; 128 << 20];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let sum: f32 = buffer
+            .par_chunks(1 << 16)
+            .map(|chunk| {
+                // Sixteen lanes, so that the loop vectorises.
+                let mut lanes = [0.0f32; 16];
+                chunk.chunks_exact(16).for_each(|c| lanes.iter_mut().zip(c).for_each(|(l, v)| *l += v));
+                lanes.iter().sum::<f32>()
+            })
+            .sum();
+        best = best.min(started.elapsed().as_secs_f64());
+        std::hint::black_box(sum);
+    }
+    (buffer.len() * 4) as f64 / best / 1e9
 }
 
 /// The process's peak resident set size in MiB.

@@ -7,8 +7,7 @@ use std::io::{BufRead, Write};
 use anyhow::Result;
 
 use crate::data::{PromptLayout, Tok};
-use crate::generate::{Generator, Sampling};
-use crate::model::{CausalLm, FusedOps};
+use crate::generate::{Decode, Generator, Sampling};
 
 pub struct ChatSettings {
     pub layout: PromptLayout,
@@ -18,16 +17,15 @@ pub struct ChatSettings {
 }
 
 /// Converse over `input` until EOF or `/exit`, writing replies to `output`.
-pub fn chat<B: FusedOps, M: CausalLm<B>>(
-    model: &M,
+pub fn chat(
+    model: impl Decode,
     tok: &Tok,
     settings: &ChatSettings,
-    device: &B::Device,
     input: impl BufRead,
     mut output: impl Write,
 ) -> Result<()> {
     let context = model.context();
-    let mut generator = Generator::new(model, device, settings.seed);
+    let mut generator = Generator::with(model, settings.seed);
     // Each finished turn: the laid-out user line, the reply and EOS, as token ids.
     let mut history: Vec<Vec<u32>> = Vec::new();
     writeln!(

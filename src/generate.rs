@@ -8,7 +8,8 @@ use rand::{Rng, SeedableRng};
 use anyhow::Result;
 
 use crate::data::{PromptLayout, Tok};
-use crate::model::{CausalLm, FusedOps};
+use crate::model::bf16_decoder::Bf16Cache;
+use crate::model::{Bf16Decoder, CausalLm, FusedOps};
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,16 +26,126 @@ impl Sampling {
     pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
 }
 
+/// What generation, scoring and chat need of a model: its context, a cache per decoding
+/// session, the next-token logits, and every position's NLL. Two kinds: a burn model on its
+/// device ([`OnDevice`], in the model's own precision) and [`Bf16Decoder`] (the CPU, bf16 weights).
+pub trait Decode {
+    type Cache;
+    /// The positions the model attends over.
+    fn context(&self) -> usize;
+    /// An empty cache for one decoding session.
+    fn new_cache(&self) -> Self::Cache;
+    /// How many positions `cache` holds.
+    fn cached(&self, cache: &Self::Cache) -> usize;
+    /// The next-token logits after `tokens`, which follow the cached positions (and join
+    /// them). tokens: [n] → [vocab]
+    fn next_logits(&self, tokens: &[u32], cache: &mut Self::Cache) -> Vec<f32>;
+    /// −log p(ids[i + 1] | ids[..= i]) for each position i. ids: [n] → [n − 1]
+    fn token_nll(&self, ids: &[u32]) -> Vec<f32>;
+}
+
+impl<T: Decode> Decode for &T {
+    type Cache = T::Cache;
+    fn context(&self) -> usize {
+        (*self).context()
+    }
+    fn new_cache(&self) -> T::Cache {
+        (*self).new_cache()
+    }
+    fn cached(&self, cache: &T::Cache) -> usize {
+        (*self).cached(cache)
+    }
+    fn next_logits(&self, tokens: &[u32], cache: &mut T::Cache) -> Vec<f32> {
+        (*self).next_logits(tokens, cache)
+    }
+    fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
+        (*self).token_nll(ids)
+    }
+}
+
+/// A burn model on its device: decoding through its tensors, in its own precision.
+pub struct OnDevice<'a, B: FusedOps, M: CausalLm<B>> {
+    pub model: &'a M,
+    pub device: B::Device,
+}
+
+impl<B: FusedOps, M: CausalLm<B>> OnDevice<'_, B, M> {
+    /// ids: [n] → [1, n]
+    fn tensor(&self, ids: &[u32]) -> Tensor<B, 2, Int> {
+        Tensor::from_data(TensorData::new(ids.iter().map(|&t| t as i32).collect(), [1, ids.len()]), &self.device)
+    }
+}
+
+impl<B: FusedOps, M: CausalLm<B>> Decode for OnDevice<'_, B, M> {
+    type Cache = M::Cache;
+    fn context(&self) -> usize {
+        self.model.context()
+    }
+    fn new_cache(&self) -> M::Cache {
+        self.model.new_cache()
+    }
+    fn cached(&self, cache: &M::Cache) -> usize {
+        M::cached(cache)
+    }
+    fn next_logits(&self, tokens: &[u32], cache: &mut M::Cache) -> Vec<f32> {
+        let logits = self.model.next_logits(self.tensor(tokens), cache); // [1, vocab]
+        logits.into_data().convert::<f32>().to_vec().expect("f32 logits")
+    }
+    fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
+        let n = ids.len() - 1;
+        let nll = self.model.token_nll(self.tensor(&ids[..n]), self.tensor(&ids[1..])); // [1, n]
+        nll.into_data().convert::<f32>().to_vec().expect("f32 NLL")
+    }
+}
+
+impl Decode for Bf16Decoder {
+    type Cache = Bf16Cache;
+    fn context(&self) -> usize {
+        self.config().n_positions
+    }
+    fn new_cache(&self) -> Bf16Cache {
+        Bf16Decoder::new_cache(self)
+    }
+    fn cached(&self, cache: &Bf16Cache) -> usize {
+        cache.seen()
+    }
+    fn next_logits(&self, tokens: &[u32], cache: &mut Bf16Cache) -> Vec<f32> {
+        self.logits(tokens, cache, false)
+    }
+    fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
+        let n = ids.len() - 1;
+        let logits = self.logits(&ids[..n], &mut self.new_cache(), true); // [n, vocab]
+        let vocab = logits.len() / n;
+        logits
+            .chunks_exact(vocab)
+            .zip(&ids[1..])
+            .map(|(row, &target)| log_sum_exp(row) - row[target as usize])
+            .collect()
+    }
+}
+
+/// log Σ e^x, shifted by the maximum so that nothing overflows.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    max + row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32
+}
+
 /// A generator over one model, with its own seeded random stream.
-pub struct Generator<'a, B: FusedOps, M: CausalLm<B>> {
-    model: &'a M,
-    device: B::Device,
+pub struct Generator<D: Decode> {
+    decoder: D,
     rng: StdRng,
 }
 
-impl<'a, B: FusedOps, M: CausalLm<B>> Generator<'a, B, M> {
+impl<'a, B: FusedOps, M: CausalLm<B>> Generator<OnDevice<'a, B, M>> {
+    /// Generation from a burn model on `device`.
     pub fn new(model: &'a M, device: &B::Device, seed: u64) -> Self {
-        Self { model, device: device.clone(), rng: StdRng::seed_from_u64(seed) }
+        Self::with(OnDevice { model, device: device.clone() }, seed)
+    }
+}
+
+impl<D: Decode> Generator<D> {
+    pub fn with(decoder: D, seed: u64) -> Self {
+        Self { decoder, rng: StdRng::seed_from_u64(seed) }
     }
 
     /// Continue `prompt` by up to `max_new_tokens`, stopping after `eos` (which is returned as
@@ -48,20 +159,15 @@ impl<'a, B: FusedOps, M: CausalLm<B>> Generator<'a, B, M> {
         eos: Option<u32>,
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Vec<u32> {
-        let context = self.model.context();
-        let mut cache = self.model.new_cache();
+        let context = self.decoder.context();
+        let mut cache = self.decoder.new_cache();
         let mut out = Vec::new();
         if prompt.is_empty() || prompt.len() >= context {
             return out;
         }
         let mut feed: Vec<u32> = prompt.to_vec();
-        while out.len() < max_new_tokens && M::cached(&cache) + feed.len() <= context {
-            let tokens = Tensor::<B, 2, Int>::from_data(
-                TensorData::new(feed.iter().map(|&t| t as i32).collect(), [1, feed.len()]),
-                &self.device,
-            );
-            let logits = self.model.next_logits(tokens, &mut cache); // [1, vocab]
-            let logits: Vec<f32> = logits.into_data().to_vec().expect("f32 logits");
+        while out.len() < max_new_tokens && self.decoder.cached(&cache) + feed.len() <= context {
+            let logits = self.decoder.next_logits(&feed, &mut cache); // [vocab]
             let next = sample(&logits, sampling, &mut self.rng);
             let go_on = on_token(next);
             out.push(next);

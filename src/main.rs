@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use pipe::data::PromptLayout;
 use pipe::data::Tok;
 use pipe::error::{bad_input, interrupted_by, is_bad_input};
-use pipe::generate::{Generator, Sampling};
-use pipe::model::{hf, CausalLm, Gpt2};
+use pipe::generate::{Generator, OnDevice, Sampling};
+use pipe::model::gpt2::Precision;
+use pipe::model::{hf, Bf16Decoder, CausalLm, Gpt2};
 use pipe::spec::{BackendKind, GenerateSpec};
 use pipe::{backend, chat, pipeline, runs, score, spec};
 
@@ -145,6 +146,9 @@ enum Command {
         /// checkpoint folder inside the run (`checkpoints/step-000100`).
         #[arg(long)]
         checkpoint: Option<String>,
+        /// `bf16`: score with the weights rounded to bf16 (activations and sums stay f32).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
     },
     /// Talk to a model: each line is laid out with the run's prompt template, replies stream.
     Chat {
@@ -222,6 +226,10 @@ struct SamplingArgs {
     /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
     #[arg(long)]
     checkpoint: Option<String>,
+    /// `bf16`: decode with the weights rounded to bf16 (half the memory each token reads;
+    /// activations and sums stay f32) [default: the run's generate.precision, else f32].
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
 }
 
 impl SamplingArgs {
@@ -371,6 +379,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let layout = source.layout.filter(|_| !raw).unwrap_or_else(PromptLayout::raw);
             let defaults = source.spec.map(|s| s.generate).unwrap_or_default();
             let (settings, max_new_tokens, seed) = sampling.resolve(&defaults)?;
+            let precision = sampling.precision.unwrap_or(defaults.precision);
             let text_in = layout.apply(&prompt);
             let ids = tok.encode(&text_in)?;
             if ids.is_empty() || ids.len() >= model.context() {
@@ -380,8 +389,18 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     model.context() - 1
                 )));
             }
-            let mut generator = Generator::new(&model, &device, seed);
-            let new = generator.answer(&tok, &layout, &ids, max_new_tokens, settings)?;
+            let new = match precision {
+                Precision::F32 => {
+                    Generator::new(&model, &device, seed).answer(&tok, &layout, &ids, max_new_tokens, settings)?
+                }
+                Precision::Bf16 => Generator::with(Bf16Decoder::new(&model), seed).answer(
+                    &tok,
+                    &layout,
+                    &ids,
+                    max_new_tokens,
+                    settings,
+                )?,
+            };
             let text = layout.cut(&tok.decode(&new)?).to_string();
             if json {
                 let record = serde_json::json!({"prompt": prompt, "laid_out": text_in, "completion": text, "prompt_ids": ids, "new_ids": new});
@@ -390,13 +409,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("{text_in}{text}");
             }
         }
-        Command::Score { model, runs, text, file, json, checkpoint } => {
+        Command::Score { model, runs, text, file, json, checkpoint, precision } => {
             let (model, tok, _) = load_model(&runs, &model, checkpoint.as_deref())?;
             let mut texts = text;
             if let Some(file) = file {
                 texts.extend(score::read_texts(&file)?);
             }
-            let (scores, overall) = score::score(&model, &tok, &texts, &device)?;
+            let (scores, overall) = match precision {
+                Precision::F32 => score::score(&OnDevice::<Cpu, _> { model: &model, device }, &tok, &texts)?,
+                Precision::Bf16 => score::score(&Bf16Decoder::new(&model), &tok, &texts)?,
+            };
             if json {
                 println!("{}", serde_json::json!({"texts": scores, "overall": overall}));
             } else {
@@ -415,9 +437,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 (None, None) => PromptLayout::new("{prompt}\n".into()),
             };
             let defaults = spec.map(|s| s.generate).unwrap_or_default();
+            let precision = sampling.precision.unwrap_or(defaults.precision);
             let (sampling, max_new_tokens, seed) = sampling.resolve(&defaults)?;
             let settings = chat::ChatSettings { layout, sampling, max_new_tokens, seed };
-            chat::chat(&model, &tok, &settings, &device, std::io::stdin().lock(), std::io::stdout())?;
+            let (input, output) = (std::io::stdin().lock(), std::io::stdout());
+            match precision {
+                Precision::F32 => {
+                    chat::chat(OnDevice::<Cpu, _> { model: &model, device }, &tok, &settings, input, output)?
+                }
+                Precision::Bf16 => chat::chat(Bf16Decoder::new(&model), &tok, &settings, input, output)?,
+            }
         }
         Command::Bench { shape, backend: kind, device } => {
             let sizes = [shape.layers, shape.heads, shape.embd, shape.vocab, shape.seq, shape.batch, shape.steps];
@@ -427,7 +456,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if let Some(rank) = shape.lora_rank.filter(|&r| r == 0 || r > shape.embd) {
                 return Err(bad_input(format!("--lora-rank {rank}: must be 1 to --embd ({})", shape.embd)));
             }
-            let result = backend::dispatch(kind, device, pipe::bench::Bench(shape))?;
+            let result = backend::dispatch(kind, device, pipe::bench::Bench(shape, kind))?;
             println!("{result}");
         }
         Command::Export { run, runs, out, checkpoint, merge } => {

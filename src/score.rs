@@ -2,12 +2,11 @@
 //! BOS or EOS added), so that pipe can be checked against transformers token by token.
 
 use anyhow::Result;
-use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::data::Tok;
 use crate::error::bad_input;
-use crate::model::{CausalLm, FusedOps};
+use crate::generate::Decode;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TextScore {
@@ -28,12 +27,7 @@ pub struct Overall {
 }
 
 /// Score each text; texts longer than the model's context are an error naming them.
-pub fn score<B: FusedOps, M: CausalLm<B>>(
-    model: &M,
-    tok: &Tok,
-    texts: &[String],
-    device: &B::Device,
-) -> Result<(Vec<TextScore>, Overall)> {
+pub fn score(model: &impl Decode, tok: &Tok, texts: &[String]) -> Result<(Vec<TextScore>, Overall)> {
     if texts.is_empty() {
         return Err(bad_input("no texts to score: give --text or a --file with texts in it"));
     }
@@ -51,15 +45,9 @@ pub fn score<B: FusedOps, M: CausalLm<B>>(
                 ids.len()
             )));
         }
-        let token_logprobs = if ids.len() < 2 {
-            Vec::new()
-        } else {
-            let n = ids.len() - 1;
-            let tensor = |ids: &[u32]| {
-                Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&t| t as i32).collect(), [1, n]), device)
-            };
-            let nll = model.token_nll(tensor(&ids[..n]), tensor(&ids[1..])); // [1, n]
-            nll.into_data().to_vec::<f32>().expect("f32 NLL").into_iter().map(|v| -(v as f64)).collect()
+        let token_logprobs = match ids.len() {
+            0 | 1 => Vec::new(),
+            _ => model.token_nll(&ids).into_iter().map(|v| -(v as f64)).collect(),
         };
         let loss = mean_nll(&token_logprobs);
         scores.push(TextScore { text: text.clone(), ids, token_logprobs, loss, perplexity: loss.map(f64::exp) });

@@ -249,6 +249,11 @@ fn catalogue() -> Vec<Case> {
             &["spec.toml", "run.precision", "fp16"],
         ),
         case(
+            "bf16-weight decoding on a GPU backend",
+            sub("[train]", "[generate]\nprecision = \"bf16\"\n[train]").replace("runs_dir = \"runs\"", "runs_dir = \"runs\"\nbackend = \"cuda\""),
+            &["spec.toml", "generate.precision", "run.backend = \"cpu\""],
+        ),
+        case(
             "cuda not compiled in",
             sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\nbackend = \"cuda\""),
             &["run.backend", "--features cuda"],

@@ -89,6 +89,19 @@ fn adapter_logits_and_nll_match_peft() {
     assert!(plain.iter().zip(&all).any(|(a, b)| (a - b).abs() > 1e-2), "the PEFT adapter has an effect");
 }
 
+/// Decoding with bf16 weights folds the adapters in first: the NLL follows PEFT's within bf16
+/// resolution (0.01 absolute, as for the base model in tests/bf16_decode.rs), not the base's.
+#[test]
+fn bf16_decoding_includes_the_adapters() {
+    use pipe::generate::Decode;
+    let reference = peft_reference();
+    let text = ids(&reference_text());
+    let adapted = pipe::model::Bf16Decoder::new(&with_peft::<B>()).token_nll(&text);
+    assert_close("bf16 per-token NLL", &adapted, &reference["nll"].1, 1e-2, 0.0);
+    let plain = pipe::model::Bf16Decoder::new(&base::<B>()).token_nll(&text);
+    assert!(plain.iter().zip(&adapted).any(|(a, b)| (a - b).abs() > 0.05), "the adapters change the bf16 NLL");
+}
+
 fn reference_text() -> serde_json::Value {
     reference()["encoded"][0].clone()
 }

@@ -317,3 +317,22 @@ fn runs_started_in_the_same_second_get_distinct_folders() {
     let ids: Vec<String> = (0..3).map(|_| RunDir::create(dir.path(), meta.clone()).unwrap().meta.run_id).collect();
     assert_eq!(ids, ["20261127-152125", "20261127-152125-2", "20261127-152125-3"]);
 }
+
+/// `generate.precision = "bf16"`: the generate stage decodes with bf16 weights, and `pipe
+/// generate` on the run takes that precision (and the rest of `[generate]`) as its default, so
+/// it answers a prompt exactly as the stage did.
+#[test]
+fn generate_precision_bf16_reaches_the_stage_and_the_tools() {
+    let tiny = Tiny::new(16, "");
+    let sets = ["--set", "train.epochs=1", "--set", "generate.precision=bf16", "--set", "generate.temperature=0"];
+    let out = tiny.run(&sets);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = tiny.runs("tiny").remove(0);
+    let samples = json_lines(&run.join("samples.jsonl"));
+    assert_eq!(samples.len(), 2);
+    let prompt = samples[0]["prompt"].as_str().unwrap();
+    let out = pipe(tiny.dir.path(), &["generate", run.to_str().unwrap(), "--prompt", prompt, "--json"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answer: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(answer["new_ids"], samples[0]["ids"]);
+}

@@ -100,7 +100,7 @@ fn row_sum_exp(row: &[f32], shift: f32) -> f32 {
 }
 
 vectorised! {
-    fn gelu_chunk(y: &mut [f32], x: &[f32]) {
+    pub(super) fn gelu_chunk(y: &mut [f32], x: &[f32]) {
         let (a, b) = (GELU_A as f32, GELU_B as f32);
         for (y, &x) in y.iter_mut().zip(x) {
             *y = x * sigmoid(x * (a + b * x * x));
@@ -451,7 +451,7 @@ pub fn layer_norm(
 }
 
 vectorised! {
-    fn layer_norm_rows(
+    pub(super) fn layer_norm_rows(
         y: &mut [f32],
         x: &[f32],
         mean: &mut [f32],
@@ -621,6 +621,27 @@ pub fn adam_step(
         kernel((p, m, v, &grad));
     }
     (param, moment_1, moment_2)
+}
+
+/// The f32 GEMM rate of this machine as pipe's own products reach it, in GFLOP/s: the best of
+/// `reps` square products of `size`, on all of rayon's threads (`pipe bench`'s yardstick, so
+/// that figures compare across CPUs).
+pub fn gemm_gflops(size: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..size * size).map(|i| (i % 7) as f32 * 0.25).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let started = std::time::Instant::now();
+        // SAFETY: the product writes every element of the new size×size output.
+        let c = unsafe {
+            filled(size * size, |out| {
+                let m = Mat::row_major(&a, 0, size);
+                par_matmul([size, size, size], out.row_major(0, size), m, m, false)
+            })
+        };
+        best = best.min(started.elapsed().as_secs_f64());
+        std::hint::black_box(c);
+    }
+    2.0 * (size as f64).powi(3) / best / 1e9
 }
 
 #[cfg(test)]

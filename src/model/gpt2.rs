@@ -17,7 +17,7 @@ use burn::tensor::{FloatDType, Int, Tensor};
 
 use super::fused::{causal_attention, cross_entropy, gelu_new, layer_norm, linear, FusedOps};
 use super::lora::{self, Adapters, Lora};
-use super::{hf, CausalLm, Packing};
+use super::{hf, Bf16Decoder, CausalLm, Packing};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
 #[derive(Config, Debug, PartialEq)]
@@ -293,6 +293,10 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         let [batch, fed, d_model] = hidden.dims();
         self.lm_head(hidden.slice([0..batch, fed - 1..fed]).reshape([batch, d_model]))
         // [batch, vocab]
+    }
+
+    fn bf16_decoder(&self) -> Bf16Decoder {
+        Bf16Decoder::new(self)
     }
 
     fn save(&self, dir: &Path, eos_id: Option<usize>) -> Result<()> {

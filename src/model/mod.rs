@@ -2,6 +2,7 @@
 //! one family pipe has), the fused operations its hot spots run as, LoRA adapters, parameters by
 //! name, and HuggingFace checkpoint directories in and out.
 
+pub mod bf16_decoder;
 mod cpu_kernels;
 pub mod fused;
 pub mod gpt2;
@@ -16,6 +17,8 @@ use anyhow::{Context, Result};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::{Int, Tensor};
 
+pub use bf16_decoder::Bf16Decoder;
+pub use cpu_kernels::gemm_gflops;
 pub use fused::{FusedOps, TrainBackend};
 pub use gpt2::{Gpt2, Gpt2Config, KvCache};
 
@@ -92,6 +95,9 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
     /// The next-token logits after `tokens`, which follow the positions already in `cache`
     /// (and are added to it). tokens: [batch, seq] → [batch, vocab]
     fn next_logits(&self, tokens: Tensor<B, 2, Int>, cache: &mut Self::Cache) -> Tensor<B, 2>;
+
+    /// A copy with the weights rounded to bf16, for decoding on the CPU (`--precision bf16`).
+    fn bf16_decoder(&self) -> Bf16Decoder;
 
     /// Write the model as a folder in its family's format (GPT-2: a HuggingFace directory);
     /// `eos_id` is the tokenizer's end-of-text id, recorded in the config.

@@ -15,9 +15,9 @@ use rayon::prelude::*;
 /// marked `inline(always)` is what reliably lands in the `target_feature` copy; a closure
 /// passed to a generic wrapper is not inlined there.)
 macro_rules! vectorised {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
@@ -236,4 +236,91 @@ pub unsafe fn filled(len: usize, fill: impl FnOnce(SharedMut)) -> Vec<f32> {
     // SAFETY: the caller promised that `fill` wrote all `len` elements.
     unsafe { v.set_len(len) };
     v
+}
+
+/// A bf16 value's f32 (exact: bf16 is f32's upper half).
+#[inline(always)]
+pub fn widen(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Σ x·widen(w) in f32, in order (the portable path and the vector kernels' remainders).
+#[inline(always)]
+fn dot_bf16_scalar(x: &[f32], w: &[u16]) -> f32 {
+    x.iter().zip(w).map(|(&x, &w)| x * widen(w)).sum()
+}
+
+/// Products of f32 rows with bf16 weight rows: y[o·n + r] = Σᵢ x[r·d + i]·w[o·d + i] for the
+/// n rows of `x` ([n, d]) and the rows of `w` ([rows, d], bf16 bits), accumulated in f32. With
+/// AVX2 and FMA, four weight rows at a time share each load of x, eight lanes each; the bf16
+/// bits widen to f32 by a shift, so memory carries two bytes per weight.
+pub fn bf16_products(y: &mut [f32], w: &[u16], x: &[f32], d: usize) {
+    let (n, rows) = (x.len() / d, w.len() / d);
+    assert!(x.len() == n * d && w.len() == rows * d && y.len() == rows * n, "bf16_products: shapes disagree");
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features just checked; the shapes were checked above.
+        return unsafe { bf16_products_avx2(y, w, x, d) };
+    }
+    for (w, y) in w.chunks_exact(d).zip(y.chunks_exact_mut(n)) {
+        for (y, x) in y.iter_mut().zip(x.chunks_exact(d)) {
+            *y = dot_bf16_scalar(x, w);
+        }
+    }
+}
+
+/// `bf16_products` with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; x is [n, d], w is [rows, d] and y is [rows, n] (so every load
+/// below, at most `d` elements into a row, stays inside its slice: checked in debug builds).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_products_avx2(y: &mut [f32], w: &[u16], x: &[f32], d: usize) {
+    use std::arch::x86_64::*;
+    let n = x.len() / d;
+    let whole = d - d % 8;
+    // Eight weights at `w[at..]` as f32: zero-extend the 16-bit values, shift into the top half.
+    let load_weights = |w: &[u16], at: usize| {
+        debug_assert!(at + 8 <= w.len());
+        // SAFETY: at + 8 ≤ whole ≤ the row's length (the caller's shapes); unaligned loads.
+        let bits = unsafe { _mm_loadu_si128(w.as_ptr().add(at).cast()) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+    };
+    let sum_lanes = |v: __m256| {
+        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps::<1>(pairs, pairs)))
+    };
+    let mut groups = w.chunks_exact(4 * d);
+    let mut outs = y.chunks_exact_mut(4 * n);
+    for (w4, y4) in (&mut groups).zip(&mut outs) {
+        let rows: [&[u16]; 4] = std::array::from_fn(|k| &w4[k * d..(k + 1) * d]);
+        for (r, x) in x.chunks_exact(d).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for at in (0..whole).step_by(8) {
+                debug_assert!(at + 8 <= x.len());
+                // SAFETY: as for the weights: at + 8 ≤ d = x's row length.
+                let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(at)) };
+                for k in 0..4 {
+                    acc[k] = _mm256_fmadd_ps(xv, load_weights(rows[k], at), acc[k]);
+                }
+            }
+            for k in 0..4 {
+                y4[k * n + r] = sum_lanes(acc[k]) + dot_bf16_scalar(&x[whole..], &rows[k][whole..]);
+            }
+        }
+    }
+    for (w, y) in groups.remainder().chunks_exact(d).zip(outs.into_remainder().chunks_exact_mut(n)) {
+        for (y, x) in y.iter_mut().zip(x.chunks_exact(d)) {
+            let mut acc = _mm256_setzero_ps();
+            for at in (0..whole).step_by(8) {
+                debug_assert!(at + 8 <= x.len());
+                // SAFETY: at + 8 ≤ d = x's row length.
+                let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(at)) };
+                acc = _mm256_fmadd_ps(xv, load_weights(w, at), acc);
+            }
+            *y = sum_lanes(acc) + dot_bf16_scalar(&x[whole..], &w[whole..]);
+        }
+    }
 }

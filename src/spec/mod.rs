@@ -421,6 +421,9 @@ pub struct GenerateSpec {
     /// Keep the smallest set of tokens whose probability reaches p; 1 = no limit.
     pub top_p: f64,
     pub seed: u64,
+    /// `bf16`: the generate stage, `pipe generate` and `pipe chat` decode with the weights
+    /// rounded to bf16 (on the CPU).
+    pub precision: Precision,
 }
 
 impl Default for RunSpec {
@@ -500,7 +503,15 @@ impl Default for TrainSpec {
 
 impl Default for GenerateSpec {
     fn default() -> Self {
-        Self { prompts: Vec::new(), max_new_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self {
+            prompts: Vec::new(),
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            precision: Precision::F32,
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::{BackendKind, FinalModel, LoadedSpec, Source, Stage};
+use super::{BackendKind, FinalModel, LoadedSpec, Precision, Source, Stage};
 use crate::error::bad_input;
 
 impl LoadedSpec {
@@ -248,6 +248,12 @@ impl LoadedSpec {
             BackendKind::Cuda => cfg!(feature = "cuda"),
             BackendKind::Wgpu => cfg!(feature = "wgpu"),
         };
+        if s.generate.precision == Precision::Bf16 && s.run.backend != BackendKind::Cpu {
+            return Err(self.invalid(
+                "generate.precision",
+                "\"bf16\" decodes with bf16 weights on the CPU; it needs run.backend = \"cpu\" (or set it to \"f32\")",
+            ));
+        }
         if !compiled {
             let name = crate::backend::name(s.run.backend);
             return Err(self.invalid(

@@ -6,8 +6,9 @@ use anyhow::Result;
 use super::{StageContext, Trained};
 use crate::data::{PromptLayout, Tok};
 use crate::error::bad_input;
-use crate::generate::{Generator, Sampling};
-use crate::model::{TrainBackend, TrainableLm};
+use crate::generate::{Decode, Generator, Sampling};
+use crate::model::gpt2::Precision;
+use crate::model::{CausalLm, TrainBackend, TrainableLm};
 use crate::run_dir::SampleRecord;
 use crate::spec::{Spec, Stage};
 
@@ -31,10 +32,24 @@ pub fn check_prompts(spec: &Spec, tok: &Tok, layout: &PromptLayout, context: usi
 }
 
 pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
-    let (g, tok) = (&ctx.spec.generate, &ctx.data.tok);
+    let g = &ctx.spec.generate;
     let sampling = Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p };
     let model = state.model.valid();
-    let mut generator = Generator::new(&model, ctx.device, g.seed);
+    match g.precision {
+        Precision::F32 => sample_all(ctx, Generator::new(&model, ctx.device, g.seed), sampling, state.steps)?,
+        Precision::Bf16 => sample_all(ctx, Generator::with(model.bf16_decoder(), g.seed), sampling, state.steps)?,
+    }
+    Ok(state)
+}
+
+/// A sample for each prompt, printed and logged.
+fn sample_all<B: TrainBackend>(
+    ctx: &StageContext<'_, B>,
+    mut generator: Generator<impl Decode>,
+    sampling: Sampling,
+    steps: usize,
+) -> Result<()> {
+    let (g, tok) = (&ctx.spec.generate, &ctx.data.tok);
     let bar = indicatif::ProgressBar::new(g.prompts.len() as u64).with_prefix("generate");
     for (i, prompt) in g.prompts.iter().enumerate() {
         if let Err(stop) = ctx.stop.check(&format!("in the generate stage, after {i} of {} samples", g.prompts.len())) {
@@ -48,13 +63,9 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         let stopped_at_eos = new.last() == Some(&tok.eos_id);
         let completion = layout.cut(&tok.decode(&new)?).to_string();
         bar.suspend(|| println!("--- sample\n{text_in}{completion}"));
-        ctx.run.log_sample(
-            &SampleRecord { prompt: prompt.clone(), completion, ids: new, stopped_at_eos },
-            i,
-            state.steps,
-        )?;
+        ctx.run.log_sample(&SampleRecord { prompt: prompt.clone(), completion, ids: new, stopped_at_eos }, i, steps)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok(state)
+    Ok(())
 }
