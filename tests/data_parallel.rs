@@ -360,6 +360,15 @@ fn bad_parallel_settings_are_refused_naming_the_field() {
         (&[("PIPE_DISTRIBUTED__NODES", "2"), ("PIPE_DISTRIBUTED__ORCHESTRATOR", "nohost")], "distributed.orchestrator"),
         (&[("PIPE_DISTRIBUTED__NODES", "2"), ("PIPE_DISTRIBUTED__ORCHESTRATOR", "127.0.0.1:5000")], "distributed.port"),
         (&[("PIPE_DISTRIBUTED__TIMEOUT_S", "0")], "distributed.timeout_s"),
+        (
+            &[
+                ("PIPE_DISTRIBUTED__NODES", "2"),
+                ("PIPE_DISTRIBUTED__ORCHESTRATOR", "127.0.0.1:5000"),
+                ("PIPE_DISTRIBUTED__PORT", "5001"),
+                ("PIPE_DISTRIBUTED__HOST", "my host"),
+            ],
+            "distributed.host",
+        ),
     ];
     for (env, field) in cases {
         let out = pipe(d, &["run", "spec.toml"], env);
