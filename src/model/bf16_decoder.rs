@@ -186,9 +186,13 @@ fn values<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> Vec<f32> {
 impl Bf16Decoder {
     /// The model's weights as bf16 (LoRA adapters folded in first), read from any backend.
     pub fn new<B: Backend>(model: &Gpt2<B>) -> Self {
+        let merged;
         let model = match model.adapters {
-            Some(_) => lora::merged(model.clone()),
-            None => model.clone(),
+            Some(_) => {
+                merged = lora::merged(model.clone());
+                &merged
+            }
+            None => model,
         };
         let d = model.config.n_embd;
         Self {
