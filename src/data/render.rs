@@ -213,7 +213,7 @@ pub fn tokenize(
         sequences.push(sequence);
         Ok(())
     });
-    examples.chunks(4096).try_for_each(|chunk| tokenizing.push(chunk))?;
+    examples.chunks(super::records::CHUNK).try_for_each(|chunk| tokenizing.push(chunk))?;
     let report = tokenizing.finish()?;
     Ok((sequences, report))
 }

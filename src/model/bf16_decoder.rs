@@ -75,32 +75,12 @@ impl Bf16Rows {
     }
 }
 
-/// Σ a·widen(b) over eight independent lanes, so that the loop vectorises.
-#[inline(always)]
-fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(&x, &w)| x * widen(w)).sum();
-    for (x, w) in a_chunks.zip(b_chunks) {
-        for l in 0..8 {
-            lanes[l] += x[l] * widen(w[l]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 vectorised! {
     /// y += p·widen(v), in f32.
     fn add_scaled_bf16(y: &mut [f32], p: f32, v: &[u16]) {
         for (y, &v) in y.iter_mut().zip(v) {
             *y += p * widen(v);
         }
-    }
-}
-
-vectorised! {
-    fn bf16_dot(a: &[f32], b: &[u16]) -> f32 {
-        dot_bf16(a, b)
     }
 }
 
@@ -274,8 +254,9 @@ impl Bf16Decoder {
                 for (i, (row, y)) in qkv.chunks_exact(3 * d).zip(out.chunks_exact_mut(head_dim)).enumerate() {
                     let q = &row[h * head_dim..(h + 1) * head_dim];
                     let seen = start + i + 1;
-                    let scores: Vec<f32> =
-                        keys.chunks_exact(head_dim).take(seen).map(|k| bf16_dot(q, k) * scale).collect();
+                    let mut scores = vec![0.0f32; seen]; // q against every key so far
+                    bf16_products(&mut scores, &keys[..seen * head_dim], q, head_dim);
+                    scores.iter_mut().for_each(|s| *s *= scale);
                     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                     let weights: Vec<f32> = scores.iter().map(|&s| exp(s - max)).collect();
                     let total: f32 = weights.iter().sum();
