@@ -15,7 +15,7 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use common::{fixture_dir, floats, ids, reference, sequences_of};
 use pipe::data::Sequence;
 use pipe::generate::{Generator, Sampling};
-use pipe::model::fused::{composite, FusedOps, LinearGradsWanted};
+use pipe::model::fused::{composite, AdamUpdate, FusedOps, LinearGradsWanted};
 use pipe::model::{hf, CausalLm, Gpt2};
 use pipe::spec::{OptimizerKind, OptimizerSpec};
 use pipe::train::Trainer;
@@ -139,4 +139,119 @@ fn fused_composites_on_wgpu_match_the_cpu_kernels() {
     let (dx_c, _, _) = Flex::fused_linear_backward(prim(&x_c), prim(&m_c), prim(&gy_c), frozen);
     assert!(dw_g.is_none());
     assert_close("frozen linear dx", &float::<G, 2>(dx_g), &float::<Flex, 2>(dx_c), 1e-4);
+}
+
+/// burn's cube backend on wgpu without the fusion wrapper: pipe's kernels run on it directly.
+type Cube = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
+fn int_targets<B: Backend>(rows: usize, vocab: usize) -> burn::tensor::ops::IntTensor<B> {
+    // Every row's target somewhere in the vocabulary, the first and last ids included.
+    let targets: Vec<i32> = (0..rows).map(|r| ((r * 7919) % vocab) as i32).collect();
+    Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [rows]), &Default::default()).into_primitive()
+}
+
+/// Every cubecl kernel of `B` against the composite version, forward and backward, on the same
+/// values. The composite runs on the CPU: on lavapipe, burn's own column sums over 65,535 rows
+/// or more come out wrong, so the device's composite cannot be the reference at every shape. Shapes leave remainders everywhere: rows not a
+/// multiple of the partial sums' blocks, rows wider than a cube (LayerNorm over 300, a vocabulary
+/// of 1,037), and more rows than a launch has cubes (66,000), so the row kernels' cubes stride.
+fn kernels_match_composites<B: FusedOps>(backend: &str) {
+    type C = Flex;
+    let check =
+        |what: &str, got: Vec<f32>, want: Vec<f32>| assert_close(&format!("{backend}: {what}"), &got, &want, 2e-5);
+    for (rows, d) in [(37, 300), (66_000, 5)] {
+        let (x, gamma, beta, grad) = (
+            random::<B, 2>([rows, d], 11),
+            random::<B, 1>([d], 12),
+            random::<B, 1>([d], 13),
+            random::<B, 2>([rows, d], 14),
+        );
+        let (xc, gammac, betac, gradc) = (
+            random::<C, 2>([rows, d], 11),
+            random::<C, 1>([d], 12),
+            random::<C, 1>([d], 13),
+            random::<C, 2>([rows, d], 14),
+        );
+        let (y, mean, rstd) = B::fused_layer_norm(prim(&x), prim(&gamma), prim(&beta), 1e-5);
+        let (y0, mean0, rstd0) = composite::layer_norm::<C>(prim(&xc), prim(&gammac), prim(&betac), 1e-5);
+        check("layer norm", float::<B, 2>(y), float::<C, 2>(y0));
+        check("layer norm mean", float::<B, 1>(mean.clone()), float::<C, 1>(mean0.clone()));
+        check("layer norm 1/σ", float::<B, 1>(rstd.clone()), float::<C, 1>(rstd0.clone()));
+        let (dx, dgamma, dbeta) = B::fused_layer_norm_backward(prim(&x), prim(&gamma), mean, rstd, prim(&grad));
+        let (dx0, dgamma0, dbeta0) =
+            composite::layer_norm_backward::<C>(prim(&xc), prim(&gammac), mean0, rstd0, prim(&gradc));
+        check("layer norm dx", float::<B, 2>(dx), float::<C, 2>(dx0));
+        check("layer norm dgamma", float::<B, 1>(dgamma), float::<C, 1>(dgamma0));
+        check("layer norm dbeta", float::<B, 1>(dbeta), float::<C, 1>(dbeta0));
+    }
+    // Column sums (bias gradients) through a linear layer's backward, over more rows than
+    // burn's own column sums get right on lavapipe.
+    for (rows, d_in, d_out) in [(37, 300, 19), (66_000, 3, 5)] {
+        let all = LinearGradsWanted { weight: true, bias: true };
+        let (x, w, g) =
+            (random::<B, 2>([rows, d_in], 22), random::<B, 2>([d_in, d_out], 23), random::<B, 2>([rows, d_out], 24));
+        let (xc, wc, gc) =
+            (random::<C, 2>([rows, d_in], 22), random::<C, 2>([d_in, d_out], 23), random::<C, 2>([rows, d_out], 24));
+        let (dx, dw, db) = B::fused_linear_backward(prim(&x), prim(&w), prim(&g), all);
+        let (dx0, dw0, db0) = composite::linear_backward::<C>(prim(&xc), prim(&wc), prim(&gc), all);
+        check("linear dx", float::<B, 2>(dx), float::<C, 2>(dx0));
+        check("linear dweight", float::<B, 2>(dw.unwrap()), float::<C, 2>(dw0.unwrap()));
+        check("linear dbias", float::<B, 1>(db.unwrap()), float::<C, 1>(db0.unwrap()));
+    }
+    for (rows, vocab) in [(37, 1037), (66_000, 3)] {
+        let (logits, logitsc) =
+            (random::<B, 2>([rows, vocab], 15).mul_scalar(4.0), random::<C, 2>([rows, vocab], 15).mul_scalar(4.0));
+        let (nll, lse) = B::cross_entropy(prim(&logits), int_targets::<B>(rows, vocab));
+        let (nll0, lse0) = composite::cross_entropy::<C>(prim(&logitsc), int_targets::<C>(rows, vocab));
+        check("cross-entropy", float::<B, 1>(nll), float::<C, 1>(nll0));
+        check("cross-entropy log-sum-exp", float::<B, 1>(lse.clone()), float::<C, 1>(lse0.clone()));
+        let (grad, gradc) = (random::<B, 1>([rows], 16), random::<C, 1>([rows], 16));
+        let d = B::cross_entropy_backward(prim(&logits), int_targets::<B>(rows, vocab), lse, prim(&grad));
+        let d0 =
+            composite::cross_entropy_backward::<C>(prim(&logitsc), int_targets::<C>(rows, vocab), lse0, prim(&gradc));
+        check("cross-entropy backward", float::<B, 2>(d), float::<C, 2>(d0));
+    }
+    // GELU over the range where σ saturates both ways.
+    let (x, xc) = (random::<B, 2>([37, 301], 17).mul_scalar(6.0), random::<C, 2>([37, 301], 17).mul_scalar(6.0));
+    let (grad, gradc) = (random::<B, 2>([37, 301], 18), random::<C, 2>([37, 301], 18));
+    check("gelu", float::<B, 2>(B::gelu_new(prim(&x))), float::<C, 2>(composite::gelu_new::<C>(prim(&xc))));
+    check(
+        "gelu backward",
+        float::<B, 2>(B::gelu_new_backward(prim(&x), prim(&grad))),
+        float::<C, 2>(composite::gelu_new_backward::<C>(prim(&xc), prim(&gradc))),
+    );
+    // Adam and AdamW, the first update and a later one, with the moments carried between them.
+    for decoupled in [false, true] {
+        let update = |time| AdamUpdate {
+            lr: 1e-3,
+            beta_1: 0.9,
+            beta_2: 0.95,
+            epsilon: 1e-8,
+            weight_decay: 0.1,
+            decoupled,
+            time,
+        };
+        let name = if decoupled { "adamw" } else { "adam" };
+        let (param, paramc) = (random::<B, 2>([37, 300], 19), random::<C, 2>([37, 300], 19));
+        let (g1, g1c) = (random::<B, 2>([37, 300], 20), random::<C, 2>([37, 300], 20));
+        let (g2, g2c) = (random::<B, 2>([37, 300], 21), random::<C, 2>([37, 300], 21));
+        let (p, m, v) = B::adam_step(prim(&param), prim(&g1), None, update(1));
+        let (p0, m0, v0) = composite::adam_step::<C>(prim(&paramc), prim(&g1c), None, update(1));
+        check(&format!("{name} first step"), float::<B, 2>(p.clone()), float::<C, 2>(p0.clone()));
+        let (p, m, v) = B::adam_step(p, prim(&g2), Some((m, v)), update(2));
+        let (p0, m0, v0) = composite::adam_step::<C>(p0, prim(&g2c), Some((m0, v0)), update(2));
+        check(&format!("{name} second step"), float::<B, 2>(p), float::<C, 2>(p0));
+        check(&format!("{name} first moment"), float::<B, 2>(m), float::<C, 2>(m0));
+        check(&format!("{name} second moment"), float::<B, 2>(v), float::<C, 2>(v0));
+    }
+}
+
+#[test]
+fn gpu_kernels_match_their_composites() {
+    kernels_match_composites::<Cube>("cube backend");
+}
+
+#[test]
+fn gpu_kernels_through_the_fusion_wrapper_match_their_composites() {
+    kernels_match_composites::<G>("fusion wrapper");
 }

@@ -33,14 +33,22 @@ pub trait FusedOps: Backend {
     }
 
     /// The gradients of `fused_linear` for x, and for weight and bias where asked (a frozen
-    /// weight needs none), given the output's.
+    /// weight needs none), given the output's. The bias's is `column_sums` of the output's.
     fn fused_linear_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         wanted: LinearGradsWanted,
     ) -> LinearGrads<Self> {
-        composite::linear_backward::<Self>(x, weight, grad, wanted)
+        let bias = wanted.bias.then(|| Self::column_sums(grad.clone()));
+        let (dx, dw, _) =
+            composite::linear_backward::<Self>(x, weight, grad, LinearGradsWanted { bias: false, ..wanted });
+        (dx, dw, bias)
+    }
+
+    /// Each column's sum over the rows. x: [rows, cols] → [cols]
+    fn column_sums(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        composite::column_sums::<Self>(x)
     }
 
     /// One Adam(W) update of a parameter of any shape: the new parameter and first and second
@@ -238,6 +246,12 @@ pub mod composite {
         (B::linear_x_backward(weight, grad), dw, bias)
     }
 
+    pub fn column_sums<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        let x = float::<B, 2>(x);
+        let cols = x.dims()[1];
+        x.sum_dim(0).reshape([cols]).into_primitive().tensor()
+    }
+
     pub fn layer_norm<B: Backend>(
         x: FloatTensor<B>,
         gamma: FloatTensor<B>,
@@ -329,7 +343,8 @@ pub mod composite {
         let targets = Tensor::<B, 1, Int>::from_primitive(targets).unsqueeze_dim::<2>(1); // [rows, 1]
         let log_probs = log_softmax(logits.clone(), 1); // [rows, vocab]
         let nll = log_probs.clone().gather(1, targets).neg().squeeze_dim::<1>(1); // [rows]
-                                                                                  // log-sum-exp = logit − log-prob, at any column.
+
+        // log-sum-exp = logit − log-prob, at any column.
         let lse = (logits.narrow(1, 0, 1) - log_probs.narrow(1, 0, 1)).squeeze_dim::<1>(1); // [rows]
         (nll.into_primitive().tensor(), lse.into_primitive().tensor())
     }
@@ -343,8 +358,9 @@ pub mod composite {
         let probs = (float::<B, 2>(logits) - float::<B, 1>(lse).unsqueeze_dim::<2>(1)).exp(); // [rows, vocab]
         let grad = float::<B, 1>(grad).unsqueeze_dim::<2>(1); // [rows, 1]
         let targets = Tensor::<B, 1, Int>::from_primitive(targets).unsqueeze_dim::<2>(1); // [rows, 1]
-                                                                                          // −grad at each row's target (a scatter, not a one-hot: no [rows, vocab] mask, no
-                                                                                          // device-to-host bounds check).
+
+        // −grad at each row's target (a scatter, not a one-hot: no [rows, vocab] mask, no
+        // device-to-host bounds check).
         (probs * grad.clone()).scatter(1, targets, grad.neg(), IndexingUpdateOp::Add).into_primitive().tensor()
     }
 
@@ -380,7 +396,8 @@ pub mod composite {
         let [batch, heads, seq, head_dim] = q.dims();
         let device = q.device();
         let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt(); // [batch, heads, seq, seq]
-                                                                             // Expanded to the scores' shape: mask_fill does not broadcast on every backend.
+
+        // Expanded to the scores' shape: mask_fill does not broadcast on every backend.
         let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &device).unsqueeze::<3>().expand([batch, seq, seq]);
         let hidden = match starts {
             // Keys before the query's own example are hidden too.
@@ -651,9 +668,3 @@ impl FusedOps for Flex {
         }
     }
 }
-
-#[cfg(feature = "cuda")]
-impl FusedOps for burn::backend::Cuda {}
-
-#[cfg(feature = "wgpu")]
-impl FusedOps for burn::backend::Wgpu {}

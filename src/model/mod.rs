@@ -6,6 +6,8 @@ pub mod bf16_decoder;
 mod cpu_kernels;
 pub mod fused;
 pub mod gpt2;
+#[cfg(feature = "gpu-kernels")]
+mod gpu;
 pub mod hf;
 pub mod lora;
 pub mod params;

@@ -1,0 +1,109 @@
+//! The fused operations on the GPU backends: cubecl kernels (`kernels`) for burn's cube backend,
+//! and the same kernels reached through burn's fusion wrapper, which is what `Cuda` and `Wgpu`
+//! are. Operations without a kernel here (the linear layers, which are burn's autotuned
+//! matmuls, and attention) keep their composite versions, which the fusion engine can merge.
+//!
+//! `tests/wgpu.rs` holds every kernel to its composite version, forward and backward, on both
+//! types.
+
+mod fusion;
+mod kernels;
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::TensorMetadata;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+use super::fused::{composite, AdamUpdate, FusedOps};
+
+impl<R, F, I, BT> FusedOps for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn adam_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        update: AdamUpdate,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if kernels::supported(param.dtype()) {
+            kernels::adam_step(param, grad, moments, update)
+        } else {
+            composite::adam_step::<Self>(param, grad, moments, update)
+        }
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if kernels::supported(x.dtype()) {
+            kernels::layer_norm(x, gamma, beta, epsilon)
+        } else {
+            composite::layer_norm::<Self>(x, gamma, beta, epsilon)
+        }
+    }
+
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if kernels::supported(x.dtype()) {
+            kernels::layer_norm_backward(x, gamma, mean, rstd, grad)
+        } else {
+            composite::layer_norm_backward::<Self>(x, gamma, mean, rstd, grad)
+        }
+    }
+
+    fn column_sums(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if kernels::supported(x.dtype()) {
+            kernels::column_sums(x)
+        } else {
+            composite::column_sums::<Self>(x)
+        }
+    }
+
+    fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if kernels::supported(x.dtype()) {
+            kernels::gelu_new(x)
+        } else {
+            composite::gelu_new::<Self>(x)
+        }
+    }
+
+    fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        if kernels::supported(x.dtype()) {
+            kernels::gelu_new_backward(x, grad)
+        } else {
+            composite::gelu_new_backward::<Self>(x, grad)
+        }
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if kernels::supported(logits.dtype()) {
+            kernels::cross_entropy(logits, targets)
+        } else {
+            composite::cross_entropy::<Self>(logits, targets)
+        }
+    }
+
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if kernels::supported(logits.dtype()) {
+            kernels::cross_entropy_backward(logits, targets, lse, grad)
+        } else {
+            composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+        }
+    }
+}
