@@ -1,7 +1,8 @@
 //! The fused operations on the GPU backends: cubecl kernels (`kernels`) for burn's cube backend,
 //! and the same kernels reached through burn's fusion wrapper, which is what `Cuda` and `Wgpu`
-//! are. Operations without a kernel here (the linear layers, which are burn's autotuned
-//! matmuls, and attention) keep their composite versions, which the fusion engine can merge.
+//! are. The linear layers' products stay burn's autotuned matmuls (their bias gradients are
+//! `column_sums` here), and attention keeps its composite version, which the fusion engine can
+//! merge.
 //!
 //! `tests/wgpu.rs` holds every kernel to its composite version, forward and backward, on both
 //! types.
