@@ -145,10 +145,18 @@ impl BackendJob for Bench {
         let machine = match self.1 {
             // The same machine's yardsticks, so that figures compare across CPUs.
             BackendKind::Cpu => {
-                let (gemm, memory) = (crate::model::gemm_gflops(2048, 3), memory_read_gb_per_s());
+                let (gemm, memory) = (crate::model::gemm_gflops(2048, 3, Precision::F32), memory_read_gb_per_s());
+                // Training against the product of its own precision: bf16's is pipe's bf16
+                // kernel (vdpbf16ps where the CPU has AVX512-BF16).
+                let own = match shape.precision {
+                    Precision::F32 => gemm,
+                    Precision::Bf16 => crate::model::gemm_gflops(2048, 3, Precision::Bf16),
+                };
                 json!({
                     "gemm_f32_gflops": gemm.round(),
-                    "train_fraction_of_gemm": (train_gflops / gemm * 1000.0).round() / 1000.0,
+                    "gemm_bf16_gflops": (shape.precision == Precision::Bf16).then(|| own.round()),
+                    "bf16_instructions": crate::model::bf16_native(),
+                    "train_fraction_of_gemm": (train_gflops / own * 1000.0).round() / 1000.0,
                     "memory_read_gb_per_s": (memory * 10.0).round() / 10.0,
                     "gen_fraction_of_memory": (gen_tps * weight_bytes / 1e9 / memory * 1000.0).round() / 1000.0,
                 })

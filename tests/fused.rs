@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use pipe::model::fused::{composite, cross_entropy, gelu_new, FusedOps, LinearGradsWanted};
+use pipe::model::gpt2::Precision::{Bf16, F32};
 
 type Ad = Autodiff<Flex>;
 
@@ -241,19 +242,20 @@ fn linear_kernel_matches_burns_linear_forward_and_backward() {
         let weight = random::<Flex, 2>([d_in, d_out], 0.2, 42);
         let bias = random::<Flex, 1>([d_out], 0.5, 43);
         let grad = random::<Flex, 2>([rows, d_out], 1.0, 44);
-        let y = Flex::fused_linear(prim(&x), prim(&weight), Some(prim(&bias)));
-        let want = composite::linear::<Flex>(prim(&x), prim(&weight), Some(prim(&bias)));
+        let y = Flex::fused_linear(prim(&x), prim(&weight), Some(prim(&bias)), F32);
+        let want = composite::linear::<Flex>(prim(&x), prim(&weight), Some(prim(&bias)), F32);
         assert_close(&values(float::<2>(y)), &values(float::<2>(want)), 1e-5, "linear forward");
         let all = LinearGradsWanted { weight: true, bias: true };
-        let (dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), all);
-        let (want_dx, want_dw, want_db) = composite::linear_backward::<Flex>(prim(&x), prim(&weight), prim(&grad), all);
+        let (dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), all, F32);
+        let (want_dx, want_dw, want_db) =
+            composite::linear_backward::<Flex>(prim(&x), prim(&weight), prim(&grad), all, F32);
         let want_dx = values(float::<2>(want_dx));
         assert_close(&values(float::<2>(dx)), &want_dx, 1e-5, "linear dx");
         assert_close(&values(float::<2>(dw.unwrap())), &values(float::<2>(want_dw.unwrap())), 1e-5, "linear dweight");
         assert_close(&values(float::<1>(db.unwrap())), &values(float::<1>(want_db.unwrap())), 1e-5, "linear dbias");
         // A frozen layer (LoRA's base): only the input's gradient, the same one.
         let frozen = LinearGradsWanted { weight: false, bias: false };
-        let (frozen_dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), frozen);
+        let (frozen_dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), frozen, F32);
         assert!(dw.is_none() && db.is_none(), "a frozen layer's backward computes no weight or bias gradient");
         assert_close(&values(float::<2>(frozen_dx)), &want_dx, 1e-5, "frozen linear dx");
     }
@@ -266,7 +268,7 @@ fn linear_through_a_transposed_weight_matches_and_its_gradient_keeps_the_weight_
     let hidden = random::<Ad, 2>([rows, d], 1.0, 51).require_grad();
     let embedding = random::<Ad, 2>([vocab, d], 0.5, 52).require_grad();
     let weights = random::<Ad, 2>([rows, vocab], 1.0, 53);
-    let fused_y = pipe::model::fused::linear(hidden.clone(), embedding.clone().transpose(), None);
+    let fused_y = pipe::model::fused::linear(hidden.clone(), embedding.clone().transpose(), None, F32);
     let plain_y = hidden.clone().matmul(embedding.clone().transpose());
     assert_close(&values(fused_y.clone()), &values(plain_y.clone()), 1e-5, "LM head logits");
     let fused = (fused_y * weights.clone()).sum().backward();
@@ -281,8 +283,54 @@ fn linear_through_a_transposed_weight_matches_and_its_gradient_keeps_the_weight_
     let (hidden, embedding) = (random::<Flex, 2>([rows, d], 1.0, 54), random::<Flex, 2>([vocab, d], 0.5, 55));
     let grad = random::<Flex, 2>([rows, vocab], 1.0, 56);
     let wanted = LinearGradsWanted { weight: true, bias: false };
-    let (_, dw, _) = Flex::fused_linear_backward(prim(&hidden), prim(&embedding.transpose()), prim(&grad), wanted);
+    let (_, dw, _) = Flex::fused_linear_backward(prim(&hidden), prim(&embedding.transpose()), prim(&grad), wanted, F32);
     assert_eq!(dw.unwrap().layout().strides(), &[1, d as isize]);
+}
+
+/// A tensor's values rounded to the nearest bf16 (ties to even) and held as f32 again. (Not
+/// burn's cast: flex casts through f64 with half's `from_f64`, which drops the f64's low 32
+/// bits first and so rounds values just above a tie down.)
+fn rounded_to_bf16<const D: usize>(x: &Tensor<Flex, D>) -> Tensor<Flex, D> {
+    let rounded: Vec<f32> = values(x.clone()).into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect();
+    Tensor::from_data(TensorData::new(rounded, x.dims()), &Default::default())
+}
+
+#[test]
+fn bf16_linear_is_the_f32_linear_of_bf16_rounded_operands_forward_and_backward() {
+    // Forward: bf16(x)·bf16(weight) + bias; backward: dx = bf16(grad)·bf16(weight)ᵀ, dweight =
+    // bf16(x)ᵀ·bf16(grad), dbias from the unrounded grad — all summed and returned in f32. The
+    // second case is the tied LM head (a transposed weight view, its gradient in that layout).
+    let all = LinearGradsWanted { weight: true, bias: true };
+    for (rows, d_in, d_out, transposed) in [(300, 200, 520, false), (260, 64, 1000, true)] {
+        let x = random::<Flex, 2>([rows, d_in], 1.0, 71);
+        let stored = random::<Flex, 2>(if transposed { [d_out, d_in] } else { [d_in, d_out] }, 0.2, 72);
+        let as_weight = |w: Tensor<Flex, 2>| if transposed { w.transpose() } else { w };
+        let (weight, wr) = (as_weight(stored.clone()), as_weight(rounded_to_bf16(&stored)));
+        let bias = random::<Flex, 1>([d_out], 0.5, 73);
+        let grad = random::<Flex, 2>([rows, d_out], 1.0, 74);
+        let (xr, gr) = (rounded_to_bf16(&x), rounded_to_bf16(&grad));
+
+        let y = values(float::<2>(Flex::fused_linear(prim(&x), prim(&weight), Some(prim(&bias)), Bf16)));
+        let want = values(float::<2>(Flex::fused_linear(prim(&xr), prim(&wr), Some(prim(&bias)), F32)));
+        assert_close(&y, &want, 1e-5, "bf16 linear forward");
+        let unrounded = values(float::<2>(Flex::fused_linear(prim(&x), prim(&weight), Some(prim(&bias)), F32)));
+        let off = y.iter().zip(&unrounded).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(off > 1e-3, "bf16 forward is measurably off f32 (so bf16 ran): {off:e}");
+
+        let (dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), all, Bf16);
+        let (want_dx, want_dw, _) = Flex::fused_linear_backward(prim(&xr), prim(&wr), prim(&gr), all, F32);
+        let (_, _, want_db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), all, F32);
+        let dw = dw.unwrap();
+        assert_eq!(dw.layout().strides(), want_dw.as_ref().unwrap().layout().strides(), "dweight layout");
+        assert_close(&values(float::<2>(dx)), &values(float::<2>(want_dx)), 1e-5, "bf16 linear dx");
+        assert_close(&values(float::<2>(dw)), &values(float::<2>(want_dw.unwrap())), 1e-5, "bf16 linear dweight");
+        assert_close(
+            &values(float::<1>(db.unwrap())),
+            &values(float::<1>(want_db.unwrap())),
+            1e-6,
+            "bf16 linear dbias",
+        );
+    }
 }
 
 #[test]

@@ -16,6 +16,7 @@ use common::{fixture_dir, floats, ids, reference, sequences_of};
 use pipe::data::Sequence;
 use pipe::generate::{Generator, Sampling};
 use pipe::model::fused::{composite, AdamUpdate, FusedOps, LinearGradsWanted};
+use pipe::model::gpt2::Precision::F32;
 use pipe::model::{hf, CausalLm, Gpt2};
 use pipe::spec::{OptimizerKind, OptimizerSpec};
 use pipe::train::Trainer;
@@ -135,8 +136,8 @@ fn fused_composites_on_wgpu_match_the_cpu_kernels() {
     let (m_g, m_c) = (random::<G, 2>([48, 20], 6), random::<Flex, 2>([48, 20], 6));
     let (gy_g, gy_c) = (random::<G, 2>([37, 20], 7), random::<Flex, 2>([37, 20], 7));
     let frozen = LinearGradsWanted { weight: false, bias: false };
-    let (dx_g, dw_g, _) = composite::linear_backward::<G>(prim(&x_g), prim(&m_g), prim(&gy_g), frozen);
-    let (dx_c, _, _) = Flex::fused_linear_backward(prim(&x_c), prim(&m_c), prim(&gy_c), frozen);
+    let (dx_g, dw_g, _) = composite::linear_backward::<G>(prim(&x_g), prim(&m_g), prim(&gy_g), frozen, F32);
+    let (dx_c, _, _) = Flex::fused_linear_backward(prim(&x_c), prim(&m_c), prim(&gy_c), frozen, F32);
     assert!(dw_g.is_none());
     assert_close("frozen linear dx", &float::<G, 2>(dx_g), &float::<Flex, 2>(dx_c), 1e-4);
 }
@@ -192,8 +193,8 @@ fn kernels_match_composites<B: FusedOps>(backend: &str) {
             (random::<B, 2>([rows, d_in], 22), random::<B, 2>([d_in, d_out], 23), random::<B, 2>([rows, d_out], 24));
         let (xc, wc, gc) =
             (random::<C, 2>([rows, d_in], 22), random::<C, 2>([d_in, d_out], 23), random::<C, 2>([rows, d_out], 24));
-        let (dx, dw, db) = B::fused_linear_backward(prim(&x), prim(&w), prim(&g), all);
-        let (dx0, dw0, db0) = composite::linear_backward::<C>(prim(&xc), prim(&wc), prim(&gc), all);
+        let (dx, dw, db) = B::fused_linear_backward(prim(&x), prim(&w), prim(&g), all, F32);
+        let (dx0, dw0, db0) = composite::linear_backward::<C>(prim(&xc), prim(&wc), prim(&gc), all, F32);
         check("linear dx", float::<B, 2>(dx), float::<C, 2>(dx0));
         check("linear dweight", float::<B, 2>(dw.unwrap()), float::<C, 2>(dw0.unwrap()));
         check("linear dbias", float::<B, 1>(db.unwrap()), float::<C, 1>(db0.unwrap()));

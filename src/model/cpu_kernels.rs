@@ -12,7 +12,8 @@ use rayon::prelude::*;
 
 use super::fused::composite::{GELU_A, GELU_B};
 use super::fused::{AdamUpdate, LinearGradsWanted};
-use super::raw::{filled, matmul, par_matmul, vectorised, Mat, SharedMut};
+use super::gpt2::Precision;
+use super::raw::{bf16_matmul, filled, matmul, par_matmul, vectorised, Mat, Out, SharedMut};
 
 /// Elements per parallel task in element-wise kernels: large enough to amortise scheduling.
 const CHUNK: usize = 16 * 1024;
@@ -199,9 +200,10 @@ pub fn cross_entropy_backward(
     dlogits
 }
 
-/// x·weight + bias, the bias written first and the product added onto it, into memory that is
-/// not zeroed first. x: [rows, in], weight: [in, out] (any strides), bias: [out] → [rows, out]
-pub fn linear(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> FlexTensor {
+/// x·weight + bias, the product in `precision`, the bias written first and the product added
+/// onto it, into memory that is not zeroed first. x: [rows, in], weight: [in, out] (any strides), bias: [out] → [rows, out]
+pub fn linear(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>, precision: Precision) -> FlexTensor {
+    let product = product(precision);
     let [rows, d_in] = x.layout().shape().dims::<2>();
     let d_out = weight.layout().shape().dims::<2>()[1];
     let x = f32s(&x);
@@ -214,10 +216,18 @@ pub fn linear(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> Fl
             if let Some(bias) = &bias {
                 (0..rows).for_each(|r| out.copy_in(r * d_out, bias));
             }
-            par_matmul([rows, d_out, d_in], out.row_major(0, d_out), x_mat, Mat::of(&weight), bias.is_some());
+            product([rows, d_out, d_in], out.row_major(0, d_out), x_mat, Mat::of(&weight), bias.is_some());
         })
     };
     tensor(y, Shape::new([rows, d_out]))
+}
+
+/// The matrix product a precision runs: f32's, or bf16 operands with f32 sums.
+fn product(precision: Precision) -> unsafe fn([usize; 3], Out, Mat, Mat, bool) {
+    match precision {
+        Precision::F32 => par_matmul,
+        Precision::Bf16 => bf16_matmul,
+    }
 }
 
 /// The gradients of `linear`: dx = grad·weightᵀ, dweight = xᵀ·grad (laid out as the weight is,
@@ -227,7 +237,9 @@ pub fn linear_backward(
     weight: FlexTensor,
     grad: FlexTensor,
     wanted: LinearGradsWanted,
+    precision: Precision,
 ) -> (FlexTensor, Option<FlexTensor>, Option<FlexTensor>) {
+    let product = product(precision);
     let [rows, d_in] = x.layout().shape().dims::<2>();
     let d_out = weight.layout().shape().dims::<2>()[1];
     let (x, grad) = (f32s(&x), f32s(&grad));
@@ -236,7 +248,7 @@ pub fn linear_backward(
     // SAFETY: the product writes every element of the new [rows, d_in] output.
     let dx = unsafe {
         filled(rows * d_in, |out| {
-            par_matmul([rows, d_in, d_out], out.row_major(0, d_in), grad_mat, Mat::of(&weight).t(), false)
+            product([rows, d_in, d_out], out.row_major(0, d_in), grad_mat, Mat::of(&weight).t(), false)
         })
     };
     let db = wanted.bias.then(|| tensor(column_sums(&grad, d_out), Shape::new([d_out])));
@@ -249,9 +261,7 @@ pub fn linear_backward(
     let (row, col) = if column_major { (1, d_in as isize) } else { (d_out as isize, 1) };
     // SAFETY: the product writes every one of the d_in·d_out elements, in either layout.
     let dw = unsafe {
-        filled(d_in * d_out, |out| {
-            par_matmul([d_in, d_out, rows], out.strided(0, row, col), x_mat.t(), grad_mat, false)
-        })
+        filled(d_in * d_out, |out| product([d_in, d_out, rows], out.strided(0, row, col), x_mat.t(), grad_mat, false))
     };
     let dw =
         FlexTensor::new(Bytes::from_elems(dw), Layout::new(Shape::new([d_in, d_out]), vec![row, col], 0), DType::F32);
@@ -626,7 +636,8 @@ pub fn adam_step(
 /// The f32 GEMM rate of this machine as pipe's own products reach it, in GFLOP/s: the best of
 /// `reps` square products of `size`, on all of rayon's threads (`pipe bench`'s yardstick, so
 /// that figures compare across CPUs).
-pub fn gemm_gflops(size: usize, reps: usize) -> f64 {
+pub fn gemm_gflops(size: usize, reps: usize, precision: Precision) -> f64 {
+    let product = product(precision);
     let a: Vec<f32> = (0..size * size).map(|i| (i % 7) as f32 * 0.25).collect();
     let mut best = f64::INFINITY;
     for _ in 0..reps {
@@ -635,7 +646,7 @@ pub fn gemm_gflops(size: usize, reps: usize) -> f64 {
         let c = unsafe {
             filled(size * size, |out| {
                 let m = Mat::row_major(&a, 0, size);
-                par_matmul([size, size, size], out.row_major(0, size), m, m, false)
+                product([size, size, size], out.row_major(0, size), m, m, false)
             })
         };
         best = best.min(started.elapsed().as_secs_f64());

@@ -17,32 +17,39 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor, ModuleOps};
-use burn::tensor::{Bool, DType, Distribution, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{
+    Bool, DType, Distribution, FloatDType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive,
+};
 
 use super::cpu_kernels;
+use super::gpt2::Precision;
 
 /// A backend pipe's model runs on: burn's ops plus the fused ones.
 pub trait FusedOps: Backend {
-    /// x·weight + bias. x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
+    /// x·weight + bias, the product in `precision` (see `Precision`).
+    /// x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
     fn fused_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
+        precision: Precision,
     ) -> FloatTensor<Self> {
-        composite::linear::<Self>(x, weight, bias)
+        composite::linear::<Self>(x, weight, bias, precision)
     }
 
     /// The gradients of `fused_linear` for x, and for weight and bias where asked (a frozen
-    /// weight needs none), given the output's. The bias's is `column_sums` of the output's.
+    /// weight needs none), given the output's, the products in `precision`. The bias's is
+    /// `column_sums` of the output's.
     fn fused_linear_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         wanted: LinearGradsWanted,
+        precision: Precision,
     ) -> LinearGrads<Self> {
         let bias = wanted.bias.then(|| Self::column_sums(grad.clone()));
         let (dx, dw, _) =
-            composite::linear_backward::<Self>(x, weight, grad, LinearGradsWanted { bias: false, ..wanted });
+            composite::linear_backward::<Self>(x, weight, grad, LinearGradsWanted { bias: false, ..wanted }, precision);
         (dx, dw, bias)
     }
 
@@ -169,10 +176,15 @@ pub struct LinearGradsWanted {
 pub trait TrainBackend: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
 impl<B> TrainBackend for B where B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
 
-/// x·weight + bias. x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
-pub fn linear<B: FusedOps>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+/// x·weight + bias, the product in `precision`. x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
+pub fn linear<B: FusedOps>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    precision: Precision,
+) -> Tensor<B, 2> {
     let bias = bias.map(|b| b.into_primitive().tensor());
-    let y = B::fused_linear(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias);
+    let y = B::fused_linear(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias, precision);
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
@@ -226,13 +238,16 @@ pub mod composite {
         Tensor::from_primitive(TensorPrimitive::Float(x))
     }
 
-    /// burn's own linear op and its gradients.
+    /// burn's own linear op and its gradients. In bf16 every operand is cast to bf16 and every
+    /// result back to f32 (burn's bf16 product returns bf16, as PyTorch's autocast does).
     pub fn linear<B: Backend>(
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
         bias: Option<FloatTensor<B>>,
+        precision: Precision,
     ) -> FloatTensor<B> {
-        <B as ModuleOps<B>>::linear(x, weight, bias)
+        let (into, out) = casts::<B>(precision);
+        out(<B as ModuleOps<B>>::linear(into(x), into(weight), bias.map(into)))
     }
 
     pub fn linear_backward<B: Backend>(
@@ -240,10 +255,23 @@ pub mod composite {
         weight: FloatTensor<B>,
         grad: FloatTensor<B>,
         wanted: LinearGradsWanted,
+        precision: Precision,
     ) -> LinearGrads<B> {
+        let (into, out) = casts::<B>(precision);
         let bias = wanted.bias.then(|| B::linear_bias_backward(grad.clone()));
-        let dw = wanted.weight.then(|| B::linear_weight_backward(x, grad.clone()));
-        (B::linear_x_backward(weight, grad), dw, bias)
+        let grad = into(grad);
+        let dw = wanted.weight.then(|| out(B::linear_weight_backward(into(x), grad.clone())));
+        (out(B::linear_x_backward(into(weight), grad)), dw, bias)
+    }
+
+    type Cast<B> = fn(FloatTensor<B>) -> FloatTensor<B>;
+
+    /// Casts into a precision's product dtype and back out to f32 (both identity for f32).
+    fn casts<B: Backend>(precision: Precision) -> (Cast<B>, Cast<B>) {
+        match precision {
+            Precision::F32 => (|x| x, |x| x),
+            Precision::Bf16 => (|x| B::float_cast(x, FloatDType::BF16), |x| B::float_cast(x, FloatDType::F32)),
+        }
     }
 
     pub fn column_sums<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
@@ -442,9 +470,10 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
+        precision: Precision,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
-        struct Linear;
+        struct Linear(Precision);
         impl<B: FusedOps, const N: usize> Backward<B, N> for Linear {
             type State = (FloatTensor<B>, FloatTensor<B>); // x, weight
             fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -453,7 +482,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let parents = ops.parents; // x, weight, then bias when N = 3
                 let tracked = |i: usize| parents.get(i).is_some_and(Option::is_some);
                 let wanted = LinearGradsWanted { weight: tracked(1), bias: tracked(2) };
-                let (dx, dw, db) = B::fused_linear_backward(x, weight, grad, wanted);
+                let (dx, dw, db) = B::fused_linear_backward(x, weight, grad, wanted, self.0);
                 for (parent, grad) in parents.into_iter().zip([Some(dx), dw, db]) {
                     if let (Some(node), Some(grad)) = (parent, grad) {
                         grads.register::<B>(node.id, grad);
@@ -464,15 +493,15 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         let state = (x.primitive.clone(), weight.primitive.clone());
         match bias {
             Some(bias) => {
-                let y = B::fused_linear(x.primitive, weight.primitive, Some(bias.primitive));
-                match Linear.prepare::<C>([x.node, weight.node, bias.node]).compute_bound().stateful() {
+                let y = B::fused_linear(x.primitive, weight.primitive, Some(bias.primitive), precision);
+                match Linear(precision).prepare::<C>([x.node, weight.node, bias.node]).compute_bound().stateful() {
                     OpsKind::Tracked(prep) => prep.finish(state, y),
                     OpsKind::UnTracked(prep) => prep.finish(y),
                 }
             }
             None => {
-                let y = B::fused_linear(x.primitive, weight.primitive, None);
-                match Linear.prepare::<C>([x.node, weight.node]).compute_bound().stateful() {
+                let y = B::fused_linear(x.primitive, weight.primitive, None, precision);
+                match Linear(precision).prepare::<C>([x.node, weight.node]).compute_bound().stateful() {
                     OpsKind::Tracked(prep) => prep.finish(state, y),
                     OpsKind::UnTracked(prep) => prep.finish(y),
                 }
@@ -621,10 +650,16 @@ type Moments = Option<(FlexFloat, FlexFloat)>;
 
 impl FusedOps for Flex {
     f32_kernels! {
-        fn fused_linear(x: FlexFloat, weight: FlexFloat, bias: Option<FlexFloat>) -> FlexFloat {
+        fn fused_linear(x: FlexFloat, weight: FlexFloat, bias: Option<FlexFloat>, precision: Precision) -> FlexFloat {
             f32: [x, weight, bias] => linear
         }
-        fn fused_linear_backward(x: FlexFloat, weight: FlexFloat, grad: FlexFloat, wanted: LinearGradsWanted) -> LinearGrads<Self> {
+        fn fused_linear_backward(
+            x: FlexFloat,
+            weight: FlexFloat,
+            grad: FlexFloat,
+            wanted: LinearGradsWanted,
+            precision: Precision,
+        ) -> LinearGrads<Self> {
             f32: [x, weight, grad] => linear_backward
         }
         fn adam_step(param: FlexFloat, grad: FlexFloat, moments: Moments, update: AdamUpdate) -> (FlexFloat, FlexFloat, FlexFloat) {

@@ -13,7 +13,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, 
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{FloatDType, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 
 use super::fused::{causal_attention, cross_entropy, gelu_new, layer_norm, linear, FusedOps};
 use super::lora::{self, Adapters, Lora};
@@ -114,9 +114,11 @@ impl Gpt2Config {
 }
 
 /// What the matrix products of the linear layers and the LM head run in. With `Bf16` their
-/// inputs and weights are cast to bf16 for the product and the result back to f32 (PyTorch's
-/// autocast for linear layers): the weights themselves, their gradients, the optimizer state,
-/// LayerNorm, attention and the loss stay f32.
+/// operands (inputs and weights forward; output gradients, weights and inputs backward) are
+/// rounded to bf16 and their products summed in f32: the weights themselves, their gradients,
+/// the optimizer state, LayerNorm, attention and the loss stay f32. On the CPU the products'
+/// results stay f32; burn's bf16 product elsewhere (a GPU) rounds them to bf16 too, as
+/// PyTorch's autocast does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -134,13 +136,7 @@ impl Precision {
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
-        match self {
-            Self::F32 => linear(x, weight, bias),
-            Self::Bf16 => {
-                let bf16 = FloatDType::BF16;
-                linear(x.cast(bf16), weight.cast(bf16), bias.map(|b| b.cast(bf16))).cast(FloatDType::F32)
-            }
-        }
+        linear(x, weight, bias, self)
     }
 }
 

@@ -23,6 +23,7 @@ pub use bf16_decoder::Bf16Decoder;
 pub use cpu_kernels::gemm_gflops;
 pub use fused::{FusedOps, TrainBackend};
 pub use gpt2::{Gpt2, Gpt2Config, KvCache};
+pub use raw::bf16_native;
 
 /// Rows that pack several examples each: every position's index within its own example (where
 /// position embeddings restart) and the row position its example starts at (where its

@@ -1,7 +1,8 @@
 //! The one room for pipe's unsafe CPU plumbing: strided matrix views over f32 buffers, an
 //! output pointer that parallel tasks share, the single- and multi-threaded matrix products
 //! (gemm), vectors handed out before they are zeroed, and the `vectorised!` dispatch to AVX2
-//! copies of inner loops. The op kernels in `cpu_kernels` build on these.
+//! copies of inner loops; `bf16_gemm` holds the products with bf16 operands. The op kernels in
+//! `cpu_kernels` build on these.
 //!
 //! Invariants: a view never reaches outside the buffer it was made from (checked by
 //! `debug_assert!` in debug builds when a product uses it); parallel tasks writing through one
@@ -9,6 +10,9 @@
 
 use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
+
+mod bf16_gemm;
+pub use bf16_gemm::{bf16_matmul, native as bf16_native};
 
 /// `fn name(args) -> ret { body }` with the body compiled twice, for the baseline CPU and for
 /// AVX2 with FMA, the second chosen at run time on CPUs that have them. (A named inner function
@@ -153,6 +157,11 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
+    /// The transpose, as a view of the same memory.
+    fn transposed(self) -> Self {
+        Self { row: self.col, col: self.row, ..self }
+    }
+
     /// The sub-matrix whose element (0, 0) is this one's (r, c).
     pub fn offset_to(self, r: usize, c: usize) -> Self {
         let (offset, len) = shift(self.len, self.row, self.col, r, c);
@@ -252,11 +261,16 @@ fn dot_bf16_scalar(x: &[f32], w: &[u16]) -> f32 {
 
 /// Products of f32 rows with bf16 weight rows: y[o·n + r] = Σᵢ x[r·d + i]·w[o·d + i] for the
 /// n rows of `x` ([n, d]) and the rows of `w` ([rows, d], bf16 bits), accumulated in f32. With
-/// AVX2 and FMA, four weight rows at a time share each load of x, eight lanes each; the bf16
-/// bits widen to f32 by a shift, so memory carries two bytes per weight.
+/// AVX-512 (else AVX2 and FMA), four weight rows at a time share each load of x, 16 (8) lanes
+/// each; the bf16 bits widen to f32 by a shift, so memory carries two bytes per weight.
 pub fn bf16_products(y: &mut [f32], w: &[u16], x: &[f32], d: usize) {
     let (n, rows) = (x.len() / d, w.len() / d);
     assert!(x.len() == n * d && w.len() == rows * d && y.len() == rows * n, "bf16_products: shapes disagree");
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature just checked; the shapes were checked above.
+        return unsafe { bf16_products_avx512(y, w, x, d) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features just checked; the shapes were checked above.
@@ -265,6 +279,70 @@ pub fn bf16_products(y: &mut [f32], w: &[u16], x: &[f32], d: usize) {
     for (w, y) in w.chunks_exact(d).zip(y.chunks_exact_mut(n)) {
         for (y, x) in y.iter_mut().zip(x.chunks_exact(d)) {
             *y = dot_bf16_scalar(x, w);
+        }
+    }
+}
+
+/// `bf16_products` with AVX-512. Each 512-bit load of weights is 32 bf16 values, which are
+/// 16 f32 lanes' upper halves (the odd positions: a mask) and lower halves (the even ones: a
+/// shift), so no lane crosses; x is split once into its even and odd positions to match.
+///
+/// # Safety
+/// As `bf16_products_avx2`, with AVX-512F for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bf16_products_avx512(y: &mut [f32], w: &[u16], x: &[f32], d: usize) {
+    use std::arch::x86_64::*;
+    let n = x.len() / d;
+    let whole = d - d % 32;
+    // Each row of x as blocks of 32: its 16 even positions, then its 16 odd ones.
+    let mut split = vec![0.0f32; n * whole];
+    for (row, out) in x.chunks_exact(d).zip(split.chunks_exact_mut(whole.max(1))) {
+        for (b, out) in row[..whole].chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+            for i in 0..16 {
+                (out[i], out[16 + i]) = (b[2 * i], b[2 * i + 1]);
+            }
+        }
+    }
+    let odd_halves = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let dot = |xs: &[f32], x: &[f32], rows: [&[u16]; 4]| {
+        // Even positions' sums at 2k, odd ones' at 2k + 1, for weight row k.
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for at in (0..whole).step_by(32) {
+            debug_assert!(at + 32 <= xs.len() && rows.iter().all(|w| at + 32 <= w.len()));
+            // SAFETY: at + 32 ≤ whole ≤ d, the length of xs and of every weight row; unaligned loads.
+            let (even, odd) =
+                unsafe { (_mm512_loadu_ps(xs.as_ptr().add(at)), _mm512_loadu_ps(xs.as_ptr().add(at + 16))) };
+            for k in 0..4 {
+                // SAFETY: as above.
+                let bits = unsafe { _mm512_loadu_si512(rows[k].as_ptr().add(at).cast()) };
+                let (w_even, w_odd) = (_mm512_slli_epi32::<16>(bits), _mm512_and_si512(bits, odd_halves));
+                acc[2 * k] = _mm512_fmadd_ps(even, _mm512_castsi512_ps(w_even), acc[2 * k]);
+                acc[2 * k + 1] = _mm512_fmadd_ps(odd, _mm512_castsi512_ps(w_odd), acc[2 * k + 1]);
+            }
+        }
+        std::array::from_fn::<f32, 4, _>(|k| {
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * k], acc[2 * k + 1]))
+                + dot_bf16_scalar(&x[whole..], &rows[k][whole..])
+        })
+    };
+    let xs = |r: usize| &split[r * whole..(r + 1) * whole];
+    let mut groups = w.chunks_exact(4 * d);
+    let mut outs = y.chunks_exact_mut(4 * n);
+    for (w4, y4) in (&mut groups).zip(&mut outs) {
+        let rows: [&[u16]; 4] = std::array::from_fn(|k| &w4[k * d..(k + 1) * d]);
+        for (r, x) in x.chunks_exact(d).enumerate() {
+            for (k, sum) in dot(xs(r), x, rows).into_iter().enumerate() {
+                y4[k * n + r] = sum;
+            }
+        }
+    }
+    // The last rows (fewer than four): the same sums, the missing rows read as the first.
+    let rest = groups.remainder();
+    for (i, y) in outs.into_remainder().chunks_exact_mut(n).enumerate() {
+        let rows = [&rest[i * d..(i + 1) * d]; 4];
+        for (r, (y, x)) in y.iter_mut().zip(x.chunks_exact(d)).enumerate() {
+            *y = dot(xs(r), x, rows)[0];
         }
     }
 }
