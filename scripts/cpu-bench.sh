@@ -3,6 +3,7 @@
 # sitting, alternating the two so that drift on a shared machine hits both alike: PyTorch eager
 # f32, compiled f32 and bf16 autocast beside pipe f32 and bf16, one JSON line each.
 #   PYTHON=/path/to/python-with-torch-and-transformers scripts/cpu-bench.sh [rounds]
+# PIPE_BEFORE=/path/to/an/older/pipe runs that binary's bench beside this one's (before/after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -20,6 +21,10 @@ for shape in "$tiny" "$small"; do
     for precision in f32 bf16; do
       # shellcheck disable=SC2086
       ./target/release/pipe bench $shape --precision $precision
+      if [ -n "${PIPE_BEFORE:-}" ]; then
+        # shellcheck disable=SC2086
+        "$PIPE_BEFORE" bench $shape --precision $precision
+      fi
     done
   done
 done
