@@ -24,7 +24,7 @@ const NR: usize = 32;
 /// k-pairs per block: GPT-2 small's width (768) in one block, so that most products write
 /// each output tile once; a tile's rhs panel of a block (KC · NR words, 48 KiB) stays in L2.
 const KC: usize = 384;
-/// lhs panels per block of rows: MC · MR rows × KC pairs of words (344 KiB) stay in L2 while
+/// lhs panels per block of rows: MC · MR rows × KC pairs of words (336 KiB) stay in L2 while
 /// the task's rhs panels pass them.
 const MC: usize = 16;
 
