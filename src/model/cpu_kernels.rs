@@ -201,7 +201,8 @@ pub fn cross_entropy_backward(
 }
 
 /// x·weight + bias, the product in `precision`, the bias written first and the product added
-/// onto it, into memory that is not zeroed first. x: [rows, in], weight: [in, out] (any strides), bias: [out] → [rows, out]
+/// onto it, into memory that is not zeroed first.
+/// x: [rows, in], weight: [in, out] (any strides), bias: [out] → [rows, out]
 pub fn linear(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>, precision: Precision) -> FlexTensor {
     let product = product(precision);
     let [rows, d_in] = x.layout().shape().dims::<2>();
@@ -633,9 +634,9 @@ pub fn adam_step(
     (param, moment_1, moment_2)
 }
 
-/// The f32 GEMM rate of this machine as pipe's own products reach it, in GFLOP/s: the best of
-/// `reps` square products of `size`, on all of rayon's threads (`pipe bench`'s yardstick, so
-/// that figures compare across CPUs).
+/// The GEMM rate of this machine in `precision` as pipe's own products reach it, in GFLOP/s:
+/// the best of `reps` square products of `size`, on all of rayon's threads (`pipe bench`'s
+/// yardstick, so that figures compare across CPUs).
 pub fn gemm_gflops(size: usize, reps: usize, precision: Precision) -> f64 {
     let product = product(precision);
     let a: Vec<f32> = (0..size * size).map(|i| (i % 7) as f32 * 0.25).collect();

@@ -127,19 +127,6 @@ pub enum Precision {
     Bf16,
 }
 
-impl Precision {
-    /// x·weight + bias, the product in this precision, the result in f32.
-    /// x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
-    pub fn linear<B: FusedOps>(
-        self,
-        x: Tensor<B, 2>,
-        weight: Tensor<B, 2>,
-        bias: Option<Tensor<B, 1>>,
-    ) -> Tensor<B, 2> {
-        linear(x, weight, bias, self)
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct Gpt2<B: Backend> {
     /// The architecture (not a parameter).
@@ -216,7 +203,7 @@ pub struct Projection<B: Backend> {
 impl<B: FusedOps> Projection<B> {
     /// x·weight + bias, plus the adapter's low-rank term. x: [rows, in] → [rows, out]
     pub fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
-        let base = precision.linear(x.clone(), self.weight.val(), Some(self.bias.val()));
+        let base = linear(x.clone(), self.weight.val(), Some(self.bias.val()), precision);
         match &self.lora {
             Some(lora) => base + lora.forward(x, precision),
             None => base,
@@ -352,7 +339,7 @@ impl<B: FusedOps> Gpt2<B> {
     /// Next-token logits from hidden states, through the tied LM head.
     /// hidden: [tokens, d_model] → [tokens, vocab]
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.precision.linear(hidden, self.wte.weight.val().transpose(), None)
+        linear(hidden, self.wte.weight.val().transpose(), None, self.precision)
     }
 
     /// Logits at every position. tokens: [batch, seq] → [batch, seq, vocab]

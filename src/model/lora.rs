@@ -23,7 +23,7 @@ use burn::tensor::{Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::fused::FusedOps;
+use super::fused::{linear, FusedOps};
 use super::gpt2::{Block, Gpt2, Precision, Projection};
 use super::hf::{self, TensorFile};
 use crate::error::bad_input;
@@ -218,8 +218,8 @@ impl<B: FusedOps> Lora<B> {
     pub fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
         let x = self.dropout.forward(x);
         // The scale goes on the narrow [rows, rank] intermediate: the same product, less work.
-        let low = precision.linear(x, self.a.val(), None) * self.scale; // [rows, rank]
-        precision.linear(low, self.b.val(), None)
+        let low = linear(x, self.a.val(), None, precision) * self.scale; // [rows, rank]
+        linear(low, self.b.val(), None, precision)
     }
 }
 

@@ -87,7 +87,6 @@ impl Packed {
                         true => interleave(&mut out[..used], even, row(2 * pair + 1)),
                         false => out[..used].iter_mut().zip(even).for_each(|(w, &e)| *w = round_bf16(e)),
                     }
-                    out[used..].fill(0);
                 }
             } else if along_k == 1 {
                 // Each lane's k adjacent in memory: its pairs read in order.
@@ -99,7 +98,6 @@ impl Packed {
                         out[l] = round_bf16(pair[0]) | pair.get(1).map_or(0, |&odd| round_bf16(odd)) << 16;
                     }
                 }
-                panel.chunks_exact_mut(width).for_each(|out| out[used..].fill(0));
             } else {
                 // Neither adjacent: element by element.
                 for l in 0..used {
@@ -108,6 +106,9 @@ impl Packed {
                         out[l] = round_bf16(at(2 * pair, l)) | odd << 16;
                     }
                 }
+            }
+            // The last panel's lanes past the matrix still hold the reused buffer's old words.
+            if used < width {
                 panel.chunks_exact_mut(width).for_each(|out| out[used..].fill(0));
             }
         };
@@ -227,7 +228,7 @@ unsafe fn bf16_matmul_on([m, n, k]: [usize; 3], native: bool, dst: Out, lhs: Mat
 fn rounded(src: Mat, rows: usize, cols: usize) -> Vec<f32> {
     // SAFETY: (r < rows, c < cols) lies inside the view's buffer (the caller's debug check).
     let at = |r: usize, c: usize| unsafe { *src.ptr.offset(r as isize * src.row + c as isize * src.col) };
-    (0..rows * cols).map(|e| f32::from_bits(round_bf16(at(e / cols, e % cols)) << 16)).collect()
+    (0..rows).flat_map(|r| (0..cols).map(move |c| f32::from_bits(round_bf16(at(r, c)) << 16))).collect()
 }
 
 /// One MR×NR tile over `pairs` k-pairs: c[r][0..cols] = (c if `add`) + Σ a·b, r < rows.
