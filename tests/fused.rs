@@ -151,8 +151,8 @@ fn attention_kernel_matches_composite_forward_and_backward() {
             if packed { ", packed" } else { "" }
         );
         let starts = starts.map(|s| s.into_primitive());
-        let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone(), starts.clone());
-        let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head, keep.clone(), starts);
+        let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone(), starts.clone(), F32);
+        let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head, keep.clone(), starts, F32);
         assert_close(&values(float::<3>(y)), &values(float::<3>(want_y)), 1e-5, &format!("output {what}"));
         let probs_values = values(float::<4>(probs.clone()));
         assert_close(&probs_values, &values(float::<4>(want_probs)), 1e-6, &format!("probabilities {what}"));
@@ -164,8 +164,8 @@ fn attention_kernel_matches_composite_forward_and_backward() {
             assert!(row[..start].iter().all(|&p| p == 0.0), "row {r} attends to an earlier example");
             assert!(row[start..=i].iter().all(|&p| p > 0.0), "row {r} attends to all of its own example");
         }
-        let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), keep.clone(), prim(&grad), n_head);
-        let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, keep, prim(&grad), n_head);
+        let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), keep.clone(), prim(&grad), n_head, F32);
+        let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, keep, prim(&grad), n_head, F32);
         assert_close(&values(float::<3>(fused)), &values(float::<3>(plain)), 1e-5, &format!("backward {what}"));
     }
 }
@@ -177,7 +177,8 @@ fn attention_dropout_gradient_through_autodiff_matches_burns_ops() {
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 33).require_grad();
     let weights = random::<Ad, 3>([batch, seq, d], 1.0, 34);
     let keep = keep_mask::<Ad>([batch, n_head, seq, seq], 0.25, 35);
-    let (fused_y, _) = Ad::causal_attention(qkv.clone().into_primitive().tensor(), n_head, Some(prim_ad(&keep)), None);
+    let (fused_y, _) =
+        Ad::causal_attention(qkv.clone().into_primitive().tensor(), n_head, Some(prim_ad(&keep)), None, F32);
     let fused_y = Tensor::<Ad, 3>::from_primitive(TensorPrimitive::Float(fused_y));
     // The same attention from burn's ops: masked softmax, dropped, times V.
     let heads =
@@ -200,7 +201,7 @@ fn attention_dropout_applies_while_training_only_and_follows_the_seed() {
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 36);
     let run = |p: f64, seed: u64| {
         Ad::seed(&Default::default(), seed);
-        values(pipe::model::fused::causal_attention(qkv.clone(), n_head, p, None))
+        values(pipe::model::fused::causal_attention(qkv.clone(), n_head, p, None, F32))
     };
     assert_ne!(run(0.5, 1), run(0.0, 1), "dropout changed nothing while training");
     assert_eq!(run(0.5, 1), run(0.5, 1), "the same seed draws the same mask");
@@ -208,8 +209,8 @@ fn attention_dropout_applies_while_training_only_and_follows_the_seed() {
     // Without autodiff (evaluation, generation) there is no dropout.
     let inner = qkv.inner();
     assert_eq!(
-        values(pipe::model::fused::causal_attention(inner.clone(), n_head, 0.5, None)),
-        values(pipe::model::fused::causal_attention(inner, n_head, 0.0, None))
+        values(pipe::model::fused::causal_attention(inner.clone(), n_head, 0.5, None, F32)),
+        values(pipe::model::fused::causal_attention(inner, n_head, 0.0, None, F32))
     );
 }
 
@@ -221,7 +222,7 @@ fn attention_gradient_through_autodiff_matches_burns_attention() {
     let d = n_head * head_dim;
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 31).require_grad();
     let weights = random::<Ad, 3>([batch, seq, d], 1.0, 32);
-    let fused_y = pipe::model::fused::causal_attention(qkv.clone(), n_head, 0.0, None);
+    let fused_y = pipe::model::fused::causal_attention(qkv.clone(), n_head, 0.0, None, F32);
     // burn's own attention op on the split heads, differentiated by burn's autodiff.
     let heads =
         |part: usize| qkv.clone().narrow(2, part * d, d).reshape([batch, seq, n_head, head_dim]).swap_dims(1, 2);
@@ -331,6 +332,42 @@ fn bf16_linear_is_the_f32_linear_of_bf16_rounded_operands_forward_and_backward()
             "bf16 linear dbias",
         );
     }
+}
+
+#[test]
+fn bf16_attention_runs_its_products_in_bf16_on_the_gpu_composite_and_in_f32_on_the_cpu() {
+    let (batch, seq, n_head, head_dim) = (2, 45, 3, 16);
+    let d = n_head * head_dim;
+    let qkv = random::<Flex, 3>([batch, seq, 3 * d], 1.5, 81);
+    let grad = random::<Flex, 3>([batch, seq, d], 1.0, 82);
+    let keep = Some(prim(&keep_mask::<Flex>([batch, n_head, seq, seq], 0.3, 83)));
+    let cpu = |precision| {
+        let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone(), None, precision);
+        let dqkv = Flex::causal_attention_backward(prim(&qkv), probs, keep.clone(), prim(&grad), n_head, precision);
+        (values(float::<3>(y)), values(float::<3>(dqkv)))
+    };
+    // The CPU kernel's products are f32 at either precision (faster there; README, Speed).
+    assert_eq!(cpu(Bf16), cpu(F32), "the CPU's bf16 attention is its f32 attention");
+    // The composite (what the GPU backends run) casts every product's operands to bf16 and
+    // its result back: within bf16's rounding of f32 (scores of a few units rounded to 8
+    // significant bits move the probabilities by about 1% each), and measurably off it.
+    let composite = |precision| {
+        let (y, probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head, keep.clone(), None, precision);
+        let dqkv = composite::causal_attention_backward::<Flex>(
+            prim(&qkv),
+            probs,
+            keep.clone(),
+            prim(&grad),
+            n_head,
+            precision,
+        );
+        (values(float::<3>(y)), values(float::<3>(dqkv)))
+    };
+    let ((y, dqkv), (y_f32, dqkv_f32)) = (composite(Bf16), composite(F32));
+    assert_close(&y, &y_f32, 6e-2, "bf16 composite attention output");
+    assert_close(&dqkv, &dqkv_f32, 6e-2, "bf16 composite attention gradient");
+    let off = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(off(&y, &y_f32) > 1e-4 && off(&dqkv, &dqkv_f32) > 1e-4, "the bf16 composite ran in f32");
 }
 
 #[test]

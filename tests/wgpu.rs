@@ -106,11 +106,11 @@ fn fused_composites_on_wgpu_match_the_cpu_kernels() {
     let (grad_g, grad_c) = (random::<G, 3>([batch, seq, d], 2), random::<Flex, 3>([batch, seq, d], 2));
     let s_g = Tensor::<G, 2, Int>::from_data(starts_on(()), &Default::default()).into_primitive();
     let s_c = Tensor::<Flex, 2, Int>::from_data(starts_on(()), &Default::default()).into_primitive();
-    let (y_g, p_g) = composite::causal_attention::<G>(prim(&qkv_g), n_head, None, Some(s_g));
-    let (y_c, p_c) = Flex::causal_attention(prim(&qkv_c), n_head, None, Some(s_c));
+    let (y_g, p_g) = composite::causal_attention::<G>(prim(&qkv_g), n_head, None, Some(s_g), F32);
+    let (y_c, p_c) = Flex::causal_attention(prim(&qkv_c), n_head, None, Some(s_c), F32);
     assert_close("packed attention", &float::<G, 3>(y_g), &float::<Flex, 3>(y_c), 1e-4);
-    let dg = composite::causal_attention_backward::<G>(prim(&qkv_g), p_g, None, prim(&grad_g), n_head);
-    let dc = Flex::causal_attention_backward(prim(&qkv_c), p_c, None, prim(&grad_c), n_head);
+    let dg = composite::causal_attention_backward::<G>(prim(&qkv_g), p_g, None, prim(&grad_g), n_head, F32);
+    let dc = Flex::causal_attention_backward(prim(&qkv_c), p_c, None, prim(&grad_c), n_head, F32);
     assert_close("packed attention backward", &float::<G, 3>(dg), &float::<Flex, 3>(dc), 1e-4);
 
     // LayerNorm, GELU, cross-entropy and a frozen linear layer's backward.

@@ -298,15 +298,22 @@ fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
         .unwrap_or_else(|| vec![0.0; cols])
 }
 
+/// Rows of a (batch, head)'s attention computed together: each block of queries is multiplied
+/// only with the keys up to its last row, so the products skip most of the masked half.
+const QUERY_BLOCK: usize = 64;
+
 /// Causal self-attention per (batch, head), reading the heads straight out of the packed
 /// projections and writing the output in [batch, seq, d_model] order, so that no head
 /// split/merge copies are made. With a dropout mask `keep`, the output is (P ⊙ keep)·V. Returns
-/// the output and the attention probabilities P (before dropout).
+/// the output and the attention probabilities P (before dropout). The products are f32 at
+/// either precision: at attention's sizes (k = head width, or a block of rows) packing bf16
+/// operands costs more than their products save (README, Speed).
 pub fn causal_attention(
     qkv: FlexTensor,
     n_head: usize,
     keep: Option<FlexTensor>,
     starts: Option<FlexTensor>,
+    _precision: Precision,
 ) -> (FlexTensor, FlexTensor) {
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
     let (d, qkv) = (three_d / 3, f32s(&qkv));
@@ -322,25 +329,45 @@ pub fn causal_attention(
         let base = b * seq * three_d + h * head_dim;
         let part = |i: usize| Mat::row_major(&qkv, base + i * d, three_d);
         let (q, k, v) = (part(0), part(1), part(2));
-        // SAFETY: p is this task's own; y's head-h columns of batch b are written by this task alone.
-        unsafe {
-            matmul([seq, seq, head_dim], SharedMut::new(p).row_major(0, seq), q, k.t(), scale, false); // scores [seq, seq]
-            causal_softmax_rows(p, seq, starts.as_ref().map(|s| &s[b * seq..(b + 1) * seq]));
-            let dropped = keep.as_ref().map(|keep| times(p, &keep[bh * seq * seq..(bh + 1) * seq * seq]));
-            let p = Mat::row_major(dropped.as_deref().unwrap_or(p), 0, seq);
-            let y_bh = y_out.row_major(b * seq * d + h * head_dim, d);
-            matmul([seq, head_dim, seq], y_bh, p, v, 1.0, false); // [seq, head_dim]
+        let starts = starts.as_ref().map(|s| &s[b * seq..(b + 1) * seq]);
+        for first in (0..seq).step_by(QUERY_BLOCK) {
+            let (rows, keys) = (QUERY_BLOCK.min(seq - first), QUERY_BLOCK.min(seq - first) + first);
+            let block = &mut p[first * seq..(first + rows) * seq];
+            // SAFETY: block is this task's own.
+            unsafe {
+                matmul(
+                    [rows, keys, head_dim],
+                    SharedMut::new(block).row_major(0, seq),
+                    q.offset_to(first, 0),
+                    k.t(),
+                    scale,
+                    false,
+                );
+                // scores [rows, keys]
+            }
+            causal_softmax_rows(block, seq, first, starts);
+        }
+        let dropped = keep.as_ref().map(|keep| times(p, &keep[bh * seq * seq..(bh + 1) * seq * seq]));
+        let p = Mat::row_major(dropped.as_deref().unwrap_or(p), 0, seq);
+        for first in (0..seq).step_by(QUERY_BLOCK) {
+            let (rows, keys) = (QUERY_BLOCK.min(seq - first), QUERY_BLOCK.min(seq - first) + first);
+            let y_rows = y_out.row_major(b * seq * d + first * d + h * head_dim, d);
+            // SAFETY: y's head-h columns of batch b are written by this task alone.
+            unsafe { matmul([rows, head_dim, keys], y_rows, p.offset_to(first, 0), v, 1.0, false) };
+            // [rows, head_dim]
         }
     });
     (tensor(y, Shape::new([batch, seq, d])), tensor(probs, Shape::new([batch, n_head, seq, seq])))
 }
 
 vectorised! {
-/// Row i keeps columns start..=i (start = `starts[i]`, the first position of its packed
-/// example, or 0): softmax over those, zeros elsewhere.
-fn causal_softmax_rows(scores: &mut [f32], seq: usize, starts: Option<&[usize]>) {
-    for (i, row) in scores.chunks_exact_mut(seq).enumerate() {
-        let (upto, masked) = row.split_at_mut(i + 1);
+/// Row i of the rows starting at `first` (query `first + i`) keeps columns start..=first + i
+/// (start = `starts[first + i]`, the first position of its packed example, or 0): softmax
+/// over those, zeros elsewhere.
+fn causal_softmax_rows(scores: &mut [f32], seq: usize, first: usize, starts: Option<&[usize]>) {
+    for (row, scores) in scores.chunks_exact_mut(seq).enumerate() {
+        let i = first + row;
+        let (upto, masked) = scores.split_at_mut(i + 1);
         let start = starts.map_or(0, |s| s[i].min(i));
         let (before, kept) = upto.split_at_mut(start);
         before.fill(0.0);
@@ -373,7 +400,9 @@ vectorised! {
 
 /// The gradient of `causal_attention` with respect to the packed projections, from the saved
 /// probabilities P and dropout mask M (1 without dropout): dV = (P⊙M)ᵀ·dY, dP = (dY·Vᵀ) ⊙ M,
-/// dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = s·dS·K, dK = s·dSᵀ·Q.
+/// dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = s·dS·K, dK = s·dSᵀ·Q, the products f32 (as forward).
+/// P and dS are zero above the diagonal, so each block of rows (of dP, dQ) takes the columns up
+/// to its last row, and each block of columns (of dV, dK) the rows from its first.
 /// grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
 pub fn causal_attention_backward(
     qkv: FlexTensor,
@@ -381,6 +410,7 @@ pub fn causal_attention_backward(
     keep: Option<FlexTensor>,
     grad: FlexTensor,
     n_head: usize,
+    _precision: Precision,
 ) -> FlexTensor {
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
     let (d, qkv, probs, grad) = (three_d / 3, f32s(&qkv), f32s(&probs), f32s(&grad));
@@ -399,12 +429,26 @@ pub fn causal_attention_backward(
         let dropped = keep.map(|keep| times(p, keep));
         let p_mat = Mat::row_major(dropped.as_deref().unwrap_or(p), 0, seq);
         let mut ds = vec![0.0f32; seq * seq];
-        let slot = |i: usize| out.row_major(base + i * d, three_d);
+        let ds_out = SharedMut::new(&mut ds);
+        // Row `first` of part `i`'s gradient, for this (batch, head).
+        let slot = |i: usize, first: usize| out.row_major(base + first * three_d + i * d, three_d);
+        let blocks = || (0..seq).step_by(QUERY_BLOCK).map(|first| (first, QUERY_BLOCK.min(seq - first)));
         // SAFETY: this task alone writes the head-h columns of batch b in dqkv; ds is its own.
         unsafe {
-            matmul([seq, head_dim, seq], slot(2), p_mat.t(), dy, 1.0, false); // dV [seq, head_dim]
-            matmul([seq, seq, head_dim], SharedMut::new(&mut ds).row_major(0, seq), dy, v.t(), 1.0, false);
-            // dP [seq, seq]
+            for (first, len) in blocks() {
+                let (rows, cols) = (first..seq, first..first + len);
+                let (dv, dp) = (slot(2, first), ds_out.row_major(first * seq, seq));
+                matmul(
+                    [len, head_dim, rows.len()],
+                    dv,
+                    p_mat.offset_to(first, first).t(),
+                    dy.offset_to(first, 0),
+                    1.0,
+                    false,
+                ); // dV [len, head_dim]
+                matmul([len, cols.end, head_dim], dp, dy.offset_to(first, 0), v.t(), 1.0, false);
+                // dP [len, first + len]
+            }
         }
         if let Some(keep) = keep {
             times_in_place(&mut ds, keep);
@@ -413,8 +457,18 @@ pub fn causal_attention_backward(
         let ds = Mat::row_major(&ds, 0, seq);
         // SAFETY: as above.
         unsafe {
-            matmul([seq, head_dim, seq], slot(0), ds, k, scale, false); // dQ
-            matmul([seq, head_dim, seq], slot(1), ds.t(), q, scale, false); // dK
+            for (first, len) in blocks() {
+                let (rows, keys) = (seq - first, first + len);
+                matmul([len, head_dim, keys], slot(0, first), ds.offset_to(first, 0), k, scale, false); // dQ
+                matmul(
+                    [len, head_dim, rows],
+                    slot(1, first),
+                    ds.offset_to(first, first).t(),
+                    q.offset_to(first, 0),
+                    scale,
+                    false,
+                ); // dK
+            }
         }
     });
     tensor(dqkv, Shape::new([batch, seq, three_d]))

@@ -124,6 +124,7 @@ pub trait FusedOps: Backend {
     /// `starts` confines each position to its own example in a packed row: the position its
     /// example starts at (block-diagonal causal attention); None for one example per row.
     /// The backward needs no mask of its own: the probabilities it is given are zero outside.
+    /// The two products (scores, output) run in `precision`; the softmax is f32.
     /// qkv: [batch, seq, 3·d_model], keep: [batch, heads, seq, seq], starts: [batch, seq]
     /// → ([batch, seq, d_model], [batch, heads, seq, seq])
     fn causal_attention(
@@ -131,11 +132,13 @@ pub trait FusedOps: Backend {
         n_head: usize,
         keep: Option<FloatTensor<Self>>,
         starts: Option<IntTensor<Self>>,
+        precision: Precision,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        composite::causal_attention::<Self>(qkv, n_head, keep, starts)
+        composite::causal_attention::<Self>(qkv, n_head, keep, starts, precision)
     }
 
-    /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient.
+    /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient;
+    /// its four products run in `precision`.
     /// qkv: [batch, seq, 3·d_model], probs, keep: [batch, heads, seq, seq],
     /// grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
     fn causal_attention_backward(
@@ -144,8 +147,9 @@ pub trait FusedOps: Backend {
         keep: Option<FloatTensor<Self>>,
         grad: FloatTensor<Self>,
         n_head: usize,
+        precision: Precision,
     ) -> FloatTensor<Self> {
-        composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head)
+        composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head, precision)
     }
 }
 
@@ -210,13 +214,14 @@ pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, In
 
 /// Causal multi-head self-attention (no cache: every query sees the keys up to its own position,
 /// from its example's first position when `starts` gives packed rows), with dropout `p` on the
-/// attention probabilities while training (as GPT-2's `attn_pdrop`).
+/// attention probabilities while training (as GPT-2's `attn_pdrop`), the products in `precision`.
 /// qkv: [batch, seq, 3·d_model], starts: [batch, seq] → [batch, seq, d_model]
 pub fn causal_attention<B: FusedOps>(
     qkv: Tensor<B, 3>,
     n_head: usize,
     dropout: f64,
     starts: Option<Tensor<B, 2, Int>>,
+    precision: Precision,
 ) -> Tensor<B, 3> {
     let device = qkv.device();
     let keep = (dropout > 0.0 && B::ad_enabled(&device)).then(|| {
@@ -225,7 +230,7 @@ pub fn causal_attention<B: FusedOps>(
         (keep / (1.0 - dropout)).into_primitive().tensor()
     });
     let starts = starts.map(Tensor::into_primitive);
-    let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), n_head, keep, starts);
+    let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), n_head, keep, starts, precision);
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
@@ -414,16 +419,23 @@ pub mod composite {
         }
     }
 
+    /// a·b over the two last dimensions, the product in `precision` (as `linear`).
+    fn matmul<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>, precision: Precision) -> Tensor<B, 4> {
+        let (into, out) = casts::<B>(precision);
+        float(out(B::float_matmul(into(a.into_primitive().tensor()), into(b.into_primitive().tensor()))))
+    }
+
     pub fn causal_attention<B: Backend>(
         qkv: FloatTensor<B>,
         n_head: usize,
         keep: Option<FloatTensor<B>>,
         starts: Option<IntTensor<B>>,
+        precision: Precision,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let [q, k, v] = split_heads(float::<B, 3>(qkv), n_head);
         let [batch, heads, seq, head_dim] = q.dims();
         let device = q.device();
-        let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt(); // [batch, heads, seq, seq]
+        let scores = matmul(q, k.swap_dims(2, 3), precision) / (head_dim as f64).sqrt(); // [batch, heads, seq, seq]
 
         // Expanded to the scores' shape: mask_fill does not broadcast on every backend.
         let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &device).unsqueeze::<3>().expand([batch, seq, seq]);
@@ -440,7 +452,7 @@ pub mod composite {
         };
         let hidden = hidden.unsqueeze_dim::<4>(1).expand([batch, heads, seq, seq]);
         let probs = softmax(scores.mask_fill(hidden, f32::NEG_INFINITY), 3); // [batch, heads, seq, seq]
-        let y = merge_heads(dropped(probs.clone(), keep).matmul(v)); // [batch, seq, d_model]
+        let y = merge_heads(matmul(dropped(probs.clone(), keep), v, precision)); // [batch, seq, d_model]
         (y.into_primitive().tensor(), probs.into_primitive().tensor())
     }
 
@@ -450,17 +462,18 @@ pub mod composite {
         keep: Option<FloatTensor<B>>,
         grad: FloatTensor<B>,
         n_head: usize,
+        precision: Precision,
     ) -> FloatTensor<B> {
         let [q, k, v] = split_heads(float::<B, 3>(qkv), n_head);
         let scale = 1.0 / (q.dims()[3] as f64).sqrt();
         let probs = float::<B, 4>(probs); // [batch, heads, seq, seq]
         let [batch, seq, d] = float::<B, 3>(grad.clone()).dims();
         let dy = float::<B, 3>(grad).reshape([batch, seq, n_head, d / n_head]).swap_dims(1, 2); // [batch, heads, seq, head_dim]
-        let dv = dropped(probs.clone(), keep.clone()).swap_dims(2, 3).matmul(dy.clone());
-        let dp = dropped(dy.matmul(v.swap_dims(2, 3)), keep); // [batch, heads, seq, seq]
+        let dv = matmul(dropped(probs.clone(), keep.clone()).swap_dims(2, 3), dy.clone(), precision);
+        let dp = dropped(matmul(dy, v.swap_dims(2, 3), precision), keep); // [batch, heads, seq, seq]
         let ds = probs.clone() * (dp.clone() - (dp * probs).sum_dim(3));
-        let dq = ds.clone().matmul(k) * scale;
-        let dk = ds.swap_dims(2, 3).matmul(q) * scale;
+        let dq = matmul(ds.clone(), k, precision) * scale;
+        let dk = matmul(ds.swap_dims(2, 3), q, precision) * scale;
         Tensor::cat(vec![merge_heads(dq), merge_heads(dk), merge_heads(dv)], 2).into_primitive().tensor()
     }
 }
@@ -583,22 +596,23 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         n_head: usize,
         keep: Option<FloatTensor<Self>>,
         starts: Option<IntTensor<Self>>,
+        precision: Precision,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         #[derive(Debug)]
-        struct CausalAttention;
+        struct CausalAttention(Precision);
         impl<B: FusedOps> Backward<B, 1> for CausalAttention {
             // qkv, probabilities, dropout mask, heads
             type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>, usize);
             fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let (qkv, probs, keep, n_head) = ops.state;
                 unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                    B::causal_attention_backward(qkv, probs, keep, grad, n_head)
+                    B::causal_attention_backward(qkv, probs, keep, grad, n_head, self.0)
                 });
             }
         }
         let keep = keep.map(|k| k.primitive); // a constant: no gradient flows to the mask
-        let (y, probs) = B::causal_attention(qkv.primitive.clone(), n_head, keep.clone(), starts);
-        let y = match CausalAttention.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
+        let (y, probs) = B::causal_attention(qkv.primitive.clone(), n_head, keep.clone(), starts, precision);
+        let y = match CausalAttention(precision).prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((qkv.primitive, probs.clone(), keep, n_head), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
@@ -689,7 +703,13 @@ impl FusedOps for Flex {
         fn cross_entropy_backward(logits: FlexFloat, targets: IntTensor<Self>, lse: FlexFloat, grad: FlexFloat) -> FlexFloat {
             f32: [logits, lse, grad] => cross_entropy_backward
         }
-        fn causal_attention(qkv: FlexFloat, n_head: usize, keep: Option<FlexFloat>, starts: Option<IntTensor<Self>>) -> (FlexFloat, FlexFloat) {
+        fn causal_attention(
+            qkv: FlexFloat,
+            n_head: usize,
+            keep: Option<FlexFloat>,
+            starts: Option<IntTensor<Self>>,
+            precision: Precision,
+        ) -> (FlexFloat, FlexFloat) {
             f32: [qkv, keep] => causal_attention
         }
         fn causal_attention_backward(
@@ -698,6 +718,7 @@ impl FusedOps for Flex {
             keep: Option<FlexFloat>,
             grad: FlexFloat,
             n_head: usize,
+            precision: Precision,
         ) -> FlexFloat {
             f32: [qkv, probs, keep, grad] => causal_attention_backward
         }

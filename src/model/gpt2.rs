@@ -382,7 +382,13 @@ impl<B: FusedOps> Attention<B> {
         let y = match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
             // (Generation, below, runs without autodiff, so without dropout.)
-            None => causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, self.attn_pdrop, starts), // [batch, seq, d_model]
+            None => causal_attention(
+                qkv.reshape([batch, seq, 3 * d_model]),
+                self.n_head,
+                self.attn_pdrop,
+                starts,
+                precision,
+            ), // [batch, seq, d_model]
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
         };
         self.c_proj.forward(y.reshape([batch * seq, d_model]), precision).reshape([batch, seq, d_model])

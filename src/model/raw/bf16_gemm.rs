@@ -89,13 +89,16 @@ impl Packed {
                     }
                 }
             } else if along_k == 1 {
-                // Each lane's k adjacent in memory: its pairs read in order.
+                // Each lane's k adjacent in memory: rounded as one run (a loop that vectorises),
+                // then its pairs spread across the panel.
+                let mut run = vec![0u16; 2 * pairs]; // an odd k's last pair ends in a zero
                 for l in 0..used {
                     // SAFETY: lane l's k elements lie inside `src` (above).
                     let lane =
                         unsafe { std::slice::from_raw_parts(src.ptr.offset((first + l) as isize * along_lanes), k) };
-                    for (out, pair) in panel.chunks_exact_mut(width).zip(lane.chunks(2)) {
-                        out[l] = round_bf16(pair[0]) | pair.get(1).map_or(0, |&odd| round_bf16(odd)) << 16;
+                    round_run(&mut run[..k], lane);
+                    for (out, pair) in panel.chunks_exact_mut(width).zip(run.chunks_exact(2)) {
+                        out[l] = pair[0] as u32 | (pair[1] as u32) << 16;
                     }
                 }
             } else {
@@ -141,6 +144,15 @@ impl Drop for Packed {
 thread_local! {
     /// Packing buffers the thread's next products reuse, largest first.
     static SPARE: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+super::vectorised! {
+    /// out[i] = the bf16 nearest src[i].
+    fn round_run(out: &mut [u16], src: &[f32]) {
+        for (o, &x) in out.iter_mut().zip(src) {
+            *o = round_bf16(x) as u16;
+        }
+    }
 }
 
 super::vectorised! {
