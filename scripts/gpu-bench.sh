@@ -29,3 +29,4 @@ for precision in f32 bf16; do
 done
 "$GPU_PIPE_BIN" bench --backend cuda --layers 4 --heads 4 --embd 256 --vocab 8192 --seq 128 --batch 8 | mfu
 time "$GPU_PIPE_BIN" run pipelines/sft.toml --set run.backend=cuda --set run.name=sft-demo-cuda --set train.epochs=${EPOCHS:-30}
+time "$GPU_PIPE_BIN" generate sft-demo-cuda --backend cuda --prompt "What is a language model?" --greedy --max-new-tokens 200 --json

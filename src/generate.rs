@@ -2,14 +2,19 @@
 //! each new token costs one position of compute.
 
 use burn::tensor::{Int, Tensor, TensorData};
+use std::path::PathBuf;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use anyhow::Result;
 
+use crate::backend::BackendJob;
 use crate::data::{PromptLayout, Tok};
 use crate::model::bf16_decoder::Bf16Cache;
-use crate::model::{Bf16Decoder, CausalLm, FusedOps};
+use crate::model::gpt2::Precision;
+use crate::model::{Bf16Decoder, CausalLm, FusedOps, Gpt2, TrainBackend};
+use crate::spec::BackendKind;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,6 +45,10 @@ pub trait Decode {
     /// The next-token logits after `tokens`, which follow the cached positions (and join
     /// them). tokens: [n] → [vocab]
     fn next_logits(&self, tokens: &[u32], cache: &mut Self::Cache) -> Vec<f32>;
+    /// The next token after `tokens` (as `next_logits`), chosen by `sample`.
+    fn next_token(&self, tokens: &[u32], cache: &mut Self::Cache, sampling: Sampling, rng: &mut StdRng) -> u32 {
+        sample(&self.next_logits(tokens, cache), sampling, rng)
+    }
     /// −log p(ids[i + 1] | ids[..= i]) for each position i. ids: [n] → [n − 1]
     fn token_nll(&self, ids: &[u32]) -> Vec<f32>;
 }
@@ -57,6 +66,9 @@ impl<T: Decode> Decode for &T {
     }
     fn next_logits(&self, tokens: &[u32], cache: &mut T::Cache) -> Vec<f32> {
         (*self).next_logits(tokens, cache)
+    }
+    fn next_token(&self, tokens: &[u32], cache: &mut T::Cache, sampling: Sampling, rng: &mut StdRng) -> u32 {
+        (*self).next_token(tokens, cache, sampling, rng)
     }
     fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
         (*self).token_nll(ids)
@@ -90,6 +102,15 @@ impl<B: FusedOps, M: CausalLm<B>> Decode for OnDevice<'_, B, M> {
     fn next_logits(&self, tokens: &[u32], cache: &mut M::Cache) -> Vec<f32> {
         let logits = self.model.next_logits(self.tensor(tokens), cache); // [1, vocab]
         logits.into_data().convert::<f32>().to_vec().expect("f32 logits")
+    }
+    /// Greedy decoding picks the token on the device: one id comes back, not the logits.
+    fn next_token(&self, tokens: &[u32], cache: &mut M::Cache, sampling: Sampling, rng: &mut StdRng) -> u32 {
+        if sampling.temperature > 0.0 {
+            return sample(&self.next_logits(tokens, cache), sampling, rng);
+        }
+        let logits = self.model.next_logits(self.tensor(tokens), cache); // [1, vocab]
+        let id = logits.argmax(1).into_data().convert::<i64>(); // [1, 1]
+        id.to_vec::<i64>().expect("an index")[0] as u32
     }
     fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
         let n = ids.len() - 1;
@@ -130,6 +151,37 @@ fn log_sum_exp(row: &[f32]) -> f32 {
     max + row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32
 }
 
+/// Work done with a decoder (generation, scoring, chat), whichever backend it runs on.
+pub trait WithDecoder {
+    type Output;
+    fn with(self, decoder: impl Decode) -> Result<Self::Output>;
+}
+
+/// Load the model in `dir` on the chosen backend and hand `job` a decoder for it: in bf16 on
+/// the CPU, the bf16 decoder; otherwise the burn model on the backend's device, its linear
+/// layers in `precision`.
+pub struct Decoding<W> {
+    pub dir: PathBuf,
+    pub kind: BackendKind,
+    pub precision: Precision,
+    pub job: W,
+}
+
+impl<W: WithDecoder> BackendJob for Decoding<W> {
+    type Output = W::Output;
+    fn run<B: TrainBackend>(self, device: B::Device, device_name: String) -> Result<W::Output> {
+        tracing::info!(device = %device_name, precision = ?self.precision, "decoding on");
+        let mut model = Gpt2::<B::InnerBackend>::load(&self.dir, None, &device)?;
+        match (self.kind, self.precision) {
+            (BackendKind::Cpu, Precision::Bf16) => self.job.with(Bf16Decoder::new(&model)),
+            (_, precision) => {
+                model.precision = precision;
+                self.job.with(OnDevice { model: &model, device })
+            }
+        }
+    }
+}
+
 /// A generator over one model, with its own seeded random stream.
 pub struct Generator<D: Decode> {
     decoder: D,
@@ -167,8 +219,7 @@ impl<D: Decode> Generator<D> {
         }
         let mut feed: Vec<u32> = prompt.to_vec();
         while out.len() < max_new_tokens && self.decoder.cached(&cache) + feed.len() <= context {
-            let logits = self.decoder.next_logits(&feed, &mut cache); // [vocab]
-            let next = sample(&logits, sampling, &mut self.rng);
+            let next = self.decoder.next_token(&feed, &mut cache, sampling, &mut self.rng);
             let go_on = on_token(next);
             out.push(next);
             if Some(next) == eos || !go_on {

@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand};
 use pipe::data::PromptLayout;
 use pipe::data::Tok;
 use pipe::error::{bad_input, interrupted_by, is_bad_input};
-use pipe::generate::{Generator, OnDevice, Sampling};
+use pipe::generate::{Decode, Decoding, Generator, Sampling, WithDecoder};
 use pipe::model::gpt2::Precision;
-use pipe::model::{hf, Bf16Decoder, CausalLm, Gpt2};
+use pipe::model::hf;
 use pipe::spec::{BackendKind, GenerateSpec};
 use pipe::{backend, chat, pipeline, runs, score, spec};
 
@@ -124,6 +124,8 @@ enum Command {
         raw: bool,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        on: BackendArgs,
         /// Print JSON with the token ids too.
         #[arg(long)]
         json: bool,
@@ -146,9 +148,12 @@ enum Command {
         /// checkpoint folder inside the run (`checkpoints/step-000100`).
         #[arg(long)]
         checkpoint: Option<String>,
-        /// `bf16`: score with the weights rounded to bf16 (activations and sums stay f32).
+        /// `bf16`: score with the weights rounded to bf16 (activations and sums stay f32; on a
+        /// GPU, the linear layers multiply in bf16).
         #[arg(long, value_enum, default_value_t = Precision::F32)]
         precision: Precision,
+        #[command(flatten)]
+        on: BackendArgs,
     },
     /// Talk to a model: each line is laid out with the run's prompt template, replies stream.
     Chat {
@@ -161,18 +166,16 @@ enum Command {
         template: Option<String>,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        on: BackendArgs,
     },
     /// Measure training and generation speed (AdamW on random tokens, then greedy generation), as the
     /// PyTorch reference measures HF transformers (see README, Speed).
     Bench {
         #[command(flatten)]
         shape: pipe::bench::BenchShape,
-        /// Where to run it.
-        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
-        backend: BackendKind,
-        /// GPU index.
-        #[arg(long, default_value_t = 0)]
-        device: usize,
+        #[command(flatten)]
+        on: BackendArgs,
     },
     /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads; for a run
     /// with LoRA adapters, a PEFT adapter folder (`PeftModel.from_pretrained`), or with --merge a
@@ -193,6 +196,18 @@ enum Command {
         #[arg(long)]
         merge: bool,
     },
+}
+
+/// Where the model runs.
+#[derive(clap::Args)]
+struct BackendArgs {
+    /// `cpu`, or a GPU backend compiled into this pipe: `cuda` (`--features cuda`) or `wgpu`
+    /// (`--features wgpu`: Vulkan, Metal, DX12).
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    backend: BackendKind,
+    /// GPU index (cuda).
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 /// Where runs named by `name` or `name@id` are looked up.
@@ -278,22 +293,72 @@ fn main() -> ExitCode {
     }
 }
 
-type Cpu = burn::backend::Flex;
-
-/// A model from a run folder or HF directory, on the CPU, with its tokenizer and run spec.
-fn load_model(
-    runs: &RunsDirArg,
-    path: &Path,
-    checkpoint: Option<&str>,
-) -> anyhow::Result<(Gpt2<Cpu>, Tok, runs::ModelSource)> {
+/// A model's folder (a run's final model or checkpoint, or a HF directory), its tokenizer and
+/// run spec.
+fn model_source(runs: &RunsDirArg, path: &Path, checkpoint: Option<&str>) -> anyhow::Result<(Tok, runs::ModelSource)> {
     let source = runs::model_source(&runs.runs_dir, path, checkpoint)?;
-    let model = Gpt2::<Cpu>::load(&source.dir, None, &Default::default())?;
     let tok = Tok::load(&source.dir.join(hf::TOKENIZER_FILE))?;
-    Ok((model, tok, source))
+    Ok((tok, source))
+}
+
+/// Run `job` with a decoder for the model in `dir`, where `on` says.
+fn decode<W: WithDecoder>(dir: &Path, on: &BackendArgs, precision: Precision, job: W) -> anyhow::Result<W::Output> {
+    let decoding = Decoding { dir: dir.to_path_buf(), kind: on.backend, precision, job };
+    backend::dispatch(on.backend, on.device, decoding)
+}
+
+/// `pipe generate`: one answer.
+struct Answer<'a> {
+    tok: &'a Tok,
+    layout: &'a PromptLayout,
+    ids: &'a [u32],
+    max_new_tokens: usize,
+    sampling: Sampling,
+    seed: u64,
+}
+
+impl WithDecoder for Answer<'_> {
+    type Output = Vec<u32>;
+    fn with(self, decoder: impl Decode) -> anyhow::Result<Vec<u32>> {
+        let context = decoder.context();
+        if self.ids.is_empty() || self.ids.len() >= context {
+            return Err(bad_input(format!(
+                "--prompt is {} tokens; it must be 1 to {} for this model's context",
+                self.ids.len(),
+                context - 1
+            )));
+        }
+        Generator::with(decoder, self.seed).answer(self.tok, self.layout, self.ids, self.max_new_tokens, self.sampling)
+    }
+}
+
+/// `pipe score`: every text's per-token NLL.
+struct Scores<'a> {
+    tok: &'a Tok,
+    texts: &'a [String],
+}
+
+impl WithDecoder for Scores<'_> {
+    type Output = (Vec<score::TextScore>, score::Overall);
+    fn with(self, decoder: impl Decode) -> anyhow::Result<Self::Output> {
+        score::score(&decoder, self.tok, self.texts)
+    }
+}
+
+/// `pipe chat`: a conversation over stdin and stdout.
+struct Conversation<'a> {
+    tok: &'a Tok,
+    settings: &'a chat::ChatSettings,
+}
+
+impl WithDecoder for Conversation<'_> {
+    type Output = ();
+    fn with(self, decoder: impl Decode) -> anyhow::Result<()> {
+        chat::chat(decoder, self.tok, self.settings, std::io::stdin().lock(), std::io::stdout())
+    }
 }
 
 fn execute(command: Command) -> anyhow::Result<()> {
-    let device = Default::default();
     match command {
         Command::Run { spec, sets, resume, allow_changed_inputs } => {
             let loaded = spec::load(&spec, &sets)?;
@@ -374,33 +439,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("\nplot: {}", svg.display());
             }
         }
-        Command::Generate { model, runs, prompt, raw, sampling, json } => {
-            let (model, tok, source) = load_model(&runs, &model, sampling.checkpoint.as_deref())?;
-            let layout = source.layout.filter(|_| !raw).unwrap_or_else(PromptLayout::raw);
-            let defaults = source.spec.map(|s| s.generate).unwrap_or_default();
+        Command::Generate { model, runs, prompt, raw, sampling, on, json } => {
+            let (tok, source) = model_source(&runs, &model, sampling.checkpoint.as_deref())?;
+            let layout = source.layout.clone().filter(|_| !raw).unwrap_or_else(PromptLayout::raw);
+            let defaults = source.spec.as_ref().map(|s| s.generate.clone()).unwrap_or_default();
             let (settings, max_new_tokens, seed) = sampling.resolve(&defaults)?;
             let precision = sampling.precision.unwrap_or(defaults.precision);
             let text_in = layout.apply(&prompt);
             let ids = tok.encode(&text_in)?;
-            if ids.is_empty() || ids.len() >= model.context() {
-                return Err(bad_input(format!(
-                    "--prompt is {} tokens; it must be 1 to {} for this model's context",
-                    ids.len(),
-                    model.context() - 1
-                )));
-            }
-            let new = match precision {
-                Precision::F32 => {
-                    Generator::new(&model, &device, seed).answer(&tok, &layout, &ids, max_new_tokens, settings)?
-                }
-                Precision::Bf16 => Generator::with(Bf16Decoder::new(&model), seed).answer(
-                    &tok,
-                    &layout,
-                    &ids,
-                    max_new_tokens,
-                    settings,
-                )?,
-            };
+            let answer = Answer { tok: &tok, layout: &layout, ids: &ids, max_new_tokens, sampling: settings, seed };
+            let new = decode(&source.dir, &on, precision, answer)?;
             let text = layout.cut(&tok.decode(&new)?).to_string();
             if json {
                 let record = serde_json::json!({"prompt": prompt, "laid_out": text_in, "completion": text, "prompt_ids": ids, "new_ids": new});
@@ -409,26 +457,22 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("{text_in}{text}");
             }
         }
-        Command::Score { model, runs, text, file, json, checkpoint, precision } => {
-            let (model, tok, _) = load_model(&runs, &model, checkpoint.as_deref())?;
+        Command::Score { model, runs, text, file, json, checkpoint, precision, on } => {
+            let (tok, source) = model_source(&runs, &model, checkpoint.as_deref())?;
             let mut texts = text;
             if let Some(file) = file {
                 texts.extend(score::read_texts(&file)?);
             }
-            let (scores, overall) = match precision {
-                Precision::F32 => score::score(&OnDevice::<Cpu, _> { model: &model, device }, &tok, &texts)?,
-                Precision::Bf16 => score::score(&Bf16Decoder::new(&model), &tok, &texts)?,
-            };
+            let (scores, overall) = decode(&source.dir, &on, precision, Scores { tok: &tok, texts: &texts })?;
             if json {
                 println!("{}", serde_json::json!({"texts": scores, "overall": overall}));
             } else {
                 print!("{}", score::render(&tok, &scores, &overall)?);
             }
         }
-        Command::Chat { model, runs, template, sampling } => {
-            let (model, tok, source) = load_model(&runs, &model, sampling.checkpoint.as_deref())?;
-            let (spec, layout) = (source.spec, source.layout);
-            let layout = match (template, layout) {
+        Command::Chat { model, runs, template, sampling, on } => {
+            let (tok, source) = model_source(&runs, &model, sampling.checkpoint.as_deref())?;
+            let layout = match (template, source.layout.clone()) {
                 (Some(template), _) if !template.contains("{prompt}") => {
                     return Err(bad_input("--template must contain `{prompt}`"))
                 }
@@ -436,19 +480,13 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 (None, Some(layout)) => layout,
                 (None, None) => PromptLayout::new("{prompt}\n".into()),
             };
-            let defaults = spec.map(|s| s.generate).unwrap_or_default();
+            let defaults = source.spec.as_ref().map(|s| s.generate.clone()).unwrap_or_default();
             let precision = sampling.precision.unwrap_or(defaults.precision);
             let (sampling, max_new_tokens, seed) = sampling.resolve(&defaults)?;
             let settings = chat::ChatSettings { layout, sampling, max_new_tokens, seed };
-            let (input, output) = (std::io::stdin().lock(), std::io::stdout());
-            match precision {
-                Precision::F32 => {
-                    chat::chat(OnDevice::<Cpu, _> { model: &model, device }, &tok, &settings, input, output)?
-                }
-                Precision::Bf16 => chat::chat(Bf16Decoder::new(&model), &tok, &settings, input, output)?,
-            }
+            decode(&source.dir, &on, precision, Conversation { tok: &tok, settings: &settings })?;
         }
-        Command::Bench { shape, backend: kind, device } => {
+        Command::Bench { shape, on } => {
             let sizes = [shape.layers, shape.heads, shape.embd, shape.vocab, shape.seq, shape.batch, shape.steps];
             if sizes.contains(&0) || shape.embd % shape.heads != 0 {
                 return Err(bad_input("bench sizes must be at least 1, and --embd divisible by --heads"));
@@ -456,7 +494,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if let Some(rank) = shape.lora_rank.filter(|&r| r == 0 || r > shape.embd) {
                 return Err(bad_input(format!("--lora-rank {rank}: must be 1 to --embd ({})", shape.embd)));
             }
-            let result = backend::dispatch(kind, device, pipe::bench::Bench(shape, kind))?;
+            let result = backend::dispatch(on.backend, on.device, pipe::bench::Bench(shape, on.backend))?;
             println!("{result}");
         }
         Command::Export { run, runs, out, checkpoint, merge } => {

@@ -121,6 +121,11 @@ fn greedy_continuation_is_identical() {
     assert_eq!(new, ids(&g["new_ids"]));
 }
 
+#[test]
+fn cached_decoding_matches_the_full_forward_across_cache_blocks() {
+    common::cached_decoding_matches_the_full_forward::<B>();
+}
+
 fn optimizer_steps_match(name: OptimizerKind, weight_decay: f64, key: &str) {
     let r = reference();
     let want = &r["train"][key];

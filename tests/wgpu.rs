@@ -59,6 +59,51 @@ fn gpt2_on_wgpu_matches_transformers() {
 }
 
 #[test]
+fn cached_decoding_on_wgpu_matches_its_full_forward() {
+    common::cached_decoding_matches_the_full_forward::<G>();
+}
+
+/// `pipe generate`, `score` and `chat` with `--backend wgpu` say what they say on the CPU:
+/// the same greedy ids and replies, the same NLL to 1e-4.
+#[test]
+fn generate_score_and_chat_run_on_wgpu_as_on_the_cpu() {
+    let dir = std::env::temp_dir();
+    let model = fixture_dir();
+    let model = model.to_str().unwrap();
+    let on = |backend: &str, args: &[&str], input: &str| -> serde_json::Value {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipe"))
+            .current_dir(&dir)
+            .args(args)
+            .args(["--backend", backend])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let (out, err) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "pipe {args:?} --backend {backend}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|_| serde_json::Value::String(out.into_owned()))
+    };
+    let generate =
+        ["generate", model, "--prompt", "The quick brown fox", "--greedy", "--max-new-tokens", "24", "--json"];
+    let (cpu, gpu) = (on("cpu", &generate, ""), on("wgpu", &generate, ""));
+    assert_eq!(gpu["new_ids"], cpu["new_ids"], "greedy ids");
+    assert_eq!(cpu["new_ids"].as_array().unwrap().len(), 24);
+
+    let score = ["score", model, "--text", "Hello world, this is a test.", "--text", "Another line", "--json"];
+    let (cpu, gpu) = (on("cpu", &score, ""), on("wgpu", &score, ""));
+    let loss = |v: &serde_json::Value| v["overall"]["loss"].as_f64().unwrap();
+    assert!((loss(&gpu) - loss(&cpu)).abs() <= 1e-4, "score loss: wgpu {}, cpu {}", loss(&gpu), loss(&cpu));
+
+    let chat = ["chat", model, "--greedy", "--max-new-tokens", "12"];
+    let input = "Hello there\nHow are you?\n/exit\n";
+    assert_eq!(on("wgpu", &chat, input), on("cpu", &chat, input), "chat transcript");
+}
+
+#[test]
 fn training_steps_on_wgpu_follow_the_cpu() {
     let sequences: Vec<Sequence> = sequences_of(&reference());
     let batch: Vec<&Sequence> = sequences.iter().collect();

@@ -10,9 +10,8 @@ use anyhow::Result;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
 
 use super::fused::{causal_attention, cross_entropy, gelu_new, layer_norm, linear, FusedOps};
@@ -211,20 +210,36 @@ impl<B: FusedOps> Projection<B> {
     }
 }
 
-/// One layer's cache: ([batch, heads, seen, head_dim] keys, same-shaped values).
+/// One layer's cache: keys and values, each [batch, heads, capacity, head_dim], the first
+/// `seen` positions written.
 type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 /// Keys and values of every position seen so far, per layer, so that generation feeds only
-/// the new token through the model.
+/// the new token through the model. The buffers grow by whole blocks of positions and are
+/// written in place, so a token's step has the shapes of the one before it: on the GPU
+/// backends the fusion plans and autotuned kernels made for the first tokens serve the rest.
 pub struct KvCache<B: Backend> {
     layers: Vec<KvSlot<B>>,
     seen: usize,
+    /// Positions the buffers hold (a multiple of `KV_BLOCK`, or the context).
+    capacity: usize,
 }
+
+/// Positions a cache's buffers grow by.
+const KV_BLOCK: usize = 128;
 
 impl<B: Backend> KvCache<B> {
     pub fn new(n_layer: usize) -> Self {
-        Self { layers: (0..n_layer).map(|_| None).collect(), seen: 0 }
+        Self { layers: (0..n_layer).map(|_| None).collect(), seen: 0, capacity: 0 }
     }
+}
+
+/// What one layer's attention needs of the cache: its buffers, how many positions they held
+/// before this step, and the capacity they must have for it.
+struct LayerCache<'a, B: Backend> {
+    slot: &'a mut KvSlot<B>,
+    seen: usize,
+    capacity: usize,
 }
 
 impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
@@ -316,6 +331,10 @@ impl<B: FusedOps> Gpt2<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.seen);
+        if let Some(cache) = cache.as_mut() {
+            let needed = (start + seq).next_multiple_of(KV_BLOCK).min(self.config.n_positions.max(start + seq));
+            cache.capacity = cache.capacity.max(needed);
+        }
         let device = tokens.device();
         let (positions, starts) = match packing {
             Some(Packing { positions, starts }) => (positions, Some(starts)),
@@ -327,7 +346,8 @@ impl<B: FusedOps> Gpt2<B> {
         let x = self.wte.forward(tokens) + self.wpe.forward(positions); // [batch, seq, d_model]
         let mut x = self.dropout.forward(x);
         for (layer, block) in self.h.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[layer]);
+            let layer_cache =
+                cache.as_mut().map(|c| LayerCache { slot: &mut c.layers[layer], seen: start, capacity: c.capacity });
             x = block.forward(x, layer_cache, starts.clone(), self.precision);
         }
         if let Some(cache) = cache {
@@ -355,7 +375,7 @@ impl<B: FusedOps> Block<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        cache: Option<&mut KvSlot<B>>,
+        cache: Option<LayerCache<'_, B>>,
         starts: Option<Tensor<B, 2, Int>>,
         precision: Precision,
     ) -> Tensor<B, 3> {
@@ -373,7 +393,7 @@ impl<B: FusedOps> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        cache: Option<&mut KvSlot<B>>,
+        cache: Option<LayerCache<'_, B>>,
         starts: Option<Tensor<B, 2, Int>>,
         precision: Precision,
     ) -> Tensor<B, 3> {
@@ -394,25 +414,44 @@ impl<B: FusedOps> Attention<B> {
         self.c_proj.forward(y.reshape([batch * seq, d_model]), precision).reshape([batch, seq, d_model])
     }
 
-    /// Generation: the new positions' queries against the cached and new keys and values.
+    /// Generation: the new positions' keys and values written into the cache after the
+    /// `seen` ones, and the new queries against all of them. Scores cover the whole buffer
+    /// (so that its shape, not the number of positions, sets the step's shapes); positions
+    /// not written yet, and each query's future, are masked out.
     /// qkv: [batch·seq, 3·d_model] → [batch, seq, d_model]
-    fn cached_attention(&self, qkv: Tensor<B, 2>, batch: usize, seq: usize, cache: &mut KvSlot<B>) -> Tensor<B, 3> {
+    fn cached_attention(&self, qkv: Tensor<B, 2>, batch: usize, seq: usize, cache: LayerCache<'_, B>) -> Tensor<B, 3> {
         let d_model = qkv.dims()[1] / 3;
-        let head_dim = d_model / self.n_head;
-        let heads = |part: usize| {
-            qkv.clone().narrow(1, part * d_model, d_model).reshape([batch, seq, self.n_head, head_dim]).swap_dims(1, 2)
+        let (heads, head_dim) = (self.n_head, d_model / self.n_head);
+        let device = qkv.device();
+        let part = |part: usize| {
+            qkv.clone().narrow(1, part * d_model, d_model).reshape([batch, seq, heads, head_dim]).swap_dims(1, 2)
             // [batch, heads, seq, head_dim]
         };
-        let (q, mut k, mut v) = (heads(0), heads(1), heads(2));
-        if let Some((past_k, past_v)) = cache.take() {
-            k = Tensor::cat(vec![past_k, k], 2); // [batch, heads, seen + seq, head_dim]
-            v = Tensor::cat(vec![past_v, v], 2);
-        }
-        *cache = Some((k.clone(), v.clone()));
-        // The causal mask is aligned bottom-right, so cached queries see every earlier key.
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-        let y = attention(q, k, v, None, None, options); // [batch, heads, seq, head_dim]
-        y.swap_dims(1, 2).reshape([batch, seq, d_model])
+        let (q, k, v) = (part(0), part(1), part(2));
+        let LayerCache { slot, seen, capacity } = cache;
+        let buffer = |old: Option<Tensor<B, 4>>| match old {
+            Some(old) if old.dims()[2] == capacity => old,
+            Some(old) => {
+                let grown = Tensor::zeros([batch, heads, capacity - old.dims()[2], head_dim], &device);
+                Tensor::cat(vec![old, grown], 2)
+            }
+            None => Tensor::zeros([batch, heads, capacity, head_dim], &device),
+        }; // [batch, heads, capacity, head_dim]
+        let (old_keys, old_values) = slot.take().unzip();
+        let new = [0..batch, 0..heads, seen..seen + seq, 0..head_dim];
+        let keys = buffer(old_keys).slice_assign(new.clone(), k);
+        let values = buffer(old_values).slice_assign(new, v);
+        *slot = Some((keys.clone(), values.clone()));
+
+        let scores = q.matmul(keys.swap_dims(2, 3)) / (head_dim as f64).sqrt(); // [batch, heads, seq, capacity]
+                                                                                // Query i (position seen + i) sees keys 0..=seen + i.
+        let key = Tensor::<B, 1, Int>::arange(0..capacity as i64, &device).unsqueeze::<2>().expand([seq, capacity]);
+        let last = Tensor::<B, 1, Int>::arange(seen as i64..(seen + seq) as i64, &device)
+            .unsqueeze_dim::<2>(1)
+            .expand([seq, capacity]);
+        let hidden = key.greater(last).unsqueeze::<4>().expand([batch, heads, seq, capacity]);
+        let probs = softmax(scores.mask_fill(hidden, f32::NEG_INFINITY), 3); // [batch, heads, seq, capacity]
+        probs.matmul(values).swap_dims(1, 2).reshape([batch, seq, d_model])
     }
 }
 

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use burn::backend::Flex;
+use burn::tensor::{Int, Tensor, TensorData};
 use pipe::data::{Batch, Sequence};
-use pipe::model::{CausalLm, Gpt2};
+use pipe::model::{CausalLm, FusedOps, Gpt2, Gpt2Config};
 
 pub fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
@@ -37,6 +38,30 @@ pub fn batch_loss(model: &Gpt2<Flex>, sequences: &[Sequence]) -> f64 {
     let batch = Batch::<Flex>::new(&refs, 50256, &Default::default());
     let sum: f32 = model.loss_sum(batch.inputs, batch.targets, batch.weights).into_scalar();
     sum as f64 / batch.loss_tokens as f64
+}
+
+/// Logits through the KV cache equal the full forward's, 1e-4 apart, over a context of 300
+/// positions: the cache's buffers grow by blocks (to 128, 256, then the context), fed a
+/// prompt, a chunk across a block's end, then one token at a time.
+pub fn cached_decoding_matches_the_full_forward<B: FusedOps>() {
+    let vocab = 97;
+    let model = Gpt2Config::new(vocab, 300, 32, 2, 4).with_initializer_range(0.3).init::<B>(&Default::default());
+    let ids: Vec<i32> = (0..300).map(|i| (i * 37 % vocab) as i32).collect();
+    let tokens = |range: std::ops::Range<usize>| {
+        Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids[range.clone()].to_vec(), [1, range.len()]),
+            &Default::default(),
+        )
+    };
+    let full: Vec<f32> = model.logits(tokens(0..300), None).into_data().to_vec().unwrap(); // [300·vocab]
+    let mut cache = model.new_cache();
+    for range in [0..100, 100..130].into_iter().chain((130..300).map(|i| i..i + 1)) {
+        let got: Vec<f32> = model.logits(tokens(range.clone()), Some(&mut cache)).into_data().to_vec().unwrap();
+        let want = &full[range.start * vocab..range.end * vocab];
+        let off = got.iter().zip(want).position(|(g, w)| g.is_nan() || (g - w).abs() > 1e-4);
+        assert!(off.is_none(), "positions {range:?}: cached logit {off:?} off the full forward");
+    }
+    assert_eq!(Gpt2::<B>::cached(&cache), 300);
 }
 
 /// `pipe` with `args` in `dir`, with no PIPE_ variables from the outer environment.
