@@ -302,6 +302,11 @@ fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
 /// only with the keys up to its last row, so the products skip most of the masked half.
 const QUERY_BLOCK: usize = 64;
 
+/// A sequence's blocks of queries: (first row, rows).
+fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq).step_by(QUERY_BLOCK).map(move |first| (first, QUERY_BLOCK.min(seq - first)))
+}
+
 /// Causal self-attention per (batch, head), reading the heads straight out of the packed
 /// projections and writing the output in [batch, seq, d_model] order, so that no head
 /// split/merge copies are made. With a dropout mask `keep`, the output is (P ⊙ keep)·V. Returns
@@ -330,9 +335,9 @@ pub fn causal_attention(
         let part = |i: usize| Mat::row_major(&qkv, base + i * d, three_d);
         let (q, k, v) = (part(0), part(1), part(2));
         let starts = starts.as_ref().map(|s| &s[b * seq..(b + 1) * seq]);
-        for first in (0..seq).step_by(QUERY_BLOCK) {
-            let (rows, keys) = (QUERY_BLOCK.min(seq - first), QUERY_BLOCK.min(seq - first) + first);
-            let block = &mut p[first * seq..(first + rows) * seq];
+        for (first, rows) in query_blocks(seq) {
+            let keys = first + rows; // the keys up to the block's last row
+            let block = &mut p[first * seq..keys * seq];
             // SAFETY: block is this task's own.
             unsafe {
                 matmul(
@@ -349,8 +354,8 @@ pub fn causal_attention(
         }
         let dropped = keep.as_ref().map(|keep| times(p, &keep[bh * seq * seq..(bh + 1) * seq * seq]));
         let p = Mat::row_major(dropped.as_deref().unwrap_or(p), 0, seq);
-        for first in (0..seq).step_by(QUERY_BLOCK) {
-            let (rows, keys) = (QUERY_BLOCK.min(seq - first), QUERY_BLOCK.min(seq - first) + first);
+        for (first, rows) in query_blocks(seq) {
+            let keys = first + rows;
             let y_rows = y_out.row_major(b * seq * d + first * d + h * head_dim, d);
             // SAFETY: y's head-h columns of batch b are written by this task alone.
             unsafe { matmul([rows, head_dim, keys], y_rows, p.offset_to(first, 0), v, 1.0, false) };
@@ -432,22 +437,22 @@ pub fn causal_attention_backward(
         let ds_out = SharedMut::new(&mut ds);
         // Row `first` of part `i`'s gradient, for this (batch, head).
         let slot = |i: usize, first: usize| out.row_major(base + first * three_d + i * d, three_d);
-        let blocks = || (0..seq).step_by(QUERY_BLOCK).map(|first| (first, QUERY_BLOCK.min(seq - first)));
         // SAFETY: this task alone writes the head-h columns of batch b in dqkv; ds is its own.
         unsafe {
-            for (first, len) in blocks() {
-                let (rows, cols) = (first..seq, first..first + len);
+            for (first, len) in query_blocks(seq) {
+                // Block columns of P see the queries from `first` on; block rows of dP the keys to its end.
+                let (queries, keys) = (seq - first, first + len);
                 let (dv, dp) = (slot(2, first), ds_out.row_major(first * seq, seq));
                 matmul(
-                    [len, head_dim, rows.len()],
+                    [len, head_dim, queries],
                     dv,
                     p_mat.offset_to(first, first).t(),
                     dy.offset_to(first, 0),
                     1.0,
                     false,
                 ); // dV [len, head_dim]
-                matmul([len, cols.end, head_dim], dp, dy.offset_to(first, 0), v.t(), 1.0, false);
-                // dP [len, first + len]
+                matmul([len, keys, head_dim], dp, dy.offset_to(first, 0), v.t(), 1.0, false);
+                // dP [len, keys]
             }
         }
         if let Some(keep) = keep {
@@ -457,11 +462,11 @@ pub fn causal_attention_backward(
         let ds = Mat::row_major(&ds, 0, seq);
         // SAFETY: as above.
         unsafe {
-            for (first, len) in blocks() {
-                let (rows, keys) = (seq - first, first + len);
+            for (first, len) in query_blocks(seq) {
+                let (queries, keys) = (seq - first, first + len);
                 matmul([len, head_dim, keys], slot(0, first), ds.offset_to(first, 0), k, scale, false); // dQ
                 matmul(
-                    [len, head_dim, rows],
+                    [len, head_dim, queries],
                     slot(1, first),
                     ds.offset_to(first, first).t(),
                     q.offset_to(first, 0),
