@@ -1,9 +1,9 @@
 //! Sampling from the model: greedy, temperature, top-k and top-p, seeded, with a KV cache so
 //! each new token costs one position of compute.
 
-use burn::tensor::{Int, Tensor, TensorData};
 use std::path::PathBuf;
 
+use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
