@@ -103,14 +103,16 @@ impl<B: FusedOps, M: CausalLm<B>> Decode for OnDevice<'_, B, M> {
         let logits = self.model.next_logits(self.tensor(tokens), cache); // [1, vocab]
         logits.into_data().convert::<f32>().to_vec().expect("f32 logits")
     }
-    /// Greedy decoding picks the token on the device: one id comes back, not the logits.
+    /// The token is picked where the logits are (on a GPU, the device): one id comes back.
     fn next_token(&self, tokens: &[u32], cache: &mut M::Cache, sampling: Sampling, rng: &mut StdRng) -> u32 {
-        if sampling.temperature > 0.0 {
-            return sample(&self.next_logits(tokens, cache), sampling, rng);
-        }
         let logits = self.model.next_logits(self.tensor(tokens), cache); // [1, vocab]
-        let id = logits.argmax(1).into_data().convert::<i64>(); // [1, 1]
-        id.to_vec::<i64>().expect("an index")[0] as u32
+        let id = if sampling.temperature > 0.0 {
+            let token = B::sample_token(logits.into_primitive().tensor(), sampling, rng.random());
+            Tensor::<B, 1, Int>::from_primitive(token).into_data() // [1]
+        } else {
+            logits.argmax(1).into_data() // [1, 1]
+        };
+        id.convert::<i64>().to_vec::<i64>().expect("an index")[0] as u32
     }
     fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
         let n = ids.len() - 1;
@@ -254,8 +256,14 @@ pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut impl Rng) -> u32 {
     if sampling.temperature == 0.0 {
         return argmax(logits);
     }
+    sample_with_draw(logits, sampling, rng.random())
+}
+
+/// The token drawn from `distribution(logits, sampling)` by `draw` ∈ [0, 1): the first, most
+/// likely first, whose cumulative probability exceeds it.
+pub fn sample_with_draw(logits: &[f32], sampling: Sampling, draw: f64) -> u32 {
     let candidates = distribution(logits, sampling);
-    let mut draw: f64 = rng.random();
+    let mut draw = draw;
     for &(id, p) in &candidates {
         if draw < p {
             return id;

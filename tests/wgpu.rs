@@ -64,7 +64,7 @@ fn cached_decoding_on_wgpu_matches_its_full_forward() {
 }
 
 /// `pipe generate`, `score` and `chat` with `--backend wgpu` say what they say on the CPU:
-/// the same greedy ids and replies, the same NLL to 1e-4.
+/// the same greedy and sampled ids and replies, the same NLL to 1e-4.
 #[test]
 fn generate_score_and_chat_run_on_wgpu_as_on_the_cpu() {
     let dir = std::env::temp_dir();
@@ -92,6 +92,28 @@ fn generate_score_and_chat_run_on_wgpu_as_on_the_cpu() {
     let (cpu, gpu) = (on("cpu", &generate, ""), on("wgpu", &generate, ""));
     assert_eq!(gpu["new_ids"], cpu["new_ids"], "greedy ids");
     assert_eq!(cpu["new_ids"].as_array().unwrap().len(), 24);
+    // Sampled: the CPU draws on the host, wgpu on the device, from the same seeded draws.
+    let sampled = [
+        "generate",
+        model,
+        "--prompt",
+        "The quick brown fox",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "11",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ];
+    let (cpu, gpu) = (on("cpu", &sampled, ""), on("wgpu", &sampled, ""));
+    assert_eq!(gpu["new_ids"], cpu["new_ids"], "sampled ids");
+    let greedy = on("cpu", &generate, "");
+    assert_ne!(cpu["new_ids"], greedy["new_ids"], "sampling differs from greedy decoding");
 
     let score = ["score", model, "--text", "Hello world, this is a test.", "--text", "Another line", "--json"];
     let (cpu, gpu) = (on("cpu", &score, ""), on("wgpu", &score, ""));
@@ -300,4 +322,61 @@ fn gpu_kernels_match_their_composites() {
 #[test]
 fn gpu_kernels_through_the_fusion_wrapper_match_their_composites() {
     kernels_match_composites::<G>("fusion wrapper");
+}
+
+/// The device's draw against the host's (`generate::sample_with_draw`) for the same u, over
+/// temperatures, top-k (none, 1, some, the whole vocabulary and past it) and top-p, on logits
+/// with and without ties (ties rank by lower id), a vocabulary wider than a cube and GPT-2's.
+/// The device sums in f32 where the host sums in f64, so a draw within 1e-5 of a boundary may
+/// land on the neighbouring token: every draw must be the host's at u or u ± 1e-5, and all but
+/// a few exactly the host's. u = 0 must give the most likely token and u → 1 the last kept one.
+fn device_draws_match_the_host<B: FusedOps>(backend: &str) {
+    use pipe::generate::sample_with_draw;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let values = |vocab: usize, seed: u64, scale: f32, step: Option<f32>| -> Vec<f32> {
+        let raw = random::<Flex, 1>([vocab], seed).mul_scalar(scale).into_data().to_vec::<f32>().unwrap();
+        raw.into_iter().map(|v| step.map_or(v, |s| (v / s).round() * s)).collect()
+    };
+    let (mut draws, mut exact) = (0, 0);
+    let sets = [(1037, 31, 3.0, None), (1037, 32, 2.0, Some(0.5)), (50_257, 33, 2.0, None)];
+    for (vocab, seed, scale, step) in sets {
+        let host = values(vocab, seed, scale, step);
+        let logits = Tensor::<B, 2>::from_data(TensorData::new(host.clone(), [1, vocab]), &Default::default());
+        let wide = vocab > 2000;
+        let temperatures: &[f64] = if wide { &[1.0] } else { &[0.7, 1.6] };
+        let top_ks: &[usize] = if wide { &[0, 40] } else { &[0, 1, 7, vocab, vocab + 5] };
+        let top_ps: &[f64] = if wide { &[1.0, 0.9] } else { &[1.0, 0.93, 0.37, 0.011] };
+        for &temperature in temperatures {
+            for &top_k in top_ks {
+                for &top_p in top_ps {
+                    let sampling = Sampling { temperature, top_k, top_p };
+                    let mut us: Vec<f64> = (0..4).map(|_| rng.random()).collect();
+                    us.extend([0.0, 1.0 - 1e-12]);
+                    for (i, &u) in us.iter().enumerate() {
+                        let token = B::sample_token(prim(&logits), sampling, u);
+                        let got = Tensor::<B, 1, Int>::from_primitive(token).into_data().convert::<i64>();
+                        let got = got.to_vec::<i64>().unwrap()[0] as u32;
+                        let want = sample_with_draw(&host, sampling, u);
+                        let near = [u - 1e-5, u + 1e-5]
+                            .map(|v| sample_with_draw(&host, sampling, v.clamp(0.0, 0.999_999_999)));
+                        let what = format!("{backend}: vocab {vocab}, {sampling:?}, u {u}");
+                        if i >= 4 {
+                            assert_eq!(got, want, "{what}: the edge draws are exact");
+                        }
+                        assert!(got == want || near.contains(&got), "{what}: device {got}, host {want}");
+                        draws += 1;
+                        exact += (got == want) as usize;
+                    }
+                }
+            }
+        }
+    }
+    assert!(exact * 100 >= draws * 99, "{backend}: only {exact} of {draws} draws exactly the host's");
+}
+
+#[test]
+fn sampling_on_the_device_draws_what_the_host_draws() {
+    device_draws_match_the_host::<Cube>("cube backend");
+    device_draws_match_the_host::<G>("fusion wrapper");
 }

@@ -23,6 +23,7 @@ use burn::tensor::{
 
 use super::cpu_kernels;
 use super::gpt2::Precision;
+use crate::generate::{sample_with_draw, Sampling};
 
 /// A backend pipe's model runs on: burn's ops plus the fused ones.
 pub trait FusedOps: Backend {
@@ -150,6 +151,13 @@ pub trait FusedOps: Backend {
         precision: Precision,
     ) -> FloatTensor<Self> {
         composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head, precision)
+    }
+
+    /// The token `generate::sample_with_draw` draws from these logits with `draw` ∈ [0, 1), at
+    /// a temperature above 0. Here the logits are read to the host and drawn from there; the
+    /// GPU backends draw on the device and read back only the id. logits: [1, vocab] → [1]
+    fn sample_token(logits: FloatTensor<Self>, sampling: Sampling, draw: f64) -> IntTensor<Self> {
+        composite::sample_token::<Self>(logits, sampling, draw)
     }
 }
 
@@ -398,6 +406,15 @@ pub mod composite {
     }
 
     /// qkv: [batch, seq, 3·d_model] → queries, keys, values, each [batch, heads, seq, head_dim]
+    /// The logits read to the host and drawn from there. logits: [1, vocab] → [1]
+    pub fn sample_token<B: Backend>(logits: FloatTensor<B>, sampling: Sampling, draw: f64) -> IntTensor<B> {
+        let logits = float::<B, 2>(logits);
+        let device = logits.device();
+        let logits = logits.into_data().convert::<f32>().to_vec::<f32>().expect("f32 logits");
+        let id = sample_with_draw(&logits, sampling, draw);
+        Tensor::<B, 1, Int>::from_data([id as i32], &device).into_primitive()
+    }
+
     fn split_heads<B: Backend>(qkv: Tensor<B, 3>, n_head: usize) -> [Tensor<B, 4>; 3] {
         let [batch, seq, three_d] = qkv.dims();
         let d = three_d / 3;

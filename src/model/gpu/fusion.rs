@@ -5,12 +5,14 @@
 
 use core::marker::PhantomData;
 
+use burn::tensor::backend::BackendTypes;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, Element, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
+use crate::generate::Sampling;
 use crate::model::fused::{AdamUpdate, FusedOps};
 
 /// Which of the inner backend's operations a custom operation runs.
@@ -32,6 +34,11 @@ enum Kernel {
     CrossEntropy,
     /// Inputs: logits, targets (int), lse, grad.
     CrossEntropyBackward,
+    /// Input: logits; output: the drawn token (int).
+    SampleToken {
+        sampling: Sampling,
+        draw: f64,
+    },
 }
 
 #[derive(Debug)]
@@ -77,6 +84,11 @@ impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for Custom<B> {
                     (handles.get_float_tensor::<B>(&inputs[2]), handles.get_float_tensor::<B>(&inputs[3]));
                 vec![B::cross_entropy_backward(logits, targets, lse, grad)]
             }
+            Kernel::SampleToken { sampling, draw } => {
+                let token = B::sample_token(float(0), sampling, draw);
+                handles.register_int_tensor::<B>(&self.desc.outputs[0].id, token);
+                vec![]
+            }
         };
         for (output, tensor) in self.desc.outputs.iter().zip(outputs) {
             handles.register_float_tensor::<B>(&output.id, tensor);
@@ -85,7 +97,7 @@ impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for Custom<B> {
 }
 
 /// Registers `kernel` on the fusion stream of its first input; returns its outputs, each of
-/// the given shape and element type.
+/// the given shape and element type (float, or int for a drawn token).
 fn register<B: FusionBackend + FusedOps, const N: usize>(
     kernel: Kernel,
     inputs: Vec<FusionTensor<B::FusionRuntime>>,
@@ -184,5 +196,11 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         let out = like(&logits);
         let [dlogits] = register::<B, 1>(Kernel::CrossEntropyBackward, vec![logits, targets, lse, grad], [out]);
         dlogits
+    }
+
+    fn sample_token(logits: FloatTensor<Self>, sampling: Sampling, draw: f64) -> IntTensor<Self> {
+        let out = (Shape::new([1]), <B as BackendTypes>::IntElem::dtype());
+        let [token] = register::<B, 1>(Kernel::SampleToken { sampling, draw }, vec![logits], [out]);
+        token
     }
 }

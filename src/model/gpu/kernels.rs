@@ -28,12 +28,12 @@ const GELU_A: f32 = composite::GELU_A as f32;
 const GELU_B: f32 = composite::GELU_B as f32;
 /// Starts a running maximum: below any finite logit, and a literal every shading language takes
 /// (WGSL refuses an infinite one).
-const LOWEST: f32 = -3.0e38;
+pub(super) const LOWEST: f32 = -3.0e38;
 
 /// The sum of `value` over the units of the cube, returned to every unit.
 /// The cube must have `shared.len()` units, a power of two.
 #[cube]
-fn cube_sum(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub(super) fn cube_sum(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
     let unit = UNIT_POS_X as usize;
     shared[unit] = value;
     sync_cube();
@@ -53,7 +53,7 @@ fn cube_sum(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
 
 /// The maximum of `value` over the units of the cube, returned to every unit.
 #[cube]
-fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub(super) fn cube_max<N: Numeric>(shared: &mut SharedMemory<N>, value: N) -> N {
     let unit = UNIT_POS_X as usize;
     shared[unit] = value;
     sync_cube();
@@ -342,7 +342,7 @@ fn elementwise<R: CubeRuntime>(like: &CubeTensor<R>, n: usize) -> (CubeCount, Cu
 }
 
 /// A launch with a cube of `units` for each row, up to `MAX_ROW_CUBES` (the cubes then stride).
-fn per_row<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> (CubeCount, CubeDim, usize) {
+pub(super) fn per_row<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> (CubeCount, CubeDim, usize) {
     let most = like.client.properties().hardware.max_cube_dim.0.min(ROW_UNITS);
     let units = 1 << most.ilog2(); // a power of two at most the hardware's limit
     (CubeCount::new_1d(rows.clamp(1, MAX_ROW_CUBES) as u32), CubeDim::new_1d(units), units as usize)

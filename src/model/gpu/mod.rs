@@ -9,12 +9,14 @@
 
 mod fusion;
 mod kernels;
+mod sampling;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::TensorMetadata;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use super::fused::{composite, AdamUpdate, FusedOps};
+use crate::generate::Sampling;
 
 impl<R, F, I, BT> FusedOps for CubeBackend<R, F, I, BT>
 where
@@ -105,6 +107,14 @@ where
             kernels::cross_entropy_backward(logits, targets, lse, grad)
         } else {
             composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+        }
+    }
+
+    fn sample_token(logits: FloatTensor<Self>, sampling: Sampling, draw: f64) -> IntTensor<Self> {
+        if kernels::supported(logits.dtype()) {
+            sampling::sample(logits, I::dtype(), sampling, draw)
+        } else {
+            composite::sample_token::<Self>(logits, sampling, draw)
         }
     }
 }
