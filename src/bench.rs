@@ -1,7 +1,8 @@
 //! `pipe bench`: the PyTorch reference's protocol (`torch_ref.py`) through pipe's own model,
 //! optimizer and sampler — the code paths a pipeline uses, not a separate fast path. AdamW on
 //! random token ids: training tokens/s over the median step after warm-up, then greedy
-//! generation tokens/s with the KV cache, and peak RSS, as one JSON line.
+//! generation tokens/s with the KV cache, and peak RSS, as one JSON line (with the last step's
+//! loss, so that two builds or settings can be seen to train alike).
 
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use serde_json::{json, Value};
 use crate::backend::BackendJob;
 use crate::data::Sequence;
 use crate::generate::{Decode, Generator, Sampling};
+use crate::model::fused::{set_gpu_attention, GpuAttention};
 use crate::model::gpt2::Precision;
 use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
 use crate::model::{Bf16Decoder, CausalLm, Gpt2, Gpt2Config};
@@ -60,6 +62,10 @@ pub struct BenchShape {
     /// frozen model instead of all its weights.
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// On a GPU backend: attention by pipe's flash-style kernels, or by the composite version
+    /// of burn's ops (to measure one against the other).
+    #[arg(long, value_enum, default_value_t = GpuAttention::Kernels)]
+    pub gpu_attention: GpuAttention,
 }
 
 impl BenchShape {
@@ -83,6 +89,7 @@ impl BackendJob for Bench {
 
     fn run<B: TrainBackend>(self, device: B::Device, device_name: String) -> Result<Value> {
         let shape = self.0;
+        set_gpu_attention(shape.gpu_attention);
         B::seed(&device, 0);
         let config = Gpt2Config::new(shape.vocab, shape.seq.max(1024), shape.embd, shape.layers, shape.heads);
         let mut model = Gpt2 { precision: shape.precision, ..config.init::<B>(&device) };
@@ -103,7 +110,7 @@ impl BackendJob for Bench {
         let mut random_ids =
             |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..shape.vocab as u32)).collect() };
 
-        let mut times = Vec::new();
+        let (mut times, mut last_loss) = (Vec::new(), f64::NAN);
         for step in 0..shape.warmup + shape.steps {
             // seq + 1 ids give seq input positions, each with a next-token target.
             let sequences: Vec<Sequence> =
@@ -115,6 +122,7 @@ impl BackendJob for Bench {
             B::sync(&device)?;
             let seconds = started.elapsed().as_secs_f64();
             tracing::debug!(step, loss = stats.loss, seconds, "bench step");
+            last_loss = stats.loss;
             if step >= shape.warmup {
                 times.push(seconds);
             }
@@ -167,6 +175,7 @@ impl BackendJob for Bench {
             "impl": format!("pipe {} burn 0.21 {}", env!("CARGO_PKG_VERSION"), device_name),
             "params": params,
             "trainable_params": trainable,
+            "last_loss": last_loss,
             "train_tokens_per_s": (train_tps * 10.0).round() / 10.0,
             "gen_tokens_per_s": (gen_tps * 10.0).round() / 10.0,
             "peak_rss_mib": peak_rss,

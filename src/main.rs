@@ -10,6 +10,7 @@ use pipe::data::PromptLayout;
 use pipe::data::Tok;
 use pipe::error::{bad_input, interrupted_by, is_bad_input};
 use pipe::generate::{Decode, Decoding, Generator, Sampling, WithDecoder};
+use pipe::model::fused::GpuAttention;
 use pipe::model::gpt2::Precision;
 use pipe::model::hf;
 use pipe::spec::{BackendKind, GenerateSpec};
@@ -493,6 +494,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
             }
             if let Some(rank) = shape.lora_rank.filter(|&r| r == 0 || r > shape.embd) {
                 return Err(bad_input(format!("--lora-rank {rank}: must be 1 to --embd ({})", shape.embd)));
+            }
+            if shape.gpu_attention != GpuAttention::Kernels && on.backend == BackendKind::Cpu {
+                return Err(bad_input("--gpu-attention: only for the GPU backends (--backend cuda or wgpu)"));
             }
             let result = backend::dispatch(on.backend, on.device, pipe::bench::Bench(shape, on.backend))?;
             println!("{result}");

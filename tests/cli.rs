@@ -216,4 +216,7 @@ fn bench_prints_torch_refs_keys_and_rejects_bad_flags() {
     let out = pipe(dir.path(), &["bench", "--embd", "10", "--heads", "4"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("divisible by --heads"), "{}", stderr(&out));
+    let out = pipe(dir.path(), &["bench", "--gpu-attention", "composite"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--gpu-attention: only for the GPU backends"), "{}", stderr(&out));
 }

@@ -164,7 +164,8 @@ fn attention_kernel_matches_composite_forward_and_backward() {
             assert!(row[..start].iter().all(|&p| p == 0.0), "row {r} attends to an earlier example");
             assert!(row[start..=i].iter().all(|&p| p > 0.0), "row {r} attends to all of its own example");
         }
-        let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), keep.clone(), prim(&grad), n_head, F32);
+        let fused =
+            Flex::causal_attention_backward(prim(&qkv), probs.clone(), keep.clone(), None, prim(&grad), n_head, F32);
         let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, keep, prim(&grad), n_head, F32);
         assert_close(&values(float::<3>(fused)), &values(float::<3>(plain)), 1e-5, &format!("backward {what}"));
     }
@@ -343,7 +344,8 @@ fn bf16_attention_runs_its_products_in_bf16_on_the_gpu_composite_and_in_f32_on_t
     let keep = Some(prim(&keep_mask::<Flex>([batch, n_head, seq, seq], 0.3, 83)));
     let cpu = |precision| {
         let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone(), None, precision);
-        let dqkv = Flex::causal_attention_backward(prim(&qkv), probs, keep.clone(), prim(&grad), n_head, precision);
+        let dqkv =
+            Flex::causal_attention_backward(prim(&qkv), probs, keep.clone(), None, prim(&grad), n_head, precision);
         (values(float::<3>(y)), values(float::<3>(dqkv)))
     };
     // The CPU kernel's products are f32 at either precision (faster there; README, Speed).

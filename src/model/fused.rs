@@ -21,6 +21,10 @@ use burn::tensor::{
     Bool, DType, Distribution, FloatDType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive,
 };
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+
 use super::cpu_kernels;
 use super::gpt2::Precision;
 use crate::generate::{sample_with_draw, Sampling};
@@ -119,15 +123,15 @@ pub trait FusedOps: Backend {
         composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
     }
 
-    /// Causal multi-head self-attention over the packed query/key/value projections, and the
-    /// attention probabilities before dropout (kept for the backward). `keep` is the dropout
-    /// mask on the probabilities, already scaled (0 or 1/(1 − p)); None for no dropout.
-    /// `starts` confines each position to its own example in a packed row: the position its
-    /// example starts at (block-diagonal causal attention); None for one example per row.
-    /// The backward needs no mask of its own: the probabilities it is given are zero outside.
-    /// The two products (scores, output) run in `precision`; the softmax is f32.
+    /// Causal multi-head self-attention over the packed query/key/value projections, and what
+    /// the backward needs of it (`attention_saved_shape`): here and on the CPU the attention
+    /// probabilities before dropout. `keep` is the dropout mask on the probabilities, already
+    /// scaled (0 or 1/(1 − p)); None for no dropout. `starts` confines each position to its own
+    /// example in a packed row: the position its example starts at (block-diagonal causal
+    /// attention); None for one example per row. The two products (scores, output) run in
+    /// `precision`; the softmax is f32.
     /// qkv: [batch, seq, 3·d_model], keep: [batch, heads, seq, seq], starts: [batch, seq]
-    /// → ([batch, seq, d_model], [batch, heads, seq, seq])
+    /// → ([batch, seq, d_model], saved)
     fn causal_attention(
         qkv: FloatTensor<Self>,
         n_head: usize,
@@ -138,19 +142,30 @@ pub trait FusedOps: Backend {
         composite::causal_attention::<Self>(qkv, n_head, keep, starts, precision)
     }
 
-    /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient;
-    /// its four products run in `precision`.
-    /// qkv: [batch, seq, 3·d_model], probs, keep: [batch, heads, seq, seq],
-    /// grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
+    /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient
+    /// and what the forward saved; its four products run in `precision`. (Probabilities are
+    /// zero outside the mask, so this version needs no `starts`; a backend that recomputes
+    /// them does.) qkv: [batch, seq, 3·d_model], saved: as the forward returned it,
+    /// keep: [batch, heads, seq, seq], starts: [batch, seq], grad: [batch, seq, d_model]
+    /// → [batch, seq, 3·d_model]
+    #[allow(clippy::too_many_arguments)]
     fn causal_attention_backward(
         qkv: FloatTensor<Self>,
-        probs: FloatTensor<Self>,
+        saved: FloatTensor<Self>,
         keep: Option<FloatTensor<Self>>,
+        _starts: Option<IntTensor<Self>>,
         grad: FloatTensor<Self>,
         n_head: usize,
         precision: Precision,
     ) -> FloatTensor<Self> {
-        composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head, precision)
+        composite::causal_attention_backward::<Self>(qkv, saved, keep, grad, n_head, precision)
+    }
+
+    /// Where this backend's own attention kernels take attention over qkv of this shape and
+    /// element type, the shape of what their forward saves for the backward; None where the
+    /// composite version runs (which saves the probabilities). qkv: [batch, seq, 3·d_model]
+    fn attention_saved_shape(_qkv: &Shape, _n_head: usize, _dtype: DType) -> Option<Shape> {
+        None
     }
 
     /// The token `generate::sample_with_draw` draws from these logits with `draw` ∈ [0, 1), at
@@ -158,6 +173,31 @@ pub trait FusedOps: Backend {
     /// GPU backends draw on the device and read back only the id. logits: [1, vocab] → [1]
     fn sample_token(logits: FloatTensor<Self>, sampling: Sampling, draw: f64) -> IntTensor<Self> {
         composite::sample_token::<Self>(logits, sampling, draw)
+    }
+}
+
+/// Which attention the GPU backends run: their flash-style kernels, or the composite version
+/// built from burn's ops (`pipe bench --gpu-attention`, to measure one against the other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuAttention {
+    #[default]
+    Kernels,
+    Composite,
+}
+
+/// The process's choice of `GpuAttention` (kernels unless set): a setting of the whole process,
+/// as burn's autotune cache is, so that every layer of every model makes the same choice.
+static GPU_ATTENTION_COMPOSITE: AtomicBool = AtomicBool::new(false);
+
+pub fn set_gpu_attention(choice: GpuAttention) {
+    GPU_ATTENTION_COMPOSITE.store(choice == GpuAttention::Composite, Ordering::Relaxed);
+}
+
+pub fn gpu_attention() -> GpuAttention {
+    match GPU_ATTENTION_COMPOSITE.load(Ordering::Relaxed) {
+        true => GpuAttention::Composite,
+        false => GpuAttention::Kernels,
     }
 }
 
@@ -618,22 +658,22 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         #[derive(Debug)]
         struct CausalAttention(Precision);
         impl<B: FusedOps> Backward<B, 1> for CausalAttention {
-            // qkv, probabilities, dropout mask, heads
-            type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>, usize);
+            // qkv, what the forward saved, dropout mask, starts, heads
+            type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>, Option<IntTensor<B>>, usize);
             fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let (qkv, probs, keep, n_head) = ops.state;
+                let (qkv, saved, keep, starts, n_head) = ops.state;
                 unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                    B::causal_attention_backward(qkv, probs, keep, grad, n_head, self.0)
+                    B::causal_attention_backward(qkv, saved, keep, starts, grad, n_head, self.0)
                 });
             }
         }
         let keep = keep.map(|k| k.primitive); // a constant: no gradient flows to the mask
-        let (y, probs) = B::causal_attention(qkv.primitive.clone(), n_head, keep.clone(), starts, precision);
+        let (y, saved) = B::causal_attention(qkv.primitive.clone(), n_head, keep.clone(), starts.clone(), precision);
         let y = match CausalAttention(precision).prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((qkv.primitive, probs.clone(), keep, n_head), y),
+            OpsKind::Tracked(prep) => prep.finish((qkv.primitive, saved.clone(), keep, starts, n_head), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
-        (y, Self::from_inner(probs))
+        (y, Self::from_inner(saved))
     }
 }
 
@@ -680,6 +720,23 @@ type FlexFloat = FloatTensor<Flex>;
 type Moments = Option<(FlexFloat, FlexFloat)>;
 
 impl FusedOps for Flex {
+    /// The probabilities carry the mask (zero outside it), so `starts` is not needed here.
+    fn causal_attention_backward(
+        qkv: FlexFloat,
+        probs: FlexFloat,
+        keep: Option<FlexFloat>,
+        _starts: Option<IntTensor<Self>>,
+        grad: FlexFloat,
+        n_head: usize,
+        precision: Precision,
+    ) -> FlexFloat {
+        if [&qkv, &probs, &grad].iter().all(|t| t.is_f32()) && keep.is_f32() {
+            cpu_kernels::causal_attention_backward(qkv, probs, keep, grad, n_head, precision)
+        } else {
+            composite::causal_attention_backward::<Self>(qkv, probs, keep, grad, n_head, precision)
+        }
+    }
+
     f32_kernels! {
         fn fused_linear(x: FlexFloat, weight: FlexFloat, bias: Option<FlexFloat>, precision: Precision) -> FlexFloat {
             f32: [x, weight, bias] => linear
@@ -729,15 +786,6 @@ impl FusedOps for Flex {
         ) -> (FlexFloat, FlexFloat) {
             f32: [qkv, keep] => causal_attention
         }
-        fn causal_attention_backward(
-            qkv: FlexFloat,
-            probs: FlexFloat,
-            keep: Option<FlexFloat>,
-            grad: FlexFloat,
-            n_head: usize,
-            precision: Precision,
-        ) -> FlexFloat {
-            f32: [qkv, probs, keep, grad] => causal_attention_backward
-        }
+
     }
 }

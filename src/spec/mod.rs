@@ -162,9 +162,9 @@ pub struct RunSpec {
     /// `train.batch_size` examples per micro-batch. On the CPU the indices only count peers.
     /// Empty: the one `device`.
     pub devices: Vec<usize>,
-    /// "f32", or "bf16": linear layers and the LM head (on the GPU backends, attention's
-    /// products too) multiply in bf16, with f32 master weights, gradients, optimizer state,
-    /// LayerNorm, softmax and loss (mixed precision).
+    /// "f32", or "bf16": linear layers and the LM head multiply in bf16, with f32 master
+    /// weights, gradients, optimizer state, LayerNorm, attention, softmax and loss (mixed
+    /// precision).
     pub precision: Precision,
     /// The stages to run, in order.
     pub stages: Vec<Stage>,

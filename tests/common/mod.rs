@@ -9,8 +9,20 @@ use burn::tensor::{Int, Tensor, TensorData};
 use pipe::data::{Batch, Sequence};
 use pipe::model::{CausalLm, FusedOps, Gpt2, Gpt2Config};
 
+/// The repository: where `cargo test` says it is (so that a test binary built on one machine
+/// runs from a checkout at another path, as `tests/cuda.rs` on a GPU machine), else where it
+/// was built.
+pub fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
+/// The `pipe` binary: `GPU_PIPE_BIN` where set (a carried binary), else the one cargo built.
+pub fn pipe_bin() -> PathBuf {
+    std::env::var_os("GPU_PIPE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pipe")), PathBuf::from)
+}
+
 pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
+    repo().join("tests/fixtures/tiny-gpt2")
 }
 
 /// transformers' outputs on the fixture (see tests/fixtures/tiny-gpt2/reference.json).
@@ -137,7 +149,7 @@ pub fn newest_run(dir: &Path, name: &str) -> PathBuf {
 /// shipped default data.
 pub fn folder_with(spec: &str, examples: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
+    let data = std::fs::read_to_string(repo().join("data/sft.jsonl")).unwrap();
     std::fs::write(dir.path().join("train.jsonl"), data.lines().take(examples).collect::<Vec<_>>().join("\n")).unwrap();
     std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
     dir

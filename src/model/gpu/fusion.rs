@@ -13,7 +13,8 @@ use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use crate::generate::Sampling;
-use crate::model::fused::{AdamUpdate, FusedOps};
+use crate::model::fused::{composite, AdamUpdate, FusedOps};
+use crate::model::gpt2::Precision;
 
 /// Which of the inner backend's operations a custom operation runs.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +35,20 @@ enum Kernel {
     CrossEntropy,
     /// Inputs: logits, targets (int), lse, grad.
     CrossEntropyBackward,
+    /// Inputs: qkv, then the dropout mask and the starts (int) where given.
+    Attention {
+        n_head: usize,
+        precision: Precision,
+        dropout: bool,
+        packed: bool,
+    },
+    /// Inputs: qkv, saved, then the dropout mask and the starts (int) where given, then grad.
+    AttentionBackward {
+        n_head: usize,
+        precision: Precision,
+        dropout: bool,
+        packed: bool,
+    },
     /// Input: logits; output: the drawn token (int).
     SampleToken {
         sampling: Sampling,
@@ -83,6 +98,20 @@ impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for Custom<B> {
                 let (lse, grad) =
                     (handles.get_float_tensor::<B>(&inputs[2]), handles.get_float_tensor::<B>(&inputs[3]));
                 vec![B::cross_entropy_backward(logits, targets, lse, grad)]
+            }
+            Kernel::Attention { n_head, precision, dropout, packed } => {
+                let qkv = float(0);
+                let keep = dropout.then(|| float(1));
+                let starts = packed.then(|| handles.get_int_tensor::<B>(&inputs[1 + dropout as usize]));
+                let (y, saved) = B::causal_attention(qkv, n_head, keep, starts, precision);
+                vec![y, saved]
+            }
+            Kernel::AttentionBackward { n_head, precision, dropout, packed } => {
+                let (qkv, saved) = (float(0), float(1));
+                let keep = dropout.then(|| float(2));
+                let starts = packed.then(|| handles.get_int_tensor::<B>(&inputs[2 + dropout as usize]));
+                let grad = handles.get_float_tensor::<B>(&inputs[inputs.len() - 1]);
+                vec![B::causal_attention_backward(qkv, saved, keep, starts, grad, n_head, precision)]
             }
             Kernel::SampleToken { sampling, draw } => {
                 let token = B::sample_token(float(0), sampling, draw);
@@ -196,6 +225,49 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         let out = like(&logits);
         let [dlogits] = register::<B, 1>(Kernel::CrossEntropyBackward, vec![logits, targets, lse, grad], [out]);
         dlogits
+    }
+
+    fn causal_attention(
+        qkv: FloatTensor<Self>,
+        n_head: usize,
+        keep: Option<FloatTensor<Self>>,
+        starts: Option<IntTensor<Self>>,
+        precision: Precision,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // The composite version runs through fusion itself, so that its element-wise ops fuse.
+        let Some(saved) = B::attention_saved_shape(&qkv.shape, n_head, qkv.dtype) else {
+            return composite::causal_attention::<Self>(qkv, n_head, keep, starts, precision);
+        };
+        let [batch, seq, three_d] = qkv.shape.dims();
+        let (y, saved) = ((Shape::new([batch, seq, three_d / 3]), qkv.dtype), (saved, qkv.dtype));
+        let kernel = Kernel::Attention { n_head, precision, dropout: keep.is_some(), packed: starts.is_some() };
+        let inputs = [Some(qkv), keep, starts].into_iter().flatten().collect();
+        let [y, saved] = register::<B, 2>(kernel, inputs, [y, saved]);
+        (y, saved)
+    }
+
+    fn causal_attention_backward(
+        qkv: FloatTensor<Self>,
+        saved: FloatTensor<Self>,
+        keep: Option<FloatTensor<Self>>,
+        starts: Option<IntTensor<Self>>,
+        grad: FloatTensor<Self>,
+        n_head: usize,
+        precision: Precision,
+    ) -> FloatTensor<Self> {
+        let kernels = B::attention_saved_shape(&qkv.shape, n_head, qkv.dtype);
+        if kernels.is_none_or(|shape| shape != saved.shape) {
+            return composite::causal_attention_backward::<Self>(qkv, saved, keep, grad, n_head, precision);
+        }
+        let out = like(&qkv);
+        let kernel = Kernel::AttentionBackward { n_head, precision, dropout: keep.is_some(), packed: starts.is_some() };
+        let inputs = [Some(qkv), Some(saved), keep, starts, Some(grad)].into_iter().flatten().collect();
+        let [dqkv] = register::<B, 1>(kernel, inputs, [out]);
+        dqkv
+    }
+
+    fn attention_saved_shape(qkv: &Shape, n_head: usize, dtype: DType) -> Option<Shape> {
+        B::attention_saved_shape(qkv, n_head, dtype)
     }
 
     fn sample_token(logits: FloatTensor<Self>, sampling: Sampling, draw: f64) -> IntTensor<Self> {

@@ -1,21 +1,23 @@
-//! The fused operations on the GPU backends: cubecl kernels (`kernels`) for burn's cube backend,
-//! and the same kernels reached through burn's fusion wrapper, which is what `Cuda` and `Wgpu`
-//! are. The linear layers' products stay burn's autotuned matmuls (their bias gradients are
-//! `column_sums` here), and attention keeps its composite version, which the fusion engine can
-//! merge.
+//! The fused operations on the GPU backends: cubecl kernels (`kernels`, flash-style
+//! `attention`, the next token's draw in `sampling`) for burn's cube backend, and the same
+//! kernels reached through burn's fusion wrapper, which is what `Cuda` and `Wgpu` are. The
+//! linear layers' products stay burn's autotuned matmuls (their bias gradients are
+//! `column_sums` here).
 //!
 //! `tests/wgpu.rs` holds every kernel to its composite version, forward and backward, on both
 //! types.
 
+mod attention;
 mod fusion;
 mod kernels;
 mod sampling;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::TensorMetadata;
+use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use super::fused::{composite, AdamUpdate, FusedOps};
+use super::gpt2::Precision;
 use crate::generate::Sampling;
 
 impl<R, F, I, BT> FusedOps for CubeBackend<R, F, I, BT>
@@ -108,6 +110,40 @@ where
         } else {
             composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
         }
+    }
+
+    fn causal_attention(
+        qkv: FloatTensor<Self>,
+        n_head: usize,
+        keep: Option<FloatTensor<Self>>,
+        starts: Option<IntTensor<Self>>,
+        precision: Precision,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match attention::saved_shape(&qkv.shape(), n_head, qkv.dtype()) {
+            Some(_) => attention::causal_attention(qkv, n_head, keep, starts, I::dtype()),
+            None => composite::causal_attention::<Self>(qkv, n_head, keep, starts, precision),
+        }
+    }
+
+    fn causal_attention_backward(
+        qkv: FloatTensor<Self>,
+        saved: FloatTensor<Self>,
+        keep: Option<FloatTensor<Self>>,
+        starts: Option<IntTensor<Self>>,
+        grad: FloatTensor<Self>,
+        n_head: usize,
+        precision: Precision,
+    ) -> FloatTensor<Self> {
+        // `saved` is what the forward kept: the kernels' rows or the composite's probabilities.
+        if attention::saved_shape(&qkv.shape(), n_head, qkv.dtype()).is_some_and(|shape| shape == saved.shape()) {
+            attention::causal_attention_backward(qkv, saved, keep, starts, grad, n_head, I::dtype())
+        } else {
+            composite::causal_attention_backward::<Self>(qkv, saved, keep, grad, n_head, precision)
+        }
+    }
+
+    fn attention_saved_shape(qkv: &Shape, n_head: usize, dtype: DType) -> Option<Shape> {
+        attention::saved_shape(qkv, n_head, dtype)
     }
 
     fn sample_token(logits: FloatTensor<Self>, sampling: Sampling, draw: f64) -> IntTensor<Self> {
