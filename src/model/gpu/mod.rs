@@ -20,6 +20,22 @@ use super::fused::{composite, AdamUpdate, FusedOps};
 use super::gpt2::Precision;
 use crate::generate::Sampling;
 
+/// Each listed op runs `kernels::$op` when the tensor named after `dtype of` has an element
+/// type the kernels compute for (`kernels::supported`), else `composite::$op`.
+macro_rules! cube_kernels {
+    ($(fn $method:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty { dtype of $by:ident => $op:ident })*) => {
+        $(
+            fn $method($($arg: $ty),*) -> $ret {
+                if kernels::supported($by.dtype()) {
+                    kernels::$op($($arg),*)
+                } else {
+                    composite::$op::<Self>($($arg),*)
+                }
+            }
+        )*
+    };
+}
+
 impl<R, F, I, BT> FusedOps for CubeBackend<R, F, I, BT>
 where
     R: CubeRuntime,
@@ -27,88 +43,51 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    fn adam_step(
-        param: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
-        update: AdamUpdate,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if kernels::supported(param.dtype()) {
-            kernels::adam_step(param, grad, moments, update)
-        } else {
-            composite::adam_step::<Self>(param, grad, moments, update)
+    cube_kernels! {
+        fn adam_step(
+            param: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+            update: AdamUpdate,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            dtype of param => adam_step
         }
-    }
-
-    fn fused_layer_norm(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        beta: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if kernels::supported(x.dtype()) {
-            kernels::layer_norm(x, gamma, beta, epsilon)
-        } else {
-            composite::layer_norm::<Self>(x, gamma, beta, epsilon)
+        fn fused_layer_norm(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            epsilon: f64,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            dtype of x => layer_norm
         }
-    }
-
-    fn fused_layer_norm_backward(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        rstd: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if kernels::supported(x.dtype()) {
-            kernels::layer_norm_backward(x, gamma, mean, rstd, grad)
-        } else {
-            composite::layer_norm_backward::<Self>(x, gamma, mean, rstd, grad)
+        fn fused_layer_norm_backward(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            rstd: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            dtype of x => layer_norm_backward
         }
-    }
-
-    fn column_sums(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        if kernels::supported(x.dtype()) {
-            kernels::column_sums(x)
-        } else {
-            composite::column_sums::<Self>(x)
+        fn column_sums(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            dtype of x => column_sums
         }
-    }
-
-    fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        if kernels::supported(x.dtype()) {
-            kernels::gelu_new(x)
-        } else {
-            composite::gelu_new::<Self>(x)
+        fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            dtype of x => gelu_new
         }
-    }
-
-    fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        if kernels::supported(x.dtype()) {
-            kernels::gelu_new_backward(x, grad)
-        } else {
-            composite::gelu_new_backward::<Self>(x, grad)
+        fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+            dtype of x => gelu_new_backward
         }
-    }
-
-    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if kernels::supported(logits.dtype()) {
-            kernels::cross_entropy(logits, targets)
-        } else {
-            composite::cross_entropy::<Self>(logits, targets)
+        fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            dtype of logits => cross_entropy
         }
-    }
-
-    fn cross_entropy_backward(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        lse: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        if kernels::supported(logits.dtype()) {
-            kernels::cross_entropy_backward(logits, targets, lse, grad)
-        } else {
-            composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+        fn cross_entropy_backward(
+            logits: FloatTensor<Self>,
+            targets: IntTensor<Self>,
+            lse: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            dtype of logits => cross_entropy_backward
         }
     }
 
