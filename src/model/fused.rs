@@ -9,6 +9,8 @@
 //! `tests/fused.rs` hold to the composite versions. Autodiff wraps whichever the inner backend
 //! has, with the backward below.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -20,9 +22,6 @@ use burn::tensor::ops::{FloatTensor, IntTensor, ModuleOps};
 use burn::tensor::{
     Bool, DType, Distribution, FloatDType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive,
 };
-
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use serde::Serialize;
 
 use super::cpu_kernels;
@@ -445,7 +444,6 @@ pub mod composite {
         (probs * grad.clone()).scatter(1, targets, grad.neg(), IndexingUpdateOp::Add).into_primitive().tensor()
     }
 
-    /// qkv: [batch, seq, 3·d_model] → queries, keys, values, each [batch, heads, seq, head_dim]
     /// The logits read to the host and drawn from there. logits: [1, vocab] → [1]
     pub fn sample_token<B: Backend>(logits: FloatTensor<B>, sampling: Sampling, draw: f64) -> IntTensor<B> {
         let logits = float::<B, 2>(logits);
@@ -455,6 +453,7 @@ pub mod composite {
         Tensor::<B, 1, Int>::from_data([id as i32], &device).into_primitive()
     }
 
+    /// qkv: [batch, seq, 3·d_model] → queries, keys, values, each [batch, heads, seq, head_dim]
     fn split_heads<B: Backend>(qkv: Tensor<B, 3>, n_head: usize) -> [Tensor<B, 4>; 3] {
         let [batch, seq, three_d] = qkv.dims();
         let d = three_d / 3;
@@ -786,6 +785,5 @@ impl FusedOps for Flex {
         ) -> (FlexFloat, FlexFloat) {
             f32: [qkv, keep] => causal_attention
         }
-
     }
 }
