@@ -36,7 +36,8 @@ done
 # `cargo test --release --features cuda --test cuda --no-run` where no prebuilt one is given.
 if [ -z "${GPU_SUITE_BIN:-}" ] && [ "$GPU_PIPE_BIN" = target/release/pipe ]; then
   GPU_SUITE_BIN=$(cargo test --release --features cuda --test cuda --no-run --message-format=json \
-    | python3 -c "import json,sys; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable')][-1])")
+    | python3 -c "import json,sys; print(*[m['executable'] for m in map(json.loads, sys.stdin) \
+        if m.get('executable') and m['target']['kind'] == ['test'] and m['target']['name'] == 'cuda'])")
 fi
 if [ -n "${GPU_SUITE_BIN:-}" ]; then
   CARGO_MANIFEST_DIR=$PWD GPU_PIPE_BIN=$(realpath "$GPU_PIPE_BIN") "$GPU_SUITE_BIN" --test-threads 1 \

@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 out=target/gpu-carry
 rm -rf "$out" && mkdir -p "$out"
 cargo build --release --features cuda
-suite=$(cargo test --release --features cuda --test cuda --no-run --message-format=json \
-  | python3 -c "import json,sys; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable')][-1])")
+# Before the test build, which rebuilds target/release/pipe with the tests' features.
 strip -o "$out/pipe" target/release/pipe
+suite=$(cargo test --release --features cuda --test cuda --no-run --message-format=json \
+  | python3 -c "import json,sys; print(*[m['executable'] for m in map(json.loads, sys.stdin) \
+      if m.get('executable') and m['target']['kind'] == ['test'] and m['target']['name'] == 'cuda'])")
 strip -o "$out/cuda-suite" "$suite"
 gzip -6 "$out/pipe" "$out/cuda-suite"
 ls -l "$out"
