@@ -87,52 +87,45 @@ fn weight_before<F: Float>(
     cube_sum(shared, sum)
 }
 
-/// The last place's key whose weight before it is within `limit`: built from the top bit down,
-/// each bit kept when the place it makes still qualifies (the weight grows along rank order).
-#[cube]
-fn cut_key<F: Float>(
-    logits: &Tensor<F>,
-    shared: &mut SharedMemory<f32>,
-    kept: Kept,
-    limit: f32,
-    #[comptime] counting: bool,
-    #[comptime] or_equal: bool,
-) -> u32 {
-    let mut key = 0u32;
-    let mut bit = 32u32;
-    while bit > 0 {
-        bit -= 1;
-        let candidate = key | (1u32 << bit);
-        if within(weight_before(logits, shared, kept, candidate, 0u32, counting), limit, or_equal) {
-            key = candidate;
-        }
-    }
-    key
+/// A place in rank order.
+#[derive(CubeType, Clone, Copy)]
+struct Place {
+    key: u32,
+    id: u32,
 }
 
-/// The last place's id at `key` whose weight before it is within `limit` (ids below 2^id_bits).
+/// The last place whose weight before it is within `limit` (ids below 2^id_bits): built from
+/// the top bit down, the key's 32 and then the id's, each bit kept when the place it makes
+/// still qualifies (the weight grows along rank order).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn cut_id<F: Float>(
+fn cut<F: Float>(
     logits: &Tensor<F>,
     shared: &mut SharedMemory<f32>,
     kept: Kept,
-    key: u32,
     limit: f32,
     id_bits: u32,
     #[comptime] counting: bool,
     #[comptime] or_equal: bool,
-) -> u32 {
+) -> Place {
+    let mut key = 0u32;
     let mut id = 0u32;
-    let mut bit = id_bits;
+    let mut bit = 32u32 + id_bits;
     while bit > 0 {
         bit -= 1;
-        let candidate = id | (1u32 << bit);
-        if within(weight_before(logits, shared, kept, key, candidate, counting), limit, or_equal) {
-            id = candidate;
+        let mut at_key = key;
+        let mut at_id = id;
+        if bit >= id_bits {
+            at_key = key | (1u32 << (bit - id_bits));
+        } else {
+            at_id = id | (1u32 << bit);
+        }
+        if within(weight_before(logits, shared, kept, at_key, at_id, counting), limit, or_equal) {
+            key = at_key;
+            id = at_id;
         }
     }
-    id
+    Place { key, id }
 }
 
 /// One token drawn from `logits` as `generate::sample_with_draw` draws it with `draw`. `top_k`
@@ -163,20 +156,20 @@ fn sample_kernel<F: Float, I: Int>(
     let mut kept = Kept { bound_key: u32::MAX, bound_id: u32::MAX, most, temperature };
 
     if top_k > 0 && (top_k as usize) < logits.len() {
-        let limit = f32::cast_from(top_k);
-        let key = cut_key(logits, &mut shared, kept, limit, true, false);
-        kept.bound_id = cut_id(logits, &mut shared, kept, key, limit, id_bits, true, false);
-        kept.bound_key = key;
+        let bound = cut(logits, &mut shared, kept, f32::cast_from(top_k), id_bits, true, false);
+        kept.bound_key = bound.key;
+        kept.bound_id = bound.id;
     }
     if top_p < 1.0 {
         let limit = top_p * weight_before(logits, &mut shared, kept, u32::MAX, u32::MAX, false);
-        let key = cut_key(logits, &mut shared, kept, limit, false, false);
-        kept.bound_id = cut_id(logits, &mut shared, kept, key, limit, id_bits, false, false);
-        kept.bound_key = key;
+        let bound = cut(logits, &mut shared, kept, limit, id_bits, false, false);
+        kept.bound_key = bound.key;
+        kept.bound_id = bound.id;
     }
     let limit = draw * weight_before(logits, &mut shared, kept, u32::MAX, u32::MAX, false);
-    let key = cut_key(logits, &mut shared, kept, limit, false, true);
-    let id = cut_id(logits, &mut shared, kept, key, limit, id_bits, false, true);
+    let drawn = cut(logits, &mut shared, kept, limit, id_bits, false, true);
+    let key = drawn.key;
+    let id = drawn.id;
 
     // The drawn token is the last kept one placed at or before the cut (key, id). The cut is
     // that token's place unless rounding ran it past the last kept token (u within an ulp of 1).
