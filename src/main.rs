@@ -206,7 +206,7 @@ struct BackendArgs {
     /// (`--features wgpu`: Vulkan, Metal, DX12).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     backend: BackendKind,
-    /// GPU index (cuda).
+    /// GPU index (cuda; the CPU and wgpu have only device 0).
     #[arg(long, default_value_t = 0)]
     device: usize,
 }
@@ -305,7 +305,7 @@ fn model_source(runs: &RunsDirArg, path: &Path, checkpoint: Option<&str>) -> any
 /// Run `job` with a decoder for the model in `dir`, where `on` says.
 fn decode<W: WithDecoder>(dir: &Path, on: &BackendArgs, precision: Precision, job: W) -> anyhow::Result<W::Output> {
     let decoding = Decoding { dir: dir.to_path_buf(), kind: on.backend, precision, job };
-    backend::dispatch(on.backend, on.device, decoding)
+    backend::dispatch(on.backend, &[on.device], decoding)
 }
 
 /// `pipe generate`: one answer.
@@ -498,7 +498,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if shape.gpu_attention != GpuAttention::Kernels && on.backend == BackendKind::Cpu {
                 return Err(bad_input("--gpu-attention: only for the GPU backends (--backend cuda or wgpu)"));
             }
-            let result = backend::dispatch(on.backend, on.device, pipe::bench::Bench(shape, on.backend))?;
+            let result = backend::dispatch(on.backend, &[on.device], pipe::bench::Bench(shape, on.backend))?;
             println!("{result}");
         }
         Command::Export { run, runs, out, checkpoint, merge } => {

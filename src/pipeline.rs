@@ -26,7 +26,7 @@ pub fn run(loaded: &LoadedSpec) -> Result<PathBuf> {
     let spec = &loaded.spec;
     let stop = StopSignal::register()?;
     let job = RunJob { loaded, resume: None, allow_changed_inputs: false, stop: &stop };
-    backend::dispatch(spec.run.backend, spec.run.device, job)
+    backend::dispatch(spec.run.backend, &spec.run.device_indices(), job)
 }
 
 /// Train as node `distributed.rank` > 0 of a multi-node run: this node's peers take their
@@ -36,7 +36,7 @@ pub fn run(loaded: &LoadedSpec) -> Result<PathBuf> {
 pub fn run_node(loaded: &LoadedSpec, resume: Option<&Path>) -> Result<()> {
     let stop = StopSignal::register()?;
     let job = NodeJob { loaded, resume, stop: &stop };
-    backend::dispatch(loaded.spec.run.backend, loaded.spec.run.device, job)
+    backend::dispatch(loaded.spec.run.backend, &loaded.spec.run.device_indices(), job)
 }
 
 struct NodeJob<'a> {
@@ -128,7 +128,7 @@ pub fn resume(run_path: &Path, spec: Option<&LoadedSpec>, allow_changed_inputs: 
     let loaded = crate::spec::load_with_env(&run.file(run_dir::SPEC_FILE), &[], &[])?;
     let stop = StopSignal::register()?;
     let job = RunJob { loaded: &loaded, resume: Some(run), allow_changed_inputs, stop: &stop };
-    backend::dispatch(loaded.spec.run.backend, loaded.spec.run.device, job).map(Resumed::Completed)
+    backend::dispatch(loaded.spec.run.backend, &loaded.spec.run.device_indices(), job).map(Resumed::Completed)
 }
 
 struct RunJob<'a> {

@@ -259,6 +259,15 @@ fn catalogue() -> Vec<Case> {
             &["run.backend", "--features cuda"],
         ),
         case(
+            "a second device on the CPU",
+            sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\ndevice = 2"),
+            &["run.device", "backend `cpu` has one device", "device 2"],
+        ),
+        with_command(
+            case("generate on a second CPU device", SPEC.into(), &["--device", "backend `cpu` has one device", "device 1"]),
+            &["generate", "{fixture}", "--prompt", "hi", "--device", "1"],
+        ),
+        case(
             "a stage named twice",
             sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\nstages = [\"train\", \"eval\", \"train\"]"),
             &["spec.toml", "run.stages", "`train` twice"],

@@ -39,6 +39,13 @@ pub struct Spec {
     pub distributed: Option<DistributedSpec>,
 }
 
+impl RunSpec {
+    /// The GPU devices a run uses: `device` first (the main one), then its peers' `devices`.
+    pub fn device_indices(&self) -> Vec<usize> {
+        std::iter::once(self.device).chain(self.devices.iter().copied()).collect()
+    }
+}
+
 impl Spec {
     /// The spec less what legitimately differs between the nodes of one run (each node's rank,
     /// address, device indices, runs folder): what every node must agree on.
@@ -156,7 +163,7 @@ pub struct RunSpec {
     pub seed: u64,
     pub runs_dir: PathBuf,
     pub backend: BackendKind,
-    /// Device index for GPU backends.
+    /// Device index for `cuda` (the CPU and wgpu have only device 0).
     pub device: usize,
     /// Train data-parallel on these devices, one peer (thread) each; each takes
     /// `train.batch_size` examples per micro-batch. On the CPU the indices only count peers.

@@ -78,7 +78,7 @@ pub fn cached_decoding_matches_the_full_forward<B: FusedOps>() {
 
 /// `pipe` with `args` in `dir`, with no PIPE_ variables from the outer environment.
 fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pipe"));
+    let mut command = Command::new(pipe_bin());
     command.current_dir(dir).args(args);
     for (key, _) in std::env::vars() {
         if key.starts_with("PIPE_") {
@@ -143,6 +143,15 @@ pub fn newest_run(dir: &Path, name: &str) -> PathBuf {
         std::fs::read_dir(dir.join("runs").join(name)).unwrap().map(|e| e.unwrap().path()).collect();
     runs.sort();
     runs.pop().unwrap()
+}
+
+/// A spec of a one-layer model trained on `train.jsonl` on `backend`, for tests that stop
+/// before training.
+pub fn tiny_spec(backend: &str) -> String {
+    format!(
+        "[run]\nname = \"tiny\"\nruns_dir = \"runs\"\nbackend = \"{backend}\"\n\n[data]\npath = \"train.jsonl\"\n\n\
+         [tokenizer]\ntrain_vocab_size = 280\n\n[model]\nlayers = 1\nheads = 1\nembd = 8\ncontext = 16\n"
+    )
 }
 
 /// A temporary folder holding `spec.toml` and `train.jsonl`, the first `examples` pairs of the
