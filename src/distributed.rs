@@ -20,11 +20,25 @@ use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
 use crate::model::TrainBackend;
 use crate::spec::Spec;
 
-/// Run burn-collective's orchestrator on `port` until the process is stopped.
+/// Run burn-collective's orchestrator on `port` until the process is stopped (check the port
+/// with [`port_free`] first).
 pub fn serve_orchestrator(port: u16) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(burn_collective::start_global_orchestrator(port));
     Ok(())
+}
+
+/// Refuses a port that cannot be listened on (on every interface, as burn-communication's servers
+/// listen): their own failure to listen is only logged, and the nodes would wait for one
+/// another until the timeout.
+pub fn port_free(port: u16, what: &str) -> Result<()> {
+    match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(crate::error::bad_input(format!(
+            "{what}: port {port} cannot be listened on ({e}); is another process (an orchestrator or node of \
+             an earlier run?) using it?"
+        ))),
+    }
 }
 
 /// How a run's peers are laid out: `local` peers (threads) in each of `nodes` processes.
@@ -140,11 +154,15 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(topology: Topology) -> Self {
-        if let Some((orchestrator, ..)) = topology.global.as_ref().filter(|_| topology.serves_orchestrator) {
-            // Validated as host:port.
-            let port = orchestrator.rsplit_once(':').and_then(|(_, port)| port.parse().ok()).unwrap_or_default();
-            std::thread::spawn(move || serve_orchestrator(port));
+    pub fn new(topology: Topology) -> Result<Self> {
+        if let Some((orchestrator, _, port)) = &topology.global {
+            port_free(*port, "distributed.port")?;
+            if topology.serves_orchestrator {
+                // Validated as host:port.
+                let port = orchestrator.rsplit_once(':').and_then(|(_, port)| port.parse().ok()).unwrap_or_default();
+                port_free(port, "distributed.orchestrator (served by this node)")?;
+                std::thread::spawn(move || serve_orchestrator(port));
+            }
         }
         let local = Arc::new(LocalPeers {
             first_rank: topology.local_ranks().start,
@@ -152,7 +170,7 @@ impl Peers {
             failed: Mutex::new(None),
             forward: Mutex::new(()),
         });
-        Self { topology, local }
+        Ok(Self { topology, local })
     }
 
     pub fn topology(&self) -> &Topology {

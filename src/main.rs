@@ -64,8 +64,8 @@ enum Command {
     /// Start the orchestrator the nodes of a multi-node run meet through (burn-collective's):
     /// each node's spec names it in `distributed.orchestrator` as host:port.
     Orchestrator {
-        /// The port to listen on.
-        #[arg(long)]
+        /// The port to listen on (1 to 65535; the nodes' specs name it).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: u16,
     },
     /// Validate a spec and print every resolved value with where it came from.
@@ -380,6 +380,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Orchestrator { port } => {
+            pipe::distributed::port_free(port, "--port")?;
             eprintln!("orchestrator listening on port {port} (Ctrl-C to stop)");
             pipe::distributed::serve_orchestrator(port)?;
         }

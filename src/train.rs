@@ -256,7 +256,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     if topology.world() == 1 {
         return train_peer(ctx, model, resume, None);
     }
-    let peers = Arc::new(Peers::new(topology));
+    let peers = Arc::new(Peers::new(topology)?);
     // What every peer compares with the others: the same for all of this process's peers.
     let fingerprints = fingerprints(ctx, &model, resume);
     let mut ranks = peers.topology().local_ranks();

@@ -377,3 +377,46 @@ fn bad_parallel_settings_are_refused_naming_the_field() {
     }
     assert!(runs(d).is_empty(), "no run folder for a refused spec");
 }
+
+/// A port pipe would listen on that another process holds: exit 2 at once naming it, not a
+/// logged error and exit 0 (the orchestrator) or a wait for the timeout (a node).
+#[test]
+fn a_port_in_use_is_refused_naming_it() {
+    let dir = setup();
+    let d = dir.path();
+    let within = |mut child: Child| {
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                child.kill().unwrap();
+                panic!("still running after 20 s: {}", stderr(&child.wait_with_output().unwrap()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let out = within(spawn(d, &["orchestrator", "--port", &port], &[]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("--port: port {port} cannot be listened on")), "{}", stderr(&out));
+    let out = pipe(d, &["orchestrator", "--port", "0"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--port"), "{}", stderr(&out));
+
+    let nodes = Nodes::new();
+    let held_ports = [(nodes.ports[0], "distributed.port"), (nodes.orchestrator, "distributed.orchestrator")];
+    for (held, field) in held_ports {
+        let _held = std::net::TcpListener::bind(("127.0.0.1", held)).unwrap();
+        let env =
+            nodes.env(0, &[("PIPE_DISTRIBUTED__SERVE_ORCHESTRATOR", "true"), ("PIPE_DISTRIBUTED__TIMEOUT_S", "5")]);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let out = within(spawn(d, &["run", "spec.toml"], &env));
+        assert_eq!(out.status.code(), Some(2), "{field}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(field) && stderr(&out).contains(&format!("port {held} cannot be listened on")),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
