@@ -259,6 +259,11 @@ fn catalogue() -> Vec<Case> {
             &["run.backend", "--features cuda"],
         ),
         case(
+            "a vocabulary no machine could train",
+            sub("train_vocab_size = 280", "train_vocab_size = 100000000000"),
+            &["spec.toml", "tokenizer.train_vocab_size", "at most 1048576", "100000000000"],
+        ),
+        case(
             "a second device on the CPU",
             sub("runs_dir = \"runs\"", "runs_dir = \"runs\"\ndevice = 2"),
             &["run.device", "backend `cpu` has one device", "device 2"],

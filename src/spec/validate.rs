@@ -182,6 +182,14 @@ impl LoadedSpec {
                     format!("must be at least 257 (256 bytes + EOS), got {v}"),
                 ));
             }
+            // The BPE trainer reserves memory for every entry asked before it learns any.
+            const MOST: usize = 1 << 20;
+            if v > MOST {
+                return Err(self.invalid(
+                    "tokenizer.train_vocab_size",
+                    format!("must be at most {MOST} (the trainer reserves memory for every entry asked), got {v}"),
+                ));
+            }
         }
         if s.train.packing && s.data.kind == super::DataKind::Text {
             return Err(self.invalid(
