@@ -108,6 +108,24 @@ impl Topology {
         <B::Device as burn::tensor::backend::Device>::from_id(id)
     }
 
+    /// Why the orchestrator of a run on several nodes cannot be reached, if it cannot.
+    fn orchestrator_unreachable(&self) -> Option<String> {
+        let (orchestrator, ..) = self.global.as_ref()?;
+        let port = orchestrator.rsplit_once(':').map_or("", |(_, port)| port);
+        let fix = format!(
+            "start `pipe orchestrator --port {port}` there, or let node 0 serve it (distributed.serve_orchestrator = true)"
+        );
+        let address = match orchestrator.to_socket_addrs().map(|mut all| all.next()) {
+            Ok(Some(address)) => address,
+            Ok(None) => return Some(format!("the orchestrator's address {orchestrator} resolves to nothing")),
+            Err(e) => return Some(format!("the orchestrator's address {orchestrator} does not resolve ({e})")),
+        };
+        match TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
+            Ok(_) => None,
+            Err(e) => Some(format!("the orchestrator at {orchestrator} does not answer ({e}): {fix}")),
+        }
+    }
+
     fn config(&self) -> Result<CollectiveConfig> {
         let config = CollectiveConfig::default().with_num_devices(self.local);
         let Some((orchestrator, host, port)) = &self.global else { return Ok(config) };
@@ -192,10 +210,14 @@ impl Peers {
             local: self.local.clone(),
         };
         let (id, device, config) = (peer.id, device.clone(), self.topology.config()?);
-        peer.collective("joining the run", move || {
+        let joined = peer.collective("joining the run", move || {
             burn_collective::register::<B>(id, device, config).map(|()| Tensor::<B, 1>::empty([0], &Default::default()))
-        })?;
-        Ok(peer)
+        });
+        match (joined, self.topology.orchestrator_unreachable()) {
+            (Ok(_), _) => Ok(peer),
+            (Err(e), Some(why)) => Err(anyhow!("{e:#}; {why}")),
+            (Err(e), None) => Err(e),
+        }
     }
 
     /// The first local peer that failed, if one did.

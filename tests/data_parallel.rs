@@ -420,3 +420,18 @@ fn a_port_in_use_is_refused_naming_it() {
         );
     }
 }
+
+/// A node whose orchestrator is not there stops within the timeout and says so, with the fix.
+#[test]
+fn an_orchestrator_that_does_not_answer_is_named() {
+    let dir = setup();
+    let nodes = Nodes::new();
+    let env = nodes.env(0, &[("PIPE_DISTRIBUTED__TIMEOUT_S", "3")]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let started = Instant::now();
+    let out = pipe(dir.path(), &["run", "spec.toml"], &env);
+    assert!(started.elapsed() < Duration::from_secs(30), "stopped after {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let wanted = format!("the orchestrator at 127.0.0.1:{} does not answer", nodes.orchestrator);
+    assert!(stderr(&out).contains(&wanted) && stderr(&out).contains("pipe orchestrator --port"), "{}", stderr(&out));
+}
