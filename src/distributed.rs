@@ -311,7 +311,9 @@ impl Peer {
             Some(SocketAddr::V4(a)) => (u32::from(*a.ip()) as u64, a.port() as u64),
             _ => (0, 0),
         };
-        let mine: Vec<u64> = fingerprints.iter().map(|(_, value)| *value).chain([ip << 16 | port]).collect();
+        // The last value counts the peers that claim this rank: one each, unless two nodes were
+        // given the same `distributed.rank`.
+        let mine: Vec<u64> = fingerprints.iter().map(|(_, value)| *value).chain([ip << 16 | port, 1]).collect();
         // Each rank fills its own row with 16-bit pieces (exact in f32), so the sum hands every
         // peer all the rows.
         let width = mine.len() * 4;
@@ -330,7 +332,18 @@ impl Peer {
             let ip = std::net::Ipv4Addr::from((value >> 16) as u32);
             (value != 0).then(|| SocketAddr::from((ip, (value & 0xFFFF) as u16)))
         };
-        self.nodes = (0..self.world / self.local_count).map(|node| address_of(node * self.local_count)).collect();
+        let nodes = self.world / self.local_count;
+        let claims: Vec<u64> =
+            (0..nodes).map(|node| value_of(node * self.local_count, fingerprints.len() + 1)).collect();
+        if let Some(twice) = claims.iter().position(|&claims| claims > 1) {
+            let missing: Vec<usize> = (0..nodes).filter(|&node| claims[node] == 0).collect();
+            bail!(
+                "{} nodes joined as node {twice} and none as node {missing:?}: give each node its own distributed.rank, 0 to {}",
+                claims[twice],
+                nodes - 1
+            );
+        }
+        self.nodes = (0..nodes).map(|node| address_of(node * self.local_count)).collect();
         for rank in 1..self.world {
             for (i, (name, _)) in fingerprints.iter().enumerate() {
                 if value_of(rank, i) != value_of(0, i) {

@@ -347,6 +347,27 @@ fn nodes_that_disagree_are_refused_before_training() {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
     assert!(!metrics.contains("\"loss\""), "no step was trained: {metrics}");
     assert_eq!(status(&run), "failed");
+
+    // Two nodes given the same rank (each its own port, one orchestrator apart).
+    let nodes = Nodes::new();
+    let mut orchestrator = spawn(d, &["orchestrator", "--port", &nodes.orchestrator.to_string()], &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let twins = [0, 1].map(|node| {
+        let mut env = nodes.env(node, &[("PIPE_DISTRIBUTED__TIMEOUT_S", "20")]);
+        env.retain(|(key, _)| key != "PIPE_DISTRIBUTED__RANK");
+        env.push(("PIPE_DISTRIBUTED__RANK".into(), "0".into()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let child = spawn(d, &["run", "spec.toml"], &env);
+        std::thread::sleep(Duration::from_millis(200));
+        child
+    });
+    let twins = finish(twins);
+    orchestrator.kill().unwrap();
+    orchestrator.wait().unwrap();
+    for out in &twins {
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+        assert!(stderr(out).contains("2 nodes joined as node 0 and none as node [1]"), "{}", stderr(out));
+    }
 }
 
 #[test]
