@@ -216,6 +216,9 @@ impl Peers {
         match (joined, self.topology.orchestrator_unreachable()) {
             (Ok(_), _) => Ok(peer),
             (Err(e), Some(why)) => Err(anyhow!("{e:#}; {why}")),
+            (Err(e), None) if self.topology.global.is_some() => Err(anyhow!(
+                "{e:#}; a node whose distributed.nodes or run.devices differ is refused as it joins, so compare the nodes' specs"
+            )),
             (Err(e), None) => Err(e),
         }
     }
@@ -387,7 +390,7 @@ impl Peer {
             match receive.recv_timeout(Duration::from_millis(50)) {
                 Ok(Ok(tensor)) => return Ok(tensor),
                 Ok(Err(error)) => {
-                    bail!("rank {}: {what}: the collective operation failed: {error:?}{}", self.rank, self.lost_nodes())
+                    bail!("rank {}: {what}: {}{}", self.rank, explain(&error), self.lost_nodes())
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     bail!("rank {}: {what}: the collective operation broke off{}", self.rank, self.lost_nodes())
@@ -416,6 +419,22 @@ impl Peer {
                 );
             }
         }
+    }
+}
+
+/// What a failed burn-collective call means for a pipe run.
+fn explain(error: &burn_collective::CollectiveError) -> String {
+    use burn_collective::CollectiveError;
+    // The orchestrator's error type is private to burn-collective: its variants go by name.
+    let name = format!("{error:?}");
+    if matches!(error, CollectiveError::RegisterParamsMismatch) || name == "Global(RegisterParamsMismatch)" {
+        "the other nodes joined with another number of nodes or peers: every node must run the same spec \
+         (distributed.nodes, and as many run.devices)"
+            .into()
+    } else if matches!(error, CollectiveError::MultipleRegister) || name == "Global(DoubleRegister)" {
+        "this rank has joined already: two nodes were given the same distributed.rank".into()
+    } else {
+        format!("the collective operation failed: {name}")
     }
 }
 

@@ -368,6 +368,32 @@ fn nodes_that_disagree_are_refused_before_training() {
         assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
         assert!(stderr(out).contains("2 nodes joined as node 0 and none as node [1]"), "{}", stderr(out));
     }
+
+    // Node 1 counts three nodes: refused as it joins (or node 0 is, if node 1 joined first);
+    // the other stops within the timeout, pointing at the specs.
+    let nodes = Nodes::new();
+    let serve = [("PIPE_DISTRIBUTED__SERVE_ORCHESTRATOR", "true"), ("PIPE_DISTRIBUTED__TIMEOUT_S", "5")];
+    let pair = [0, 1].map(|rank| {
+        let mut env = nodes.env(rank, &serve);
+        if rank == 1 {
+            env.push(("PIPE_DISTRIBUTED__NODES".into(), "3".into()));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let child = spawn(d, &["run", "spec.toml"], &env);
+        std::thread::sleep(Duration::from_millis(200));
+        child
+    });
+    let messages: Vec<String> = finish(pair)
+        .iter()
+        .map(|out| (out.status.code(), stderr(out)))
+        .map(|(code, message)| {
+            assert_eq!(code, Some(1), "{message}");
+            message
+        })
+        .collect();
+    let refused = messages.iter().filter(|m| m.contains("joined with another number of nodes or peers")).count();
+    let pointed = messages.iter().filter(|m| m.contains("compare the nodes' specs")).count();
+    assert_eq!((refused, pointed), (1, 1), "{messages:#?}");
 }
 
 #[test]
