@@ -288,16 +288,33 @@ fn latest_readable<B: TrainBackend>(
 
 /// The model a run starts from: the spec's HF checkpoint, or a new one of its architecture.
 fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Device) -> Result<Gpt2<B>> {
+    let check = spec.run.backend == BackendKind::Cpu;
     let model = match &data.model_dir {
-        Some(dir) => hf::load::<B>(dir, spec.model.dropout, device)?.1,
+        Some(dir) => {
+            // Loading checks the config against the weights, which fit (they are on disk).
+            let (config, model) = hf::load::<B>(dir, spec.model.dropout, device)?;
+            if check {
+                let c = &config;
+                let arch = format!(
+                    "{}: n_layer = {}, n_embd = {}, n_positions = {}",
+                    dir.join(hf::CONFIG_FILE).display(),
+                    c.n_layer,
+                    c.n_embd,
+                    c.n_positions
+                );
+                check_fits_in_memory(&config, &arch, spec, &data.train)?;
+            }
+            model
+        }
         None => {
             let m = &spec.model;
             let (layers, heads, embd, context) =
                 (m.layers.unwrap(), m.heads.unwrap(), m.embd.unwrap(), m.context.unwrap());
             let config = Gpt2Config::new(data.tok.vocab_size(), context, embd, layers, heads)
                 .with_dropout(m.dropout.unwrap_or(0.0));
-            if spec.run.backend == BackendKind::Cpu {
-                check_fits_in_memory(&config)?;
+            if check {
+                let arch = format!("model.layers = {layers}, model.embd = {embd}, model.context = {context}");
+                check_fits_in_memory(&config, &arch, spec, &data.train)?;
             }
             let model = config.init::<B>(device);
             crate::model::params::materialize(&model);
@@ -356,27 +373,47 @@ fn with_adapters<B: Backend>(
     lora::with_peft_adapter(model, from, adapters)
 }
 
-/// A new model too large to train in this machine's memory is refused before it is allocated
-/// (the allocation would end the process without a word).
-fn check_fits_in_memory(config: &Gpt2Config) -> Result<()> {
-    // Weights, gradients and Adam's two moments, in f32.
-    let needed = config.num_params() as f64 * 16.0;
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+/// A run too large to train in this machine's memory is refused before anything is allocated
+/// (the allocation would end the process without a word). What is counted is a lower bound:
+/// the weights with their gradients and Adam's moments (the weights alone under adapters) and,
+/// for the largest micro-batch of each local peer, the activations every layer must keep for
+/// the backward pass and the logits.
+fn check_fits_in_memory(config: &Gpt2Config, arch: &str, spec: &Spec, train: &crate::data::Examples) -> Result<()> {
+    let Some(total) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
         let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
         line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kib| kib * 1024.0)
-    });
-    match total {
-        Some(total) if needed > total => Err(bad_input(format!(
-            "model.layers = {}, model.embd = {}, model.context = {}: a model of {} parameters needs about {:.0} GiB to train, more than this machine's {:.0} GiB",
-            config.n_layer,
-            config.n_embd,
-            config.n_positions,
-            config.num_params(),
-            needed / (1u64 << 30) as f64,
-            total / (1u64 << 30) as f64
-        ))),
-        _ => Ok(()),
+    }) else {
+        return Ok(());
+    };
+    let params = config.num_params() as f64;
+    let weights = params * if spec.lora.is_some() { 4.0 } else { 16.0 };
+    // The micro-batch holding the longest example is padded to it; each local peer runs one.
+    let longest = (0..train.len()).map(|i| train.token_len(i)).max().unwrap_or(0) as f64;
+    let tokens = longest * spec.train.batch_size.min(train.len()) as f64 * spec.run.devices.len().max(1) as f64;
+    // Per token and layer: the residual, the LayerNorms' outputs, q·k·v, the attention output
+    // and the MLP's two hidden rows (14·embd values, counted as bf16 in bf16 runs), and the
+    // causal half of each head's attention row (f32); per token, the logits (f32).
+    let (layers, embd, heads) = (config.n_layer as f64, config.n_embd as f64, config.n_head as f64);
+    let row_bytes = if spec.run.precision == crate::model::gpt2::Precision::Bf16 { 2.0 } else { 4.0 };
+    let per_token = layers * (row_bytes * 14.0 * embd + 4.0 * heads * longest / 2.0) + 4.0 * config.vocab_size as f64;
+    let activations = tokens * per_token;
+    if weights + activations <= total {
+        return Ok(());
     }
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    Err(bad_input(format!(
+        "{arch}, train.batch_size = {}: a model of {} parameters \
+         needs at least {:.0} GiB to train ({:.0} GiB of weights, gradients and optimizer state, {:.0} GiB of \
+         activations for micro-batches of up to {} tokens), more than this machine's {:.0} GiB; lower \
+         train.batch_size (train.grad_accum keeps the step's size) or train.max_length",
+        spec.train.batch_size,
+        config.num_params(),
+        gib(weights + activations),
+        gib(weights),
+        gib(activations),
+        tokens,
+        gib(total)
+    )))
 }
 
 /// What would otherwise fail only once its stage came, checked before the run folder is

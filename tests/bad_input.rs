@@ -91,6 +91,16 @@ fn sub(from: &str, to: &str) -> String {
 
 const ARCH: &str = "layers = 1\nheads = 2\nembd = 16\ncontext = 32\n";
 
+/// `count` JSONL pairs whose responses run `chars` characters of varied words.
+fn long_pairs(count: usize, chars: usize) -> Vec<u8> {
+    let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"];
+    let response =
+        |n: usize| (0..).map(|i| words[(i * 7 + n) % words.len()]).take(chars / 5).collect::<Vec<_>>().join(" ");
+    let lines: Vec<String> =
+        (0..count).map(|n| format!("{{\"prompt\": \"Q: {n}\", \"response\": \"{}\"}}", response(n))).collect();
+    lines.join("\n").into_bytes()
+}
+
 fn fixture_file(name: &str) -> Vec<u8> {
     std::fs::read(fixture_dir().join(name)).unwrap()
 }
@@ -527,6 +537,15 @@ fn catalogue() -> Vec<Case> {
             "a new model too large for memory",
             sub("embd = 16", "embd = 65536").replace("layers = 1", "layers = 100").replace("heads = 2", "heads = 16"),
             &["model.layers = 100", "model.embd = 65536", "GiB"],
+        ),
+        with_data(
+            case(
+                "micro-batches too large for memory",
+                sub("layers = 1\nheads = 2\nembd = 16\ncontext = 32", "layers = 8\nheads = 1024\nembd = 1024\ncontext = 1024")
+                    .replace("batch_size = 2", "batch_size = 64"),
+                &["train.batch_size = 64", "GiB of activations", "up to 65536 tokens", "lower train.batch_size"],
+            ),
+            &long_pairs(64, 3000),
         ),
         case(
             "a new model past counting",
