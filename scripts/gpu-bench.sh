@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pipe on a GPU: the bench at GPT-2 small shape (and the tiny shape), with model FLOPs
-# utilisation, attention by pipe's kernels and by the composite version, then the default
-# pipeline end to end on the CUDA backend and generation from its model.
+# utilisation, attention by pipe's kernels and by the composite version, the GPU suite,
+# data-parallel training against one device, then the default pipeline end to end on the CUDA
+# backend and generation from its model.
 #   scripts/gpu-bench.sh                        # builds with --features cuda first
 #   GPU_PIPE_BIN=/path/to/pipe scripts/gpu-bench.sh # a prebuilt cuda binary (for machines without crates.io)
 #   GPU_SUITE_BIN=/path/to/cuda-test-binary        # with it, the prebuilt GPU suite (tests/cuda.rs)
@@ -43,5 +44,32 @@ if [ -n "${GPU_SUITE_BIN:-}" ]; then
   CARGO_MANIFEST_DIR=$PWD GPU_PIPE_BIN=$(realpath "$GPU_PIPE_BIN") "$GPU_SUITE_BIN" --test-threads 1 \
     || echo "GPU suite failed (the figures above still count)"
 fi
+# Data-parallel training on CUDA (issue 15): one peer per GPU over every GPU there is, or, on a
+# machine with one, two nodes on loopback sharing it; each peer takes half the batch, so the
+# step losses must equal one device's with the whole batch (1e-5 relative, summation order).
+dp=(--set run.backend=cuda --set 'run.stages=["train"]' --set train.epochs=2)
+"$GPU_PIPE_BIN" run pipelines/sft.toml "${dp[@]}" --set run.name=dp-one --set train.batch_size=16
+gpus=$(nvidia-smi -L | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  devices="[$(seq -s, 0 1 $((gpus - 1)))]"
+  "$GPU_PIPE_BIN" run pipelines/sft.toml "${dp[@]}" --set run.name=dp-peers --set "run.devices=$devices" \
+    --set train.batch_size=$((16 / gpus))
+else
+  node() {
+    PIPE_DISTRIBUTED__NODES=2 PIPE_DISTRIBUTED__RANK=$1 PIPE_DISTRIBUTED__ORCHESTRATOR=127.0.0.1:47400 \
+      PIPE_DISTRIBUTED__SERVE_ORCHESTRATOR=true PIPE_DISTRIBUTED__HOST=127.0.0.1 PIPE_DISTRIBUTED__PORT=$((47401 + $1)) \
+      "$GPU_PIPE_BIN" run pipelines/sft.toml "${dp[@]}" --set run.name=dp-peers --set train.batch_size=8
+  }
+  node 0 & sleep 1; node 1; wait
+fi
+python3 - <<'PY' || echo "data-parallel comparison failed"
+import glob, json
+def losses(name):
+    run = sorted(glob.glob(f"runs/{name}/*/metrics.jsonl"))[-1]
+    return [r["loss"] for r in map(json.loads, open(run)) if "loss" in r]
+one, peers = losses("dp-one"), losses("dp-peers")
+worst = max(abs(a - b) / abs(b) for a, b in zip(peers, one))
+print(f"data-parallel: {len(peers)} of {len(one)} step losses, worst relative difference {worst:.2e}")
+PY
 time "$GPU_PIPE_BIN" run pipelines/sft.toml --set run.backend=cuda --set run.name=sft-demo-cuda --set train.epochs=${EPOCHS:-30}
 time "$GPU_PIPE_BIN" generate sft-demo-cuda --backend cuda --prompt "What is a language model?" --greedy --max-new-tokens 200 --json
