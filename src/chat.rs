@@ -34,8 +34,14 @@ pub fn chat(
     )?;
     write!(output, "> ")?;
     output.flush()?;
-    for line in input.lines() {
-        let line = line?;
+    for line in input.split(b'\n') {
+        // A line that is not UTF-8 (a terminal in another encoding) is set aside, not the end.
+        let Ok(line) = String::from_utf8(line?) else {
+            writeln!(output, "(that line is not UTF-8 text, so it was not sent; type it again)")?;
+            write!(output, "> ")?;
+            output.flush()?;
+            continue;
+        };
         match line.trim() {
             "" => {}
             "/exit" | "/quit" => break,

@@ -247,10 +247,13 @@ fn chat_uses_the_runs_prompt_template_and_ends_on_exit() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    writeln!(child.stdin.take().unwrap(), "What is the capital of France?\n/exit\nnever read").unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"What is the capital of France?\n\xff\xfe not UTF-8\n/exit\nnever read\n").unwrap();
+    drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(stdout(&out).matches("> ").count(), 2, "one reply, then /exit: {}", stdout(&out));
+    assert!(stdout(&out).contains("that line is not UTF-8 text, so it was not sent"), "{}", stdout(&out));
+    assert_eq!(stdout(&out).matches("> ").count(), 3, "one reply, a line set aside, then /exit: {}", stdout(&out));
 }
 
 fn tensor_shapes(path: &Path) -> BTreeMap<String, Vec<usize>> {
