@@ -213,13 +213,18 @@ impl Peers {
         let joined = peer.collective("joining the run", move || {
             burn_collective::register::<B>(id, device, config).map(|()| Tensor::<B, 1>::empty([0], &Default::default()))
         });
-        match (joined, self.topology.orchestrator_unreachable()) {
-            (Ok(_), _) => Ok(peer),
-            (Err(e), Some(why)) => Err(anyhow!("{e:#}; {why}")),
-            (Err(e), None) if self.topology.global.is_some() => Err(anyhow!(
-                "{e:#}; a node whose distributed.nodes or run.devices differ is refused as it joins, so compare the nodes' specs"
-            )),
-            (Err(e), None) => Err(e),
+        // Waiting out the timeout to join has two causes worth naming: no orchestrator, or a
+        // node refused for other settings (which is told so itself).
+        match joined {
+            Ok(_) => Ok(peer),
+            Err(e) if !e.is::<TimedOut>() => Err(e),
+            Err(e) => match self.topology.orchestrator_unreachable() {
+                Some(why) => Err(anyhow!("{e:#}; {why}")),
+                None if self.topology.global.is_some() => Err(anyhow!(
+                    "{e:#}; a node whose distributed.nodes or run.devices differ is refused as it joins, so compare the nodes' specs"
+                )),
+                None => Err(e),
+            },
         }
     }
 
@@ -410,17 +415,23 @@ impl Peer {
                     [one] => format!("peer rank {one}"),
                     many => format!("peer ranks {many:?}"),
                 };
-                bail!(
+                return Err(TimedOut(format!(
                     "rank {}: {who} did not reach collective call {} ({what}) within {:.0} s; it died or hangs{}",
                     self.rank,
                     self.calls,
                     self.timeout.as_secs_f64(),
                     self.lost_nodes()
-                );
+                ))
+                .into());
             }
         }
     }
 }
+
+/// A collective call that waited past the timeout for another peer.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TimedOut(String);
 
 /// What a failed burn-collective call means for a pipe run.
 fn explain(error: &burn_collective::CollectiveError) -> String {
