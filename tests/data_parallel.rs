@@ -244,8 +244,22 @@ impl Nodes {
 
     /// Start both nodes (node 0 first), with `args` after `pipe`.
     fn spawn(&self, dir: &Path, args: &[&str], extra: &[(&'static str, &'static str)]) -> [Child; 2] {
+        self.spawn_differing(dir, args, extra, &[])
+    }
+
+    /// `spawn`, node 1 with `node_1` on top of `extra` (the later setting of a variable wins).
+    fn spawn_differing(
+        &self,
+        dir: &Path,
+        args: &[&str],
+        extra: &[(&'static str, &'static str)],
+        node_1: &[(&'static str, &'static str)],
+    ) -> [Child; 2] {
         [0, 1].map(|rank| {
-            let env = self.env(rank, extra);
+            let mut env = self.env(rank, extra);
+            if rank == 1 {
+                env.extend(node_1.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            }
             let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let child = spawn(dir, args, &env);
             std::thread::sleep(Duration::from_millis(200));
@@ -328,17 +342,8 @@ fn nodes_that_disagree_are_refused_before_training() {
     let d = dir.path();
     let nodes = Nodes::new();
     let serve = [("PIPE_DISTRIBUTED__SERVE_ORCHESTRATOR", "true"), ("PIPE_DISTRIBUTED__TIMEOUT_S", "20")];
-    let [node0, node1] = [0, 1].map(|rank| {
-        let mut env = nodes.env(rank, &serve);
-        if rank == 1 {
-            env.push(("PIPE_OPTIMIZER__LR".into(), "1e-3".into()));
-        }
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let child = spawn(d, &["run", "spec.toml"], &env);
-        std::thread::sleep(Duration::from_millis(200));
-        child
-    });
-    let [node0, node1] = finish([node0, node1]);
+    let [node0, node1] =
+        finish(nodes.spawn_differing(d, &["run", "spec.toml"], &serve, &[("PIPE_OPTIMIZER__LR", "1e-3")]));
     for out in [&node0, &node1] {
         assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
         assert!(stderr(out).contains("rank 1's spec differs from rank 0's"), "{}", stderr(out));
@@ -352,16 +357,8 @@ fn nodes_that_disagree_are_refused_before_training() {
     let nodes = Nodes::new();
     let mut orchestrator = spawn(d, &["orchestrator", "--port", &nodes.orchestrator.to_string()], &[]);
     std::thread::sleep(Duration::from_millis(200));
-    let twins = [0, 1].map(|node| {
-        let mut env = nodes.env(node, &[("PIPE_DISTRIBUTED__TIMEOUT_S", "20")]);
-        env.retain(|(key, _)| key != "PIPE_DISTRIBUTED__RANK");
-        env.push(("PIPE_DISTRIBUTED__RANK".into(), "0".into()));
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let child = spawn(d, &["run", "spec.toml"], &env);
-        std::thread::sleep(Duration::from_millis(200));
-        child
-    });
-    let twins = finish(twins);
+    let timeout = [("PIPE_DISTRIBUTED__TIMEOUT_S", "20")];
+    let twins = finish(nodes.spawn_differing(d, &["run", "spec.toml"], &timeout, &[("PIPE_DISTRIBUTED__RANK", "0")]));
     orchestrator.kill().unwrap();
     orchestrator.wait().unwrap();
     for out in &twins {
@@ -373,24 +370,11 @@ fn nodes_that_disagree_are_refused_before_training() {
     // the other stops within the timeout, pointing at the specs.
     let nodes = Nodes::new();
     let serve = [("PIPE_DISTRIBUTED__SERVE_ORCHESTRATOR", "true"), ("PIPE_DISTRIBUTED__TIMEOUT_S", "5")];
-    let pair = [0, 1].map(|rank| {
-        let mut env = nodes.env(rank, &serve);
-        if rank == 1 {
-            env.push(("PIPE_DISTRIBUTED__NODES".into(), "3".into()));
-        }
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let child = spawn(d, &["run", "spec.toml"], &env);
-        std::thread::sleep(Duration::from_millis(200));
-        child
-    });
-    let messages: Vec<String> = finish(pair)
-        .iter()
-        .map(|out| (out.status.code(), stderr(out)))
-        .map(|(code, message)| {
-            assert_eq!(code, Some(1), "{message}");
-            message
-        })
-        .collect();
+    let pair = finish(nodes.spawn_differing(d, &["run", "spec.toml"], &serve, &[("PIPE_DISTRIBUTED__NODES", "3")]));
+    for out in &pair {
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+    }
+    let messages: Vec<String> = pair.iter().map(stderr).collect();
     let refused = messages.iter().filter(|m| m.contains("joined with another number of nodes or peers")).count();
     let pointed = messages.iter().filter(|m| m.contains("compare the nodes' specs")).count();
     assert_eq!((refused, pointed), (1, 1), "{messages:#?}");
