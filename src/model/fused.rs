@@ -185,6 +185,10 @@ pub enum GpuAttention {
     Composite,
 }
 
+/// The widest head the GPU attention kernels take (they keep a row in registers); wider heads
+/// take the composite version.
+pub const GPU_ATTENTION_MAX_HEAD_DIM: usize = 128;
+
 /// The process's choice of `GpuAttention` (kernels unless set): a setting of the whole process,
 /// as burn's autotune cache is, so that every layer of every model makes the same choice.
 static GPU_ATTENTION_COMPOSITE: AtomicBool = AtomicBool::new(false);

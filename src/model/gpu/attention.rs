@@ -17,19 +17,16 @@
 
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
 use super::kernels::{self, LOWEST};
-use crate::model::fused::{gpu_attention, GpuAttention};
+use crate::model::fused::{gpu_attention, GpuAttention, GPU_ATTENTION_MAX_HEAD_DIM};
 
 /// Rows a cube takes, one unit each, and rows of the other side a tile brings into shared memory.
 const BLOCK: usize = 32;
-/// The largest head the kernels keep in registers; larger heads take the composite version.
-const MAX_HEAD_DIM: usize = 128;
 
 /// Where the kernels take attention over qkv of this shape and element type (unless the
 /// process chose the composite version, or the heads are too large), what their forward keeps
@@ -37,7 +34,7 @@ const MAX_HEAD_DIM: usize = 128;
 /// qkv: [batch, seq, 3·d_model] → [batch, heads, seq, head_dim + 1]
 pub fn saved_shape(qkv: &Shape, n_head: usize, dtype: DType) -> Option<Shape> {
     let (batch, seq, head_dim) = (qkv[0], qkv[1], qkv[2] / 3 / n_head);
-    let kernels = gpu_attention() == GpuAttention::Kernels && kernels::supported(dtype) && head_dim <= MAX_HEAD_DIM;
+    let kernels = gpu_attention() == GpuAttention::Kernels && kernels::supported(dtype) && head_dim <= GPU_ATTENTION_MAX_HEAD_DIM;
     kernels.then(|| Shape::new([batch, n_head, seq, head_dim + 1]))
 }
 
@@ -436,9 +433,7 @@ fn optional_inputs<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>, bool, bool) {
     let (dropout, packed) = (keep.is_some(), starts.is_some());
     let keep = keep.map(into_contiguous).unwrap_or_else(|| qkv.clone());
-    let starts = starts
-        .map(into_contiguous)
-        .unwrap_or_else(|| empty_device_dtype(qkv.client.clone(), qkv.device.clone(), Shape::new([1]), int_dtype));
+    let starts = starts.map(into_contiguous).unwrap_or_else(|| kernels::dense_output(qkv, Shape::new([1]), int_dtype));
     (keep, starts, dropout, packed)
 }
 
@@ -455,7 +450,7 @@ pub fn causal_attention<R: CubeRuntime>(
     let [batch, seq, three_d] = qkv.shape().dims();
     let head_dim = three_d / 3 / n_head;
     let (keep, starts, dropout, packed) = optional_inputs(&qkv, keep, starts, int_dtype);
-    let empty = |shape: Shape| empty_device_dtype(qkv.client.clone(), qkv.device.clone(), shape, qkv.dtype);
+    let empty = |shape: Shape| kernels::dense_output(&qkv, shape, qkv.dtype);
     let saved = Shape::new([batch, n_head, seq, head_dim + 1]);
     let (y, saved) = (empty(Shape::new([batch, seq, three_d / 3])), empty(saved));
     let (count, dim) = per_block(seq, batch * n_head);
@@ -495,7 +490,7 @@ pub fn causal_attention_backward<R: CubeRuntime>(
     let head_dim = three_d / 3 / n_head;
     let (keep, starts, dropout, packed) = optional_inputs(&qkv, keep, starts, int_dtype);
     let client = qkv.client.clone();
-    let empty = |shape: Shape| empty_device_dtype(client.clone(), qkv.device.clone(), shape, qkv.dtype);
+    let empty = |shape: Shape| kernels::dense_output(&qkv, shape, qkv.dtype);
 
     let delta = empty(Shape::new([batch, n_head, seq]));
     let rows = batch * n_head * seq;

@@ -8,7 +8,7 @@
 
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
@@ -53,14 +53,19 @@ pub(super) fn cube_sum(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
 
 /// The maximum of `value` over the units of the cube, returned to every unit.
 #[cube]
+#[allow(clippy::collapsible_if)] // the nesting is the guard (below)
 pub(super) fn cube_max<N: Numeric>(shared: &mut SharedMemory<N>, value: N) -> N {
     let unit = UNIT_POS_X as usize;
     shared[unit] = value;
     sync_cube();
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {
-        if unit < stride && shared[unit + stride] > shared[unit] {
-            shared[unit] = shared[unit + stride];
+        // Nested, not `&&`: a cube condition evaluates both sides, and units at or past
+        // `stride` would read past the shared memory.
+        if unit < stride {
+            if shared[unit + stride] > shared[unit] {
+                shared[unit] = shared[unit + stride];
+            }
         }
         sync_cube();
         stride /= 2;
@@ -332,7 +337,17 @@ fn adam_kernel<F: Float>(
 }
 
 fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
-    empty_device_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
+    dense_output(like, shape, like.dtype)
+}
+
+/// A new tensor laid out densely, row after row, as every kernel here writes its outputs.
+/// (burn's plain allocation may pad each row to an aligned pitch, as CUDA's does: the strides
+/// then say so, and a kernel writing rows back to back would leave every row but the first
+/// misplaced.)
+pub(super) fn dense_output<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+    let tensor = empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype);
+    debug_assert!(tensor.is_contiguous(), "a dense allocation has row-major strides");
+    tensor
 }
 
 /// A one-dimensional launch with a unit for each of `n` elements.

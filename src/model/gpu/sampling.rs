@@ -13,12 +13,11 @@
 
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
-use super::kernels::{cube_max, cube_sum, per_row, LOWEST};
+use super::kernels::{cube_max, cube_sum, dense_output, per_row, LOWEST};
 use crate::generate::Sampling;
 
 /// The place of a logit in rank order: larger logits get smaller keys.
@@ -207,7 +206,7 @@ fn sample_kernel<F: Float, I: Int>(
 pub fn sample<R: CubeRuntime>(logits: CubeTensor<R>, int_dtype: DType, sampling: Sampling, draw: f64) -> CubeTensor<R> {
     let logits = into_contiguous(logits);
     let vocab = logits.shape().num_elements();
-    let token = empty_device_dtype(logits.client.clone(), logits.device.clone(), Shape::new([1]), int_dtype);
+    let token = dense_output(&logits, Shape::new([1]), int_dtype);
     let (count, dim, units) = per_row(&logits, 1);
     let id_bits = u32::BITS - (vocab as u32).leading_zeros();
     let dtypes = [logits.dtype.into(), int_dtype.into()];
