@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use crate::backend::BackendJob;
 use crate::data::Sequence;
 use crate::generate::{Decode, Generator, Sampling};
+use crate::memory::{AttentionKeeps, Footprint, Room};
 use crate::model::fused::{set_gpu_attention, GpuAttention};
 use crate::model::gpt2::Precision;
 use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
@@ -81,8 +82,8 @@ impl BenchShape {
     }
 }
 
-/// The bench at a shape, on a backend.
-pub struct Bench(pub BenchShape, pub BackendKind);
+/// The bench at a shape, on a backend's device (by index).
+pub struct Bench(pub BenchShape, pub BackendKind, pub usize);
 
 impl BackendJob for Bench {
     type Output = Value;
@@ -92,6 +93,16 @@ impl BackendJob for Bench {
         set_gpu_attention(shape.gpu_attention);
         B::seed(&device, 0);
         let config = Gpt2Config::new(shape.vocab, shape.seq.max(1024), shape.embd, shape.layers, shape.heads);
+        if let Some(room) = Room::of(self.1, self.2) {
+            let tokens = (shape.batch * shape.seq) as f64;
+            let keeps = AttentionKeeps::of(self.1, &config);
+            let adapters = shape.lora_rank.is_some();
+            Footprint::training(&config, adapters, shape.precision, tokens, shape.seq as f64, keeps).check(
+                &room,
+                &format!("pipe bench --batch {} --seq {}", shape.batch, shape.seq),
+                "lower --batch or --seq",
+            )?;
+        }
         let mut model = Gpt2 { precision: shape.precision, ..config.init::<B>(&device) };
         let params = model.num_params();
         if let Some(rank) = shape.lora_rank {

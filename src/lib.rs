@@ -14,6 +14,7 @@ pub mod distributed;
 pub mod error;
 pub mod generate;
 pub mod inputs;
+pub mod memory;
 pub mod model;
 pub mod objective;
 pub mod pipeline;

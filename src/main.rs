@@ -499,7 +499,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if shape.gpu_attention != GpuAttention::Kernels && on.backend == BackendKind::Cpu {
                 return Err(bad_input("--gpu-attention: only for the GPU backends (--backend cuda or wgpu)"));
             }
-            let result = backend::dispatch(on.backend, &[on.device], pipe::bench::Bench(shape, on.backend))?;
+            let result = backend::dispatch(on.backend, &[on.device], pipe::bench::Bench(shape, on.backend, on.device))?;
             println!("{result}");
         }
         Command::Export { run, runs, out, checkpoint, merge } => {

@@ -13,6 +13,7 @@ use crate::checkpoint::{self, Progress};
 use crate::data::{PreparedData, TokenizeReport};
 use crate::error::{bad_input, interrupted_by};
 use crate::inputs;
+use crate::memory;
 use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
 use crate::model::{hf, CausalLm, Gpt2, Gpt2Config, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
@@ -288,22 +289,24 @@ fn latest_readable<B: TrainBackend>(
 
 /// The model a run starts from: the spec's HF checkpoint, or a new one of its architecture.
 fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Device) -> Result<Gpt2<B>> {
-    let check = spec.run.backend == BackendKind::Cpu;
     let model = match &data.model_dir {
         Some(dir) => {
             // Loading checks the config against the weights, which fit (they are on disk).
             let (config, model) = hf::load::<B>(dir, spec.model.dropout, device)?;
-            if check {
-                let c = &config;
-                let arch = format!(
-                    "{}: n_layer = {}, n_embd = {}, n_positions = {}",
-                    dir.join(hf::CONFIG_FILE).display(),
-                    c.n_layer,
-                    c.n_embd,
-                    c.n_positions
-                );
-                check_fits_in_memory(&config, &arch, spec, &data.train)?;
-            }
+            let c = &config;
+            let arch = format!(
+                "{}: n_layer = {}, n_embd = {}, n_positions = {}",
+                dir.join(hf::CONFIG_FILE).display(),
+                c.n_layer,
+                c.n_embd,
+                c.n_positions
+            );
+            // On a GPU the loaded weights already take their share of the free memory.
+            let loaded = match spec.run.backend {
+                BackendKind::Cpu => 0.0,
+                _ => 4.0 * c.num_params() as f64,
+            };
+            check_fits_in_memory(&config, &arch, spec, &data.train, loaded)?;
             model
         }
         None => {
@@ -312,10 +315,8 @@ fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Devic
                 (m.layers.unwrap(), m.heads.unwrap(), m.embd.unwrap(), m.context.unwrap());
             let config = Gpt2Config::new(data.tok.vocab_size(), context, embd, layers, heads)
                 .with_dropout(m.dropout.unwrap_or(0.0));
-            if check {
-                let arch = format!("model.layers = {layers}, model.embd = {embd}, model.context = {context}");
-                check_fits_in_memory(&config, &arch, spec, &data.train)?;
-            }
+            let arch = format!("model.layers = {layers}, model.embd = {embd}, model.context = {context}");
+            check_fits_in_memory(&config, &arch, spec, &data.train, 0.0)?;
             let model = config.init::<B>(device);
             crate::model::params::materialize(&model);
             model
@@ -373,47 +374,38 @@ fn with_adapters<B: Backend>(
     lora::with_peft_adapter(model, from, adapters)
 }
 
-/// A run too large to train in this machine's memory is refused before anything is allocated
-/// (the allocation would end the process without a word). What is counted is a lower bound:
-/// the weights with their gradients and Adam's moments (the weights alone under adapters) and,
-/// for the largest micro-batch of each local peer, the activations every layer must keep for
-/// the backward pass and the logits.
-fn check_fits_in_memory(config: &Gpt2Config, arch: &str, spec: &Spec, train: &crate::data::Examples) -> Result<()> {
-    let Some(total) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
-        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kib| kib * 1024.0)
-    }) else {
-        return Ok(());
-    };
-    let params = config.num_params() as f64;
-    let weights = params * if spec.lora.is_some() { 4.0 } else { 16.0 };
-    // The micro-batch holding the longest example is padded to it; each local peer runs one.
+/// A run too large to train in the memory of its devices is refused before anything is
+/// allocated (see `memory`): each device holds one local peer's largest micro-batch (on the CPU
+/// the local peers share the machine's memory). `loaded`: bytes of the weights already on the
+/// device, which its free memory no longer counts.
+fn check_fits_in_memory(
+    config: &Gpt2Config,
+    arch: &str,
+    spec: &Spec,
+    train: &crate::data::Examples,
+    loaded: f64,
+) -> Result<()> {
+    // The micro-batch holding the longest example is padded to it.
     let longest = (0..train.len()).map(|i| train.token_len(i)).max().unwrap_or(0) as f64;
-    let tokens = longest * spec.train.batch_size.min(train.len()) as f64 * spec.run.devices.len().max(1) as f64;
-    // Per token and layer: the residual, the LayerNorms' outputs, q·k·v, the attention output
-    // and the MLP's two hidden rows (14·embd values, counted as bf16 in bf16 runs), and the
-    // causal half of each head's attention row (f32); per token, the logits (f32).
-    let (layers, embd, heads) = (config.n_layer as f64, config.n_embd as f64, config.n_head as f64);
-    let row_bytes = if spec.run.precision == crate::model::gpt2::Precision::Bf16 { 2.0 } else { 4.0 };
-    let per_token = layers * (row_bytes * 14.0 * embd + 4.0 * heads * longest / 2.0) + 4.0 * config.vocab_size as f64;
-    let activations = tokens * per_token;
-    if weights + activations <= total {
-        return Ok(());
+    let micro_batch = longest * spec.train.batch_size.min(train.len()) as f64;
+    let backend = spec.run.backend;
+    let devices = if spec.run.devices.is_empty() { vec![spec.run.device] } else { spec.run.devices.clone() };
+    let (tokens, devices) = match backend {
+        BackendKind::Cpu => (micro_batch * devices.len() as f64, vec![0]),
+        _ => (micro_batch, devices),
+    };
+    let keeps = memory::AttentionKeeps::of(backend, config);
+    let mut footprint =
+        memory::Footprint::training(config, spec.lora.is_some(), spec.run.precision, tokens, longest, keeps);
+    footprint.weights -= loaded;
+    let what = format!("{arch}, train.batch_size = {}", spec.train.batch_size);
+    let lower = "lower train.batch_size (train.grad_accum keeps the step's size) or train.max_length";
+    for device in devices {
+        if let Some(room) = memory::Room::of(backend, device) {
+            footprint.check(&room, &what, lower)?;
+        }
     }
-    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
-    Err(bad_input(format!(
-        "{arch}, train.batch_size = {}: a model of {} parameters \
-         needs at least {:.0} GiB to train ({:.0} GiB of weights, gradients and optimizer state, {:.0} GiB of \
-         activations for micro-batches of up to {} tokens), more than this machine's {:.0} GiB; lower \
-         train.batch_size (train.grad_accum keeps the step's size) or train.max_length",
-        spec.train.batch_size,
-        config.num_params(),
-        gib(weights + activations),
-        gib(weights),
-        gib(activations),
-        tokens,
-        gib(total)
-    )))
+    Ok(())
 }
 
 /// What would otherwise fail only once its stage came, checked before the run folder is

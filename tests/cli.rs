@@ -219,4 +219,10 @@ fn bench_prints_torch_refs_keys_and_rejects_bad_flags() {
     let out = pipe(dir.path(), &["bench", "--gpu-attention", "composite"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--gpu-attention: only for the GPU backends"), "{}", stderr(&out));
+    // More than the machine holds: refused before the model is made, naming what to lower.
+    let out = pipe(dir.path(), &["bench", "--batch", "1000000", "--seq", "1024"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    for part in ["pipe bench --batch 1000000 --seq 1024", "GiB of activations", "this machine's", "lower --batch or --seq"] {
+        assert!(stderr(&out).contains(part), "{part:?} in {}", stderr(&out));
+    }
 }
