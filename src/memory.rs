@@ -146,7 +146,8 @@ mod tests {
     #[test]
     fn a_batch_past_the_room_is_refused_naming_the_figures_and_the_device() {
         let room = Room { bytes: 139.0 * (1u64 << 30) as f64, name: "CUDA device 0's 139.0 GiB free".into() };
-        let footprint = Footprint::training(&small(), false, Precision::Bf16, 4096.0 * 1024.0, 1024.0, AttentionKeeps::Rows);
+        let footprint =
+            Footprint::training(&small(), false, Precision::Bf16, 4096.0 * 1024.0, 1024.0, AttentionKeeps::Rows);
         let error = footprint.check(&room, "--batch 4096, --seq 1024", "lower --batch or --seq").unwrap_err();
         let message = format!("{error:#}");
         assert!(crate::error::is_bad_input(&error), "{message}");

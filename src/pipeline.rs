@@ -59,7 +59,7 @@ impl BackendJob for NodeJob<'_> {
                 (data, model, None)
             }
             Some(run) => {
-                let saved = crate::spec::load_with_env(&run.join(run_dir::SPEC_FILE), &[], &[])?;
+                let saved = crate::spec::load_with_env(&run.join(run_dir::SPEC_FILE), &[], &[], run)?;
                 if serde_json::to_value(saved.spec.shared_by_nodes())? != serde_json::to_value(spec.shared_by_nodes())?
                 {
                     return Err(bad_input(format!(
@@ -126,7 +126,7 @@ pub fn resume(run_path: &Path, spec: Option<&LoadedSpec>, allow_changed_inputs: 
     if run.meta.status == Status::Completed {
         return Ok(Resumed::AlreadyCompleted(run.path));
     }
-    let loaded = crate::spec::load_with_env(&run.file(run_dir::SPEC_FILE), &[], &[])?;
+    let loaded = crate::spec::load_with_env(&run.file(run_dir::SPEC_FILE), &[], &[], &run.path)?;
     let stop = StopSignal::register()?;
     let job = RunJob { loaded: &loaded, resume: Some(run), allow_changed_inputs, stop: &stop };
     backend::dispatch(loaded.spec.run.backend, &loaded.spec.run.device_indices(), job).map(Resumed::Completed)

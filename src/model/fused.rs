@@ -6,7 +6,7 @@
 //!
 //! Every backend gets the composite versions (burn's own ops; the numerics the fidelity tests
 //! check); the CPU backend overrides them with the kernels of `cpu_kernels`, which the tests in
-//! `tests/fused.rs` hold to the composite versions. Autodiff wraps whichever the inner backend
+//! `tests/integration/fused.rs` hold to the composite versions. Autodiff wraps whichever the inner backend
 //! has, with the backward below.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -112,11 +112,13 @@ const PATH_FIELDS: &[&str] =
 /// the field and where its value came from.
 pub fn load(path: &Path, sets: &[String]) -> Result<LoadedSpec> {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    load_with_env(path, sets, &env)
+    let cwd = std::env::current_dir().map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))?;
+    load_with_env(path, sets, &env, &cwd)
 }
 
-/// [`load`] with the environment given explicitly (tests use this).
-pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> Result<LoadedSpec> {
+/// [`load`] with the environment, and the folder the overrides' relative paths resolve
+/// against (where the command runs), given explicitly.
+pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)], cwd: &Path) -> Result<LoadedSpec> {
     if !path.is_file() {
         return Err(bad_input(format!("spec file {} does not exist", path.display())));
     }
@@ -153,11 +155,10 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
     }
     // Relative paths become absolute, so that the spec a run saves means the same from anywhere
     // (a resumed run reads it from inside the run folder).
-    let cwd = std::env::current_dir().map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))?;
     for field in PATH_FIELDS {
         let base = match loaded_from(field) {
             Source::File(file) => file.parent().unwrap_or(Path::new(".")).to_path_buf(),
-            Source::Env(_) | Source::Set(_) | Source::Default => cwd.clone(),
+            Source::Env(_) | Source::Set(_) | Source::Default => cwd.to_path_buf(),
         };
         if let Some(p) = path_field(&mut spec, field) {
             if p.is_relative() && !p.as_os_str().is_empty() {
@@ -169,7 +170,7 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)]) -> 
     if spec.data.chat_template.ends_with(".jinja") && Path::new(&spec.data.chat_template).is_relative() {
         let base = match loaded_from("data.chat_template") {
             Source::File(file) => file.parent().unwrap_or(Path::new(".")).to_path_buf(),
-            Source::Env(_) | Source::Set(_) | Source::Default => cwd.clone(),
+            Source::Env(_) | Source::Set(_) | Source::Default => cwd.to_path_buf(),
         };
         spec.data.chat_template = normalize(&base.join(&spec.data.chat_template)).display().to_string();
     }

@@ -34,7 +34,8 @@ const BLOCK: usize = 32;
 /// qkv: [batch, seq, 3·d_model] → [batch, heads, seq, head_dim + 1]
 pub fn saved_shape(qkv: &Shape, n_head: usize, dtype: DType) -> Option<Shape> {
     let (batch, seq, head_dim) = (qkv[0], qkv[1], qkv[2] / 3 / n_head);
-    let kernels = gpu_attention() == GpuAttention::Kernels && kernels::supported(dtype) && head_dim <= GPU_ATTENTION_MAX_HEAD_DIM;
+    let kernels =
+        gpu_attention() == GpuAttention::Kernels && kernels::supported(dtype) && head_dim <= GPU_ATTENTION_MAX_HEAD_DIM;
     kernels.then(|| Shape::new([batch, n_head, seq, head_dim + 1]))
 }
 

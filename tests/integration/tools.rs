@@ -1,0 +1,329 @@
+//! Working with runs: `pipe runs`, `compare`, `generate`, `score`, `chat` and `export`, on
+//! small runs and on the transformers fixture.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::common::{fixture_dir, ids, pipe, reference, stderr, stdout};
+
+const SPEC: &str = r#"
+[run]
+name = "small"
+seed = 1
+runs_dir = "runs"
+stages = ["train", "eval"]
+
+[data]
+path = "train.jsonl"
+val_fraction = 0.25
+prompt_template = "{prompt}\n"
+
+[tokenizer]
+train_vocab_size = 300
+
+[model]
+layers = 1
+heads = 2
+embd = 16
+context = 48
+
+[train]
+epochs = 3
+batch_size = 4
+"#;
+
+/// A folder with two finished runs of `small` that differ in their learning rate.
+fn two_runs() -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
+    std::fs::write(dir.path().join("train.jsonl"), data.lines().take(16).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
+    for lr in ["1e-3", "1e-2"] {
+        let out = pipe(dir.path(), &["run", "spec.toml", "--set", &format!("optimizer.lr={lr}")], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let mut runs: Vec<PathBuf> =
+        std::fs::read_dir(dir.path().join("runs/small")).unwrap().map(|e| e.unwrap().path()).collect();
+    runs.sort();
+    (dir, runs)
+}
+
+#[test]
+fn runs_lists_and_compare_diffs_tables_and_plots() {
+    let (dir, runs) = two_runs();
+    let out = pipe(dir.path(), &["runs", "--sort", "val_loss"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].contains("best val ppl") && lines[0].contains("status"));
+    for run in &runs {
+        assert!(table.contains(run.file_name().unwrap().to_str().unwrap()), "{table}");
+    }
+    assert!(lines[1].contains("completed") && lines[1].contains("flex"));
+    let out = pipe(dir.path(), &["runs", "--name", "nothing-like-this"], &[]);
+    assert_eq!(stdout(&out).lines().count(), 1, "only the header");
+    let out = pipe(dir.path(), &["runs", "--sort", "colour"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let damaged = runs[0].join("meta.json");
+    let meta = std::fs::read(&damaged).unwrap();
+    std::fs::write(&damaged, b"{\"name\": ").unwrap();
+    let out = pipe(dir.path(), &["runs"], &[]);
+    assert!(out.status.success(), "one damaged run does not stop the listing: {}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 2, "the header and the readable run: {}", stdout(&out));
+    let id = runs[0].file_name().unwrap().to_str().unwrap();
+    assert!(stderr(&out).contains(&format!("{id}/meta.json")), "the damaged one is named: {}", stderr(&out));
+    std::fs::write(&damaged, meta).unwrap();
+
+    let refs: Vec<String> =
+        runs.iter().map(|r| format!("small@{}", r.file_name().unwrap().to_str().unwrap())).collect();
+    let out = pipe(dir.path(), &["compare", &refs[0], &refs[1], "--out", "cmp"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("optimizer.lr") && text.contains("0.001") && text.contains("0.01"), "{text}");
+    assert!(!text.contains("model.layers"), "only differences are listed: {text}");
+    assert!(text.contains('*'), "the best is marked: {text}");
+    assert!(
+        text.contains("train ▁") || text.contains("train █") || text.chars().any(|c| ('▁'..='█').contains(&c)),
+        "{text}"
+    );
+    let svg = std::fs::read_to_string(dir.path().join("cmp/loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<polyline") && svg.len() > 2000, "an SVG with lines");
+
+    let out = pipe(dir.path(), &["compare", &refs[0], "small", "--json", "--out", "cmp2"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(json["runs"][1]["run"], refs[1], "a bare name is its latest run");
+    assert_eq!(json["spec_diff"]["optimizer.lr"], serde_json::json!(["0.001", "0.01"]));
+    assert!(json["runs"][0]["train_loss"].as_array().unwrap().len() == 9);
+    assert!(dir.path().join("cmp2/comparison.json").is_file());
+
+    let out = pipe(dir.path(), &["compare", &refs[0], "small@nope"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("small@nope"), "{}", stderr(&out));
+}
+
+#[test]
+fn score_matches_transformers_token_by_token() {
+    let r = reference();
+    let fixture = fixture_dir();
+    let mut args = vec!["score".to_string(), fixture.to_str().unwrap().to_string(), "--json".into()];
+    for text in r["texts"].as_array().unwrap() {
+        args.push("--text".into());
+        args.push(text.as_str().unwrap().into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = pipe(Path::new("."), &args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let mut total = (0.0, 0usize);
+    for (i, text) in json["texts"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(ids(&text["ids"]), ids(&r["encoded"][i]));
+        let nll = r["nll"][i].as_array().unwrap();
+        for (lp, want) in text["token_logprobs"].as_array().unwrap().iter().zip(nll) {
+            assert!((lp.as_f64().unwrap() + want.as_f64().unwrap()).abs() < 1e-4, "text {i}: {lp} vs -{want}");
+            total.0 += want.as_f64().unwrap();
+            total.1 += 1;
+        }
+        assert!((text["loss"].as_f64().unwrap() - r["loss"][i].as_f64().unwrap()).abs() < 1e-4);
+    }
+    let overall = &json["overall"];
+    assert_eq!(overall["scored_tokens"].as_u64().unwrap() as usize, total.1);
+    assert!((overall["loss"].as_f64().unwrap() - total.0 / total.1 as f64).abs() < 1e-4);
+    assert!(
+        (overall["perplexity"].as_f64().unwrap() - overall["loss"].as_f64().unwrap().exp()).abs()
+            < 1e-6 * overall["perplexity"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn score_reads_files_and_rejects_texts_longer_than_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("texts.jsonl"), "{\"text\": \"Hello, I am a language model.\"}\n").unwrap();
+    let fixture = fixture_dir();
+    let out = pipe(dir.path(), &["score", fixture.to_str().unwrap(), "--file", "texts.jsonl"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("text 1: 8 tokens, loss 10.8459"), "{}", stdout(&out));
+    let long = "word ".repeat(100);
+    let out = pipe(dir.path(), &["score", fixture.to_str().unwrap(), "--text", &long], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("longer than the model's context of 64"), "{}", stderr(&out));
+}
+
+#[test]
+fn greedy_generate_matches_transformers() {
+    let r = reference();
+    let g = &r["greedy"];
+    let fixture = fixture_dir();
+    let out = pipe(
+        Path::new("."),
+        &[
+            "generate",
+            fixture.to_str().unwrap(),
+            "--prompt",
+            g["prompt"].as_str().unwrap(),
+            "--greedy",
+            "--max-new-tokens",
+            "20",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(ids(&json["prompt_ids"]), ids(&g["prompt_ids"]));
+    assert_eq!(ids(&json["new_ids"]), ids(&g["new_ids"]));
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let fixture = fixture_dir();
+    let sample = |seed: &str| {
+        let args = [
+            "generate",
+            fixture.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--json",
+        ];
+        let out = pipe(Path::new("."), &args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        ids(&serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["new_ids"])
+    };
+    assert_eq!(sample("5"), sample("5"));
+    assert_ne!(sample("5"), sample("6"));
+}
+
+#[test]
+fn chat_streams_replies_and_survives_the_context_limit() {
+    let r = reference();
+    let g = &r["greedy"];
+    let tok = pipe::data::Tok::load(&fixture_dir().join("tokenizer.json")).unwrap();
+    let want = tok.decode(&ids(&g["new_ids"])).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipe"))
+        .args(["chat", fixture_dir().to_str().unwrap(), "--template", "{prompt}", "--greedy", "--max-new-tokens", "20"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        // The first turn is the fixture's greedy prompt; then enough turns to overflow the
+        // 64-token context many times over; EOF ends the chat.
+        writeln!(stdin, "{}", g["prompt"].as_str().unwrap()).unwrap();
+        for i in 0..12 {
+            writeln!(stdin, "Tell me more about the number {i} and what it means to you").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let replies: Vec<&str> = text.split("> ").skip(1).collect();
+    assert_eq!(replies.len(), 14, "13 replies and the closing prompt: {text}");
+    assert_eq!(replies[0].trim_end_matches('\n'), want, "the first reply is transformers' greedy continuation");
+}
+
+#[test]
+fn chat_uses_the_runs_prompt_template_and_ends_on_exit() {
+    let (dir, runs) = two_runs();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipe"))
+        .current_dir(dir.path())
+        .args(["chat", runs[0].to_str().unwrap(), "--greedy", "--max-new-tokens", "5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"What is the capital of France?\n\xff\xfe not UTF-8\n/exit\nnever read\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("that line is not UTF-8 text, so it was not sent"), "{}", stdout(&out));
+    assert_eq!(stdout(&out).matches("> ").count(), 3, "one reply, a line set aside, then /exit: {}", stdout(&out));
+}
+
+fn tensor_shapes(path: &Path) -> BTreeMap<String, Vec<usize>> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
+}
+
+#[test]
+fn export_round_trips_with_hf_names_and_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
+    std::fs::write(dir.path().join("train.jsonl"), data.lines().take(4).collect::<Vec<_>>().join("\n")).unwrap();
+    let spec = SPEC
+        .replace("[tokenizer]\ntrain_vocab_size = 300\n", "")
+        .replace(
+            "layers = 1\nheads = 2\nembd = 16\ncontext = 48\n",
+            &format!("path = \"{}\"\n", fixture_dir().display()),
+        )
+        .replace("epochs = 3", "epochs = 1")
+        .replace("stages = [\"train\", \"eval\"]", "stages = [\"train\"]");
+    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
+    let out = pipe(dir.path(), &["run", "spec.toml"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = pipe(dir.path(), &["export", "small", "--out", "exported"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let exported = dir.path().join("exported");
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json"] {
+        assert!(exported.join(file).is_file(), "{file}");
+    }
+    // The same tensor names and shapes as transformers' own save_pretrained.
+    assert_eq!(
+        tensor_shapes(&exported.join("model.safetensors")),
+        tensor_shapes(&fixture_dir().join("model.safetensors"))
+    );
+    // Reloaded, it scores text exactly as the run's model does.
+    let score = |model: &str| {
+        let out = pipe(dir.path(), &["score", model, "--json", "--text", "Hello, I am a language model."], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["texts"][0]["token_logprobs"].clone()
+    };
+    assert_eq!(score("exported"), score("small"));
+    assert_ne!(score("exported"), score(fixture_dir().to_str().unwrap()), "the export holds the fine-tuned weights");
+    let out = pipe(dir.path(), &["export", "small", "--out", "exported"], &[]);
+    assert_eq!(out.status.code(), Some(2), "never overwrite a folder");
+    assert!(stderr(&out).contains("not empty"));
+}
+
+/// Run names are looked up where the runs are: `--runs-dir` for the tools, the spec's
+/// `run.runs_dir` for `pipe run --resume`; never a fixed `runs/`.
+#[test]
+fn run_names_are_looked_up_in_the_runs_folder_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
+    std::fs::write(dir.path().join("train.jsonl"), data.lines().take(16).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(dir.path().join("spec.toml"), SPEC.replace("runs_dir = \"runs\"", "runs_dir = \"elsewhere\""))
+        .unwrap();
+    let out = pipe(dir.path(), &["run", "spec.toml", "--set", "train.epochs=1"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let prompt = ["--prompt", "Hello", "--greedy", "--max-new-tokens", "3"];
+    let out = pipe(dir.path(), &[&["generate", "small"][..], &prompt].concat(), &[]);
+    assert_eq!(out.status.code(), Some(2), "not under runs/: {}", stderr(&out));
+    let out = pipe(dir.path(), &[&["generate", "small", "--runs-dir", "elsewhere"][..], &prompt].concat(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for tool in [
+        &["score", "small", "--runs-dir", "elsewhere", "--text", "Hello there"][..],
+        &["resume", "small", "--runs-dir", "elsewhere"],
+    ] {
+        let out = pipe(dir.path(), tool, &[]);
+        assert!(out.status.success(), "{tool:?}: {}", stderr(&out));
+    }
+    let out = pipe(dir.path(), &["run", "spec.toml", "--set", "train.epochs=1", "--resume", "small"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("already completed"), "{}", stdout(&out));
+}
