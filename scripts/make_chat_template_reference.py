@@ -1,4 +1,4 @@
-"""Chat-template references for tests/chat_templates.rs, rendered by transformers.
+"""Chat-template references for tests/integration/chat_templates.rs, rendered by transformers.
 
 Writes tests/fixtures/chat_templates/:
 

@@ -1,4 +1,4 @@
-"""LoRA references for tests/lora.rs, computed by HF PEFT on the tiny fixture.
+"""LoRA references for tests/integration/lora.rs, computed by HF PEFT on the tiny fixture.
 
 Writes tests/fixtures/tiny-lora/:
 

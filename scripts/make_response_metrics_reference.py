@@ -1,4 +1,4 @@
-"""Reference scores for tests/response_metrics.rs: exact match and token F1 as the SQuAD v1.1
+"""Reference scores for tests/integration/response_metrics.rs: exact match and token F1 as the SQuAD v1.1
 evaluation script computes them, ROUGE-L as Google's rouge-score (no stemming) does.
 
     pip install rouge-score && python scripts/make_response_metrics_reference.py

@@ -1,4 +1,4 @@
-"""Training references for tests/fidelity.rs, computed by transformers on the tiny fixture.
+"""Training references for tests/integration/fidelity.rs, computed by transformers on the tiny fixture.
 
 Writes into the fixture folder (default tests/fixtures/tiny-gpt2):
 
