@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# pipe bench against the PyTorch reference (../shared/bench/torch_ref.py), same machine, same
+# pipe bench against the PyTorch reference (scripts/torch_ref.py), same machine, same
 # sitting, alternating the two so that drift on a shared machine hits both alike: PyTorch eager
 # f32, compiled f32 and bf16 autocast beside pipe f32 and bf16, one JSON line each.
 #   PYTHON=/path/to/python-with-torch-and-transformers scripts/cpu-bench.sh [rounds]
@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TORCH_REF=${TORCH_REF:-../shared/bench/torch_ref.py}
+TORCH_REF=${TORCH_REF:-scripts/torch_ref.py}
 ROUNDS=${1:-2}
 cargo build --release --quiet
 tiny="--layers 4 --heads 4 --embd 256 --vocab 8192 --seq 128 --batch 8"

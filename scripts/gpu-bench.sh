@@ -6,7 +6,8 @@
 #   scripts/gpu-bench.sh                            # builds with --features cuda first
 #   GPU_PIPE_BIN=/path/to/pipe scripts/gpu-bench.sh # a prebuilt cuda binary (for machines without crates.io)
 #   GPU_SUITE_BIN=/path/to/cuda-test-binary         # with it, the prebuilt GPU suite (tests/cuda.rs)
-#   TORCH_REF=/path/to/torch_ref.py                 # with it, the PyTorch reference (needs torch, transformers)
+#   TORCH_REF=/path/to/torch_ref.py                 # the PyTorch reference (scripts/torch_ref.py), run
+#                                                   # where python3 has torch and transformers
 #   GPU_OUT=folder                                  # where the log and results go (target/gpu-bench)
 #   GPU_BUDGET=seconds                              # the whole script's time (default 540): steps
 #                                                   # that would run past it are cut short or skipped
@@ -74,7 +75,7 @@ torch_ref() {
   python3 scripts/torch_ref_cuda.py "$TORCH_REF" "$@" | tee -a "$out/torch.jsonl"
 }
 export -f bench torch_ref
-export GPU_PIPE_BIN out PEAK_TFLOPS PEAK_BF16_TFLOPS TORCH_REF=${TORCH_REF:-}
+export GPU_PIPE_BIN out PEAK_TFLOPS PEAK_BF16_TFLOPS TORCH_REF=${TORCH_REF:-scripts/torch_ref.py}
 
 # The tiny shape first: it compiles most kernels quickly, so a broken toolchain shows at once.
 step "bench tiny f32" 120 bench --layers 4 --heads 4 --embd 256 --vocab 8192 --seq 128 --batch 8
@@ -144,7 +145,7 @@ if [ -n "${suite:-}" ]; then
   grep -E '^test |^== |test result|panicked|assert' "$out/suite.log" | head -80
 fi
 # The PyTorch reference at the same shapes, on the same card.
-if [ -n "${TORCH_REF:-}" ]; then
+if python3 -c 'import torch, transformers' 2> /dev/null; then
   step "torch small bf16 eager" 90 torch_ref "${small[@]}" --batch 16 --precision bf16
   step "torch small f32 eager" 90 torch_ref "${small[@]}" --batch 16
   step "torch small bf16 compiled" 150 torch_ref "${small[@]}" --batch 16 --precision bf16 --compile
