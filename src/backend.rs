@@ -56,17 +56,9 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, devices: &[usize], job: J) -> 
         #[cfg(not(all(feature = "cuda", feature = "wgpu")))]
         missing => Err(crate::error::bad_input(format!(
             "backend `{}` is not compiled into this pipe; rebuild with `cargo build --release --features {}`",
-            name(missing),
-            name(missing)
+            missing.burn_name(),
+            missing.burn_name()
         ))),
-    }
-}
-
-pub fn name(kind: BackendKind) -> &'static str {
-    match kind {
-        BackendKind::Cpu => "flex",
-        BackendKind::Cuda => "cuda",
-        BackendKind::Wgpu => "wgpu",
     }
 }
 

@@ -93,7 +93,7 @@ pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
         param_ids: ParamIds::ByName(ids),
         optimizer_crc32c: Some(crc32c::crc32c(&optimizer_bytes)),
     };
-    crate::run_dir::write_atomic(&partial.join(STATE_FILE), serde_json::to_string(&state)?.as_bytes())?;
+    crate::files::write_atomic(&partial.join(STATE_FILE), serde_json::to_string(&state)?.as_bytes())?;
     #[cfg(feature = "fault-injection")]
     kill_if_asked(progress.step);
     let done = root.join(&name);
@@ -118,7 +118,7 @@ pub fn save_best<B: FusedOps, M: CausalLm<B>>(run: &Path, model: &M, tok: &Tok, 
     }
     model.save(&partial, Some(tok.eos_id as usize))?;
     tok.save(&partial.join(crate::model::hf::TOKENIZER_FILE))?;
-    crate::run_dir::write_atomic(&partial.join(BEST_FILE), serde_json::to_string_pretty(&scored)?.as_bytes())?;
+    crate::files::write_atomic(&partial.join(BEST_FILE), serde_json::to_string_pretty(&scored)?.as_bytes())?;
     if done.exists() {
         std::fs::remove_dir_all(&done)?;
     }

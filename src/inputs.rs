@@ -4,14 +4,12 @@
 //! the user saying so.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::error::bad_input;
+use crate::files;
 use crate::model::{hf, lora};
 use crate::spec::Spec;
 
@@ -39,7 +37,7 @@ pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
     }
     if let Some(dir) = model_dir {
         let field = if spec.model.path.is_some() { "model.path" } else { "model.hub" };
-        files.push((field, dir.to_path_buf(), model_files(dir)));
+        files.push((field, dir.to_path_buf(), hf::model_files(dir)));
     }
     if let Some(dir) = spec.lora.as_ref().and_then(|lora| lora.from.as_ref()) {
         let files_of = vec![dir.join(lora::ADAPTER_CONFIG_FILE), dir.join(lora::ADAPTER_WEIGHTS_FILE)];
@@ -49,38 +47,9 @@ pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
         .into_iter()
         .map(|(field, path, parts)| {
             let parts = if parts.is_empty() { vec![path.clone()] } else { parts };
-            Ok((field.to_string(), InputHash { sha256: hash_files(&parts)?, path }))
+            Ok((field.to_string(), InputHash { sha256: files::hash_files(&parts)?, path }))
         })
         .collect()
-}
-
-/// The files whose contents are a HF model folder's weights and architecture.
-fn model_files(dir: &Path) -> Vec<PathBuf> {
-    vec![dir.join(hf::CONFIG_FILE), dir.join(hf::WEIGHTS_FILE)]
-}
-
-/// The SHA-256 of HF model folder `dir`, as a run records its base model.
-pub fn model_sha256(dir: &Path) -> Result<String> {
-    hash_files(&model_files(dir))
-}
-
-/// The SHA-256 of the files' contents (each with its length), read a block at a time.
-pub fn hash_files(paths: &[PathBuf]) -> Result<String> {
-    let mut hasher = Sha256::new();
-    for path in paths {
-        let cannot = |e: std::io::Error| bad_input(format!("{}: cannot read: {e}", path.display()));
-        let mut file = std::fs::File::open(path).map_err(cannot)?;
-        hasher.update(file.metadata().map_err(cannot)?.len().to_le_bytes());
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buffer).map_err(cannot)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// How `now` differs from what the run recorded, one line per changed input; empty when

@@ -1,8 +1,10 @@
 //! pipe: declarative supervised fine-tuning pipelines for GPT-2-style models, on burn.
 //!
-//! Data flows one way: spec → prepared inputs → stages → run folder. The seams: a model family
-//! implements `model::CausalLm`; a training objective implements `objective::Objective`; a
-//! stage is a file in `stages/`.
+//! Data flows one way: spec → prepared inputs → stages → run folder, and so do imports: each
+//! module imports only from the floors below it (docs/development.md draws them;
+//! `tests/integration/imports.rs` holds them). The seams: a model family implements
+//! `model::CausalLm`; a training objective implements `objective::Objective`; a stage is a file
+//! in `stages/`.
 
 pub mod adam;
 pub mod backend;
@@ -12,6 +14,8 @@ pub mod checkpoint;
 pub mod data;
 pub mod distributed;
 pub mod error;
+pub mod export;
+pub mod files;
 pub mod generate;
 pub mod inputs;
 pub mod memory;

@@ -504,7 +504,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Export { run, runs, out, checkpoint, merge } => {
             let source = runs::model_source(&runs.runs_dir, &run, checkpoint.as_deref())?;
-            pipe::model::export(&source.dir, &out, merge)?;
+            pipe::export::export(&source.dir, &out, merge)?;
             let how = if merge { " with its adapters merged" } else { "" };
             println!("exported {}{how} to {}", source.dir.display(), out.display());
         }

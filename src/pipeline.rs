@@ -12,6 +12,7 @@ use crate::backend::{self, BackendJob};
 use crate::checkpoint::{self, Progress};
 use crate::data::{PreparedData, TokenizeReport};
 use crate::error::{bad_input, interrupted_by};
+use crate::files;
 use crate::inputs;
 use crate::memory;
 use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
@@ -158,7 +159,7 @@ impl BackendJob for RunJob<'_> {
                     name: spec.run.name.clone(),
                     run_id: String::new(),
                     spec_file: self.loaded.path.clone(),
-                    backend: backend::name(spec.run.backend).to_string(),
+                    backend: spec.run.backend.burn_name().to_string(),
                     device: device_name,
                     seed: spec.run.seed,
                     started: run_dir::now(),
@@ -170,11 +171,11 @@ impl BackendJob for RunJob<'_> {
                     training: None,
                 };
                 let run = RunDir::create(&spec.run.runs_dir, meta)?;
-                run_dir::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
+                files::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
                 run.log_spec(&toml::Value::try_from(spec)?)?;
                 data.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
                 let layout = serde_json::to_string_pretty(&data.layout)?;
-                run_dir::write_atomic(&run.file(run_dir::PROMPT_LAYOUT_FILE), layout.as_bytes())?;
+                files::write_atomic(&run.file(run_dir::PROMPT_LAYOUT_FILE), layout.as_bytes())?;
                 (run, data, model, None)
             }
             Some(mut run) => {

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::error::bad_input;
+use crate::files::write_atomic;
 use crate::response_metrics::{Answer, ResponseEval, ResponseScores};
 use crate::tensorboard::{self, EventFile, SessionStatus};
 
@@ -27,23 +28,6 @@ pub const EVAL_FILE: &str = "eval.json";
 pub const RESPONSES_FILE: &str = "responses.jsonl";
 /// The final model, as a HuggingFace GPT-2 directory.
 pub const FINAL_DIR: &str = "final";
-
-/// Write `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().context("a file path has a name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot write {}: {e}", path.display())
-    })
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,7 +63,7 @@ pub struct Meta {
     pub inputs: crate::inputs::Inputs,
     /// How training ended: the best model, early stopping, which model `final/` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub training: Option<crate::stages::TrainingOutcome>,
+    pub training: Option<crate::selection::TrainingOutcome>,
 }
 
 impl Meta {

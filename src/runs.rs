@@ -529,6 +529,6 @@ pub fn write_comparison(comparison: &Comparison, out: &Path) -> Result<PathBuf> 
     let svg = out.join("loss.svg");
     comparison.write_svg(&svg)?;
     let json = serde_json::to_string_pretty(&comparison.to_json(Some(&svg)))?;
-    run_dir::write_atomic(&out.join("comparison.json"), json.as_bytes())?;
+    crate::files::write_atomic(&out.join("comparison.json"), json.as_bytes())?;
     Ok(svg)
 }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::TrainSpec;
+use crate::spec::{FinalModel, SelectMetric, TrainSpec};
 
 /// An evaluation: the step it was taken at and the selection metric's value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -59,4 +59,17 @@ impl Selection {
         }
         Verdict { new_best, stop }
     }
+}
+
+/// What the train stage chose: the best model seen, whether it stopped early, and which model
+/// `final/` (and the stages after it) is.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingOutcome {
+    #[serde(flatten)]
+    pub selection: Selection,
+    /// What `selection.best` is best by.
+    pub select_metric: SelectMetric,
+    pub final_model: FinalModel,
+    /// The step the final model was trained to.
+    pub final_step: usize,
 }

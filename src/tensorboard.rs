@@ -233,7 +233,7 @@ impl EventFile {
             })
             .collect();
         let bytes: Vec<u8> = kept.iter().flat_map(frame).collect();
-        crate::run_dir::write_atomic(&self.path, &bytes)?;
+        crate::files::write_atomic(&self.path, &bytes)?;
         Ok(unreadable)
     }
 

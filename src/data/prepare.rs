@@ -169,7 +169,7 @@ impl PreparedData {
 /// template's text, and every setting that changes the tokenized result (paths themselves do not).
 fn cache_entry(spec: &Spec, tok: &Tok, chat: Option<&JinjaTemplate>, max_length: usize) -> Result<PathBuf> {
     // Hashed as they are read: a large dataset is never held whole for its key.
-    let hash = |p: &Path| crate::inputs::hash_files(&[p.to_path_buf()]);
+    let hash = |p: &Path| crate::files::hash_files(&[p.to_path_buf()]);
     let train = hash(&spec.data.path)?;
     let val = spec.data.val_path.as_deref().map(hash).transpose()?.unwrap_or_default();
     let tokenizer = tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;

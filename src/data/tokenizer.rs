@@ -107,6 +107,6 @@ impl Tok {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
-        crate::run_dir::write_atomic(path, json.as_bytes())
+        crate::files::write_atomic(path, json.as_bytes())
     }
 }

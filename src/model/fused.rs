@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::cpu_kernels;
 use super::gpt2::Precision;
-use crate::generate::{sample_with_draw, Sampling};
+use crate::model::sampling::{sample_with_draw, Sampling};
 
 /// A backend pipe's model runs on: burn's ops plus the fused ones.
 pub trait FusedOps: Backend {

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::gpt2::{Gpt2, Gpt2Config};
 use super::params;
 use crate::error::bad_input;
-use crate::run_dir::write_atomic;
+use crate::files::{hash_files, write_atomic};
 
 /// The files a HF GPT-2 directory holds that pipe reads or writes.
 pub const CONFIG_FILE: &str = "config.json";
@@ -355,4 +355,14 @@ pub fn resolve_hub_model(repo_id: &str) -> Result<PathBuf> {
             cache.path().display()
         ))
     })
+}
+
+/// The files whose contents are a HF model folder's weights and architecture.
+pub fn model_files(dir: &Path) -> Vec<PathBuf> {
+    vec![dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE)]
+}
+
+/// The SHA-256 of HF model folder `dir`, as a run records its base model.
+pub fn sha256(dir: &Path) -> Result<String> {
+    hash_files(&model_files(dir))
 }

@@ -27,7 +27,7 @@ use super::fused::{linear, FusedOps};
 use super::gpt2::{Block, Gpt2, Precision, Projection};
 use super::hf::{self, TensorFile};
 use crate::error::bad_input;
-use crate::run_dir::write_atomic;
+use crate::files::write_atomic;
 
 /// The PEFT adapter folder inside a model folder with adapters.
 pub const ADAPTER_DIR: &str = "adapter";
@@ -164,7 +164,7 @@ impl BaseModel {
     /// The base model in HF folder `path`, as `name` names it, with its files' hash.
     pub fn of(name: String, path: &Path) -> Result<Self> {
         let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        Ok(Self { name, sha256: crate::inputs::model_sha256(&path)?, path })
+        Ok(Self { name, sha256: hf::sha256(&path)?, path })
     }
 }
 
@@ -374,7 +374,7 @@ fn read_base(dir: &Path) -> Result<BaseModel> {
         std::fs::read_to_string(&path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
     let base: BaseModel =
         serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not a base reference: {e}", path.display())))?;
-    let now = crate::inputs::model_sha256(&base.path).map_err(|e| {
+    let now = hf::sha256(&base.path).map_err(|e| {
         bad_input(format!("{}: the base model {} cannot be read: {e:#}", path.display(), base.path.display()))
     })?;
     if now != base.sha256 {

@@ -12,10 +12,11 @@ pub mod hf;
 pub mod lora;
 pub mod params;
 mod raw;
+pub mod sampling;
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::{Int, Tensor};
 
@@ -128,35 +129,4 @@ pub trait TrainableLm<B: TrainBackend>:
 impl<B: TrainBackend, M> TrainableLm<B> for M where
     M: CausalLm<B> + AutodiffModule<B, InnerModule: CausalLm<B::InnerBackend>> + 'static
 {
-}
-
-/// Write the model of folder `source` (a HF GPT-2 directory, or one with LoRA adapters) for
-/// use outside pipe, in `out` (which must not exist or be empty), with its tokenizer: a HF GPT-2
-/// directory; for a model with adapters, the PEFT adapter folder, or with `merge` a HF GPT-2
-/// directory with the adapters folded into the weights.
-pub fn export(source: &Path, out: &Path, merge: bool) -> Result<()> {
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(crate::error::bad_input(format!(
-            "{}: already exists and is not empty; choose a new folder",
-            out.display()
-        )));
-    }
-    let device = Default::default();
-    let model = <Gpt2<burn::backend::Flex> as CausalLm<_>>::load(source, None, &device)?;
-    let tokenizer = source.join(hf::TOKENIZER_FILE);
-    let eos_id = crate::data::Tok::load(&tokenizer)?.eos_id as usize;
-    match (model.adapters.clone(), merge) {
-        (None, true) => {
-            return Err(crate::error::bad_input(format!(
-            "{}: --merge folds LoRA adapters into their base model, and this model has none; export it without --merge",
-            source.display()
-        )))
-        }
-        (None, false) => hf::save(&model, Some(eos_id), out)?,
-        (Some(_), true) => hf::save(&lora::merged(model), Some(eos_id), out)?,
-        (Some(adapters), false) => lora::save_peft(&model, &adapters, out)?,
-    }
-    std::fs::copy(&tokenizer, out.join(hf::TOKENIZER_FILE))
-        .with_context(|| format!("cannot copy {}", tokenizer.display()))?;
-    Ok(())
 }

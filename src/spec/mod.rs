@@ -189,6 +189,17 @@ pub enum BackendKind {
     Wgpu,
 }
 
+impl BackendKind {
+    /// The burn backend it runs (recorded in a run's `meta.json`).
+    pub fn burn_name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "flex",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {

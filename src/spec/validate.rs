@@ -263,7 +263,7 @@ impl LoadedSpec {
             ));
         }
         if !compiled {
-            let name = crate::backend::name(s.run.backend);
+            let name = s.run.backend.burn_name();
             return Err(self.invalid(
                 "run.backend",
                 format!("`{name}` is not compiled into this pipe; rebuild with `--features {name}`"),

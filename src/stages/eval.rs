@@ -20,7 +20,7 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     }
     ctx.stop.check("before the eval stage")?;
     let record = evaluate_model(ctx, &state.model.valid(), "final", state.steps, true)?;
-    run_dir::write_atomic(&ctx.run.file(run_dir::EVAL_FILE), serde_json::to_string_pretty(&record)?.as_bytes())?;
+    crate::files::write_atomic(&ctx.run.file(run_dir::EVAL_FILE), serde_json::to_string_pretty(&record)?.as_bytes())?;
     // When final/ is the best model, the last one is evaluated too, to show them side by side.
     let last = checkpoint::list(&ctx.run.path).pop();
     if let (Some(training), Some(last)) = (state.training, last) {

@@ -10,15 +10,14 @@ pub use generate::check_prompts;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Progress;
 use crate::data::PreparedData;
 use crate::model::{TrainBackend, TrainableLm};
 use crate::run_dir::RunDir;
-use crate::selection::Selection;
+use crate::selection::TrainingOutcome;
 use crate::signals::StopSignal;
-use crate::spec::{FinalModel, SelectMetric, Spec, Stage};
+use crate::spec::{Spec, Stage};
 
 /// What every stage works with besides the model.
 pub struct StageContext<'a, B: TrainBackend> {
@@ -40,19 +39,6 @@ pub struct Trained<M> {
     pub steps: usize,
     /// Set by the train stage.
     pub training: Option<TrainingOutcome>,
-}
-
-/// What the train stage chose: the best model seen, whether it stopped early, and which model
-/// `final/` (and the stages after it) is.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct TrainingOutcome {
-    #[serde(flatten)]
-    pub selection: Selection,
-    /// What `selection.best` is best by.
-    pub select_metric: SelectMetric,
-    pub final_model: FinalModel,
-    /// The step the final model was trained to.
-    pub final_step: usize,
 }
 
 /// Run the spec's stages in order; how training ended, when there was a train stage.

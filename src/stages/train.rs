@@ -2,12 +2,13 @@
 
 use anyhow::{Context, Result};
 
-use super::{StageContext, Trained, TrainingOutcome};
+use super::{StageContext, Trained};
 use crate::checkpoint;
 use crate::data::Tok;
 use crate::error::bad_input;
 use crate::model::{hf, CausalLm, FusedOps, TrainBackend, TrainableLm};
 use crate::run_dir::{self, RunDir};
+use crate::selection::TrainingOutcome;
 use crate::spec::FinalModel;
 use crate::train::{self, TrainContext};
 

@@ -14,6 +14,7 @@ mod fidelity;
 mod formats;
 mod fused;
 mod fuzz;
+mod imports;
 mod lora;
 mod lora_runs;
 mod model_config;

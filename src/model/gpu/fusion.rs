@@ -12,9 +12,9 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use crate::generate::Sampling;
 use crate::model::fused::{composite, AdamUpdate, FusedOps};
 use crate::model::gpt2::Precision;
+use crate::model::sampling::Sampling;
 
 /// Which of the inner backend's operations a custom operation runs.
 #[derive(Debug, Clone, Copy)]

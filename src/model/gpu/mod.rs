@@ -18,7 +18,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 
 use super::fused::{composite, AdamUpdate, FusedOps};
 use super::gpt2::Precision;
-use crate::generate::Sampling;
+use crate::model::sampling::Sampling;
 
 /// Each listed op runs `kernels::$op` when the tensor named after `dtype of` has an element
 /// type the kernels compute for (`kernels::supported`), else `composite::$op`.

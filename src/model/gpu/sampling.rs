@@ -18,7 +18,7 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::kernels::{cube_max, cube_sum, dense_output, per_row, LOWEST};
-use crate::generate::Sampling;
+use crate::model::sampling::Sampling;
 
 /// The place of a logit in rank order: larger logits get smaller keys.
 #[cube]
