@@ -7,11 +7,12 @@
 use std::borrow::Cow;
 
 use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::Flex;
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
 use super::fused::composite::{GELU_A, GELU_B};
-use super::fused::{AdamUpdate, LinearGradsWanted};
+use super::fused::{AdamUpdate, AttentionArgs, LinearGradsWanted};
 use super::gpt2::Precision;
 use super::raw::{bf16_matmul, filled, matmul, par_matmul, vectorised, Mat, Out, SharedMut};
 
@@ -313,13 +314,8 @@ fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
 /// the output and the attention probabilities P (before dropout). The products are f32 at
 /// either precision: at attention's sizes (k = head width, or a block of rows) packing bf16
 /// operands costs more than their products save (README, Speed).
-pub fn causal_attention(
-    qkv: FlexTensor,
-    n_head: usize,
-    keep: Option<FlexTensor>,
-    starts: Option<FlexTensor>,
-    _precision: Precision,
-) -> (FlexTensor, FlexTensor) {
+pub fn causal_attention(qkv: FlexTensor, args: AttentionArgs<Flex>) -> (FlexTensor, FlexTensor) {
+    let AttentionArgs { n_head, keep, starts, .. } = args;
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
     let (d, qkv) = (three_d / 3, f32s(&qkv));
     let keep = keep.as_ref().map(f32s);
@@ -412,11 +408,10 @@ vectorised! {
 pub fn causal_attention_backward(
     qkv: FlexTensor,
     probs: FlexTensor,
-    keep: Option<FlexTensor>,
     grad: FlexTensor,
-    n_head: usize,
-    _precision: Precision,
+    args: AttentionArgs<Flex>,
 ) -> FlexTensor {
+    let AttentionArgs { n_head, keep, .. } = args;
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
     let (d, qkv, probs, grad) = (three_d / 3, f32s(&qkv), f32s(&probs), f32s(&grad));
     let keep = keep.as_ref().map(f32s);

@@ -9,7 +9,7 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use common::{fixture_dir, floats, ids, reference, sequences_of};
 use pipe::data::Sequence;
 use pipe::generate::{Generator, Sampling};
-use pipe::model::fused::{composite, AdamUpdate, FusedOps, LinearGradsWanted};
+use pipe::model::fused::{composite, AdamUpdate, AttentionArgs, FusedOps, LinearGradsWanted};
 use pipe::model::gpt2::Precision::F32;
 use pipe::model::{hf, CausalLm, Gpt2};
 use pipe::spec::{OptimizerKind, OptimizerSpec};
@@ -191,11 +191,13 @@ fn fused_composites_on_the_gpu_backend_match_the_cpu_kernels() {
     let (grad_g, grad_c) = (random::<G, 3>([batch, seq, d], 2), random::<Flex, 3>([batch, seq, d], 2));
     let s_g = Tensor::<G, 2, Int>::from_data(starts_on(()), &Default::default()).into_primitive();
     let s_c = Tensor::<Flex, 2, Int>::from_data(starts_on(()), &Default::default()).into_primitive();
-    let (y_g, p_g) = composite::causal_attention::<G>(prim(&qkv_g), n_head, None, Some(s_g), F32);
-    let (y_c, p_c) = Flex::causal_attention(prim(&qkv_c), n_head, None, Some(s_c), F32);
+    let args_g = AttentionArgs { n_head, keep: None, starts: Some(s_g), precision: F32 };
+    let args_c = AttentionArgs { n_head, keep: None, starts: Some(s_c), precision: F32 };
+    let (y_g, p_g) = composite::causal_attention::<G>(prim(&qkv_g), args_g.clone());
+    let (y_c, p_c) = Flex::causal_attention(prim(&qkv_c), args_c.clone());
     assert_close("packed attention", &float::<G, 3>(y_g), &float::<Flex, 3>(y_c), 1e-4 * MATMUL_SLACK);
-    let dg = composite::causal_attention_backward::<G>(prim(&qkv_g), p_g, None, prim(&grad_g), n_head, F32);
-    let dc = Flex::causal_attention_backward(prim(&qkv_c), p_c, None, None, prim(&grad_c), n_head, F32);
+    let dg = composite::causal_attention_backward::<G>(prim(&qkv_g), p_g, prim(&grad_g), args_g);
+    let dc = Flex::causal_attention_backward(prim(&qkv_c), p_c, prim(&grad_c), AttentionArgs { starts: None, ..args_c });
     assert_close("packed attention backward", &float::<G, 3>(dg), &float::<Flex, 3>(dc), 1e-4 * MATMUL_SLACK);
 
     // LayerNorm, GELU, cross-entropy and a frozen linear layer's backward.
@@ -369,11 +371,13 @@ fn attention_matches_the_composite<B: FusedOps>(backend: &str) {
             let (keep, keepc) = (keep.as_ref().map(prim), dropout.then(|| prim(&keep_mask)));
             let s = packed.then(|| Tensor::<B, 2, Int>::from_data(starts_on(), &Default::default()).into_primitive());
             let sc = packed.then(|| Tensor::<C, 2, Int>::from_data(starts_on(), &Default::default()).into_primitive());
-            let (y, saved) = B::causal_attention(prim(&qkv), n_head, keep.clone(), s.clone(), F32);
-            let (yc, probs) = composite::causal_attention::<C>(prim(&qkvc), n_head, keepc.clone(), sc, F32);
+            let args = AttentionArgs { n_head, keep, starts: s, precision: F32 };
+            let argsc = AttentionArgs { n_head, keep: keepc, starts: sc, precision: F32 };
+            let (y, saved) = B::causal_attention(prim(&qkv), args.clone());
+            let (yc, probs) = composite::causal_attention::<C>(prim(&qkvc), argsc.clone());
             assert_close(&format!("{what}: output"), &float::<B, 3>(y), &float::<C, 3>(yc), 1e-5);
-            let dqkv = B::causal_attention_backward(prim(&qkv), saved, keep, s, prim(&grad), n_head, F32);
-            let dqkvc = composite::causal_attention_backward::<C>(prim(&qkvc), probs, keepc, prim(&gradc), n_head, F32);
+            let dqkv = B::causal_attention_backward(prim(&qkv), saved, prim(&grad), args);
+            let dqkvc = composite::causal_attention_backward::<C>(prim(&qkvc), probs, prim(&gradc), argsc);
             assert_close(&format!("{what}: gradient"), &float::<B, 3>(dqkv), &float::<C, 3>(dqkvc), 1e-5);
         }
     }

@@ -6,7 +6,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
-use pipe::model::fused::{composite, cross_entropy, gelu_new, FusedOps, LinearGradsWanted};
+use pipe::model::fused::{composite, cross_entropy, gelu_new, AttentionArgs, FusedOps, LinearGradsWanted};
 use pipe::model::gpt2::Precision::{Bf16, F32};
 
 type Ad = Autodiff<Flex>;
@@ -150,9 +150,9 @@ fn attention_kernel_matches_composite_forward_and_backward() {
             if keep.is_some() { "with" } else { "without" },
             if packed { ", packed" } else { "" }
         );
-        let starts = starts.map(|s| s.into_primitive());
-        let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone(), starts.clone(), F32);
-        let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head, keep.clone(), starts, F32);
+        let args = AttentionArgs { n_head, keep, starts: starts.map(|s| s.into_primitive()), precision: F32 };
+        let (y, probs) = Flex::causal_attention(prim(&qkv), args.clone());
+        let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), args.clone());
         assert_close(&values(float::<3>(y)), &values(float::<3>(want_y)), 1e-5, &format!("output {what}"));
         let probs_values = values(float::<4>(probs.clone()));
         assert_close(&probs_values, &values(float::<4>(want_probs)), 1e-6, &format!("probabilities {what}"));
@@ -164,9 +164,9 @@ fn attention_kernel_matches_composite_forward_and_backward() {
             assert!(row[..start].iter().all(|&p| p == 0.0), "row {r} attends to an earlier example");
             assert!(row[start..=i].iter().all(|&p| p > 0.0), "row {r} attends to all of its own example");
         }
-        let fused =
-            Flex::causal_attention_backward(prim(&qkv), probs.clone(), keep.clone(), None, prim(&grad), n_head, F32);
-        let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, keep, prim(&grad), n_head, F32);
+        let args = AttentionArgs { starts: None, ..args };
+        let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), prim(&grad), args.clone());
+        let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, prim(&grad), args);
         assert_close(&values(float::<3>(fused)), &values(float::<3>(plain)), 1e-5, &format!("backward {what}"));
     }
 }
@@ -178,8 +178,8 @@ fn attention_dropout_gradient_through_autodiff_matches_burns_ops() {
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 33).require_grad();
     let weights = random::<Ad, 3>([batch, seq, d], 1.0, 34);
     let keep = keep_mask::<Ad>([batch, n_head, seq, seq], 0.25, 35);
-    let (fused_y, _) =
-        Ad::causal_attention(qkv.clone().into_primitive().tensor(), n_head, Some(prim_ad(&keep)), None, F32);
+    let args = AttentionArgs { n_head, keep: Some(prim_ad(&keep)), starts: None, precision: F32 };
+    let (fused_y, _) = Ad::causal_attention(qkv.clone().into_primitive().tensor(), args);
     let fused_y = Tensor::<Ad, 3>::from_primitive(TensorPrimitive::Float(fused_y));
     // The same attention from burn's ops: masked softmax, dropped, times V.
     let heads =
@@ -342,10 +342,10 @@ fn bf16_attention_runs_its_products_in_bf16_on_the_gpu_composite_and_in_f32_on_t
     let qkv = random::<Flex, 3>([batch, seq, 3 * d], 1.5, 81);
     let grad = random::<Flex, 3>([batch, seq, d], 1.0, 82);
     let keep = Some(prim(&keep_mask::<Flex>([batch, n_head, seq, seq], 0.3, 83)));
+    let args = |precision| AttentionArgs { n_head, keep: keep.clone(), starts: None, precision };
     let cpu = |precision| {
-        let (y, probs) = Flex::causal_attention(prim(&qkv), n_head, keep.clone(), None, precision);
-        let dqkv =
-            Flex::causal_attention_backward(prim(&qkv), probs, keep.clone(), None, prim(&grad), n_head, precision);
+        let (y, probs) = Flex::causal_attention(prim(&qkv), args(precision));
+        let dqkv = Flex::causal_attention_backward(prim(&qkv), probs, prim(&grad), args(precision));
         (values(float::<3>(y)), values(float::<3>(dqkv)))
     };
     // The CPU kernel's products are f32 at either precision (faster there; README, Speed).
@@ -354,15 +354,8 @@ fn bf16_attention_runs_its_products_in_bf16_on_the_gpu_composite_and_in_f32_on_t
     // its result back: within bf16's rounding of f32 (scores of a few units rounded to 8
     // significant bits move the probabilities by about 1% each), and measurably off it.
     let composite = |precision| {
-        let (y, probs) = composite::causal_attention::<Flex>(prim(&qkv), n_head, keep.clone(), None, precision);
-        let dqkv = composite::causal_attention_backward::<Flex>(
-            prim(&qkv),
-            probs,
-            keep.clone(),
-            prim(&grad),
-            n_head,
-            precision,
-        );
+        let (y, probs) = composite::causal_attention::<Flex>(prim(&qkv), args(precision));
+        let dqkv = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, prim(&grad), args(precision));
         (values(float::<3>(y)), values(float::<3>(dqkv)))
     };
     let ((y, dqkv), (y_f32, dqkv_f32)) = (composite(Bf16), composite(F32));

@@ -16,8 +16,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use super::fused::{composite, AdamUpdate, FusedOps};
-use super::gpt2::Precision;
+use super::fused::{composite, AdamUpdate, AttentionArgs, FusedOps};
 use crate::model::sampling::Sampling;
 
 /// Each listed op runs `kernels::$op` when the tensor named after `dtype of` has an element
@@ -91,33 +90,26 @@ where
         }
     }
 
-    fn causal_attention(
-        qkv: FloatTensor<Self>,
-        n_head: usize,
-        keep: Option<FloatTensor<Self>>,
-        starts: Option<IntTensor<Self>>,
-        precision: Precision,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match attention::saved_shape(&qkv.shape(), n_head, qkv.dtype()) {
-            Some(_) => attention::causal_attention(qkv, n_head, keep, starts, I::dtype()),
-            None => composite::causal_attention::<Self>(qkv, n_head, keep, starts, precision),
+    fn causal_attention(qkv: FloatTensor<Self>, args: AttentionArgs<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match attention::saved_shape(&qkv.shape(), args.n_head, qkv.dtype()) {
+            Some(_) => attention::causal_attention(qkv, args.n_head, args.keep, args.starts, I::dtype()),
+            None => composite::causal_attention::<Self>(qkv, args),
         }
     }
 
     fn causal_attention_backward(
         qkv: FloatTensor<Self>,
         saved: FloatTensor<Self>,
-        keep: Option<FloatTensor<Self>>,
-        starts: Option<IntTensor<Self>>,
         grad: FloatTensor<Self>,
-        n_head: usize,
-        precision: Precision,
+        args: AttentionArgs<Self>,
     ) -> FloatTensor<Self> {
         // `saved` is what the forward kept: the kernels' rows or the composite's probabilities.
-        if attention::saved_shape(&qkv.shape(), n_head, qkv.dtype()).is_some_and(|shape| shape == saved.shape()) {
+        let kernels = attention::saved_shape(&qkv.shape(), args.n_head, qkv.dtype());
+        if kernels.is_some_and(|shape| shape == saved.shape()) {
+            let AttentionArgs { n_head, keep, starts, .. } = args;
             attention::causal_attention_backward(qkv, saved, keep, starts, grad, n_head, I::dtype())
         } else {
-            composite::causal_attention_backward::<Self>(qkv, saved, keep, grad, n_head, precision)
+            composite::causal_attention_backward::<Self>(qkv, saved, grad, args)
         }
     }
 

@@ -1,0 +1,288 @@
+//! Fused operations for the hot spots of a GPT-2 step, as a backend extension: the linear
+//! layers, LayerNorm, GELU, causal self-attention, the cross-entropy over the vocabulary and
+//! the Adam update are each one operation (the differentiable ones with a hand-written
+//! backward) instead of the chain of element-wise tensor ops (each a pass over memory and an
+//! autodiff node) that composing them from burn's API costs.
+//!
+//! One op, one place per role: the trait and the tensor-level calls here; the composite
+//! versions every backend gets (burn's own ops; the numerics the fidelity tests check) in
+//! `composite.rs`; the hand-written backward passes autodiff wraps them with in `autodiff.rs`;
+//! the CPU backend's kernels (`cpu_kernels`) plugged in by `cpu.rs`; the GPU backends' in
+//! `model/gpu/`. `tests/integration/fused.rs` holds each kernel to its composite version.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::{FloatTensor, IntTensor, ModuleOps};
+use burn::tensor::{
+    Bool, DType, Distribution, FloatDType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive,
+};
+use serde::Serialize;
+
+use super::cpu_kernels;
+use super::gpt2::Precision;
+use crate::model::sampling::{sample_with_draw, Sampling};
+
+mod autodiff;
+pub mod composite;
+mod cpu;
+
+/// What causal attention runs with besides the packed projections: the heads; the dropout mask
+/// on the probabilities, already scaled (0 or 1/(1 − p); None for no dropout); for packed rows,
+/// the position each position's example starts at (block-diagonal causal attention; None for
+/// one example a row); and the precision of the products (the softmax is f32).
+/// keep: [batch, heads, seq, seq], starts: [batch, seq]
+#[derive(Debug, Clone)]
+pub struct AttentionArgs<B: Backend> {
+    pub n_head: usize,
+    pub keep: Option<FloatTensor<B>>,
+    pub starts: Option<IntTensor<B>>,
+    pub precision: Precision,
+}
+
+/// A backend pipe's model runs on: burn's ops plus the fused ones.
+pub trait FusedOps: Backend {
+    /// x·weight + bias, the product in `precision` (see `Precision`).
+    /// x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        precision: Precision,
+    ) -> FloatTensor<Self> {
+        composite::linear::<Self>(x, weight, bias, precision)
+    }
+
+    /// The gradients of `fused_linear` for x, and for weight and bias where asked (a frozen
+    /// weight needs none), given the output's, the products in `precision`. The bias's is
+    /// `column_sums` of the output's.
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        wanted: LinearGradsWanted,
+        precision: Precision,
+    ) -> LinearGrads<Self> {
+        let bias = wanted.bias.then(|| Self::column_sums(grad.clone()));
+        let (dx, dw, _) =
+            composite::linear_backward::<Self>(x, weight, grad, LinearGradsWanted { bias: false, ..wanted }, precision);
+        (dx, dw, bias)
+    }
+
+    /// Each column's sum over the rows. x: [rows, cols] → [cols]
+    fn column_sums(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        composite::column_sums::<Self>(x)
+    }
+
+    /// One Adam(W) update of a parameter of any shape: the new parameter and first and second
+    /// moments (`moments` is None before the first update).
+    fn adam_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        update: AdamUpdate,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composite::adam_step::<Self>(param, grad, moments, update)
+    }
+
+    /// LayerNorm of each row (biased variance, ε inside the square root), and each row's mean
+    /// and 1/σ (kept for the backward). x: [rows, d], gamma, beta: [d] → ([rows, d], [rows], [rows])
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composite::layer_norm::<Self>(x, gamma, beta, epsilon)
+    }
+
+    /// The gradients of `fused_layer_norm` for x, gamma and beta, given the output's.
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composite::layer_norm_backward::<Self>(x, gamma, mean, rstd, grad)
+    }
+
+    /// GPT-2's tanh GELU. x: [rows, cols] → [rows, cols]
+    fn gelu_new(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        composite::gelu_new::<Self>(x)
+    }
+
+    /// The gradient of `gelu_new` at `x`, given the output's gradient. [rows, cols] each.
+    fn gelu_new_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        composite::gelu_new_backward::<Self>(x, grad)
+    }
+
+    /// Negative log-likelihood of each row's target, and each row's log-sum-exp (kept for the
+    /// backward). logits: [rows, vocab], targets: [rows] → ([rows], [rows])
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composite::cross_entropy::<Self>(logits, targets)
+    }
+
+    /// The gradient of the NLL with respect to the logits: (softmax − one-hot) · grad per row.
+    /// logits: [rows, vocab], targets, lse, grad: [rows] → [rows, vocab]
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+    }
+
+    /// Causal multi-head self-attention over the packed query/key/value projections, and what
+    /// the backward needs of it (`attention_saved_shape`): here and on the CPU the attention
+    /// probabilities before dropout. The two products (scores, output) run in `args.precision`.
+    /// qkv: [batch, seq, 3·d_model] → ([batch, seq, d_model], saved)
+    fn causal_attention(qkv: FloatTensor<Self>, args: AttentionArgs<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composite::causal_attention::<Self>(qkv, args)
+    }
+
+    /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient
+    /// and what the forward saved, with the forward's `args`; its four products run in
+    /// `args.precision`. (Probabilities are zero outside the mask, so this version needs no
+    /// `args.starts`; a backend that recomputes them does.) qkv: [batch, seq, 3·d_model],
+    /// saved: as the forward returned it, grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
+    fn causal_attention_backward(
+        qkv: FloatTensor<Self>,
+        saved: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        args: AttentionArgs<Self>,
+    ) -> FloatTensor<Self> {
+        composite::causal_attention_backward::<Self>(qkv, saved, grad, args)
+    }
+
+    /// Where this backend's own attention kernels take attention over qkv of this shape and
+    /// element type, the shape of what their forward saves for the backward; None where the
+    /// composite version runs (which saves the probabilities). qkv: [batch, seq, 3·d_model]
+    fn attention_saved_shape(_qkv: &Shape, _n_head: usize, _dtype: DType) -> Option<Shape> {
+        None
+    }
+
+    /// The token `generate::sample_with_draw` draws from these logits with `draw` ∈ [0, 1), at
+    /// a temperature above 0. Here the logits are read to the host and drawn from there; the
+    /// GPU backends draw on the device and read back only the id. logits: [1, vocab] → [1]
+    fn sample_token(logits: FloatTensor<Self>, sampling: Sampling, draw: f64) -> IntTensor<Self> {
+        composite::sample_token::<Self>(logits, sampling, draw)
+    }
+}
+
+/// Which attention the GPU backends run: their flash-style kernels, or the composite version
+/// built from burn's ops (`pipe bench --gpu-attention`, to measure one against the other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuAttention {
+    #[default]
+    Kernels,
+    Composite,
+}
+
+/// The widest head the GPU attention kernels take (they keep a row in registers); wider heads
+/// take the composite version.
+pub const GPU_ATTENTION_MAX_HEAD_DIM: usize = 128;
+
+/// The process's choice of `GpuAttention` (kernels unless set): a setting of the whole process,
+/// as burn's autotune cache is, so that every layer of every model makes the same choice.
+static GPU_ATTENTION_COMPOSITE: AtomicBool = AtomicBool::new(false);
+
+pub fn set_gpu_attention(choice: GpuAttention) {
+    GPU_ATTENTION_COMPOSITE.store(choice == GpuAttention::Composite, Ordering::Relaxed);
+}
+
+pub fn gpu_attention() -> GpuAttention {
+    match GPU_ATTENTION_COMPOSITE.load(Ordering::Relaxed) {
+        true => GpuAttention::Composite,
+        false => GpuAttention::Kernels,
+    }
+}
+
+/// One Adam or AdamW update's settings; `time` counts this update (1 for the first).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamUpdate {
+    pub lr: f64,
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+    /// AdamW's decoupled decay (p ← p·(1 − lr·wd)) rather than Adam's L2 term (g ← g + wd·p).
+    pub decoupled: bool,
+    pub time: usize,
+}
+
+/// The gradients of a linear layer: input, and weight and bias where wanted.
+pub type LinearGrads<B> = (FloatTensor<B>, Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+/// Which parameter gradients a linear layer's backward computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearGradsWanted {
+    pub weight: bool,
+    pub bias: bool,
+}
+
+/// A backend pipe trains on: autodiff over a backend with the fused ops.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+impl<B> TrainBackend for B where B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+
+/// x·weight + bias, the product in `precision`. x: [rows, in], weight: [in, out], bias: [out] → [rows, out]
+pub fn linear<B: FusedOps>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    precision: Precision,
+) -> Tensor<B, 2> {
+    let bias = bias.map(|b| b.into_primitive().tensor());
+    let y = B::fused_linear(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias, precision);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// LayerNorm of each row. x: [rows, d], gamma, beta: [d] → [rows, d]
+pub fn layer_norm<B: FusedOps>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, epsilon: f64) -> Tensor<B, 2> {
+    let (x, gamma, beta) =
+        (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
+    let (y, _mean, _rstd) = B::fused_layer_norm(x, gamma, beta, epsilon);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// GPT-2's "gelu_new", the tanh approximation of GELU. x: [rows, cols] → [rows, cols]
+pub fn gelu_new<B: FusedOps>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::gelu_new(x.into_primitive().tensor())))
+}
+
+/// Per-row negative log-likelihood of `targets` under softmax(`logits`).
+/// logits: [rows, vocab], targets: [rows] → [rows]
+pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let (nll, _lse) = B::cross_entropy(logits.into_primitive().tensor(), targets.into_primitive());
+    Tensor::from_primitive(TensorPrimitive::Float(nll))
+}
+
+/// Causal multi-head self-attention (no cache: every query sees the keys up to its own position,
+/// from its example's first position when `starts` gives packed rows), with dropout `p` on the
+/// attention probabilities while training (as GPT-2's `attn_pdrop`), the products in `precision`.
+/// qkv: [batch, seq, 3·d_model], starts: [batch, seq] → [batch, seq, d_model]
+pub fn causal_attention<B: FusedOps>(
+    qkv: Tensor<B, 3>,
+    n_head: usize,
+    dropout: f64,
+    starts: Option<Tensor<B, 2, Int>>,
+    precision: Precision,
+) -> Tensor<B, 3> {
+    let device = qkv.device();
+    let keep = (dropout > 0.0 && B::ad_enabled(&device)).then(|| {
+        let [batch, seq, _] = qkv.dims();
+        let keep = Tensor::<B, 4>::random([batch, n_head, seq, seq], Distribution::Bernoulli(1.0 - dropout), &device);
+        (keep / (1.0 - dropout)).into_primitive().tensor()
+    });
+    let args = AttentionArgs { n_head, keep, starts: starts.map(Tensor::into_primitive), precision };
+    let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), args);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
