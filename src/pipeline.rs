@@ -93,7 +93,8 @@ impl BackendJob for NodeJob<'_> {
             stop: self.stop,
         };
         let resume = resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
-        crate::train::train(&ctx, model, resume)?;
+        let objective = crate::objective::TokenLoss { pad_id: data.tok.eos_id };
+        crate::train::train(&ctx, model, objective, resume)?;
         Ok(())
     }
 }

@@ -246,15 +246,17 @@ pub struct TrainContext<'a, B: TrainBackend> {
 /// every `train.checkpoint_every` steps and at the end. With `resume` (a checkpoint whose
 /// weights `model` already holds, and where training stood), training continues exactly where
 /// the interrupted run stood. With several peers (`run.devices`, `[distributed]`), this
-/// process trains its peers on threads of their own and returns rank 0's model.
-pub fn train<B: TrainBackend, M: TrainableLm<B>>(
+/// process trains its peers on threads of their own and returns rank 0's model. `objective` is
+/// what every step minimises and every validation measures.
+pub fn train<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
     ctx: &TrainContext<'_, B>,
     model: M,
+    objective: O,
     resume: Option<(&Path, Progress)>,
 ) -> Result<(M, TrainSummary)> {
     let topology = Topology::of(ctx.spec);
     if topology.world() == 1 {
-        return train_peer(ctx, model, resume, None);
+        return train_peer(ctx, model, objective, resume, None);
     }
     let peers = Arc::new(Peers::new(topology)?);
     // What every peer compares with the others: the same for all of this process's peers.
@@ -267,8 +269,8 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     if !ranks.is_empty() {
         let shared = Arc::new(OwnedContext::<B>::of(ctx));
         for rank in ranks {
-            let (peers, shared, done, fingerprints) =
-                (peers.clone(), shared.clone(), done.clone(), fingerprints.clone());
+            let (peers, shared, done, fingerprints, objective) =
+                (peers.clone(), shared.clone(), done.clone(), fingerprints.clone(), objective.clone());
             let device = peers.topology().device_of::<B>(rank, ctx.device);
             let model = model.clone().fork(&device);
             let resume = resume.map(|(dir, progress)| (dir.to_path_buf(), progress));
@@ -276,7 +278,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
                 let ctx = TrainContext { device: &device, ..shared.borrow() };
                 let resume = resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    join_and_train(&peers, rank, &ctx, model, resume, &fingerprints).map(|_| ())
+                    join_and_train(&peers, rank, &ctx, model, objective, resume, &fingerprints).map(|_| ())
                 }))
                 .unwrap_or_else(|panic| Err(anyhow!("panicked: {}", crate::error::panic_message(&panic))));
                 if let Err(error) = &result {
@@ -291,7 +293,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
     drop(done);
     let device = peers.topology().device_of::<B>(first, ctx.device);
     let mine = TrainContext { device: &device, ..*ctx };
-    let (model, summary) = join_and_train(&peers, first, &mine, model.fork(&device), resume, &fingerprints)?;
+    let (model, summary) = join_and_train(&peers, first, &mine, model.fork(&device), objective, resume, &fingerprints)?;
     // Every peer has passed the last all-reduce; a failure after it is still a failure.
     let deadline = Instant::now() + peers.topology().timeout;
     while let Ok((rank, result)) = finished.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -301,17 +303,18 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>>(
 }
 
 /// Join the run as `rank`, check that every peer trains the same thing, and train.
-fn join_and_train<B: TrainBackend, M: TrainableLm<B>>(
+fn join_and_train<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
     peers: &Peers,
     rank: usize,
     ctx: &TrainContext<'_, B>,
     model: M,
+    objective: O,
     resume: Option<(&Path, Progress)>,
     fingerprints: &[(&str, u64)],
 ) -> Result<(M, TrainSummary)> {
     let mut peer = peers.join::<B::InnerBackend>(rank, ctx.device)?;
     peer.agree::<B::InnerBackend>(fingerprints, peers.topology().address(), ctx.device)?;
-    train_peer(ctx, model, resume, Some(peer))
+    train_peer(ctx, model, objective, resume, Some(peer))
 }
 
 /// What a peer on a thread of its own reads, owned: the data and settings of a `TrainContext`
@@ -370,219 +373,363 @@ fn fingerprints<B: TrainBackend, M: TrainableLm<B>>(
     vec![("spec", spec), ("training data", data), ("model weights", weights), ("resume step", step)]
 }
 
-/// The training loop of one peer (or of the only device, with no `peer`).
-fn train_peer<B: TrainBackend, M: TrainableLm<B>>(
+/// The training loop of one peer (or of the only device, with no `peer`), top to bottom:
+/// each step is trained and logged; then, when due, validated (keeping the best model); then
+/// training stops early, stops on a signal, or checkpoints and goes on.
+fn train_peer<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
     ctx: &TrainContext<'_, B>,
     mut model: M,
+    objective: O,
     resume: Option<(&Path, Progress)>,
     peer: Option<Peer>,
 ) -> Result<(M, TrainSummary)> {
-    let (train_spec, opt, seed) = (&ctx.spec.train, &ctx.spec.optimizer, ctx.spec.run.seed);
-    let (train, device) = (ctx.train, ctx.device);
-    let objective = TokenLoss { pad_id: ctx.tok.eos_id };
-    let world = peer.as_ref().map_or(1, |p| p.world);
-    // Rank 0 writes the run (metrics, checkpoints, the best model) and reports progress.
-    let run = ctx.run.filter(|_| peer.as_ref().is_none_or(Peer::writes));
-    let writes = run.is_some();
-    let mut trainer = Trainer::<B, M, _>::with_objective(opt, objective, device);
-    trainer.peer = peer;
-    let mut start = Progress { step: 0, epoch: 1, position: 0, selection: Selection::default() };
-    if let Some((dir, progress)) = resume {
-        trainer.optim = trainer.optim.restore(dir, &model, device)?;
-        start = progress;
-        tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
-    }
-    let StepPlan { examples_per_step, steps_per_epoch, total_steps } = StepPlan::new(train.len(), train_spec, world)?;
-    let per_peer = examples_per_step / world;
-    let schedule = LrSchedule::new(opt, total_steps);
-    if writes {
-        tracing::info!(examples = train.len(), steps_per_epoch, total_steps, peers = world, "training");
-    }
-    let mut summary =
-        TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN, selection: start.selection };
+    let mut lp = PeerLoop::setup(ctx, &model, objective, resume, peer)?;
+    let (start, train_spec) = (lp.start, &ctx.spec.train);
     if let Some(step) = start.selection.stopped_early_at {
         tracing::info!(step, "training had ended early; nothing left to train");
-        return Ok((model, summary));
+        return Ok((model, lp.summary));
     }
-    let started = Instant::now();
-    let mut latest_val = None;
-    let checkpoint = |model: &M, trainer: &Trainer<B, M, TokenLoss>, progress: Progress| {
-        let Some(run) = run else { return Ok(None) };
-        let at = CheckpointAt { run: &run.path, model, tok: ctx.tok, progress, keep: train_spec.keep_checkpoints };
-        trainer.optim.save(at).map(Some)
-    };
-
+    let per_step = lp.plan.examples_per_step;
     'epochs: for epoch in start.epoch..=train_spec.epochs {
-        let order = epoch_order(train, seed, epoch, train_spec.group_by_length.then_some(examples_per_step));
+        let order = epoch_order(ctx.train, ctx.spec.run.seed, epoch, train_spec.group_by_length.then_some(per_step));
         // A position past the end is possible only when the data shrank under a resume.
         let skip = if epoch == start.epoch { start.position.min(order.len()) } else { 0 };
-        let bar = match writes {
-            true => progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", train_spec.epochs)),
+        let bar = match lp.writes() {
+            true => progress_bar(lp.plan.steps_per_epoch as u64, &format!("epoch {epoch}/{}", train_spec.epochs)),
             false => ProgressBar::hidden(),
         };
-        bar.set_position((skip / examples_per_step) as u64);
-        let (mut epoch_loss, mut epoch_tokens) = (0.0, 0usize);
-        for (i, step_examples) in order[skip..].chunks(examples_per_step).enumerate() {
-            let step_started = Instant::now();
-            let mine = match &trainer.peer {
-                Some(peer) => peer.share(step_examples, per_peer),
-                None => step_examples,
-            };
-            // Read now (from the mapped cache, usually): only this step's sequences are in memory.
-            let sequences: Vec<Sequence> = mine.iter().map(|&i| train.get(i)).collect();
-            let micro_batches: Vec<Vec<&Sequence>> =
-                sequences.chunks(train_spec.batch_size).map(|chunk| chunk.iter().collect()).collect();
-            let step = summary.steps + 1;
-            #[cfg(feature = "fault-injection")]
-            if let Some(peer) = &trainer.peer {
-                crate::distributed::inject_fault(peer.rank, step)?;
-            }
-            let lr = schedule.at(step - 1);
-            // Dropout draws from the backend's generator: seeding it per step makes a resumed
-            // run draw the same masks as an uninterrupted one.
-            let share = StepShare {
-                loss_tokens: step_examples.iter().map(|&i| train.loss_tokens(i)).sum(),
-                dropout_seed: Some(seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64)),
-                stop: ctx.stop.requested(),
-            };
-            let (stats, stop);
-            (model, stats, stop) = trainer
-                .step_share(model, &micro_batches, share, lr)
-                .with_context(|| format!("step {step} (epoch {epoch})"))?;
-            let tokens_per_s = stats.tokens as f64 / step_started.elapsed().as_secs_f64();
-            if summary.first_loss.is_nan() {
-                summary.first_loss = stats.loss;
-            }
-            summary.steps = step;
-            summary.last_loss = stats.loss;
-            epoch_loss += stats.loss * stats.loss_tokens as f64;
-            epoch_tokens += stats.loss_tokens;
-            let log_metrics = |record: &MetricRecord| run.map_or(Ok(()), |run| run.log_metrics(record));
-            log_metrics(&MetricRecord::Step(StepRecord {
-                step,
-                epoch,
-                loss: stats.loss,
-                lr,
-                grad_norm: stats.grad_norm,
-                tokens: stats.tokens,
-                padded_tokens: stats.positions - stats.tokens,
-                tokens_per_s,
-                elapsed_s: started.elapsed().as_secs_f64(),
-                allreduce_s: stats.allreduce_s,
-            }))?;
-            if writes && step.is_multiple_of(train_spec.log_every) {
-                tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
-            }
-            let position = (skip + (i + 1) * examples_per_step).min(train.len());
+        bar.set_position((skip / per_step) as u64);
+        let mut epoch_loss = EpochLoss::default();
+        for (i, step_examples) in order[skip..].chunks(per_step).enumerate() {
+            let done;
+            (model, done) = lp.step(model, step_examples, epoch)?;
+            epoch_loss.add(&done.stats);
+            let step = done.step;
+            let position = (skip + (i + 1) * per_step).min(ctx.train.len());
             // Evaluations come before the step's checkpoint, so a checkpoint holds everything
             // logged up to its step (and where selection stood) and a resumed run neither
             // repeats nor loses one.
-            let epoch_done = position == train.len();
-            let every = train_spec.eval_every;
-            let mut stop_early = false;
-            if !ctx.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every))) {
-                let valid = model.valid();
-                let metric = train_spec.select_metric;
-                let (val_loss, responses) = match &mut trainer.peer {
-                    None => {
-                        let (val_loss, _) = evaluate(&valid, &objective, ctx.val, train_spec.batch_size, device);
-                        let responses = match metric.higher_is_better() {
-                            true => Some(answers(ctx, &valid)?),
-                            false => None,
-                        };
-                        (val_loss, responses)
-                    }
-                    // Each peer evaluates its share of the validation set; rank 0 answers.
-                    Some(peer) => {
-                        let shard = peer.share(ctx.val, ctx.val.len().div_ceil(world));
-                        let (loss, tokens) = evaluate(&valid, &objective, shard, train_spec.batch_size, device);
-                        let scores = match (metric.higher_is_better(), peer.writes()) {
-                            (true, true) => Some(answers(ctx, &valid)?),
-                            _ => None,
-                        };
-                        let s = scores.unwrap_or(ResponseScores { exact_match: 0.0, token_f1: 0.0, rouge_l: 0.0 });
-                        let local = [loss * tokens as f64, tokens as f64, s.exact_match, s.token_f1, s.rouge_l];
-                        let all = peer.sum::<B::InnerBackend>(&local, "summing the evaluation", device)?;
-                        let responses = metric.higher_is_better().then_some(ResponseScores {
-                            exact_match: all[2],
-                            token_f1: all[3],
-                            rouge_l: all[4],
-                        });
-                        (all[0] / all[1].max(1.0), responses)
-                    }
-                };
-                log_metrics(&MetricRecord::Epoch(EpochRecord {
-                    step,
-                    epoch,
-                    val_loss,
-                    val_ppl: val_loss.exp(),
-                    responses,
-                }))?;
-                latest_val = Some(val_loss);
-                let value = match (metric, responses) {
-                    (SelectMetric::ExactMatch, Some(r)) => r.exact_match,
-                    (SelectMetric::TokenF1, Some(r)) => r.token_f1,
-                    (SelectMetric::RougeL, Some(r)) => r.rouge_l,
-                    _ => val_loss,
-                };
-                let verdict = summary.selection.observe(Scored { step, value }, train_spec);
-                if let Some(run) = run.filter(|_| verdict.new_best) {
-                    checkpoint::save_best(&run.path, &valid, ctx.tok, Scored { step, value })?;
-                }
-                stop_early = verdict.stop;
-                if epoch_done && writes {
-                    let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
-                    tracing::info!(
-                        epoch,
-                        train_loss = format!("{train_loss:.4}"),
-                        val_loss = format!("{val_loss:.4}"),
-                        val_ppl = format!("{:.2}", val_loss.exp()),
-                        "epoch done"
-                    );
-                }
-            } else if epoch_done && writes {
-                let train_loss = epoch_loss / epoch_tokens.max(1) as f64;
-                tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done");
+            let epoch_done = position == ctx.train.len();
+            let validation = match lp.validation_due(step, epoch_done) {
+                true => Some(lp.validate(&model, step, epoch)?),
+                false => None,
+            };
+            if epoch_done && lp.writes() {
+                epoch_loss.log(epoch, validation.map(|v| v.val_loss));
             }
-            let val = latest_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
-            bar.set_message(format!("loss {:.4}{val}  {tokens_per_s:.0} tok/s", stats.loss));
+            let val = lp.latest_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
+            bar.set_message(format!("loss {:.4}{val}  {:.0} tok/s", done.stats.loss, done.tokens_per_s));
             bar.inc(1);
-            let progress = Progress { step, epoch, position, selection: summary.selection };
-            if stop_early {
+            let progress = Progress { step, epoch, position, selection: lp.summary.selection };
+            if validation.is_some_and(|v| v.stop_early) {
                 bar.finish_and_clear();
-                checkpoint(&model, &trainer, progress)?;
-                let best = summary.selection.best.unwrap_or(Scored { step, value: f64::NAN });
-                tracing::info!(
-                    step,
-                    metric = ?train_spec.select_metric,
-                    patience = train_spec.early_stopping_patience,
-                    min_delta = train_spec.early_stopping_min_delta,
-                    best_step = best.step,
-                    best = format!("{:.4}", best.value),
-                    "early stopping: the selection metric did not improve by more than min_delta in `patience` evaluations"
-                );
+                lp.checkpoint(&model, progress)?;
+                lp.log_early_stop(step);
                 break 'epochs;
             }
-            if let Some(signal) = stop {
+            if let Some(signal) = done.stop {
                 bar.finish_and_clear();
-                let written = match checkpoint(&model, &trainer, progress)? {
-                    Some(dir) => format!("checkpoint {}", dir.display()),
-                    None => "rank 0 writes the checkpoint".into(),
-                };
-                let message = format!("stopped by {} after step {step}; {written}", signals::name(signal));
-                return Err(Interrupted { signal, message }.into());
+                return Err(lp.interrupted(&model, progress, signal)?);
             }
-            let every = train_spec.checkpoint_every;
-            if (every > 0 && step.is_multiple_of(every)) || step == total_steps {
-                checkpoint(&model, &trainer, progress)?;
+            if lp.checkpoint_due(step) {
+                lp.checkpoint(&model, progress)?;
             }
         }
         bar.finish_and_clear();
     }
-    if let Some(peer) = trainer.peer.take() {
-        peer.finish::<B::InnerBackend>()?;
+    lp.finish(model)
+}
+
+/// An objective the loop trains with: one over the data's sequences, which its peers share.
+pub trait SequenceObjective<B: TrainBackend, M: TrainableLm<B>>:
+    Objective<B, M, Example = Sequence>
+    + Objective<B::InnerBackend, M::InnerModule, Example = Sequence>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<B: TrainBackend, M: TrainableLm<B>, O> SequenceObjective<B, M> for O where
+    O: Objective<B, M, Example = Sequence>
+        + Objective<B::InnerBackend, M::InnerModule, Example = Sequence>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// One peer's training: the trainer, the plan, the schedule, where it started and what it has
+/// seen so far, and where it writes (rank 0 only).
+struct PeerLoop<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> {
+    ctx: &'a TrainContext<'a, B>,
+    trainer: Trainer<B, M, O>,
+    objective: O,
+    plan: StepPlan,
+    schedule: LrSchedule,
+    start: Progress,
+    /// Rank 0 writes the run (metrics, checkpoints, the best model) and reports progress.
+    run: Option<&'a RunDir>,
+    world: usize,
+    summary: TrainSummary,
+    started: Instant,
+    latest_val: Option<f64>,
+}
+
+/// What one step did.
+struct StepDone {
+    step: usize,
+    stats: StepStats,
+    tokens_per_s: f64,
+    /// The signal any peer was asked to stop by.
+    stop: Option<i32>,
+}
+
+/// What a validation found.
+#[derive(Clone, Copy)]
+struct Validation {
+    val_loss: f64,
+    stop_early: bool,
+}
+
+impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoop<'a, B, M, O> {
+    fn setup(
+        ctx: &'a TrainContext<'a, B>,
+        model: &M,
+        objective: O,
+        resume: Option<(&Path, Progress)>,
+        peer: Option<Peer>,
+    ) -> Result<Self> {
+        let (train_spec, opt) = (&ctx.spec.train, &ctx.spec.optimizer);
+        let world = peer.as_ref().map_or(1, |p| p.world);
+        let run = ctx.run.filter(|_| peer.as_ref().is_none_or(Peer::writes));
+        let mut trainer = Trainer::<B, M, O>::with_objective(opt, objective.clone(), ctx.device);
+        trainer.peer = peer;
+        let mut start = Progress { step: 0, epoch: 1, position: 0, selection: Selection::default() };
+        if let Some((dir, progress)) = resume {
+            trainer.optim = trainer.optim.restore(dir, model, ctx.device)?;
+            start = progress;
+            tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
+        }
+        let plan = StepPlan::new(ctx.train.len(), train_spec, world)?;
+        let schedule = LrSchedule::new(opt, plan.total_steps);
+        if run.is_some() {
+            let (examples, steps_per_epoch, total_steps) = (ctx.train.len(), plan.steps_per_epoch, plan.total_steps);
+            tracing::info!(examples, steps_per_epoch, total_steps, peers = world, "training");
+        }
+        let summary =
+            TrainSummary { steps: start.step, first_loss: f64::NAN, last_loss: f64::NAN, selection: start.selection };
+        Ok(Self {
+            ctx,
+            trainer,
+            objective,
+            plan,
+            schedule,
+            start,
+            run,
+            world,
+            summary,
+            started: Instant::now(),
+            latest_val: None,
+        })
     }
-    Ok((model, summary))
+
+    fn writes(&self) -> bool {
+        self.run.is_some()
+    }
+
+    /// One optimizer step over `step_examples` (this peer's share of them), logged.
+    fn step(&mut self, model: M, step_examples: &[usize], epoch: usize) -> Result<(M, StepDone)> {
+        let (ctx, train_spec) = (self.ctx, &self.ctx.spec.train);
+        let step_started = Instant::now();
+        let mine = match &self.trainer.peer {
+            Some(peer) => peer.share(step_examples, self.plan.examples_per_step / self.world),
+            None => step_examples,
+        };
+        // Read now (from the mapped cache, usually): only this step's sequences are in memory.
+        let sequences: Vec<Sequence> = mine.iter().map(|&i| ctx.train.get(i)).collect();
+        let micro_batches: Vec<Vec<&Sequence>> =
+            sequences.chunks(train_spec.batch_size).map(|chunk| chunk.iter().collect()).collect();
+        let step = self.summary.steps + 1;
+        #[cfg(feature = "fault-injection")]
+        if let Some(peer) = &self.trainer.peer {
+            crate::distributed::inject_fault(peer.rank, step)?;
+        }
+        let lr = self.schedule.at(step - 1);
+        // Dropout draws from the backend's generator: seeding it per step makes a resumed run
+        // draw the same masks as an uninterrupted one.
+        let share = StepShare {
+            loss_tokens: step_examples.iter().map(|&i| ctx.train.loss_tokens(i)).sum(),
+            dropout_seed: Some(ctx.spec.run.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64)),
+            stop: ctx.stop.requested(),
+        };
+        let (model, stats, stop) = self
+            .trainer
+            .step_share(model, &micro_batches, share, lr)
+            .with_context(|| format!("step {step} (epoch {epoch})"))?;
+        let tokens_per_s = stats.tokens as f64 / step_started.elapsed().as_secs_f64();
+        if self.summary.first_loss.is_nan() {
+            self.summary.first_loss = stats.loss;
+        }
+        self.summary.steps = step;
+        self.summary.last_loss = stats.loss;
+        self.log_metrics(&MetricRecord::Step(StepRecord {
+            step,
+            epoch,
+            loss: stats.loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            tokens: stats.tokens,
+            padded_tokens: stats.positions - stats.tokens,
+            tokens_per_s,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            allreduce_s: stats.allreduce_s,
+        }))?;
+        if self.writes() && step.is_multiple_of(train_spec.log_every) {
+            tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
+        }
+        Ok((model, StepDone { step, stats, tokens_per_s, stop }))
+    }
+
+    fn log_metrics(&self, record: &MetricRecord) -> Result<()> {
+        self.run.map_or(Ok(()), |run| run.log_metrics(record))
+    }
+
+    /// At each epoch's end and every `train.eval_every` steps, where there is validation data.
+    fn validation_due(&self, step: usize, epoch_done: bool) -> bool {
+        let every = self.ctx.spec.train.eval_every;
+        !self.ctx.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every)))
+    }
+
+    /// The validation loss (and the answers' scores, when they select the model), logged; the
+    /// best model kept; whether training should stop early.
+    fn validate(&mut self, model: &M, step: usize, epoch: usize) -> Result<Validation> {
+        let (ctx, train_spec) = (self.ctx, &self.ctx.spec.train);
+        let (device, world) = (ctx.device, self.world);
+        let valid = model.valid();
+        let metric = train_spec.select_metric;
+        let objective = &self.objective;
+        let (val_loss, responses) = match &mut self.trainer.peer {
+            None => {
+                let (val_loss, _) = evaluate(&valid, objective, ctx.val, train_spec.batch_size, device);
+                let responses = match metric.higher_is_better() {
+                    true => Some(answers(ctx, &valid)?),
+                    false => None,
+                };
+                (val_loss, responses)
+            }
+            // Each peer evaluates its share of the validation set; rank 0 answers.
+            Some(peer) => {
+                let shard = peer.share(ctx.val, ctx.val.len().div_ceil(world));
+                let (loss, tokens) = evaluate(&valid, objective, shard, train_spec.batch_size, device);
+                let scores = match (metric.higher_is_better(), peer.writes()) {
+                    (true, true) => Some(answers(ctx, &valid)?),
+                    _ => None,
+                };
+                let s = scores.unwrap_or(ResponseScores { exact_match: 0.0, token_f1: 0.0, rouge_l: 0.0 });
+                let local = [loss * tokens as f64, tokens as f64, s.exact_match, s.token_f1, s.rouge_l];
+                let all = peer.sum::<B::InnerBackend>(&local, "summing the evaluation", device)?;
+                let responses = metric.higher_is_better().then_some(ResponseScores {
+                    exact_match: all[2],
+                    token_f1: all[3],
+                    rouge_l: all[4],
+                });
+                (all[0] / all[1].max(1.0), responses)
+            }
+        };
+        self.log_metrics(&MetricRecord::Epoch(EpochRecord {
+            step,
+            epoch,
+            val_loss,
+            val_ppl: val_loss.exp(),
+            responses,
+        }))?;
+        self.latest_val = Some(val_loss);
+        let value = match (metric, responses) {
+            (SelectMetric::ExactMatch, Some(r)) => r.exact_match,
+            (SelectMetric::TokenF1, Some(r)) => r.token_f1,
+            (SelectMetric::RougeL, Some(r)) => r.rouge_l,
+            _ => val_loss,
+        };
+        let verdict = self.summary.selection.observe(Scored { step, value }, train_spec);
+        if let Some(run) = self.run.filter(|_| verdict.new_best) {
+            checkpoint::save_best(&run.path, &valid, ctx.tok, Scored { step, value })?;
+        }
+        Ok(Validation { val_loss, stop_early: verdict.stop })
+    }
+
+    /// Every `train.checkpoint_every` steps, and after the last.
+    fn checkpoint_due(&self, step: usize) -> bool {
+        let every = self.ctx.spec.train.checkpoint_every;
+        (every > 0 && step.is_multiple_of(every)) || step == self.plan.total_steps
+    }
+
+    /// The model, the optimizer and where training stands, written by rank 0 (None elsewhere).
+    fn checkpoint(&self, model: &M, progress: Progress) -> Result<Option<PathBuf>> {
+        let Some(run) = self.run else { return Ok(None) };
+        let keep = self.ctx.spec.train.keep_checkpoints;
+        let at = CheckpointAt { run: &run.path, model, tok: self.ctx.tok, progress, keep };
+        self.trainer.optim.save(at).map(Some)
+    }
+
+    fn log_early_stop(&self, step: usize) {
+        let train_spec = &self.ctx.spec.train;
+        let best = self.summary.selection.best.unwrap_or(Scored { step, value: f64::NAN });
+        tracing::info!(
+            step,
+            metric = ?train_spec.select_metric,
+            patience = train_spec.early_stopping_patience,
+            min_delta = train_spec.early_stopping_min_delta,
+            best_step = best.step,
+            best = format!("{:.4}", best.value),
+            "early stopping: the selection metric did not improve by more than min_delta in `patience` evaluations"
+        );
+    }
+
+    /// Stopped by `signal` after the step of `progress`: checkpointed, and said so.
+    fn interrupted(&self, model: &M, progress: Progress, signal: i32) -> Result<anyhow::Error> {
+        let written = match self.checkpoint(model, progress)? {
+            Some(dir) => format!("checkpoint {}", dir.display()),
+            None => "rank 0 writes the checkpoint".into(),
+        };
+        let message = format!("stopped by {} after step {}; {written}", signals::name(signal), progress.step);
+        Ok(Interrupted { signal, message }.into())
+    }
+
+    fn finish(mut self, model: M) -> Result<(M, TrainSummary)> {
+        if let Some(peer) = self.trainer.peer.take() {
+            peer.finish::<B::InnerBackend>()?;
+        }
+        Ok((model, self.summary))
+    }
+}
+
+/// The training loss of an epoch's steps, token-weighted, for the line that ends the epoch.
+#[derive(Default)]
+struct EpochLoss {
+    sum: f64,
+    tokens: usize,
+}
+
+impl EpochLoss {
+    fn add(&mut self, stats: &StepStats) {
+        self.sum += stats.loss * stats.loss_tokens as f64;
+        self.tokens += stats.loss_tokens;
+    }
+
+    fn log(&self, epoch: usize, val_loss: Option<f64>) {
+        let train_loss = self.sum / self.tokens.max(1) as f64;
+        match val_loss {
+            Some(val_loss) => tracing::info!(
+                epoch,
+                train_loss = format!("{train_loss:.4}"),
+                val_loss = format!("{val_loss:.4}"),
+                val_ppl = format!("{:.2}", val_loss.exp()),
+                "epoch done"
+            ),
+            None => tracing::info!(epoch, train_loss = format!("{train_loss:.4}"), "epoch done"),
+        }
+    }
 }
 
 /// The answers to the first `eval.responses` validation prompts, scored.

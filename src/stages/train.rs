@@ -7,6 +7,7 @@ use crate::checkpoint;
 use crate::data::Tok;
 use crate::error::bad_input;
 use crate::model::{hf, CausalLm, FusedOps, TrainBackend, TrainableLm};
+use crate::objective::TokenLoss;
 use crate::run_dir::{self, RunDir};
 use crate::selection::TrainingOutcome;
 use crate::spec::FinalModel;
@@ -25,7 +26,8 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         stop: ctx.stop,
     };
     let resume = ctx.resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
-    let (model, summary) = train::train(&train_ctx, state.model, resume)?;
+    let objective = TokenLoss { pad_id: data.tok.eos_id };
+    let (model, summary) = train::train(&train_ctx, state.model, objective, resume)?;
     let (model, final_step) = match (ctx.spec.train.final_model, checkpoint::best(&ctx.run.path)) {
         (FinalModel::Last, _) => (model, summary.steps),
         (FinalModel::Best, Some((dir, best))) if Some(best.step) == summary.selection.best.map(|b| b.step) => {
