@@ -214,15 +214,16 @@ impl Peers {
             burn_collective::register::<B>(id, device, config).map(|()| Tensor::<B, 1>::empty([0], &Default::default()))
         });
         // Waiting out the timeout to join has two causes worth naming: no orchestrator, or a
-        // node refused for other settings (which is told so itself).
+        // node refused for other settings (which is told so itself). An orchestrator node 0
+        // served is gone once node 0 is refused, so its absence may be either.
+        const REFUSED: &str =
+            "a node whose distributed.nodes or run.devices differ is refused as it joins, so compare the nodes' specs";
         match joined {
             Ok(_) => Ok(peer),
             Err(e) if !e.is::<TimedOut>() => Err(e),
             Err(e) => match self.topology.orchestrator_unreachable() {
-                Some(why) => Err(anyhow!("{e:#}; {why}")),
-                None if self.topology.global.is_some() => Err(anyhow!(
-                    "{e:#}; a node whose distributed.nodes or run.devices differ is refused as it joins, so compare the nodes' specs"
-                )),
+                Some(why) => Err(anyhow!("{e:#}; {why}; if it was up and the node serving it stopped, {REFUSED}")),
+                None if self.topology.global.is_some() => Err(anyhow!("{e:#}; {REFUSED}")),
                 None => Err(e),
             },
         }
