@@ -145,6 +145,22 @@ pub fn newest_run(dir: &Path, name: &str) -> PathBuf {
     runs.pop().unwrap()
 }
 
+/// The spec the tests start from — a one-layer model trained from scratch on `train.jsonl`,
+/// runs in `runs/` — with `changes` (TOML: the sections and fields that differ) laid over it,
+/// field by field.
+pub fn spec(changes: &str) -> String {
+    let base = "[run]\nname = \"test\"\nruns_dir = \"runs\"\n\n[data]\npath = \"train.jsonl\"\n\n\
+                [tokenizer]\ntrain_vocab_size = 300\n\n[model]\nlayers = 1\nheads = 2\nembd = 16\ncontext = 48\n";
+    let mut spec: toml::Table = base.parse().unwrap();
+    let changes: toml::Table = changes.parse().unwrap_or_else(|e| panic!("the changes are not TOML: {e}"));
+    for (section, fields) in changes {
+        let toml::Value::Table(fields) = fields else { panic!("[{section}]: a section of fields") };
+        let into = spec.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        into.as_table_mut().unwrap().extend(fields);
+    }
+    toml::to_string(&spec).unwrap()
+}
+
 /// A spec of a one-layer model trained on `train.jsonl` on `backend`, for tests that stop
 /// before training.
 pub fn tiny_spec(backend: &str) -> String {

@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 use crate::common;
 use crate::common::{pipe, spawn, status, stderr, step_losses, val_losses};
 
-const SPEC: &str = r#"
+fn spec() -> String {
+    common::spec(
+        r#"
 [run]
 name = "dp"
 seed = 11
-runs_dir = "runs"
 stages = ["train"]
 
 [data]
-path = "train.jsonl"
 val_fraction = 0.1
 prompt_template = "{prompt}\n"
 
@@ -28,7 +28,6 @@ train_vocab_size = 400
 
 [model]
 layers = 2
-heads = 2
 embd = 64
 context = 64
 dropout = 0.0
@@ -43,10 +42,12 @@ epochs = 2
 batch_size = 8
 eval_every = 3
 checkpoint_every = 4
-"#;
+"#,
+    )
+}
 
 fn setup() -> tempfile::TempDir {
-    common::folder_with(SPEC, 60)
+    common::folder_with(&spec(), 60)
 }
 
 fn runs(dir: &Path) -> Vec<PathBuf> {

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use crate::common;
 use crate::common::{fixture_dir, pipe, stderr, stdout};
 use pipe::data::records::{self, Message, Record, Role};
 use pipe::data::{prompt_layout, tokenize, Example, Sequence, Tok};
@@ -223,19 +224,14 @@ fn documents_are_packed_with_eos_between_and_every_token_trained_once() {
     assert_eq!(records::read(&path, &whole).unwrap().len(), 1);
 }
 
-const SPEC: &str = r#"[run]
+fn spec() -> String {
+    common::spec(
+        r#"
+[run]
 name = "cache"
-runs_dir = "runs"
-[data]
-path = "train.jsonl"
-[tokenizer]
-train_vocab_size = 300
-[model]
-layers = 1
-heads = 2
-embd = 16
-context = 48
-"#;
+"#,
+    )
+}
 
 #[test]
 fn the_tokenized_cache_hits_misses_invalidates_and_repairs() {
@@ -243,7 +239,7 @@ fn the_tokenized_cache_hits_misses_invalidates_and_repairs() {
     let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
     let lines: Vec<&str> = data.lines().take(20).collect();
     std::fs::write(dir.path().join("train.jsonl"), lines.join("\n")).unwrap();
-    std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
+    std::fs::write(dir.path().join("spec.toml"), spec()).unwrap();
     let data_cmd = |args: &[&str]| {
         let mut all = vec!["data", "spec.toml", "-n", "1"];
         all.extend_from_slice(args);

@@ -103,15 +103,15 @@ fn best_fit_decreasing_packs_every_example_once_within_capacity() {
     assert_eq!(pack(&sequences, 40), packed, "deterministic");
 }
 
-const SPEC: &str = r#"
+fn spec() -> String {
+    common::spec(
+        r#"
 [run]
 name = "packed"
 seed = 3
-runs_dir = "runs"
 stages = ["train"]
 
 [data]
-path = "train.jsonl"
 val_fraction = 0.1
 prompt_template = "{prompt}\n"
 
@@ -120,7 +120,6 @@ train_vocab_size = 400
 
 [model]
 layers = 2
-heads = 2
 embd = 32
 context = 128
 dropout = 0.1
@@ -134,10 +133,12 @@ batch_size = 2
 max_length = 128
 packing = true
 checkpoint_every = 3
-"#;
+"#,
+    )
+}
 
 fn setup() -> tempfile::TempDir {
-    common::folder_with(SPEC, 60)
+    common::folder_with(&spec(), 60)
 }
 
 #[test]

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use crate::common;
 use crate::common::{pipe, spawn, status, stderr, step_losses};
 
-const SPEC: &str = r#"
+fn spec() -> String {
+    common::spec(
+        r#"
 [run]
 name = "survive"
 seed = 11
-runs_dir = "runs"
 
 [data]
-path = "train.jsonl"
 val_fraction = 0.1
 prompt_template = "{prompt}\n"
 
@@ -24,7 +24,6 @@ train_vocab_size = 400
 
 [model]
 layers = 2
-heads = 2
 embd = 64
 context = 64
 dropout = 0.1
@@ -46,10 +45,12 @@ eval_every = 2
 [generate]
 prompts = ["What is the capital of Kenya?"]
 max_new_tokens = 6
-"#;
+"#,
+    )
+}
 
 fn setup() -> tempfile::TempDir {
-    common::folder_with(SPEC, 60)
+    common::folder_with(&spec(), 60)
 }
 
 fn runs(dir: &Path) -> Vec<PathBuf> {

@@ -9,14 +9,15 @@ use crate::common::{pipe, stderr, stdout};
 use pipe::selection::{Scored, Selection};
 use pipe::spec::TrainSpec;
 
-const SPEC: &str = r#"[run]
+fn spec() -> String {
+    common::spec(
+        r#"
+[run]
 name = "select"
 seed = 5
-runs_dir = "runs"
 stages = ["train", "eval"]
 
 [data]
-path = "train.jsonl"
 val_fraction = 0.2
 prompt_template = "{prompt}\n"
 
@@ -25,7 +26,6 @@ train_vocab_size = 400
 
 [model]
 layers = 2
-heads = 2
 embd = 64
 context = 64
 
@@ -40,10 +40,12 @@ checkpoint_every = 4
 keep_checkpoints = 1
 final = "best"
 early_stopping_patience = 3
-"#;
+"#,
+    )
+}
 
 fn setup() -> tempfile::TempDir {
-    common::folder_with(SPEC, 60)
+    common::folder_with(&spec(), 60)
 }
 
 fn run_spec(dir: &Path, name: &str, env: &[(&str, &str)]) -> (std::process::Output, PathBuf) {

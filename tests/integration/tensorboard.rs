@@ -5,27 +5,20 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::common;
 use crate::common::{pipe, stderr};
 use pipe::tensorboard::{self, proto::Event, HPARAMS_END_TAG, HPARAMS_START_TAG};
 use prost::Message;
 
-const SPEC: &str = r#"[run]
+fn spec() -> String {
+    common::spec(
+        r#"
+[run]
 name = "tb"
-runs_dir = "runs"
 
 [data]
-path = "train.jsonl"
 val_fraction = 0.2
 prompt_template = "{prompt}\n"
-
-[tokenizer]
-train_vocab_size = 300
-
-[model]
-layers = 1
-heads = 2
-embd = 16
-context = 48
 
 [train]
 epochs = 2
@@ -35,12 +28,14 @@ eval_every = 3
 [generate]
 prompts = ["What is the capital of Kenya?", "Name a colour"]
 max_new_tokens = 5
-"#;
+"#,
+    )
+}
 
 fn completed_run(dir: &Path) -> PathBuf {
     let data = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sft.jsonl")).unwrap();
     std::fs::write(dir.join("train.jsonl"), data.lines().take(40).collect::<Vec<_>>().join("\n")).unwrap();
-    std::fs::write(dir.join("spec.toml"), SPEC).unwrap();
+    std::fs::write(dir.join("spec.toml"), spec()).unwrap();
     let out = pipe(dir, &["run", "spec.toml"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     std::fs::read_dir(dir.join("runs/tb")).unwrap().next().unwrap().unwrap().path()
