@@ -21,7 +21,7 @@ use crate::memory::{AttentionKeeps, Footprint, Room};
 use crate::model::fused::{set_gpu_attention, GpuAttention};
 use crate::model::gpt2::Precision;
 use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
-use crate::model::{Bf16Decoder, CausalLm, Gpt2, Gpt2Config};
+use crate::model::{CausalLm, Gpt2, Gpt2Config};
 use crate::spec::{BackendKind, LoraSpec, OptimizerKind, OptimizerSpec};
 use crate::train::Trainer;
 
@@ -148,7 +148,7 @@ impl BackendJob for Bench {
             // On the CPU, bf16 generation is pipe's bf16-weight decoder (what `pipe generate
             // --precision bf16` runs); elsewhere the model's own bf16 products.
             (Precision::Bf16, BackendKind::Cpu) => {
-                generation_speed(Generator::with(Bf16Decoder::new(&inference), 0), &prompt, shape.gen_tokens)
+                generation_speed(Generator::with(inference.bf16_decoder(), 0), &prompt, shape.gen_tokens)
             }
             _ => generation_speed(Generator::new(&inference, &device, 0), &prompt, shape.gen_tokens),
         };

@@ -3,144 +3,21 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 use anyhow::Result;
 
 use crate::backend::BackendJob;
 use crate::data::{PromptLayout, Tok};
-use crate::model::bf16_decoder::Bf16Cache;
 use crate::model::gpt2::Precision;
-use crate::model::{Bf16Decoder, CausalLm, FusedOps, Gpt2, TrainBackend};
+use crate::model::{CausalLm, FusedOps, Gpt2, TrainBackend};
 use crate::spec::BackendKind;
 
-/// How tokens are chosen is the model floor's (the GPU backends draw on the device); the
-/// tools name it from here.
+/// How tokens are chosen, and what decoding is, are the model floor's (the GPU backends draw on
+/// the device); the tools name them from here.
+pub use crate::model::decode::{Decode, OnDevice};
 pub use crate::model::sampling::{argmax, distribution, sample, sample_with_draw, Sampling};
-
-/// What generation, scoring and chat need of a model: its context, a cache per decoding
-/// session, the next-token logits, and every position's NLL. Two kinds: a burn model on its
-/// device ([`OnDevice`], in the model's own precision) and [`Bf16Decoder`] (the CPU, bf16 weights).
-pub trait Decode {
-    type Cache;
-    /// The positions the model attends over.
-    fn context(&self) -> usize;
-    /// An empty cache for one decoding session.
-    fn new_cache(&self) -> Self::Cache;
-    /// How many positions `cache` holds.
-    fn cached(&self, cache: &Self::Cache) -> usize;
-    /// The next-token logits after `tokens`, which follow the cached positions (and join
-    /// them). tokens: [n] → [vocab]
-    fn next_logits(&self, tokens: &[u32], cache: &mut Self::Cache) -> Vec<f32>;
-    /// The next token after `tokens` (as `next_logits`), chosen by `sample`.
-    fn next_token(&self, tokens: &[u32], cache: &mut Self::Cache, sampling: Sampling, rng: &mut StdRng) -> u32 {
-        sample(&self.next_logits(tokens, cache), sampling, rng)
-    }
-    /// −log p(ids[i + 1] | ids[..= i]) for each position i. ids: [n] → [n − 1]
-    fn token_nll(&self, ids: &[u32]) -> Vec<f32>;
-}
-
-impl<T: Decode> Decode for &T {
-    type Cache = T::Cache;
-    fn context(&self) -> usize {
-        (*self).context()
-    }
-    fn new_cache(&self) -> T::Cache {
-        (*self).new_cache()
-    }
-    fn cached(&self, cache: &T::Cache) -> usize {
-        (*self).cached(cache)
-    }
-    fn next_logits(&self, tokens: &[u32], cache: &mut T::Cache) -> Vec<f32> {
-        (*self).next_logits(tokens, cache)
-    }
-    fn next_token(&self, tokens: &[u32], cache: &mut T::Cache, sampling: Sampling, rng: &mut StdRng) -> u32 {
-        (*self).next_token(tokens, cache, sampling, rng)
-    }
-    fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
-        (*self).token_nll(ids)
-    }
-}
-
-/// A burn model on its device: decoding through its tensors, in its own precision.
-pub struct OnDevice<'a, B: FusedOps, M: CausalLm<B>> {
-    pub model: &'a M,
-    pub device: B::Device,
-}
-
-impl<B: FusedOps, M: CausalLm<B>> OnDevice<'_, B, M> {
-    /// ids: [n] → [1, n]
-    fn tensor(&self, ids: &[u32]) -> Tensor<B, 2, Int> {
-        Tensor::from_data(TensorData::new(ids.iter().map(|&t| t as i32).collect(), [1, ids.len()]), &self.device)
-    }
-}
-
-impl<B: FusedOps, M: CausalLm<B>> Decode for OnDevice<'_, B, M> {
-    type Cache = M::Cache;
-    fn context(&self) -> usize {
-        self.model.context()
-    }
-    fn new_cache(&self) -> M::Cache {
-        self.model.new_cache()
-    }
-    fn cached(&self, cache: &M::Cache) -> usize {
-        M::cached(cache)
-    }
-    fn next_logits(&self, tokens: &[u32], cache: &mut M::Cache) -> Vec<f32> {
-        let logits = self.model.next_logits(self.tensor(tokens), cache); // [1, vocab]
-        logits.into_data().convert::<f32>().to_vec().expect("f32 logits")
-    }
-    /// The token is picked where the logits are (on a GPU, the device): one id comes back.
-    fn next_token(&self, tokens: &[u32], cache: &mut M::Cache, sampling: Sampling, rng: &mut StdRng) -> u32 {
-        let logits = self.model.next_logits(self.tensor(tokens), cache); // [1, vocab]
-        let id = if sampling.temperature > 0.0 {
-            let token = B::sample_token(logits.into_primitive().tensor(), sampling, rng.random());
-            Tensor::<B, 1, Int>::from_primitive(token).into_data() // [1]
-        } else {
-            logits.argmax(1).into_data() // [1, 1]
-        };
-        id.convert::<i64>().to_vec::<i64>().expect("an index")[0] as u32
-    }
-    fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
-        let n = ids.len() - 1;
-        let nll = self.model.token_nll(self.tensor(&ids[..n]), self.tensor(&ids[1..])); // [1, n]
-        nll.into_data().convert::<f32>().to_vec().expect("f32 NLL")
-    }
-}
-
-impl Decode for Bf16Decoder {
-    type Cache = Bf16Cache;
-    fn context(&self) -> usize {
-        self.config().n_positions
-    }
-    fn new_cache(&self) -> Bf16Cache {
-        Bf16Decoder::new_cache(self)
-    }
-    fn cached(&self, cache: &Bf16Cache) -> usize {
-        cache.seen()
-    }
-    fn next_logits(&self, tokens: &[u32], cache: &mut Bf16Cache) -> Vec<f32> {
-        self.logits(tokens, cache, false)
-    }
-    fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
-        let n = ids.len() - 1;
-        let logits = self.logits(&ids[..n], &mut self.new_cache(), true); // [n, vocab]
-        let vocab = logits.len() / n;
-        logits
-            .chunks_exact(vocab)
-            .zip(&ids[1..])
-            .map(|(row, &target)| log_sum_exp(row) - row[target as usize])
-            .collect()
-    }
-}
-
-/// log Σ e^x, shifted by the maximum so that nothing overflows.
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    max + row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32
-}
 
 /// Work done with a decoder (generation, scoring, chat), whichever backend it runs on.
 pub trait WithDecoder {
@@ -164,7 +41,7 @@ impl<W: WithDecoder> BackendJob for Decoding<W> {
         tracing::info!(device = %device_name, precision = ?self.precision, "decoding on");
         let mut model = Gpt2::<B::InnerBackend>::load(&self.dir, None, &device)?;
         match (self.kind, self.precision) {
-            (BackendKind::Cpu, Precision::Bf16) => self.job.with(Bf16Decoder::new(&model)),
+            (BackendKind::Cpu, Precision::Bf16) => self.job.with(model.bf16_decoder()),
             (_, precision) => {
                 model.precision = precision;
                 self.job.with(OnDevice { model: &model, device })

@@ -15,6 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::cpu_kernels::{exp, gelu_chunk, layer_norm_rows};
+use super::decode::Decode;
 use super::gpt2::{Gpt2, Gpt2Config, LayerNorm, Projection};
 use super::lora;
 use super::raw::{bf16_products, vectorised, widen};
@@ -279,6 +280,38 @@ impl Bf16Decoder {
 
 fn add_into(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+}
+
+impl Decode for Bf16Decoder {
+    type Cache = Bf16Cache;
+    fn context(&self) -> usize {
+        self.config().n_positions
+    }
+    fn new_cache(&self) -> Bf16Cache {
+        Bf16Decoder::new_cache(self)
+    }
+    fn cached(&self, cache: &Bf16Cache) -> usize {
+        cache.seen()
+    }
+    fn next_logits(&self, tokens: &[u32], cache: &mut Bf16Cache) -> Vec<f32> {
+        self.logits(tokens, cache, false)
+    }
+    fn token_nll(&self, ids: &[u32]) -> Vec<f32> {
+        let n = ids.len() - 1;
+        let logits = self.logits(&ids[..n], &mut self.new_cache(), true); // [n, vocab]
+        let vocab = logits.len() / n;
+        logits
+            .chunks_exact(vocab)
+            .zip(&ids[1..])
+            .map(|(row, &target)| log_sum_exp(row) - row[target as usize])
+            .collect()
+    }
+}
+
+/// log Σ e^x, shifted by the maximum so that nothing overflows.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    max + row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32
 }
 
 #[cfg(test)]

@@ -293,6 +293,8 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         // [batch, vocab]
     }
 
+    type Bf16Decoder = Bf16Decoder;
+
     fn bf16_decoder(&self) -> Bf16Decoder {
         Bf16Decoder::new(self)
     }

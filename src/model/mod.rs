@@ -4,6 +4,7 @@
 
 pub mod bf16_decoder;
 mod cpu_kernels;
+pub mod decode;
 pub mod fused;
 pub mod gpt2;
 #[cfg(feature = "gpu-kernels")]
@@ -100,8 +101,11 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
     /// (and are added to it). tokens: [batch, seq] → [batch, vocab]
     fn next_logits(&self, tokens: Tensor<B, 2, Int>, cache: &mut Self::Cache) -> Tensor<B, 2>;
 
-    /// A copy with the weights rounded to bf16, for decoding on the CPU (`--precision bf16`).
-    fn bf16_decoder(&self) -> Bf16Decoder;
+    /// The family's decoder for the CPU with the weights rounded to bf16 (`--precision bf16`).
+    type Bf16Decoder: decode::Decode;
+
+    /// A copy of the model as its family's bf16 decoder.
+    fn bf16_decoder(&self) -> Self::Bf16Decoder;
 
     /// Write the model as a folder in its family's format (GPT-2: a HuggingFace directory);
     /// `eos_id` is the tokenizer's end-of-text id, recorded in the config.
