@@ -53,45 +53,20 @@ impl BackendJob for NodeJob<'_> {
     fn run<B: TrainBackend>(self, device: B::Device, _device_name: String) -> Result<()> {
         let spec = &self.loaded.spec;
         B::seed(&device, spec.run.seed);
-        let (data, model, resume) = match self.resume {
-            None => {
-                let data = PreparedData::prepare(spec, None)?;
-                let model = initial_model::<B>(spec, &data, &device)?;
-                (data, model, None)
+        if let Some(run) = self.resume {
+            let saved = crate::spec::load_with_env(&run.join(run_dir::SPEC_FILE), &[], &[], run)?;
+            if serde_json::to_value(saved.spec.shared_by_nodes())? != serde_json::to_value(spec.shared_by_nodes())? {
+                return Err(bad_input(format!(
+                    "{} resolves differently from the spec {} was started with (beyond this node's rank, address and devices)",
+                    self.loaded.path.display(),
+                    run.display()
+                )));
             }
-            Some(run) => {
-                let saved = crate::spec::load_with_env(&run.join(run_dir::SPEC_FILE), &[], &[], run)?;
-                if serde_json::to_value(saved.spec.shared_by_nodes())? != serde_json::to_value(spec.shared_by_nodes())?
-                {
-                    return Err(bad_input(format!(
-                        "{} resolves differently from the spec {} was started with (beyond this node's rank, address and devices)",
-                        self.loaded.path.display(),
-                        run.display()
-                    )));
-                }
-                let data = PreparedData::prepare(spec, Some(&run.join(run_dir::TOKENIZER_FILE)))?;
-                match latest_readable::<B>(run, spec, &device)? {
-                    Some((model, dir, progress)) => {
-                        (data, Gpt2 { precision: spec.run.precision, ..model }, Some((dir, progress)))
-                    }
-                    None => {
-                        let model = initial_model::<B>(spec, &data, &device)?;
-                        (data, model, None)
-                    }
-                }
-            }
-        };
+        }
+        let data = prepare_data(spec, self.resume)?;
+        let (model, resume) = model_and_progress::<B>(spec, &data, self.resume, &device)?;
         check_plan(spec, &data, &model.config)?;
-        let ctx = crate::train::TrainContext {
-            train: &data.train,
-            val: &data.val,
-            spec,
-            tok: &data.tok,
-            layout: &data.layout,
-            run: None,
-            device: &device,
-            stop: self.stop,
-        };
+        let ctx = crate::train::TrainContext { spec, data: &data, run: None, device: &device, stop: self.stop };
         let resume = resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
         let objective = crate::objective::TokenLoss { pad_id: data.tok.eos_id };
         crate::train::train(&ctx, model, objective, resume)?;
@@ -150,9 +125,9 @@ impl BackendJob for RunJob<'_> {
         B::seed(&device, spec.run.seed);
         let (mut run, data, model, resume) = match self.resume {
             None => {
-                let data = PreparedData::prepare(spec, None)?;
+                let data = prepare_data(spec, None)?;
                 let inputs = inputs::of(spec, data.model_dir.as_deref())?;
-                let model = initial_model::<B>(spec, &data, &device)?;
+                let (model, _) = model_and_progress::<B>(spec, &data, None, &device)?;
                 check_plan(spec, &data, &model.config)?;
                 self.stop.check("before the run started")?;
                 let meta = Meta {
@@ -180,16 +155,9 @@ impl BackendJob for RunJob<'_> {
                 (run, data, model, None)
             }
             Some(mut run) => {
-                // The run's own tokenizer, not a retrained one.
-                let data = PreparedData::prepare(spec, Some(&run.file(run_dir::TOKENIZER_FILE)))?;
+                let data = prepare_data(spec, Some(&run.path))?;
                 run.meta.inputs = check_inputs(&run, spec, &data, self.allow_changed_inputs)?;
-                // The model is read once: from the newest readable checkpoint, or as the run started.
-                let (model, resume) = match latest_readable::<B>(&run.path, spec, &device)? {
-                    Some((model, dir, progress)) => {
-                        (Gpt2 { precision: spec.run.precision, ..model }, Some((dir, progress)))
-                    }
-                    None => (initial_model::<B>(spec, &data, &device)?, None),
-                };
+                let (model, resume) = model_and_progress::<B>(spec, &data, Some(&run.path), &device)?;
                 check_plan(spec, &data, &model.config)?;
                 let step = resume.as_ref().map_or(0, |(_, progress): &(PathBuf, Progress)| progress.step);
                 run.restart(step)?;
@@ -287,6 +255,34 @@ fn latest_readable<B: TrainBackend>(
             run.join(checkpoint::CHECKPOINTS_DIR).display()
         ))),
     }
+}
+
+/// A checkpoint training continues from, and where training stood then.
+type ResumePoint = (PathBuf, Progress);
+
+/// A run's data, as every node prepares it: from the spec, or for a run resumed from folder
+/// `from`, with the run's own tokenizer (not a retrained one).
+fn prepare_data(spec: &Spec, from: Option<&Path>) -> Result<PreparedData> {
+    PreparedData::prepare(spec, from.map(|run| run.join(run_dir::TOKENIZER_FILE)).as_deref())
+}
+
+/// The model training starts from, read once, and where training resumes: for a run resumed
+/// from folder `from`, its newest readable checkpoint; else (or when it has none) the model as
+/// the run started.
+fn model_and_progress<B: TrainBackend>(
+    spec: &Spec,
+    data: &PreparedData,
+    from: Option<&Path>,
+    device: &B::Device,
+) -> Result<(Gpt2<B>, Option<ResumePoint>)> {
+    let latest = match from {
+        Some(run) => latest_readable::<B>(run, spec, device)?,
+        None => None,
+    };
+    Ok(match latest {
+        Some((model, dir, progress)) => (Gpt2 { precision: spec.run.precision, ..model }, Some((dir, progress))),
+        None => (initial_model::<B>(spec, data, device)?, None),
+    })
 }
 
 /// The model a run starts from: the spec's HF checkpoint, or a new one of its architecture.

@@ -17,7 +17,7 @@ use rand::SeedableRng;
 
 use crate::adam::{check_state, FusedAdam, ModelState};
 use crate::checkpoint::{self, Progress};
-use crate::data::{Examples, PromptLayout, Sequence, Tok};
+use crate::data::{Examples, PreparedData, Sequence, Tok};
 use crate::distributed::{Peer, Peers, Topology};
 use crate::error::{bad_input, Interrupted};
 use crate::model::{params, CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
@@ -229,12 +229,10 @@ impl StepPlan {
 /// Everything the training stage works with besides the model.
 #[derive(Clone, Copy)]
 pub struct TrainContext<'a, B: TrainBackend> {
-    pub train: &'a Examples,
-    pub val: &'a [Sequence],
     pub spec: &'a Spec,
-    pub tok: &'a Tok,
-    /// How prompts are laid out for the answers that select the best model.
-    pub layout: &'a PromptLayout,
+    /// The tokenizer, the training and validation examples, and how prompts are laid out (for
+    /// the answers that select the best model).
+    pub data: &'a PreparedData,
     /// The run folder; None on the nodes of a multi-node run other than node 0.
     pub run: Option<&'a RunDir>,
     pub device: &'a B::Device,
@@ -320,39 +318,19 @@ fn join_and_train<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>
 /// What a peer on a thread of its own reads, owned: the data and settings of a `TrainContext`
 /// (no run folder: only the first peer of node 0 writes).
 struct OwnedContext<B: TrainBackend> {
-    train: Examples,
-    val: Vec<Sequence>,
     spec: Spec,
-    tok: Tok,
-    layout: PromptLayout,
+    data: PreparedData,
     device: B::Device,
     stop: StopSignal,
 }
 
 impl<B: TrainBackend> OwnedContext<B> {
     fn of(ctx: &TrainContext<'_, B>) -> Self {
-        Self {
-            train: ctx.train.clone(),
-            val: ctx.val.to_vec(),
-            spec: ctx.spec.clone(),
-            tok: ctx.tok.clone(),
-            layout: ctx.layout.clone(),
-            device: ctx.device.clone(),
-            stop: ctx.stop.clone(),
-        }
+        Self { spec: ctx.spec.clone(), data: ctx.data.clone(), device: ctx.device.clone(), stop: ctx.stop.clone() }
     }
 
     fn borrow(&self) -> TrainContext<'_, B> {
-        TrainContext {
-            train: &self.train,
-            val: &self.val,
-            spec: &self.spec,
-            tok: &self.tok,
-            layout: &self.layout,
-            run: None,
-            device: &self.device,
-            stop: &self.stop,
-        }
+        TrainContext { spec: &self.spec, data: &self.data, run: None, device: &self.device, stop: &self.stop }
     }
 }
 
@@ -367,7 +345,7 @@ fn fingerprints<B: TrainBackend, M: TrainableLm<B>>(
     use sha2::Digest;
     let digest = |bytes: &[u8]| u64::from_le_bytes(sha2::Sha256::digest(bytes)[..8].try_into().expect("8 bytes"));
     let spec = digest(serde_json::to_string(&ctx.spec.shared_by_nodes()).unwrap_or_default().as_bytes());
-    let data = ctx.train.fingerprint();
+    let data = ctx.data.train.fingerprint();
     let weights = params::fingerprint(model);
     let step = resume.map_or(0, |(_, progress)| progress.step as u64);
     vec![("spec", spec), ("training data", data), ("model weights", weights), ("resume step", step)]
@@ -391,7 +369,8 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
     }
     let per_step = lp.plan.examples_per_step;
     'epochs: for epoch in start.epoch..=train_spec.epochs {
-        let order = epoch_order(ctx.train, ctx.spec.run.seed, epoch, train_spec.group_by_length.then_some(per_step));
+        let order =
+            epoch_order(&ctx.data.train, ctx.spec.run.seed, epoch, train_spec.group_by_length.then_some(per_step));
         // A position past the end is possible only when the data shrank under a resume.
         let skip = if epoch == start.epoch { start.position.min(order.len()) } else { 0 };
         let bar = match lp.writes() {
@@ -405,11 +384,11 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
             (model, done) = lp.step(model, step_examples, epoch)?;
             epoch_loss.add(&done.stats);
             let step = done.step;
-            let position = (skip + (i + 1) * per_step).min(ctx.train.len());
+            let position = (skip + (i + 1) * per_step).min(ctx.data.train.len());
             // Evaluations come before the step's checkpoint, so a checkpoint holds everything
             // logged up to its step (and where selection stood) and a resumed run neither
             // repeats nor loses one.
-            let epoch_done = position == ctx.train.len();
+            let epoch_done = position == ctx.data.train.len();
             let validation = match lp.validation_due(step, epoch_done) {
                 true => Some(lp.validate(&model, step, epoch)?),
                 false => None,
@@ -511,10 +490,11 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
             start = progress;
             tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
         }
-        let plan = StepPlan::new(ctx.train.len(), train_spec, world)?;
+        let plan = StepPlan::new(ctx.data.train.len(), train_spec, world)?;
         let schedule = LrSchedule::new(opt, plan.total_steps);
         if run.is_some() {
-            let (examples, steps_per_epoch, total_steps) = (ctx.train.len(), plan.steps_per_epoch, plan.total_steps);
+            let (examples, steps_per_epoch, total_steps) =
+                (ctx.data.train.len(), plan.steps_per_epoch, plan.total_steps);
             tracing::info!(examples, steps_per_epoch, total_steps, peers = world, "training");
         }
         let summary =
@@ -547,7 +527,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
             None => step_examples,
         };
         // Read now (from the mapped cache, usually): only this step's sequences are in memory.
-        let sequences: Vec<Sequence> = mine.iter().map(|&i| ctx.train.get(i)).collect();
+        let sequences: Vec<Sequence> = mine.iter().map(|&i| ctx.data.train.get(i)).collect();
         let micro_batches: Vec<Vec<&Sequence>> =
             sequences.chunks(train_spec.batch_size).map(|chunk| chunk.iter().collect()).collect();
         let step = self.summary.steps + 1;
@@ -559,7 +539,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
         // Dropout draws from the backend's generator: seeding it per step makes a resumed run
         // draw the same masks as an uninterrupted one.
         let share = StepShare {
-            loss_tokens: step_examples.iter().map(|&i| ctx.train.loss_tokens(i)).sum(),
+            loss_tokens: step_examples.iter().map(|&i| ctx.data.train.loss_tokens(i)).sum(),
             dropout_seed: Some(ctx.spec.run.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64)),
             stop: ctx.stop.requested(),
         };
@@ -598,7 +578,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
     /// At each epoch's end and every `train.eval_every` steps, where there is validation data.
     fn validation_due(&self, step: usize, epoch_done: bool) -> bool {
         let every = self.ctx.spec.train.eval_every;
-        !self.ctx.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every)))
+        !self.ctx.data.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every)))
     }
 
     /// The validation loss (and the answers' scores, when they select the model), logged; the
@@ -611,7 +591,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
         let objective = &self.objective;
         let (val_loss, responses) = match &mut self.trainer.peer {
             None => {
-                let (val_loss, _) = evaluate(&valid, objective, ctx.val, train_spec.batch_size, device);
+                let (val_loss, _) = evaluate(&valid, objective, &ctx.data.val, train_spec.batch_size, device);
                 let responses = match metric.higher_is_better() {
                     true => Some(answers(ctx, &valid)?),
                     false => None,
@@ -620,7 +600,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
             }
             // Each peer evaluates its share of the validation set; rank 0 answers.
             Some(peer) => {
-                let shard = peer.share(ctx.val, ctx.val.len().div_ceil(world));
+                let shard = peer.share(&ctx.data.val, ctx.data.val.len().div_ceil(world));
                 let (loss, tokens) = evaluate(&valid, objective, shard, train_spec.batch_size, device);
                 let scores = match (metric.higher_is_better(), peer.writes()) {
                     (true, true) => Some(answers(ctx, &valid)?),
@@ -653,7 +633,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
         };
         let verdict = self.summary.selection.observe(Scored { step, value }, train_spec);
         if let Some(run) = self.run.filter(|_| verdict.new_best) {
-            checkpoint::save_best(&run.path, &valid, ctx.tok, Scored { step, value })?;
+            checkpoint::save_best(&run.path, &valid, &ctx.data.tok, Scored { step, value })?;
         }
         Ok(Validation { val_loss, stop_early: verdict.stop })
     }
@@ -668,7 +648,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
     fn checkpoint(&self, model: &M, progress: Progress) -> Result<Option<PathBuf>> {
         let Some(run) = self.run else { return Ok(None) };
         let keep = self.ctx.spec.train.keep_checkpoints;
-        let at = CheckpointAt { run: &run.path, model, tok: self.ctx.tok, progress, keep };
+        let at = CheckpointAt { run: &run.path, model, tok: &self.ctx.data.tok, progress, keep };
         self.trainer.optim.save(at).map(Some)
     }
 
@@ -737,9 +717,9 @@ fn answers<B: TrainBackend, V: CausalLm<B::InnerBackend>>(
     ctx: &TrainContext<'_, B>,
     valid: &V,
 ) -> Result<ResponseScores> {
-    let examples = &ctx.val[..ctx.spec.eval.responses.min(ctx.val.len())];
+    let examples = &ctx.data.val[..ctx.spec.eval.responses.min(ctx.data.val.len())];
     let max_new = ctx.spec.eval.max_new_tokens;
-    Ok(answer_all(valid, ctx.tok, ctx.layout, examples, max_new, ctx.device, |_, _| Ok(()))?.scores)
+    Ok(answer_all(valid, &ctx.data.tok, &ctx.data.layout, examples, max_new, ctx.device, |_, _| Ok(()))?.scores)
 }
 
 /// The objective's token-weighted mean loss over `examples`, and the number of loss tokens.

@@ -18,6 +18,7 @@ use crate::model::hf;
 use crate::spec::{DataKind, ModelSpec, Spec};
 
 /// The tokenizer and the tokenized train and validation sets of a spec.
+#[derive(Clone)]
 pub struct PreparedData {
     pub tok: Tok,
     /// Read in place from the tokenized cache (unless packed, or the cache cannot be written).

@@ -15,16 +15,7 @@ use crate::train::{self, TrainContext};
 
 pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
     let data = ctx.data;
-    let train_ctx = TrainContext {
-        train: &data.train,
-        val: &data.val,
-        spec: ctx.spec,
-        tok: &data.tok,
-        layout: &data.layout,
-        run: Some(ctx.run),
-        device: ctx.device,
-        stop: ctx.stop,
-    };
+    let train_ctx = TrainContext { spec: ctx.spec, data, run: Some(ctx.run), device: ctx.device, stop: ctx.stop };
     let resume = ctx.resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
     let objective = TokenLoss { pad_id: data.tok.eos_id };
     let (model, summary) = train::train(&train_ctx, state.model, objective, resume)?;
