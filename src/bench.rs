@@ -21,13 +21,23 @@ use crate::memory::{AttentionKeeps, Footprint, Room};
 use crate::model::fused::{set_gpu_attention, GpuAttention};
 use crate::model::gpt2::Precision;
 use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
-use crate::model::{CausalLm, Gpt2, Gpt2Config};
+use crate::model::{CausalLm, Gpt2Config, LlamaConfig, Model, ModelConfig};
 use crate::spec::{BackendKind, LoraSpec, OptimizerKind, OptimizerSpec};
 use crate::train::Trainer;
 
 /// The model and run sizes, as `pipe bench` flags (torch_ref.py's, plus the precision).
 #[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct BenchShape {
+    /// The model family (torch_ref.py's `--arch`): gpt2, or llama (RoPE, RMSNorm, SwiGLU,
+    /// grouped-query attention, tied head, as the reference builds it).
+    #[arg(long, alias = "arch", value_enum, default_value_t = BenchFamily::Gpt2)]
+    pub family: BenchFamily,
+    /// Llama: key/value heads (dividing --heads; default --heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// The MLP's width (default 4·embd for gpt2, 8/3·embd for llama, as the reference).
+    #[arg(long)]
+    pub inner: Option<usize>,
     /// Transformer blocks.
     #[arg(long, default_value_t = 4)]
     pub layers: usize,
@@ -69,7 +79,38 @@ pub struct BenchShape {
     pub gpu_attention: GpuAttention,
 }
 
+/// `pipe bench --family`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchFamily {
+    Gpt2,
+    Llama,
+}
+
 impl BenchShape {
+    /// The benchmarked architecture, as the reference script builds it.
+    pub fn config(&self) -> ModelConfig {
+        match self.family {
+            BenchFamily::Gpt2 => {
+                ModelConfig::Gpt2(Gpt2Config::new(self.vocab, self.seq.max(1024), self.embd, self.layers, self.heads))
+            }
+            BenchFamily::Llama => {
+                let inner = self.inner.unwrap_or(8 * self.embd / 3);
+                let kv_heads = self.kv_heads.unwrap_or(self.heads);
+                let config = LlamaConfig::new(
+                    self.vocab,
+                    self.seq.max(2048),
+                    self.embd,
+                    inner,
+                    self.layers,
+                    self.heads,
+                    kv_heads,
+                );
+                ModelConfig::Llama(LlamaConfig { tie_word_embeddings: true, ..config })
+            }
+        }
+    }
+
     /// Training FLOPs per token: 6·params for the matmuls forward and backward, plus attention's
     /// 12·layers·seq·width (the estimate torch_ref's figures are compared on). With LoRA the
     /// frozen weights need no gradient: 4·params, plus 6·(the adapters').
@@ -78,7 +119,11 @@ impl BenchShape {
             Some(_) => 4.0 * params as f64 + 6.0 * trainable as f64,
             None => 6.0 * params as f64,
         };
-        matmuls + 12.0 * (self.layers * self.seq * self.embd) as f64
+        let attention_width = match self.family {
+            BenchFamily::Gpt2 => self.embd,
+            BenchFamily::Llama => self.heads * (self.embd / self.heads),
+        };
+        matmuls + 12.0 * (self.layers * self.seq * attention_width) as f64
     }
 }
 
@@ -92,7 +137,7 @@ impl BackendJob for Bench {
         let shape = self.0;
         set_gpu_attention(shape.gpu_attention);
         B::seed(&device, 0);
-        let config = Gpt2Config::new(shape.vocab, shape.seq.max(1024), shape.embd, shape.layers, shape.heads);
+        let config = shape.config();
         if let Some(room) = Room::of(self.1, self.2) {
             let tokens = (shape.batch * shape.seq) as f64;
             let keeps = AttentionKeeps::of(self.1, &config);
@@ -103,7 +148,7 @@ impl BackendJob for Bench {
                 "lower --batch or --seq",
             )?;
         }
-        let mut model = Gpt2 { precision: shape.precision, ..config.init::<B>(&device) };
+        let mut model = config.init::<B>(&device).with_precision(shape.precision);
         let params = model.num_params();
         if let Some(rank) = shape.lora_rank {
             let targets = LoraSpec::default().targets;
@@ -112,7 +157,10 @@ impl BackendJob for Bench {
             // Never saved, so no base folder to refer to.
             let base =
                 BaseModel { name: "random (pipe bench)".into(), path: Default::default(), sha256: String::new() };
-            model = lora::attach(model, Adapters { config, base }, &device);
+            let Model::Gpt2(gpt2) = model else {
+                return Err(crate::error::bad_input("--lora-rank: pipe's LoRA adapters are for GPT-2 (--family gpt2)"));
+            };
+            model = Model::Gpt2(lora::attach(gpt2, Adapters { config, base }, &device));
         }
         let trainable = model.num_params();
         let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-4, weight_decay: 0.01, ..Default::default() };
@@ -144,13 +192,15 @@ impl BackendJob for Bench {
 
         let inference = model.valid();
         let prompt = random_ids(16);
-        let gen_tps = match (shape.precision, self.1) {
-            // On the CPU, bf16 generation is pipe's bf16-weight decoder (what `pipe generate
-            // --precision bf16` runs); elsewhere the model's own bf16 products.
-            (Precision::Bf16, BackendKind::Cpu) => {
-                generation_speed(Generator::with(inference.bf16_decoder(), 0), &prompt, shape.gen_tokens)
-            }
-            _ => generation_speed(Generator::new(&inference, &device, 0), &prompt, shape.gen_tokens),
+        // On the CPU, bf16 generation is the family's bf16-weight decoder where it has one
+        // (what `pipe generate --precision bf16` runs); elsewhere the model's own bf16 products.
+        let decoder = match (shape.precision, self.1) {
+            (Precision::Bf16, BackendKind::Cpu) => inference.bf16_decoder(),
+            _ => None,
+        };
+        let gen_tps = match decoder {
+            Some(decoder) => generation_speed(Generator::with(decoder, 0), &prompt, shape.gen_tokens),
+            None => generation_speed(Generator::new(&inference, &device, 0), &prompt, shape.gen_tokens),
         };
 
         let peak_rss = peak_rss_mib(); // before the yardsticks below allocate their own buffers

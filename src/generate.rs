@@ -11,7 +11,7 @@ use anyhow::Result;
 use crate::backend::BackendJob;
 use crate::data::{PromptLayout, Tok};
 use crate::model::gpt2::Precision;
-use crate::model::{CausalLm, FusedOps, Gpt2, TrainBackend};
+use crate::model::{CausalLm, FusedOps, Model, TrainBackend};
 use crate::spec::BackendKind;
 
 /// How tokens are chosen, and what decoding is, are the model floor's (the GPU backends draw on
@@ -39,11 +39,15 @@ impl<W: WithDecoder> BackendJob for Decoding<W> {
     type Output = W::Output;
     fn run<B: TrainBackend>(self, device: B::Device, device_name: String) -> Result<W::Output> {
         tracing::info!(device = %device_name, precision = ?self.precision, "decoding on");
-        let mut model = Gpt2::<B::InnerBackend>::load(&self.dir, None, &device)?;
-        match (self.kind, self.precision) {
-            (BackendKind::Cpu, Precision::Bf16) => self.job.with(model.bf16_decoder()),
-            (_, precision) => {
-                model.precision = precision;
+        let model = Model::<B::InnerBackend>::load(&self.dir, None, &device)?;
+        let decoder = match (self.kind, self.precision) {
+            (BackendKind::Cpu, Precision::Bf16) => model.bf16_decoder(),
+            _ => None,
+        };
+        match decoder {
+            Some(decoder) => self.job.with(decoder),
+            None => {
+                let model = model.with_precision(self.precision);
                 self.job.with(OnDevice { model: &model, device })
             }
         }

@@ -37,7 +37,7 @@ pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
     }
     if let Some(dir) = model_dir {
         let field = if spec.model.path.is_some() { "model.path" } else { "model.hub" };
-        files.push((field, dir.to_path_buf(), hf::model_files(dir)));
+        files.push((field, dir.to_path_buf(), hf::model_files(dir)?));
     }
     if let Some(dir) = spec.lora.as_ref().and_then(|lora| lora.from.as_ref()) {
         let files_of = vec![dir.join(lora::ADAPTER_CONFIG_FILE), dir.join(lora::ADAPTER_WEIGHTS_FILE)];

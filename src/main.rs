@@ -493,6 +493,20 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if sizes.contains(&0) || shape.embd % shape.heads != 0 {
                 return Err(bad_input("bench sizes must be at least 1, and --embd divisible by --heads"));
             }
+            if let Some(kv_heads) = shape.kv_heads {
+                if shape.family != pipe::bench::BenchFamily::Llama {
+                    return Err(bad_input("--kv-heads: only for --family llama"));
+                }
+                if kv_heads == 0 || shape.heads % kv_heads != 0 {
+                    return Err(bad_input(format!("--kv-heads {kv_heads}: must divide --heads ({})", shape.heads)));
+                }
+            }
+            if shape.inner == Some(0) {
+                return Err(bad_input("--inner: must be at least 1"));
+            }
+            if shape.family == pipe::bench::BenchFamily::Llama && (shape.embd / shape.heads) % 2 != 0 {
+                return Err(bad_input("--family llama: --embd / --heads must be even (rotary embeddings)"));
+            }
             if let Some(rank) = shape.lora_rank.filter(|&r| r == 0 || r > shape.embd) {
                 return Err(bad_input(format!("--lora-rank {rank}: must be 1 to --embd ({})", shape.embd)));
             }

@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use crate::error::bad_input;
 use crate::model::fused::{gpu_attention, GpuAttention, GPU_ATTENTION_MAX_HEAD_DIM};
-use crate::model::gpt2::{Gpt2Config, Precision};
+use crate::model::{ModelConfig, Precision};
 use crate::spec::BackendKind;
 
 /// The memory one device trains in, and how to name it to the user.
@@ -64,10 +64,10 @@ impl AttentionKeeps {
     /// What `backend`'s attention keeps for `config`: the CPU kernel its causal probabilities;
     /// the GPU kernels rows only, unless attention dropout keeps its mask or the composite
     /// version runs (heads wider than the kernels take, or chosen with `--gpu-attention`).
-    pub fn of(backend: BackendKind, config: &Gpt2Config) -> AttentionKeeps {
+    pub fn of(backend: BackendKind, config: &ModelConfig) -> AttentionKeeps {
         match backend {
             BackendKind::Cpu => AttentionKeeps::CausalProbabilities,
-            _ if config.attn_pdrop > 0.0 => AttentionKeeps::FullRows,
+            _ if config.attention_dropout() > 0.0 => AttentionKeeps::FullRows,
             _ if gpu_attention() == GpuAttention::Kernels && config.head_dim() <= GPU_ATTENTION_MAX_HEAD_DIM => {
                 AttentionKeeps::Rows
             }
@@ -92,7 +92,7 @@ impl Footprint {
     /// LayerNorm outputs, q·k·v, attention output and the MLP's two hidden rows (14·width
     /// values, counted at 2 bytes in bf16 runs), what `attention` keeps, and its logits (f32).
     pub fn training(
-        config: &Gpt2Config,
+        config: &ModelConfig,
         adapters: bool,
         precision: Precision,
         tokens: f64,
@@ -101,14 +101,14 @@ impl Footprint {
     ) -> Footprint {
         let params = config.num_params();
         let weights = params as f64 * if adapters { 4.0 } else { 16.0 };
-        let (layers, embd, heads) = (config.n_layer as f64, config.n_embd as f64, config.n_head as f64);
+        let (layers, embd, heads) = (config.layers() as f64, config.width() as f64, config.heads() as f64);
         let row_bytes = if precision == Precision::Bf16 { 2.0 } else { 4.0 };
         let attention_row = match attention {
             AttentionKeeps::Rows => 0.0,
             AttentionKeeps::CausalProbabilities => 4.0 * heads * longest / 2.0,
             AttentionKeeps::FullRows => 4.0 * heads * longest,
         };
-        let per_token = layers * (row_bytes * 14.0 * embd + attention_row) + 4.0 * config.vocab_size as f64;
+        let per_token = layers * (row_bytes * 14.0 * embd + attention_row) + 4.0 * config.vocab_size() as f64;
         Footprint { params, weights, activations: tokens * per_token, tokens }
     }
 
@@ -139,8 +139,8 @@ fn gib(bytes: f64) -> f64 {
 mod tests {
     use super::*;
 
-    fn small() -> Gpt2Config {
-        Gpt2Config::new(50257, 1024, 768, 12, 12)
+    fn small() -> ModelConfig {
+        ModelConfig::Gpt2(crate::model::Gpt2Config::new(50257, 1024, 768, 12, 12))
     }
 
     #[test]

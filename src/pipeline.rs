@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 
 use crate::backend::{self, BackendJob};
 use crate::checkpoint::{self, Progress};
@@ -16,7 +15,7 @@ use crate::files;
 use crate::inputs;
 use crate::memory;
 use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
-use crate::model::{hf, CausalLm, Gpt2, Gpt2Config, TrainBackend};
+use crate::model::{family, CausalLm, FusedOps, Model, ModelConfig, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
 use crate::signals::{self, StopSignal};
 use crate::spec::{BackendKind, FinalModel, LoadedSpec, LoraSpec, Spec};
@@ -65,7 +64,7 @@ impl BackendJob for NodeJob<'_> {
         }
         let data = prepare_data(spec, self.resume)?;
         let (model, resume) = model_and_progress::<B>(spec, &data, self.resume, &device)?;
-        check_plan(spec, &data, &model.config)?;
+        check_plan(spec, &data, &model.config())?;
         let ctx = crate::train::TrainContext { spec, data: &data, run: None, device: &device, stop: self.stop };
         let resume = resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
         let objective = crate::objective::TokenLoss { pad_id: data.tok.eos_id };
@@ -128,7 +127,7 @@ impl BackendJob for RunJob<'_> {
                 let data = prepare_data(spec, None)?;
                 let inputs = inputs::of(spec, data.model_dir.as_deref())?;
                 let (model, _) = model_and_progress::<B>(spec, &data, None, &device)?;
-                check_plan(spec, &data, &model.config)?;
+                check_plan(spec, &data, &model.config())?;
                 self.stop.check("before the run started")?;
                 let meta = Meta {
                     pipe_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -158,15 +157,15 @@ impl BackendJob for RunJob<'_> {
                 let data = prepare_data(spec, Some(&run.path))?;
                 run.meta.inputs = check_inputs(&run, spec, &data, self.allow_changed_inputs)?;
                 let (model, resume) = model_and_progress::<B>(spec, &data, Some(&run.path), &device)?;
-                check_plan(spec, &data, &model.config)?;
+                check_plan(spec, &data, &model.config())?;
                 let step = resume.as_ref().map_or(0, |(_, progress): &(PathBuf, Progress)| progress.step);
                 run.restart(step)?;
                 tracing::info!(from_step = step, "resuming the run from its latest checkpoint");
                 (run, data, model, resume)
             }
         };
-        log_data(&data.report, data.val.len(), &model.config);
-        if let Some(adapters) = &model.adapters {
+        log_data(&data.report, data.val.len(), &model.config());
+        if let Some(adapters) = model.adapters() {
             let c = &adapters.config;
             let targets: Vec<&str> = c.targets.iter().map(|t| t.peft_name()).collect();
             tracing::info!(
@@ -231,12 +230,12 @@ fn latest_readable<B: TrainBackend>(
     run: &Path,
     spec: &Spec,
     device: &B::Device,
-) -> Result<Option<(Gpt2<B>, PathBuf, Progress)>> {
+) -> Result<Option<(Model<B>, PathBuf, Progress)>> {
     let mut newest_error = None;
     for dir in checkpoint::list(run).into_iter().rev() {
         // The optimizer state is read here only to know it reads; training reads it again.
-        let readable = checkpoint::load::<B, Gpt2<B>>(&dir, spec.model.dropout, device).and_then(|loaded| {
-            ModelOptimizer::<B, Gpt2<B>>::new(&spec.optimizer).restore(&dir, &loaded.0, device)?;
+        let readable = checkpoint::load::<B, Model<B>>(&dir, spec.model.dropout, device).and_then(|loaded| {
+            ModelOptimizer::<B, Model<B>>::new(&spec.optimizer).restore(&dir, &loaded.0, device)?;
             Ok(loaded)
         });
         match readable {
@@ -274,46 +273,48 @@ fn model_and_progress<B: TrainBackend>(
     data: &PreparedData,
     from: Option<&Path>,
     device: &B::Device,
-) -> Result<(Gpt2<B>, Option<ResumePoint>)> {
+) -> Result<(Model<B>, Option<ResumePoint>)> {
     let latest = match from {
         Some(run) => latest_readable::<B>(run, spec, device)?,
         None => None,
     };
     Ok(match latest {
-        Some((model, dir, progress)) => (Gpt2 { precision: spec.run.precision, ..model }, Some((dir, progress))),
+        Some((model, dir, progress)) => (model.with_precision(spec.run.precision), Some((dir, progress))),
         None => (initial_model::<B>(spec, data, device)?, None),
     })
 }
 
 /// The model a run starts from: the spec's HF checkpoint, or a new one of its architecture.
-fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Device) -> Result<Gpt2<B>> {
+fn initial_model<B: FusedOps>(spec: &Spec, data: &PreparedData, device: &B::Device) -> Result<Model<B>> {
     let model = match &data.model_dir {
         Some(dir) => {
-            // Loading checks the config against the weights, which fit (they are on disk).
-            let (config, model) = hf::load::<B>(dir, spec.model.dropout, device)?;
-            let c = &config;
+            let config = family::read_config(dir)?;
+            family::check_sizes(&config, dir)?;
             let arch = format!(
-                "{}: n_layer = {}, n_embd = {}, n_positions = {}",
-                dir.join(hf::CONFIG_FILE).display(),
-                c.n_layer,
-                c.n_embd,
-                c.n_positions
+                "{}: a {} of {} layers, width {}, context {}",
+                dir.join(crate::model::hf::CONFIG_FILE).display(),
+                config.family(),
+                config.layers(),
+                config.width(),
+                config.context()
             );
-            // On a GPU the loaded weights already take their share of the free memory.
+            // On a GPU the loaded weights take their share of the free memory.
             let loaded = match spec.run.backend {
                 BackendKind::Cpu => 0.0,
-                _ => 4.0 * c.num_params() as f64,
+                _ => 4.0 * config.num_params() as f64,
             };
             check_fits_in_memory(&config, &arch, spec, &data.train, loaded)?;
-            model
+            family::load::<B>(dir, spec.model.dropout, device)?
         }
         None => {
             let m = &spec.model;
-            let (layers, heads, embd, context) =
-                (m.layers.unwrap(), m.heads.unwrap(), m.embd.unwrap(), m.context.unwrap());
-            let config = Gpt2Config::new(data.tok.vocab_size(), context, embd, layers, heads)
-                .with_dropout(m.dropout.unwrap_or(0.0));
-            let arch = format!("model.layers = {layers}, model.embd = {embd}, model.context = {context}");
+            let config = m.new_model_config(data.tok.vocab_size()).expect("validated: a new model has its sizes");
+            let arch = format!(
+                "model.layers = {}, model.embd = {}, model.context = {}",
+                config.layers(),
+                config.width(),
+                config.context()
+            );
             check_fits_in_memory(&config, &arch, spec, &data.train, 0.0)?;
             let model = config.init::<B>(device);
             crate::model::params::materialize(&model);
@@ -324,18 +325,28 @@ fn initial_model<B: Backend>(spec: &Spec, data: &PreparedData, device: &B::Devic
         (Some(lora), Some(base_dir)) => with_adapters(model, lora, spec, base_dir, device)?,
         _ => model,
     };
-    Ok(Gpt2 { precision: spec.run.precision, ..model })
+    Ok(model.with_precision(spec.run.precision))
 }
 
 /// The base model with the spec's adapters: fresh ones, or those of `lora.from` (whose
 /// settings must be the spec's).
-fn with_adapters<B: Backend>(
-    model: Gpt2<B>,
+fn with_adapters<B: FusedOps>(
+    model: Model<B>,
     spec_lora: &LoraSpec,
     spec: &Spec,
     base_dir: &Path,
     device: &B::Device,
-) -> Result<Gpt2<B>> {
+) -> Result<Model<B>> {
+    let model = match model {
+        Model::Gpt2(model) => model,
+        other => {
+            return Err(bad_input(format!(
+                "lora: pipe's LoRA adapters are for GPT-2 models; {} is a {} model",
+                base_dir.display(),
+                other.config().family()
+            )))
+        }
+    };
     let width = model.config.n_embd;
     if spec_lora.rank > width {
         return Err(bad_input(format!(
@@ -353,7 +364,7 @@ fn with_adapters<B: Backend>(
     };
     let name = spec.model.hub.clone().unwrap_or_else(|| base_dir.display().to_string());
     let adapters = Adapters { config, base: BaseModel::of(name, base_dir)? };
-    let Some(from) = &spec_lora.from else { return Ok(lora::attach(model, adapters, device)) };
+    let Some(from) = &spec_lora.from else { return Ok(Model::Gpt2(lora::attach(model, adapters, device))) };
     let (found, _) = lora::read_peft_config(from)?;
     let file = from.join(lora::ADAPTER_CONFIG_FILE);
     let wanted = &adapters.config;
@@ -369,7 +380,7 @@ fn with_adapters<B: Backend>(
             file.display()
         )));
     }
-    lora::with_peft_adapter(model, from, adapters)
+    Ok(Model::Gpt2(lora::with_peft_adapter(model, from, adapters)?))
 }
 
 /// A run too large to train in the memory of its devices is refused before anything is
@@ -377,7 +388,7 @@ fn with_adapters<B: Backend>(
 /// the local peers share the machine's memory). `loaded`: bytes of the weights already on the
 /// device, which its free memory no longer counts.
 fn check_fits_in_memory(
-    config: &Gpt2Config,
+    config: &ModelConfig,
     arch: &str,
     spec: &Spec,
     train: &crate::data::Examples,
@@ -409,7 +420,7 @@ fn check_fits_in_memory(
 /// What would otherwise fail only once its stage came, checked before the run folder is
 /// created or touched: the step count, validation examples where selection needs them, and the
 /// generate stage's prompts.
-fn check_plan(spec: &Spec, data: &PreparedData, config: &Gpt2Config) -> Result<()> {
+fn check_plan(spec: &Spec, data: &PreparedData, config: &ModelConfig) -> Result<()> {
     crate::train::StepPlan::new(data.train.len(), &spec.train, crate::distributed::Topology::of(spec).world())?;
     let t = &spec.train;
     let needs_validation = t.final_model == FinalModel::Best || t.early_stopping_patience > 0;
@@ -418,10 +429,10 @@ fn check_plan(spec: &Spec, data: &PreparedData, config: &Gpt2Config) -> Result<(
             "train.final = \"best\" and early stopping need validation examples, and none are left after tokenizing",
         ));
     }
-    stages::check_prompts(spec, &data.tok, &data.layout, config.n_positions)
+    stages::check_prompts(spec, &data.tok, &data.layout, config.context())
 }
 
-fn log_data(report: &TokenizeReport, val: usize, config: &Gpt2Config) {
+fn log_data(report: &TokenizeReport, val: usize, config: &ModelConfig) {
     tracing::info!(
         train_examples = report.examples,
         train_sequences = report.sequences,
@@ -433,11 +444,12 @@ fn log_data(report: &TokenizeReport, val: usize, config: &Gpt2Config) {
         "data"
     );
     tracing::info!(
-        layers = config.n_layer,
-        heads = config.n_head,
-        embd = config.n_embd,
-        context = config.n_positions,
-        vocab = config.vocab_size,
+        family = config.family(),
+        layers = config.layers(),
+        heads = config.heads(),
+        embd = config.width(),
+        context = config.context(),
+        vocab = config.vocab_size(),
         params = config.num_params(),
         "model"
     );

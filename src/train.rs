@@ -20,7 +20,7 @@ use crate::checkpoint::{self, Progress};
 use crate::data::{Examples, PreparedData, Sequence, Tok};
 use crate::distributed::{Peer, Peers, Topology};
 use crate::error::{bad_input, Interrupted};
-use crate::model::{params, CausalLm, FusedOps, Gpt2, TrainBackend, TrainableLm};
+use crate::model::{params, CausalLm, FusedOps, Model, TrainBackend, TrainableLm};
 use crate::objective::{Objective, TokenLoss};
 use crate::response_metrics::{answer_all, ResponseScores};
 use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
@@ -93,7 +93,7 @@ pub struct StepStats {
 
 /// The optimizer, the objective and how to step them: one `step` is one update of the model
 /// over a set of micro-batches.
-pub struct Trainer<B: TrainBackend, M: TrainableLm<B> = Gpt2<B>, O: Objective<B, M> = TokenLoss> {
+pub struct Trainer<B: TrainBackend, M: TrainableLm<B> = Model<B>, O: Objective<B, M> = TokenLoss> {
     optim: ModelOptimizer<B, M>,
     objective: O,
     grad_clip: f64,

@@ -14,7 +14,7 @@ use super::{
     TokenizeReport, TokenizeSettings, Tokenizing,
 };
 use crate::error::bad_input;
-use crate::model::hf;
+use crate::model::{family, hf};
 use crate::spec::{DataKind, ModelSpec, Spec};
 
 /// The tokenizer and the tokenized train and validation sets of a spec.
@@ -85,8 +85,8 @@ impl PreparedData {
         };
         let (vocab_size, context) = match &model_dir {
             Some(dir) => {
-                let config = hf::read_config(dir)?;
-                (config.vocab_size, config.n_positions)
+                let config = family::read_config(dir)?;
+                (config.vocab_size(), config.context())
             }
             None => (tok.vocab_size(), spec.model.context.expect("validated: a new model has a context")),
         };

@@ -10,13 +10,13 @@ use anyhow::Result;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::fused::{causal_attention, cross_entropy, gelu_new, layer_norm, linear, FusedOps};
+use super::fused::{causal_attention, gelu_new, layer_norm, linear, FusedOps};
+use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{self, Adapters, Lora};
-use super::{hf, Bf16Decoder, CausalLm, Packing};
+use super::{hf, nll_of_hidden, Bf16Decoder, CausalLm, Packing};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
 #[derive(Config, Debug, PartialEq)]
@@ -210,45 +210,8 @@ impl<B: FusedOps> Projection<B> {
     }
 }
 
-/// One layer's cache: keys and values, each [batch, heads, capacity, head_dim], the first
-/// `seen` positions written.
-type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
-
-/// Keys and values of every position seen so far, per layer, so that generation feeds only
-/// the new token through the model. The buffers grow by whole blocks of positions and are
-/// written in place, so a token's step has the shapes of the one before it: on the GPU
-/// backends the fusion plans and autotuned kernels made for the first tokens serve the rest.
-pub struct KvCache<B: Backend> {
-    layers: Vec<KvSlot<B>>,
-    seen: usize,
-    /// Positions the buffers hold (a multiple of `KV_BLOCK`, or the context).
-    capacity: usize,
-}
-
-/// Positions a cache's buffers grow by.
-const KV_BLOCK: usize = 128;
-
-impl<B: Backend> KvCache<B> {
-    pub fn new(n_layer: usize) -> Self {
-        Self { layers: (0..n_layer).map(|_| None).collect(), seen: 0, capacity: 0 }
-    }
-}
-
-/// What one layer's attention needs of the cache: its buffers, how many positions they held
-/// before this step, and the capacity they must have for it.
-struct LayerCache<'a, B: Backend> {
-    slot: &'a mut KvSlot<B>,
-    seen: usize,
-    capacity: usize,
-}
-
 impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
-    type Config = Gpt2Config;
     type Cache = KvCache<B>;
-
-    fn config(&self) -> &Gpt2Config {
-        &self.config
-    }
 
     fn context(&self) -> usize {
         self.config.n_positions
@@ -271,11 +234,7 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         targets: Tensor<B, 2, Int>,
         packing: Option<Packing<B>>,
     ) -> Tensor<B, 2> {
-        let [batch, seq] = inputs.dims();
-        let hidden = self.hidden(inputs, None, packing); // [batch, seq, d_model]
-        let d_model = hidden.dims()[2];
-        let logits = self.lm_head(hidden.reshape([batch * seq, d_model])); // [batch·seq, vocab]
-        cross_entropy(logits, targets.reshape([batch * seq])).reshape([batch, seq])
+        nll_of_hidden(self.hidden(inputs, None, packing), targets, |rows| self.lm_head(rows))
     }
 
     fn new_cache(&self) -> KvCache<B> {
@@ -283,7 +242,7 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
     }
 
     fn cached(cache: &KvCache<B>) -> usize {
-        cache.seen
+        cache.seen()
     }
 
     fn next_logits(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
@@ -293,10 +252,14 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         // [batch, vocab]
     }
 
+    fn with_precision(self, precision: Precision) -> Self {
+        Gpt2 { precision, ..self }
+    }
+
     type Bf16Decoder = Bf16Decoder;
 
-    fn bf16_decoder(&self) -> Bf16Decoder {
-        Bf16Decoder::new(self)
+    fn bf16_decoder(&self) -> Option<Bf16Decoder> {
+        Some(Bf16Decoder::new(self))
     }
 
     fn save(&self, dir: &Path, eos_id: Option<usize>) -> Result<()> {
@@ -332,28 +295,16 @@ impl<B: FusedOps> Gpt2<B> {
         packing: Option<Packing<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
-        let start = cache.as_ref().map_or(0, |c| c.seen);
-        if let Some(cache) = cache.as_mut() {
-            let needed = (start + seq).next_multiple_of(KV_BLOCK).min(self.config.n_positions.max(start + seq));
-            cache.capacity = cache.capacity.max(needed);
-        }
-        let device = tokens.device();
-        let (positions, starts) = match packing {
-            Some(Packing { positions, starts }) => (positions, Some(starts)),
-            None => {
-                let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + seq) as i64, &device);
-                (positions.unsqueeze::<2>().expand([batch, seq]), None) // [batch, seq]
-            }
-        };
+        let start = KvCache::begin_step(&mut cache, seq, self.config.n_positions);
+        let (positions, starts) = Packing::layout(packing, start, [batch, seq], &tokens.device()); // [batch, seq] each
         let x = self.wte.forward(tokens) + self.wpe.forward(positions); // [batch, seq, d_model]
         let mut x = self.dropout.forward(x);
         for (layer, block) in self.h.iter().enumerate() {
-            let layer_cache =
-                cache.as_mut().map(|c| LayerCache { slot: &mut c.layers[layer], seen: start, capacity: c.capacity });
+            let layer_cache = cache.as_mut().map(|c| c.layer(layer));
             x = block.forward(x, layer_cache, starts.clone(), self.precision);
         }
         if let Some(cache) = cache {
-            cache.seen += seq;
+            cache.advance(seq);
         }
         self.ln_f.forward(x)
     }
@@ -416,44 +367,16 @@ impl<B: FusedOps> Attention<B> {
         self.c_proj.forward(y.reshape([batch * seq, d_model]), precision).reshape([batch, seq, d_model])
     }
 
-    /// Generation: the new positions' keys and values written into the cache after the
-    /// `seen` ones, and the new queries against all of them. Scores cover the whole buffer
-    /// (so that its shape, not the number of positions, sets the step's shapes); positions
-    /// not written yet, and each query's future, are masked out.
+    /// Generation: the new positions against the cache (see `LayerCache::attend`).
     /// qkv: [batch·seq, 3·d_model] → [batch, seq, d_model]
     fn cached_attention(&self, qkv: Tensor<B, 2>, batch: usize, seq: usize, cache: LayerCache<'_, B>) -> Tensor<B, 3> {
         let d_model = qkv.dims()[1] / 3;
         let (heads, head_dim) = (self.n_head, d_model / self.n_head);
-        let device = qkv.device();
         let part = |part: usize| {
             qkv.clone().narrow(1, part * d_model, d_model).reshape([batch, seq, heads, head_dim]).swap_dims(1, 2)
             // [batch, heads, seq, head_dim]
         };
-        let (q, k, v) = (part(0), part(1), part(2));
-        let LayerCache { slot, seen, capacity } = cache;
-        let buffer = |old: Option<Tensor<B, 4>>| match old {
-            Some(old) if old.dims()[2] == capacity => old,
-            Some(old) => {
-                let grown = Tensor::zeros([batch, heads, capacity - old.dims()[2], head_dim], &device);
-                Tensor::cat(vec![old, grown], 2)
-            }
-            None => Tensor::zeros([batch, heads, capacity, head_dim], &device),
-        }; // [batch, heads, capacity, head_dim]
-        let (old_keys, old_values) = slot.take().unzip();
-        let new = [0..batch, 0..heads, seen..seen + seq, 0..head_dim];
-        let keys = buffer(old_keys).slice_assign(new.clone(), k);
-        let values = buffer(old_values).slice_assign(new, v);
-        *slot = Some((keys.clone(), values.clone()));
-
-        let scores = q.matmul(keys.swap_dims(2, 3)) / (head_dim as f64).sqrt(); // [batch, heads, seq, capacity]
-                                                                                // Query i (position seen + i) sees keys 0..=seen + i.
-        let key = Tensor::<B, 1, Int>::arange(0..capacity as i64, &device).unsqueeze::<2>().expand([seq, capacity]);
-        let last = Tensor::<B, 1, Int>::arange(seen as i64..(seen + seq) as i64, &device)
-            .unsqueeze_dim::<2>(1)
-            .expand([seq, capacity]);
-        let hidden = key.greater(last).unsqueeze::<4>().expand([batch, heads, seq, capacity]);
-        let probs = softmax(scores.mask_fill(hidden, f32::NEG_INFINITY), 3); // [batch, heads, seq, capacity]
-        probs.matmul(values).swap_dims(1, 2).reshape([batch, seq, d_model])
+        cache.attend(part(0), part(1), part(2))
     }
 }
 

@@ -10,8 +10,9 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
 use safetensors::{Dtype, SafeTensors};
-use serde_json::json;
+use serde_json::{json, Value};
 
+use super::family::ModelConfig;
 use super::gpt2::{Gpt2, Gpt2Config};
 use super::params;
 use crate::error::bad_input;
@@ -22,6 +23,8 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+/// A sharded checkpoint's list of which file holds each tensor.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// What transformers' `GPT2LMHeadModel` puts before the module paths of the GPT-2 body.
 const PREFIX: &str = "transformer.";
@@ -44,19 +47,11 @@ fn fixed_settings() -> [(&'static str, serde_json::Value, &'static str); 6] {
     ]
 }
 
-/// Read the architecture from a HF `config.json`. Every field of transformers' `GPT2Config`
-/// that changes the model's arithmetic is either read and implemented or, when it asks for
-/// something pipe does not compute, refused naming the key and the value; fields that do not
-/// (generation settings, labels, the summary head of `GPT2DoubleHeadsModel`) are ignored.
-pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
-    let path = dir.join(CONFIG_FILE);
-    if !dir.is_dir() {
-        return Err(bad_input(format!("model directory {} does not exist", dir.display())));
-    }
-    let text = fs::read_to_string(&path)
-        .map_err(|e| bad_input(format!("{}: cannot read the model config: {e}", path.display())))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not valid JSON: {e}", path.display())))?;
+/// GPT-2's architecture from its parsed `config.json` at `path`. Every field of transformers'
+/// `GPT2Config` that changes the model's arithmetic is either read and implemented or, when it
+/// asks for something pipe does not compute, refused naming the key and the value; fields that
+/// do not (generation settings, labels, the summary head of `GPT2DoubleHeadsModel`) are ignored.
+pub fn gpt2_config(path: &Path, value: &serde_json::Value) -> Result<Gpt2Config> {
     let refuse = |key: &str, found: &serde_json::Value, why: &str| {
         bad_input(format!("{}: `{key}` = {found}: {why}", path.display()))
     };
@@ -77,11 +72,6 @@ pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
             Some(v) => v.as_f64().filter(|&x| x.is_finite() && ok(x)).ok_or_else(|| refuse(name, v, what)),
         }
     };
-    if let Some(model_type) = value.get("model_type") {
-        if model_type != "gpt2" {
-            return Err(refuse("model_type", model_type, "pipe loads GPT-2 checkpoints (`gpt2`) only"));
-        }
-    }
     if let Some(act) = value.get("activation_function") {
         if act != "gelu_new" && act != "gelu_pytorch_tanh" {
             return Err(refuse("activation_function", act, "pipe implements GPT-2's tanh GELU (`gelu_new`) only"));
@@ -120,6 +110,79 @@ pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
         )));
     }
     Ok(config)
+}
+
+/// The shape of each tensor of safetensors files, and the file holding it, read from their
+/// headers alone, by name.
+pub(crate) fn stored_shapes(files: &[PathBuf]) -> Result<HashMap<String, (Vec<usize>, PathBuf)>> {
+    use std::io::Read;
+    let mut shapes = HashMap::new();
+    for path in files {
+        let damaged = |why: String| bad_input(format!("{}: not a valid safetensors file: {why}", path.display()));
+        let mut file =
+            fs::File::open(path).map_err(|e| bad_input(format!("{}: cannot read weights: {e}", path.display())))?;
+        let mut length = [0u8; 8];
+        file.read_exact(&mut length).map_err(|e| damaged(e.to_string()))?;
+        let length = u64::from_le_bytes(length);
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if length > size.saturating_sub(8) {
+            return Err(damaged(format!("a header of {length} bytes in a file of {size}")));
+        }
+        let mut header = vec![0u8; length as usize];
+        file.read_exact(&mut header).map_err(|e| damaged(e.to_string()))?;
+        let header: Value = serde_json::from_slice(&header).map_err(|e| damaged(e.to_string()))?;
+        for (name, entry) in header.as_object().ok_or_else(|| damaged("the header is not an object".into()))? {
+            if name == "__metadata__" {
+                continue;
+            }
+            let shape = entry
+                .get("shape")
+                .and_then(Value::as_array)
+                .map(|dims| dims.iter().filter_map(Value::as_u64).map(|d| d as usize).collect())
+                .ok_or_else(|| damaged(format!("tensor `{name}` has no shape")))?;
+            shapes.insert(name.clone(), (shape, path.clone()));
+        }
+    }
+    Ok(shapes)
+}
+
+/// Check that the tensors which pin a config's sizes are stored with those sizes; `expected`:
+/// (names the tensor may be stored under, its shape).
+pub(crate) fn check_stored(dir: &Path, expected: &[(Vec<String>, Vec<usize>)]) -> Result<()> {
+    let files = weight_files(dir)?;
+    let shapes = stored_shapes(&files)?;
+    for (names, shape) in expected {
+        let found = names.iter().find_map(|name| shapes.get(name));
+        match found {
+            None => {
+                let place = if files.len() == 1 { files[0].display().to_string() } else { dir.display().to_string() };
+                return Err(bad_input(format!("{place}: tensor `{}` is missing", names[0])));
+            }
+            Some((found, file)) if found != shape => {
+                return Err(bad_input(format!(
+                    "{}: tensor `{}` has shape {found:?}, the config expects {shape:?}",
+                    file.display(),
+                    names[0]
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The GPT-2 tensors that pin every size in its config (vocabulary, context, width, depth).
+pub(crate) fn check_sizes(config: &Gpt2Config, dir: &Path) -> Result<()> {
+    let named = |name: String| vec![name.clone(), format!("{PREFIX}{name}")];
+    let (d, last) = (config.n_embd, config.n_layer - 1);
+    check_stored(
+        dir,
+        &[
+            (named("wte.weight".into()), vec![config.vocab_size, d]),
+            (named("wpe.weight".into()), vec![config.n_positions, d]),
+            (named(format!("h.{last}.ln_1.weight")), vec![d]),
+        ],
+    )
 }
 
 /// The tensors of one safetensors file, as f32, by name.
@@ -198,25 +261,37 @@ impl TensorFile {
     }
 }
 
-/// Load a GPT-2 from a HF directory (`config.json` + `model.safetensors`). Each parameter is
+/// The architecture of the GPT-2 in HF folder `dir`; a model of another family is refused.
+pub fn read_config(dir: &Path) -> Result<Gpt2Config> {
+    match super::family::read_config(dir)? {
+        ModelConfig::Gpt2(config) => Ok(config),
+        other => Err(bad_input(format!(
+            "{}: a {} model, where a GPT-2 is needed",
+            dir.join(CONFIG_FILE).display(),
+            other.family()
+        ))),
+    }
+}
+
+/// Load a GPT-2 from HF folder `dir`, `dropout` replacing its dropout probabilities.
+pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<(Gpt2Config, Gpt2<B>)> {
+    let config = read_config(dir)?;
+    let config = match dropout {
+        Some(p) => config.with_dropout(p),
+        None => config,
+    };
+    Ok((config.clone(), load_with(config, dir, device)?))
+}
+
+/// Load a GPT-2 of architecture `config` from a HF directory (`model.safetensors`). Each parameter is
 /// read under its module path as the HF name (see `params`); names may carry the
 /// `transformer.` prefix or not; attention-mask buffers and a stored tied LM head are ignored;
 /// a missing, unexpected or wrongly shaped tensor is an error that names it.
-pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<(Gpt2Config, Gpt2<B>)> {
-    let mut config = read_config(dir)?;
-    if let Some(p) = dropout {
-        config = config.with_dropout(p);
-    }
-    let file = TensorFile::read(&dir.join(WEIGHTS_FILE))?;
-    // The tensors that pin every size in the config (vocabulary, context, width, depth) are
-    // checked before the model is allocated: a config far larger than its weights would
-    // otherwise exhaust memory before the first tensor is compared.
-    let (d, last) = (config.n_embd, config.n_layer - 1);
-    file.expect("wte.weight", &[config.vocab_size, d])?;
-    file.expect("wpe.weight", &[config.n_positions, d])?;
-    file.expect(&format!("h.{last}.ln_1.weight"), &[d])?;
-    let model = fill(config.init::<B>(device), file)?;
-    Ok((config, model))
+pub fn load_with<B: Backend>(config: Gpt2Config, dir: &Path, device: &B::Device) -> Result<Gpt2<B>> {
+    // The tensors that pin every size in the config are checked before the model is
+    // allocated: a config far larger than its weights would otherwise exhaust memory first.
+    check_sizes(&config, dir)?;
+    fill(config.init::<B>(device), TensorFile::read(&dir.join(WEIGHTS_FILE))?)
 }
 
 /// `model` with the weights of the HF directory `dir`, which holds a model of the same
@@ -325,12 +400,20 @@ pub fn resolve_hub_model(repo_id: &str) -> Result<PathBuf> {
         None => hf_hub::Cache::from_env(),
     };
     let cached = cache.model(repo_id.to_string());
-    let needed = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
-    if let Some(config) = cached.get(CONFIG_FILE) {
-        if needed.iter().all(|f| cached.get(f).is_some()) {
-            tracing::info!(repo_id, path = %config.parent().unwrap().display(), "model found in the HuggingFace cache");
-            return Ok(config.parent().unwrap().to_path_buf());
+    // A checkpoint is one weights file or an index and its shards.
+    let in_cache = || -> Option<PathBuf> {
+        let dir = cached.get(CONFIG_FILE)?.parent()?.to_path_buf();
+        cached.get(TOKENIZER_FILE)?;
+        if cached.get(WEIGHTS_FILE).is_none() {
+            cached.get(INDEX_FILE)?;
+            let shards = weight_files(&dir).ok()?;
+            shards.iter().all(|shard| shard.is_file()).then_some(())?;
         }
+        Some(dir)
+    };
+    if let Some(dir) = in_cache() {
+        tracing::info!(repo_id, path = %dir.display(), "model found in the HuggingFace cache");
+        return Ok(dir);
     }
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let download = || -> std::result::Result<PathBuf, String> {
@@ -339,12 +422,17 @@ pub fn resolve_hub_model(repo_id: &str) -> Result<PathBuf> {
         }
         let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| e.to_string())?;
         let repo = api.model(repo_id.to_string());
-        let mut dir = None;
-        for file in needed {
-            let path = repo.get(file).map_err(|e| e.to_string())?;
-            dir = path.parent().map(Path::to_path_buf);
+        let config = repo.get(CONFIG_FILE).map_err(|e| e.to_string())?;
+        let dir = config.parent().map(Path::to_path_buf).ok_or("the cache has no folder")?;
+        repo.get(TOKENIZER_FILE).map_err(|e| e.to_string())?;
+        if repo.get(WEIGHTS_FILE).is_err() {
+            repo.get(INDEX_FILE).map_err(|e| e.to_string())?;
+            for shard in weight_files(&dir).map_err(|e| e.to_string())? {
+                let name = shard.file_name().and_then(|n| n.to_str()).ok_or("a shard without a name")?;
+                repo.get(name).map_err(|e| e.to_string())?;
+            }
         }
-        Ok(dir.expect("at least one file"))
+        Ok(dir)
     };
     download().map_err(|why| {
         bad_input(format!(
@@ -358,11 +446,50 @@ pub fn resolve_hub_model(repo_id: &str) -> Result<PathBuf> {
 }
 
 /// The files whose contents are a HF model folder's weights and architecture.
-pub fn model_files(dir: &Path) -> Vec<PathBuf> {
-    vec![dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE)]
+pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = vec![dir.join(CONFIG_FILE)];
+    if dir.join(INDEX_FILE).is_file() {
+        files.push(dir.join(INDEX_FILE));
+    }
+    files.extend(weight_files(dir)?);
+    Ok(files)
 }
 
 /// The SHA-256 of HF model folder `dir`, as a run records its base model.
 pub fn sha256(dir: &Path) -> Result<String> {
-    hash_files(&model_files(dir))
+    hash_files(&model_files(dir)?)
+}
+
+/// The safetensors files of a model folder: the one `model.safetensors`, or the shards an
+/// index lists.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(INDEX_FILE);
+    if !index.is_file() {
+        return Ok(vec![dir.join(WEIGHTS_FILE)]);
+    }
+    let text = fs::read_to_string(&index).map_err(|e| bad_input(format!("{}: cannot read: {e}", index.display())))?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not valid JSON: {e}", index.display())))?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad_input(format!("{}: no `weight_map` object", index.display())))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .filter(|f| !f.contains('/') && !f.contains('\\') && f.ends_with(".safetensors"))
+            .ok_or_else(|| {
+                bad_input(format!(
+                    "{}: `weight_map.{name}` = {file}: not a .safetensors file of the folder",
+                    index.display()
+                ))
+            })?;
+        let path = dir.join(file);
+        if !files.contains(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
 }

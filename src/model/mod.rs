@@ -1,15 +1,20 @@
-//! The model: the causal-language-model seam the rest of pipe is written against, GPT-2 (the
-//! one family pipe has), the fused operations its hot spots run as, LoRA adapters, parameters by
+//! The model: the causal-language-model seam the rest of pipe is written against, the families
+//! behind it (GPT-2; Llama, Qwen2 and Qwen3) and the one place a checkpoint is mapped to its
+//! family, the fused operations its hot spots run as, LoRA adapters, parameters by
 //! name, and HuggingFace checkpoint directories in and out.
 
 pub mod bf16_decoder;
 mod cpu_kernels;
 pub mod decode;
+pub mod family;
 pub mod fused;
 pub mod gpt2;
 #[cfg(feature = "gpu-kernels")]
 mod gpu;
 pub mod hf;
+pub mod kv_cache;
+pub mod llama;
+pub mod llama_hf;
 pub mod lora;
 pub mod params;
 mod raw;
@@ -23,8 +28,11 @@ use burn::tensor::{Int, Tensor};
 
 pub use bf16_decoder::Bf16Decoder;
 pub use cpu_kernels::gemm_gflops;
+pub use family::{Model, ModelConfig};
 pub use fused::{FusedOps, TrainBackend};
-pub use gpt2::{Gpt2, Gpt2Config, KvCache};
+pub use gpt2::{Gpt2, Gpt2Config, Precision};
+pub use kv_cache::KvCache;
+pub use llama::{Llama, LlamaConfig};
 pub use raw::bf16_native;
 
 /// Rows that pack several examples each: every position's index within its own example (where
@@ -36,6 +44,38 @@ pub struct Packing<B: burn::tensor::backend::Backend> {
     pub starts: Tensor<B, 2, Int>,
 }
 
+impl<B: burn::tensor::backend::Backend> Packing<B> {
+    /// Where each of a step's `seq` new positions (after `start` cached ones) is, per row: its
+    /// position within its example, and with packed rows the position its example starts at.
+    /// → ([batch, seq], [batch, seq])
+    pub fn layout(
+        packing: Option<Self>,
+        start: usize,
+        [batch, seq]: [usize; 2],
+        device: &B::Device,
+    ) -> (Tensor<B, 2, Int>, Option<Tensor<B, 2, Int>>) {
+        match packing {
+            Some(Packing { positions, starts }) => (positions, Some(starts)),
+            None => {
+                let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + seq) as i64, device);
+                (positions.unsqueeze::<2>().expand([batch, seq]), None)
+            }
+        }
+    }
+}
+
+/// Per-token NLL of `targets` from final hidden states through `lm_head`.
+/// hidden: [batch, seq, width], targets: [batch, seq] → [batch, seq]
+fn nll_of_hidden<B: FusedOps>(
+    hidden: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    lm_head: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let [batch, seq, width] = hidden.dims();
+    let logits = lm_head(hidden.reshape([batch * seq, width])); // [batch·seq, vocab]
+    fused::cross_entropy(logits, targets.reshape([batch * seq])).reshape([batch, seq])
+}
+
 /// A causal language model: everything the trainer, checkpoints, evaluation, generation,
 /// scoring and chat need of a model family.
 ///
@@ -43,12 +83,8 @@ pub struct Packing<B: burn::tensor::backend::Backend> {
 /// [`params`]): saving, loading and the optimizer state's parameter order all go through those
 /// names, so a parameter added to a model is in every checkpoint without a list to update.
 pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
-    /// The architecture.
-    type Config: Clone + core::fmt::Debug;
     /// What decoding keeps from one step to the next (GPT-2: every layer's keys and values).
     type Cache;
-
-    fn config(&self) -> &Self::Config;
 
     /// The positions the model attends over.
     fn context(&self) -> usize;
@@ -101,11 +137,17 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
     /// (and are added to it). tokens: [batch, seq] → [batch, vocab]
     fn next_logits(&self, tokens: Tensor<B, 2, Int>, cache: &mut Self::Cache) -> Tensor<B, 2>;
 
+    /// The model with its linear layers' products in `precision`.
+    fn with_precision(self, precision: Precision) -> Self
+    where
+        Self: Sized;
+
     /// The family's decoder for the CPU with the weights rounded to bf16 (`--precision bf16`).
     type Bf16Decoder: decode::Decode;
 
-    /// A copy of the model as its family's bf16 decoder.
-    fn bf16_decoder(&self) -> Self::Bf16Decoder;
+    /// A copy of the model as its family's bf16 decoder, where the family has one (else the
+    /// model decodes on its backend with its products in bf16).
+    fn bf16_decoder(&self) -> Option<Self::Bf16Decoder>;
 
     /// Write the model as a folder in its family's format (GPT-2: a HuggingFace directory);
     /// `eos_id` is the tokenizer's end-of-text id, recorded in the config.

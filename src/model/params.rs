@@ -8,13 +8,15 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-/// The module path being walked, kept by `enter_module`/`exit_module`.
+/// The module path being walked, kept by `enter_module`/`exit_module`. An enum module's
+/// variant (the model family: `Model::Gpt2`) is not part of the path: a parameter's name is
+/// its name in the family's own checkpoints.
 #[derive(Default)]
-struct Path(Vec<String>);
+struct Path(Vec<Option<String>>);
 
 impl Path {
-    fn enter(&mut self, name: &str) {
-        self.0.push(name.to_string());
+    fn enter(&mut self, name: &str, container: &str) {
+        self.0.push((!container.starts_with("Enum:")).then(|| name.to_string()));
     }
 
     fn exit(&mut self) {
@@ -22,7 +24,7 @@ impl Path {
     }
 
     fn name(&self) -> String {
-        self.0.join(".")
+        self.0.iter().flatten().cloned().collect::<Vec<_>>().join(".")
     }
 }
 
@@ -38,8 +40,8 @@ struct Named<S> {
 }
 
 impl<B: Backend, S: Sink<B>> ModuleVisitor<B> for Named<S> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.enter(name);
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
         self.path.exit();
@@ -95,8 +97,8 @@ trait MapSink<B: Backend> {
 
 /// A mapper that tracks the module path and hands each float parameter to its sink by name.
 impl<B: Backend, S: MapSink<B>> ModuleMapper<B> for Named<S> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.enter(name);
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
         self.path.exit();

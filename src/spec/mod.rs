@@ -297,25 +297,61 @@ pub struct TokenizerSpec {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSpec {
-    /// A HuggingFace GPT-2 directory (config.json + model.safetensors).
+    /// A HuggingFace model directory (config.json + model.safetensors) of a family pipe has.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
     /// A hub id such as `openai-community/gpt2`, resolved through the HuggingFace cache.
     #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "lenient_opt_string")]
     pub hub: Option<String>,
-    /// Or an architecture to initialise from scratch:
+    /// Or an architecture to initialise from scratch, of this family (GPT-2 by default):
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<NewModelFamily>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heads: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embd: Option<usize>,
-    /// Context length (learned positions).
+    /// Context length (positions attended over).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<usize>,
+    /// Llama: key/value heads (dividing `heads`; the heads by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_heads: Option<usize>,
+    /// Llama: the MLP's hidden width (4·embd by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inner: Option<usize>,
     /// Dropout probability; defaults to the checkpoint's, or 0 for a new model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropout: Option<f64>,
+}
+
+impl ModelSpec {
+    /// The architecture of the new model this section describes, for a vocabulary of
+    /// `vocab_size`; None when it names a checkpoint. (Validated: the sizes are given.)
+    pub fn new_model_config(&self, vocab_size: usize) -> Option<crate::model::ModelConfig> {
+        use crate::model::{Gpt2Config, LlamaConfig, ModelConfig};
+        let (layers, heads, embd, context) = (self.layers?, self.heads?, self.embd?, self.context?);
+        let dropout = self.dropout.unwrap_or(0.0);
+        let config = match self.family.unwrap_or_default() {
+            NewModelFamily::Gpt2 => ModelConfig::Gpt2(Gpt2Config::new(vocab_size, context, embd, layers, heads)),
+            NewModelFamily::Llama => {
+                let inner = self.inner.unwrap_or(4 * embd);
+                let kv_heads = self.kv_heads.unwrap_or(heads);
+                ModelConfig::Llama(LlamaConfig::new(vocab_size, context, embd, inner, layers, heads, kv_heads))
+            }
+        };
+        Some(config.with_dropout(dropout))
+    }
+}
+
+/// The architecture of a model made from scratch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NewModelFamily {
+    #[default]
+    Gpt2,
+    Llama,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -129,13 +129,22 @@ impl LoadedSpec {
             return Err(self.invalid("generate.top_p", format!("must be in (0, 1], got {}", s.generate.top_p)));
         }
         let m = &s.model;
-        let arch = [m.layers, m.heads, m.embd, m.context];
-        let sources = m.path.is_some() as usize + m.hub.is_some() as usize + arch.iter().any(Option::is_some) as usize;
+        let arch = [m.layers, m.heads, m.embd, m.context, m.kv_heads, m.inner];
+        let new_model = arch.iter().any(Option::is_some) || m.family.is_some();
+        let sources = m.path.is_some() as usize + m.hub.is_some() as usize + new_model as usize;
         if sources != 1 {
             return Err(self.invalid(
                 "model",
-                "give exactly one of: `path` (a HF GPT-2 directory), `hub` (a hub id), or `layers`, `heads`, `embd` and `context` (a new model)",
+                "give exactly one of: `path` (a HF model directory), `hub` (a hub id), or `layers`, `heads`, `embd` and `context` (a new model, with `family`)",
             ));
+        }
+        let family = m.family.unwrap_or_default();
+        if family == super::NewModelFamily::Gpt2 {
+            for (key, v) in [("model.kv_heads", m.kv_heads), ("model.inner", m.inner)] {
+                if v.is_some() {
+                    return Err(self.invalid(key, "is a Llama setting; GPT-2's heads each have their keys and values, and its MLP is 4·embd wide (set model.family = \"llama\")"));
+                }
+            }
         }
         if m.path.is_none() && m.hub.is_none() {
             for (key, v) in [
@@ -155,10 +164,29 @@ impl LoadedSpec {
                     format!("{} is not divisible by model.heads = {}", m.embd.unwrap(), m.heads.unwrap()),
                 ));
             }
+            let heads = m.heads.unwrap();
+            if let Some(kv_heads) = m.kv_heads {
+                positive("model.kv_heads", kv_heads)?;
+                if !heads.is_multiple_of(kv_heads) {
+                    return Err(
+                        self.invalid("model.kv_heads", format!("{kv_heads} does not divide model.heads = {heads}"))
+                    );
+                }
+            }
+            if let Some(inner) = m.inner {
+                positive("model.inner", inner)?;
+            }
+            if family == super::NewModelFamily::Llama && !(m.embd.unwrap() / heads).is_multiple_of(2) {
+                return Err(self.invalid(
+                    "model.heads",
+                    format!(
+                        "model.embd / model.heads = {} must be even for rotary embeddings",
+                        m.embd.unwrap() / heads
+                    ),
+                ));
+            }
             // The vocabulary is not known yet (the tokenizer may be trained); count it as GPT-2's.
-            let config =
-                crate::model::Gpt2Config::new(50257, m.context.unwrap(), m.embd.unwrap(), m.layers.unwrap(), 1);
-            if config.checked_num_params().is_none() {
+            if m.new_model_config(50257).is_some_and(|c| c.checked_num_params().is_none()) {
                 return Err(self.invalid(
                     "model.embd",
                     "with model.layers and model.context: more parameters than can be counted",

@@ -37,7 +37,13 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     let model = state.model.valid();
     match g.precision {
         Precision::F32 => sample_all(ctx, Generator::new(&model, ctx.device, g.seed), sampling, state.steps)?,
-        Precision::Bf16 => sample_all(ctx, Generator::with(model.bf16_decoder(), g.seed), sampling, state.steps)?,
+        Precision::Bf16 => match model.bf16_decoder() {
+            Some(decoder) => sample_all(ctx, Generator::with(decoder, g.seed), sampling, state.steps)?,
+            None => {
+                let model = model.with_precision(Precision::Bf16);
+                sample_all(ctx, Generator::new(&model, ctx.device, g.seed), sampling, state.steps)?
+            }
+        },
     }
     Ok(state)
 }

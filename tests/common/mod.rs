@@ -52,6 +52,39 @@ pub fn batch_loss(model: &Gpt2<Flex>, sequences: &[Sequence]) -> f64 {
     sum as f64 / batch.loss_tokens as f64
 }
 
+/// Every parameter's gradient of `loss` by module path (a model family's enum variant is not
+/// part of the path, as in `pipe::model::params`): (name, dims, values).
+pub fn gradients_by_name<M: burn::module::AutodiffModule<burn::backend::Autodiff<Flex>>>(
+    model: &M,
+    loss: Tensor<burn::backend::Autodiff<Flex>, 1>,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    type AD = burn::backend::Autodiff<Flex>;
+    struct Collect<'a> {
+        path: Vec<Option<String>>,
+        grads: &'a GradientsParams,
+        out: Vec<(String, Vec<usize>, Vec<f32>)>,
+    }
+    impl ModuleVisitor<AD> for Collect<'_> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.path.push((!container.starts_with("Enum:")).then(|| name.to_string()));
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+            let name = self.path.iter().flatten().cloned().collect::<Vec<_>>().join(".");
+            let grad = self.grads.get::<Flex, D>(param.id).expect("every parameter has a gradient");
+            self.out.push((name, grad.dims().to_vec(), grad.into_data().to_vec().unwrap()));
+        }
+    }
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    let mut collect = Collect { path: Vec::new(), grads: &grads, out: Vec::new() };
+    model.visit(&mut collect);
+    collect.out
+}
+
 /// Logits through the KV cache equal the full forward's, 1e-4 apart, over a context of 300
 /// positions: the cache's buffers grow by blocks (to 128, 256, then the context), fed a
 /// prompt, a chunk across a block's end, then one token at a time.

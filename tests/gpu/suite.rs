@@ -151,7 +151,7 @@ fn training_steps_on_the_gpu_backend_follow_the_cpu() {
     fn losses<B: pipe::model::TrainBackend>(batch: &[&Sequence], opt: &OptimizerSpec) -> Vec<f64> {
         let device = Default::default();
         let mut model: Gpt2<B> = hf::load::<B>(&fixture_dir(), None, &device).unwrap().1;
-        let mut trainer = Trainer::<B>::new(opt, 50256, &device);
+        let mut trainer = Trainer::<B, Gpt2<B>>::new(opt, 50256, &device);
         let mut losses = Vec::new();
         for _ in 0..3 {
             let stats;

@@ -201,7 +201,7 @@ fn gradient_accumulation_does_not_change_the_step() {
     let opt = OptimizerSpec { lr: 1.0, eps: 1.0, ..Default::default() };
     let step = |micro_batches: Vec<Vec<&Sequence>>| {
         let model = hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1;
-        let mut trainer = Trainer::<AD>::new(&opt, tok.eos_id, &device);
+        let mut trainer = Trainer::<AD, Gpt2<AD>>::new(&opt, tok.eos_id, &device);
         let (model, stats) = trainer.step(model, &micro_batches, opt.lr).unwrap();
         (flat_params(&model.valid()), stats)
     };

@@ -131,7 +131,7 @@ fn optimizer_steps_match(name: OptimizerKind, weight_decay: f64, key: &str) {
     let device = Default::default();
     let mut model = hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1;
     let opt = OptimizerSpec { name, lr: 1e-3, betas: [0.9, 0.95], eps: 1e-8, weight_decay, ..Default::default() };
-    let mut trainer = Trainer::<AD>::new(&opt, 50256, &device);
+    let mut trainer = Trainer::<AD, Gpt2<AD>>::new(&opt, 50256, &device);
     let sequences = sequences_of(&r);
     let batch: Vec<&Sequence> = sequences.iter().collect();
     for (step, (loss, norm)) in
@@ -241,7 +241,7 @@ fn bf16_training_keeps_f32_master_weights_and_follows_f32() {
     let batch: Vec<&Sequence> = sequences.iter().collect();
     let losses = |precision: Precision| {
         let mut model = Gpt2 { precision, ..hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1 };
-        let mut trainer = Trainer::<AD>::new(&opt, 50256, &device);
+        let mut trainer = Trainer::<AD, Gpt2<AD>>::new(&opt, 50256, &device);
         let mut losses = Vec::new();
         for _ in 0..5 {
             let stats;
@@ -261,33 +261,11 @@ fn bf16_training_keeps_f32_master_weights_and_follows_f32() {
 
 /// Every parameter's gradient at step 0, by module path, on the reference batch.
 fn gradients_by_name(model: &Gpt2<AD>) -> Vec<(String, Vec<f32>)> {
-    use burn::module::{Module, ModuleVisitor, Param};
-    use burn::optim::GradientsParams;
-    struct Collect<'a> {
-        path: Vec<String>,
-        grads: &'a GradientsParams,
-        out: Vec<(String, Vec<f32>)>,
-    }
-    impl ModuleVisitor<AD> for Collect<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
-            let grad = self.grads.get::<B, D>(param.id).expect("every parameter has a gradient");
-            self.out.push((self.path.join("."), grad.into_data().to_vec().unwrap()));
-        }
-    }
     let sequences = sequences_of(&reference());
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<AD>::new(&refs, 50256, &Default::default());
     let loss = model.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(batch.loss_tokens as f64);
-    let grads = GradientsParams::from_grads(loss.backward(), model);
-    let mut collect = Collect { path: Vec::new(), grads: &grads, out: Vec::new() };
-    model.visit(&mut collect);
-    collect.out
+    common::gradients_by_name(model, loss).into_iter().map(|(name, _, values)| (name, values)).collect()
 }
 
 /// llm.c's parity check: not only the global norm but every parameter's gradient equals
@@ -342,7 +320,7 @@ fn warmup_cosine_and_clipping_follow_pytorch() {
     let steps = want["steps"].as_u64().unwrap() as usize;
     let schedule = LrSchedule::new(&opt, steps);
     let mut model = hf::load::<AD>(&fixture_dir(), None, &device).unwrap().1;
-    let mut trainer = Trainer::<AD>::new(&opt, 50256, &device);
+    let mut trainer = Trainer::<AD, Gpt2<AD>>::new(&opt, 50256, &device);
     let sequences = sequences_of(&reference());
     let batch: Vec<&Sequence> = sequences.iter().collect();
     let (losses, norms, lrs) =

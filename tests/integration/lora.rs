@@ -175,7 +175,7 @@ fn only_the_adapters_train() {
     let examples = [Sequence::all_trained(text)];
     let batch: Vec<&Sequence> = examples.iter().collect();
     let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-2, weight_decay: 0.1, ..Default::default() };
-    let mut trainer = Trainer::<AD>::new(&opt, 50256, &device);
+    let mut trainer = Trainer::<AD, Gpt2<AD>>::new(&opt, 50256, &device);
     let before = model.valid();
     let (mut model, first) = trainer.step(model, std::slice::from_ref(&batch), opt.lr).unwrap();
     for _ in 0..2 {

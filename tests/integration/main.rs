@@ -10,6 +10,7 @@ mod chat_templates;
 mod cli;
 mod data;
 mod data_parallel;
+mod families;
 mod fidelity;
 mod formats;
 mod fused;

@@ -1,0 +1,473 @@
+//! The Llama family in burn — Llama, Qwen2 and Qwen3 — in one file, numerically matching
+//! transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM` and `Qwen3ForCausalLM`: pre-RMSNorm
+//! blocks, rotary position embeddings, grouped-query attention, a SwiGLU MLP, and a tied or
+//! untied LM head. The three differ only in settings: Qwen2 biases its query, key and value
+//! projections; Qwen3 RMS-normalises each head's queries and keys.
+//!
+//! Field names follow transformers' module names, so a parameter's module path is its name in
+//! a HF checkpoint: `model.layers.0.self_attn.q_proj.weight`. Linear weights are kept
+//! `[in, out]` (the products' layout) and transposed to HF's `[out, in]` on disk.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, LinearConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::fused::{causal_attention, linear, FusedOps};
+use super::gpt2::Precision;
+use super::kv_cache::{repeat_heads, KvCache, LayerCache};
+use super::{nll_of_hidden, Packing};
+
+/// Which of the family's HF architectures a model is, kept so it is written back as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Variant {
+    /// transformers' `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Variant::Llama => "llama",
+            Variant::Qwen2 => "qwen2",
+            Variant::Qwen3 => "qwen3",
+        }
+    }
+
+    /// transformers' class for causal language modelling.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Variant::Llama => "LlamaForCausalLM",
+            Variant::Qwen2 => "Qwen2ForCausalLM",
+            Variant::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+}
+
+/// How the rotary frequencies are scaled for contexts beyond the trained one, as transformers'
+/// `rope_scaling` (`rope_type`) computes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, those between blended.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// The architecture, with the meaning of the fields of HF's `LlamaConfig` (and Qwen2's and
+/// Qwen3's, which add nothing it cannot say).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub variant: Variant,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Key/value heads; each serves `num_attention_heads / num_key_value_heads` query heads.
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    /// The LM head is the token embedding.
+    pub tie_word_embeddings: bool,
+    /// Biases on the query, key and value projections (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// A bias on the attention's output projection (Llama's and Qwen3's `attention_bias`).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// RMSNorm of each head's queries and keys before the rotation (Qwen3).
+    pub qk_norm: bool,
+    /// Dropout on the attention probabilities while training.
+    pub attention_dropout: f64,
+    pub initializer_range: f64,
+    /// The tokenizer's ids the checkpoint names, written back with it.
+    pub bos_token_id: Option<usize>,
+    pub eos_token_ids: Vec<usize>,
+}
+
+impl LlamaConfig {
+    /// A Llama of the given sizes with Llama's defaults: untied head, no biases, θ = 10,000.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vocab_size: usize,
+        context: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
+        Self {
+            variant: Variant::Llama,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: hidden_size / heads.max(1),
+            max_position_embeddings: context,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            attention_dropout: 0.0,
+            initializer_range: 0.02,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        }
+    }
+
+    /// Parameter count (a tied LM head counted once), or None when it does not fit a `usize`.
+    pub fn checked_num_params(&self) -> Option<usize> {
+        let (d, inner) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim)?;
+        let bias = |on: bool, n: usize| if on { n } else { 0 };
+        let attention = d
+            .checked_mul(q.checked_add(kv.checked_mul(2)?)?)?
+            .checked_add(q.checked_mul(d)?)?
+            .checked_add(bias(self.qkv_bias, q + 2 * kv) + bias(self.o_bias, d))?
+            .checked_add(bias(self.qk_norm, 2 * self.head_dim))?;
+        let mlp = d.checked_mul(inner)?.checked_mul(3)?.checked_add(bias(self.mlp_bias, 2 * inner + d))?;
+        let block = attention.checked_add(mlp)?.checked_add(2 * d)?;
+        let embedding = self.vocab_size.checked_mul(d)?;
+        let head = if self.tie_word_embeddings { 0 } else { embedding };
+        self.num_hidden_layers.checked_mul(block)?.checked_add(embedding)?.checked_add(head)?.checked_add(d)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.checked_num_params().unwrap_or(usize::MAX)
+    }
+
+    /// The rotary frequencies, one per pair of a head's dimensions, as transformers computes
+    /// them (in f32), scaled by `rope_scaling`. → [head_dim / 2]
+    pub fn inverse_frequencies(&self) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        let base = self.rope_theta as f32;
+        let plain = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / self.head_dim as f32));
+        match &self.rope_scaling {
+            None => plain.collect(),
+            Some(RopeScaling::Linear { factor }) => plain.map(|f| f / *factor as f32).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let (factor, low, high, old) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                    *original_max_position_embeddings as f32,
+                );
+                let (low_freq_wavelen, high_freq_wavelen) = (old / low, old / high);
+                plain
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else if wavelen < high_freq_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// A freshly initialised model, as transformers initialises one: N(0, initializer_range)
+    /// weights and embeddings, zero biases, unit RMSNorms.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Llama<B> {
+        let normal = Initializer::Normal { mean: 0.0, std: self.initializer_range };
+        let d = self.hidden_size;
+        let (q, kv) = (self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        let linear = |d_in: usize, d_out: usize, bias: bool| {
+            let weight = LinearConfig::new(d_in, d_out).with_initializer(normal.clone()).init::<B>(device).weight;
+            Linear { weight, bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))) }
+        };
+        let norm =
+            |n: usize| RmsNorm { weight: Param::from_tensor(Tensor::ones([n], device)), epsilon: self.rms_norm_eps };
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                input_layernorm: norm(d),
+                self_attn: SelfAttention {
+                    q_proj: linear(d, q, self.qkv_bias),
+                    k_proj: linear(d, kv, self.qkv_bias),
+                    v_proj: linear(d, kv, self.qkv_bias),
+                    o_proj: linear(q, d, self.o_bias),
+                    q_norm: self.qk_norm.then(|| norm(self.head_dim)),
+                    k_norm: self.qk_norm.then(|| norm(self.head_dim)),
+                    heads: self.num_attention_heads,
+                    kv_heads: self.num_key_value_heads,
+                    head_dim: self.head_dim,
+                    attention_dropout: self.attention_dropout,
+                },
+                post_attention_layernorm: norm(d),
+                mlp: SwiGlu {
+                    gate_proj: linear(d, self.intermediate_size, self.mlp_bias),
+                    up_proj: linear(d, self.intermediate_size, self.mlp_bias),
+                    down_proj: linear(self.intermediate_size, d, self.mlp_bias),
+                },
+            })
+            .collect();
+        Llama {
+            config: self.clone(),
+            precision: Precision::F32,
+            model: Body {
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, d).with_initializer(normal.clone()).init(device),
+                layers,
+                norm: norm(d),
+            },
+            lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// The architecture (not a parameter).
+    pub config: LlamaConfig,
+    /// What the linear layers' products run in (a run setting, not a weight).
+    pub precision: Precision,
+    /// transformers' `model`: everything but the LM head.
+    pub model: Body<B>,
+    /// The LM head, when not tied to the token embedding.
+    pub lm_head: Option<Linear<B>>,
+}
+
+#[derive(Module, Debug)]
+pub struct Body<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: SelfAttention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: SwiGlu<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    /// Qwen3: RMSNorm over each head's queries and keys.
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub attention_dropout: f64,
+}
+
+#[derive(Module, Debug)]
+pub struct SwiGlu<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+/// A linear layer, the weight kept `[in, out]`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// [in, out]
+    pub weight: Param<Tensor<B, 2>>,
+    /// [out]
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: FusedOps> Linear<B> {
+    /// x: [rows, in] → [rows, out]
+    fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(Param::val), precision)
+    }
+}
+
+/// RMSNorm over the last dimension: x/√(mean(x²) + ε)·weight.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub epsilon: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// x: [rows, d] → [rows, d]
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let mean_square = x.clone().powi_scalar(2).mean_dim(1); // [rows, 1]
+        x * (mean_square + self.epsilon).sqrt().recip() * self.weight.val().unsqueeze::<2>()
+    }
+}
+
+/// The rotation of every position's queries and keys: cos and sin of position × frequency,
+/// each frequency repeated for both halves of a head. [batch, seq, 1, head_dim] each.
+struct Rotary<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rotary<B> {
+    /// positions: [batch, seq]
+    fn at(positions: Tensor<B, 2, Int>, inverse_frequencies: &[f32]) -> Self {
+        let half = inverse_frequencies.len();
+        let device = positions.device();
+        let frequencies = Tensor::<B, 1>::from_data(TensorData::new(inverse_frequencies.to_vec(), [half]), &device);
+        let angles = positions.float().unsqueeze_dim::<3>(2) * frequencies.reshape([1, 1, half]); // [batch, seq, half]
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2).unsqueeze_dim::<4>(2); // [batch, seq, 1, head_dim]
+        Rotary { cos: angles.clone().cos(), sin: angles.sin() }
+    }
+
+    /// x·cos + rotate_half(x)·sin, where rotate_half(x) = (−x₂, x₁) for x's halves x₁, x₂.
+    /// x: [batch, seq, heads, head_dim] → same
+    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let half = x.dims()[3] / 2;
+        let (x1, x2) = (x.clone().narrow(3, 0, half), x.clone().narrow(3, half, half));
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+impl<B: FusedOps> Llama<B> {
+    /// Final hidden states. With a cache, `tokens` are the positions after the cached ones;
+    /// with `packing`, each row holds several examples, each rotated from position 0 and
+    /// attending only within itself. tokens: [batch, seq] → [batch, seq, hidden]
+    pub fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+        packing: Option<Packing<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq] = tokens.dims();
+        let start = KvCache::begin_step(&mut cache, seq, self.config.max_position_embeddings);
+        let (positions, starts) = Packing::layout(packing, start, [batch, seq], &tokens.device()); // [batch, seq] each
+        let rotary = Rotary::at(positions, &self.config.inverse_frequencies());
+        let mut x = self.model.embed_tokens.forward(tokens); // [batch, seq, hidden]
+        for (index, layer) in self.model.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| c.layer(index));
+            x = layer.forward(x, &rotary, layer_cache, starts.clone(), self.precision);
+        }
+        if let Some(cache) = cache {
+            cache.advance(seq);
+        }
+        let hidden = x.dims()[2];
+        self.model.norm.forward(x.reshape([batch * seq, hidden])).reshape([batch, seq, hidden])
+    }
+
+    /// Next-token logits from hidden states. hidden: [tokens, hidden] → [tokens, vocab]
+    pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden, self.precision),
+            None => linear(hidden, self.model.embed_tokens.weight.val().transpose(), None, self.precision),
+        }
+    }
+
+    /// Per-token NLL of `targets`. inputs, targets: [batch, seq] → [batch, seq]
+    pub fn token_nll_packed(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        packing: Option<Packing<B>>,
+    ) -> Tensor<B, 2> {
+        nll_of_hidden(self.hidden(inputs, None, packing), targets, |rows| self.lm_head(rows))
+    }
+
+    /// The next-token logits after `tokens`, which follow the cached positions.
+    /// tokens: [batch, seq] → [batch, vocab]
+    pub fn next_logits(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
+        let hidden = self.hidden(tokens, Some(cache), None); // [batch, fed, hidden]
+        let [batch, fed, width] = hidden.dims();
+        self.lm_head(hidden.slice([0..batch, fed - 1..fed]).reshape([batch, width]))
+        // [batch, vocab]
+    }
+}
+
+impl<B: FusedOps> DecoderLayer<B> {
+    /// x: [batch, seq, hidden] → [batch, seq, hidden]
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        cache: Option<LayerCache<'_, B>>,
+        starts: Option<Tensor<B, 2, Int>>,
+        precision: Precision,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, hidden] = x.dims();
+        let rows = x.clone().reshape([batch * seq, hidden]);
+        let attn = self.self_attn.forward(self.input_layernorm.forward(rows), batch, rotary, cache, starts, precision);
+        let x = x.reshape([batch * seq, hidden]) + attn; // [batch·seq, hidden]
+        let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()), precision);
+        (x + mlp).reshape([batch, seq, hidden])
+    }
+}
+
+impl<B: FusedOps> SelfAttention<B> {
+    /// Causal grouped-query attention over rotated queries and keys; `starts` (packed rows)
+    /// confines each position to its own example. x: [batch·seq, hidden] → [batch·seq, hidden]
+    fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        batch: usize,
+        rotary: &Rotary<B>,
+        cache: Option<LayerCache<'_, B>>,
+        starts: Option<Tensor<B, 2, Int>>,
+        precision: Precision,
+    ) -> Tensor<B, 2> {
+        let seq = x.dims()[0] / batch;
+        let (heads, kv_heads, head_dim) = (self.heads, self.kv_heads, self.head_dim);
+        let project = |proj: &Linear<B>, norm: &Option<RmsNorm<B>>, n: usize| {
+            let y = proj.forward(x.clone(), precision); // [batch·seq, n·head_dim]
+            let y = match norm {
+                Some(norm) => norm.forward(y.reshape([batch * seq * n, head_dim])),
+                None => y,
+            };
+            y.reshape([batch, seq, n, head_dim])
+        };
+        let q = rotary.apply(project(&self.q_proj, &self.q_norm, heads)); // [batch, seq, heads, head_dim]
+        let k = rotary.apply(project(&self.k_proj, &self.k_norm, kv_heads)); // [batch, seq, kv_heads, head_dim]
+        let v = project(&self.v_proj, &None, kv_heads); // [batch, seq, kv_heads, head_dim]
+        let y = match cache {
+            // Training and scoring: the fused op reads the heads out of one packed q·k·v.
+            // (Generation, below, runs without autodiff, so without dropout.)
+            None => {
+                let width = heads * head_dim;
+                let spread = |t: Tensor<B, 4>| {
+                    repeat_heads(t.swap_dims(1, 2), heads).swap_dims(1, 2).reshape([batch, seq, width])
+                };
+                let qkv = Tensor::cat(vec![q.reshape([batch, seq, width]), spread(k), spread(v)], 2); // [batch, seq, 3·width]
+                causal_attention(qkv, heads, self.attention_dropout, starts, precision)
+                // [batch, seq, width]
+            }
+            Some(cache) => cache.attend(q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2)),
+        };
+        self.o_proj.forward(y.reshape([batch * seq, heads * head_dim]), precision)
+    }
+}
+
+impl<B: FusedOps> SwiGlu<B> {
+    /// down(silu(gate(x)) · up(x)). x: [rows, hidden] → [rows, hidden]
+    fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+        let gate = silu(self.gate_proj.forward(x.clone(), precision)); // [rows, inner]
+        self.down_proj.forward(gate * self.up_proj.forward(x, precision), precision)
+    }
+}

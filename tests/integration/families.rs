@@ -1,0 +1,326 @@
+//! The Llama family (Llama, Qwen2, Qwen3) against transformers, one suite run over every
+//! fixture: tests/fixtures/tiny-{llama,qwen2,qwen3}, made with transformers 5.25 / PyTorch 2.15
+//! (eager attention, float32, CPU) by scripts/make_llama_fixtures.py. Each fixture exercises its
+//! family's features (grouped-query attention, biases, llama3 RoPE scaling, q/k norms, a wide
+//! head_dim, tied and untied heads) and its weights' storage (f32, bf16 in shards, f16).
+//!
+//! Tolerances: per-token NLL and losses within 1e-4, every gradient within 1e-5 of its
+//! tensor's largest, AdamW steps within 1e-4, greedy ids identical.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::AutodiffModule;
+use burn::tensor::{Int, Tensor, TensorData};
+use pipe::data::{Batch, Sequence, Tok};
+use pipe::generate::{Generator, Sampling};
+use pipe::model::{family, CausalLm, Model, ModelConfig};
+use pipe::spec::{OptimizerKind, OptimizerSpec};
+use pipe::train::Trainer;
+
+use crate::common::{floats, gradients_by_name as named_gradients, ids, repo};
+
+type B = Flex;
+type AD = Autodiff<Flex>;
+
+const FIXTURES: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"];
+
+fn dir(fixture: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(fixture)
+}
+
+fn reference(fixture: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(fixture).join("reference.json")).unwrap()).unwrap()
+}
+
+fn load<Bk: pipe::model::FusedOps>(fixture: &str) -> Model<Bk> {
+    family::load::<Bk>(&dir(fixture), None, &Default::default()).unwrap_or_else(|e| panic!("{fixture}: {e:#}"))
+}
+
+/// The fixture's end-of-text id, which pads its batches.
+fn eos(fixture: &str) -> u32 {
+    Tok::load(&dir(fixture).join("tokenizer.json")).unwrap().eos_id
+}
+
+fn sequences(r: &serde_json::Value) -> Vec<Sequence> {
+    r["encoded"].as_array().unwrap().iter().map(|e| Sequence::all_trained(ids(e))).collect()
+}
+
+fn batch_loss(model: &Model<B>, sequences: &[Sequence], pad: u32) -> f64 {
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let batch = Batch::<B>::new(&refs, pad, &Default::default());
+    let sum: f32 = model.loss_sum_packed(batch.inputs, batch.targets, batch.weights, batch.packing).into_scalar();
+    sum as f64 / batch.loss_tokens as f64
+}
+
+fn assert_close(what: &str, got: f64, want: f64, tol: f64) {
+    assert!((got - want).abs() <= tol, "{what}: got {got}, transformers {want} (tolerance {tol})");
+}
+
+#[test]
+fn each_config_is_read_as_its_family() {
+    for (fixture, family, kv_heads, head_dim) in
+        [("tiny-llama", "llama", 2, 8), ("tiny-qwen2", "qwen2", 1, 8), ("tiny-qwen3", "qwen3", 2, 16)]
+    {
+        let config = family::read_config(&dir(fixture)).unwrap();
+        assert_eq!(config.family(), family);
+        assert_eq!((config.heads(), config.kv_heads(), config.head_dim()), (4, kv_heads, head_dim), "{fixture}");
+        let ModelConfig::Llama(c) = config else { panic!("{fixture} is not of the Llama family") };
+        let count = CausalLm::num_params(&load::<B>(fixture));
+        assert_eq!(c.num_params(), count, "{fixture}: the config's count is the model's");
+    }
+}
+
+#[test]
+fn tokenizer_ids_match_transformers() {
+    for fixture in FIXTURES {
+        let r = reference(fixture);
+        let tok = Tok::load(&dir(fixture).join("tokenizer.json")).unwrap();
+        for (text, want) in r["texts"].as_array().unwrap().iter().zip(r["encoded"].as_array().unwrap()) {
+            assert_eq!(tok.encode(text.as_str().unwrap()).unwrap(), ids(want), "{fixture}");
+        }
+    }
+}
+
+#[test]
+fn per_token_nll_and_losses_match() {
+    for fixture in FIXTURES {
+        let (r, model) = (reference(fixture), load::<B>(fixture));
+        for (i, encoded) in r["encoded"].as_array().unwrap().iter().enumerate() {
+            let x = ids(encoded);
+            let tokens = |range: std::ops::Range<usize>| {
+                let part: Vec<i32> = x[range.clone()].iter().map(|&t| t as i32).collect();
+                Tensor::<B, 2, Int>::from_data(TensorData::new(part, [1, range.len()]), &Default::default())
+            };
+            let nll: Vec<f32> =
+                model.token_nll(tokens(0..x.len() - 1), tokens(1..x.len())).into_data().to_vec().unwrap();
+            let want = floats(&r["nll"][i]);
+            assert_eq!(nll.len(), want.len());
+            for (j, (got, want)) in nll.iter().zip(&want).enumerate() {
+                assert_close(&format!("{fixture} text {i} token {j} NLL"), *got as f64, *want, 1e-4);
+            }
+        }
+        let pad = eos(fixture);
+        assert_close(
+            &format!("{fixture} padded batch loss"),
+            batch_loss(&model, &sequences(&r), pad),
+            r["batch_loss"].as_f64().unwrap(),
+            1e-4,
+        );
+        let pairs: Vec<Sequence> = (0..2)
+            .map(|i| {
+                let all = ids(&r["pair_encoded"][i]);
+                Sequence::with_prompt(all, r["pair_prompt_lens"][i].as_u64().unwrap() as usize)
+            })
+            .collect();
+        assert_close(
+            &format!("{fixture} completion-only loss"),
+            batch_loss(&model, &pairs, pad),
+            r["masked_loss"].as_f64().unwrap(),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn top5_and_greedy_ids_match() {
+    for fixture in FIXTURES {
+        let (r, model) = (reference(fixture), load::<B>(fixture));
+        let x = ids(&r["encoded"][0]);
+        let data: Vec<i32> = x.iter().map(|&t| t as i32).collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, x.len()]), &Default::default());
+        let Model::Llama(llama) = &model else { panic!("{fixture} is not of the Llama family") };
+        let hidden = llama.hidden(tokens, None, None);
+        let logits = llama.lm_head(hidden.reshape([x.len(), llama.config.hidden_size])); // [seq, vocab]
+        let top5: Vec<i32> =
+            logits.argsort_descending(1).narrow(1, 0, 5).into_data().convert::<i32>().to_vec().unwrap();
+        let want: Vec<i32> = r["top5"].as_array().unwrap().iter().flat_map(ids).map(|t| t as i32).collect();
+        assert_eq!(top5, want, "{fixture}: top-5 ids");
+
+        let g = &r["greedy"];
+        let new_ids = ids(&g["new_ids"]);
+        let mut generator = Generator::new(&model, &Default::default(), 0);
+        let new = generator.generate(&ids(&g["prompt_ids"]), new_ids.len(), Sampling::GREEDY, None, |_| true);
+        assert_eq!(new, new_ids, "{fixture}: greedy ids through the KV cache");
+    }
+}
+
+/// Every parameter's gradient at step 0, by name as transformers names it (linear weights in
+/// its [out, in] layout), on the reference's padded batch.
+fn gradients_by_name(model: &Model<AD>, r: &serde_json::Value, pad: u32) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let sequences = sequences(r);
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let batch = Batch::<AD>::new(&refs, pad, &Default::default());
+    let loss = model.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(batch.loss_tokens as f64);
+    let hf_layout = |(name, dims, values): (String, Vec<usize>, Vec<f32>)| {
+        if !(name.ends_with("_proj.weight") || name == "lm_head.weight") {
+            return (name, dims, values);
+        }
+        let [rows, cols] = [dims[0], dims[1]];
+        let transposed = (0..rows * cols).map(|i| values[(i % rows) * cols + i / rows]).collect();
+        (name, vec![cols, rows], transposed)
+    };
+    named_gradients(model, loss).into_iter().map(hf_layout).collect()
+}
+
+/// llm.c's parity check, tensor by tensor: every parameter's gradient equals transformers'.
+#[test]
+fn every_parameter_gradient_matches_transformers() {
+    for fixture in FIXTURES {
+        let r = reference(fixture);
+        let model = load::<AD>(fixture);
+        let bytes = std::fs::read(dir(fixture).join("grads.safetensors")).unwrap();
+        let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let ours = gradients_by_name(&model, &r, eos(fixture));
+        assert_eq!(ours.len(), reference.len(), "{fixture}: one gradient per parameter");
+        for (name, shape, got) in ours {
+            let want = reference.tensor(&name).unwrap_or_else(|_| panic!("{fixture}: no reference for {name}"));
+            assert_eq!(want.shape(), shape.as_slice(), "{fixture}: {name}");
+            let want: Vec<f32> =
+                want.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+            assert!(diff <= 1e-5 * scale + 1e-8, "{fixture} {name}: off by {diff:e}, largest gradient {scale:e}");
+        }
+    }
+}
+
+#[test]
+fn adamw_steps_match_pytorch() {
+    for fixture in FIXTURES {
+        let r = reference(fixture);
+        let device = Default::default();
+        let mut model = load::<AD>(fixture);
+        let opt = OptimizerSpec {
+            name: OptimizerKind::Adamw,
+            lr: 1e-3,
+            betas: [0.9, 0.95],
+            eps: 1e-8,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::<AD>::new(&opt, eos(fixture), &device);
+        let sequences = sequences(&r);
+        let batch: Vec<&Sequence> = sequences.iter().collect();
+        for (step, want) in floats(&r["adamw_losses"]).into_iter().enumerate() {
+            let stats;
+            (model, stats) = trainer.step(model, std::slice::from_ref(&batch), 1e-3).unwrap();
+            assert_close(&format!("{fixture} AdamW step {step} loss"), stats.loss, want, 1e-4);
+        }
+        let _ = model.valid();
+    }
+}
+
+/// Packed rows: each example is rotated from position 0 and attends within itself, so its NLL
+/// is what it has alone.
+#[test]
+fn a_packed_row_computes_each_example_as_if_alone() {
+    for fixture in FIXTURES {
+        let (r, model) = (reference(fixture), load::<B>(fixture));
+        let parts = sequences(&r);
+        let alone: Vec<f64> = parts.iter().map(|s| batch_loss(&model, std::slice::from_ref(s), 0)).collect();
+        let refs: Vec<&Sequence> = parts.iter().collect();
+        let packed = Sequence::packed(&refs);
+        let tokens: Vec<usize> = parts.iter().map(|s| s.ids.len() - 1).collect();
+        let want =
+            alone.iter().zip(&tokens).map(|(l, &n)| l * n as f64).sum::<f64>() / tokens.iter().sum::<usize>() as f64;
+        assert_close(&format!("{fixture} packed loss"), batch_loss(&model, &[packed], 0), want, 1e-5);
+    }
+}
+
+/// What pipe writes reads back as the same model (config and weights), in the family's format.
+#[test]
+fn a_saved_model_reads_back_the_same() {
+    for fixture in FIXTURES {
+        let (r, model) = (reference(fixture), load::<B>(fixture));
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path(), None).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+        let source: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir(fixture).join("config.json")).unwrap()).unwrap();
+        for key in ["model_type", "architectures", "num_key_value_heads", "tie_word_embeddings", "vocab_size"] {
+            assert_eq!(config[key], source[key], "{fixture}: {key}");
+        }
+        let heads = source["num_attention_heads"].as_u64().unwrap();
+        let head_dim =
+            source.get("head_dim").map_or(source["hidden_size"].as_u64().unwrap() / heads, |d| d.as_u64().unwrap());
+        assert_eq!(config["head_dim"], head_dim, "{fixture}: head_dim");
+        let again = family::load::<B>(out.path(), None, &Default::default()).unwrap();
+        assert_eq!(again.config(), model.config());
+        let pad = eos(fixture);
+        assert_eq!(batch_loss(&again, &sequences(&r), pad), batch_loss(&model, &sequences(&r), pad), "{fixture}");
+    }
+}
+
+/// A copy of a fixture's folder with its config.json changed by `edit`.
+fn with_config(fixture: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir(fixture)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, out.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let path = out.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    out
+}
+
+fn refusal(folder: &Path) -> String {
+    let Err(error) = family::load::<B>(folder, None, &Default::default()) else {
+        panic!("{} was read", folder.display())
+    };
+    assert!(pipe::error::is_bad_input(&error));
+    format!("{error:#}")
+}
+
+/// Every config field that changes the arithmetic is implemented or refused, naming the key and
+/// the value; the RoPE base is read as transformers 4 writes it and as 5 does.
+#[test]
+fn settings_pipe_does_not_compute_are_refused_naming_key_and_value() {
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: [(&str, Edit, &str); 6] = [
+        ("tiny-llama", Box::new(|c| c["hidden_act"] = "gelu".into()), "`hidden_act` = \"gelu\""),
+        ("tiny-qwen2", Box::new(|c| c["use_sliding_window"] = true.into()), "`use_sliding_window` = true"),
+        (
+            "tiny-qwen3",
+            Box::new(|c| c["rope_parameters"]["rope_type"] = "yarn".into()),
+            "rope_type \"yarn\" is not implemented",
+        ),
+        ("tiny-llama", Box::new(|c| c["num_key_value_heads"] = 3.into()), "`num_key_value_heads` = 3"),
+        ("tiny-llama", Box::new(|c| c["model_type"] = "mistral".into()), "`model_type` = \"mistral\""),
+        ("tiny-qwen3", Box::new(|c| c["layer_types"][1] = "sliding_attention".into()), "`layer_types`"),
+    ];
+    for (fixture, edit, expected) in cases {
+        let folder = with_config(fixture, edit);
+        let message = refusal(folder.path());
+        assert!(message.contains(expected) && message.contains("config.json"), "{fixture}: {message}");
+    }
+    // transformers 4's spelling of the same RoPE base reads as the same model.
+    let folder = with_config("tiny-qwen2", |c| {
+        let theta = c["rope_parameters"]["rope_theta"].clone();
+        c.as_object_mut().unwrap().remove("rope_parameters");
+        c["rope_theta"] = theta;
+    });
+    let r = reference("tiny-qwen2");
+    let model = family::load::<B>(folder.path(), None, &Default::default()).unwrap();
+    assert_close(
+        "rope_theta as transformers 4 writes it",
+        batch_loss(&model, &sequences(&r), 0),
+        r["batch_loss"].as_f64().unwrap(),
+        1e-4,
+    );
+}
+
+/// Shards: a tensor listed in the index but missing from its file, or one no parameter takes,
+/// is named.
+#[test]
+fn missing_and_unexpected_tensors_of_a_sharded_checkpoint_are_named() {
+    let folder = with_config("tiny-qwen2", |c| c["num_hidden_layers"] = 3.into());
+    let message = refusal(folder.path());
+    assert!(message.contains("model.layers.2.input_layernorm.weight") && message.contains("missing"), "{message}");
+    let folder = with_config("tiny-qwen2", |c| c["num_hidden_layers"] = 1.into());
+    let message = refusal(folder.path());
+    assert!(message.contains("unexpected tensors") && message.contains("model.layers.1."), "{message}");
+}
