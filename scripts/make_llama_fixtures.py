@@ -11,8 +11,11 @@ features of its family that a released checkpoint of it uses:
   tiny-qwen3  q/k RMSNorm, an explicit head_dim wider than hidden_size / heads, untied head;
               f16 weights
 
-beside a small byte-level BPE tokenizer trained here (tokenizer.json, with `<|endoftext|>`),
-and what transformers (eager attention, float32, CPU) computes on the weights as stored:
+beside a small byte-level BPE tokenizer trained here (tokenizer.json) with the special tokens
+as each family's releases have them: tiny-llama's post-processor starts every text with `<s>`
+and its EOS is `</s>`; tiny-qwen2's EOS is `<|im_end|>`, and its generation_config.json ends
+generation at `<|im_end|>` or `<|endoftext|>`; tiny-qwen3's EOS is `<|endoftext|>`. Then what
+transformers (eager attention, float32, CPU) computes on the weights as stored:
 
   reference.json  encoded texts, per-token NLL, top-5 ids of text 0, the right-padded batch's
                   loss, the prompt/response pairs' completion-only loss, greedy ids, and the
@@ -24,7 +27,7 @@ usage: make_llama_fixtures.py OUT_ROOT   (writes OUT_ROOT/tiny-llama, tiny-qwen2
 import json, os, sys
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, trainers
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM)
 
@@ -43,20 +46,20 @@ PAIRS = [["What is the capital of France?\n", "The capital of France is Paris."]
          ["Name three primary colours.\n", "Red, yellow and blue."]]
 PROMPT = "Once upon a time"
 EOS = "<|endoftext|>"
+SPECIAL = [EOS, "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 def make_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, min_frequency=2, special_tokens=[EOS],
+    trainer = trainers.BpeTrainer(vocab_size=384, min_frequency=2, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
-tok = make_tokenizer()
-eos_id = tok.token_to_id(EOS)
-enc = [tok.encode(t).ids for t in TEXTS]
-V = tok.get_vocab_size()
+plain = make_tokenizer()
+V = plain.get_vocab_size()
+ID = {t: plain.token_to_id(t) for t in SPECIAL}
 
 FAMILIES = {
     "tiny-llama": (LlamaForCausalLM, LlamaConfig(
@@ -65,19 +68,29 @@ FAMILIES = {
         attention_bias=True, mlp_bias=True,
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-        torch.float32, None),
+        torch.float32, None, {"bos": "<s>", "eos": "</s>", "stops": ["</s>", "<|im_end|>"]}),
     "tiny-qwen2": (Qwen2ForCausalLM, Qwen2Config(
         vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, use_sliding_window=False),
-        torch.bfloat16, "40KB"),
+        torch.bfloat16, "40KB", {"bos": None, "eos": "<|im_end|>", "stops": ["<|im_end|>", EOS]}),
     "tiny-qwen3": (Qwen3ForCausalLM, Qwen3Config(
         vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6,
         tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         use_sliding_window=False),
-        torch.float16, None),
+        torch.float16, None, {"bos": None, "eos": EOS, "stops": [EOS]}),
 }
+
+def family_tokenizer(special):
+    """The trained tokenizer, with a post-processor putting the BOS before every text where the
+    family's tokenizers have one."""
+    tok = Tokenizer.from_str(plain.to_str())
+    if special["bos"]:
+        bos = special["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ID[bos])])
+    return tok
 
 def lm_loss(model, ids_list, masks=None):
     """Right-pad a batch; padding (and masked prompt tokens) are ignored by the loss."""
@@ -92,11 +105,15 @@ def lm_loss(model, ids_list, masks=None):
         labels[i, :len(x)] = lab
     return model(input_ids=ids, attention_mask=att, labels=labels).loss
 
-for seed, (name, (cls, cfg, dtype, shard)) in enumerate(FAMILIES.items()):
+for seed, (name, (cls, cfg, dtype, shard, special)) in enumerate(FAMILIES.items()):
     out = os.path.join(root, name)
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
-    cfg.bos_token_id = eos_id; cfg.eos_token_id = eos_id; cfg.pad_token_id = None
+    tok = family_tokenizer(special)
+    eos_id = ID[special["eos"]]
+    enc = [tok.encode(t).ids for t in TEXTS]
+    cfg.bos_token_id = ID[special["bos"]] if special["bos"] else None
+    cfg.eos_token_id = eos_id; cfg.pad_token_id = None
     model = cls(cfg).float()
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -106,15 +123,19 @@ for seed, (name, (cls, cfg, dtype, shard)) in enumerate(FAMILIES.items()):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.1 * torch.randn_like(p))
+    model.generation_config.bos_token_id = cfg.bos_token_id
+    model.generation_config.eos_token_id = [ID[t] for t in special["stops"]]
     kwargs = {"max_shard_size": shard} if shard else {}
     model.to(dtype).save_pretrained(out, safe_serialization=True, **kwargs)
     tok.save(os.path.join(out, "tokenizer.json"), pretty=False)
-    json.dump({"eos_token": EOS, "bos_token": None, "tokenizer_class": "PreTrainedTokenizerFast"},
+    json.dump({"eos_token": special["eos"], "bos_token": special["bos"], "tokenizer_class": "PreTrainedTokenizerFast"},
               open(os.path.join(out, "tokenizer_config.json"), "w"), indent=1)
 
     # The reference is computed from the weights as stored, read back in float32.
     model = cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-    ref = {"family": cfg.model_type, "texts": TEXTS, "encoded": enc, "pairs": PAIRS}
+    ref = {"family": cfg.model_type, "texts": TEXTS, "encoded": enc, "pairs": PAIRS,
+           "eos_id": eos_id, "bos_id": ID[special["bos"]] if special["bos"] else None,
+           "stop_ids": [ID[t] for t in special["stops"]]}
     with torch.no_grad():
         ref["nll"], ref["loss"] = [], []
         for x in enc:

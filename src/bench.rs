@@ -250,9 +250,9 @@ impl BackendJob for Bench {
 
 /// Greedy tokens per second after `prompt`, after a short warm-up.
 fn generation_speed(mut generator: Generator<impl Decode>, prompt: &[u32], tokens: usize) -> f64 {
-    generator.generate(prompt, 4, Sampling::GREEDY, None, |_| true);
+    generator.generate(prompt, 4, Sampling::GREEDY, &[], |_| true);
     let started = Instant::now();
-    let new = generator.generate(prompt, tokens, Sampling::GREEDY, None, |_| true);
+    let new = generator.generate(prompt, tokens, Sampling::GREEDY, &[], |_| true);
     new.len() as f64 / started.elapsed().as_secs_f64()
 }
 

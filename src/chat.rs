@@ -24,7 +24,8 @@ pub fn chat(
     input: impl BufRead,
     mut output: impl Write,
 ) -> Result<()> {
-    let context = model.context();
+    // The conversation's tokens after the BOS (where the tokenizer starts texts with one).
+    let context = model.context().saturating_sub(tok.bos_id.is_some() as usize).max(1);
     let mut generator = Generator::with(model, settings.seed);
     // Each finished turn: the laid-out user line, the reply and EOS, as token ids.
     let mut history: Vec<Vec<u32>> = Vec::new();
@@ -61,12 +62,13 @@ pub fn chat(
                 while !history.is_empty() && history.iter().map(Vec::len).sum::<usize>() + turn.len() > budget {
                     history.remove(0);
                 }
-                let prompt: Vec<u32> = history.iter().flatten().chain(&turn).copied().collect();
-                let max_new = settings.max_new_tokens.min(context - prompt.len());
+                let prompt: Vec<u32> =
+                    tok.bos_id.iter().chain(history.iter().flatten()).chain(&turn).copied().collect();
+                let max_new = settings.max_new_tokens.min(context + tok.bos_id.is_some() as usize - prompt.len());
                 let mut reply = Vec::new();
                 let mut shown = String::new();
-                generator.generate(&prompt, max_new, settings.sampling, Some(tok.eos_id), |id| {
-                    if id == tok.eos_id {
+                generator.generate(&prompt, max_new, settings.sampling, &tok.stop_ids, |id| {
+                    if tok.is_stop(id) {
                         return false;
                     }
                     reply.push(id);

@@ -72,15 +72,15 @@ impl<D: Decode> Generator<D> {
         Self { decoder, rng: StdRng::seed_from_u64(seed) }
     }
 
-    /// Continue `prompt` by up to `max_new_tokens`, stopping after `eos` (which is returned as
-    /// the last id), when the context is full, or when `on_token`, which sees each id as it is
+    /// Continue `prompt` by up to `max_new_tokens`, stopping after any of the `stop` ids (which
+    /// is returned as the last id), when the context is full, or when `on_token`, which sees each id as it is
     /// chosen, returns false (a caller's stop text).
     pub fn generate(
         &mut self,
         prompt: &[u32],
         max_new_tokens: usize,
         sampling: Sampling,
-        eos: Option<u32>,
+        stop: &[u32],
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Vec<u32> {
         let context = self.decoder.context();
@@ -94,7 +94,7 @@ impl<D: Decode> Generator<D> {
             let next = self.decoder.next_token(&feed, &mut cache, sampling, &mut self.rng);
             let go_on = on_token(next);
             out.push(next);
-            if Some(next) == eos || !go_on {
+            if stop.contains(&next) || !go_on {
                 break;
             }
             feed = vec![next];
@@ -102,7 +102,7 @@ impl<D: Decode> Generator<D> {
         out
     }
 
-    /// An answer to `prompt`: generated until EOS, `max_new_tokens`, or `layout`'s stop text.
+    /// An answer to `prompt`: generated until an end-of-sequence id, `max_new_tokens`, or `layout`'s stop text.
     pub fn answer(
         &mut self,
         tok: &Tok,
@@ -112,7 +112,7 @@ impl<D: Decode> Generator<D> {
         sampling: Sampling,
     ) -> Result<Vec<u32>> {
         let mut so_far = Vec::new();
-        let new = self.generate(prompt, max_new_tokens, sampling, Some(tok.eos_id), |id| {
+        let new = self.generate(prompt, max_new_tokens, sampling, &tok.stop_ids, |id| {
             so_far.push(id);
             // Decoding is cheap beside a forward pass; only layouts with a stop text pay it.
             !layout.stop.as_deref().is_some_and(|stop| tok.decode(&so_far).is_ok_and(|text| text.contains(stop)))

@@ -448,7 +448,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let (settings, max_new_tokens, seed) = sampling.resolve(&defaults)?;
             let precision = sampling.precision.unwrap_or(defaults.precision);
             let text_in = layout.apply(&prompt);
-            let ids = tok.encode(&text_in)?;
+            let ids = tok.encode_prompt(&text_in)?;
             let answer = Answer { tok: &tok, layout: &layout, ids: &ids, max_new_tokens, sampling: settings, seed };
             let new = decode(&source.dir, &on, precision, answer)?;
             let text = layout.cut(&tok.decode(&new)?).to_string();

@@ -94,7 +94,10 @@ pub fn answer_all<B: FusedOps, M: CausalLm<B>>(
     for (i, example) in examples.iter().enumerate() {
         let Some((prompt, reference)) = prompt_and_reference(example, tok.eos_id) else { continue };
         let answer = generator.answer(tok, layout, prompt, max_new_tokens, greedy)?;
-        let answer = answer.strip_suffix(&[tok.eos_id]).unwrap_or(&answer);
+        let answer = match answer.split_last() {
+            Some((&last, before)) if tok.is_stop(last) => before,
+            _ => &answer,
+        };
         let (prediction, reference) = (tok.decode(answer)?, tok.decode(reference)?);
         let (prediction, reference) = (layout.cut(&prediction).to_string(), layout.cut(&reference).to_string());
         let scores_of_one = ResponseScores::of(&prediction, &reference);

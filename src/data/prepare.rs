@@ -178,10 +178,12 @@ fn cache_entry(spec: &Spec, tok: &Tok, chat: Option<&JinjaTemplate>, max_length:
     data.path = PathBuf::new();
     data.val_path = None;
     let settings = format!(
-        "{}\nseed={} max_length={max_length} loss_on={:?} version={}",
+        "{}\nseed={} max_length={max_length} loss_on={:?} eos={} bos={:?} version={}",
         toml::to_string(&data)?,
         spec.run.seed,
         spec.train.loss_on,
+        tok.eos_id,
+        tok.bos_id,
         env!("CARGO_PKG_VERSION")
     );
     let template = chat.map(serde_json::to_string).transpose()?.unwrap_or_default();

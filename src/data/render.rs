@@ -158,9 +158,10 @@ pub struct TokenizeReport {
     pub dropped: usize,
 }
 
-/// Rendered pieces as token ids, each marked trained or not.
+/// Rendered pieces as token ids, each marked trained or not, after the BOS where the tokenizer
+/// puts one before every text (as transformers' tokenizers encode an example).
 fn tokenize_pieces(pieces: Vec<Piece>, tok: &Tok) -> Result<(Vec<u32>, Vec<bool>)> {
-    let (mut ids, mut trained) = (Vec::new(), Vec::new());
+    let (mut ids, mut trained): (Vec<u32>, Vec<bool>) = tok.bos_id.map(|bos| (bos, false)).into_iter().unzip();
     for piece in pieces {
         match piece {
             Piece::Text(text, train) => {

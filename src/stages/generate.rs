@@ -19,7 +19,7 @@ pub fn check_prompts(spec: &Spec, tok: &Tok, layout: &PromptLayout, context: usi
         return Ok(());
     }
     for (i, prompt) in spec.generate.prompts.iter().enumerate() {
-        let ids = tok.encode(&layout.apply(prompt))?;
+        let ids = tok.encode_prompt(&layout.apply(prompt))?;
         if ids.is_empty() || ids.len() >= context {
             return Err(bad_input(format!(
                 "generate.prompts[{i}] is {} tokens laid out with the prompt template; it must be 1 to {} for the model's context of {context}",
@@ -64,9 +64,9 @@ fn sample_all<B: TrainBackend>(
         }
         let layout = &ctx.data.layout;
         let text_in = layout.apply(prompt);
-        let ids = tok.encode(&text_in)?;
+        let ids = tok.encode_prompt(&text_in)?;
         let new = generator.answer(tok, layout, &ids, g.max_new_tokens, sampling)?;
-        let stopped_at_eos = new.last() == Some(&tok.eos_id);
+        let stopped_at_eos = new.last().is_some_and(|&id| tok.is_stop(id));
         let completion = layout.cut(&tok.decode(&new)?).to_string();
         bar.suspend(|| println!("--- sample\n{text_in}{completion}"));
         ctx.run.log_sample(&SampleRecord { prompt: prompt.clone(), completion, ids: new, stopped_at_eos }, i, steps)?;

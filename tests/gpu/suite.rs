@@ -46,7 +46,7 @@ fn gpt2_on_the_gpu_backend_matches_transformers() {
     let g = &r["greedy"];
     let mut generator = Generator::new(&model, &Default::default(), 0);
     let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
-    let new = generator.generate(&ids(&g["prompt_ids"]), max_new, Sampling::GREEDY, None, |_| true);
+    let new = generator.generate(&ids(&g["prompt_ids"]), max_new, Sampling::GREEDY, &[], |_| true);
     assert_eq!(new, ids(&g["new_ids"]), "greedy continuation with the KV cache");
 }
 

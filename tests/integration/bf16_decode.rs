@@ -56,7 +56,7 @@ fn bf16_greedy_continuation_follows_transformers() {
     let g = &reference()["greedy"];
     let (prompt, want) = (ids(&g["prompt_ids"]), ids(&g["new_ids"]));
     let decoder = Bf16Decoder::new(&model());
-    let got = Generator::with(&decoder, 0).generate(&prompt, want.len(), Sampling::GREEDY, None, |_| true);
+    let got = Generator::with(&decoder, 0).generate(&prompt, want.len(), Sampling::GREEDY, &[], |_| true);
     assert_eq!(got, want);
 }
 

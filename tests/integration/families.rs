@@ -71,15 +71,55 @@ fn each_config_is_read_as_its_family() {
     }
 }
 
+/// The special tokens as the fixture's files name them (tokenizer_config.json's EOS, the BOS
+/// the post-processor adds, generation_config.json's end-of-sequence ids), and texts encoded
+/// as transformers' tokenizer encodes them (with that BOS).
 #[test]
-fn tokenizer_ids_match_transformers() {
+fn special_tokens_and_ids_match_transformers() {
     for fixture in FIXTURES {
         let r = reference(fixture);
         let tok = Tok::load(&dir(fixture).join("tokenizer.json")).unwrap();
+        assert_eq!(tok.eos_id as u64, r["eos_id"].as_u64().unwrap(), "{fixture}: EOS");
+        assert_eq!(tok.bos_id.map(u64::from), r["bos_id"].as_u64(), "{fixture}: BOS");
+        assert_eq!(tok.stop_ids, ids(&r["stop_ids"]), "{fixture}: end-of-sequence ids");
         for (text, want) in r["texts"].as_array().unwrap().iter().zip(r["encoded"].as_array().unwrap()) {
-            assert_eq!(tok.encode(text.as_str().unwrap()).unwrap(), ids(want), "{fixture}");
+            assert_eq!(tok.encode_prompt(text.as_str().unwrap()).unwrap(), ids(want), "{fixture}");
         }
     }
+}
+
+/// A whole run on a checkpoint of the family: training, evaluation and samples, the run's
+/// folders written in the family's format with the tokenizer's special tokens, and the
+/// examples laid out as transformers' tokenizer starts a text.
+#[test]
+fn a_pipeline_on_a_llama_checkpoint_runs_and_writes_the_family_format() {
+    let folder = crate::common::folder_with("", 20);
+    let spec = format!(
+        "[run]\nname = \"llama\"\nruns_dir = \"runs\"\nstages = [\"train\", \"eval\", \"generate\"]\n\
+         [data]\npath = \"train.jsonl\"\nval_fraction = 0.2\nprompt_template = \"{{prompt}}\\n\"\n\
+         [model]\npath = {:?}\n[train]\nepochs = 1\nbatch_size = 4\nmax_length = 48\n\
+         [eval]\nresponses = 2\nmax_new_tokens = 4\n[generate]\nprompts = [\"What is the capital of Italy?\"]\nmax_new_tokens = 4\n",
+        dir("tiny-llama").display().to_string()
+    );
+    std::fs::write(folder.path().join("spec.toml"), spec).unwrap();
+    let shown = crate::common::pipe(folder.path(), &["data", "spec.toml"], &[]);
+    assert!(shown.status.success(), "{}", crate::common::stderr(&shown));
+    let first = crate::common::stdout(&shown).lines().nth(1).unwrap_or_default().to_string();
+    assert!(first.starts_with("<s>The best reasons"), "the example starts with the BOS: {first}");
+    let out = crate::common::pipe(folder.path(), &["run", "spec.toml"], &[]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let run = crate::common::newest_run(folder.path(), "llama");
+    assert_eq!(crate::common::status(&run), "completed");
+    let read =
+        |path: PathBuf| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap() };
+    let final_dir = run.join("final");
+    assert_eq!(read(final_dir.join("config.json"))["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(read(final_dir.join("generation_config.json"))["eos_token_id"], serde_json::json!([2, 4]));
+    assert_eq!(read(final_dir.join("tokenizer_config.json"))["eos_token"], "</s>");
+    let model = family::load::<B>(&final_dir, None, &Default::default()).unwrap();
+    assert_eq!(model.config(), family::read_config(&dir("tiny-llama")).unwrap());
+    let sample = std::fs::read_to_string(run.join("samples.jsonl")).unwrap();
+    assert!(sample.contains("What is the capital of Italy?"), "{sample}");
 }
 
 #[test]
@@ -140,8 +180,15 @@ fn top5_and_greedy_ids_match() {
         let g = &r["greedy"];
         let new_ids = ids(&g["new_ids"]);
         let mut generator = Generator::new(&model, &Default::default(), 0);
-        let new = generator.generate(&ids(&g["prompt_ids"]), new_ids.len(), Sampling::GREEDY, None, |_| true);
+        let new = generator.generate(&ids(&g["prompt_ids"]), new_ids.len(), Sampling::GREEDY, &[], |_| true);
         assert_eq!(new, new_ids, "{fixture}: greedy ids through the KV cache");
+        // Any of the stop ids ends generation, returned as the last id.
+        let stop = new_ids[2];
+        let until = new_ids.iter().position(|&id| id == stop).unwrap() + 1;
+        let mut generator = Generator::new(&model, &Default::default(), 0);
+        let stopped =
+            generator.generate(&ids(&g["prompt_ids"]), new_ids.len(), Sampling::GREEDY, &[9999, stop], |_| true);
+        assert_eq!(stopped, new_ids[..until], "{fixture}: stopped at {stop}");
     }
 }
 

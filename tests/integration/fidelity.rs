@@ -114,7 +114,7 @@ fn greedy_continuation_is_identical() {
         &ids(&g["prompt_ids"]),
         g["max_new_tokens"].as_u64().unwrap() as usize,
         Sampling::GREEDY,
-        None,
+        &[],
         |_| true,
     );
     assert_eq!(new, ids(&g["new_ids"]));
