@@ -170,3 +170,39 @@ for seed, (name, (cls, cfg, dtype, shard, special)) in enumerate(FAMILIES.items(
     model.load_state_dict(init_state)
     json.dump(ref, open(os.path.join(out, "reference.json"), "w"), indent=1)
     print("wrote", out, "params", sum(q.numel() for q in model.parameters()))
+
+# A PEFT LoRA adapter on tiny-llama (rank 4, alpha 8, every projection, random A and B so it
+# changes the model), with what PEFT computes through it: tests/fixtures/tiny-llama-lora holds
+# adapter_config.json, adapter_model.safetensors, reference.json (per-token NLL of each text)
+# and grads.safetensors (each lora_A and lora_B gradient of the padded batch's loss).
+from peft import LoraConfig, get_peft_model
+out = os.path.join(root, "tiny-llama-lora")
+base_dir = os.path.join(root, "tiny-llama")
+torch.manual_seed(10)
+base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.copy_(0.1 * torch.randn_like(p))
+peft_model.save_pretrained(out)
+os.remove(os.path.join(out, "README.md"))  # PEFT's model card
+tok = Tokenizer.from_file(os.path.join(base_dir, "tokenizer.json"))
+enc = [tok.encode(t).ids for t in TEXTS]
+eos_id = json.load(open(os.path.join(base_dir, "reference.json")))["eos_id"]
+peft_model.eval()
+ref = {"encoded": enc, "nll": []}
+with torch.no_grad():
+    for x in enc:
+        logits = peft_model(input_ids=torch.tensor([x])).logits[0]
+        lp = torch.log_softmax(logits[:-1], -1)
+        ref["nll"].append([round(v, 7) for v in (-lp[torch.arange(len(x) - 1), torch.tensor(x[1:])]).tolist()])
+peft_model.train()
+loss = lm_loss(peft_model, enc); loss.backward()
+ref["batch_loss"] = round(loss.item(), 7)
+grads = {n.replace(".default", ""): p.grad.detach().clone().contiguous()
+         for n, p in peft_model.named_parameters() if p.grad is not None}
+save_file(grads, os.path.join(out, "grads.safetensors"))
+json.dump(ref, open(os.path.join(out, "reference.json"), "w"), indent=1)
+print("wrote", out, "adapter tensors", len(grads))

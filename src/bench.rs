@@ -152,15 +152,17 @@ impl BackendJob for Bench {
         let params = model.num_params();
         if let Some(rank) = shape.lora_rank {
             let targets = LoraSpec::default().targets;
-            let targets = Target::parse_list(&targets).expect("the default targets are known");
+            let targets =
+                Target::parse_list(&targets, config.family()).expect("the default targets are every family's");
             let config = LoraConfig { rank, alpha: 2.0 * rank as f64, dropout: 0.0, targets, rslora: false };
             // Never saved, so no base folder to refer to.
             let base =
                 BaseModel { name: "random (pipe bench)".into(), path: Default::default(), sha256: String::new() };
-            let Model::Gpt2(gpt2) = model else {
-                return Err(crate::error::bad_input("--lora-rank: pipe's LoRA adapters are for GPT-2 (--family gpt2)"));
+            let adapters = Adapters { config, base };
+            model = match model {
+                Model::Gpt2(m) => Model::Gpt2(lora::attach(m, adapters, &device)?),
+                Model::Llama(m) => Model::Llama(lora::attach(m, adapters, &device)?),
             };
-            model = Model::Gpt2(lora::attach(gpt2, Adapters { config, base }, &device));
         }
         let trainable = model.num_params();
         let opt = OptimizerSpec { name: OptimizerKind::Adamw, lr: 1e-4, weight_decay: 0.01, ..Default::default() };

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::data::Tok;
 use crate::error::bad_input;
@@ -18,23 +18,28 @@ pub fn export(source: &Path, out: &Path, merge: bool) -> Result<()> {
     }
     let device = Default::default();
     let model = <Model<burn::backend::Flex> as CausalLm<_>>::load(source, None, &device)?;
-    let tokenizer = source.join(hf::TOKENIZER_FILE);
-    let eos_id = Tok::load(&tokenizer)?.eos_id as usize;
-    match (model, merge) {
-        (Model::Gpt2(model), true) if model.adapters.is_some() => hf::save(&lora::merged(model), Some(eos_id), out)?,
-        (Model::Gpt2(model), false) if model.adapters.is_some() => {
-            let adapters = model.adapters.clone().expect("matched: the model has adapters");
-            lora::save_peft(&model, &adapters, out)?
-        }
-        (_, true) => {
+    let tok = Tok::load(&source.join(hf::TOKENIZER_FILE))?;
+    let eos_id = Some(tok.eos_id as usize);
+    match (model.adapters().cloned(), merge) {
+        (None, true) => {
             return Err(bad_input(format!(
             "{}: --merge folds LoRA adapters into their base model, and this model has none; export it without --merge",
             source.display()
         )))
         }
-        (model, false) => model.save(out, Some(eos_id))?,
+        (None, false) => model.save(out, eos_id)?,
+        (Some(adapters), false) => match &model {
+            Model::Gpt2(m) => lora::save_peft(m, &adapters, out)?,
+            Model::Llama(m) => lora::save_peft(m, &adapters, out)?,
+        },
+        (Some(_), true) => {
+            let merged = match model {
+                Model::Gpt2(m) => Model::Gpt2(lora::merged(m)),
+                Model::Llama(m) => Model::Llama(lora::merged(m)),
+            };
+            merged.save(out, eos_id)?
+        }
     }
-    std::fs::copy(&tokenizer, out.join(hf::TOKENIZER_FILE))
-        .with_context(|| format!("cannot copy {}", tokenizer.display()))?;
-    Ok(())
+    // With its tokenizer_config.json (EOS, chat template) and end-of-sequence ids.
+    tok.save(&out.join(hf::TOKENIZER_FILE))
 }

@@ -20,7 +20,7 @@ use pipe::{backend, chat, pipeline, runs, score, spec};
 #[command(
     name = "pipe",
     version,
-    about = "Declarative supervised fine-tuning pipelines for GPT-2-style models",
+    about = "Declarative supervised fine-tuning pipelines for GPT-style models (GPT-2, Llama, Qwen2, Qwen3)",
     long_about = "pipe runs the supervised fine-tuning pipeline a TOML spec describes — tokenizer, \
 data, model, optimizer, then the train, eval and generate stages — and writes everything a run \
 produces into a new folder runs/<name>/<run-id>/.\n\nEvery spec field can be overridden: \
@@ -114,7 +114,7 @@ enum Command {
     /// Answer one prompt: laid out as the run's training data was (its prompt template or chat
     /// template), or exactly as given with --raw or for a HuggingFace directory.
     Generate {
-        /// A run folder (its final model) or a HuggingFace GPT-2 directory.
+        /// A run folder (its final model) or a HuggingFace model folder (GPT-2, Llama, Qwen2, Qwen3).
         model: PathBuf,
         #[command(flatten)]
         runs: RunsDirArg,
@@ -133,7 +133,7 @@ enum Command {
     },
     /// Per-token log-likelihood, loss and perplexity of texts, exactly as given (no BOS/EOS).
     Score {
-        /// A run folder (its final model) or a HuggingFace GPT-2 directory.
+        /// A run folder (its final model) or a HuggingFace model folder (GPT-2, Llama, Qwen2, Qwen3).
         model: PathBuf,
         #[command(flatten)]
         runs: RunsDirArg,
@@ -158,7 +158,7 @@ enum Command {
     },
     /// Talk to a model: each line is laid out with the run's prompt template, replies stream.
     Chat {
-        /// A run folder (its final model) or a HuggingFace GPT-2 directory.
+        /// A run folder (its final model) or a HuggingFace model folder (GPT-2, Llama, Qwen2, Qwen3).
         model: PathBuf,
         #[command(flatten)]
         runs: RunsDirArg,
@@ -178,9 +178,9 @@ enum Command {
         #[command(flatten)]
         on: BackendArgs,
     },
-    /// Write a run's model as a HuggingFace GPT-2 directory that transformers loads; for a run
+    /// Write a run's model as a HuggingFace folder of its family that transformers loads; for a run
     /// with LoRA adapters, a PEFT adapter folder (`PeftModel.from_pretrained`), or with --merge a
-    /// GPT-2 directory with the adapters folded in.
+    /// model folder with the adapters folded in.
     Export {
         /// A run folder, `name` (its latest run) or `name@id`.
         run: PathBuf,
@@ -193,7 +193,7 @@ enum Command {
         /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
         #[arg(long)]
         checkpoint: Option<String>,
-        /// Fold the run's LoRA adapters into the base weights: a full GPT-2 directory.
+        /// Fold the run's LoRA adapters into the base weights: a full model folder.
         #[arg(long)]
         merge: bool,
     },
@@ -537,9 +537,8 @@ fn report_resume(resumed: pipeline::Resumed) {
 
 /// Keep freed memory for reuse. Each training step frees and re-allocates the same large
 /// buffers (the logits alone are tokens × vocabulary floats); by default glibc serves those with
-/// mmap and returns them on free, so the kernel zeroes fresh pages for them every step — a
-/// quarter of a GPT-2-small step on this CPU. Measured with `pipe bench`: +37% training
-/// tokens/s at GPT-2 small, lower peak memory.
+/// mmap and returns them on free, so the kernel zeroes fresh pages for them every step
+/// (docs/speed.md has what this saves).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation policy; called before any thread starts.

@@ -14,7 +14,7 @@ use crate::error::{bad_input, interrupted_by};
 use crate::files;
 use crate::inputs;
 use crate::memory;
-use crate::model::lora::{self, Adapters, BaseModel, LoraConfig, Target};
+use crate::model::lora::{self, Adaptable, Adapters, BaseModel, LoraConfig, Target};
 use crate::model::{family, CausalLm, FusedOps, Model, ModelConfig, TrainBackend};
 use crate::run_dir::{self, Meta, RunDir, Status};
 use crate::signals::{self, StopSignal};
@@ -337,24 +337,30 @@ fn with_adapters<B: FusedOps>(
     base_dir: &Path,
     device: &B::Device,
 ) -> Result<Model<B>> {
-    let model = match model {
-        Model::Gpt2(model) => model,
-        other => {
-            return Err(bad_input(format!(
-                "lora: pipe's LoRA adapters are for GPT-2 models; {} is a {} model",
-                base_dir.display(),
-                other.config().family()
-            )))
-        }
-    };
-    let width = model.config.n_embd;
+    match model {
+        Model::Gpt2(m) => Ok(Model::Gpt2(adapted(m, spec_lora, spec, base_dir, device)?)),
+        Model::Llama(m) => Ok(Model::Llama(adapted(m, spec_lora, spec, base_dir, device)?)),
+    }
+}
+
+/// A model of any family with the spec's adapters (see `with_adapters`).
+fn adapted<B: FusedOps, M: Adaptable<B>>(
+    model: M,
+    spec_lora: &LoraSpec,
+    spec: &Spec,
+    base_dir: &Path,
+    device: &B::Device,
+) -> Result<M> {
+    let width = model.width();
     if spec_lora.rank > width {
         return Err(bad_input(format!(
-            "lora.rank = {}: above the model's width (n_embd = {width}); a rank that large adapts nothing a full update would not",
+            "lora.rank = {}: above the model's width ({width}); a rank that large adapts nothing a full update would not",
             spec_lora.rank
         )));
     }
-    let targets = Target::parse_list(&spec_lora.targets).map_err(|why| bad_input(format!("lora.targets: {why}")))?;
+    let family = model.family();
+    let targets =
+        Target::parse_list(&spec_lora.targets, family).map_err(|why| bad_input(format!("lora.targets: {why}")))?;
     let config = LoraConfig {
         rank: spec_lora.rank,
         alpha: spec_lora.alpha,
@@ -364,8 +370,8 @@ fn with_adapters<B: FusedOps>(
     };
     let name = spec.model.hub.clone().unwrap_or_else(|| base_dir.display().to_string());
     let adapters = Adapters { config, base: BaseModel::of(name, base_dir)? };
-    let Some(from) = &spec_lora.from else { return Ok(Model::Gpt2(lora::attach(model, adapters, device))) };
-    let (found, _) = lora::read_peft_config(from)?;
+    let Some(from) = &spec_lora.from else { return lora::attach(model, adapters, device) };
+    let (found, _) = lora::read_peft_config(from, family)?;
     let file = from.join(lora::ADAPTER_CONFIG_FILE);
     let wanted = &adapters.config;
     let disagreements = [
@@ -380,7 +386,7 @@ fn with_adapters<B: FusedOps>(
             file.display()
         )));
     }
-    Ok(Model::Gpt2(lora::with_peft_adapter(model, from, adapters)?))
+    lora::with_peft_adapter(model, from, adapters)
 }
 
 /// A run too large to train in the memory of its devices is refused before anything is

@@ -20,6 +20,8 @@ use super::{llama_hf, lora, Bf16Decoder, CausalLm, FusedOps, Packing};
 use crate::error::bad_input;
 
 /// A model of one of pipe's families.
+// The variants' sizes are their configs' (the weights are behind pointers); a run holds one.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Model<B: Backend> {
     Gpt2(Gpt2<B>),
@@ -197,7 +199,7 @@ impl<B: Backend> Model<B> {
     pub fn adapters(&self) -> Option<&lora::Adapters> {
         match self {
             Model::Gpt2(m) => m.adapters.as_ref(),
-            Model::Llama(_) => None,
+            Model::Llama(m) => m.adapters.as_ref(),
         }
     }
 }
@@ -222,6 +224,7 @@ impl<B: FusedOps> CausalLm<B> for Model<B> {
     fn num_params(&self) -> usize {
         match self {
             Model::Gpt2(m) => CausalLm::num_params(m),
+            Model::Llama(m) if m.adapters.is_some() => lora::trainable_params(m),
             Model::Llama(m) => m.config.num_params(),
         }
     }
@@ -278,7 +281,7 @@ impl<B: FusedOps> CausalLm<B> for Model<B> {
 
     fn load(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Self> {
         if lora::is_adapter_dir(dir) {
-            return Ok(Model::Gpt2(lora::load(dir, dropout, device)?));
+            return lora::load(dir, dropout, device);
         }
         load(dir, dropout, device)
     }
@@ -286,6 +289,7 @@ impl<B: FusedOps> CausalLm<B> for Model<B> {
     fn with_weights_of(self, dir: &Path) -> Result<Self> {
         match self {
             Model::Gpt2(m) => Ok(Model::Gpt2(m.with_weights_of(dir)?)),
+            Model::Llama(m) if lora::is_adapter_dir(dir) => Ok(Model::Llama(lora::load_weights(m, dir)?)),
             Model::Llama(m) => Ok(Model::Llama(llama_hf::load_weights(m, dir)?)),
         }
     }

@@ -15,7 +15,7 @@ use burn::tensor::{Int, Tensor};
 
 use super::fused::{causal_attention, gelu_new, layer_norm, linear, FusedOps};
 use super::kv_cache::{KvCache, LayerCache};
-use super::lora::{self, Adapters, Lora};
+use super::lora::{self, Adaptable, Adapters, Lora, Slot, Target};
 use super::{hf, nll_of_hidden, Bf16Decoder, CausalLm, Packing};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
@@ -271,7 +271,12 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
 
     fn load(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Self> {
         match lora::is_adapter_dir(dir) {
-            true => lora::load(dir, dropout, device),
+            true => match lora::load(dir, dropout, device)? {
+                super::Model::Gpt2(model) => Ok(model),
+                _ => {
+                    Err(crate::error::bad_input(format!("{}: adapters on a model that is not a GPT-2", dir.display())))
+                }
+            },
             false => Ok(hf::load(dir, dropout, device)?.1),
         }
     }
@@ -281,6 +286,56 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
             true => lora::load_weights(self, dir),
             false => hf::load_weights(self, dir),
         }
+    }
+}
+
+impl<B: Backend> Adaptable<B> for Gpt2<B> {
+    const PEFT_PREFIX: &'static str = "base_model.model.transformer.";
+
+    fn family(&self) -> &'static str {
+        "gpt2"
+    }
+
+    fn layers(&self) -> usize {
+        self.h.len()
+    }
+
+    fn slot(&mut self, layer: usize, target: Target) -> Option<Slot<'_, B>> {
+        let block = &mut self.h[layer];
+        let projection = match target {
+            Target::CAttn => &mut block.attn.c_attn,
+            Target::AttnCProj => &mut block.attn.c_proj,
+            Target::CFc => &mut block.mlp.c_fc,
+            Target::MlpCProj => &mut block.mlp.c_proj,
+            _ => return None,
+        };
+        Some(Slot { weight: &mut projection.weight, lora: &mut projection.lora })
+    }
+
+    fn path(target: Target, layer: usize) -> String {
+        let module = match target {
+            Target::CAttn => "attn.c_attn",
+            Target::AttnCProj => "attn.c_proj",
+            Target::CFc => "mlp.c_fc",
+            _ => "mlp.c_proj",
+        };
+        format!("h.{layer}.{module}")
+    }
+
+    fn adapters(&self) -> Option<&Adapters> {
+        self.adapters.as_ref()
+    }
+
+    fn set_adapters(&mut self, adapters: Option<Adapters>) {
+        self.adapters = adapters;
+    }
+
+    fn width(&self) -> usize {
+        self.config.n_embd
+    }
+
+    fn write_config(&self, eos_id: Option<usize>, dir: &Path) -> Result<()> {
+        hf::write_config(&self.config, eos_id, dir)
     }
 }
 

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::fused::{causal_attention, linear, FusedOps};
 use super::gpt2::Precision;
 use super::kv_cache::{repeat_heads, KvCache, LayerCache};
+use super::lora::{Adaptable, Adapters, Lora, Slot, Target};
 use super::{nll_of_hidden, Packing};
 
 /// Which of the family's HF architectures a model is, kept so it is written back as read.
@@ -57,7 +58,7 @@ pub enum RopeScaling {
     /// Every frequency divided by `factor`.
     Linear { factor: f64 },
     /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, those between blended.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 /// The architecture, with the meaning of the fields of HF's `LlamaConfig` (and Qwen2's and
@@ -200,7 +201,7 @@ impl LlamaConfig {
         let (q, kv) = (self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
         let linear = |d_in: usize, d_out: usize, bias: bool| {
             let weight = LinearConfig::new(d_in, d_out).with_initializer(normal.clone()).init::<B>(device).weight;
-            Linear { weight, bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))) }
+            Linear { weight, bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))), lora: None }
         };
         let norm =
             |n: usize| RmsNorm { weight: Param::from_tensor(Tensor::ones([n], device)), epsilon: self.rms_norm_eps };
@@ -236,6 +237,7 @@ impl LlamaConfig {
                 norm: norm(d),
             },
             lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
+            adapters: None,
         }
     }
 }
@@ -250,6 +252,8 @@ pub struct Llama<B: Backend> {
     pub model: Body<B>,
     /// The LM head, when not tied to the token embedding.
     pub lm_head: Option<Linear<B>>,
+    /// With LoRA adapters: their settings and the frozen base model they adapt.
+    pub adapters: Option<Adapters>,
 }
 
 #[derive(Module, Debug)]
@@ -289,19 +293,25 @@ pub struct SwiGlu<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-/// A linear layer, the weight kept `[in, out]`.
+/// A linear layer, the weight kept `[in, out]`, with an optional LoRA adapter beside the (then
+/// frozen) weight.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// [in, out]
     pub weight: Param<Tensor<B, 2>>,
     /// [out]
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
 }
 
 impl<B: FusedOps> Linear<B> {
-    /// x: [rows, in] → [rows, out]
+    /// x·weight + bias, plus the adapter's low-rank term. x: [rows, in] → [rows, out]
     fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
-        linear(x, self.weight.val(), self.bias.as_ref().map(Param::val), precision)
+        let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(Param::val), precision);
+        match &self.lora {
+            Some(lora) => base + lora.forward(x, precision),
+            None => base,
+        }
     }
 }
 
@@ -345,6 +355,56 @@ impl<B: Backend> Rotary<B> {
         let (x1, x2) = (x.clone().narrow(3, 0, half), x.clone().narrow(3, half, half));
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+impl<B: Backend> Adaptable<B> for Llama<B> {
+    const PEFT_PREFIX: &'static str = "base_model.model.";
+
+    fn family(&self) -> &'static str {
+        self.config.variant.model_type()
+    }
+
+    fn layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    fn slot(&mut self, layer: usize, target: Target) -> Option<Slot<'_, B>> {
+        let layer = &mut self.model.layers[layer];
+        let (attn, mlp) = (&mut layer.self_attn, &mut layer.mlp);
+        let linear = match target {
+            Target::QProj => &mut attn.q_proj,
+            Target::KProj => &mut attn.k_proj,
+            Target::VProj => &mut attn.v_proj,
+            Target::OProj => &mut attn.o_proj,
+            Target::GateProj => &mut mlp.gate_proj,
+            Target::UpProj => &mut mlp.up_proj,
+            Target::DownProj => &mut mlp.down_proj,
+            _ => return None,
+        };
+        Some(Slot { weight: &mut linear.weight, lora: &mut linear.lora })
+    }
+
+    fn path(target: Target, layer: usize) -> String {
+        let part =
+            if matches!(target, Target::GateProj | Target::UpProj | Target::DownProj) { "mlp" } else { "self_attn" };
+        format!("model.layers.{layer}.{part}.{}", target.peft_name())
+    }
+
+    fn adapters(&self) -> Option<&Adapters> {
+        self.adapters.as_ref()
+    }
+
+    fn set_adapters(&mut self, adapters: Option<Adapters>) {
+        self.adapters = adapters;
+    }
+
+    fn width(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn write_config(&self, eos_id: Option<usize>, dir: &std::path::Path) -> anyhow::Result<()> {
+        super::llama_hf::write_config(&self.config, eos_id, dir)
     }
 }
 

@@ -185,7 +185,14 @@ fn rope_scaling(rope: &Value) -> std::result::Result<Option<RopeScaling>, String
             factor: number("factor")?,
             low_freq_factor: number("low_freq_factor")?,
             high_freq_factor: number("high_freq_factor")?,
-            original_max_position_embeddings: number("original_max_position_embeddings")?,
+            original_max_position_embeddings: rope
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_f64)
+                .filter(|x| *x >= 1.0 && x.fract() == 0.0)
+                .map(|x| x as usize)
+                .ok_or_else(|| {
+                    format!("`original_max_position_embeddings` must be an integer ≥ 1 for rope_type \"{kind}\"")
+                })?,
         })),
         other => Err(format!("rope_type \"{other}\" is not implemented; pipe implements default, linear and llama3")),
     }
@@ -335,11 +342,13 @@ fn eos_ids_value(eos_ids: &[usize]) -> Value {
 
 /// Write a HF folder transformers loads: config.json, generation_config.json and
 /// model.safetensors (f32, HF names and layouts), each atomically.
-/// `eos_id`, the tokenizer's end-of-text id, joins the config's end-of-sequence ids.
+/// Write a HF folder transformers loads: config.json, generation_config.json and
+/// model.safetensors (f32, HF names and layouts), each atomically; a model with adapters is
+/// written as their folder. `eos_id`, the tokenizer's end-of-text id, joins the config's
+/// end-of-sequence ids.
 pub fn save<B: Backend>(model: &Llama<B>, eos_id: Option<usize>, dir: &Path) -> Result<()> {
-    let mut eos_ids = model.config.eos_token_ids.clone();
-    if let Some(id) = eos_id.filter(|id| !eos_ids.contains(id)) {
-        eos_ids.insert(0, id);
+    if let Some(adapters) = &model.adapters {
+        return super::lora::save(model, adapters, dir, eos_id);
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tensors = params::tensors(model)
@@ -350,8 +359,17 @@ pub fn save<B: Backend>(model: &Llama<B>, eos_id: Option<usize>, dir: &Path) -> 
         })
         .collect();
     write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
-    let config = serde_json::to_string_pretty(&config_json(&model.config, &eos_ids))?;
-    write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
-    let generation = json!({"bos_token_id": model.config.bos_token_id, "eos_token_id": eos_ids_value(&eos_ids)});
+    write_config(&model.config, eos_id, dir)
+}
+
+/// Write `config.json` and `generation_config.json` for this architecture.
+pub fn write_config(config: &LlamaConfig, eos_id: Option<usize>, dir: &Path) -> Result<()> {
+    let mut eos_ids = config.eos_token_ids.clone();
+    if let Some(id) = eos_id.filter(|id| !eos_ids.contains(id)) {
+        eos_ids.insert(0, id);
+    }
+    let text = serde_json::to_string_pretty(&config_json(config, &eos_ids))?;
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
+    let generation = json!({"bos_token_id": config.bos_token_id, "eos_token_id": eos_ids_value(&eos_ids)});
     write_atomic(&dir.join(GENERATION_CONFIG_FILE), serde_json::to_string_pretty(&generation)?.as_bytes())
 }

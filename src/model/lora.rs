@@ -1,4 +1,4 @@
-//! LoRA adapters (Hu et al. 2021) as HuggingFace PEFT defines them for GPT-2: a targeted
+//! LoRA adapters (Hu et al. 2021) as HuggingFace PEFT defines them, for every family: a targeted
 //! projection computes `x·W + b + (alpha/rank)·(dropout(x)·A)·B` with the base weight `W`
 //! frozen; `A` starts Kaiming-uniform (bound 1/√in, PEFT's `kaiming_uniform_(a=√5)`) and `B` at
 //! zero, so a fresh adapter leaves the model exactly as it was.
@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::fused::{linear, FusedOps};
-use super::gpt2::{Block, Gpt2, Precision, Projection};
+use super::gpt2::Precision;
 use super::hf::{self, TensorFile};
 use crate::error::bad_input;
 use crate::files::write_atomic;
@@ -36,25 +36,35 @@ pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Beside `adapter/`: the frozen base model the adapters were trained on.
 pub const BASE_FILE: &str = "base.json";
 
-/// What PEFT puts before a GPT2LMHeadModel's module paths.
-const PEFT_PREFIX: &str = "base_model.model.transformer.";
-
-/// A GPT-2 projection an adapter can be attached to, named as PEFT's `target_modules` names it.
+/// A projection an adapter can be attached to, named as PEFT's `target_modules` names it: GPT-2's
+/// four, or the Llama family's seven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
-    /// The query/key/value projection.
+    /// GPT-2's query/key/value projection.
     CAttn,
-    /// Attention's output projection.
+    /// GPT-2's attention output projection.
     AttnCProj,
-    /// The MLP's first layer.
+    /// GPT-2's first MLP layer.
     CFc,
-    /// The MLP's output projection.
+    /// GPT-2's MLP output projection.
     MlpCProj,
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
 }
 
-impl Target {
-    pub const ALL: [Target; 4] = [Target::CAttn, Target::AttnCProj, Target::CFc, Target::MlpCProj];
+/// The projections of each family, and which of them are its attention's.
+const GPT2_TARGETS: [Target; 4] = [Target::CAttn, Target::AttnCProj, Target::CFc, Target::MlpCProj];
+const LLAMA_TARGETS: [Target; 7] =
+    [Target::QProj, Target::KProj, Target::VProj, Target::OProj, Target::GateProj, Target::UpProj, Target::DownProj];
+const ATTENTION: [Target; 6] =
+    [Target::CAttn, Target::AttnCProj, Target::QProj, Target::KProj, Target::VProj, Target::OProj];
 
+impl Target {
     /// The name written in `target_modules` (matched as a suffix of the module path, as PEFT does).
     pub fn peft_name(self) -> &'static str {
         match self {
@@ -62,66 +72,89 @@ impl Target {
             Target::AttnCProj => "attn.c_proj",
             Target::CFc => "c_fc",
             Target::MlpCProj => "mlp.c_proj",
+            Target::QProj => "q_proj",
+            Target::KProj => "k_proj",
+            Target::VProj => "v_proj",
+            Target::OProj => "o_proj",
+            Target::GateProj => "gate_proj",
+            Target::UpProj => "up_proj",
+            Target::DownProj => "down_proj",
         }
     }
 
-    /// The module's path in layer `layer`: `h.0.attn.c_attn`.
-    fn path(self, layer: usize) -> String {
-        let module = match self {
-            Target::CAttn => "attn.c_attn",
-            Target::AttnCProj => "attn.c_proj",
-            Target::CFc => "mlp.c_fc",
-            Target::MlpCProj => "mlp.c_proj",
+    /// The projections a list of `target_modules` names selects in a model of `family`
+    /// (`gpt2`, or a Llama-family `model_type`), as PEFT matches them against its module paths
+    /// (GPT-2's `c_proj` is both attention's and the MLP's; `all-linear` is every projection but
+    /// the LM head; pipe's `attention` is the attention's projections). Names the family does
+    /// not have are an error listing those it has.
+    pub fn parse_list(names: &[String], family: &str) -> std::result::Result<Vec<Target>, String> {
+        let gpt2 = family == "gpt2";
+        let own: &[Target] = if gpt2 { &GPT2_TARGETS } else { &LLAMA_TARGETS };
+        let known = || {
+            let listed: Vec<&str> = own.iter().map(|t| t.peft_name()).collect();
+            let extra = if gpt2 { "`c_proj` for both output projections, " } else { "" };
+            format!(
+                "a {family} model's are `{}` ({extra}`attention` for the attention's, `all-linear` for all)",
+                listed.join("`, `")
+            )
         };
-        format!("h.{layer}.{module}")
-    }
-
-    fn of<B: Backend>(self, block: &Block<B>) -> &Projection<B> {
-        match self {
-            Target::CAttn => &block.attn.c_attn,
-            Target::AttnCProj => &block.attn.c_proj,
-            Target::CFc => &block.mlp.c_fc,
-            Target::MlpCProj => &block.mlp.c_proj,
-        }
-    }
-
-    fn of_mut<B: Backend>(self, block: &mut Block<B>) -> &mut Projection<B> {
-        match self {
-            Target::CAttn => &mut block.attn.c_attn,
-            Target::AttnCProj => &mut block.attn.c_proj,
-            Target::CFc => &mut block.mlp.c_fc,
-            Target::MlpCProj => &mut block.mlp.c_proj,
-        }
-    }
-
-    /// The projections a list of `target_modules` names selects, as PEFT matches them against
-    /// GPT-2's module paths (`c_proj` is both attention's and the MLP's; `all-linear` is every
-    /// projection but the LM head). Unknown names are an error listing the known ones.
-    pub fn parse_list(names: &[String]) -> std::result::Result<Vec<Target>, String> {
         let mut targets = Vec::new();
         for name in names {
-            let selected: &[Target] = match name.as_str() {
-                "c_attn" | "attn.c_attn" => &[Target::CAttn],
-                "attn.c_proj" => &[Target::AttnCProj],
-                "c_fc" | "mlp.c_fc" => &[Target::CFc],
-                "mlp.c_proj" => &[Target::MlpCProj],
-                "c_proj" => &[Target::AttnCProj, Target::MlpCProj],
-                "all-linear" => &Target::ALL,
-                other => {
-                    return Err(format!(
-                        "`{other}` is not a GPT-2 projection; targets are `c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj` (`c_proj` for both output projections, `all-linear` for all four)"
-                    ))
-                }
+            let selected: Vec<Target> = match name.as_str() {
+                "all-linear" => own.to_vec(),
+                "attention" => own.iter().copied().filter(|t| ATTENTION.contains(t)).collect(),
+                "c_proj" if gpt2 => vec![Target::AttnCProj, Target::MlpCProj],
+                "attn.c_attn" if gpt2 => vec![Target::CAttn],
+                "mlp.c_fc" if gpt2 => vec![Target::CFc],
+                other => match own.iter().find(|t| t.peft_name() == other) {
+                    Some(&target) => vec![target],
+                    None => return Err(format!("`{other}` is not a projection of a {family} model; {}", known())),
+                },
             };
-            targets.extend_from_slice(selected);
+            targets.extend(selected);
         }
         if targets.is_empty() {
-            return Err("names no projection; targets are `c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`".into());
+            return Err(format!("names no projection; {}", known()));
         }
         targets.sort();
         targets.dedup();
         Ok(targets)
     }
+
+    /// Whether `names` select projections of some family (checked against the model's own
+    /// once it is read).
+    pub fn check_names(names: &[String]) -> std::result::Result<(), String> {
+        match (Target::parse_list(names, "gpt2"), Target::parse_list(names, "llama")) {
+            (Err(gpt2), Err(llama)) => Err(format!("{gpt2}; {llama}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One projection an adapter attaches to: its weight [in, out] and its adapter slot.
+pub struct Slot<'a, B: Backend> {
+    pub weight: &'a mut Param<Tensor<B, 2>>,
+    pub lora: &'a mut Option<Lora<B>>,
+}
+
+/// A model family LoRA adapters attach to: its projections by layer and target, named as PEFT
+/// names them.
+pub trait Adaptable<B: Backend>: Module<B> + Sized {
+    /// What PEFT puts before the module paths (`base_model.model.` and the body's name).
+    const PEFT_PREFIX: &'static str;
+    /// The family's `model_type`.
+    fn family(&self) -> &'static str;
+    fn layers(&self) -> usize;
+    /// The projection `target` of layer `layer`, if the family has it.
+    fn slot(&mut self, layer: usize, target: Target) -> Option<Slot<'_, B>>;
+    /// Its module path in layer `layer`: `h.0.attn.c_attn`, `model.layers.0.self_attn.q_proj`.
+    fn path(target: Target, layer: usize) -> String;
+    fn adapters(&self) -> Option<&Adapters>;
+    fn set_adapters(&mut self, adapters: Option<Adapters>);
+    /// The width adapters' ranks are bounded by.
+    fn width(&self) -> usize;
+    /// Write the architecture's `config.json` (and generation config) into `dir`.
+    fn write_config(&self, eos_id: Option<usize>, dir: &Path) -> Result<()>;
 }
 
 /// An adapter's settings, with PEFT's meaning.
@@ -225,67 +258,94 @@ impl<B: FusedOps> Lora<B> {
 
 /// `model` with fresh adapters on the targeted projections of every layer and its own weights
 /// frozen (no gradient, so no optimizer state).
-pub fn attach<B: Backend>(model: Gpt2<B>, adapters: Adapters, device: &B::Device) -> Gpt2<B> {
+pub fn attach<B: Backend, M: Adaptable<B>>(model: M, adapters: Adapters, device: &B::Device) -> Result<M> {
     let fresh = |_: String, [d_in, d_out]: [usize; 2], config: &LoraConfig| Ok(Lora::new(d_in, d_out, config, device));
-    attach_with(model, adapters, fresh).expect("fresh adapters always build")
+    attach_with(model, adapters, fresh)
 }
 
 /// Attach an adapter to every targeted projection, each made by `make(module path, [in, out],
-/// config)`.
-fn attach_with<B: Backend>(
-    model: Gpt2<B>,
+/// config)`; a target the family does not have is refused.
+fn attach_with<B: Backend, M: Adaptable<B>>(
+    model: M,
     adapters: Adapters,
     mut make: impl FnMut(String, [usize; 2], &LoraConfig) -> Result<Lora<B>>,
-) -> Result<Gpt2<B>> {
+) -> Result<M> {
     let mut model = model.no_grad();
-    for (layer, block) in model.h.iter_mut().enumerate() {
+    let family = model.family();
+    for layer in 0..model.layers() {
         for &target in &adapters.config.targets {
-            let projection = target.of_mut(block);
-            let dims = projection.weight.val().dims();
-            projection.lora = Some(make(target.path(layer), dims, &adapters.config)?);
+            let Some(slot) = model.slot(layer, target) else {
+                return Err(bad_input(format!("`{}` is not a projection of a {family} model", target.peft_name())));
+            };
+            let dims = slot.weight.val().dims();
+            *slot.lora = Some(make(M::path(target, layer), dims, &adapters.config)?);
         }
     }
-    model.adapters = Some(adapters);
+    model.set_adapters(Some(adapters));
     Ok(model)
 }
 
+/// The name of an adapter's tensor as a parameter (`h.0.attn.c_attn.lora.a`), as PEFT names it
+/// (`…h.0.attn.c_attn.lora_A.weight`), or None for a parameter of the base.
+fn peft_name<B: Backend, M: Adaptable<B>>(param: &str) -> Option<String> {
+    let (module, tensor) = param.rsplit_once(".lora.")?;
+    let which = match tensor {
+        "a" => "A",
+        "b" => "B",
+        _ => return None,
+    };
+    Some(format!("{}{module}.lora_{which}.weight", M::PEFT_PREFIX))
+}
+
 /// The adapters' parameter count (what trains).
-pub fn trainable_params<B: Backend>(model: &Gpt2<B>) -> usize {
-    let projections = model.h.iter().flat_map(|block| Target::ALL.map(|t| t.of(block)));
-    let adapters = projections.filter_map(|p| p.lora.as_ref());
-    adapters
-        .map(|lora| lora.a.val().dims().iter().product::<usize>() + lora.b.val().dims().iter().product::<usize>())
-        .sum()
+pub fn trainable_params<B: Backend, M: Adaptable<B>>(model: &M) -> usize {
+    let tensors = super::params::tensors(model);
+    tensors.iter().filter(|(name, _)| peft_name::<B, M>(name).is_some()).map(|(_, data)| data.num_elements()).sum()
 }
 
 /// The model with each adapter folded into its projection's weight (W + scale·A·B, PEFT's
-/// merge for Conv1D) and no adapters: a plain GPT-2 computing what base and adapters did.
-pub fn merged<B: Backend>(mut model: Gpt2<B>) -> Gpt2<B> {
-    for block in &mut model.h {
-        for target in Target::ALL {
-            let projection = target.of_mut(block);
-            if let Some(lora) = projection.lora.take() {
-                let weight = projection.weight.val() + lora.delta();
-                projection.weight = Param::from_tensor(weight);
+/// merge) and no adapters: a plain model of its family computing what base and adapters did.
+pub fn merged<B: Backend, M: Adaptable<B>>(mut model: M) -> M {
+    for layer in 0..model.layers() {
+        for target in ALL_TARGETS {
+            let Some(slot) = model.slot(layer, target) else { continue };
+            if let Some(lora) = slot.lora.take() {
+                let weight = slot.weight.val() + lora.delta();
+                *slot.weight = Param::from_tensor(weight);
             }
         }
     }
-    model.adapters = None;
+    model.set_adapters(None);
     model
 }
 
+/// Every projection of both families.
+const ALL_TARGETS: [Target; 11] = [
+    Target::CAttn,
+    Target::AttnCProj,
+    Target::CFc,
+    Target::MlpCProj,
+    Target::QProj,
+    Target::KProj,
+    Target::VProj,
+    Target::OProj,
+    Target::GateProj,
+    Target::UpProj,
+    Target::DownProj,
+];
+
 /// The adapters' tensors under PEFT's names, in PEFT's layout.
-fn peft_tensors<B: Backend>(model: &Gpt2<B>, adapters: &Adapters) -> Vec<(String, TensorData)> {
-    let mut tensors = Vec::new();
-    for (layer, block) in model.h.iter().enumerate() {
-        for &target in &adapters.config.targets {
-            let lora = target.of(block).lora.as_ref().expect("every targeted projection has an adapter");
-            let path = format!("{PEFT_PREFIX}{}", target.path(layer));
-            tensors.push((format!("{path}.lora_A.weight"), lora.a.val().transpose().into_data()));
-            tensors.push((format!("{path}.lora_B.weight"), lora.b.val().transpose().into_data()));
-        }
-    }
-    tensors
+fn peft_tensors<B: Backend, M: Adaptable<B>>(model: &M) -> Vec<(String, TensorData)> {
+    let transpose = |data: TensorData| {
+        let [rows, cols] = [data.shape[0], data.shape[1]];
+        let values = data.to_vec::<f32>().expect("adapters are f32");
+        let out: Vec<f32> = (0..rows * cols).map(|i| values[(i % rows) * cols + i / rows]).collect();
+        TensorData::new(out, [cols, rows])
+    };
+    super::params::tensors(model)
+        .into_iter()
+        .filter_map(|(name, data)| Some((peft_name::<B, M>(&name)?, transpose(data))))
+        .collect()
 }
 
 /// PEFT's `adapter_config.json` for these adapters.
@@ -299,8 +359,8 @@ fn peft_config(adapters: &Adapters) -> Value {
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": config.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>(),
-        // GPT-2's Conv1D stores weights [in, out].
-        "fan_in_fan_out": true,
+        // GPT-2's Conv1D stores weights [in, out]; the Llama family's nn.Linear [out, in].
+        "fan_in_fan_out": config.targets.iter().all(|t| GPT2_TARGETS.contains(t)),
         "bias": "none",
         "use_rslora": config.rslora,
         "use_dora": false,
@@ -314,18 +374,23 @@ fn peft_config(adapters: &Adapters) -> Value {
 }
 
 /// Write the adapters as a PEFT adapter folder: `adapter_config.json` and `adapter_model.safetensors`.
-pub fn save_peft<B: Backend>(model: &Gpt2<B>, adapters: &Adapters, dir: &Path) -> Result<()> {
+pub fn save_peft<B: Backend, M: Adaptable<B>>(model: &M, adapters: &Adapters, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    hf::write_safetensors(&dir.join(ADAPTER_WEIGHTS_FILE), peft_tensors(model, adapters))?;
+    hf::write_safetensors(&dir.join(ADAPTER_WEIGHTS_FILE), peft_tensors(model))?;
     write_atomic(&dir.join(ADAPTER_CONFIG_FILE), serde_json::to_string_pretty(&peft_config(adapters))?.as_bytes())
 }
 
 /// Write a model with adapters as a folder: `adapter/` (PEFT), `base.json` and the base's
 /// architecture as `config.json` (so every command that takes a model folder takes this one).
-pub fn save<B: Backend>(model: &Gpt2<B>, adapters: &Adapters, dir: &Path, eos_id: Option<usize>) -> Result<()> {
+pub fn save<B: Backend, M: Adaptable<B>>(
+    model: &M,
+    adapters: &Adapters,
+    dir: &Path,
+    eos_id: Option<usize>,
+) -> Result<()> {
     save_peft(model, adapters, &dir.join(ADAPTER_DIR))?;
     write_atomic(&dir.join(BASE_FILE), serde_json::to_string_pretty(&adapters.base)?.as_bytes())?;
-    hf::write_config(&model.config, eos_id, dir)
+    model.write_config(eos_id, dir)
 }
 
 /// Whether `dir` is a model folder with adapters (as `save` writes one).
@@ -335,21 +400,25 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 
 /// Read a model folder with adapters: the base from `base.json` (its files' hash checked), the
 /// adapters from `adapter/`.
-pub fn load<B: Backend>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<Gpt2<B>> {
+pub fn load<B: super::FusedOps>(dir: &Path, dropout: Option<f64>, device: &B::Device) -> Result<super::Model<B>> {
     let base = read_base(dir)?;
-    let (_, model) = hf::load::<B>(&base.path, dropout, device)
+    let model = super::family::load::<B>(&base.path, dropout, device)
         .with_context(|| format!("{}: cannot load the base model", dir.join(BASE_FILE).display()))?;
-    let (config, _) = read_peft_config(&dir.join(ADAPTER_DIR))?;
-    with_peft_adapter(model, &dir.join(ADAPTER_DIR), Adapters { config, base })
+    let (config, _) = read_peft_config(&dir.join(ADAPTER_DIR), model.config().family())?;
+    let adapters = Adapters { config, base };
+    match model {
+        super::Model::Gpt2(m) => Ok(super::Model::Gpt2(with_peft_adapter(m, &dir.join(ADAPTER_DIR), adapters)?)),
+        super::Model::Llama(m) => Ok(super::Model::Llama(with_peft_adapter(m, &dir.join(ADAPTER_DIR), adapters)?)),
+    }
 }
 
 /// `model` (which has adapters) with the adapter weights of model folder `dir`, which must
 /// have the same settings and base.
-pub fn load_weights<B: Backend>(model: Gpt2<B>, dir: &Path) -> Result<Gpt2<B>> {
-    let adapters = model.adapters.clone().ok_or_else(|| {
+pub fn load_weights<B: Backend, M: Adaptable<B>>(model: M, dir: &Path) -> Result<M> {
+    let adapters = model.adapters().cloned().ok_or_else(|| {
         bad_input(format!("{}: holds LoRA adapters, and the model they would go on has none", dir.display()))
     })?;
-    let (config, _) = read_peft_config(&dir.join(ADAPTER_DIR))?;
+    let (config, _) = read_peft_config(&dir.join(ADAPTER_DIR), model.family())?;
     if config != adapters.config || read_base(dir)? != adapters.base {
         return Err(bad_input(format!("{}: its adapters' settings or base differ from the model's", dir.display())));
     }
@@ -357,13 +426,15 @@ pub fn load_weights<B: Backend>(model: Gpt2<B>, dir: &Path) -> Result<Gpt2<B>> {
 }
 
 /// The model without its adapters (the base, still frozen).
-fn without_adapters<B: Backend>(mut model: Gpt2<B>) -> Gpt2<B> {
-    for block in &mut model.h {
-        for target in Target::ALL {
-            target.of_mut(block).lora = None;
+fn without_adapters<B: Backend, M: Adaptable<B>>(mut model: M) -> M {
+    for layer in 0..model.layers() {
+        for target in ALL_TARGETS {
+            if let Some(slot) = model.slot(layer, target) {
+                *slot.lora = None;
+            }
         }
     }
-    model.adapters = None;
+    model.set_adapters(None);
     model
 }
 
@@ -388,11 +459,11 @@ fn read_base(dir: &Path) -> Result<BaseModel> {
     Ok(base)
 }
 
-/// `model` (a plain GPT-2) with the adapters of the PEFT folder `peft_dir` (written by pipe or
+/// `model` (a plain model) with the adapters of the PEFT folder `peft_dir` (written by pipe or
 /// by PEFT itself, as `lora.from` reads one), under the settings of `adapters`: every targeted
 /// projection of every layer must have its two tensors, with the projection's shapes, and the
 /// file no other tensors.
-pub fn with_peft_adapter<B: Backend>(model: Gpt2<B>, peft_dir: &Path, adapters: Adapters) -> Result<Gpt2<B>> {
+pub fn with_peft_adapter<B: Backend, M: Adaptable<B>>(model: M, peft_dir: &Path, adapters: Adapters) -> Result<M> {
     let path = peft_dir.join(ADAPTER_WEIGHTS_FILE);
     if !path.is_file() && peft_dir.join("adapter_model.bin").is_file() {
         return Err(bad_input(format!(
@@ -401,7 +472,7 @@ pub fn with_peft_adapter<B: Backend>(model: Gpt2<B>, peft_dir: &Path, adapters: 
         )));
     }
     let mut file = TensorFile::read(&path)?;
-    let device = model.wte.weight.val().device();
+    let device = model.devices().into_iter().next().unwrap_or_default();
     let rank = adapters.config.rank;
     let settings = || {
         let targets: Vec<&str> = adapters.config.targets.iter().map(|t| t.peft_name()).collect();
@@ -409,7 +480,7 @@ pub fn with_peft_adapter<B: Backend>(model: Gpt2<B>, peft_dir: &Path, adapters: 
         format!("as {} sets them: r = {rank}, target_modules = {}", config.display(), targets.join(", "))
     };
     let model = attach_with(model, adapters.clone(), |path, [d_in, d_out], config| {
-        let name = format!("{PEFT_PREFIX}{path}");
+        let name = format!("{}{path}", M::PEFT_PREFIX);
         let a = file.take_named(&format!("{name}.lora_A.weight"), &[rank, d_in]).with_context(settings)?;
         let b = file.take_named(&format!("{name}.lora_B.weight"), &[d_out, rank]).with_context(settings)?;
         let a = Tensor::<B, 2>::from_data(a, &device).transpose();
@@ -422,7 +493,7 @@ pub fn with_peft_adapter<B: Backend>(model: Gpt2<B>, peft_dir: &Path, adapters: 
         return Err(bad_input(format!(
             "{}: tensors that are not adapters of the targeted projections of this {}-layer model (`target_modules` = {} in {}): {}",
             path.display(),
-            model.config.n_layer,
+            model.layers(),
             adapters.config.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>().join(", "),
             peft_dir.join(ADAPTER_CONFIG_FILE).display(),
             unexpected.join(", ")
@@ -433,7 +504,8 @@ pub fn with_peft_adapter<B: Backend>(model: Gpt2<B>, peft_dir: &Path, adapters: 
 
 /// The settings of PEFT folder `dir` and its `base_model_name_or_path`. Every PEFT setting that
 /// would change the arithmetic is either implemented or refused, naming the key.
-pub fn read_peft_config(dir: &Path) -> Result<(LoraConfig, String)> {
+/// `family` is the base model's, whose projections `target_modules` must name.
+pub fn read_peft_config(dir: &Path, family: &str) -> Result<(LoraConfig, String)> {
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| bad_input(format!("{}: cannot read the adapter config: {e}", path.display())))?;
@@ -471,7 +543,7 @@ pub fn read_peft_config(dir: &Path) -> Result<(LoraConfig, String)> {
             ))
         }
     };
-    let targets = Target::parse_list(&names).map_err(|why| refuse("target_modules", &why))?;
+    let targets = Target::parse_list(&names, family).map_err(|why| refuse("target_modules", &why))?;
     let flag = |key: &str| value.get(key).and_then(Value::as_bool).unwrap_or(false);
     let rslora = flag("use_rslora");
     // Every other key must hold its default (null, false, empty, "none") unless it is one that
@@ -492,7 +564,7 @@ pub fn read_peft_config(dir: &Path) -> Result<(LoraConfig, String)> {
         "init_lora_weights",
         "peft_version",
         "auto_mapping",
-        "fan_in_fan_out", // the layout of Conv1D weights, which pipe knows
+        "fan_in_fan_out", // the layout of the base's weights, which pipe knows
         "megatron_core",
         "megatron_config",
         "loftq_config",

@@ -126,14 +126,7 @@ pub struct LoraSpec {
 
 impl Default for LoraSpec {
     fn default() -> Self {
-        Self {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            targets: vec!["c_attn".into(), "attn.c_proj".into()],
-            rslora: false,
-            from: None,
-        }
+        Self { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["attention".into()], rslora: false, from: None }
     }
 }
 

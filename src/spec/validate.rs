@@ -235,7 +235,7 @@ impl LoadedSpec {
             positive("lora.rank", lora.rank)?;
             positive_f("lora.alpha", lora.alpha)?;
             probability("lora.dropout", lora.dropout)?;
-            crate::model::lora::Target::parse_list(&lora.targets).map_err(|why| self.invalid("lora.targets", why))?;
+            crate::model::lora::Target::check_names(&lora.targets).map_err(|why| self.invalid("lora.targets", why))?;
             if m.path.is_none() && m.hub.is_none() {
                 return Err(self.invalid(
                     "lora",

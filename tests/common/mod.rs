@@ -52,8 +52,9 @@ pub fn batch_loss(model: &Gpt2<Flex>, sequences: &[Sequence]) -> f64 {
     sum as f64 / batch.loss_tokens as f64
 }
 
-/// Every parameter's gradient of `loss` by module path (a model family's enum variant is not
-/// part of the path, as in `pipe::model::params`): (name, dims, values).
+/// Every trained parameter's gradient of `loss` by module path (a model family's enum variant is
+/// not part of the path, as in `pipe::model::params`): (name, dims, values). Frozen parameters
+/// have none and are left out.
 pub fn gradients_by_name<M: burn::module::AutodiffModule<burn::backend::Autodiff<Flex>>>(
     model: &M,
     loss: Tensor<burn::backend::Autodiff<Flex>, 1>,
@@ -75,8 +76,9 @@ pub fn gradients_by_name<M: burn::module::AutodiffModule<burn::backend::Autodiff
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
             let name = self.path.iter().flatten().cloned().collect::<Vec<_>>().join(".");
-            let grad = self.grads.get::<Flex, D>(param.id).expect("every parameter has a gradient");
-            self.out.push((name, grad.dims().to_vec(), grad.into_data().to_vec().unwrap()));
+            if let Some(grad) = self.grads.get::<Flex, D>(param.id) {
+                self.out.push((name, grad.dims().to_vec(), grad.into_data().to_vec().unwrap()));
+            }
         }
     }
     let grads = GradientsParams::from_grads(loss.backward(), model);

@@ -14,6 +14,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::{Int, Tensor, TensorData};
 use pipe::data::{Batch, Sequence, Tok};
 use pipe::generate::{Generator, Sampling};
+use pipe::model::lora::{self, Adapters, BaseModel, Target};
 use pipe::model::{family, CausalLm, Model, ModelConfig};
 use pipe::spec::{OptimizerKind, OptimizerSpec};
 use pipe::train::Trainer;
@@ -370,4 +371,144 @@ fn missing_and_unexpected_tensors_of_a_sharded_checkpoint_are_named() {
     let folder = with_config("tiny-qwen2", |c| c["num_hidden_layers"] = 1.into());
     let message = refusal(folder.path());
     assert!(message.contains("unexpected tensors") && message.contains("model.layers.1."), "{message}");
+}
+
+fn lora_dir() -> PathBuf {
+    dir("tiny-llama-lora")
+}
+
+/// tiny-llama with PEFT's adapter (rank 4 on all seven projections), as the spec's
+/// `lora.from` reads it.
+fn llama_with_peft_adapter<Bk: pipe::model::FusedOps>() -> Model<Bk> {
+    let Model::Llama(base) = load::<Bk>("tiny-llama") else { panic!("tiny-llama is a Llama") };
+    let (config, _) = lora::read_peft_config(&lora_dir(), "llama").unwrap();
+    assert_eq!(config.targets.len(), 7);
+    let adapters = Adapters { config, base: BaseModel::of("tiny-llama".into(), &dir("tiny-llama")).unwrap() };
+    Model::Llama(lora::with_peft_adapter(base, &lora_dir(), adapters).unwrap())
+}
+
+fn texts_nll(model: &Model<B>, encoded: &serde_json::Value) -> Vec<f32> {
+    let mut all = Vec::new();
+    for x in encoded.as_array().unwrap().iter().map(ids) {
+        let tokens = |range: std::ops::Range<usize>| {
+            let part: Vec<i32> = x[range.clone()].iter().map(|&t| t as i32).collect();
+            Tensor::<B, 2, Int>::from_data(TensorData::new(part, [1, range.len()]), &Default::default())
+        };
+        let nll: Vec<f32> = model.token_nll(tokens(0..x.len() - 1), tokens(1..x.len())).into_data().to_vec().unwrap();
+        all.extend(nll);
+    }
+    all
+}
+
+/// PEFT's adapter on a Llama: per-token NLL within 1e-4 of PEFT's, every lora_A and lora_B
+/// gradient within 1e-5 of its tensor's largest (the base frozen: no gradient), merged weights
+/// computing the same, and pipe's own adapter folder reading back to the same model.
+#[test]
+fn peft_adapters_on_a_llama_match_peft() {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lora_dir().join("reference.json")).unwrap()).unwrap();
+    let model = llama_with_peft_adapter::<B>();
+    let got = texts_nll(&model, &r["encoded"]);
+    let want: Vec<f64> = r["nll"].as_array().unwrap().iter().flat_map(floats).collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("adapted token {i} NLL"), *g as f64, *w, 1e-4);
+    }
+
+    let trained = llama_with_peft_adapter::<AD>();
+    let sequences: Vec<Sequence> =
+        r["encoded"].as_array().unwrap().iter().map(|e| Sequence::all_trained(ids(e))).collect();
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let batch = Batch::<AD>::new(&refs, eos("tiny-llama"), &Default::default());
+    let loss = trained.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(batch.loss_tokens as f64);
+    let grads = named_gradients(&trained, loss);
+    let bytes = std::fs::read(lora_dir().join("grads.safetensors")).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(grads.len(), reference.len(), "gradients for the adapters only");
+    for (name, dims, values) in grads {
+        let (module, which) = name.rsplit_once(".lora.").unwrap();
+        let peft = format!("base_model.model.{module}.lora_{}.weight", which.to_uppercase());
+        let want = reference.tensor(&peft).unwrap_or_else(|_| panic!("no reference for {peft}"));
+        assert_eq!(want.shape(), [dims[1], dims[0]], "{peft}");
+        let want: Vec<f32> =
+            want.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let [rows, cols] = [dims[0], dims[1]];
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let diff =
+            (0..rows * cols).map(|i| (values[(i % rows) * cols + i / rows] - want[i]).abs() as f64).fold(0.0, f64::max);
+        assert!(diff <= 1e-5 * scale + 1e-8, "{peft}: off by {diff:e}, largest gradient {scale:e}");
+    }
+
+    let Model::Llama(adapted) = llama_with_peft_adapter::<B>() else { unreachable!() };
+    let merged = Model::Llama(lora::merged(adapted));
+    assert!(merged.adapters().is_none());
+    for (m, a) in texts_nll(&merged, &r["encoded"]).iter().zip(&got) {
+        assert!((m - a).abs() < 1e-5, "merged {m}, adapted {a}");
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    model.save(out.path(), None).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["fan_in_fan_out"], false, "nn.Linear weights are [out, in]");
+    let again = <Model<B> as CausalLm<B>>::load(out.path(), None, &Default::default()).unwrap();
+    assert_eq!(texts_nll(&again, &r["encoded"]), got, "read back bit for bit");
+}
+
+/// The projection names a Llama has, and GPT-2's refused on it naming the family's own.
+#[test]
+fn lora_targets_are_the_familys_own() {
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(Target::parse_list(&names(&["all-linear"]), "llama").unwrap().len(), 7);
+    assert_eq!(Target::parse_list(&names(&["attention"]), "qwen2").unwrap().len(), 4);
+    assert_eq!(Target::parse_list(&names(&["attention"]), "gpt2").unwrap().len(), 2);
+    let error = Target::parse_list(&names(&["c_attn"]), "llama").unwrap_err();
+    assert!(error.contains("`c_attn` is not a projection of a llama model") && error.contains("q_proj"), "{error}");
+    let error = Target::parse_list(&names(&["q_proj"]), "gpt2").unwrap_err();
+    assert!(error.contains("c_attn"), "{error}");
+}
+
+/// LoRA on a Llama-family checkpoint through the whole tool: a run trains adapters on every
+/// projection, `pipe export` writes them as a PEFT folder (PEFT's names, `fan_in_fan_out`
+/// false) and, with --merge, as a plain checkpoint computing what base and adapters do.
+#[test]
+fn a_lora_run_on_a_llama_exports_peft_adapters_and_a_merged_model() {
+    let folder = crate::common::folder_with("", 16);
+    let spec = format!(
+        "[run]\nname = \"lora\"\nruns_dir = \"runs\"\nstages = [\"train\"]\n[data]\npath = \"train.jsonl\"\n\
+         [model]\npath = {:?}\n[optimizer]\nlr = 1e-2\n[train]\nepochs = 1\nbatch_size = 4\nmax_length = 48\n\
+         [lora]\nrank = 4\ntargets = [\"all-linear\"]\n",
+        dir("tiny-qwen2").display().to_string()
+    );
+    std::fs::write(folder.path().join("spec.toml"), spec).unwrap();
+    let out = crate::common::pipe(folder.path(), &["run", "spec.toml"], &[]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let run = crate::common::newest_run(folder.path(), "lora");
+    for (args, name) in [(&[][..], "peft"), (&["--merge"][..], "merged")] {
+        let target = folder.path().join(name);
+        let mut command = vec!["export", run.to_str().unwrap(), "--out", target.to_str().unwrap()];
+        command.extend(args);
+        let out = crate::common::pipe(folder.path(), &command, &[]);
+        assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.path().join("peft/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["fan_in_fan_out"], false);
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+    let bytes = std::fs::read(folder.path().join("peft/adapter_model.safetensors")).unwrap();
+    let names: Vec<String> =
+        safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
+    assert_eq!(names.len(), 2 * 7 * 2, "two tensors for each of seven projections in two layers");
+    assert!(names.iter().all(|n| n.starts_with("base_model.model.model.layers.")), "{names:?}");
+
+    let r = reference("tiny-qwen2");
+    let adapted = <Model<B> as CausalLm<B>>::load(&run.join("final"), None, &Default::default()).unwrap();
+    assert!(adapted.adapters().is_some());
+    let merged = family::load::<B>(&folder.path().join("merged"), None, &Default::default()).unwrap();
+    let (a, m) = (batch_loss(&adapted, &sequences(&r), 0), batch_loss(&merged, &sequences(&r), 0));
+    assert!((a - m).abs() < 1e-5, "adapted {a}, merged {m}");
+    let base = batch_loss(&load::<B>("tiny-qwen2"), &sequences(&r), 0);
+    assert!((a - base).abs() > 1e-4, "the adapters trained: {a} against the base's {base}");
 }

@@ -828,9 +828,15 @@ fn lora_adapter_folders() {
     // adapter/adapter_model.safetensors, base.json; one of them edited per input.
     let seed_dir = tempfile::tempdir().unwrap();
     let base = BaseModel::of("tiny".into(), tiny_model_dir()).unwrap();
-    let config = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false };
+    let config = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: Target::parse_list(&["all-linear".into()], "gpt2").unwrap(),
+        rslora: false,
+    };
     let (_, model) = pipe::model::hf::load::<Flex>(tiny_model_dir(), None, &Default::default()).unwrap();
-    let model = lora::attach(model, Adapters { config, base }, &Default::default());
+    let model = lora::attach(model, Adapters { config, base }, &Default::default()).unwrap();
     model.save(seed_dir.path(), Some(0)).unwrap();
     let files = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "base.json"];
     let seeds: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(seed_dir.path().join(f)).unwrap()).collect();

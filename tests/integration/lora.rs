@@ -49,7 +49,7 @@ fn base_ref() -> BaseModel {
 
 /// The fixture base with PEFT's adapter.
 fn with_peft<Bk: burn::tensor::backend::Backend>() -> Gpt2<Bk> {
-    let (config, _) = lora::read_peft_config(&lora_fixture()).unwrap();
+    let (config, _) = lora::read_peft_config(&lora_fixture(), "gpt2").unwrap();
     lora::with_peft_adapter(base::<Bk>(), &lora_fixture(), Adapters { config, base: base_ref() }).unwrap()
 }
 
@@ -140,7 +140,7 @@ fn adapter_gradients_at_step_0_match_peft() {
 }
 
 fn fresh_config(targets: &[&str]) -> LoraConfig {
-    let targets = Target::parse_list(&targets.iter().map(|t| t.to_string()).collect::<Vec<_>>()).unwrap();
+    let targets = Target::parse_list(&targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(), "gpt2").unwrap();
     LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets, rslora: false }
 }
 
@@ -150,7 +150,7 @@ fn fresh_adapters_leave_the_model_exactly_as_it_was() {
     let plain = logits(&base::<B>(), &text);
     for targets in [&["c_attn", "attn.c_proj"][..], &["all-linear"][..]] {
         let adapters = Adapters { config: fresh_config(targets), base: base_ref() };
-        let model = lora::attach(base::<B>(), adapters, &Default::default());
+        let model = lora::attach(base::<B>(), adapters, &Default::default()).unwrap();
         assert_eq!(logits(&model, &text), plain, "{targets:?}: step 0 is the base model, bit for bit");
     }
 }
@@ -169,7 +169,7 @@ fn merging_computes_what_base_and_adapters_compute() {
 fn only_the_adapters_train() {
     let device = Default::default();
     let adapters = Adapters { config: fresh_config(&["c_attn", "c_fc"]), base: base_ref() };
-    let model = lora::attach(base::<AD>(), adapters, &device);
+    let model = lora::attach(base::<AD>(), adapters, &device).unwrap();
     assert_eq!(model.num_params(), 2 * (32 * 4 + 4 * 96 + 32 * 4 + 4 * 128), "trainable parameters: the adapters'");
     let text = ids(&reference_text());
     let examples = [Sequence::all_trained(text)];
@@ -205,7 +205,7 @@ fn an_adapter_folder_reloads_exactly_and_refuses_a_changed_base() {
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(fixture_dir().join(file), base_dir.join(file)).unwrap();
     }
-    let (config, _) = lora::read_peft_config(&lora_fixture()).unwrap();
+    let (config, _) = lora::read_peft_config(&lora_fixture(), "gpt2").unwrap();
     let copied = BaseModel::of("base".into(), &base_dir).unwrap();
     let model = lora::with_peft_adapter(base::<B>(), &lora_fixture(), Adapters { config, base: copied }).unwrap();
     let saved = dir.path().join("saved");
@@ -246,14 +246,14 @@ fn peft_settings_pipe_does_not_compute_are_refused_naming_the_key() {
         let mut config = original.clone();
         config[key] = value.clone();
         std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
-        let error = lora::read_peft_config(dir.path()).unwrap_err();
+        let error = lora::read_peft_config(dir.path(), "gpt2").unwrap_err();
         let message = format!("{error:#}");
         assert!(message.contains(&format!("`{key}`")) && message.contains("adapter_config.json"), "{key}: {message}");
         assert!(pipe::error::is_bad_input(&error), "{key}: a bad-input error");
     }
     // An adapter for another architecture: its tensors do not fit, named.
-    let (mut config, _) = lora::read_peft_config(&lora_fixture()).unwrap();
-    config.targets = Target::parse_list(&["c_attn".to_string()]).unwrap();
+    let (mut config, _) = lora::read_peft_config(&lora_fixture(), "gpt2").unwrap();
+    config.targets = Target::parse_list(&["c_attn".to_string()], "gpt2").unwrap();
     let error = lora::with_peft_adapter(base::<B>(), &lora_fixture(), Adapters { config, base: base_ref() });
     let message = format!("{:#}", error.unwrap_err());
     assert!(message.contains("not adapters of the targeted projections") && message.contains("c_proj"), "{message}");
@@ -287,6 +287,6 @@ fn adapters_are_written_in_peft_format() {
     assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
     assert_eq!(config["fan_in_fan_out"], true);
     assert_eq!(config["base_model_name_or_path"], "tiny-gpt2");
-    let (reread, _) = lora::read_peft_config(dir.path()).unwrap();
+    let (reread, _) = lora::read_peft_config(dir.path(), "gpt2").unwrap();
     assert_eq!(&reread, &model.adapters.as_ref().unwrap().config);
 }
