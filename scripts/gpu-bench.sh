@@ -89,6 +89,13 @@ for run in "bf16 16 kernels" "bf16 16 composite" "f32 16 kernels" "f32 16 compos
   step "bench small $run" 300 bench "${small[@]}" --batch "$batch" --precision "$precision" --gpu-attention "$attention"
 done
 
+# The Llama family at the shapes people fine-tune (torch_ref.py --arch llama takes the same
+# flags, `--arch` being pipe's `--family`): SmolLM2-135M and Qwen2.5-0.5B in bf16, sequence 1024.
+smollm2=(--arch llama --layers 30 --embd 576 --heads 9 --kv-heads 3 --inner 1536 --vocab 49152 --seq 1024)
+qwen25=(--arch llama --layers 24 --embd 896 --heads 14 --kv-heads 2 --inner 4864 --vocab 151936 --seq 1024)
+step "bench smollm2-135m bf16" 240 bench "${smollm2[@]}" --steps 6 --warmup 2 --batch 8 --precision bf16
+step "bench qwen2.5-0.5b bf16" 300 bench "${qwen25[@]}" --steps 6 --warmup 2 --batch 4 --precision bf16
+
 # The GPU suite on CUDA (tests/cuda.rs) in the background while the untimed steps run:
 # GPU_SUITE_BIN is its test binary, built with
 # `cargo test --release --features cuda --test cuda --no-run` where no prebuilt one is given.
@@ -149,6 +156,8 @@ if python3 -c 'import torch, transformers' 2> /dev/null; then
   step "torch small bf16 eager" 90 torch_ref "${small[@]}" --batch 16 --precision bf16
   step "torch small f32 eager" 90 torch_ref "${small[@]}" --batch 16
   step "torch small bf16 compiled" 150 torch_ref "${small[@]}" --batch 16 --precision bf16 --compile
+  step "torch smollm2-135m bf16 eager" 90 torch_ref "${smollm2[@]}" --steps 6 --warmup 2 --batch 8 --precision bf16
+  step "torch qwen2.5-0.5b bf16 eager" 90 torch_ref "${qwen25[@]}" --steps 6 --warmup 2 --batch 4 --precision bf16
 fi
 # burn's autotune choices, to carry to the next call (see the top).
 [ -d target/autotune ] && tar -czf "$out/autotune.tgz" -C target autotune

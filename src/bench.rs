@@ -200,6 +200,7 @@ impl BackendJob for Bench {
             (Precision::Bf16, BackendKind::Cpu) => inference.bf16_decoder(),
             _ => None,
         };
+        let decoder_ran = decoder.is_some();
         let gen_tps = match decoder {
             Some(decoder) => generation_speed(Generator::with(decoder, 0), &prompt, shape.gen_tokens),
             None => generation_speed(Generator::new(&inference, &device, 0), &prompt, shape.gen_tokens),
@@ -209,10 +210,14 @@ impl BackendJob for Bench {
         let train_gflops = train_tps * shape.train_flops_per_token(params, trainable) / 1e9;
         // What generation reads per token: every weight but the unused position rows, at the
         // bytes the decoder holds them in.
+        let unread_positions = match shape.family {
+            BenchFamily::Gpt2 => shape.seq.max(1024) * shape.embd,
+            BenchFamily::Llama => 0,
+        };
         let weight_bytes = match (shape.precision, self.1) {
-            (Precision::Bf16, BackendKind::Cpu) => 2.0,
+            (Precision::Bf16, BackendKind::Cpu) if decoder_ran => 2.0,
             _ => 4.0,
-        } * (params - shape.seq.max(1024) * shape.embd) as f64;
+        } * params.saturating_sub(unread_positions) as f64;
         let machine = match self.1 {
             // The same machine's yardsticks, so that figures compare across CPUs.
             BackendKind::Cpu => {

@@ -96,15 +96,16 @@ enum Command {
         #[arg(long, default_value = "started")]
         sort: String,
     },
-    /// Compare runs: spec differences, final and best metrics, and loss curves (SVG + terminal).
+    /// Show one run's loss curves and metrics, or compare several: spec differences, final and
+    /// best metrics, and loss curves (in the terminal; as an SVG with --out).
     Compare {
-        /// Runs: folders, `name` (its latest run) or `name@id`.
-        #[arg(required = true, num_args = 2..)]
+        /// Runs: folders, `name` (its latest run) or `name@id`; one or more.
+        #[arg(required = true, num_args = 1..)]
         runs: Vec<String>,
         /// Where names are looked up.
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
-        /// Folder for loss.svg and comparison.json [default: <runs-dir>/_compare/<time>].
+        /// Also write loss.svg and comparison.json into this folder (nothing is written without it).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Print the comparison as JSON.
@@ -432,13 +433,14 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 .map(|r| runs::resolve(&runs_dir, r).and_then(|p| runs::Run::read(&p)))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let comparison = runs::Comparison::new(&all);
-            let out = out.unwrap_or_else(|| runs::default_compare_dir(&runs_dir));
-            let svg = runs::write_comparison(&comparison, &out)?;
+            let svg = out.map(|out| runs::write_comparison(&comparison, &out)).transpose()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&comparison.to_json(Some(&svg)))?);
+                println!("{}", serde_json::to_string_pretty(&comparison.to_json(svg.as_deref()))?);
             } else {
                 print!("{}", comparison.render());
-                println!("\nplot: {}", svg.display());
+                if let Some(svg) = svg {
+                    println!("\nplot: {}", svg.display());
+                }
             }
         }
         Command::Generate { model, runs, prompt, raw, sampling, on, json } => {

@@ -366,19 +366,23 @@ impl<'a> Comparison<'a> {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let labels: Vec<String> = self.runs.iter().map(Run::label).collect();
-        out.push_str("spec differences:\n");
-        if self.spec_diff.is_empty() {
-            out.push_str("  (none)\n");
-        } else {
-            let mut header = vec!["field".to_string()];
-            header.extend(labels.iter().cloned());
-            let mut rows = vec![header];
-            rows.extend(
-                self.spec_diff.iter().map(|(k, vs)| std::iter::once(k.clone()).chain(vs.iter().cloned()).collect()),
-            );
-            out.push_str(&indent(&render_rows(&rows)));
+        // One run has no differences to show.
+        if self.runs.len() > 1 {
+            out.push_str("spec differences:\n");
+            if self.spec_diff.is_empty() {
+                out.push_str("  (none)\n");
+            } else {
+                let mut header = vec!["field".to_string()];
+                header.extend(labels.iter().cloned());
+                let mut rows = vec![header];
+                rows.extend(
+                    self.spec_diff.iter().map(|(k, vs)| std::iter::once(k.clone()).chain(vs.iter().cloned()).collect()),
+                );
+                out.push_str(&indent(&render_rows(&rows)));
+            }
+            out.push('\n');
         }
-        out.push_str("\nmetrics (* best):\n");
+        out.push_str("metrics (* best):\n");
         let best = |values: Vec<Option<f64>>, digits: usize| -> Vec<String> {
             let min = values.iter().flatten().copied().min_by(f64::total_cmp);
             values.iter().map(|v| fmt_opt(*v, digits) + if v.is_some() && *v == min { "*" } else { "" }).collect()
@@ -515,12 +519,6 @@ pub fn sparkline(series: &[(u64, f64)], lo: f64, hi: f64, width: usize) -> Strin
             BARS[level.min(7)]
         })
         .collect()
-}
-
-/// Where `pipe compare` writes its files unless told: `<runs_dir>/_compare/<time>/`.
-pub fn default_compare_dir(runs_dir: &Path) -> PathBuf {
-    let stamp: String = run_dir::now().chars().filter(char::is_ascii_digit).collect();
-    runs_dir.join("_compare").join(format!("{}-{}", &stamp[..8], &stamp[8..14]))
 }
 
 /// Write the comparison's files: `loss.svg` and `comparison.json`.

@@ -104,6 +104,18 @@ fn runs_lists_and_compare_diffs_tables_and_plots() {
     let out = pipe(dir.path(), &["compare", &refs[0], "small@nope"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("small@nope"), "{}", stderr(&out));
+
+    // One run: its metrics and curves, and without --out nothing is written.
+    let before = std::fs::read_dir(dir.path().join("runs")).unwrap().count();
+    let out = pipe(dir.path(), &["compare", &refs[0]], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("metrics (* best):") && !text.contains("spec differences") && !text.contains("plot:"),
+        "{text}"
+    );
+    assert!(text.chars().any(|c| ('▁'..='█').contains(&c)), "its curves: {text}");
+    assert_eq!(std::fs::read_dir(dir.path().join("runs")).unwrap().count(), before, "no _compare folder");
 }
 
 #[test]
