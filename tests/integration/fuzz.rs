@@ -14,7 +14,6 @@
 //! `PIPE_FUZZ_SEED` picks another seed.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use burn::backend::Flex;
 
@@ -643,21 +642,20 @@ fn datasets_of_every_format_and_kind() {
     });
 }
 
-/// A tiny model saved as a HF GPT-2 folder: config.json, model.safetensors, tokenizer.json.
-fn tiny_model_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("pipe-fuzz-model-{}", std::process::id()));
-        let model = pipe::model::Gpt2Config::new(300, 16, 8, 1, 2).init::<Flex>(&Default::default());
-        pipe::model::hf::save(&model, Some(0), &dir).unwrap();
-        pipe::data::Tok::train(PAIRS.lines(), 300).unwrap().save(&dir.join("tokenizer.json")).unwrap();
-        dir
-    })
+/// A tiny model saved as a HF GPT-2 folder (config.json, model.safetensors, tokenizer.json), in
+/// a temporary folder of the caller's, removed when it is dropped.
+fn tiny_model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pipe::model::Gpt2Config::new(300, 16, 8, 1, 2).init::<Flex>(&Default::default());
+    pipe::model::hf::save(&model, Some(0), dir.path()).unwrap();
+    pipe::data::Tok::train(PAIRS.lines(), 300).unwrap().save(&dir.path().join("tokenizer.json")).unwrap();
+    dir
 }
 
 #[test]
 fn config_json() {
-    let seed = std::fs::read(tiny_model_dir().join("config.json")).unwrap();
+    let model_dir = tiny_model_dir();
+    let seed = std::fs::read(model_dir.path().join("config.json")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     campaign("config.json", edits(1), |(_, edits)| {
         write(&dir.path().join("config.json"), &mutate_json(&seed, &edits));
@@ -690,7 +688,8 @@ fn mutate_safetensors(seed: &[u8], edits: &[Edit]) -> Vec<u8> {
 
 #[test]
 fn safetensors_files() {
-    let source = tiny_model_dir();
+    let model_dir = tiny_model_dir();
+    let source = model_dir.path();
     let seed = std::fs::read(source.join("model.safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(source.join("config.json"), dir.path().join("config.json")).unwrap();
@@ -703,7 +702,8 @@ fn safetensors_files() {
 
 #[test]
 fn tokenizer_json() {
-    let seed = std::fs::read(tiny_model_dir().join("tokenizer.json")).unwrap();
+    let model_dir = tiny_model_dir();
+    let seed = std::fs::read(model_dir.path().join("tokenizer.json")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
     campaign("tokenizer.json", edits(1), |(_, edits)| {
@@ -723,17 +723,16 @@ fn tokenizer_json() {
     });
 }
 
-/// A finished run of a tiny spec with a checkpoint at every step: the seed run folder.
-fn seed_run() -> &'static Path {
-    static RUN: OnceLock<PathBuf> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("pipe-fuzz-run-{}", std::process::id()));
-        write(&dir.join("spec.toml"), SPEC.as_bytes());
-        write(&dir.join("train.jsonl"), PAIRS.as_bytes());
-        let out = common::pipe(&dir, &["run", "spec.toml"], &[]);
-        assert!(out.status.success(), "{}", common::stderr(&out));
-        std::fs::read_dir(dir.join("runs/fuzz")).unwrap().next().unwrap().unwrap().path()
-    })
+/// A finished run of a tiny spec with a checkpoint at every step, in a temporary folder of the
+/// caller's: (the folder, the run folder in it).
+fn seed_run() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("spec.toml"), SPEC.as_bytes());
+    write(&dir.path().join("train.jsonl"), PAIRS.as_bytes());
+    let out = common::pipe(dir.path(), &["run", "spec.toml"], &[]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let run = std::fs::read_dir(dir.path().join("runs/fuzz")).unwrap().next().unwrap().unwrap().path();
+    (dir, run)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -752,7 +751,8 @@ fn copy_dir(from: &Path, to: &Path) {
 /// `pipe resume` read them.
 #[test]
 fn run_folder_records() {
-    let seed = seed_run();
+    let (_seed_dir, seed) = seed_run();
+    let seed = seed.as_path();
     let files = ["meta.json", "metrics.jsonl", "spec.toml"];
     let originals: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(seed.join(f)).unwrap()).collect();
     let keys = spec_keys(seed);
@@ -786,10 +786,11 @@ fn run_folder_records() {
 /// A checkpoint folder as `pipe resume` reads it: trainer.json, the optimizer state, the weights.
 #[test]
 fn checkpoint_folders() {
-    let seed = pipe::checkpoint::list(seed_run()).pop().unwrap();
+    let (_seed_dir, seed_run) = seed_run();
+    let seed = pipe::checkpoint::list(&seed_run).pop().unwrap();
     let files = ["trainer.json", "optimizer.bin", "model.safetensors", "config.json"];
     let originals: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(seed.join(f)).unwrap()).collect();
-    let spec = pipe::spec::load_with_env(&seed_run().join("spec.toml"), &[], &[], seed_run()).unwrap().spec;
+    let spec = pipe::spec::load_with_env(&seed_run.join("spec.toml"), &[], &[], &seed_run).unwrap().spec;
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("step-000004");
     copy_dir(&seed, &checkpoint);
@@ -827,7 +828,8 @@ fn lora_adapter_folders() {
     // A model folder with adapters over the tiny model: adapter/adapter_config.json,
     // adapter/adapter_model.safetensors, base.json; one of them edited per input.
     let seed_dir = tempfile::tempdir().unwrap();
-    let base = BaseModel::of("tiny".into(), tiny_model_dir()).unwrap();
+    let model_dir = tiny_model_dir();
+    let base = BaseModel::of("tiny".into(), model_dir.path()).unwrap();
     let config = LoraConfig {
         rank: 2,
         alpha: 4.0,
@@ -835,7 +837,7 @@ fn lora_adapter_folders() {
         targets: Target::parse_list(&["all-linear".into()], "gpt2").unwrap(),
         rslora: false,
     };
-    let (_, model) = pipe::model::hf::load::<Flex>(tiny_model_dir(), None, &Default::default()).unwrap();
+    let (_, model) = pipe::model::hf::load::<Flex>(model_dir.path(), None, &Default::default()).unwrap();
     let model = lora::attach(model, Adapters { config, base }, &Default::default()).unwrap();
     model.save(seed_dir.path(), Some(0)).unwrap();
     let files = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "base.json"];
