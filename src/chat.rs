@@ -16,13 +16,16 @@ pub struct ChatSettings {
     pub seed: u64,
 }
 
-/// Converse over `input` until EOF or `/exit`, writing replies to `output`.
+/// Converse over `input` until EOF or `/exit`, writing replies to `output`; with `echo` (input
+/// that is not a terminal, which shows what is typed itself) each line is written after its
+/// prompt too, so that the transcript reads as the conversation.
 pub fn chat(
     model: impl Decode,
     tok: &Tok,
     settings: &ChatSettings,
     input: impl BufRead,
     mut output: impl Write,
+    echo: bool,
 ) -> Result<()> {
     // The conversation's tokens after the BOS (where the tokenizer starts texts with one).
     let context = model.context().saturating_sub(tok.bos_id.is_some() as usize).max(1);
@@ -43,6 +46,9 @@ pub fn chat(
             output.flush()?;
             continue;
         };
+        if echo {
+            writeln!(output, "{line}")?;
+        }
         match line.trim() {
             "" => {}
             "/exit" | "/quit" => break,

@@ -158,6 +158,9 @@ enum Command {
         on: BackendArgs,
     },
     /// Talk to a model: each line is laid out with the run's prompt template, replies stream.
+    /// The conversation is kept from line to line (its oldest turns dropped to fit the context);
+    /// `/reset` clears it, `/exit` or Ctrl-D ends. Lines read from a pipe are echoed, so the
+    /// transcript reads as the conversation.
     Chat {
         /// A run folder (its final model) or a HuggingFace model folder (GPT-2, Llama, Qwen2, Qwen3).
         model: PathBuf,
@@ -356,7 +359,9 @@ struct Conversation<'a> {
 impl WithDecoder for Conversation<'_> {
     type Output = ();
     fn with(self, decoder: impl Decode) -> anyhow::Result<()> {
-        chat::chat(decoder, self.tok, self.settings, std::io::stdin().lock(), std::io::stdout())
+        use std::io::IsTerminal;
+        let echo = !std::io::stdin().is_terminal();
+        chat::chat(decoder, self.tok, self.settings, std::io::stdin().lock(), std::io::stdout(), echo)
     }
 }
 

@@ -244,7 +244,10 @@ fn chat_streams_replies_and_survives_the_context_limit() {
     let text = stdout(&out);
     let replies: Vec<&str> = text.split("> ").skip(1).collect();
     assert_eq!(replies.len(), 14, "13 replies and the closing prompt: {text}");
-    assert_eq!(replies[0].trim_end_matches('\n'), want, "the first reply is transformers' greedy continuation");
+    // Piped input is echoed after its prompt, then the reply follows.
+    let (echoed, reply) = replies[0].split_once('\n').unwrap();
+    assert_eq!(echoed, g["prompt"].as_str().unwrap(), "{text}");
+    assert_eq!(reply.trim_end_matches('\n'), want, "the first reply is transformers' greedy continuation");
 }
 
 #[test]
