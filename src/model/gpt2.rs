@@ -234,7 +234,7 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         targets: Tensor<B, 2, Int>,
         packing: Option<Packing<B>>,
     ) -> Tensor<B, 2> {
-        nll_of_hidden(self.hidden(inputs, None, packing), targets, |rows| self.lm_head(rows))
+        nll_of_hidden(self.hidden(inputs, None, packing), self.wte.weight.val().transpose(), targets, self.precision)
     }
 
     fn new_cache(&self) -> KvCache<B> {

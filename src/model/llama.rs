@@ -449,7 +449,11 @@ impl<B: FusedOps> Llama<B> {
         targets: Tensor<B, 2, Int>,
         packing: Option<Packing<B>>,
     ) -> Tensor<B, 2> {
-        nll_of_hidden(self.hidden(inputs, None, packing), targets, |rows| self.lm_head(rows))
+        let head = match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.weight.val().transpose(),
+        }; // [hidden, vocab]
+        nll_of_hidden(self.hidden(inputs, None, packing), head, targets, self.precision)
     }
 
     /// The next-token logits after `tokens`, which follow the cached positions.

@@ -64,16 +64,18 @@ impl<B: burn::tensor::backend::Backend> Packing<B> {
     }
 }
 
-/// Per-token NLL of `targets` from final hidden states through `lm_head`.
-/// hidden: [batch, seq, width], targets: [batch, seq] → [batch, seq]
+/// Per-token NLL of `targets` from final hidden states through the LM head `weight`, the
+/// logits a block of rows at a time. hidden: [batch, seq, width], weight: [width, vocab],
+/// targets: [batch, seq] → [batch, seq]
 fn nll_of_hidden<B: FusedOps>(
     hidden: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
     targets: Tensor<B, 2, Int>,
-    lm_head: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+    precision: Precision,
 ) -> Tensor<B, 2> {
     let [batch, seq, width] = hidden.dims();
-    let logits = lm_head(hidden.reshape([batch * seq, width])); // [batch·seq, vocab]
-    fused::cross_entropy(logits, targets.reshape([batch * seq])).reshape([batch, seq])
+    let rows = hidden.reshape([batch * seq, width]); // [batch·seq, width]
+    fused::lm_head_nll(rows, weight, targets.reshape([batch * seq]), precision).reshape([batch, seq])
 }
 
 /// A causal language model: everything the trainer, checkpoints, evaluation, generation,

@@ -512,3 +512,34 @@ fn a_lora_run_on_a_llama_exports_peft_adapters_and_a_merged_model() {
     let base = batch_loss(&load::<B>("tiny-qwen2"), &sequences(&r), 0);
     assert!((a - base).abs() > 1e-4, "the adapters trained: {a} against the base's {base}");
 }
+
+/// The loss over a large vocabulary is computed a block of rows at a time, the backward
+/// recomputing each block's logits: the same NLL and the same gradients as all rows at once.
+#[test]
+fn the_loss_in_blocks_of_rows_equals_the_loss_at_once() {
+    use pipe::model::fused::with_lm_head_block_values;
+    for fixture in ["tiny-llama", "tiny-qwen2"] {
+        let r = reference(fixture);
+        let run = |values: usize| {
+            with_lm_head_block_values(values, || {
+                let model = load::<AD>(fixture);
+                let sequences = sequences(&r);
+                let refs: Vec<&Sequence> = sequences.iter().collect();
+                let batch = Batch::<AD>::new(&refs, eos(fixture), &Default::default());
+                let loss = model.loss_sum(batch.inputs, batch.targets, batch.weights);
+                let value: f32 = loss.clone().into_scalar();
+                (value, named_gradients(&model, loss))
+            })
+        };
+        let vocab = family::read_config(&dir(fixture)).unwrap().vocab_size();
+        let (whole, whole_grads) = run(usize::MAX);
+        let (blocked, blocked_grads) = run(vocab * 5); // blocks of 5 rows
+        assert!((whole - blocked).abs() <= 1e-5 * whole.abs(), "{fixture}: {whole} at once, {blocked} in blocks");
+        assert_eq!(whole_grads.len(), blocked_grads.len());
+        for ((name, _, a), (_, _, b)) in whole_grads.iter().zip(&blocked_grads) {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5 * scale + 1e-8, "{fixture} {name}: off by {diff:e} of {scale:e}");
+        }
+    }
+}

@@ -116,6 +116,38 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         (nll, Self::from_inner(lse))
     }
 
+    fn lm_head_nll(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        precision: Precision,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct LmHeadNll(Precision);
+        impl<B: FusedOps> Backward<B, 2> for LmHeadNll {
+            // x, weight, targets, lse: the logits are recomputed a block at a time, never kept.
+            type State = (FloatTensor<B>, FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, weight, targets, lse) = ops.state;
+                let [x_node, weight_node] = ops.parents;
+                let (dx, dw) = lm_head_nll_backward::<B>(x, weight, targets, lse, grad, weight_node.is_some(), self.0);
+                if let Some(node) = x_node {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let (Some(node), Some(dw)) = (weight_node, dw) {
+                    grads.register::<B>(node.id, dw);
+                }
+            }
+        }
+        let (nll, lse) = B::lm_head_nll(x.primitive.clone(), weight.primitive.clone(), targets.clone(), precision);
+        let nll = match LmHeadNll(precision).prepare::<C>([x.node, weight.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive, targets, lse.clone()), nll),
+            OpsKind::UnTracked(prep) => prep.finish(nll),
+        };
+        (nll, Self::from_inner(lse))
+    }
+
     fn causal_attention(qkv: FloatTensor<Self>, args: AttentionArgs<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
         #[derive(Debug)]
         struct CausalAttention;

@@ -140,6 +140,27 @@ pub trait FusedOps: Backend {
         composite::cross_entropy_backward::<Self>(logits, targets, lse, grad)
     }
 
+    /// The per-row NLL of `targets` under softmax(x·weight) and each row's log-sum-exp, computed
+    /// a block of rows at a time (`lm_head_blocks`) so that the logits of a large vocabulary are
+    /// never held whole; under autodiff the backward recomputes each block's logits.
+    /// x: [rows, d], weight: [d, vocab], targets: [rows] → ([rows], [rows])
+    fn lm_head_nll(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        precision: Precision,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (rows, vocab) = (x.shape().dims::<2>()[0], weight.shape().dims::<2>()[1]);
+        let (mut nll, mut lse) = (Vec::new(), Vec::new());
+        for block in lm_head_blocks(rows, vocab) {
+            let logits = Self::fused_linear(rows_of::<Self>(x.clone(), block.clone()), weight.clone(), None, precision);
+            let (block_nll, block_lse) = Self::cross_entropy(logits, int_rows_of::<Self>(targets.clone(), block));
+            nll.push(block_nll);
+            lse.push(block_lse);
+        }
+        (cat_rows::<Self>(nll), cat_rows::<Self>(lse))
+    }
+
     /// Causal multi-head self-attention over the packed query/key/value projections, and what
     /// the backward needs of it (`attention_saved_shape`): here and on the CPU the attention
     /// probabilities before dropout. The two products (scores, output) run in `args.precision`.
@@ -256,6 +277,105 @@ pub fn layer_norm<B: FusedOps>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, beta: Tenso
 /// GPT-2's "gelu_new", the tanh approximation of GELU. x: [rows, cols] → [rows, cols]
 pub fn gelu_new<B: FusedOps>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(B::gelu_new(x.into_primitive().tensor())))
+}
+
+/// The most logits `lm_head_nll` holds at once (256 MiB of f32): below it the rows are one block.
+const LM_HEAD_BLOCK_VALUES: usize = 1 << 26;
+
+std::thread_local! {
+    /// `LM_HEAD_BLOCK_VALUES`, or another bound set for this thread by `with_lm_head_block_values`.
+    static BLOCK_VALUES: std::cell::Cell<usize> = const { std::cell::Cell::new(LM_HEAD_BLOCK_VALUES) };
+}
+
+/// Run `f` with `lm_head_nll` holding at most `values` logits at once on this thread (the
+/// tests hold the blocked computation to the whole one at small sizes).
+pub fn with_lm_head_block_values<R>(values: usize, f: impl FnOnce() -> R) -> R {
+    let before = BLOCK_VALUES.with(|v| v.replace(values.max(1)));
+    let out = f();
+    BLOCK_VALUES.with(|v| v.set(before));
+    out
+}
+
+/// The row blocks `lm_head_nll` computes one at a time for `rows` rows of a `vocab`-wide head.
+pub fn lm_head_blocks(rows: usize, vocab: usize) -> Vec<std::ops::Range<usize>> {
+    let block = (BLOCK_VALUES.with(std::cell::Cell::get) / vocab.max(1)).max(1);
+    (0..rows).step_by(block).map(|start| start..(start + block).min(rows)).collect()
+}
+
+/// Rows `range` of x. x: [rows, cols] → [range.len(), cols]
+fn rows_of<B: Backend>(x: FloatTensor<B>, range: std::ops::Range<usize>) -> FloatTensor<B> {
+    let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
+    x.narrow(0, range.start, range.len()).into_primitive().tensor()
+}
+
+/// Entries `range` of x. x: [rows] → [range.len()]
+fn int_rows_of<B: Backend>(x: IntTensor<B>, range: std::ops::Range<usize>) -> IntTensor<B> {
+    Tensor::<B, 1, Int>::from_primitive(x).narrow(0, range.start, range.len()).into_primitive()
+}
+
+/// One-dimensional blocks joined in order. [n₀], [n₁], … → [n₀ + n₁ + …]
+fn cat_rows<B: Backend>(blocks: Vec<FloatTensor<B>>) -> FloatTensor<B> {
+    match blocks.len() {
+        1 => blocks.into_iter().next().expect("one block"),
+        _ => {
+            let blocks =
+                blocks.into_iter().map(|b| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(b))).collect();
+            Tensor::cat(blocks, 0).into_primitive().tensor()
+        }
+    }
+}
+
+/// The gradients of `lm_head_nll` for x, and for weight where asked, given the NLL's: each
+/// block's logits recomputed, its softmax − one-hot through the head's backward.
+fn lm_head_nll_backward<B: FusedOps>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    weight_wanted: bool,
+    precision: Precision,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let (rows, vocab) = (x.shape().dims::<2>()[0], weight.shape().dims::<2>()[1]);
+    let one = |x: &FloatTensor<B>, range: &std::ops::Range<usize>| rows_of::<B>(x.clone(), range.clone());
+    let (mut dx, mut dw): (Vec<FloatTensor<B>>, Option<FloatTensor<B>>) = (Vec::new(), None);
+    for block in lm_head_blocks(rows, vocab) {
+        let x_block = one(&x, &block);
+        let logits = B::fused_linear(x_block.clone(), weight.clone(), None, precision); // [block, vocab]
+        let lse = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(lse.clone()));
+        let lse = lse.narrow(0, block.start, block.len()).into_primitive().tensor();
+        let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grad.clone()));
+        let grad = grad.narrow(0, block.start, block.len()).into_primitive().tensor();
+        let dlogits = B::cross_entropy_backward(logits, int_rows_of::<B>(targets.clone(), block), lse, grad);
+        let wanted = LinearGradsWanted { weight: weight_wanted, bias: false };
+        let (dx_block, dw_block, _) = B::fused_linear_backward(x_block, weight.clone(), dlogits, wanted, precision);
+        dx.push(dx_block);
+        dw = match (dw, dw_block) {
+            (Some(sum), Some(block)) => Some(B::float_add(sum, block)),
+            (sum, block) => sum.or(block),
+        };
+    }
+    let dx = match dx.len() {
+        1 => dx.into_iter().next().expect("one block"),
+        _ => {
+            let blocks = dx.into_iter().map(|b| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(b))).collect();
+            Tensor::cat(blocks, 0).into_primitive().tensor()
+        }
+    };
+    (dx, dw)
+}
+
+/// Per-row NLL of `targets` under softmax(x·weight), the LM head and the loss in one
+/// (`FusedOps::lm_head_nll`). x: [rows, d], weight: [d, vocab], targets: [rows] → [rows]
+pub fn lm_head_nll<B: FusedOps>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    precision: Precision,
+) -> Tensor<B, 1> {
+    let (x, weight) = (x.into_primitive().tensor(), weight.into_primitive().tensor());
+    let (nll, _lse) = B::lm_head_nll(x, weight, targets.into_primitive(), precision);
+    Tensor::from_primitive(TensorPrimitive::Float(nll))
 }
 
 /// Per-row negative log-likelihood of `targets` under softmax(`logits`).
