@@ -94,8 +94,9 @@ pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
         optimizer_crc32c: Some(crc32c::crc32c(&optimizer_bytes)),
     };
     crate::files::write_atomic(&partial.join(STATE_FILE), serde_json::to_string(&state)?.as_bytes())?;
-    #[cfg(feature = "fault-injection")]
-    kill_if_asked(progress.step);
+    if let Some(hooks) = crate::hooks::installed() {
+        hooks.checkpoint_written(progress.step);
+    }
     let done = root.join(&name);
     if done.exists() {
         std::fs::remove_dir_all(&done)?;
@@ -132,20 +133,6 @@ pub fn best(run: &Path) -> Option<(PathBuf, Scored)> {
     let dir = run.join(CHECKPOINTS_DIR).join(BEST_DIR);
     let text = std::fs::read_to_string(dir.join(BEST_FILE)).ok()?;
     Some((dir, serde_json::from_str(&text).ok()?))
-}
-
-/// Tests kill pipe (SIGKILL) in the middle of writing a checkpoint by naming its step in
-/// `PIPEFAULT_KILL_IN_CHECKPOINT`; only builds with the `fault-injection` feature listen.
-#[cfg(feature = "fault-injection")]
-fn kill_if_asked(step: usize) {
-    if std::env::var("PIPEFAULT_KILL_IN_CHECKPOINT").is_ok_and(|s| s == step.to_string()) {
-        #[cfg(unix)]
-        // SAFETY: sending SIGKILL to this very process, as an outside `kill -9` would.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
-        std::process::abort();
-    }
 }
 
 /// Complete checkpoints of a run, oldest first (partial ones are not listed).

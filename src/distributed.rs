@@ -472,25 +472,6 @@ impl Peer {
     }
 }
 
-/// Tests make a peer fail or hang as it begins a step: `PIPEFAULT_PEER=fail:RANK:STEP` or
-/// `hang:RANK:STEP`; only builds with the `fault-injection` feature listen.
-#[cfg(feature = "fault-injection")]
-pub fn inject_fault(rank: usize, step: usize) -> Result<()> {
-    let Ok(asked) = std::env::var("PIPEFAULT_PEER") else { return Ok(()) };
-    let mut parts = asked.split(':');
-    let (what, at_rank, at_step) = (parts.next(), parts.next(), parts.next());
-    if at_rank != Some(&rank.to_string()) || at_step != Some(&step.to_string()) {
-        return Ok(());
-    }
-    match what {
-        Some("fail") => bail!("an injected failure at step {step}"),
-        Some("hang") => loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        },
-        _ => Ok(()),
-    }
-}
-
 fn all_reduce_sum<B: Backend>(
     id: PeerId,
     tensor: Tensor<B, 1>,

@@ -17,6 +17,7 @@ pub mod error;
 pub mod export;
 pub mod files;
 pub mod generate;
+pub mod hooks;
 pub mod inputs;
 pub mod memory;
 pub mod model;

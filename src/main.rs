@@ -269,7 +269,7 @@ impl SamplingArgs {
     }
 }
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     keep_freed_memory();
     restore_default_sigpipe();
     // burn-collective logs its configuration and every connection at info.

@@ -531,9 +531,8 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
         let micro_batches: Vec<Vec<&Sequence>> =
             sequences.chunks(train_spec.batch_size).map(|chunk| chunk.iter().collect()).collect();
         let step = self.summary.steps + 1;
-        #[cfg(feature = "fault-injection")]
-        if let Some(peer) = &self.trainer.peer {
-            crate::distributed::inject_fault(peer.rank, step)?;
+        if let (Some(peer), Some(hooks)) = (&self.trainer.peer, crate::hooks::installed()) {
+            hooks.peer_step_begins(peer.rank, step)?;
         }
         let lr = self.schedule.at(step - 1);
         // Dropout draws from the backend's generator: seeding it per step makes a resumed run

@@ -201,6 +201,17 @@ pub enum Stage {
     Generate,
 }
 
+impl Stage {
+    /// The stage as the spec names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Train => "train",
+            Stage::Eval => "eval",
+            Stage::Generate => "generate",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataSpec {

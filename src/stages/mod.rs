@@ -49,8 +49,9 @@ pub fn run_all<B: TrainBackend, M: TrainableLm<B>>(
     let steps = ctx.resume.as_ref().map_or(0, |(_, progress)| progress.step);
     let mut state = Trained { model, steps, training: None };
     for stage in &ctx.spec.run.stages {
-        #[cfg(feature = "fault-injection")]
-        signal_if_asked(*stage);
+        if let Some(hooks) = crate::hooks::installed() {
+            hooks.stage_begins(stage.name());
+        }
         state = match stage {
             Stage::Train => train::run(ctx, state)?,
             Stage::Eval => eval::run(ctx, state)?,
@@ -58,21 +59,4 @@ pub fn run_all<B: TrainBackend, M: TrainableLm<B>>(
         };
     }
     Ok(state.training)
-}
-
-/// Tests send pipe a stop signal as a stage begins by naming the stage and the signal's number
-/// in `PIPEFAULT_SIGNAL_AT_STAGE` (`eval:15`); only builds with the `fault-injection` feature
-/// listen.
-#[cfg(feature = "fault-injection")]
-fn signal_if_asked(stage: Stage) {
-    let Ok(asked) = std::env::var("PIPEFAULT_SIGNAL_AT_STAGE") else { return };
-    let Some((name, signal)) = asked.split_once(':') else { return };
-    if name == format!("{stage:?}").to_lowercase() {
-        if let Ok(signal) = signal.parse() {
-            // SAFETY: raising a signal in this process, as `kill` from outside would deliver it.
-            unsafe {
-                libc::raise(signal);
-            }
-        }
-    }
 }

@@ -111,9 +111,16 @@ pub fn cached_decoding_matches_the_full_forward<B: FusedOps>() {
     assert_eq!(Gpt2::<B>::cached(&cache), 300);
 }
 
-/// `pipe` with `args` in `dir`, with no PIPE_ variables from the outer environment.
+/// The test build's `pipe-faults`: `pipe` that makes the faults PIPEFAULT_* variables ask for.
+pub fn pipe_faults_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pipe-faults"))
+}
+
+/// `pipe` with `args` in `dir`, with no PIPE_ variables from the outer environment; the
+/// `pipe-faults` build when `env` asks for a fault.
 fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(pipe_bin());
+    let faults = env.iter().any(|(key, _)| key.starts_with("PIPEFAULT_"));
+    let mut command = Command::new(if faults { pipe_faults_bin() } else { pipe_bin() });
     command.current_dir(dir).args(args);
     for (key, _) in std::env::vars() {
         if key.starts_with("PIPE_") {

@@ -72,6 +72,32 @@ fn help_explains_the_commands() {
     }
 }
 
+/// The binary a user runs never carries the test build's fault hooks: `pipe` does not know the
+/// PIPEFAULT_* variables (a run asked to be killed mid-checkpoint completes), while the tests'
+/// `pipe-faults` build does (the same run is killed).
+#[test]
+fn the_pipe_binary_carries_no_test_hooks() {
+    let mentions = |binary: &Path| {
+        let bytes = std::fs::read(binary).unwrap();
+        bytes.windows(b"PIPEFAULT_".len()).any(|w| w == b"PIPEFAULT_")
+    };
+    assert!(!mentions(Path::new(env!("CARGO_BIN_EXE_pipe"))), "pipe names no PIPEFAULT_ variable");
+    assert!(mentions(&crate::common::pipe_faults_bin()), "the test build's pipe-faults does");
+    let dir = setup(SPEC, &GOOD_DATA.repeat(8));
+    let kill = [("PIPE_TRAIN__CHECKPOINT_EVERY", "1")];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pipe"))
+        .current_dir(dir.path())
+        .args(["run", "spec.toml"])
+        .envs(kill)
+        .env("PIPEFAULT_KILL_IN_CHECKPOINT", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pipe ignores the test build's variables: {}", stderr(&out));
+    let out = pipe(dir.path(), &["run", "spec.toml"], &[kill[0], ("PIPEFAULT_KILL_IN_CHECKPOINT", "1")]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "pipe-faults is killed as asked");
+}
+
 #[test]
 fn missing_spec_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -155,7 +155,7 @@ fn adapter_bytes(run: &Path) -> Vec<u8> {
 fn a_lora_run_killed_mid_checkpoint_resumes_exactly() {
     let dir = setup(LORA);
     let reference = run_ok(dir.path(), &["--set", "run.name=reference"]);
-    let status = Command::new(env!("CARGO_BIN_EXE_pipe"))
+    let status = Command::new(env!("CARGO_BIN_EXE_pipe-faults"))
         .current_dir(dir.path())
         .args(["run", "spec.toml"])
         .env("PIPEFAULT_KILL_IN_CHECKPOINT", "6")

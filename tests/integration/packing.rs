@@ -153,7 +153,7 @@ fn a_packed_run_shows_its_packing_and_resumes_exactly_after_a_kill() {
     let out = pipe(dir.path(), &["run", "spec.toml", "--set", "run.name=reference"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let reference = newest_run(dir.path(), "reference");
-    let status = Command::new(env!("CARGO_BIN_EXE_pipe"))
+    let status = Command::new(env!("CARGO_BIN_EXE_pipe-faults"))
         .current_dir(dir.path())
         .args(["run", "spec.toml"])
         .env("PIPEFAULT_KILL_IN_CHECKPOINT", "3")
