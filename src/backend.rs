@@ -56,8 +56,8 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, devices: &[usize], job: J) -> 
         #[cfg(not(all(feature = "cuda", feature = "wgpu")))]
         missing => Err(crate::error::bad_input(format!(
             "backend `{}` is not compiled into this pipe; rebuild with `cargo build --release --features {}`",
-            missing.burn_name(),
-            missing.burn_name()
+            missing.name(),
+            missing.name()
         ))),
     }
 }

@@ -134,7 +134,7 @@ impl BackendJob for RunJob<'_> {
                     name: spec.run.name.clone(),
                     run_id: String::new(),
                     spec_file: self.loaded.path.clone(),
-                    backend: spec.run.backend.burn_name().to_string(),
+                    backend: spec.run.backend.name().to_string(),
                     device: device_name,
                     seed: spec.run.seed,
                     started: run_dir::now(),

@@ -14,7 +14,7 @@ use crate::error::bad_input;
 use crate::model::hf;
 use crate::response_metrics::ResponseEval;
 use crate::run_dir::{self, Meta, MetricRecord, Status, WriterLock};
-use crate::spec::Spec;
+use crate::spec::{FinalModel, Spec};
 
 /// One run folder, read back.
 #[derive(Debug, Clone)]
@@ -23,8 +23,11 @@ pub struct Run {
     pub meta: Meta,
     /// (step, train loss) per optimizer step.
     pub train_loss: Vec<(u64, f64)>,
-    /// (step, val loss) per evaluation.
+    /// (step, val loss) per evaluation during training (epoch ends, `train.eval_every`).
     pub val_loss: Vec<(u64, f64)>,
+    /// (step, val loss) of the eval stage's evaluations after training: `final/`, and the last
+    /// model when `final/` is the best one. Not part of the curve: they re-measure its models.
+    pub eval_val_loss: Vec<(u64, f64)>,
     /// The resolved spec as a TOML table.
     pub spec: toml::Table,
     /// The eval stage's scores of answers to held-out prompts, if it made them.
@@ -33,27 +36,31 @@ pub struct Run {
 
 impl Run {
     pub fn read(path: &Path) -> Result<Self> {
-        let meta = Meta::read(path)?;
-        let (mut train_loss, mut val_loss, mut responses) = (Vec::new(), Vec::new(), None);
+        let mut meta = Meta::read(path)?;
+        // Runs of earlier versions recorded burn's name for the CPU backend.
+        if meta.backend == "flex" {
+            meta.backend = "cpu".into();
+        }
+        let (mut train_loss, mut val_loss, mut eval_val_loss, mut responses) =
+            (Vec::new(), Vec::new(), Vec::new(), None);
         for record in run_dir::read_metrics(path) {
-            if let MetricRecord::Eval(r) = &record {
-                if r.eval == "final" {
-                    responses = r.responses.clone().or(responses);
-                }
-            }
             let step = record.step() as u64;
-            if let MetricRecord::Step(r) = &record {
-                train_loss.push((step, r.loss));
-            }
-            if let Some(loss) = record.val_loss() {
-                val_loss.push((step, loss));
+            match record {
+                MetricRecord::Step(r) => train_loss.push((step, r.loss)),
+                MetricRecord::Epoch(r) => val_loss.push((step, r.val_loss)),
+                MetricRecord::Eval(r) => {
+                    eval_val_loss.push((step, r.val_loss));
+                    if r.eval == "final" {
+                        responses = r.responses.or(responses);
+                    }
+                }
             }
         }
         let spec = std::fs::read_to_string(path.join(run_dir::SPEC_FILE))
             .ok()
             .and_then(|t| t.parse::<toml::Table>().ok())
             .unwrap_or_default();
-        Ok(Self { path: path.to_path_buf(), meta, train_loss, val_loss, spec, responses })
+        Ok(Self { path: path.to_path_buf(), meta, train_loss, val_loss, eval_val_loss, spec, responses })
     }
 
     /// `name@id`, how runs are named on the command line.
@@ -78,19 +85,32 @@ impl Run {
         self.train_loss.last().map(|&(_, l)| l)
     }
 
-    pub fn best_val_loss(&self) -> Option<f64> {
-        self.best_val().map(|(_, loss)| loss)
+    pub fn lowest_val_loss(&self) -> Option<f64> {
+        self.lowest_val().map(|(_, loss)| loss)
     }
 
-    /// The lowest validation loss and the step it was measured at (the first, on a tie).
-    pub fn best_val(&self) -> Option<(u64, f64)> {
-        self.val_loss.iter().copied().reduce(|best, v| if v.1 < best.1 { v } else { best })
+    /// The lowest validation loss and the step it was measured at (the first, on a tie):
+    /// among the evaluations during training, or the eval stage's where training made none.
+    pub fn lowest_val(&self) -> Option<(u64, f64)> {
+        let measured = if self.val_loss.is_empty() { &self.eval_val_loss } else { &self.val_loss };
+        measured.iter().copied().reduce(|lowest, v| if v.1 < lowest.1 { v } else { lowest })
     }
 
-    /// Which model `final/` is: `last` or `best`, and the step it was trained to.
+    /// `lowest val loss` as the tables show it: the value and its step.
+    fn lowest_val_cell(&self) -> String {
+        self.lowest_val().map_or("-".into(), |(step, loss)| format!("{loss:.4} @{step}"))
+    }
+
+    /// Which model `final/` is and the step it was trained to: `last @506`, or the best by the
+    /// selection metric, `best rouge_l @322`.
     pub fn final_model(&self) -> String {
         match &self.meta.training {
-            Some(t) => format!("{}@{}", format!("{:?}", t.final_model).to_lowercase(), t.final_step),
+            Some(t) if t.final_model == FinalModel::Best => {
+                let metric = toml::Value::try_from(t.select_metric)
+                    .map_or(String::new(), |v| v.as_str().map_or(String::new(), |name| format!("{name} ")));
+                format!("best {metric}@{}", t.final_step)
+            }
+            Some(t) => format!("last @{}", t.final_step),
             None => "-".into(),
         }
     }
@@ -265,11 +285,9 @@ pub fn table(runs: &[Run]) -> String {
         "started",
         "duration",
         "steps",
-        "train loss",
-        "best val loss",
-        "best val ppl",
-        "best step",
-        "final",
+        "last train loss",
+        "lowest val loss",
+        "final model",
         "backend",
     ];
     let rows = runs.iter().map(|r| {
@@ -281,9 +299,7 @@ pub fn table(runs: &[Run]) -> String {
             fmt_duration(r.duration_s()),
             r.steps().to_string(),
             fmt_opt(r.final_train_loss(), 4),
-            fmt_opt(r.best_val_loss(), 4),
-            fmt_opt(r.best_val_loss().map(f64::exp), 2),
-            r.best_val().map_or("-".into(), |(step, _)| step.to_string()),
+            r.lowest_val_cell(),
             r.final_model(),
             r.meta.backend.clone(),
         ]
@@ -299,7 +315,7 @@ pub fn sort(runs: &mut [Run], column: &str) -> Result<()> {
             "duration" => r.duration_s().unwrap_or(f64::INFINITY),
             "steps" => r.steps() as f64,
             "loss" => r.final_train_loss().unwrap_or(f64::INFINITY),
-            "val_loss" => r.best_val_loss().unwrap_or(f64::INFINITY),
+            "val_loss" => r.lowest_val_loss().unwrap_or(f64::INFINITY),
             _ => 0.0,
         }
     };
@@ -346,15 +362,16 @@ impl<'a> Comparison<'a> {
                 "status": r.status(),
                 "steps": r.steps(),
                 "final_train_loss": r.final_train_loss(),
-                "best_val_loss": r.best_val_loss(),
-                "best_val_ppl": r.best_val_loss().map(f64::exp),
-                "best_step": r.best_val().map(|(step, _)| step),
+                "lowest_val_loss": r.lowest_val_loss(),
+                "lowest_val_loss_step": r.lowest_val().map(|(step, _)| step),
+                "final_model": r.final_model(),
                 "training": r.meta.training,
                 "responses": r.responses,
                 "duration_s": r.duration_s(),
                 "backend": r.meta.backend,
                 "train_loss": r.train_loss,
                 "val_loss": r.val_loss,
+                "eval_val_loss": r.eval_val_loss,
             })).collect::<Vec<_>>(),
             "spec_diff": self.spec_diff,
             "plot": plot,
@@ -382,23 +399,24 @@ impl<'a> Comparison<'a> {
             }
             out.push('\n');
         }
-        out.push_str("metrics (* best):\n");
+        // One run has no best to mark.
+        let marks = self.runs.len() > 1;
+        out.push_str(if marks { "metrics (* the best of these runs):\n" } else { "metrics:\n" });
         let best = |values: Vec<Option<f64>>, digits: usize| -> Vec<String> {
             let min = values.iter().flatten().copied().min_by(f64::total_cmp);
-            values.iter().map(|v| fmt_opt(*v, digits) + if v.is_some() && *v == min { "*" } else { "" }).collect()
+            let mark = |v: &Option<f64>| if marks && v.is_some() && *v == min { "*" } else { "" };
+            values.iter().map(|v| fmt_opt(*v, digits) + mark(v)).collect()
         };
         let final_loss = best(self.runs.iter().map(Run::final_train_loss).collect(), 4);
-        let val = best(self.runs.iter().map(Run::best_val_loss).collect(), 4);
-        let ppl = best(self.runs.iter().map(|r| r.best_val_loss().map(f64::exp)).collect(), 2);
+        let val = best(self.runs.iter().map(Run::lowest_val_loss).collect(), 4);
         let mut rows = vec![[
             "run",
             "status",
             "steps",
-            "final train loss",
-            "best val loss",
-            "best val ppl",
-            "best step",
-            "final",
+            "last train loss",
+            "lowest val loss",
+            "at step",
+            "final model",
             "duration",
         ]
         .map(String::from)
@@ -410,19 +428,22 @@ impl<'a> Comparison<'a> {
                 r.steps().to_string(),
                 final_loss[i].clone(),
                 val[i].clone(),
-                ppl[i].clone(),
-                r.best_val().map_or("-".into(), |(step, _)| step.to_string()),
+                r.lowest_val().map_or("-".into(), |(step, _)| step.to_string()),
                 r.final_model(),
                 fmt_duration(r.duration_s()),
             ]);
         }
         out.push_str(&indent(&render_rows(&rows)));
         if self.runs.iter().any(|r| r.responses.is_some()) {
-            out.push_str("\nanswers to held-out prompts (* best; high is good):\n");
+            out.push_str(match marks {
+                true => "\nfinal/'s answers to held-out prompts (* the best; high is good):\n",
+                false => "\nfinal/'s answers to held-out prompts (high is good):\n",
+            });
             let score = |f: fn(&ResponseEval) -> f64| -> Vec<String> {
                 let values: Vec<Option<f64>> = self.runs.iter().map(|r| r.responses.as_ref().map(f)).collect();
                 let max = values.iter().flatten().copied().max_by(f64::total_cmp);
-                values.iter().map(|v| fmt_opt(*v, 3) + if v.is_some() && *v == max { "*" } else { "" }).collect()
+                let mark = |v: &Option<f64>| if marks && v.is_some() && *v == max { "*" } else { "" };
+                values.iter().map(|v| fmt_opt(*v, 3) + mark(v)).collect()
             };
             let (em, f1, rl) =
                 (score(|r| r.scores.exact_match), score(|r| r.scores.token_f1), score(|r| r.scores.rouge_l));
@@ -433,16 +454,17 @@ impl<'a> Comparison<'a> {
             }
             out.push_str(&indent(&render_rows(&rows)));
         }
-        out.push_str("\nloss curves (shared scale; low is good):\n");
-        let all: Vec<f64> =
-            self.runs.iter().flat_map(|r| r.train_loss.iter().chain(&r.val_loss).map(|&(_, l)| l)).collect();
-        let (lo, hi) =
-            (all.iter().copied().fold(f64::INFINITY, f64::min), all.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+        let all: Vec<&(u64, f64)> = self.runs.iter().flat_map(|r| r.train_loss.iter().chain(&r.val_loss)).collect();
+        let last_step = all.iter().map(|p| p.0).max().unwrap_or(0);
+        let (lo, hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+        let _ = writeln!(out, "\nloss by step, 0 to {last_step} (one scale; low is good):");
         let width = labels.iter().map(String::len).max().unwrap_or(0);
         for (label, r) in labels.iter().zip(self.runs) {
-            let _ = writeln!(out, "  {label:<width$}  train {}", sparkline(&r.train_loss, lo, hi, 48));
+            let train = sparkline(&r.train_loss, lo, hi, last_step, 48);
+            let _ = writeln!(out, "  {label:<width$}  train {}", train.trim_end());
             if !r.val_loss.is_empty() {
-                let _ = writeln!(out, "  {:<width$}  val   {}", "", sparkline(&r.val_loss, lo, hi, 48));
+                let val = sparkline(&r.val_loss, lo, hi, last_step, 48);
+                let _ = writeln!(out, "  {:<width$}  val   {}", "", val.trim_end());
             }
         }
         out
@@ -503,20 +525,28 @@ fn render_rows(rows: &[Vec<String>]) -> String {
         .collect()
 }
 
-/// A series as block characters on the scale lo..hi, averaged into at most `width` buckets.
-pub fn sparkline(series: &[(u64, f64)], lo: f64, hi: f64, width: usize) -> String {
+/// A series of (step, value) as block characters on the scale lo..hi, on a step axis from 1 to
+/// `last_step` cut into `width` columns (fewer when there are fewer steps): each column shows
+/// the mean of the points whose steps fall in it, or a space where none do, so series measured
+/// at different steps (training and validation losses) line up column by column.
+pub fn sparkline(series: &[(u64, f64)], lo: f64, hi: f64, last_step: u64, width: usize) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
-    if series.is_empty() {
-        return String::new();
+    let columns = (last_step as usize).clamp(1, width.max(1));
+    let mut sums = vec![(0.0, 0usize); columns];
+    for &(step, value) in series {
+        // Steps 1..=last_step onto columns 0..columns.
+        let column = (step.saturating_sub(1) as usize * columns / last_step.max(1) as usize).min(columns - 1);
+        sums[column].0 += value;
+        sums[column].1 += 1;
     }
-    let buckets = series.len().min(width);
-    (0..buckets)
-        .map(|b| {
-            let (from, to) =
-                (b * series.len() / buckets, ((b + 1) * series.len() / buckets).max(b * series.len() / buckets + 1));
-            let mean = series[from..to].iter().map(|p| p.1).sum::<f64>() / (to - from) as f64;
-            let level = if hi > lo { ((mean - lo) / (hi - lo) * 7.0).round() as usize } else { 0 };
-            BARS[level.min(7)]
+    sums.iter()
+        .map(|&(sum, n)| match n {
+            0 => ' ',
+            n => {
+                let mean = sum / n as f64;
+                let level = if hi > lo { ((mean - lo) / (hi - lo) * 7.0).round() as usize } else { 0 };
+                BARS[level.min(7)]
+            }
         })
         .collect()
 }

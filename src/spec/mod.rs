@@ -183,10 +183,11 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    /// The burn backend it runs (recorded in a run's `meta.json`).
-    pub fn burn_name(self) -> &'static str {
+    /// The backend as the spec names it (recorded in a run's `meta.json`); the GPU backends'
+    /// names are also their cargo features.
+    pub fn name(self) -> &'static str {
         match self {
-            BackendKind::Cpu => "flex",
+            BackendKind::Cpu => "cpu",
             BackendKind::Cuda => "cuda",
             BackendKind::Wgpu => "wgpu",
         }

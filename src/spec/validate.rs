@@ -291,7 +291,7 @@ impl LoadedSpec {
             ));
         }
         if !compiled {
-            let name = s.run.backend.burn_name();
+            let name = s.run.backend.name();
             return Err(self.invalid(
                 "run.backend",
                 format!("`{name}` is not compiled into this pipe; rebuild with `--features {name}`"),

@@ -95,7 +95,7 @@ fn a_run_writes_a_complete_run_folder_and_learns() {
 
     let meta = meta(run);
     assert_eq!(meta["status"], "completed");
-    assert_eq!(meta["backend"], "flex");
+    assert_eq!(meta["backend"], "cpu");
     assert_eq!(meta["seed"], 3);
     assert!(meta["ended"].is_string() && meta["pipe_version"].is_string());
 
@@ -301,7 +301,7 @@ fn runs_started_in_the_same_second_get_distinct_folders() {
         name: "same-second".into(),
         run_id: String::new(),
         spec_file: "spec.toml".into(),
-        backend: "flex".into(),
+        backend: "cpu".into(),
         device: "cpu".into(),
         seed: 0,
         started: "2026-11-27T15:21:25Z".into(),

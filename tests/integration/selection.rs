@@ -122,7 +122,7 @@ fn the_best_model_is_kept_final_is_it_and_training_stops_when_nothing_improves()
 
     // Shown by `pipe runs`, and the tools can name either model.
     let listed = stdout(&pipe(dir.path(), &["runs"], &[]));
-    assert!(listed.contains(&format!("best@{best_step}")), "{listed}");
+    assert!(listed.contains(&format!("best val_loss @{best_step}")), "{listed}");
     for checkpoint in ["best", "last"] {
         let out = pipe(
             dir.path(),
@@ -146,7 +146,8 @@ fn the_best_model_is_kept_final_is_it_and_training_stops_when_nothing_improves()
     }
     let compared = stdout(&pipe(dir.path(), &["compare", "select", "select", "--json"], &[]));
     let compared: serde_json::Value = serde_json::from_str(&compared).unwrap();
-    assert_eq!(compared["runs"][0]["best_step"], best_step);
+    assert_eq!(compared["runs"][0]["lowest_val_loss_step"], best_step);
+    assert_eq!(compared["runs"][0]["final_model"], format!("best val_loss @{best_step}"));
 
     // The final model's answers to five held-out prompts, scored, in eval.json, responses.jsonl,
     // TensorBoard and `pipe compare`.

@@ -58,11 +58,11 @@ fn runs_lists_and_compare_diffs_tables_and_plots() {
     let table = stdout(&out);
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 3, "{table}");
-    assert!(lines[0].contains("best val ppl") && lines[0].contains("status"));
+    assert!(lines[0].contains("lowest val loss") && lines[0].contains("final model") && lines[0].contains("status"));
     for run in &runs {
         assert!(table.contains(run.file_name().unwrap().to_str().unwrap()), "{table}");
     }
-    assert!(lines[1].contains("completed") && lines[1].contains("flex"));
+    assert!(lines[1].contains("completed") && lines[1].contains(" cpu"), "the spec's word for the backend: {table}");
     let out = pipe(dir.path(), &["runs", "--name", "nothing-like-this"], &[]);
     assert_eq!(stdout(&out).lines().count(), 1, "only the header");
     let out = pipe(dir.path(), &["runs", "--sort", "colour"], &[]);
@@ -99,6 +99,12 @@ fn runs_lists_and_compare_diffs_tables_and_plots() {
     assert_eq!(json["runs"][1]["run"], refs[1], "a bare name is its latest run");
     assert_eq!(json["spec_diff"]["optimizer.lr"], serde_json::json!(["0.001", "0.01"]));
     assert!(json["runs"][0]["train_loss"].as_array().unwrap().len() == 9);
+    // The curve holds the evaluations during training (each epoch's end), not the eval stage's
+    // re-measure of the final model after it.
+    let steps = |key: &str| -> Vec<u64> {
+        json["runs"][0][key].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect()
+    };
+    assert_eq!((steps("val_loss"), steps("eval_val_loss")), (vec![3, 6, 9], vec![9]));
     assert!(dir.path().join("cmp2/comparison.json").is_file());
 
     let out = pipe(dir.path(), &["compare", &refs[0], "small@nope"], &[]);
@@ -111,11 +117,33 @@ fn runs_lists_and_compare_diffs_tables_and_plots() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.starts_with("metrics (* best):") && !text.contains("spec differences") && !text.contains("plot:"),
+        text.starts_with("metrics:\n")
+            && !text.contains('*')
+            && !text.contains("spec differences")
+            && !text.contains("plot:"),
         "{text}"
     );
     assert!(text.chars().any(|c| ('▁'..='█').contains(&c)), "its curves: {text}");
+    // Nine steps, nine columns: the validation loss of steps 3, 6 and 9 in columns 3, 6 and 9.
+    let val = text.lines().find_map(|l| l.trim_start().strip_prefix("val   ")).unwrap_or_else(|| panic!("{text}"));
+    let marked: Vec<usize> = val.chars().enumerate().filter(|(_, c)| *c != ' ').map(|(i, _)| i + 1).collect();
+    assert_eq!(marked, [3, 6, 9], "{text}");
     assert_eq!(std::fs::read_dir(dir.path().join("runs")).unwrap().count(), before, "no _compare folder");
+}
+
+/// Sparklines are drawn on the step axis: a series measured every 24 steps marks the columns
+/// of those steps on the same 48 columns as a series measured at every one of 96 steps.
+#[test]
+fn sparklines_share_the_step_axis() {
+    use pipe::runs::sparkline;
+    let every_step: Vec<(u64, f64)> = (1..=96).map(|s| (s, 4.0 - s as f64 / 32.0)).collect();
+    let every_24 = [(24, 3.0), (48, 2.5), (72, 2.0), (96, 1.0)];
+    let (train, val) = (sparkline(&every_step, 1.0, 4.0, 96, 48), sparkline(&every_24, 1.0, 4.0, 96, 48));
+    assert_eq!((train.chars().count(), val.chars().count()), (48, 48));
+    assert!(!train.contains(' '), "{train}");
+    let marked: Vec<(usize, char)> = val.chars().enumerate().filter(|(_, c)| *c != ' ').collect();
+    assert_eq!(marked, [(11, '▆'), (23, '▅'), (35, '▃'), (47, '▁')], "{val}");
+    assert_eq!(sparkline(&every_24, 1.0, 4.0, 4, 48).chars().count(), 4, "fewer steps than columns: a column a step");
 }
 
 #[test]
@@ -341,4 +369,97 @@ fn run_names_are_looked_up_in_the_runs_folder_given() {
     let out = pipe(dir.path(), &["run", "spec.toml", "--set", "train.epochs=1", "--resume", "small"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("already completed"), "{}", stdout(&out));
+}
+
+/// Two run folders as pipe writes them, made by hand so that every figure is fixed: one that
+/// selected its final model by exact match (recorded by an earlier version, which named the CPU
+/// backend `flex`), one that failed after two epochs.
+fn recorded_runs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |id: &str, meta: serde_json::Value, lr: f64, metrics: Vec<serde_json::Value>| {
+        let run = dir.path().join("runs/demo").join(id);
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("meta.json"), meta.to_string()).unwrap();
+        std::fs::write(run.join("spec.toml"), format!("[optimizer]\nlr = {lr}\n\n[train]\nepochs = 4\n")).unwrap();
+        let lines: Vec<String> = metrics.iter().map(|m| m.to_string()).collect();
+        std::fs::write(run.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+    };
+    let step = |step: u64, loss: f64| {
+        serde_json::json!({"step": step, "epoch": (step - 1) / 4 + 1, "loss": loss, "lr": 0.001, "grad_norm": 1.0,
+            "tokens": 100, "padded_tokens": 0, "tokens_per_s": 1000.0, "elapsed_s": step as f64})
+    };
+    let epoch = |step: u64, val_loss: f64, exact_match: f64| {
+        serde_json::json!({"step": step, "epoch": step / 4, "val_loss": val_loss, "val_ppl": f64::exp(val_loss),
+            "exact_match": exact_match, "token_f1": exact_match, "rouge_l": exact_match})
+    };
+    let eval = |which: &str, step: u64, val_loss: f64| {
+        serde_json::json!({"eval": which, "step": step, "val_loss": val_loss, "val_ppl": f64::exp(val_loss),
+            "val_tokens": 50, "val_examples": 5,
+            "responses": {"examples": 5, "exact_match": 0.8, "token_f1": 0.9, "rouge_l": 0.85, "seconds": 0.1}})
+    };
+    let meta = |id: &str, backend: &str, ended: &str, status: &str| {
+        serde_json::json!({"pipe_version": "0.1.0", "name": "demo", "run_id": id, "spec_file": "spec.toml",
+            "backend": backend, "device": "cpu", "seed": 1, "started": format!("2026-12-05T10:{id}:00Z"),
+            "ended": ended, "status": status})
+    };
+    let mut selected = meta("00", "flex", "2026-12-05T10:00:27Z", "completed");
+    selected["training"] = serde_json::json!({"best": {"step": 12, "value": 0.8}, "evals_without_improvement": 1,
+        "select_metric": "exact_match", "final_model": "best", "final_step": 12});
+    // Four steps an epoch, each epoch ending with its evaluation: (val loss, exact match).
+    let epochs = |slope: f64, evaluations: &[(f64, f64)]| -> Vec<serde_json::Value> {
+        let mut metrics = Vec::new();
+        for (e, &(val_loss, exact)) in evaluations.iter().enumerate() {
+            let steps = 4 * e as u64 + 1..=4 * e as u64 + 4;
+            metrics.extend(steps.map(|s| step(s, 4.0 - slope * s as f64)));
+            metrics.push(epoch(4 * e as u64 + 4, val_loss, exact));
+        }
+        metrics
+    };
+    let mut metrics = epochs(0.2, &[(3.5, 0.2), (2.5, 0.6), (1.5, 0.8), (1.25, 0.8)]);
+    metrics.extend([eval("final", 12, 1.5), eval("last", 16, 1.25)]);
+    write("00", selected, 0.001, metrics);
+    let failed = meta("05", "cpu", "2026-12-05T10:06:05Z", "failed");
+    write("05", failed, 0.0001, epochs(0.1, &[(3.75, 0.0), (3.5, 0.2)]));
+    dir
+}
+
+/// `pipe runs` and `pipe compare` as a user reads them, line for line: the lowest validation
+/// loss with its step, which model `final/` is by which metric, the spec's word for the backend,
+/// the final model's answers, and curves on one step axis without the eval stage's re-measures.
+#[test]
+fn runs_and_compare_read_as_their_snapshots() {
+    let dir = recorded_runs();
+    let out = pipe(dir.path(), &["runs"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = "\
+name  id  status     started              duration  steps  last train loss  lowest val loss  final model           backend
+demo  00  completed  2026-12-05 10:00:00  27s       16     0.8000           1.2500 @16       best exact_match @12  cpu
+demo  05  failed     2026-12-05 10:05:00  1m05s     8      3.2000           3.5000 @8        -                     cpu
+";
+    assert_eq!(stdout(&out), want);
+
+    let out = pipe(dir.path(), &["compare", "demo@00", "demo@05"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = "\
+spec differences:
+  field         demo@00  demo@05
+  optimizer.lr  0.001    0.0001
+
+metrics (* the best of these runs):
+  run      status     steps  last train loss  lowest val loss  at step  final model           duration
+  demo@00  completed  16     0.8000*          1.2500*          16       best exact_match @12  27s
+  demo@05  failed     8      3.2000           3.5000           8        -                     1m05s
+
+final/'s answers to held-out prompts (* the best; high is good):
+  run      answers  exact match  token F1  ROUGE-L
+  demo@00  5        0.800*       0.900*    0.850*
+  demo@05  -        -            -         -
+
+loss by step, 0 to 16 (one scale; low is good):
+  demo@00  train █▇▇▆▆▆▅▅▄▄▃▃▂▂▁▁
+           val      ▇   ▅   ▃   ▂
+  demo@05  train ███▇▇▇▇▆
+           val      █   ▇
+";
+    assert_eq!(stdout(&out), want);
 }
