@@ -397,10 +397,27 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Check { spec, sets } => {
             let loaded = spec::load(&spec, &sets)?;
             println!("{}: valid", loaded.path.display());
-            let rows = loaded.provenance();
+            let unused = spec::unused(&loaded.spec);
+            let (rows, unused_rows): (Vec<_>, Vec<_>) = loaded
+                .provenance()
+                .into_iter()
+                .partition(|(key, _, _)| !unused.iter().any(|(keys, _)| spec::covers(keys, key)));
             let width = rows.iter().map(|(k, v, _)| k.len() + v.len() + 3).filter(|&w| w <= 60).max().unwrap_or(0);
             for (key, value, source) in rows {
                 println!("{:width$}  # {source}", format!("{key} = {value}"));
+            }
+            if !unused.is_empty() {
+                println!("not used by this spec:");
+            }
+            for (keys, why) in unused {
+                // A field the user set that does nothing is worth saying so.
+                let set: Vec<String> = unused_rows
+                    .iter()
+                    .filter(|(key, _, source)| spec::covers(&keys, key) && *source != spec::Source::Default)
+                    .map(|(key, _, source)| format!("{key} set by {source}"))
+                    .collect();
+                let set = if set.is_empty() { String::new() } else { format!(" ({})", set.join(", ")) };
+                println!("  {}: {why}{set}", keys.join(", "));
             }
         }
         Command::Data { spec, sets, n } => {

@@ -3,6 +3,7 @@
 //! `validate`.
 
 mod load;
+mod unused;
 mod validate;
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 pub use crate::model::gpt2::Precision;
 pub use load::{flatten, load, load_with_env, LoadedSpec, Source};
+pub use unused::{covers, unused};
 
 /// Prefix of environment variables that override spec fields (`PIPE_TRAIN__EPOCHS=3`).
 pub const ENV_PREFIX: &str = "PIPE_";

@@ -202,6 +202,48 @@ fn check_prints_values_and_sources() {
     );
     assert!(line("model.layers").contains("spec.toml"));
     assert!(line("optimizer.eps").ends_with("# default"));
+    // Fields of other data kinds are not shown as if they applied; they are named apart, with why.
+    assert!(line("data.prompt_field").contains("# default"));
+    let unused = text.split("not used by this spec:\n").nth(1).unwrap_or_else(|| panic!("{text}"));
+    for key in ["data.instruction_field", "data.messages_field", "data.text_field", "optimizer.min_lr_ratio"] {
+        assert!(!text.lines().any(|l| l.starts_with(&format!("{key} = "))), "{key} is not listed as applying: {text}");
+        assert!(unused.contains(key), "{key} is named as unused: {text}");
+    }
+    assert!(unused.contains("for data.kind = \"alpaca\"; this spec's is \"pair\""), "{text}");
+    let no_validation =
+        "train.eval_every, train.select_metric, train.early_stopping_patience: there is no validation data";
+    assert!(unused.contains(no_validation), "{text}");
+
+    // A held-out file makes val_fraction moot, and a chat spec uses the chat fields; what the
+    // user set but does nothing is called out.
+    let out = pipe(
+        dir.path(),
+        &[
+            "check",
+            "spec.toml",
+            "--set",
+            "data.val_path=train.jsonl",
+            "--set",
+            "data.kind=chat",
+            "--set",
+            "run.stages=[\"train\"]",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let unused = text.split("not used by this spec:\n").nth(1).unwrap_or_else(|| panic!("{text}"));
+    assert!(text.contains("data.messages_field = \"messages\""), "{text}");
+    assert!(
+        unused.contains("data.val_fraction: data.val_path holds the validation set (data.val_fraction set by ")
+            && unused.contains("spec.toml)"),
+        "{text}"
+    );
+    assert!(
+        unused.contains("data.prompt_field, data.response_field, data.prompt_template: for data.kind = \"pair\""),
+        "{text}"
+    );
+    assert!(unused.contains("eval.*: run.stages has no eval stage"), "{text}");
 }
 
 /// `pipe bench` prints one JSON line with torch_ref.py's keys, through the real training and
