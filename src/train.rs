@@ -394,7 +394,7 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
                 false => None,
             };
             if epoch_done && lp.writes() {
-                epoch_loss.log(epoch, validation.map(|v| v.val_loss));
+                epoch_loss.log(epoch, validation);
             }
             let val = lp.latest_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
             bar.set_message(format!("loss {:.4}{val}  {:.0} tok/s", done.stats.loss, done.tokens_per_s));
@@ -468,6 +468,8 @@ struct StepDone {
 #[derive(Clone, Copy)]
 struct Validation {
     val_loss: f64,
+    /// The answers' mean scores, when selection is by one of them.
+    answers: Option<ResponseScores>,
     stop_early: bool,
 }
 
@@ -634,7 +636,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
         if let Some(run) = self.run.filter(|_| verdict.new_best) {
             checkpoint::save_best(&run.path, &valid, &ctx.data.tok, Scored { step, value })?;
         }
-        Ok(Validation { val_loss, stop_early: verdict.stop })
+        Ok(Validation { val_loss, answers: responses, stop_early: verdict.stop })
     }
 
     /// Every `train.checkpoint_every` steps, and after the last.
@@ -696,10 +698,19 @@ impl EpochLoss {
         self.tokens += stats.loss_tokens;
     }
 
-    fn log(&self, epoch: usize, val_loss: Option<f64>) {
+    fn log(&self, epoch: usize, validation: Option<Validation>) {
         let train_loss = self.sum / self.tokens.max(1) as f64;
-        match val_loss {
-            Some(val_loss) => tracing::info!(
+        match validation {
+            Some(Validation { val_loss, answers: Some(answers), .. }) => tracing::info!(
+                epoch,
+                train_loss = format!("{train_loss:.4}"),
+                val_loss = format!("{val_loss:.4}"),
+                exact_match = format!("{:.3}", answers.exact_match),
+                token_f1 = format!("{:.3}", answers.token_f1),
+                rouge_l = format!("{:.3}", answers.rouge_l),
+                "epoch done"
+            ),
+            Some(Validation { val_loss, answers: None, .. }) => tracing::info!(
                 epoch,
                 train_loss = format!("{train_loss:.4}"),
                 val_loss = format!("{val_loss:.4}"),

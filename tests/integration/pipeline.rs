@@ -334,3 +334,60 @@ fn generate_precision_bf16_reaches_the_stage_and_the_tools() {
     let answer: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(answer["new_ids"], samples[0]["ids"]);
 }
+
+/// The shipped default, as a newcomer runs it: a model trained from scratch in under a minute
+/// answers held-out prompts of its skills exactly (0.9 required; it reaches 1.0 on the CPUs
+/// seen), its exact match rising from epoch to epoch, and its samples of prompts it never saw
+/// are right. The data's held-out and sample prompts are not in its training file.
+#[test]
+fn the_default_pipeline_learns_its_skills() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read_pairs = |name: &str| -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(repo.join("data").join(name)).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| (v["prompt"].as_str().unwrap().to_string(), v["response"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let trained: std::collections::HashSet<String> = read_pairs("skills.jsonl").into_iter().map(|(p, _)| p).collect();
+    assert!(
+        read_pairs("skills-val.jsonl").iter().all(|(p, _)| !trained.contains(p)),
+        "held-out prompts are not trained on"
+    );
+    let expected = [
+        ("Reverse the words: rocket meadow piano", "piano meadow rocket"),
+        ("Make a list of: planet, violet, canyon", "- planet\n- violet\n- canyon"),
+        ("Uppercase: dragon silver", "DRAGON SILVER"),
+        ("Write 2025-07-14 as day/month/year.", "14/07/2025"),
+        ("As JSON: name Lea, age 27", "{\"name\": \"Lea\", \"age\": 27}"),
+        ("Convert 58 seconds to milliseconds.", "58 000 ms"),
+        ("How many words: apple cloud tiger lemon river", "5"),
+    ];
+    assert!(expected.iter().all(|(p, _)| !trained.contains(*p)), "sample prompts are not trained on");
+
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let set_runs = format!("run.runs_dir={}", runs.display());
+    let out = pipe(dir.path(), &["run", repo.join("pipelines/sft.toml").to_str().unwrap(), "--set", &set_runs], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = std::fs::read_dir(runs.join("sft-demo")).unwrap().next().unwrap().unwrap().path();
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let exact = eval["responses"]["exact_match"].as_f64().unwrap();
+    assert!(exact >= 0.9, "held-out exact match {exact}: {eval}");
+    let per_epoch: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m.get("epoch").is_some() && m.get("exact_match").is_some())
+        .map(|m| m["exact_match"].as_f64().unwrap())
+        .collect();
+    assert!(per_epoch.len() >= 4 && per_epoch[0] < 0.5 && per_epoch[0] < exact, "exact match rises: {per_epoch:?}");
+    let printed = stdout(&out);
+    for (prompt, answer) in expected {
+        assert!(
+            printed.contains(&format!("--- sample\n{prompt}\n{answer}\n")),
+            "{prompt:?} answered {answer:?}:\n{printed}"
+        );
+    }
+}
