@@ -1,21 +1,81 @@
-//! `pipe export`: a run's model written for use outside pipe, with its tokenizer.
+//! `pipe export`: a run's model written for use outside pipe, with its tokenizer, in the dtype
+//! asked for, into a new folder that appears whole or not at all.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use safetensors::{Dtype as Stored, SafeTensors};
 
 use crate::data::Tok;
 use crate::error::bad_input;
 use crate::model::{hf, lora, CausalLm, Model};
 
+/// The dtype exported weights are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    /// As config.json's `torch_dtype` names it.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::Bf16 => "bfloat16",
+            Dtype::F16 => "float16",
+        }
+    }
+
+    /// The dtype a checkpoint's floating-point weights are stored in (the most common one, by
+    /// tensor count), read from the safetensors headers only.
+    pub fn of_checkpoint(dir: &Path) -> Result<Self> {
+        let files = hf::weight_files(dir)?;
+        let mut counts = [0usize; 3];
+        for tensor in hf::stored_tensors(&files)?.into_values() {
+            match tensor.dtype.as_str() {
+                "F32" => counts[0] += 1,
+                "BF16" => counts[1] += 1,
+                "F16" => counts[2] += 1,
+                _ => {}
+            }
+        }
+        let most = (0..3).max_by_key(|&i| (counts[i], std::cmp::Reverse(i))).expect("three dtypes");
+        Ok([Dtype::F32, Dtype::Bf16, Dtype::F16][most])
+    }
+}
+
 /// Write the model of folder `source` (a HF model directory, or one with LoRA adapters) for
 /// use outside pipe, in `out` (which must not exist or be empty), with its tokenizer: a HF
 /// directory of its family; for a model with adapters, the PEFT adapter folder, or with
-/// `merge` a HF directory with the adapters folded into the weights.
-pub fn export(source: &Path, out: &Path, merge: bool) -> Result<()> {
+/// `merge` a HF directory with the adapters folded into the weights. Weights are stored as
+/// `dtype` (rounded to nearest, ties to even). Everything is written into a hidden sibling of
+/// `out` that is renamed into place at the end, so an export that fails or is killed leaves no
+/// `out` that looks complete.
+pub fn export(source: &Path, out: &Path, merge: bool, dtype: Dtype) -> Result<()> {
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(bad_input(format!("{}: already exists and is not empty; choose a new folder", out.display())));
     }
+    let name = out.file_name().ok_or_else(|| bad_input(format!("--out {}: names no folder", out.display())))?;
+    let partial = out.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
+    }
+    let written = write(source, &partial, merge, dtype).and_then(|()| {
+        if out.exists() {
+            // Empty, as checked above: the rename needs it gone.
+            std::fs::remove_dir(out).with_context(|| format!("cannot replace the empty folder {}", out.display()))?;
+        }
+        std::fs::rename(&partial, out).with_context(|| format!("cannot move the export into {}", out.display()))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    written
+}
+
+fn write(source: &Path, out: &Path, merge: bool, dtype: Dtype) -> Result<()> {
     let device = Default::default();
     let model = <Model<burn::backend::Flex> as CausalLm<_>>::load(source, None, &device)?;
     let tok = Tok::load(&source.join(hf::TOKENIZER_FILE))?;
@@ -40,6 +100,68 @@ pub fn export(source: &Path, out: &Path, merge: bool) -> Result<()> {
             merged.save(out, eos_id)?
         }
     }
+    if dtype != Dtype::F32 {
+        store_as(out, dtype)?;
+    }
     // With its tokenizer_config.json (EOS, chat template) and end-of-sequence ids.
     tok.save(&out.join(hf::TOKENIZER_FILE))
+}
+
+/// Rewrite every safetensors file in `dir` with its f32 tensors stored as `dtype`, and say so
+/// in its config.json's `torch_dtype`, where it has one.
+fn store_as(dir: &Path, dtype: Dtype) -> Result<()> {
+    let entries: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.map(|entry| entry.map(|e| e.path())).collect::<std::io::Result<_>>()?;
+    let files = entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors"));
+    for path in files {
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read back {}", path.display()))?;
+        let tensors =
+            SafeTensors::deserialize(&bytes).with_context(|| format!("cannot read back {}", path.display()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)?;
+        let converted: Vec<(String, Stored, Vec<usize>, Vec<u8>)> = tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let (stored, data) = match view.dtype() {
+                    Stored::F32 => (stored(dtype), convert(view.data(), dtype)),
+                    other => (other, view.data().to_vec()),
+                };
+                (name, stored, view.shape().to_vec(), data)
+            })
+            .collect();
+        let views = converted
+            .iter()
+            .map(|(name, stored, shape, data)| {
+                let view = safetensors::tensor::TensorView::new(*stored, shape.clone(), data)?;
+                Ok((name.as_str(), view))
+            })
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        let serialized = safetensors::serialize(views, header.metadata().clone())?;
+        crate::files::write_atomic(&path, &serialized)?;
+    }
+    let config_path = dir.join("config.json");
+    if config_path.is_file() {
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
+        config["torch_dtype"] = dtype.torch_name().into();
+        crate::files::write_atomic(&config_path, serde_json::to_string_pretty(&config)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn stored(dtype: Dtype) -> Stored {
+    match dtype {
+        Dtype::F32 => Stored::F32,
+        Dtype::Bf16 => Stored::BF16,
+        Dtype::F16 => Stored::F16,
+    }
+}
+
+/// Little-endian f32 bytes as `dtype`'s little-endian bytes, each value rounded to nearest.
+fn convert(f32_bytes: &[u8], dtype: Dtype) -> Vec<u8> {
+    let values = f32_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    match dtype {
+        Dtype::F32 => f32_bytes.to_vec(),
+        Dtype::Bf16 => values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::F16 => values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
+    }
 }

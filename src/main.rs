@@ -200,6 +200,10 @@ enum Command {
         /// Fold the run's LoRA adapters into the base weights: a full model folder.
         #[arg(long)]
         merge: bool,
+        /// Store the weights as f32, bf16 or f16. Default: a model's, the dtype of the
+        /// checkpoint the run started from (f32 for a model pipe made); adapters', f32.
+        #[arg(long, value_enum)]
+        dtype: Option<pipe::export::Dtype>,
     },
 }
 
@@ -540,14 +544,44 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let result = backend::dispatch(on.backend, &[on.device], pipe::bench::Bench(shape, on.backend, on.device))?;
             println!("{result}");
         }
-        Command::Export { run, runs, out, checkpoint, merge } => {
+        Command::Export { run, runs, out, checkpoint, merge, dtype } => {
             let source = runs::model_source(&runs.runs_dir, &run, checkpoint.as_deref())?;
-            pipe::export::export(&source.dir, &out, merge)?;
+            let dtype = match dtype {
+                Some(dtype) => dtype,
+                None => export_dtype(&source, merge)?,
+            };
+            pipe::export::export(&source.dir, &out, merge, dtype)?;
             let how = if merge { " with its adapters merged" } else { "" };
-            println!("exported {}{how} to {}", source.dir.display(), out.display());
+            println!("exported {}{how} to {} as {}", source.dir.display(), out.display(), dtype.torch_name());
         }
     }
     Ok(())
+}
+
+/// The dtype `pipe export` stores weights in when not told: that of the checkpoint the model
+/// came from — the run's base model, or a model folder itself — and f32 for a model pipe made
+/// and for LoRA adapters (trained in f32) unless merged.
+fn export_dtype(source: &runs::ModelSource, merge: bool) -> anyhow::Result<pipe::export::Dtype> {
+    use pipe::export::Dtype;
+    let adapters_only = !merge && source.dir.join(pipe::model::lora::ADAPTER_DIR).is_dir();
+    if adapters_only {
+        return Ok(Dtype::F32);
+    }
+    let base = match &source.spec {
+        Some(spec) => match (&spec.model.path, &spec.model.hub) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(hub)) => Some(hf::resolve_hub_model(hub)?),
+            (None, None) => None,
+        },
+        None => Some(source.dir.clone()),
+    };
+    let Some(base) = base else { return Ok(Dtype::F32) };
+    Dtype::of_checkpoint(&base).map_err(|e| {
+        bad_input(format!(
+            "cannot read the weights of {} to export in their dtype ({e:#}); name one with --dtype f32, bf16 or f16",
+            base.display()
+        ))
+    })
 }
 
 fn report_resume(resumed: pipeline::Resumed) {

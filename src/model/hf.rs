@@ -112,9 +112,17 @@ pub fn gpt2_config(path: &Path, value: &serde_json::Value) -> Result<Gpt2Config>
     Ok(config)
 }
 
-/// The shape of each tensor of safetensors files, and the file holding it, read from their
-/// headers alone, by name.
-pub(crate) fn stored_shapes(files: &[PathBuf]) -> Result<HashMap<String, (Vec<usize>, PathBuf)>> {
+/// A tensor as a safetensors header describes it.
+pub struct StoredTensor {
+    pub shape: Vec<usize>,
+    /// As the header names it: `F32`, `BF16`, `F16`, …
+    pub dtype: String,
+    /// The file holding it.
+    pub file: PathBuf,
+}
+
+/// Each tensor of safetensors files, by name, read from their headers alone.
+pub fn stored_tensors(files: &[PathBuf]) -> Result<HashMap<String, StoredTensor>> {
     use std::io::Read;
     let mut shapes = HashMap::new();
     for path in files {
@@ -140,7 +148,8 @@ pub(crate) fn stored_shapes(files: &[PathBuf]) -> Result<HashMap<String, (Vec<us
                 .and_then(Value::as_array)
                 .map(|dims| dims.iter().filter_map(Value::as_u64).map(|d| d as usize).collect())
                 .ok_or_else(|| damaged(format!("tensor `{name}` has no shape")))?;
-            shapes.insert(name.clone(), (shape, path.clone()));
+            let dtype = entry.get("dtype").and_then(Value::as_str).unwrap_or_default().to_string();
+            shapes.insert(name.clone(), StoredTensor { shape, dtype, file: path.clone() });
         }
     }
     Ok(shapes)
@@ -150,7 +159,7 @@ pub(crate) fn stored_shapes(files: &[PathBuf]) -> Result<HashMap<String, (Vec<us
 /// (names the tensor may be stored under, its shape).
 pub(crate) fn check_stored(dir: &Path, expected: &[(Vec<String>, Vec<usize>)]) -> Result<()> {
     let files = weight_files(dir)?;
-    let shapes = stored_shapes(&files)?;
+    let shapes = stored_tensors(&files)?;
     for (names, shape) in expected {
         let found = names.iter().find_map(|name| shapes.get(name));
         match found {
@@ -158,7 +167,7 @@ pub(crate) fn check_stored(dir: &Path, expected: &[(Vec<String>, Vec<usize>)]) -
                 let place = if files.len() == 1 { files[0].display().to_string() } else { dir.display().to_string() };
                 return Err(bad_input(format!("{place}: tensor `{}` is missing", names[0])));
             }
-            Some((found, file)) if found != shape => {
+            Some(StoredTensor { shape: found, file, .. }) if found != shape => {
                 return Err(bad_input(format!(
                     "{}: tensor `{}` has shape {found:?}, the config expects {shape:?}",
                     file.display(),

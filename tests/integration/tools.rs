@@ -303,6 +303,73 @@ fn tensor_shapes(path: &Path) -> BTreeMap<String, Vec<usize>> {
     file.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
 }
 
+/// Every tensor of a model folder's safetensors files (one or shards): name → (dtype, bytes).
+fn stored_tensors(dir: &Path) -> BTreeMap<String, (String, Vec<u8>)> {
+    let mut all = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") && !path.ends_with("grads.safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, view) in file.tensors() {
+                all.insert(name, (format!("{:?}", view.dtype()), view.data().to_vec()));
+            }
+        }
+    }
+    all
+}
+
+/// `pipe export` stores the weights in the dtype of the checkpoint they came from — bf16 and
+/// f16 checkpoints (a Qwen2 in two shards, a Qwen3) come out bit for bit as transformers wrote
+/// them — or in the one `--dtype` names (bf16 rounded to nearest, and f32 widening bf16
+/// exactly), with config.json saying so; an export that fails leaves no folder behind.
+#[test]
+fn exports_store_the_source_dtype_or_the_one_asked_for_and_appear_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let config = |out: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap()
+    };
+    for (fixture, dtype, torch_name) in [("tiny-qwen2", "BF16", "bfloat16"), ("tiny-qwen3", "F16", "float16")] {
+        let source = fixtures.join(fixture);
+        let out = dir.path().join(fixture);
+        let done = pipe(dir.path(), &["export", source.to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
+        assert!(done.status.success(), "{}", stderr(&done));
+        assert!(stdout(&done).contains(&format!("as {torch_name}")), "{}", stdout(&done));
+        assert_eq!(config(&out)["torch_dtype"], torch_name);
+        let (exported, original) = (stored_tensors(&out), stored_tensors(&source));
+        assert!(exported.values().all(|(d, _)| d == dtype), "{fixture}: every tensor stored as {dtype}");
+        for (name, stored) in &original {
+            assert!(exported.get(name) == Some(stored), "{fixture}: `{name}` as transformers stored it");
+        }
+    }
+    let source = fixtures.join("tiny-qwen2");
+    let widened = dir.path().join("widened");
+    let done = pipe(dir.path(), &["export", source.to_str().unwrap(), "--out", "widened", "--dtype", "f32"], &[]);
+    assert!(done.status.success(), "{}", stderr(&done));
+    assert_eq!(config(&widened)["torch_dtype"], "float32");
+    for (name, (dtype, bytes)) in stored_tensors(&source) {
+        assert_eq!(dtype, "BF16");
+        let (f32_dtype, f32_bytes) = &stored_tensors(&widened)[&name];
+        let high_halves: Vec<u8> = f32_bytes.chunks(4).flat_map(|b| [b[2], b[3]]).collect();
+        assert!(f32_dtype == "F32" && high_halves == bytes && f32_bytes.chunks(4).all(|b| b[..2] == [0, 0]), "{name}");
+    }
+    let done = pipe(dir.path(), &["export", "widened", "--out", "narrowed", "--dtype", "bf16"], &[]);
+    assert!(done.status.success(), "{}", stderr(&done));
+    assert!(stored_tensors(&dir.path().join("narrowed")) == stored_tensors(&source), "f32 → bf16 rounds back exactly");
+
+    // An export that fails leaves nothing under the name asked for, nor a partial sibling.
+    std::fs::remove_file(widened.join("tokenizer.json")).unwrap();
+    let failed = pipe(dir.path(), &["export", "widened", "--out", "broken"], &[]);
+    assert_eq!(failed.status.code(), Some(2), "{}", stderr(&failed));
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("broken"))
+        .collect();
+    assert!(left.is_empty(), "no folder, partial or not: {left:?}");
+}
+
 #[test]
 fn export_round_trips_with_hf_names_and_layout() {
     let dir = tempfile::tempdir().unwrap();
