@@ -26,7 +26,14 @@ impl std::fmt::Display for Source {
             Source::Default => write!(f, "default"),
             Source::File(path) => write!(f, "{}", path.display()),
             Source::Env(var) => write!(f, "env {var}"),
-            Source::Set(arg) => write!(f, "--set {arg}"),
+            // Control characters escaped, so a message naming the flag stays one line.
+            Source::Set(arg) => {
+                let shown: String = arg
+                    .chars()
+                    .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+                    .collect();
+                write!(f, "--set {shown}")
+            }
         }
     }
 }
@@ -147,7 +154,17 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)], cwd
         figment =
             figment.merge(Override { source: Source::Set(set.clone()), key: key.to_string(), raw: value.to_string() });
     }
-    let mut spec: Spec = figment.extract().map_err(|e| bad_input(describe_figment_error(e, &path)))?;
+    let emptied: Vec<String> = env
+        .iter()
+        .filter(|(k, v)| is_override(k) && v.trim().is_empty())
+        .map(|(k, _)| Source::Env(k.clone()).to_string())
+        .chain(
+            sets.iter()
+                .filter(|s| s.split_once('=').is_some_and(|(_, v)| v.trim().is_empty()))
+                .map(|s| Source::Set(s.clone()).to_string()),
+        )
+        .collect();
+    let mut spec: Spec = figment.extract().map_err(|e| bad_input(describe_figment_error(e, &path, &emptied)))?;
     let loaded_from = |key: &str| source_of(&figment, key);
     if loaded_from("run.stages") == Source::Default && spec.generate.prompts.is_empty() {
         // The default stages sample only when there is something to sample from.
@@ -219,7 +236,8 @@ fn toml_error_line(error: &toml::de::Error, text: &str) -> String {
 
 /// figment's errors, one line each: "<source>: field `<field>`: <what is wrong>"; the source
 /// is the spec file when figment cannot tell.
-fn describe_figment_error(error: figment::Error, spec: &Path) -> String {
+/// `emptied`: the overrides (by source name) whose value is empty.
+fn describe_figment_error(error: figment::Error, spec: &Path, emptied: &[String]) -> String {
     error
         .into_iter()
         .map(|e| {
@@ -231,7 +249,13 @@ fn describe_figment_error(error: figment::Error, spec: &Path) -> String {
                 },
                 None => spec.display().to_string(),
             };
-            let kind = describe_kind(&e.kind);
+            // An empty override (`--set run.seed=`, `PIPE_RUN__SEED=`) clears a field, which
+            // only an optional one allows: say that it needs a value rather than how serde saw it.
+            let emptied = e.metadata.as_ref().is_some_and(|md| emptied.contains(&md.name.to_string()));
+            let kind = match emptied && !field.is_empty() {
+                true => needs_a_value(&field),
+                false => describe_kind(&e.kind),
+            };
             if field.is_empty() {
                 format!("{source}: {kind}")
             } else {
@@ -240,6 +264,36 @@ fn describe_figment_error(error: figment::Error, spec: &Path) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// What an empty override of the required `field` gets told: it needs a value, with the default
+/// as an example where there is one.
+fn needs_a_value(field: &str) -> String {
+    let default = field.split_once('.').and_then(|(section, name)| {
+        let section = match section {
+            "run" => toml::Value::try_from(super::RunSpec::default()),
+            "data" => toml::Value::try_from(super::DataSpec::default()),
+            "optimizer" => toml::Value::try_from(super::OptimizerSpec::default()),
+            "train" => toml::Value::try_from(super::TrainSpec::default()),
+            "eval" => toml::Value::try_from(super::EvalSpec::default()),
+            "generate" => toml::Value::try_from(super::GenerateSpec::default()),
+            "lora" => toml::Value::try_from(super::LoraSpec::default()),
+            "distributed" => toml::Value::try_from(super::DistributedSpec::default()),
+            _ => return None,
+        };
+        section.ok()?.get(name).map(render)
+    });
+    // The required fields whose default is empty get an example of their own.
+    let default = match field {
+        "run.name" => Some("sft-demo".to_string()),
+        "data.path" => Some("data/train.jsonl".to_string()),
+        _ => default,
+    };
+    let example = match default.filter(|d| !["\"\"", "[]"].contains(&d.as_str())) {
+        Some(value) => format!(" (e.g. {field}={})", value.trim_matches('"')),
+        None => String::new(),
+    };
+    format!("needs a value{example}; an empty value clears only an optional field, such as model.path")
 }
 
 fn describe_kind(kind: &figment::error::Kind) -> String {

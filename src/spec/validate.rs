@@ -47,6 +47,24 @@ impl LoadedSpec {
         if s.data.path.as_os_str().is_empty() {
             return Err(self.invalid("data.path", "is missing: name the training data file"));
         }
+        let names = [
+            ("run.name", &s.run.name),
+            ("data.prompt_field", &s.data.prompt_field),
+            ("data.response_field", &s.data.response_field),
+            ("data.instruction_field", &s.data.instruction_field),
+            ("data.input_field", &s.data.input_field),
+            ("data.output_field", &s.data.output_field),
+            ("data.messages_field", &s.data.messages_field),
+            ("data.text_field", &s.data.text_field),
+        ];
+        for (key, name) in names {
+            if let Some(c) = name.chars().find(|c| c.is_control()) {
+                return Err(self.invalid(
+                    key,
+                    format!("holds a control character (U+{:04X}); a name is one line of printable text", c as u32),
+                ));
+            }
+        }
         if s.run.name.contains(['/', '\\', '@']) || s.run.name.starts_with('.') {
             return Err(self.invalid(
                 "run.name",

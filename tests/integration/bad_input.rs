@@ -480,6 +480,40 @@ fn catalogue() -> Vec<Case> {
             &["--set", "train.epochs=many"],
         ),
         with_args(case("--set to a missing dataset", SPEC.into(), &["missing.jsonl"]), &["--set", "data.path=missing.jsonl"]),
+        // Empty values of required fields of every type, and names with control characters.
+        with_args(
+            case("--set of an empty name", SPEC.into(), &["--set run.name=", "`run.name`", "needs a value (e.g. run.name="]),
+            &["--set", "run.name="],
+        ),
+        with_args(
+            case("--set of an empty seed", SPEC.into(), &["`run.seed`", "needs a value (e.g. run.seed=0)"]),
+            &["--set", "run.seed="],
+        ),
+        with_args(
+            case("--set of an empty rate", SPEC.into(), &["`optimizer.lr`", "needs a value (e.g. optimizer.lr="]),
+            &["--set", "optimizer.lr=  "],
+        ),
+        with_args(
+            case("--set of an empty list", SPEC.into(), &["`run.stages`", "needs a value (e.g. run.stages=["]),
+            &["--set", "run.stages="],
+        ),
+        with_args(
+            case("--set of an empty choice", SPEC.into(), &["`run.backend`", "needs a value (e.g. run.backend=cpu)"]),
+            &["--set", "run.backend="],
+        ),
+        Case {
+            env: vec![("PIPE_DATA__PATH", "".into())],
+            ..case("env override of an empty path", SPEC.into(), &["PIPE_DATA__PATH", "`data.path`", "needs a value"])
+        },
+        with_args(
+            case("a name with a newline", SPEC.into(), &["--set run.name=two\\nlines", "`run.name`", "control character (U+000A)"]),
+            &["--set", "run.name=two\nlines"],
+        ),
+        case(
+            "a field name with a tab",
+            sub("[data]\n", "[data]\nprompt_field = \"pro\\tmpt\"\n"),
+            &["`data.prompt_field`", "control character (U+0009)"],
+        ),
         Case {
             env: vec![("PIPE_RUN__BACKEND", "tpu".into())],
             ..case("env override with an unknown value", SPEC.into(), &["PIPE_RUN__BACKEND", "tpu"])
