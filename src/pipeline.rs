@@ -427,7 +427,16 @@ fn check_fits_in_memory(
 /// created or touched: the step count, validation examples where selection needs them, and the
 /// generate stage's prompts.
 fn check_plan(spec: &Spec, data: &PreparedData, config: &ModelConfig) -> Result<()> {
-    crate::train::StepPlan::new(data.train.len(), &spec.train, crate::distributed::Topology::of(spec).world())?;
+    let plan =
+        crate::train::StepPlan::new(data.train.len(), &spec.train, crate::distributed::Topology::of(spec).world())?;
+    let warmup = spec.optimizer.warmup_steps;
+    if warmup >= plan.total_steps && spec.run.stages.contains(&crate::spec::Stage::Train) {
+        tracing::warn!(
+            warmup_steps = warmup,
+            total_steps = plan.total_steps,
+            "optimizer.warmup_steps is not shorter than the run: the learning rate never reaches optimizer.lr"
+        );
+    }
     let t = &spec.train;
     let needs_validation = t.final_model == FinalModel::Best || t.early_stopping_patience > 0;
     if needs_validation && data.val.is_empty() {

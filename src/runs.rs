@@ -226,7 +226,22 @@ pub fn model_source(runs_dir: &Path, reference: &Path, checkpoint: Option<&str>)
             Some("last") => crate::checkpoint::list(path).pop().ok_or_else(|| {
                 bad_input(format!("{}: --checkpoint last: the run has no checkpoint", path.display()))
             })?,
-            Some(other) => path.join(other),
+            Some(other) => {
+                let dir = path.join(other);
+                // A folder of this run only: `../another-run/final` would pass off another
+                // run's model with this run's spec and layout.
+                let inside = match (dir.canonicalize(), path.canonicalize()) {
+                    (Ok(dir), Ok(run)) => dir.starts_with(run),
+                    _ => true,
+                };
+                if !inside {
+                    return Err(bad_input(format!(
+                        "--checkpoint {other}: not a folder of the run {}; name best, last or a folder inside it (checkpoints/step-000100)",
+                        path.display()
+                    )));
+                }
+                dir
+            }
         };
         if !dir.join(hf::CONFIG_FILE).is_file() {
             return Err(bad_input(format!("{}: the run has no model there (no {})", dir.display(), hf::CONFIG_FILE)));
@@ -553,6 +568,12 @@ pub fn sparkline(series: &[(u64, f64)], lo: f64, hi: f64, last_step: u64, width:
 
 /// Write the comparison's files: `loss.svg` and `comparison.json`.
 pub fn write_comparison(comparison: &Comparison, out: &Path) -> Result<PathBuf> {
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(bad_input(format!(
+            "--out {}: already exists and is not empty; choose a new folder (nothing is overwritten)",
+            out.display()
+        )));
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let svg = out.join("loss.svg");
     comparison.write_svg(&svg)?;

@@ -175,6 +175,16 @@ fn env_and_set_overrides_reach_the_run() {
     assert!(!runs[0].join("samples.jsonl").exists(), "only the train stage ran");
     let metrics = json_lines(&runs[0].join("metrics.jsonl"));
     assert!(metrics.iter().filter_map(|m| m.get("lr")).all(|lr| lr.as_f64() == Some(1e-4)));
+    assert!(!stderr(&out).contains("warmup_steps"), "no warmup, no warning: {}", stderr(&out));
+
+    // A warmup as long as the run never reaches the learning rate asked for: said so.
+    let out = pipe(
+        tiny.dir.path(),
+        &["run", "spec.toml", "--set", "run.stages=[\"train\"]", "--set", "optimizer.warmup_steps=1000"],
+        &[("PIPE_TRAIN__EPOCHS", "1")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("optimizer.warmup_steps is not shorter than the run"), "{}", stderr(&out));
 }
 
 #[test]

@@ -81,6 +81,16 @@ fn runs_lists_and_compare_diffs_tables_and_plots() {
         runs.iter().map(|r| format!("small@{}", r.file_name().unwrap().to_str().unwrap())).collect();
     let out = pipe(dir.path(), &["compare", &refs[0], &refs[1], "--out", "cmp"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let svg_before = std::fs::read(dir.path().join("cmp/loss.svg")).unwrap();
+    let again = pipe(dir.path(), &["compare", &refs[1], "--out", "cmp"], &[]);
+    assert_eq!(again.status.code(), Some(2), "an earlier comparison is not overwritten: {}", stderr(&again));
+    assert!(stderr(&again).contains("--out cmp: already exists and is not empty"), "{}", stderr(&again));
+    assert_eq!(std::fs::read(dir.path().join("cmp/loss.svg")).unwrap(), svg_before);
+    // --checkpoint names a folder of the run, not one of another run beside it.
+    let elsewhere = format!("../{}/final", runs[1].file_name().unwrap().to_str().unwrap());
+    let foreign = pipe(dir.path(), &["generate", &refs[0], "--checkpoint", &elsewhere, "--prompt", "Hi"], &[]);
+    assert_eq!(foreign.status.code(), Some(2), "{}", stderr(&foreign));
+    assert!(stderr(&foreign).contains("not a folder of the run"), "{}", stderr(&foreign));
     let text = stdout(&out);
     assert!(text.contains("optimizer.lr") && text.contains("0.001") && text.contains("0.01"), "{text}");
     assert!(!text.contains("model.layers"), "only differences are listed: {text}");
