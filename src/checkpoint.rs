@@ -7,19 +7,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::record::{BinBytesRecorder, BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Tok;
 use crate::error::{bad_input, without_panics};
+use crate::files::Staged;
 use crate::model::{params, CausalLm, FusedOps, TrainBackend, TrainableLm};
 use crate::selection::{Scored, Selection};
 
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 const STATE_FILE: &str = "trainer.json";
-/// burn's recorder adds the `.bin` extension.
-const OPTIMIZER_FILE: &str = "optimizer";
+const OPTIMIZER_FILE: &str = "optimizer.bin";
 
 /// Where training stood after an optimizer step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -75,33 +75,27 @@ pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
     let root = run.join(CHECKPOINTS_DIR);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let name = step_dir_name(progress.step);
-    let partial = root.join(format!(".{name}.partial"));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)?;
-    }
-    model.valid().save(&partial, Some(tok.eos_id as usize))?;
+    let staged = Staged::new(&root.join(&name), root.join(format!(".{name}.partial")))?;
+    let partial = staged.path();
+    model.valid().save(partial, Some(tok.eos_id as usize))?;
     tok.save(&partial.join(crate::model::hf::TOKENIZER_FILE))?;
-    BinFileRecorder::<FullPrecisionSettings>::new()
-        .record(optimizer, partial.join(OPTIMIZER_FILE))
-        .map_err(|e| anyhow::anyhow!("cannot write the optimizer state: {e}"))?;
-    let optimizer_file = partial.join(OPTIMIZER_FILE).with_extension("bin");
-    let optimizer_bytes =
-        std::fs::read(&optimizer_file).with_context(|| format!("cannot read back {}", optimizer_file.display()))?;
+    // Recorded in memory and written here, so a failed write names the file and says why.
+    let optimizer_bytes = BinBytesRecorder::<FullPrecisionSettings>::new()
+        .record(optimizer, ())
+        .map_err(|e| anyhow::anyhow!("cannot encode the optimizer state: {e}"))?;
+    crate::files::write_atomic(&partial.join(OPTIMIZER_FILE), &optimizer_bytes)?;
     let ids = params::ids(model).into_iter().map(|(name, id)| (name, id.val())).collect();
     let state = TrainerState {
         progress,
         param_ids: ParamIds::ByName(ids),
         optimizer_crc32c: Some(crc32c::crc32c(&optimizer_bytes)),
     };
+    drop(optimizer_bytes);
     crate::files::write_atomic(&partial.join(STATE_FILE), serde_json::to_string(&state)?.as_bytes())?;
     if let Some(hooks) = crate::hooks::installed() {
         hooks.checkpoint_written(progress.step);
     }
-    let done = root.join(&name);
-    if done.exists() {
-        std::fs::remove_dir_all(&done)?;
-    }
-    std::fs::rename(&partial, &done).with_context(|| format!("cannot move the checkpoint into {}", done.display()))?;
+    let done = staged.commit()?;
     for old in list(run).into_iter().rev().skip(keep.max(1)) {
         std::fs::remove_dir_all(&old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
     }
@@ -113,26 +107,26 @@ pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
 /// replacing the one before; written beside and renamed into place.
 pub fn save_best<B: FusedOps, M: CausalLm<B>>(run: &Path, model: &M, tok: &Tok, scored: Scored) -> Result<PathBuf> {
     let root = run.join(CHECKPOINTS_DIR);
-    let (partial, done) = (root.join(format!(".{BEST_DIR}.partial")), root.join(BEST_DIR));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)?;
-    }
-    model.save(&partial, Some(tok.eos_id as usize))?;
-    tok.save(&partial.join(crate::model::hf::TOKENIZER_FILE))?;
-    crate::files::write_atomic(&partial.join(BEST_FILE), serde_json::to_string_pretty(&scored)?.as_bytes())?;
-    if done.exists() {
-        std::fs::remove_dir_all(&done)?;
-    }
-    std::fs::rename(&partial, &done).with_context(|| format!("cannot move the best model into {}", done.display()))?;
+    let staged = Staged::new(&root.join(BEST_DIR), root.join(format!(".{BEST_DIR}.partial")))?;
+    model.save(staged.path(), Some(tok.eos_id as usize))?;
+    tok.save(&staged.path().join(crate::model::hf::TOKENIZER_FILE))?;
+    crate::files::write_atomic(&staged.path().join(BEST_FILE), serde_json::to_string_pretty(&scored)?.as_bytes())?;
+    let done = staged.commit()?;
     tracing::debug!(step = scored.step, value = scored.value, "kept as the best model");
     Ok(done)
 }
 
 /// The run's best model folder and which evaluation it is the model of, if it has one.
-pub fn best(run: &Path) -> Option<(PathBuf, Scored)> {
+pub fn best(run: &Path) -> Result<Option<(PathBuf, Scored)>> {
     let dir = run.join(CHECKPOINTS_DIR).join(BEST_DIR);
-    let text = std::fs::read_to_string(dir.join(BEST_FILE)).ok()?;
-    Some((dir, serde_json::from_str(&text).ok()?))
+    let file = dir.join(BEST_FILE);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", file.display())),
+    };
+    let scored = serde_json::from_str(&text).with_context(|| format!("{}: not a best-model record", file.display()))?;
+    Ok(Some((dir, scored)))
 }
 
 /// Complete checkpoints of a run, oldest first (partial ones are not listed).
@@ -201,7 +195,7 @@ pub fn load_optimizer<B: Backend, R: burn::record::Record<B>>(dir: &Path, device
             absolute.display()
         )
     };
-    let file = dir.join(OPTIMIZER_FILE).with_extension("bin");
+    let file = dir.join(OPTIMIZER_FILE);
     if let Some(expected) = read_state(dir)?.optimizer_crc32c {
         let bytes = std::fs::read(&file).map_err(|e| unreadable(format!("{}: {e}", file.display())))?;
         if crc32c::crc32c(&bytes) != expected {
@@ -212,4 +206,44 @@ pub fn load_optimizer<B: Backend, R: burn::record::Record<B>>(dir: &Path, device
     let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
     let loaded = without_panics(|| recorder.load(dir.join(OPTIMIZER_FILE), device).map_err(|e| e.to_string()));
     loaded.and_then(|loaded| loaded).map_err(|e| unreadable(format!("was it written by another pipe version? {e}")))
+}
+
+/// A model folder of a run (a checkpoint, the best model, `final/`) as a reader sees it: hard
+/// links to its files, in a hidden folder of the reader's own under `checkpoints/`. Pruning or
+/// replacing the folder while it is read then takes nothing from the reader (a file's contents
+/// stay until its last link goes, and pipe never rewrites a file in place); the links go when
+/// the snapshot is dropped.
+pub struct Snapshot(tempfile::TempDir);
+
+impl Snapshot {
+    /// Snapshot `dir` of `run`. `Ok(None)` where the run folder cannot take one (a read-only
+    /// copy, which nothing prunes either): read `dir` itself. An error of kind `NotFound`
+    /// means the folder went while it was linked: resolve it again.
+    pub fn of(run: &Path, dir: &Path) -> std::io::Result<Option<Self>> {
+        let root = run.join(CHECKPOINTS_DIR);
+        let made = std::fs::create_dir_all(&root)
+            .and_then(|()| tempfile::Builder::new().prefix(".reading-").tempdir_in(&root));
+        let Ok(snapshot) = made else { return Ok(None) };
+        link_all(dir, snapshot.path())?;
+        Ok(Some(Self(snapshot)))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// Hard-link every file under `from` into `to`, folder by folder.
+fn link_all(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            std::fs::create_dir(&target)?;
+            link_all(&entry.path(), &target)?;
+        } else {
+            std::fs::hard_link(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }

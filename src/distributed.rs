@@ -5,7 +5,7 @@
 //! peer applies the same update. This module is the seam: the training loop asks a `Peer` for
 //! its share of a step and for sums over all peers, and never sees burn-collective itself.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,23 +20,24 @@ use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
 use crate::model::TrainBackend;
 use crate::spec::Spec;
 
-/// Run burn-collective's orchestrator on `port` until the process is stopped (check the port
-/// with [`port_free`] first).
-pub fn serve_orchestrator(port: u16) -> Result<()> {
+/// Run burn-collective's orchestrator on `bind`:`port` until the process is stopped (check the
+/// port with [`port_free`] first).
+pub fn serve_orchestrator(bind: IpAddr, port: u16) -> Result<()> {
+    burn_communication::websocket::set_bind_address(bind);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(burn_collective::start_global_orchestrator(port));
     Ok(())
 }
 
-/// Refuses a port that cannot be listened on (on every interface, as burn-communication's servers
-/// listen): their own failure to listen is only logged, and the nodes would wait for one
-/// another until the timeout.
-pub fn port_free(port: u16, what: &str) -> Result<()> {
-    match std::net::TcpListener::bind(("0.0.0.0", port)) {
+/// Refuses a port that cannot be listened on at `bind`, as burn-communication's servers will:
+/// their own failure to listen is only logged, and the nodes would wait for one another until
+/// the timeout.
+pub fn port_free(bind: IpAddr, port: u16, what: &str) -> Result<()> {
+    match std::net::TcpListener::bind((bind, port)) {
         Ok(_) => Ok(()),
         Err(e) => Err(crate::error::bad_input(format!(
-            "{what}: port {port} cannot be listened on ({e}); is another process (an orchestrator or node of \
-             an earlier run?) using it?"
+            "{what}: port {port} cannot be listened on at {bind} ({e}); is another process (an orchestrator or \
+             node of an earlier run?) using it?"
         ))),
     }
 }
@@ -55,6 +56,8 @@ pub struct Topology {
     global: Option<(String, String, u16)>,
     /// This node starts the orchestrator.
     serves_orchestrator: bool,
+    /// Where this node's servers listen (`distributed.bind`).
+    bind: IpAddr,
 }
 
 impl Topology {
@@ -69,6 +72,8 @@ impl Topology {
                 timeout: Duration::from_secs_f64(d.timeout_s),
                 global: (d.nodes > 1).then(|| (d.orchestrator.clone(), d.host.clone(), d.port)),
                 serves_orchestrator: d.nodes > 1 && d.rank == 0 && d.serve_orchestrator,
+                // Validated as an address.
+                bind: d.bind.parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             },
             None => Self {
                 local,
@@ -78,6 +83,7 @@ impl Topology {
                 timeout: Duration::from_secs(600),
                 global: None,
                 serves_orchestrator: false,
+                bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             },
         }
     }
@@ -85,6 +91,25 @@ impl Topology {
     /// Peers in all: every node runs the same number.
     pub fn world(&self) -> usize {
         self.local * self.nodes
+    }
+
+    /// The ports this node listens on (its data port, and the orchestrator's where it serves
+    /// it) can be listened on: checked before a run folder is made, and again as they open.
+    pub fn check_ports(&self) -> Result<()> {
+        if let Some((_, _, port)) = &self.global {
+            port_free(self.bind, *port, "distributed.port")?;
+        }
+        if let Some(port) = self.served_orchestrator_port() {
+            port_free(self.bind, port, "distributed.orchestrator (served by this node)")?;
+        }
+        Ok(())
+    }
+
+    /// The orchestrator's port, when this node serves it.
+    fn served_orchestrator_port(&self) -> Option<u16> {
+        let (orchestrator, _, _) = self.global.as_ref().filter(|_| self.serves_orchestrator)?;
+        // Validated as host:port.
+        Some(orchestrator.rsplit_once(':').and_then(|(_, port)| port.parse().ok()).unwrap_or_default())
     }
 
     /// This node's data address as the other nodes reach it (IPv4), for a run on several.
@@ -173,14 +198,11 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(topology: Topology) -> Result<Self> {
-        if let Some((orchestrator, _, port)) = &topology.global {
-            port_free(*port, "distributed.port")?;
-            if topology.serves_orchestrator {
-                // Validated as host:port.
-                let port = orchestrator.rsplit_once(':').and_then(|(_, port)| port.parse().ok()).unwrap_or_default();
-                port_free(port, "distributed.orchestrator (served by this node)")?;
-                std::thread::spawn(move || serve_orchestrator(port));
-            }
+        topology.check_ports()?;
+        burn_communication::websocket::set_bind_address(topology.bind);
+        if let Some(port) = topology.served_orchestrator_port() {
+            let bind = topology.bind;
+            std::thread::spawn(move || serve_orchestrator(bind, port));
         }
         let local = Arc::new(LocalPeers {
             first_rank: topology.local_ranks().start,

@@ -8,6 +8,7 @@ use safetensors::{Dtype as Stored, SafeTensors};
 
 use crate::data::Tok;
 use crate::error::bad_input;
+use crate::files::Staged;
 use crate::model::{hf, lora, CausalLm, Model};
 
 /// The dtype exported weights are stored in.
@@ -58,21 +59,11 @@ pub fn export(source: &Path, out: &Path, merge: bool, dtype: Dtype) -> Result<()
         return Err(bad_input(format!("{}: already exists and is not empty; choose a new folder", out.display())));
     }
     let name = out.file_name().ok_or_else(|| bad_input(format!("--out {}: names no folder", out.display())))?;
-    let partial = out.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
-    }
-    let written = write(source, &partial, merge, dtype).and_then(|()| {
-        if out.exists() {
-            // Empty, as checked above: the rename needs it gone.
-            std::fs::remove_dir(out).with_context(|| format!("cannot replace the empty folder {}", out.display()))?;
-        }
-        std::fs::rename(&partial, out).with_context(|| format!("cannot move the export into {}", out.display()))
-    });
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&partial);
-    }
-    written
+    let staged =
+        Staged::new(out, out.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id())))?;
+    write(source, staged.path(), merge, dtype)?;
+    // `out` is absent or empty, as checked above: the commit replaces it.
+    staged.commit().map(|_| ())
 }
 
 fn write(source: &Path, out: &Path, merge: bool, dtype: Dtype) -> Result<()> {

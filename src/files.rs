@@ -27,12 +27,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Open `path` to read, if it is a regular file (or a link to one). Anything else is refused,
+/// naming what it is: a device (`/dev/zero`) never ends, a FIFO can be read only once (and
+/// opening it waits for a writer), a folder is no file.
+pub fn open_regular(path: &Path) -> Result<File> {
+    let cannot = |e: std::io::Error| bad_input(format!("{}: cannot read: {e}", path.display()));
+    let kind = fs::metadata(path).map_err(cannot)?.file_type();
+    if !kind.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = match () {
+            _ if kind.is_dir() => "a folder",
+            _ if kind.is_char_device() => "a character device",
+            _ if kind.is_block_device() => "a block device",
+            _ if kind.is_fifo() => "a FIFO (named pipe)",
+            _ if kind.is_socket() => "a socket",
+            _ => "not a file",
+        };
+        return Err(bad_input(format!("{}: is {what}; pipe reads its inputs from regular files only", path.display())));
+    }
+    File::open(path).map_err(cannot)
+}
+
+/// The text of the regular file `path` (see [`open_regular`]).
+pub fn read_regular_to_string(path: &Path) -> Result<String> {
+    let mut text = String::new();
+    open_regular(path)?
+        .read_to_string(&mut text)
+        .map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
+    Ok(text)
+}
+
 /// The SHA-256 of the files' contents (each with its length), read a block at a time.
 pub fn hash_files(paths: &[PathBuf]) -> Result<String> {
     let mut hasher = Sha256::new();
     for path in paths {
         let cannot = |e: std::io::Error| bad_input(format!("{}: cannot read: {e}", path.display()));
-        let mut file = std::fs::File::open(path).map_err(cannot)?;
+        let mut file = open_regular(path)?;
         hasher.update(file.metadata().map_err(cannot)?.len().to_le_bytes());
         let mut buffer = vec![0u8; 1 << 20];
         loop {
@@ -44,4 +74,48 @@ pub fn hash_files(paths: &[PathBuf]) -> Result<String> {
         }
     }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A folder written under a hidden name beside where it belongs and renamed into place once
+/// complete: dropped before [`Staged::commit`] (a failed write, a full disk), it is removed,
+/// so no half-written folder is left behind or looks complete.
+pub struct Staged {
+    staging: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// Stage `target` in `staging` (a leftover of a killed process there is removed first).
+    pub fn new(target: &Path, staging: PathBuf) -> Result<Self> {
+        if staging.exists() {
+            fs::remove_dir_all(&staging).with_context(|| format!("cannot remove {}", staging.display()))?;
+        }
+        fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+        Ok(Self { staging, target: target.to_path_buf(), committed: false })
+    }
+
+    /// Where to write the folder's files.
+    pub fn path(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Move the written folder into place, replacing what was there.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        if self.target.exists() {
+            fs::remove_dir_all(&self.target).with_context(|| format!("cannot replace {}", self.target.display()))?;
+        }
+        fs::rename(&self.staging, &self.target)
+            .with_context(|| format!("cannot move {} into place", self.target.display()))?;
+        self.committed = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.staging);
+        }
+    }
 }

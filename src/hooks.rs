@@ -1,7 +1,9 @@
 //! Points in a run where a program embedding pipe may act: a stage beginning, a checkpoint
-//! written but not yet moved into place, a data-parallel peer beginning a step. The `pipe`
+//! written but not yet moved into place, a data-parallel peer beginning a step, a loss or
+//! gradient norm measured. The `pipe`
 //! binary installs no hooks, so these do nothing there; the test build's `pipe-faults` binary
-//! installs hooks that kill, signal or stall the process at these points, to test recovery.
+//! installs hooks that kill, signal or stall the process at these points, or spoil a measured
+//! value, to test recovery.
 
 use std::sync::OnceLock;
 
@@ -16,6 +18,11 @@ pub trait Hooks: Send + Sync {
     /// The data-parallel peer of `rank` begins optimizer step `step`; an error fails the peer.
     fn peer_step_begins(&self, _rank: usize, _step: usize) -> Result<()> {
         Ok(())
+    }
+    /// A figure training acts on was measured: `loss` (a step's training loss), `grad_norm` (its
+    /// gradient norm) or `val_loss` (an evaluation's); the value returned is the one used.
+    fn measured(&self, _quantity: &str, value: f64) -> f64 {
+        value
     }
 }
 

@@ -19,6 +19,7 @@ pub mod files;
 pub mod generate;
 pub mod hooks;
 pub mod inputs;
+pub mod json_float;
 pub mod memory;
 pub mod model;
 pub mod objective;

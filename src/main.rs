@@ -67,6 +67,10 @@ enum Command {
         /// The port to listen on (1 to 65535; the nodes' specs name it).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: u16,
+        /// The address to listen on: the loopback unless given (`0.0.0.0` is every interface).
+        /// The collective is not authenticated: listen only where a private network is.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
     },
     /// Validate a spec and print every resolved value with where it came from.
     Check {
@@ -276,6 +280,7 @@ impl SamplingArgs {
 pub fn main() -> ExitCode {
     keep_freed_memory();
     restore_default_sigpipe();
+    explain_sigbus();
     // burn-collective logs its configuration and every connection at info.
     let quiet = "info,burn_collective=warn,burn_communication=warn";
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| quiet.into());
@@ -389,10 +394,10 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 (_, Some(run)) => report_resume(pipeline::resume(&run, Some(&loaded), allow_changed_inputs)?),
             }
         }
-        Command::Orchestrator { port } => {
-            pipe::distributed::port_free(port, "--port")?;
-            eprintln!("orchestrator listening on port {port} (Ctrl-C to stop)");
-            pipe::distributed::serve_orchestrator(port)?;
+        Command::Orchestrator { port, bind } => {
+            pipe::distributed::port_free(bind, port, "--port")?;
+            eprintln!("orchestrator listening on {bind} port {port} (Ctrl-C to stop)");
+            pipe::distributed::serve_orchestrator(bind, port)?;
         }
         Command::Resume { run, runs, allow_changed_inputs } => {
             let run = runs::resolve(&runs.runs_dir, &run.to_string_lossy())?;
@@ -552,7 +557,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             };
             pipe::export::export(&source.dir, &out, merge, dtype)?;
             let how = if merge { " with its adapters merged" } else { "" };
-            println!("exported {}{how} to {} as {}", source.dir.display(), out.display(), dtype.torch_name());
+            println!("exported {}{how} to {} as {}", source.origin.display(), out.display(), dtype.torch_name());
         }
     }
     Ok(())
@@ -603,6 +608,31 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
+}
+
+/// Say why, on SIGBUS, instead of dying without a word. pipe maps its tokenized-data cache
+/// (and reads weights) from files that it never changes once written; the one way to a SIGBUS
+/// is such a file truncated by someone else while this process reads it. The process still
+/// ends (the mapped data is gone); `pipe resume` rebuilds the cache, whose checksum then fails.
+fn explain_sigbus() {
+    #[cfg(unix)]
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MESSAGE: &[u8] =
+            b"error: a file pipe had mapped into memory (the tokenized data under <runs_dir>/.cache, or a \
+model's weights) was truncated while this process read it (SIGBUS); the process stops here. \
+A run continues with: pipe resume RUN\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MESSAGE is static.
+        unsafe {
+            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            libc::_exit(128 + libc::SIGBUS);
+        }
+    }
+    #[cfg(unix)]
+    // SAFETY: installing a handler that only calls async-signal-safe functions, before any
+    // thread is started.
+    unsafe {
+        libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
     }
 }
 

@@ -145,12 +145,10 @@ impl BackendJob for RunJob<'_> {
                     inputs,
                     training: None,
                 };
-                let run = RunDir::create(&spec.run.runs_dir, meta)?;
-                files::write_atomic(&run.file(run_dir::SPEC_FILE), self.loaded.to_toml().as_bytes())?;
-                run.log_spec(&toml::Value::try_from(spec)?)?;
-                data.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
-                let layout = serde_json::to_string_pretty(&data.layout)?;
-                files::write_atomic(&run.file(run_dir::PROMPT_LAYOUT_FILE), layout.as_bytes())?;
+                let mut run = RunDir::create(&spec.run.runs_dir, meta)?;
+                if let Err(error) = write_run_files(&run, self.loaded, &data) {
+                    return Err(failed(&mut run, error));
+                }
                 (run, data, model, None)
             }
             Some(mut run) => {
@@ -159,7 +157,9 @@ impl BackendJob for RunJob<'_> {
                 let (model, resume) = model_and_progress::<B>(spec, &data, Some(&run.path), &device)?;
                 check_plan(spec, &data, &model.config())?;
                 let step = resume.as_ref().map_or(0, |(_, progress): &(PathBuf, Progress)| progress.step);
-                run.restart(step)?;
+                if let Err(error) = run.restart(step) {
+                    return Err(failed(&mut run, error));
+                }
                 tracing::info!(from_step = step, "resuming the run from its latest checkpoint");
                 (run, data, model, resume)
             }
@@ -185,16 +185,37 @@ impl BackendJob for RunJob<'_> {
                 Ok(run.path)
             }
             Err(error) if interrupted_by(&error).is_some() => {
-                run.finish(Status::Interrupted, Some(format!("{error:#}")))?;
+                if let Err(unrecorded) = run.finish(Status::Interrupted, Some(format!("{error:#}"))) {
+                    tracing::warn!("the run's status could not be recorded: {unrecorded:#}");
+                }
                 let by = signals::name(interrupted_by(&error).unwrap_or_default());
                 let how = format!("continue it with: pipe resume {}", run.path.display());
                 Err(error.context(format!("run {} stopped by {by}; {how}", run.path.display())))
             }
-            Err(error) => {
-                run.finish(Status::Failed, Some(format!("{error:#}")))?;
-                Err(error.context(format!("run {} failed", run.path.display())))
-            }
+            Err(error) => Err(failed(&mut run, error)),
         }
+    }
+}
+
+/// What a new run folder holds besides `meta.json`: the spec as resolved, the tokenizer and how
+/// prompts are laid out.
+fn write_run_files(run: &RunDir, loaded: &LoadedSpec, data: &PreparedData) -> Result<()> {
+    files::write_atomic(&run.file(run_dir::SPEC_FILE), loaded.to_toml().as_bytes())?;
+    run.log_spec(&toml::Value::try_from(&loaded.spec)?)?;
+    data.tok.save(&run.file(run_dir::TOKENIZER_FILE))?;
+    let layout = serde_json::to_string_pretty(&data.layout)?;
+    files::write_atomic(&run.file(run_dir::PROMPT_LAYOUT_FILE), layout.as_bytes())
+}
+
+/// A run that failed once its folder was written to: the folder says `failed`, with the error.
+/// The error is no longer one of input (exit 2 means nothing was written): the run had started,
+/// so the process exits 1, whatever the cause.
+fn failed(run: &mut RunDir, error: anyhow::Error) -> anyhow::Error {
+    let message = format!("{error:#}");
+    let failed = format!("run {} failed: {message}", run.path.display());
+    match run.finish(Status::Failed, Some(message)) {
+        Ok(()) => anyhow::anyhow!(failed),
+        Err(unrecorded) => anyhow::anyhow!("{failed} (and the status could not be recorded: {unrecorded:#})"),
     }
 }
 
@@ -437,6 +458,7 @@ fn check_plan(spec: &Spec, data: &PreparedData, config: &ModelConfig) -> Result<
             "optimizer.warmup_steps is not shorter than the run: the learning rate never reaches optimizer.lr"
         );
     }
+    crate::distributed::Topology::of(spec).check_ports()?;
     let t = &spec.train;
     let needs_validation = t.final_model == FinalModel::Best || t.early_stopping_patience > 0;
     if needs_validation && data.val.is_empty() {

@@ -15,8 +15,11 @@ use crate::model::{CausalLm, FusedOps};
 /// Scores of one response, or their means over several.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResponseScores {
+    #[serde(with = "crate::json_float")]
     pub exact_match: f64,
+    #[serde(with = "crate::json_float")]
     pub token_f1: f64,
+    #[serde(with = "crate::json_float")]
     pub rouge_l: f64,
 }
 

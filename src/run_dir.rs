@@ -91,16 +91,21 @@ pub struct StepRecord {
     pub step: usize,
     pub epoch: usize,
     /// Mean loss over the step's trained tokens, before the update.
+    #[serde(with = "crate::json_float")]
     pub loss: f64,
+    #[serde(with = "crate::json_float")]
     pub lr: f64,
     /// Global gradient norm before clipping.
+    #[serde(with = "crate::json_float")]
     pub grad_norm: f64,
     /// Real input tokens.
     pub tokens: usize,
     /// Input positions that were padding.
     pub padded_tokens: usize,
+    #[serde(with = "crate::json_float")]
     pub tokens_per_s: f64,
     /// Seconds since training started (or resumed).
+    #[serde(with = "crate::json_float")]
     pub elapsed_s: f64,
     /// Data-parallel runs: seconds this step spent in its all-reduce, waiting for the other
     /// peers included.
@@ -113,7 +118,9 @@ pub struct StepRecord {
 pub struct EpochRecord {
     pub step: usize,
     pub epoch: usize,
+    #[serde(with = "crate::json_float")]
     pub val_loss: f64,
+    #[serde(with = "crate::json_float")]
     pub val_ppl: f64,
     /// The answers' mean scores, when `train.select_metric` is one of them.
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
@@ -128,7 +135,9 @@ pub struct EvalRecord {
     pub eval: String,
     /// Optimizer steps the evaluated model was trained for.
     pub step: usize,
+    #[serde(with = "crate::json_float")]
     pub val_loss: f64,
+    #[serde(with = "crate::json_float")]
     pub val_ppl: f64,
     pub val_tokens: usize,
     pub val_examples: usize,
@@ -184,51 +193,50 @@ pub struct RunDir {
     events: Option<EventFile>,
 }
 
-/// The lock file in a run folder: the process that writes the run holds an exclusive OS lock
-/// on it (and has its process id written in it). The OS drops the lock when the process ends,
-/// however it ends, so a crashed run never blocks the next writer.
+/// The process that writes a run holds an exclusive OS lock on the run folder itself (a file
+/// inside could be deleted, and a second writer would then lock a new one), and writes its
+/// process id in this file for the message that refuses a second writer. The OS drops the lock
+/// when the process ends, however it ends, so a crashed run never blocks the next writer.
 const LOCK_FILE: &str = ".lock";
+
+/// Room kept in a run folder being written, freed to write the status when the disk is full.
+const RESERVE_FILE: &str = ".reserve";
+/// Several times what `meta.json` needs.
+const RESERVE_BYTES: usize = 64 * 1024;
 
 /// An exclusive lock on a run folder, for as long as it lives.
 pub struct WriterLock {
-    /// Open for as long as the lock is held: closing it releases the lock.
-    _file: File,
+    /// The folder, open for as long as the lock is held: closing it releases the lock.
+    _folder: File,
 }
 
 impl WriterLock {
     /// Take the run's lock, or fail (bad input) naming the process that holds it.
     pub fn take(run: &Path) -> Result<Self> {
-        let path = run.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        match file.try_lock() {
+        let folder = File::open(run).with_context(|| format!("cannot open {}", run.display()))?;
+        let holder = run.join(LOCK_FILE);
+        match folder.try_lock() {
             Ok(()) => {
-                file.set_len(0)?;
-                write!(file, "{}", std::process::id())?;
-                Ok(Self { _file: file })
+                write_atomic(&holder, std::process::id().to_string().as_bytes())?;
+                Ok(Self { _folder: folder })
             }
             Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let pid = fs::read_to_string(&holder).unwrap_or_default();
                 Err(bad_input(format!(
                     "{}: another pipe process (pid {}) is writing this run; wait for it to end or stop it first",
                     run.display(),
-                    if holder.trim().is_empty() { "unknown" } else { holder.trim() }
+                    if pid.trim().is_empty() { "unknown" } else { pid.trim() }
                 )))
             }
-            Err(fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+            Err(fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", run.display())),
         }
     }
 
     /// Whether some process holds `run`'s lock now (a `running` run whose lock is free has
     /// died without a word).
     pub fn is_held(run: &Path) -> bool {
-        let Ok(file) = File::open(run.join(LOCK_FILE)) else { return false };
-        file.try_lock_shared().is_err()
+        let Ok(folder) = File::open(run) else { return false };
+        folder.try_lock_shared().is_err()
     }
 }
 
@@ -257,7 +265,11 @@ impl RunDir {
                     let events = EventFile::open(&path)?;
                     let mut run = Self { path, meta, _lock: Some(lock), events: Some(events) };
                     run.meta.run_id = id;
-                    run.write_meta()?;
+                    // A folder that could not be set up is no run: it goes.
+                    if let Err(error) = run.write_meta().and_then(|()| run.reserve_room()) {
+                        let _ = fs::remove_dir_all(&run.path);
+                        return Err(error);
+                    }
                     return Ok(run);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -280,7 +292,9 @@ impl RunDir {
         Meta::read(path)?; // a run folder, before a lock file is made in it
         let lock = WriterLock::take(path)?;
         let events = EventFile::open(path)?;
-        Ok(Self { path: path.to_path_buf(), meta: Meta::read(path)?, _lock: Some(lock), events: Some(events) })
+        let run = Self { path: path.to_path_buf(), meta: Meta::read(path)?, _lock: Some(lock), events: Some(events) };
+        run.reserve_room()?;
+        Ok(run)
     }
 
     /// Make the folder ready to continue from optimizer step `step`: metrics after that step
@@ -343,19 +357,30 @@ impl RunDir {
         write_atomic(&self.file(META_FILE), serde_json::to_string_pretty(&self.meta)?.as_bytes())
     }
 
-    /// Mark the run ended with `status`, recording the error if any.
+    /// Mark the run ended with `status`, recording the error if any. The space kept in reserve
+    /// is freed first, so the status is written even when a full disk is what ended the run.
     pub fn finish(&mut self, status: Status, error: Option<String>) -> Result<()> {
+        let _ = fs::remove_file(self.file(RESERVE_FILE));
         self.meta.status = status;
         self.meta.error = error;
         self.meta.ended = Some(now());
-        if let Some(events) = &self.events {
-            match status {
-                Status::Completed => events.session_end(SessionStatus::Success)?,
-                Status::Failed => events.session_end(SessionStatus::Failure)?,
-                Status::Running | Status::Interrupted => {} // to be resumed
-            }
+        self.write_meta()?;
+        let Some(events) = &self.events else { return Ok(()) };
+        let ended = match status {
+            Status::Completed => events.session_end(SessionStatus::Success),
+            Status::Failed => events.session_end(SessionStatus::Failure),
+            Status::Running | Status::Interrupted => Ok(()), // to be resumed
+        };
+        // meta.json says how the run ended; TensorBoard's view of it is worth a warning only.
+        if let Err(error) = ended {
+            tracing::warn!("{error:#}");
         }
-        self.write_meta()
+        Ok(())
+    }
+
+    /// Set aside room for the status a failed run writes at its end (see [`RunDir::finish`]).
+    fn reserve_room(&self) -> Result<()> {
+        write_atomic(&self.file(RESERVE_FILE), &vec![0u8; RESERVE_BYTES])
     }
 
     /// Record the resolved spec, as TensorBoard's hyperparameters.

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use crate::checkpoint::Snapshot;
 use crate::data::{prompt_layout, PromptLayout};
 use crate::error::bad_input;
 use crate::model::hf;
@@ -93,7 +94,8 @@ impl Run {
     /// among the evaluations during training, or the eval stage's where training made none.
     pub fn lowest_val(&self) -> Option<(u64, f64)> {
         let measured = if self.val_loss.is_empty() { &self.eval_val_loss } else { &self.val_loss };
-        measured.iter().copied().reduce(|lowest, v| if v.1 < lowest.1 { v } else { lowest })
+        // A NaN (a failed run's last evaluation) is no value, let alone the lowest.
+        measured.iter().copied().filter(|v| !v.1.is_nan()).reduce(|lowest, v| if v.1 < lowest.1 { v } else { lowest })
     }
 
     /// `lowest val loss` as the tables show it: the value and its step.
@@ -195,7 +197,12 @@ fn latest_run_in(folder: &Path) -> Option<PathBuf> {
 
 /// A model argument: a run folder (its `final/` model, or `--checkpoint`) or a HF directory.
 pub struct ModelSource {
+    /// Where to read the model: a snapshot of a run's folder (see [`Snapshot`]), or the folder.
     pub dir: PathBuf,
+    /// The folder the model is, for messages.
+    pub origin: PathBuf,
+    /// Keeps `dir` while the source lives, when it is a snapshot.
+    _snapshot: Option<Snapshot>,
     /// The run's spec, when the model comes from a run.
     pub spec: Option<Spec>,
     /// How the run laid prompts out, when the model comes from a run.
@@ -215,37 +222,55 @@ pub fn model_source(runs_dir: &Path, reference: &Path, checkpoint: Option<&str>)
     };
     let path = path.as_path();
     if path.join(run_dir::META_FILE).is_file() {
-        let dir = match checkpoint {
-            None => path.join(run_dir::FINAL_DIR),
-            Some("best") => crate::checkpoint::best(path).map(|(dir, _)| dir).ok_or_else(|| {
-                bad_input(format!(
+        let named = || -> Result<PathBuf> {
+            let dir = match checkpoint {
+                None => path.join(run_dir::FINAL_DIR),
+                Some("best") => crate::checkpoint::best(path)?.map(|(dir, _)| dir).ok_or_else(|| {
+                    bad_input(format!(
                     "{}: --checkpoint best: the run kept no best model (it has no evaluation on a validation set yet)",
                     path.display()
                 ))
-            })?,
-            Some("last") => crate::checkpoint::list(path).pop().ok_or_else(|| {
-                bad_input(format!("{}: --checkpoint last: the run has no checkpoint", path.display()))
-            })?,
-            Some(other) => {
-                let dir = path.join(other);
-                // A folder of this run only: `../another-run/final` would pass off another
-                // run's model with this run's spec and layout.
-                let inside = match (dir.canonicalize(), path.canonicalize()) {
-                    (Ok(dir), Ok(run)) => dir.starts_with(run),
-                    _ => true,
-                };
-                if !inside {
-                    return Err(bad_input(format!(
+                })?,
+                Some("last") => crate::checkpoint::list(path).pop().ok_or_else(|| {
+                    bad_input(format!("{}: --checkpoint last: the run has no checkpoint", path.display()))
+                })?,
+                Some(other) => {
+                    let dir = path.join(other);
+                    // A folder of this run only: `../another-run/final` would pass off another
+                    // run's model with this run's spec and layout.
+                    let inside = match (dir.canonicalize(), path.canonicalize()) {
+                        (Ok(dir), Ok(run)) => dir.starts_with(run),
+                        _ => true,
+                    };
+                    if !inside {
+                        return Err(bad_input(format!(
                         "--checkpoint {other}: not a folder of the run {}; name best, last or a folder inside it (checkpoints/step-000100)",
                         path.display()
                     )));
+                    }
+                    dir
                 }
-                dir
+            };
+            if !dir.join(hf::CONFIG_FILE).is_file() {
+                return Err(bad_input(format!(
+                    "{}: the run has no model there (no {})",
+                    dir.display(),
+                    hf::CONFIG_FILE
+                )));
+            }
+            Ok(dir)
+        };
+        // Training may prune or replace the folder while it is linked: then it is named anew.
+        let mut tries = 0;
+        let (origin, snapshot) = loop {
+            let dir = named()?;
+            match Snapshot::of(path, &dir) {
+                Ok(snapshot) => break (dir, snapshot),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => tries += 1,
+                Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", dir.display())),
             }
         };
-        if !dir.join(hf::CONFIG_FILE).is_file() {
-            return Err(bad_input(format!("{}: the run has no model there (no {})", dir.display(), hf::CONFIG_FILE)));
-        }
+        let dir = snapshot.as_ref().map_or_else(|| origin.clone(), |s| s.path().to_path_buf());
         let spec_path = path.join(run_dir::SPEC_FILE);
         let spec = std::fs::read_to_string(&spec_path)
             .ok()
@@ -260,13 +285,19 @@ pub fn model_source(runs_dir: &Path, reference: &Path, checkpoint: Option<&str>)
             // Runs from before the layout was recorded: their spec's (they had no Jinja templates).
             Err(_) => spec.as_ref().map(|s| prompt_layout(&s.data, None)).transpose()?,
         };
-        return Ok(ModelSource { dir, spec, layout });
+        return Ok(ModelSource { dir, origin, _snapshot: snapshot, spec, layout });
     }
     if checkpoint.is_some() {
         return Err(bad_input(format!("{}: --checkpoint needs a run folder", path.display())));
     }
     if path.join(hf::CONFIG_FILE).is_file() {
-        return Ok(ModelSource { dir: path.to_path_buf(), spec: None, layout: None });
+        return Ok(ModelSource {
+            dir: path.to_path_buf(),
+            origin: path.to_path_buf(),
+            _snapshot: None,
+            spec: None,
+            layout: None,
+        });
     }
     Err(bad_input(format!(
         "{}: neither a run folder (meta.json) nor a HuggingFace GPT-2 directory ({})",

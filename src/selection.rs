@@ -11,6 +11,7 @@ use crate::spec::{FinalModel, SelectMetric, TrainSpec};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scored {
     pub step: usize,
+    #[serde(with = "crate::json_float")]
     pub value: f64,
 }
 

@@ -183,13 +183,27 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
             stop = (summed[3] > 0.0).then(|| stop.unwrap_or(if summed[3] <= 64.0 { summed[3] as i32 } else { 15 }));
             allreduce_s = Some(started.elapsed().as_secs_f64());
         }
+        let loss = measured("loss", loss);
         if !loss.is_finite() {
-            bail!("the loss became {loss}; lower optimizer.lr or set optimizer.grad_clip");
+            bail!("the training loss became {loss}; {NON_FINITE}");
         }
-        let grad_norm = clip_global_norm(&model, &mut grads, self.grad_clip);
+        let grad_norm = measured("grad_norm", clip_global_norm(&model, &mut grads, self.grad_clip));
+        if !grad_norm.is_finite() {
+            bail!("the gradient norm became {grad_norm} (the loss was {loss:.4}); {NON_FINITE}");
+        }
         let model = self.optim.step(lr, model, grads);
         Ok((model, StepStats { loss, grad_norm, tokens, positions, loss_tokens, allreduce_s }, stop))
     }
+}
+
+/// What a non-finite loss or gradient means for the run: it stops there, before the update, as
+/// a failed run (docs/runs.md says why it does not skip the step).
+const NON_FINITE: &str = "the run stops before updating the model (its checkpoints so far are kept); \
+     lower optimizer.lr or set optimizer.grad_clip";
+
+/// `value` as the installed hooks have it (as measured, unless a test build spoils it).
+fn measured(quantity: &str, value: f64) -> f64 {
+    crate::hooks::installed().map_or(value, |hooks| hooks.measured(quantity, value))
 }
 
 /// The seed of micro-batch `micro`'s dropout masks on peer `rank`, in a step seeded `step_seed`.
@@ -618,6 +632,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
                 (all[0] / all[1].max(1.0), responses)
             }
         };
+        let val_loss = measured("val_loss", val_loss);
         self.log_metrics(&MetricRecord::Epoch(EpochRecord {
             step,
             epoch,
@@ -625,6 +640,13 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
             val_ppl: val_loss.exp(),
             responses,
         }))?;
+        // Never selected, never trained on: a model that measures NaN or infinity has diverged.
+        if !val_loss.is_finite() {
+            bail!(
+                "the validation loss at step {step} (epoch {epoch}) became {val_loss}; the run stops, and no model \
+                 measured so is kept as the best; lower optimizer.lr or set optimizer.grad_clip"
+            );
+        }
         self.latest_val = Some(val_loss);
         let value = match (metric, responses) {
             (SelectMetric::ExactMatch, Some(r)) => r.exact_match,

@@ -6,15 +6,23 @@
 //! - `PIPEFAULT_KILL_IN_CHECKPOINT=STEP` SIGKILLs the process once the checkpoint of STEP is
 //!   written but not yet moved into place;
 //! - `PIPEFAULT_PEER=fail:RANK:STEP` or `hang:RANK:STEP` fails or stalls a data-parallel peer
-//!   as it begins STEP.
+//!   as it begins STEP;
+//! - `PIPEFAULT_NAN=QUANTITY:N` makes the Nth measured `loss`, `grad_norm` or `val_loss` of the
+//!   process NaN (`val_loss:2`: the second evaluation).
 
+use std::collections::HashMap;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 #[path = "../main.rs"]
 mod cli;
 
-struct FaultsFromEnv;
+#[derive(Default)]
+struct FaultsFromEnv {
+    /// How many times each quantity has been measured.
+    measured: Mutex<HashMap<String, usize>>,
+}
 
 impl pipe::hooks::Hooks for FaultsFromEnv {
     fn stage_begins(&self, stage: &str) {
@@ -53,9 +61,20 @@ impl pipe::hooks::Hooks for FaultsFromEnv {
             _ => Ok(()),
         }
     }
+
+    fn measured(&self, quantity: &str, value: f64) -> f64 {
+        let mut counts = self.measured.lock().expect("no panics while counting");
+        let count = counts.entry(quantity.to_string()).or_default();
+        *count += 1;
+        let asked = std::env::var("PIPEFAULT_NAN").unwrap_or_default();
+        match asked == format!("{quantity}:{count}") {
+            true => f64::NAN,
+            false => value,
+        }
+    }
 }
 
 fn main() -> ExitCode {
-    pipe::hooks::install(Box::new(FaultsFromEnv)).expect("the only installation");
+    pipe::hooks::install(Box::<FaultsFromEnv>::default()).expect("the only installation");
     cli::main()
 }

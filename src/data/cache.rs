@@ -23,6 +23,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tempfile::NamedTempFile;
 
 use super::examples::{Examples, Mapped};
 use super::{Sequence, TokenizeReport};
@@ -95,67 +96,83 @@ pub fn load(path: &Path) -> Option<Tokenized> {
     Some(Tokenized { train: Examples::Mapped(Arc::new(mapped)), val: header.val, report: header.report })
 }
 
-/// Writes an entry while the training sequences arrive; `finish` puts it in place.
+/// Writes an entry while the training sequences arrive; `finish` puts it in place. Every file
+/// it writes has a name of its own (two processes preparing the same entry do not collide: the
+/// last rename wins, with the same bytes) and is removed if the writer is dropped unfinished.
 pub struct Writer {
     path: PathBuf,
-    ids: Option<BufWriter<File>>,
-    trained: Option<BufWriter<File>>,
-    staging: [PathBuf; 2],
+    ids: Staging,
+    trained: Staging,
     offsets: Vec<u64>,
+}
+
+/// A staging file of the entry: unique, buffered, removed when dropped.
+struct Staging {
+    file: BufWriter<NamedTempFile>,
+}
+
+impl Staging {
+    fn new(dir: &Path) -> Result<Self> {
+        let file = tempfile::Builder::new()
+            .prefix(".staging-")
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        Ok(Self { file: BufWriter::with_capacity(1 << 20, file) })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let written = self.file.write_all(bytes);
+        written.with_context(|| format!("cannot write {}", self.file.get_ref().path().display()))
+    }
+
+    /// The written file, flushed to disk.
+    fn finish(self) -> Result<NamedTempFile> {
+        let file = self.file.into_inner().map_err(|e| e.into_error())?;
+        file.as_file().sync_all().with_context(|| format!("cannot write {}", file.path().display()))?;
+        Ok(file)
+    }
 }
 
 impl Writer {
     pub fn create(path: &Path) -> Result<Self> {
         let dir = path.parent().context("a cache entry has a folder")?;
-        std::fs::create_dir_all(dir)?;
-        let staging = [path.with_extension("ids.partial"), path.with_extension("trained.partial")];
-        let open = |p: &Path| File::create(p).map(|f| BufWriter::with_capacity(1 << 20, f));
-        Ok(Self {
-            path: path.to_path_buf(),
-            ids: Some(open(&staging[0])?),
-            trained: Some(open(&staging[1])?),
-            staging,
-            offsets: vec![0],
-        })
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self { path: path.to_path_buf(), ids: Staging::new(dir)?, trained: Staging::new(dir)?, offsets: vec![0] })
     }
 
     pub fn push(&mut self, sequence: &Sequence) -> Result<()> {
-        let (ids, trained) = (self.ids.as_mut().expect("open"), self.trained.as_mut().expect("open"));
-        for id in &sequence.ids {
-            ids.write_all(&id.to_le_bytes())?;
-        }
-        trained.write_all(&sequence.trained.iter().map(|&t| t as u8).collect::<Vec<_>>())?;
+        let ids: Vec<u8> = sequence.ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+        self.ids.write(&ids)?;
+        self.trained.write(&sequence.trained.iter().map(|&t| t as u8).collect::<Vec<_>>())?;
         self.offsets.push(self.offsets.last().expect("starts with 0") + sequence.ids.len() as u64);
         Ok(())
     }
 
     /// Write the entry (header, offsets, then the staged ids and flags), checksummed, and
     /// rename it into place.
-    pub fn finish(mut self, val: Vec<Sequence>, report: TokenizeReport) -> Result<()> {
-        for staged in [self.ids.take(), self.trained.take()].into_iter().flatten() {
-            staged.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        }
-        let (path, staging, offsets) = (&self.path, &self.staging, &self.offsets);
+    pub fn finish(self, val: Vec<Sequence>, report: TokenizeReport) -> Result<()> {
+        let Self { path, ids, trained, offsets } = self;
+        let staged = [ids.finish()?, trained.finish()?];
         let count = offsets.len() - 1;
         let tokens = *offsets.last().expect("starts with 0") as usize;
         let header = serde_json::to_vec(&Header { report, val, count, tokens })?;
-        let partial = path.with_extension("tok.partial");
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&partial)?);
+        let dir = path.parent().context("a cache entry has a folder")?;
+        let mut out = Staging::new(dir)?;
         let mut hasher = Sha256::new();
-        let mut put = |out: &mut BufWriter<File>, bytes: &[u8]| -> Result<()> {
+        let mut put = |out: &mut Staging, bytes: &[u8]| -> Result<()> {
             hasher.update(bytes);
-            Ok(out.write_all(bytes)?)
+            out.write(bytes)
         };
-        out.write_all(MAGIC)?;
-        out.write_all(&[0u8; 32])?;
+        out.write(MAGIC)?;
+        out.write(&[0u8; 32])?;
         put(&mut out, &(header.len() as u64).to_le_bytes())?;
         put(&mut out, &header)?;
         put(&mut out, &vec![0u8; (PREFIX + header.len()).next_multiple_of(8) - PREFIX - header.len()])?;
-        for offset in offsets {
+        for offset in &offsets {
             put(&mut out, &offset.to_le_bytes())?;
         }
-        for staged in staging {
-            let mut reader = BufReader::with_capacity(1 << 20, File::open(staged)?);
+        for staged in &staged {
+            let mut reader = BufReader::with_capacity(1 << 20, staged.reopen()?);
             let mut buffer = vec![0u8; 1 << 20];
             loop {
                 let n = reader.read(&mut buffer)?;
@@ -165,22 +182,16 @@ impl Writer {
                 put(&mut out, &buffer[..n])?;
             }
         }
-        let mut file = out.into_inner().map_err(|e| e.into_error())?;
-        file.seek(SeekFrom::Start(8))?;
-        file.write_all(&hasher.finalize())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&partial, path)?;
+        let mut file = out.finish()?;
+        let written = file.path().to_path_buf();
+        let checksum = |file: &mut NamedTempFile| -> std::io::Result<()> {
+            file.seek(SeekFrom::Start(8))?;
+            file.write_all(&hasher.finalize())?;
+            file.as_file().sync_all()
+        };
+        checksum(&mut file).with_context(|| format!("cannot write {}", written.display()))?;
+        file.persist(&path).with_context(|| format!("cannot move the tokenized data into {}", path.display()))?;
         Ok(())
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        // Finished or not (an error while tokenizing), a writer leaves no staging files.
-        for staged in &self.staging {
-            let _ = std::fs::remove_file(staged);
-        }
     }
 }
 

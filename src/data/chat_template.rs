@@ -36,6 +36,47 @@ pub struct JinjaTemplate {
     pub origin: String,
     pub bos_token: String,
     pub eos_token: String,
+    /// How much a rendering may take: they bound the work, not the result, so they are not
+    /// part of what a template is (nor of the cache key).
+    #[serde(skip)]
+    pub limits: RenderLimits,
+}
+
+/// The most a template may do to render one conversation (`data.max_template_steps`,
+/// `data.max_record_bytes`): a loop without end or a runaway output is refused, not waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderLimits {
+    pub steps: u64,
+    pub bytes: usize,
+}
+
+impl Default for RenderLimits {
+    fn default() -> Self {
+        let data = crate::spec::DataSpec::default();
+        Self { steps: data.max_template_steps, bytes: data.max_record_bytes }
+    }
+}
+
+/// What the template writes, up to `max` bytes; past that, the rendering fails.
+struct Capped {
+    written: Vec<u8>,
+    max: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.written.len() + bytes.len() > self.max {
+            self.over = true;
+            return Err(std::io::Error::other("past data.max_record_bytes"));
+        }
+        self.written.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl JinjaTemplate {
@@ -43,10 +84,20 @@ impl JinjaTemplate {
     /// `{role}`/`{content}` format string: `chatml`; `hf`, the `chat_template` of
     /// `tokenizer_config.json` in `tokenizer_dir` (a string, or the `default` of a list of named
     /// templates); or a path to a `.jinja` file.
-    pub fn resolve(chat_template: &str, tokenizer_dir: Option<&Path>, tok: &Tok) -> Result<Option<Self>> {
+    pub fn resolve(
+        chat_template: &str,
+        tokenizer_dir: Option<&Path>,
+        tok: &Tok,
+        limits: RenderLimits,
+    ) -> Result<Option<Self>> {
         let eos = tok.eos_token();
-        let plain =
-            |source: String, origin: String| Self { source, origin, bos_token: eos.clone(), eos_token: eos.clone() };
+        let plain = |source: String, origin: String| Self {
+            source,
+            origin,
+            bos_token: eos.clone(),
+            eos_token: eos.clone(),
+            limits,
+        };
         match chat_template {
             "chatml" => Ok(Some(plain(CHATML.to_string(), "chatml".into()))),
             "hf" => {
@@ -55,18 +106,18 @@ impl JinjaTemplate {
                         "data.chat_template = \"hf\": there is no model or tokenizer folder to read tokenizer_config.json from",
                     ));
                 };
-                Self::from_tokenizer_config(&dir.join("tokenizer_config.json"), &eos).map(Some)
+                Self::from_tokenizer_config(&dir.join("tokenizer_config.json"), &eos, limits).map(Some)
             }
             path if path.ends_with(".jinja") => {
-                let source = std::fs::read_to_string(path)
-                    .map_err(|e| bad_input(format!("data.chat_template: {path}: cannot read: {e}")))?;
+                let source = crate::files::read_regular_to_string(Path::new(path))
+                    .map_err(|e| bad_input(format!("data.chat_template: {e}")))?;
                 Ok(Some(plain(source, path.to_string())))
             }
             _ => Ok(None),
         }
     }
 
-    fn from_tokenizer_config(path: &Path, eos: &str) -> Result<Self> {
+    fn from_tokenizer_config(path: &Path, eos: &str, limits: RenderLimits) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| bad_input(format!("data.chat_template = \"hf\": {}: cannot read: {e}", path.display())))?;
         let config: serde_json::Value =
@@ -97,6 +148,7 @@ impl JinjaTemplate {
             origin: path.display().to_string(),
             bos_token: token("bos_token").unwrap_or_else(|| eos.to_string()),
             eos_token: token("eos_token").unwrap_or_else(|| eos.to_string()),
+            limits,
         })
     }
 
@@ -112,17 +164,33 @@ impl JinjaTemplate {
             let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
             bad_input(format!("{}: the chat template does not render{line}: {}{detail}", self.origin, e.kind()))
         };
+        env.set_fuel(Some(self.limits.steps));
         let template = env.template_from_str(&self.source).map_err(failed)?;
         let messages: Vec<_> =
             messages.iter().map(|m| context! { role => m.role.name(), content => m.content.as_str() }).collect();
-        template
-            .render(context! {
+        let mut out = Capped { written: Vec::new(), max: self.limits.bytes, over: false };
+        let rendered = template.render_captured_to(
+            context! {
                 messages,
                 add_generation_prompt,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
-            })
-            .map_err(failed)
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.written)
+                .map_err(|_| bad_input(format!("{}: the chat template renders text that is not UTF-8", self.origin))),
+            Err(_) if out.over => Err(bad_input(format!(
+                "{}: the chat template renders a conversation to more than data.max_record_bytes allows ({}); raise data.max_record_bytes if that is meant",
+                self.origin, self.limits.bytes
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(bad_input(format!(
+                "{}: the chat template did not finish rendering a conversation within data.max_template_steps ({} steps; a loop without end?); raise data.max_template_steps if that is meant",
+                self.origin, self.limits.steps
+            ))),
+            Err(e) => Err(failed(e)),
+        }
     }
 
     /// The whole conversation, and the byte ranges of it that are the assistant's answers (each

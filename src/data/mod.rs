@@ -11,7 +11,7 @@ pub mod render;
 pub mod tokenizer;
 
 pub use batch::{pack, Batch, Sequence};
-pub use chat_template::JinjaTemplate;
+pub use chat_template::{JinjaTemplate, RenderLimits};
 pub use examples::Examples;
 pub use prepare::PreparedData;
 pub use records::{Example, Record};

@@ -10,8 +10,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::{
-    cache, pack, prompt_layout, records, tokenize, Example, Examples, JinjaTemplate, PromptLayout, Sequence, Tok,
-    TokenizeReport, TokenizeSettings, Tokenizing,
+    cache, pack, prompt_layout, records, tokenize, Example, Examples, JinjaTemplate, PromptLayout, RenderLimits,
+    Sequence, Tok, TokenizeReport, TokenizeSettings, Tokenizing,
 };
 use crate::error::bad_input;
 use crate::model::{family, hf};
@@ -106,7 +106,10 @@ impl PreparedData {
         // `hf` reads the template beside the tokenizer: the spec's, or the model's.
         let tokenizer_dir = tokenizer_path.as_deref().and_then(Path::parent).or(model_dir.as_deref());
         let chat = match spec.data.kind {
-            DataKind::Chat => JinjaTemplate::resolve(&spec.data.chat_template, tokenizer_dir, &tok)?,
+            DataKind::Chat => {
+                let limits = RenderLimits { steps: spec.data.max_template_steps, bytes: spec.data.max_record_bytes };
+                JinjaTemplate::resolve(&spec.data.chat_template, tokenizer_dir, &tok, limits)?
+            }
             _ => None,
         };
         let layout = prompt_layout(&spec.data, chat.as_ref())?;

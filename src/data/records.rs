@@ -2,7 +2,6 @@
 //! spec's kind says: prompt/response pairs, alpaca records, chat conversations or documents.
 //! Each record remembers the line it starts on, for messages.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
@@ -87,7 +86,9 @@ pub fn read(path: &Path, spec: &DataSpec) -> Result<Vec<Example>> {
 /// document, is read whole.
 pub fn read_chunks(path: &Path, spec: &DataSpec, each: impl FnMut(Vec<Example>) -> Result<()>) -> Result<usize> {
     let cannot_read = |e: std::io::Error| bad_input(format!("{}: cannot read the dataset: {e}", path.display()));
-    let mut reader = BufReader::with_capacity(1 << 20, File::open(path).map_err(cannot_read)?);
+    let file = crate::files::open_regular(path).map_err(|e| bad_input(format!("the dataset {e}")))?;
+    let max = spec.max_record_bytes;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let format = match spec.format {
         DataFormat::Auto => match extension {
@@ -111,14 +112,27 @@ pub fn read_chunks(path: &Path, spec: &DataSpec, each: impl FnMut(Vec<Example>) 
         )));
     }
     let mut chunks = Chunks { each, chunk: Vec::with_capacity(CHUNK), count: 0 };
-    let example =
-        |line: usize, row: Row| -> Result<Example> { Ok(Example { record: record(path, line, &row, spec)?, line }) };
+    let example = |line: usize, row: Row| -> Result<Example> {
+        let example = Example { record: record(path, line, &row, spec)?, line };
+        let bytes: usize = example.texts().iter().map(|t| t.len()).sum();
+        if bytes > max {
+            return Err(too_long(format!("{}:{line}: the record holds {bytes} bytes of text", path.display()), max));
+        }
+        Ok(example)
+    };
     match (format, spec.documents) {
         (DataFormat::Text, Documents::File) => {
-            chunks.push(Example { record: Record::Text { text: whole_text(path, reader)? }, line: 1 })?
+            let mut bytes = Vec::new();
+            (&mut reader).take(max as u64 + 1).read_to_end(&mut bytes).map_err(cannot_read)?;
+            if bytes.len() > max {
+                let why =
+                    format!("{}: a document read whole (data.documents = \"file\") of more bytes", path.display());
+                return Err(too_long(why, max));
+            }
+            chunks.push(Example { record: Record::Text { text: whole_text(path, &bytes[..])? }, line: 1 })?
         }
         (DataFormat::Text, Documents::Line) => {
-            for line in lines(path, reader) {
+            for line in lines(path, reader, max) {
                 let (number, text) = line?;
                 if !text.trim().is_empty() {
                     chunks.push(Example { record: Record::Text { text }, line: number })?;
@@ -126,14 +140,17 @@ pub fn read_chunks(path: &Path, spec: &DataSpec, each: impl FnMut(Vec<Example>) 
             }
         }
         (DataFormat::Jsonl, _) => {
-            for line in lines(path, reader) {
+            for line in lines(path, reader, max) {
                 let (number, text) = line?;
                 if !text.trim().is_empty() {
                     chunks.push(example(number, jsonl_row(path, number, &text)?)?)?;
                 }
             }
         }
-        (DataFormat::Csv, _) => csv_rows(path, reader, |line, row| chunks.push(example(line, row)?))?,
+        (DataFormat::Csv, _) => {
+            let bounded = LineBound { inner: reader, path, max, run: 0, line: 1 };
+            csv_rows(path, bounded, |line, row| chunks.push(example(line, row)?))?
+        }
         _ => {
             for (line, row) in json_array(path, &whole_text(path, reader)?)? {
                 chunks.push(example(line, row)?)?;
@@ -186,18 +203,81 @@ fn whole_text(path: &Path, mut reader: impl Read) -> Result<String> {
     })
 }
 
+/// The refusal of a record over `data.max_record_bytes`: `what` says where and what it is.
+fn too_long(what: String, max: usize) -> anyhow::Error {
+    bad_input(format!(
+        "{what} than data.max_record_bytes allows ({max}); raise data.max_record_bytes if records this long are meant"
+    ))
+}
+
 /// The file's lines, numbered from 1, without their line ending (`\n` or `\r\n`); a line that
-/// is not UTF-8 is an error naming it.
-fn lines<'a>(path: &'a Path, reader: impl BufRead + 'a) -> impl Iterator<Item = Result<(usize, String)>> + 'a {
-    reader.split(b'\n').enumerate().map(move |(i, line)| {
-        let mut bytes = line.map_err(|e| bad_input(format!("{}: cannot read the dataset: {e}", path.display())))?;
-        if bytes.last() == Some(&b'\r') {
-            bytes.pop();
+/// is not UTF-8, or longer than `max` bytes, is an error naming it. No more than `max` bytes
+/// and its line ending are read into memory for a line (an endless one ends there).
+fn lines<'a>(
+    path: &'a Path,
+    mut reader: impl BufRead + 'a,
+    max: usize,
+) -> impl Iterator<Item = Result<(usize, String)>> + 'a {
+    let mut number = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed {
+            return None;
         }
-        let text = String::from_utf8(bytes)
-            .map_err(|_| bad_input(format!("{}:{}: not valid UTF-8", path.display(), i + 1)))?;
-        Ok((i + 1, text))
+        let mut bytes = Vec::new();
+        let read = (&mut reader).take(max as u64 + 2).read_until(b'\n', &mut bytes);
+        number += 1;
+        let line = match read {
+            Ok(0) => return None,
+            Ok(_) => {
+                if bytes.last() == Some(&b'\n') {
+                    bytes.pop();
+                }
+                if bytes.last() == Some(&b'\r') {
+                    bytes.pop();
+                }
+                if bytes.len() > max {
+                    Err(too_long(format!("{}:{number}: a line of more bytes", path.display()), max))
+                } else {
+                    String::from_utf8(bytes)
+                        .map(|text| (number, text))
+                        .map_err(|_| bad_input(format!("{}:{number}: not valid UTF-8", path.display())))
+                }
+            }
+            Err(e) => Err(bad_input(format!("{}: cannot read the dataset: {e}", path.display()))),
+        };
+        failed = line.is_err();
+        Some(line)
     })
+}
+
+/// A reader that fails once a line runs past `max` bytes, naming it: what reads CSV records
+/// (which may span lines, inside quotes) then holds no more than that of one line.
+struct LineBound<'a, R> {
+    inner: R,
+    path: &'a Path,
+    max: usize,
+    /// Bytes of the current line so far.
+    run: usize,
+    line: usize,
+}
+
+impl<R: Read> Read for LineBound<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &byte in &buf[..n] {
+            if byte == b'\n' {
+                (self.run, self.line) = (0, self.line + 1);
+            } else {
+                self.run += 1;
+                if self.run > self.max + 1 {
+                    let why = format!("{}:{}: a line of more bytes", self.path.display(), self.line);
+                    return Err(std::io::Error::other(format!("{:#}", too_long(why, self.max))));
+                }
+            }
+        }
+        Ok(n)
+    }
 }
 
 fn record(path: &Path, line: usize, row: &Row, spec: &DataSpec) -> Result<Record> {
@@ -288,10 +368,19 @@ fn jsonl_row(path: &Path, line: usize, text: &str) -> Result<Row> {
 /// Each CSV record after the header row, with its line, handed to `each` as it is read.
 fn csv_rows(path: &Path, reader: impl Read, mut each: impl FnMut(usize, Row) -> Result<()>) -> Result<()> {
     let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(reader);
-    let headers =
-        reader.headers().map_err(|e| bad_input(format!("{}:1: not a CSV header row: {e}", path.display())))?.clone();
+    let headers = reader
+        .headers()
+        .map_err(|e| match e.is_io_error() {
+            true => bad_input(e.to_string()),
+            false => bad_input(format!("{}:1: not a CSV header row: {e}", path.display())),
+        })?
+        .clone();
     for record in reader.records() {
         let record = record.map_err(|e| {
+            if e.is_io_error() {
+                // A read that failed, or a line past data.max_record_bytes: said as it is.
+                return bad_input(e.to_string());
+            }
             let line = e.position().map_or(0, |p| p.line());
             bad_input(format!("{}:{line}: not a CSV record: {e}", path.display()))
         })?;

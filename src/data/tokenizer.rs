@@ -47,9 +47,10 @@ pub struct Tok {
 impl Tok {
     /// Load a `tokenizer.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        if !path.is_file() {
+        if !path.exists() {
             return Err(bad_input(format!("tokenizer file {} does not exist", path.display())));
         }
+        crate::files::open_regular(path)?;
         let invalid = |why: String| bad_input(format!("{}: not a valid tokenizer.json: {why}", path.display()));
         let inner =
             without_panics(|| Tokenizer::from_file(path)).map_err(invalid)?.map_err(|e| invalid(e.to_string()))?;

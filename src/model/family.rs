@@ -3,7 +3,6 @@
 //! `architectures`) is mapped to its family. Everything above the model floor holds a `Model`
 //! and asks it through [`CausalLm`].
 
-use std::fs;
 use std::path::Path;
 
 use anyhow::Result;
@@ -152,8 +151,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     if !dir.is_dir() {
         return Err(bad_input(format!("model directory {} does not exist", dir.display())));
     }
-    let text = fs::read_to_string(&path)
-        .map_err(|e| bad_input(format!("{}: cannot read the model config: {e}", path.display())))?;
+    let text = crate::files::read_regular_to_string(&path)?;
     let value: Value =
         serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not valid JSON: {e}", path.display())))?;
     let from_architectures = || {

@@ -127,8 +127,7 @@ pub fn stored_tensors(files: &[PathBuf]) -> Result<HashMap<String, StoredTensor>
     let mut shapes = HashMap::new();
     for path in files {
         let damaged = |why: String| bad_input(format!("{}: not a valid safetensors file: {why}", path.display()));
-        let mut file =
-            fs::File::open(path).map_err(|e| bad_input(format!("{}: cannot read weights: {e}", path.display())))?;
+        let mut file = crate::files::open_regular(path)?;
         let mut length = [0u8; 8];
         file.read_exact(&mut length).map_err(|e| damaged(e.to_string()))?;
         let length = u64::from_le_bytes(length);

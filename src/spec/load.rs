@@ -126,12 +126,11 @@ pub fn load(path: &Path, sets: &[String]) -> Result<LoadedSpec> {
 /// [`load`] with the environment, and the folder the overrides' relative paths resolve
 /// against (where the command runs), given explicitly.
 pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)], cwd: &Path) -> Result<LoadedSpec> {
-    if !path.is_file() {
+    if !path.exists() {
         return Err(bad_input(format!("spec file {} does not exist", path.display())));
     }
     let path = path.canonicalize()?;
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
+    let text = crate::files::read_regular_to_string(&path)?;
     if let Err(e) = toml::from_str::<toml::Table>(&text) {
         return Err(bad_input(format!("{}: {}", path.display(), toml_error_line(&e, &text))));
     }

@@ -58,6 +58,7 @@ impl Spec {
         spec.run.devices = vec![0; spec.run.devices.len()];
         if let Some(d) = &mut spec.distributed {
             (d.rank, d.host, d.port, d.serve_orchestrator) = (0, String::new(), 0, false);
+            d.bind = String::new();
         }
         spec
     }
@@ -83,6 +84,11 @@ pub struct DistributedSpec {
     pub host: String,
     /// The port this node serves its share of each all-reduce on.
     pub port: u16,
+    /// The address this node's servers (its data port, and the orchestrator it serves) listen
+    /// on: the loopback unless set (`0.0.0.0` is every interface). The collective is not
+    /// authenticated: listen only where a private network is.
+    #[serde(deserialize_with = "lenient_string")]
+    pub bind: String,
     /// A peer that does not reach an all-reduce within this many seconds of the others is
     /// taken as lost: the run stops with an error naming it (evaluations and checkpoints by
     /// rank 0 happen between all-reduces, so leave room for them).
@@ -98,6 +104,7 @@ impl Default for DistributedSpec {
             serve_orchestrator: false,
             host: "127.0.0.1".into(),
             port: 0,
+            bind: "127.0.0.1".into(),
             timeout_s: 600.0,
         }
     }
@@ -254,6 +261,13 @@ pub struct DataSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_path: Option<PathBuf>,
     pub val_fraction: f64,
+    /// The largest record read, in bytes: a line of JSONL, CSV or text, a record of a JSON
+    /// array, a text file read as one document, a conversation as its chat template renders it.
+    /// Longer ones are refused, naming where (endless or runaway inputs must not exhaust memory).
+    pub max_record_bytes: usize,
+    /// The most steps (minijinja's instructions) a chat template may take to render one
+    /// conversation; a template that takes more (a loop without end) is refused.
+    pub max_template_steps: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -521,6 +535,8 @@ impl Default for DataSpec {
             documents: Documents::Line,
             val_path: None,
             val_fraction: 0.1,
+            max_record_bytes: 1 << 20,
+            max_template_steps: 10_000_000,
         }
     }
 }

@@ -85,6 +85,12 @@ impl LoadedSpec {
         if s.train.batch_size.checked_mul(s.train.grad_accum).is_none() {
             return Err(self.invalid("train.grad_accum", "times train.batch_size is too large a step"));
         }
+        if s.data.max_record_bytes == 0 {
+            return Err(self.invalid("data.max_record_bytes", "must be at least 1"));
+        }
+        if s.data.max_template_steps == 0 {
+            return Err(self.invalid("data.max_template_steps", "must be at least 1"));
+        }
         if !(0.0..1.0).contains(&s.data.val_fraction) || s.data.val_fraction.is_nan() {
             return Err(self.invalid("data.val_fraction", format!("must be in [0, 1), got {}", s.data.val_fraction)));
         }
@@ -278,6 +284,12 @@ impl LoadedSpec {
                 ));
             }
             positive_f("distributed.timeout_s", d.timeout_s)?;
+            let Ok(bind) = d.bind.parse::<std::net::IpAddr>() else {
+                return Err(self.invalid(
+                    "distributed.bind",
+                    format!("`{}` is not an IP address to listen on (127.0.0.1, 0.0.0.0, 10.0.0.2, …)", d.bind),
+                ));
+            };
             if d.nodes > 1 {
                 let port = d.orchestrator.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
                 if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
@@ -293,6 +305,18 @@ impl LoadedSpec {
                     return Err(self.invalid(
                         "distributed.port",
                         "is missing: the port this node serves its share of each all-reduce on",
+                    ));
+                }
+                let host_is_loopback =
+                    d.host == "localhost" || d.host.parse::<std::net::IpAddr>().is_ok_and(|h| h.is_loopback());
+                if bind.is_loopback() && !host_is_loopback {
+                    return Err(self.invalid(
+                        "distributed.bind",
+                        format!(
+                            "is {bind}, a loopback address (the default), so other nodes cannot reach this one at distributed.host = `{}`; \
+                             set distributed.bind to the address to listen on (`0.0.0.0` for every interface, on a private network: the collective is not authenticated)",
+                            d.host
+                        ),
                     ));
                 }
             }

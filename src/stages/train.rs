@@ -1,11 +1,11 @@
 //! The train stage: the training loop (`crate::train`), then the final model saved as `final/`.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::{StageContext, Trained};
 use crate::checkpoint;
 use crate::data::Tok;
-use crate::error::bad_input;
+use crate::files::Staged;
 use crate::model::{hf, CausalLm, FusedOps, TrainBackend, TrainableLm};
 use crate::objective::TokenLoss;
 use crate::run_dir::{self, RunDir};
@@ -19,7 +19,7 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     let resume = ctx.resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
     let objective = TokenLoss { pad_id: data.tok.eos_id };
     let (model, summary) = train::train(&train_ctx, state.model, objective, resume)?;
-    let (model, final_step) = match (ctx.spec.train.final_model, checkpoint::best(&ctx.run.path)) {
+    let (model, final_step) = match (ctx.spec.train.final_model, checkpoint::best(&ctx.run.path)?) {
         (FinalModel::Last, _) => (model, summary.steps),
         (FinalModel::Best, Some((dir, best))) if Some(best.step) == summary.selection.best.map(|b| b.step) => {
             tracing::info!(step = best.step, value = format!("{:.4}", best.value), "final/ is the best model");
@@ -34,8 +34,8 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
             ))
         }
         (FinalModel::Best, None) => {
-            return Err(bad_input(
-                "train.final = \"best\": no evaluation was made (is the validation set empty?), so there is no best model",
+            return Err(anyhow::anyhow!(
+                "train.final = \"best\": training kept no best model (no evaluation was made, or none was usable), so final/ cannot be the best one"
             ))
         }
     };
@@ -58,19 +58,11 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
 
 /// Save the model as `final/` with its tokenizer, written beside and renamed into place.
 fn save_final<B: FusedOps, M: CausalLm<B>>(model: &M, tok: &Tok, run: &RunDir) -> Result<()> {
-    let final_dir = run.file(run_dir::FINAL_DIR);
-    let staging = run.file(".final.partial");
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    model.save(&staging, Some(tok.eos_id as usize))?;
-    tok.save(&staging.join(hf::TOKENIZER_FILE))?;
-    if final_dir.exists() {
-        // A resumed run that had finished training saves the same weights again.
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    std::fs::rename(&staging, &final_dir)
-        .with_context(|| format!("cannot move the final model into {}", final_dir.display()))?;
+    // A resumed run that had finished training saves the same weights again, replacing them.
+    let staged = Staged::new(&run.file(run_dir::FINAL_DIR), run.file(".final.partial"))?;
+    model.save(staged.path(), Some(tok.eos_id as usize))?;
+    tok.save(&staged.path().join(hf::TOKENIZER_FILE))?;
+    let final_dir = staged.commit()?;
     tracing::info!(path = %final_dir.display(), "saved the final model");
     Ok(())
 }

@@ -179,6 +179,15 @@ fn metric(run: &Path, field: &str) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// A run's complete checkpoints (`checkpoints/step-N`), oldest first.
+pub fn list_checkpoints(run: &Path) -> Vec<PathBuf> {
+    let mut steps: Vec<PathBuf> =
+        std::fs::read_dir(run.join("checkpoints")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    steps.retain(|p| p.file_name().unwrap().to_string_lossy().starts_with("step-"));
+    steps.sort();
+    steps
+}
+
 /// The newest run named `name` under `dir/runs`.
 pub fn newest_run(dir: &Path, name: &str) -> PathBuf {
     let mut runs: Vec<PathBuf> =

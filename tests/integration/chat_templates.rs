@@ -59,7 +59,7 @@ fn rendering_tokens_and_assistant_masks_equal_transformers() {
     let mut compared = 0;
     for (name, entry) in r["templates"].as_object().unwrap() {
         let path = templates_dir().join(format!("{name}.jinja"));
-        let template = JinjaTemplate::resolve(path.to_str().unwrap(), None, &tok).unwrap().unwrap();
+        let template = JinjaTemplate::resolve(path.to_str().unwrap(), None, &tok, Default::default()).unwrap().unwrap();
         let data = chat_data(path.to_str().unwrap());
         for (conversation, want) in entry["conversations"].as_object().unwrap() {
             let messages = messages(&r["conversations"][conversation]);
@@ -105,12 +105,12 @@ fn rendering_tokens_and_assistant_masks_equal_transformers() {
 #[test]
 fn hf_reads_the_default_of_named_templates_and_its_special_tokens() {
     let tok = tok();
-    let template = JinjaTemplate::resolve("hf", Some(&templates_dir()), &tok).unwrap().unwrap();
+    let template = JinjaTemplate::resolve("hf", Some(&templates_dir()), &tok, Default::default()).unwrap().unwrap();
     let zephyr = std::fs::read_to_string(templates_dir().join("zephyr.jinja")).unwrap();
     assert_eq!(template.source, zephyr, "the `default` of the named templates");
     assert_eq!((template.bos_token.as_str(), template.eos_token.as_str()), ("<|endoftext|>", "<|endoftext|>"));
     assert!(template.origin.ends_with("tokenizer_config.json"));
-    let chatml = JinjaTemplate::resolve("chatml", None, &tok).unwrap().unwrap();
+    let chatml = JinjaTemplate::resolve("chatml", None, &tok, Default::default()).unwrap().unwrap();
     let layout = prompt_layout(&chat_data("chatml"), Some(&chatml)).unwrap();
     assert_eq!(layout.template, "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n");
     assert_eq!(layout.stop.as_deref(), Some("<|im_end|>"), "generation stops at the end-of-turn marker");
@@ -122,7 +122,7 @@ fn hf_reads_the_default_of_named_templates_and_its_special_tokens() {
     assert_eq!(layout.cut("Nairobi.<|im_end|>\n<|im_start|>user"), "Nairobi.");
     // Without a template to read: named.
     let dir = tempfile::tempdir().unwrap();
-    let error = format!("{:#}", JinjaTemplate::resolve("hf", Some(dir.path()), &tok).unwrap_err());
+    let error = format!("{:#}", JinjaTemplate::resolve("hf", Some(dir.path()), &tok, Default::default()).unwrap_err());
     assert!(error.contains("tokenizer_config.json"), "{error}");
 }
 
@@ -132,7 +132,7 @@ fn a_template_that_does_not_render_is_reported_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.jinja");
     std::fs::write(&path, "{% for message in messages %}\n{{ message['content'] }\n{% endfor %}").unwrap();
-    let template = JinjaTemplate::resolve(path.to_str().unwrap(), None, &tok).unwrap().unwrap();
+    let template = JinjaTemplate::resolve(path.to_str().unwrap(), None, &tok, Default::default()).unwrap().unwrap();
     let error = template.render(&[Message { role: Role::User, content: "hi".into() }], false).unwrap_err();
     let message = format!("{error:#}");
     assert!(is_bad_input(&error) && message.contains("broken.jinja") && message.contains("line 2"), "{message}");

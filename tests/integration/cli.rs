@@ -174,13 +174,13 @@ fn a_diverging_run_fails_with_exit_1_and_says_so_in_meta() {
     let dir = setup(&SPEC.replace("epochs = 1", "epochs = 3"), &GOOD_DATA.repeat(4));
     let (code, message) = run(dir.path(), &["--set", "optimizer.lr=1e30", "--set", "train.batch_size=2"]);
     assert_eq!(code, Some(1), "{message}");
-    assert!(message.contains("the loss became") && message.contains("step"), "{message}");
+    assert!(message.contains("the training loss became") && message.contains("step"), "{message}");
     let runs: Vec<_> = std::fs::read_dir(dir.path().join("runs/cli")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(runs.len(), 1);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(runs[0].join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["status"], "failed");
-    assert!(meta["error"].as_str().unwrap().contains("the loss became"));
+    assert!(meta["error"].as_str().unwrap().contains("the training loss became"));
     assert!(!runs[0].join("final").exists(), "no final model from a failed run");
 }
 

@@ -400,6 +400,17 @@ fn bad_parallel_settings_are_refused_naming_the_field() {
             ],
             "distributed.host",
         ),
+        (&[("PIPE_DISTRIBUTED__BIND", "everywhere")], "distributed.bind"),
+        (
+            // Listening on the loopback (the default), a node other machines address cannot be reached.
+            &[
+                ("PIPE_DISTRIBUTED__NODES", "2"),
+                ("PIPE_DISTRIBUTED__ORCHESTRATOR", "10.0.0.1:5000"),
+                ("PIPE_DISTRIBUTED__PORT", "5001"),
+                ("PIPE_DISTRIBUTED__HOST", "10.0.0.2"),
+            ],
+            "distributed.bind",
+        ),
     ];
     for (env, field) in cases {
         let out = pipe(d, &["run", "spec.toml"], env);
@@ -465,4 +476,58 @@ fn an_orchestrator_that_does_not_answer_is_named() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let wanted = format!("the orchestrator at 127.0.0.1:{} does not answer", nodes.orchestrator);
     assert!(stderr(&out).contains(&wanted) && stderr(&out).contains("pipe orchestrator --port"), "{}", stderr(&out));
+}
+
+/// The IPv4 address a socket listening on `port` is bound to (`127.0.0.1`, `0.0.0.0`), from
+/// /proc/net/tcp.
+fn listening_on(port: u16) -> Option<std::net::Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (address, at) = fields.get(1)?.split_once(':')?;
+        let listening = fields.get(3) == Some(&"0A");
+        let address = std::net::Ipv4Addr::from(u32::from_str_radix(address, 16).ok()?.to_le_bytes());
+        (listening && u16::from_str_radix(at, 16).ok()? == port).then_some(address)
+    })
+}
+
+/// The collective is not authenticated, so its servers listen on the loopback unless told:
+/// the orchestrator (`--bind`), a node's data port and the orchestrator it serves
+/// (`distributed.bind`).
+#[test]
+fn servers_listen_on_the_loopback_unless_told_otherwise() {
+    let dir = setup();
+    let d = dir.path();
+    let wait_listening = |port: u16| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(address) = listening_on(port) {
+                return address;
+            }
+            assert!(Instant::now() < deadline, "nothing listens on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for (bind, expected) in [(None, "127.0.0.1"), (Some("0.0.0.0"), "0.0.0.0")] {
+        let port = free_port();
+        let mut args = vec!["orchestrator".to_string(), "--port".into(), port.to_string()];
+        args.extend(bind.map(|b| ["--bind".to_string(), b.to_string()]).into_iter().flatten());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut orchestrator = spawn(d, &args, &[]);
+        assert_eq!(wait_listening(port).to_string(), expected, "{args:?}");
+        orchestrator.kill().unwrap();
+        orchestrator.wait().unwrap();
+    }
+
+    let nodes = Nodes::new();
+    let serve = [("PIPE_DISTRIBUTED__SERVE_ORCHESTRATOR", "true"), ("PIPE_TRAIN__EPOCHS", "200")];
+    let mut children = nodes.spawn(d, &["run", "spec.toml"], &serve);
+    let data_port = wait_listening(nodes.ports[0]);
+    let orchestrator = wait_listening(nodes.orchestrator);
+    for child in &mut children {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_eq!(data_port.to_string(), "127.0.0.1");
+    assert_eq!(orchestrator.to_string(), "127.0.0.1");
 }

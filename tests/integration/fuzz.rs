@@ -899,10 +899,10 @@ fn chat_templates() {
     campaign("chat templates", edits(templates.len() + 1), |(which, edits)| {
         let (template, name) = if which < templates.len() {
             write(&jinja, &mutate_jinja(&templates[which], &edits));
-            (JinjaTemplate::resolve(jinja.to_str().unwrap(), None, &tok), "style.jinja")
+            (JinjaTemplate::resolve(jinja.to_str().unwrap(), None, &tok, Default::default()), "style.jinja")
         } else {
             write(&dir.path().join("tokenizer_config.json"), &mutate_json(&config, &edits));
-            (JinjaTemplate::resolve("hf", Some(dir.path()), &tok), "tokenizer_config.json")
+            (JinjaTemplate::resolve("hf", Some(dir.path()), &tok, Default::default()), "tokenizer_config.json")
         };
         judge(&template, &[name], true)?;
         if let Ok(Some(template)) = template {

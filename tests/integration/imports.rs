@@ -7,7 +7,7 @@ use std::path::Path;
 /// The top-level modules of `src/`, floor by floor from the ground up.
 const FLOORS: &[&[&str]] = &[
     &["error"],
-    &["files", "hooks"],
+    &["files", "hooks", "json_float"],
     &["model"],
     &["spec", "signals"],
     &["adam", "backend", "data", "distributed", "inputs", "memory", "selection", "tensorboard"],

@@ -11,6 +11,7 @@ mod cli;
 mod data;
 mod data_parallel;
 mod families;
+mod faults;
 mod fidelity;
 mod formats;
 mod fused;
