@@ -55,7 +55,7 @@ impl Dtype {
 /// `out` that is renamed into place at the end, so an export that fails or is killed leaves no
 /// `out` that looks complete.
 pub fn export(source: &Path, out: &Path, merge: bool, dtype: Dtype) -> Result<()> {
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if !crate::files::absent_or_empty(out) {
         return Err(bad_input(format!("{}: already exists and is not empty; choose a new folder", out.display())));
     }
     let name = out.file_name().ok_or_else(|| bad_input(format!("--out {}: names no folder", out.display())))?;
@@ -91,16 +91,58 @@ fn write(source: &Path, out: &Path, merge: bool, dtype: Dtype) -> Result<()> {
             merged.save(out, eos_id)?
         }
     }
-    if dtype != Dtype::F32 {
-        store_as(out, dtype)?;
+    if let Some(half) = Half::of(dtype) {
+        store_as(out, half)?;
     }
     // With its tokenizer_config.json (EOS, chat template) and end-of-sequence ids.
     tok.save(&out.join(hf::TOKENIZER_FILE))
 }
 
-/// Rewrite every safetensors file in `dir` with its f32 tensors stored as `dtype`, and say so
+/// A 16-bit dtype weights are narrowed to.
+#[derive(Clone, Copy)]
+enum Half {
+    Bf16,
+    F16,
+}
+
+impl Half {
+    /// None for f32, which pipe's models are stored in already.
+    fn of(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => None,
+            Dtype::Bf16 => Some(Self::Bf16),
+            Dtype::F16 => Some(Self::F16),
+        }
+    }
+
+    fn stored(self) -> Stored {
+        match self {
+            Self::Bf16 => Stored::BF16,
+            Self::F16 => Stored::F16,
+        }
+    }
+
+    fn dtype(self) -> Dtype {
+        match self {
+            Self::Bf16 => Dtype::Bf16,
+            Self::F16 => Dtype::F16,
+        }
+    }
+
+    /// Little-endian f32 bytes as this dtype's little-endian bytes, each value rounded to
+    /// nearest (ties to even).
+    fn narrow(self, f32_bytes: &[u8]) -> Vec<u8> {
+        let values = f32_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        match self {
+            Self::Bf16 => values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            Self::F16 => values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Rewrite every safetensors file in `dir` with its f32 tensors stored as `half`, and say so
 /// in its config.json's `torch_dtype`, where it has one.
-fn store_as(dir: &Path, dtype: Dtype) -> Result<()> {
+fn store_as(dir: &Path, half: Half) -> Result<()> {
     let entries: Vec<PathBuf> =
         std::fs::read_dir(dir)?.map(|entry| entry.map(|e| e.path())).collect::<std::io::Result<_>>()?;
     let files = entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors"));
@@ -114,7 +156,7 @@ fn store_as(dir: &Path, dtype: Dtype) -> Result<()> {
             .into_iter()
             .map(|(name, view)| {
                 let (stored, data) = match view.dtype() {
-                    Stored::F32 => (stored(dtype), convert(view.data(), dtype)),
+                    Stored::F32 => (half.stored(), half.narrow(view.data())),
                     other => (other, view.data().to_vec()),
                 };
                 (name, stored, view.shape().to_vec(), data)
@@ -133,26 +175,8 @@ fn store_as(dir: &Path, dtype: Dtype) -> Result<()> {
     let config_path = dir.join("config.json");
     if config_path.is_file() {
         let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
-        config["torch_dtype"] = dtype.torch_name().into();
+        config["torch_dtype"] = half.dtype().torch_name().into();
         crate::files::write_atomic(&config_path, serde_json::to_string_pretty(&config)?.as_bytes())?;
     }
     Ok(())
-}
-
-fn stored(dtype: Dtype) -> Stored {
-    match dtype {
-        Dtype::F32 => Stored::F32,
-        Dtype::Bf16 => Stored::BF16,
-        Dtype::F16 => Stored::F16,
-    }
-}
-
-/// Little-endian f32 bytes as `dtype`'s little-endian bytes, each value rounded to nearest.
-fn convert(f32_bytes: &[u8], dtype: Dtype) -> Vec<u8> {
-    let values = f32_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    match dtype {
-        Dtype::F32 => f32_bytes.to_vec(),
-        Dtype::Bf16 => values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-        Dtype::F16 => values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
-    }
 }

@@ -48,6 +48,12 @@ pub fn open_regular(path: &Path) -> Result<File> {
     File::open(path).map_err(cannot)
 }
 
+/// Whether `path` is free to write a folder of outputs into: absent, or an empty folder (a
+/// file, or a folder that cannot be read, is not).
+pub fn absent_or_empty(path: &Path) -> bool {
+    !path.exists() || fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none())
+}
+
 /// The text of the regular file `path` (see [`open_regular`]).
 pub fn read_regular_to_string(path: &Path) -> Result<String> {
     let mut text = String::new();

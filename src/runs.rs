@@ -599,7 +599,7 @@ pub fn sparkline(series: &[(u64, f64)], lo: f64, hi: f64, last_step: u64, width:
 
 /// Write the comparison's files: `loss.svg` and `comparison.json`.
 pub fn write_comparison(comparison: &Comparison, out: &Path) -> Result<PathBuf> {
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if !crate::files::absent_or_empty(out) {
         return Err(bad_input(format!(
             "--out {}: already exists and is not empty; choose a new folder (nothing is overwritten)",
             out.display()

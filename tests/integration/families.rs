@@ -502,6 +502,25 @@ fn a_lora_run_on_a_llama_exports_peft_adapters_and_a_merged_model() {
         safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
     assert_eq!(names.len(), 2 * 7 * 2, "two tensors for each of seven projections in two layers");
     assert!(names.iter().all(|n| n.starts_with("base_model.model.model.layers.")), "{names:?}");
+    // Unasked, adapters are stored as trained (f32), and a merged model as its bf16 base was.
+    let dtypes = |file: &Path| -> std::collections::BTreeSet<String> {
+        let bytes = std::fs::read(file).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        tensors.tensors().iter().map(|(_, view)| format!("{:?}", view.dtype())).collect()
+    };
+    assert_eq!(dtypes(&folder.path().join("peft/adapter_model.safetensors")), ["F32".to_string()].into());
+    let merged_files: Vec<PathBuf> = std::fs::read_dir(folder.path().join("merged"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    assert!(!merged_files.is_empty());
+    for file in &merged_files {
+        assert_eq!(dtypes(file), ["BF16".to_string()].into(), "{}", file.display());
+    }
+    let merged_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.path().join("merged/config.json")).unwrap()).unwrap();
+    assert_eq!(merged_config["torch_dtype"], "bfloat16");
 
     let r = reference("tiny-qwen2");
     let adapted = <Model<B> as CausalLm<B>>::load(&run.join("final"), None, &Default::default()).unwrap();

@@ -223,6 +223,15 @@ fn the_best_model_can_be_chosen_by_the_answers_rouge_l() {
     let env = [("PIPE_EVAL__RESPONSES", "4"), ("PIPE_TRAIN__SELECT_METRIC", "rouge_l"), ("PIPE_TRAIN__EPOCHS", "6")];
     let (out, run) = run_spec(dir.path(), "by-rouge", &env);
     assert!(out.status.success(), "{}", stderr(&out));
+    // Each epoch's log line shows the answers' scores beside the losses.
+    let epoch_lines: Vec<&str> =
+        std::str::from_utf8(&out.stderr).unwrap().lines().filter(|l| l.contains("epoch done")).collect();
+    assert!(!epoch_lines.is_empty());
+    for line in &epoch_lines {
+        for field in ["train_loss=", "val_loss=", "exact_match=", "token_f1=", "rouge_l="] {
+            assert!(line.contains(field), "{field} in: {line}");
+        }
+    }
     let scores: Vec<(u64, f64)> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
