@@ -320,32 +320,22 @@ fn record(path: &Path, line: usize, row: &Row, spec: &DataSpec) -> Result<Record
             let name = &spec.messages_field;
             let list = value
                 .get(name)
-                .ok_or_else(|| bad_input(format!("{}: record has no field `{name}`", at())))?
+                .ok_or_else(|| {
+                    // ShareGPT's conversations are usually under `conversations`.
+                    let hint = match (name.as_str(), value.get("conversations")) {
+                        ("messages", Some(_)) => {
+                            " (it has `conversations`: set data.messages_field = \"conversations\")"
+                        }
+                        _ => "",
+                    };
+                    bad_input(format!("{}: record has no field `{name}`{hint}", at()))
+                })?
                 .as_array()
                 .ok_or_else(|| bad_input(format!("{}: field `{name}` must be a list of messages", at())))?;
             let messages = list
                 .iter()
                 .enumerate()
-                .map(|(i, m)| {
-                    let role = match m.get("role").and_then(Value::as_str) {
-                        Some("system") => Role::System,
-                        Some("user") => Role::User,
-                        Some("assistant") => Role::Assistant,
-                        other => {
-                            return Err(bad_input(format!(
-                                "{}: message {} has role {}; expected system, user or assistant",
-                                at(),
-                                i + 1,
-                                other.map_or("missing".to_string(), |r| format!("`{r}`"))
-                            )))
-                        }
-                    };
-                    let content = m
-                        .get("content")
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| bad_input(format!("{}: message {} has no string `content`", at(), i + 1)))?;
-                    Ok(Message { role, content: content.to_string() })
-                })
+                .map(|(i, m)| message(m).map_err(|why| bad_input(format!("{}: message {}: {why}", at(), i + 1))))
                 .collect::<Result<Vec<_>>>()?;
             if !messages.iter().any(|m| m.role == Role::Assistant) {
                 return Err(bad_input(format!("{}: the conversation has no assistant message to train on", at())));
@@ -353,6 +343,33 @@ fn record(path: &Path, line: usize, row: &Row, spec: &DataSpec) -> Result<Record
             Record::Chat { messages }
         }
     })
+}
+
+/// One turn of a conversation, in either shape chat data comes in: OpenAI's `{role, content}`
+/// (roles system, user, assistant), or ShareGPT's `{from, value}` (from system, human, gpt, as
+/// axolotl and LLaMA-Factory read them; `user` and `assistant` too). The keys decide.
+fn message(turn: &Value) -> std::result::Result<Message, String> {
+    let Some(object) = turn.as_object() else {
+        return Err(format!("expected an object with `role` and `content`, found {}", kind_of(turn)));
+    };
+    let sharegpt = !object.contains_key("role") && (object.contains_key("from") || object.contains_key("value"));
+    let (role_key, content_key) = if sharegpt { ("from", "value") } else { ("role", "content") };
+    let role = match (object.get(role_key).and_then(Value::as_str), sharegpt) {
+        (Some("system"), _) => Role::System,
+        (Some("user"), _) | (Some("human"), true) => Role::User,
+        (Some("assistant"), _) | (Some("gpt"), true) => Role::Assistant,
+        (found, _) => {
+            let expected = match sharegpt {
+                true => "system, human or gpt (ShareGPT's turns)",
+                false => "system, user or assistant",
+            };
+            let found = found.map_or("missing".to_string(), |r| format!("`{r}`"));
+            return Err(format!("`{role_key}` is {found}; expected {expected}"));
+        }
+    };
+    let content =
+        object.get(content_key).and_then(Value::as_str).ok_or_else(|| format!("has no string `{content_key}`"))?;
+    Ok(Message { role, content: content.to_string() })
 }
 
 fn jsonl_row(path: &Path, line: usize, text: &str) -> Result<Row> {

@@ -161,6 +161,46 @@ fn multi_turn_chat_trains_only_assistant_turns_each_ending_with_eos() {
     assert!(all[0].trained.iter().all(|&t| t));
 }
 
+/// ShareGPT's conversations (`{from, value}` turns, roles system/human/gpt, under
+/// `conversations`) read as the same messages as OpenAI's `{role, content}`, and so train alike.
+#[test]
+fn sharegpt_conversations_read_as_the_same_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let sharegpt = write(
+        dir.path(),
+        "sharegpt.jsonl",
+        r#"{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."}, {"from": "human", "value": "And Spain?"}, {"from": "gpt", "value": "Madrid."}]}"#,
+    );
+    let openai = write(
+        dir.path(),
+        "openai.jsonl",
+        r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Spain?"}, {"role": "assistant", "content": "Madrid."}]}"#,
+    );
+    let read_sharegpt =
+        records::read(&sharegpt, &data_spec("kind = \"chat\"\nmessages_field = \"conversations\"")).unwrap();
+    let read_openai = records::read(&openai, &data_spec("kind = \"chat\"")).unwrap();
+    assert_eq!(read_sharegpt, vec![conversation()]);
+    assert_eq!(read_openai, vec![conversation()]);
+
+    // Left at `messages`, the field is named; a role ShareGPT data may hold but pipe does not
+    // train (tool turns) is refused naming it.
+    let error = format!("{:#}", records::read(&sharegpt, &data_spec("kind = \"chat\"")).unwrap_err());
+    assert!(error.contains("sharegpt.jsonl:1") && error.contains("data.messages_field = \"conversations\""), "{error}");
+    let tool = write(
+        dir.path(),
+        "tool.jsonl",
+        r#"{"conversations": [{"from": "human", "value": "Weather?"}, {"from": "observation", "value": "{}"}, {"from": "gpt", "value": "Sunny."}]}"#,
+    );
+    let error = format!(
+        "{:#}",
+        records::read(&tool, &data_spec("kind = \"chat\"\nmessages_field = \"conversations\"")).unwrap_err()
+    );
+    assert!(
+        error.contains("tool.jsonl:1: message 2") && error.contains("`observation`") && error.contains("human or gpt"),
+        "{error}"
+    );
+}
+
 #[test]
 fn a_custom_chat_template_and_conversations_that_do_not_fit() {
     let tok = tok();
