@@ -14,7 +14,7 @@ use crate::model::{hf, lora};
 use crate::spec::Spec;
 
 /// One input: where it was read from and the SHA-256 of its contents (of its files in order,
-/// each with its length, for the base model's folder).
+/// each with its length, for the base model's folder and several data files).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputHash {
     pub path: PathBuf,
@@ -26,7 +26,13 @@ pub type Inputs = BTreeMap<String, InputHash>;
 
 /// The inputs of a spec whose base model (if any) is the HF folder `model_dir`.
 pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
-    let mut files: Vec<(&str, PathBuf, Vec<PathBuf>)> = vec![("data.path", spec.data.path.clone(), vec![])];
+    // Several data files are one input: their hashes together, under the paths as named.
+    let data_files = spec.data.path.files()?;
+    let data = match data_files.as_slice() {
+        [one] => (one.clone(), vec![]),
+        _ => (PathBuf::from(spec.data.path.display()), data_files),
+    };
+    let mut files: Vec<(&str, PathBuf, Vec<PathBuf>)> = vec![("data.path", data.0, data.1)];
     if let Some(val) = &spec.data.val_path {
         files.push(("data.val_path", val.clone(), vec![]));
     }

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::bad_input;
 use crate::model::{family, hf};
-use crate::spec::{DataKind, ModelSpec, Spec};
+use crate::spec::{DataKind, DataPaths, ModelSpec, Spec};
 
 /// The tokenizer and the tokenized train and validation sets of a spec.
 #[derive(Clone)]
@@ -48,16 +48,14 @@ impl PreparedData {
     /// unchanged), checking it against the model's vocabulary and context.
     pub fn prepare(spec: &Spec, tokenizer: Option<&Path>) -> Result<Self> {
         let model_dir = model_dir(&spec.model)?;
+        let files = spec.data.path.files()?;
         // The records are read whole only to train a tokenizer on them; tokenizing streams
         // them, and a cache hit reads none.
         let read_examples = || -> Result<ReadExamples> {
-            let train_examples = records::read(&spec.data.path, &spec.data)?;
+            let train_examples = records::read_all(&files, &spec.data)?;
             Ok(match &spec.data.val_path {
-                Some(path) => (train_examples, records::read(path, &spec.data)?, path.clone()),
-                None => {
-                    let (train, val) = split(train_examples, spec.data.val_fraction, spec.run.seed);
-                    (train, val, spec.data.path.clone())
-                }
+                Some(path) => (train_examples, records::read(path, &spec.data)?),
+                None => split(train_examples, spec.data.val_fraction, spec.run.seed),
             })
         };
         let mut examples = None;
@@ -113,7 +111,7 @@ impl PreparedData {
             _ => None,
         };
         let layout = prompt_layout(&spec.data, chat.as_ref())?;
-        let entry = cache_entry(spec, &tok, chat.as_ref(), max_length)?;
+        let entry = cache_entry(spec, &files, &tok, chat.as_ref(), max_length)?;
         let tokenized = match cache::load(&entry) {
             Some(cached) => {
                 tracing::info!(path = %entry.display(), "reusing the tokenized data from the cache");
@@ -121,12 +119,12 @@ impl PreparedData {
             }
             None => {
                 let (data, loss_on) = (&spec.data, spec.train.loss_on);
-                let settings =
-                    TokenizeSettings { tok: &tok, data, chat: chat.as_ref(), max_length, loss_on, origin: &data.path };
+                let settings = TokenizeSettings { tok: &tok, data, chat: chat.as_ref(), max_length, loss_on };
                 let read = examples.take();
                 match cache::Writer::create(&entry) {
                     Ok(mut writer) => {
-                        let (report, val) = tokenize_data(spec, &settings, read, |sequence| writer.push(&sequence))?;
+                        let (report, val) =
+                            tokenize_data(spec, &files, &settings, read, |sequence| writer.push(&sequence))?;
                         writer.finish(val, report).context("cannot write the tokenized cache")?;
                         tracing::info!(path = %entry.display(), "tokenized the data and cached it");
                         cache::load(&entry).with_context(|| format!("{}: cannot read back", entry.display()))?
@@ -134,7 +132,7 @@ impl PreparedData {
                     Err(e) => {
                         tracing::warn!("could not cache the tokenized data: {e:#}; keeping it in memory");
                         let mut train = Vec::new();
-                        let (report, val) = tokenize_data(spec, &settings, read, |sequence| {
+                        let (report, val) = tokenize_data(spec, &files, &settings, read, |sequence| {
                             train.push(sequence);
                             Ok(())
                         })?;
@@ -171,14 +169,20 @@ impl PreparedData {
 
 /// The cache entry for a spec's data: the dataset files' bytes, the tokenizer, the chat
 /// template's text, and every setting that changes the tokenized result (paths themselves do not).
-fn cache_entry(spec: &Spec, tok: &Tok, chat: Option<&JinjaTemplate>, max_length: usize) -> Result<PathBuf> {
+fn cache_entry(
+    spec: &Spec,
+    files: &[PathBuf],
+    tok: &Tok,
+    chat: Option<&JinjaTemplate>,
+    max_length: usize,
+) -> Result<PathBuf> {
     // Hashed as they are read: a large dataset is never held whole for its key.
-    let hash = |p: &Path| crate::files::hash_files(&[p.to_path_buf()]);
-    let train = hash(&spec.data.path)?;
-    let val = spec.data.val_path.as_deref().map(hash).transpose()?.unwrap_or_default();
+    let train = crate::files::hash_files(files)?;
+    let val = spec.data.val_path.as_ref().map(|p| crate::files::hash_files(std::slice::from_ref(p)));
+    let val = val.transpose()?.unwrap_or_default();
     let tokenizer = tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
     let mut data = spec.data.clone();
-    data.path = PathBuf::new();
+    data.path = DataPaths::default();
     data.val_path = None;
     let settings = format!(
         "{}\nseed={} max_length={max_length} loss_on={:?} eos={} bos={:?} version={}",
@@ -210,7 +214,8 @@ fn model_dir(model: &ModelSpec) -> Result<Option<PathBuf>> {
 }
 
 /// The training examples and the validation examples, with the file the latter came from.
-type ReadExamples = (Vec<Example>, Vec<Example>, PathBuf);
+/// The training and validation examples, read whole.
+type ReadExamples = (Vec<Example>, Vec<Example>);
 
 /// Tokenize the training data into `sink`, returning the report and the validation sequences:
 /// from examples already read (to train a tokenizer), or streamed from the files a chunk at a
@@ -218,26 +223,27 @@ type ReadExamples = (Vec<Example>, Vec<Example>, PathBuf);
 /// examples, so that the seeded split is the one `split` makes).
 fn tokenize_data(
     spec: &Spec,
+    files: &[PathBuf],
     settings: &TokenizeSettings<'_>,
     read: Option<ReadExamples>,
     sink: impl FnMut(Sequence) -> Result<()>,
 ) -> Result<(TokenizeReport, Vec<Sequence>)> {
     let data = &spec.data;
     let mut tokenizing = Tokenizing::new(settings, sink);
-    let (val_examples, val_origin) = match (read, &data.val_path) {
-        (Some((train, val, origin)), _) => {
+    let val_examples = match (read, &data.val_path) {
+        (Some((train, val)), _) => {
             train.chunks(records::CHUNK).try_for_each(|chunk| tokenizing.push(chunk))?;
-            (val, origin)
+            val
         }
         (None, Some(val_path)) => {
-            records::read_chunks(&data.path, data, |chunk| tokenizing.push(&chunk))?;
-            (records::read(val_path, data)?, val_path.clone())
+            records::read_chunks_of(files, data, |chunk| tokenizing.push(&chunk))?;
+            records::read(val_path, data)?
         }
         (None, None) => {
-            let count = records::read_chunks(&data.path, data, |_| Ok(()))?;
+            let count = records::read_chunks_of(files, data, |_| Ok(()))?;
             let held_out = held_out(count, data.val_fraction, spec.run.seed);
             let (mut val, mut index) = (Vec::new(), 0);
-            records::read_chunks(&data.path, data, |mut chunk| {
+            records::read_chunks_of(files, data, |mut chunk| {
                 chunk.retain(|example| {
                     let keep = !held_out.contains(&index);
                     index += 1;
@@ -248,12 +254,12 @@ fn tokenize_data(
                 });
                 tokenizing.push(&chunk)
             })?;
-            (val, data.path.clone())
+            val
         }
     };
     let report = tokenizing.finish()?;
     let TokenizeSettings { tok, chat, max_length, loss_on, .. } = *settings;
-    let (val, _) = tokenize(&val_examples, tok, data, chat, max_length, loss_on, &val_origin)?;
+    let (val, _) = tokenize(&val_examples, tok, data, chat, max_length, loss_on)?;
     Ok((report, val))
 }
 
@@ -301,26 +307,21 @@ mod tests {
         let spec: Spec = toml::from_str(&toml).unwrap();
         let tok =
             Tok::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json")).unwrap();
-        let settings = TokenizeSettings {
-            tok: &tok,
-            data: &spec.data,
-            chat: None,
-            max_length: 64,
-            loss_on: spec.train.loss_on,
-            origin: &spec.data.path,
-        };
+        let settings =
+            TokenizeSettings { tok: &tok, data: &spec.data, chat: None, max_length: 64, loss_on: spec.train.loss_on };
         let tokenized = |read: Option<ReadExamples>| {
             let mut train = Vec::new();
-            let (report, val) = tokenize_data(&spec, &settings, read, |s| {
+            let files = spec.data.path.files().unwrap();
+            let (report, val) = tokenize_data(&spec, &files, &settings, read, |s| {
                 train.push(s);
                 Ok(())
             })
             .unwrap();
             (train, val, report)
         };
-        let whole = records::read(&spec.data.path, &spec.data).unwrap();
-        let (train, val) = split(whole, spec.data.val_fraction, spec.run.seed);
-        let (streamed, read_whole) = (tokenized(None), tokenized(Some((train, val, spec.data.path.clone()))));
+        let whole = records::read_all(&spec.data.path.files().unwrap(), &spec.data).unwrap();
+        let (streamed, read_whole) =
+            (tokenized(None), tokenized(Some(split(whole, spec.data.val_fraction, spec.run.seed))));
         assert_eq!(streamed.2.examples + streamed.1.len(), lines.len() - 9, "every non-blank line is an example");
         assert_eq!(streamed.1.len(), ((lines.len() - 9) as f64 * 0.1).round() as usize);
         assert_eq!(streamed, read_whole);

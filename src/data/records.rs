@@ -1,9 +1,10 @@
 //! Records from disk — JSON arrays, JSONL, CSV with a header row, or plain text — as the
 //! spec's kind says: prompt/response pairs, alpaca records, chat conversations or documents.
-//! Each record remembers the line it starts on, for messages.
+//! Each record remembers the file and line it starts on, for messages.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 use serde_json::Value;
@@ -11,10 +12,11 @@ use serde_json::Value;
 use crate::error::bad_input;
 use crate::spec::{DataFormat, DataKind, DataSpec, Documents};
 
-/// One training example, with the line of the file it came from.
+/// One training example, with the file and line it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub record: Record,
+    pub file: Arc<Path>,
     pub line: usize,
 }
 
@@ -80,6 +82,26 @@ pub fn read(path: &Path, spec: &DataSpec) -> Result<Vec<Example>> {
     Ok(all)
 }
 
+/// The examples of several files, one after the other.
+pub fn read_all(files: &[std::path::PathBuf], spec: &DataSpec) -> Result<Vec<Example>> {
+    let mut all = Vec::new();
+    read_chunks_of(files, spec, |chunk| {
+        all.extend(chunk);
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// [`read_chunks`] of several files, one after the other (a chunk holds one file's examples);
+/// returns how many there were in all.
+pub fn read_chunks_of(
+    files: &[std::path::PathBuf],
+    spec: &DataSpec,
+    mut each: impl FnMut(Vec<Example>) -> Result<()>,
+) -> Result<usize> {
+    files.iter().try_fold(0, |count, file| Ok(count + read_chunks(file, spec, &mut each)?))
+}
+
 /// The examples of one file in order, handed to `each` up to [`CHUNK`] at a time; returns how
 /// many there were. The line formats (JSONL, CSV, text by line) are read as a stream, so
 /// memory holds one chunk of records, not the file; a JSON array, or a text file that is one
@@ -112,8 +134,9 @@ pub fn read_chunks(path: &Path, spec: &DataSpec, each: impl FnMut(Vec<Example>) 
         )));
     }
     let mut chunks = Chunks { each, chunk: Vec::with_capacity(CHUNK), count: 0 };
+    let file: Arc<Path> = path.into();
     let example = |line: usize, row: Row| -> Result<Example> {
-        let example = Example { record: record(path, line, &row, spec)?, line };
+        let example = Example { record: record(path, line, &row, spec)?, file: file.clone(), line };
         let bytes: usize = example.texts().iter().map(|t| t.len()).sum();
         if bytes > max {
             return Err(too_long(format!("{}:{line}: the record holds {bytes} bytes of text", path.display()), max));
@@ -129,13 +152,14 @@ pub fn read_chunks(path: &Path, spec: &DataSpec, each: impl FnMut(Vec<Example>) 
                     format!("{}: a document read whole (data.documents = \"file\") of more bytes", path.display());
                 return Err(too_long(why, max));
             }
-            chunks.push(Example { record: Record::Text { text: whole_text(path, &bytes[..])? }, line: 1 })?
+            let text = whole_text(path, &bytes[..])?;
+            chunks.push(Example { record: Record::Text { text }, file: file.clone(), line: 1 })?
         }
         (DataFormat::Text, Documents::Line) => {
             for line in lines(path, reader, max) {
                 let (number, text) = line?;
                 if !text.trim().is_empty() {
-                    chunks.push(Example { record: Record::Text { text }, line: number })?;
+                    chunks.push(Example { record: Record::Text { text }, file: file.clone(), line: number })?;
                 }
             }
         }

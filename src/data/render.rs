@@ -2,8 +2,6 @@
 //! pairs, the two Alpaca layouts, chat templates), EOS where a response ends, truncation to
 //! the length limit, and plain documents packed into blocks.
 
-use std::path::Path;
-
 use anyhow::Result;
 
 use super::chat_template::JinjaTemplate;
@@ -206,10 +204,9 @@ pub fn tokenize(
     chat: Option<&JinjaTemplate>,
     max_length: usize,
     loss_on: LossOn,
-    origin: &Path,
 ) -> Result<(Vec<Sequence>, TokenizeReport)> {
     let mut sequences = Vec::with_capacity(examples.len());
-    let settings = TokenizeSettings { tok, data, chat, max_length, loss_on, origin };
+    let settings = TokenizeSettings { tok, data, chat, max_length, loss_on };
     let mut tokenizing = Tokenizing::new(&settings, |sequence| {
         sequences.push(sequence);
         Ok(())
@@ -226,8 +223,6 @@ pub struct TokenizeSettings<'a> {
     pub chat: Option<&'a JinjaTemplate>,
     pub max_length: usize,
     pub loss_on: LossOn,
-    /// The file the examples came from, for messages.
-    pub origin: &'a Path,
 }
 
 /// Tokenizing examples a chunk at a time as they are read, each chunk in parallel, handing
@@ -257,13 +252,13 @@ impl<'a, S: FnMut(Sequence) -> Result<()>> Tokenizing<'a, S> {
     /// The next examples, in the order of the data.
     pub fn push(&mut self, chunk: &[Example]) -> Result<()> {
         use rayon::prelude::*;
-        let TokenizeSettings { tok, data, chat, max_length, loss_on, origin } = *self.settings;
+        let TokenizeSettings { tok, data, chat, max_length, loss_on } = *self.settings;
         self.report.examples += chunk.len();
         let encoded: Vec<Result<(Vec<u32>, Vec<bool>)>> = chunk
             .par_iter()
             .map(|example| match (&example.record, chat) {
                 (Record::Chat { messages }, Some(template)) => tokenize_conversation(messages, template, tok, loss_on)
-                    .map_err(|e| bad_input(format!("{}:{}: {e:#}", origin.display(), example.line))),
+                    .map_err(|e| bad_input(format!("{}:{}: {e:#}", example.file.display(), example.line))),
                 (record, _) => tokenize_pieces(pieces(record, data, loss_on), tok),
             })
             .collect();
@@ -282,7 +277,7 @@ impl<'a, S: FnMut(Sequence) -> Result<()>> Tokenizing<'a, S> {
                 }
                 return Err(bad_input(format!(
                     "{}:{}: the prompt is {first_trained} tokens, which leaves no room for a response within max_length = {max_length}",
-                    origin.display(),
+                    example.file.display(),
                     example.line,
                 )));
             }

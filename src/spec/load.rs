@@ -176,7 +176,7 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)], cwd
             Source::File(file) => file.parent().unwrap_or(Path::new(".")).to_path_buf(),
             Source::Env(_) | Source::Set(_) | Source::Default => cwd.to_path_buf(),
         };
-        if let Some(p) = path_field(&mut spec, field) {
+        for p in path_fields(&mut spec, field) {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = normalize(&base.join(&*p));
             }
@@ -195,16 +195,17 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)], cwd
     Ok(loaded)
 }
 
-fn path_field<'a>(spec: &'a mut Spec, field: &str) -> Option<&'a mut PathBuf> {
-    match field {
+fn path_fields<'a>(spec: &'a mut Spec, field: &str) -> Vec<&'a mut PathBuf> {
+    let one = match field {
+        "data.path" => return spec.data.path.0.iter_mut().collect(),
         "run.runs_dir" => Some(&mut spec.run.runs_dir),
-        "data.path" => Some(&mut spec.data.path),
         "data.val_path" => spec.data.val_path.as_mut(),
         "tokenizer.path" => spec.tokenizer.path.as_mut(),
         "model.path" => spec.model.path.as_mut(),
         "lora.from" => spec.lora.as_mut().and_then(|lora| lora.from.as_mut()),
         _ => unreachable!("{field} is not a path field"),
-    }
+    };
+    one.into_iter().collect()
 }
 
 fn source_of(figment: &Figment, key: &str) -> Source {

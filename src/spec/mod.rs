@@ -225,8 +225,9 @@ impl Stage {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataSpec {
-    /// Training data: JSON array, JSONL, CSV with a header row, or plain text.
-    pub path: PathBuf,
+    /// Training data: JSON array, JSONL, CSV with a header row, or plain text; one file, a glob
+    /// (`data/train-*.jsonl`), or a list of either, all of one kind, read in order.
+    pub path: DataPaths,
     /// How the file is laid out; `auto` goes by the extension (.jsonl, .csv, .txt) or content.
     pub format: DataFormat,
     /// What each record holds.
@@ -268,6 +269,82 @@ pub struct DataSpec {
     /// The most steps (minijinja's instructions) a chat template may take to render one
     /// conversation; a template that takes more (a loop without end) is refused.
     pub max_template_steps: u64,
+}
+
+/// `data.path`: the training data's files as the spec names them, each a path or a glob.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataPaths(pub Vec<PathBuf>);
+
+impl DataPaths {
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|p| p.as_os_str().is_empty())
+    }
+
+    /// The files named, in order: each glob's matches sorted by name (the shards of a hub
+    /// dataset, `train-00000-of-00003.jsonl`, …, in their order). A glob that matches no file
+    /// is an error naming it; a plain path is kept as it is, for its reader to name if absent.
+    pub fn files(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for entry in &self.0 {
+            let text = entry.to_string_lossy();
+            if !text.contains(['*', '?', '[']) || entry.is_file() {
+                files.push(entry.clone());
+                continue;
+            }
+            let bad = |why: String| crate::error::bad_input(format!("data.path `{text}`: {why}"));
+            let matches = glob::glob(&text).map_err(|e| bad(format!("not a glob pattern: {e}")))?;
+            let mut found = matches.collect::<Result<Vec<_>, _>>().map_err(|e| bad(e.to_string()))?;
+            if found.is_empty() {
+                return Err(bad("matches no file".into()));
+            }
+            found.sort();
+            files.extend(found);
+        }
+        Ok(files)
+    }
+
+    /// The paths as the spec names them, for messages.
+    pub fn display(&self) -> String {
+        let all: Vec<String> = self.0.iter().map(|p| p.display().to_string()).collect();
+        all.join(", ")
+    }
+
+    /// The first path, for what a spec's first file decides (its format by extension).
+    pub fn first(&self) -> Option<&PathBuf> {
+        self.0.first()
+    }
+}
+
+impl From<PathBuf> for DataPaths {
+    fn from(path: PathBuf) -> Self {
+        Self(vec![path])
+    }
+}
+
+/// One path is written as a string, as it is usually given; several as a list.
+impl Serialize for DataPaths {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(serializer),
+            many => many.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DataPaths {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            One(PathBuf),
+            Many(Vec<PathBuf>),
+        }
+        match Given::deserialize(de) {
+            Ok(Given::One(path)) => Ok(Self(vec![path])),
+            Ok(Given::Many(paths)) => Ok(Self(paths)),
+            Err(_) => Err(serde::de::Error::custom("expected a path, a glob, or a list of them")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -520,7 +597,7 @@ impl Default for RunSpec {
 impl Default for DataSpec {
     fn default() -> Self {
         Self {
-            path: PathBuf::new(),
+            path: DataPaths::default(),
             format: DataFormat::Auto,
             kind: DataKind::Pair,
             prompt_field: "prompt".into(),

@@ -19,7 +19,7 @@ pub fn unused(spec: &Spec) -> Vec<(Vec<&'static str>, String)> {
     other_kind(DataKind::Chat, vec!["data.messages_field", "data.chat_template"]);
     other_kind(DataKind::Text, vec!["data.text_field", "data.documents"]);
     if data.kind == DataKind::Text {
-        let extension = data.path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        let extension = data.path.first().and_then(|p| p.extension()).and_then(|e| e.to_str()).unwrap_or_default();
         let plain_text = match data.format {
             DataFormat::Text => Some(true),
             DataFormat::Auto if extension == "txt" => Some(true),

@@ -44,7 +44,7 @@ impl LoadedSpec {
         if s.run.name.is_empty() {
             return Err(self.invalid("run.name", "is missing: name the run (runs land in <runs_dir>/<name>/<run-id>/)"));
         }
-        if s.data.path.as_os_str().is_empty() {
+        if s.data.path.is_empty() {
             return Err(self.invalid("data.path", "is missing: name the training data file"));
         }
         let names = [

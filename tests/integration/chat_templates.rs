@@ -75,21 +75,14 @@ fn rendering_tokens_and_assistant_masks_equal_transformers() {
                 continue;
             }
             assert_eq!(template.render(&messages, false).unwrap(), want["text"].as_str().unwrap(), "{what}: text");
-            let example = Example { record: Record::Chat { messages }, line: 1 };
+            let example =
+                Example { record: Record::Chat { messages }, file: std::path::Path::new("x").into(), line: 1 };
             // Cut before the first answer: dropped and counted, not an error.
-            let cut = tokenize(
-                std::slice::from_ref(&example),
-                &tok,
-                &data,
-                Some(&template),
-                6,
-                LossOn::Response,
-                Path::new("x"),
-            );
+            let cut = tokenize(std::slice::from_ref(&example), &tok, &data, Some(&template), 6, LossOn::Response);
             let (none, cut_report) = cut.unwrap();
             assert!(none.is_empty() && cut_report.dropped == 1, "{what}: nothing to train on within 6 tokens");
             let (sequences, report) =
-                tokenize(&[example], &tok, &data, Some(&template), 1000, LossOn::Response, Path::new("x")).unwrap();
+                tokenize(&[example], &tok, &data, Some(&template), 1000, LossOn::Response).unwrap();
             assert_eq!(report.truncated + report.dropped, 0);
             assert_eq!(sequences[0].ids, ids(&want["ids"]), "{what}: token ids");
             let mask: Vec<bool> = want["assistant_masks"].as_array().unwrap().iter().map(|v| v == 1).collect();

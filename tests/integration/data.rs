@@ -23,7 +23,11 @@ fn gpt2_tok() -> Tok {
 }
 
 fn example(prompt: &str, response: &str) -> Example {
-    Example { record: Record::Pair { prompt: prompt.into(), response: response.into() }, line: 1 }
+    Example {
+        record: Record::Pair { prompt: prompt.into(), response: response.into() },
+        file: std::path::Path::new("x").into(),
+        line: 1,
+    }
 }
 
 fn pair_spec(template: &str) -> DataSpec {
@@ -52,8 +56,16 @@ fn jsonl_and_json_array_records_keep_their_lines() {
     assert_eq!(
         examples,
         vec![
-            Example { record: Record::Pair { prompt: "p1".into(), response: "r1".into() }, line: 1 },
-            Example { record: Record::Pair { prompt: "p2".into(), response: "r2".into() }, line: 3 },
+            Example {
+                record: Record::Pair { prompt: "p1".into(), response: "r1".into() },
+                file: jsonl.as_path().into(),
+                line: 1
+            },
+            Example {
+                record: Record::Pair { prompt: "p2".into(), response: "r2".into() },
+                file: jsonl.as_path().into(),
+                line: 3
+            },
         ]
     );
     let json = dir.path().join("a.json");
@@ -106,8 +118,7 @@ fn bad_records_name_file_and_line() {
 fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
     let tok = gpt2_tok();
     let examples = [example("What is the capital of France?\n", "Paris."), example("Hi\n", "Hello there, friend.")];
-    let (sequences, report) =
-        tokenize(&examples, &tok, &data_spec(), None, 64, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, report) = tokenize(&examples, &tok, &data_spec(), None, 64, LossOn::Response).unwrap();
     let prompt = tok.encode("What is the capital of France?\n").unwrap();
     let response = tok.encode("Paris.").unwrap();
     let mut want = prompt.clone();
@@ -141,8 +152,7 @@ fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
 #[test]
 fn whole_text_mask_trains_every_real_token() {
     let tok = gpt2_tok();
-    let (sequences, _) =
-        tokenize(&[example("Q\n", "A.")], &tok, &data_spec(), None, 64, LossOn::All, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&[example("Q\n", "A.")], &tok, &data_spec(), None, 64, LossOn::All).unwrap();
     assert!(sequences[0].trained.iter().all(|&t| t));
     assert_eq!(sequences[0].loss_tokens(), sequences[0].ids.len() - 1);
 }
@@ -152,8 +162,7 @@ fn long_examples_are_truncated_and_counted() {
     let tok = gpt2_tok();
     let long = "word ".repeat(50);
     let examples = [example("Prompt:\n", &long), example("Prompt:\n", "short")];
-    let (sequences, report) =
-        tokenize(&examples, &tok, &data_spec(), None, 16, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, report) = tokenize(&examples, &tok, &data_spec(), None, 16, LossOn::Response).unwrap();
     assert_eq!(report.truncated, 1);
     assert_eq!(sequences[0].ids.len(), 16);
     assert_ne!(*sequences[0].ids.last().unwrap(), tok.eos_id, "a cut response does not end with EOS");
@@ -165,10 +174,10 @@ fn a_prompt_that_does_not_fit_is_an_error_naming_the_line() {
     let tok = gpt2_tok();
     let examples = [Example {
         record: Record::Pair { prompt: "one two three four five six seven eight".into(), response: "x".into() },
+        file: std::path::Path::new("data/train.jsonl").into(),
         line: 17,
     }];
-    let error =
-        tokenize(&examples, &tok, &data_spec(), None, 6, LossOn::Response, Path::new("data/train.jsonl")).unwrap_err();
+    let error = tokenize(&examples, &tok, &data_spec(), None, 6, LossOn::Response).unwrap_err();
     assert!(is_bad_input(&error));
     let message = format!("{error}");
     assert!(message.contains("data/train.jsonl:17") && message.contains("max_length = 6"), "{message}");
@@ -192,7 +201,7 @@ fn gradient_accumulation_does_not_change_the_step() {
         example("How many legs does a spider have?\n", "Eight."),
         example("Write a haiku about the sea.\n", "Grey waves fold and break."),
     ];
-    let (sequences, _) = tokenize(&examples, &tok, &data_spec(), None, 64, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&examples, &tok, &data_spec(), None, 64, LossOn::Response).unwrap();
     let all: Vec<&Sequence> = sequences.iter().collect();
     let device = Default::default();
     // Adam's first step is lr·g/(|g|+ε): with the usual tiny ε it is nearly lr·sign(g), which
@@ -218,8 +227,7 @@ fn the_prompt_template_lays_out_the_prompt_and_is_masked_with_it() {
     let tok = gpt2_tok();
     let template = "### Question\n{prompt}\n### Answer\n";
     let examples = [example("Why is the sky blue?", "Scattering.")];
-    let (sequences, _) =
-        tokenize(&examples, &tok, &pair_spec(template), None, 64, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&examples, &tok, &pair_spec(template), None, 64, LossOn::Response).unwrap();
     let prompt = tok.encode("### Question\nWhy is the sky blue?\n### Answer\n").unwrap();
     assert_eq!(&sequences[0].ids[..prompt.len()], &prompt[..]);
     assert_eq!(sequences[0].trained.iter().position(|&t| t), Some(prompt.len()), "the whole laid-out prompt is masked");

@@ -96,14 +96,16 @@ fn alpaca_layouts_with_and_without_input() {
     let examples = [
         Example {
             record: Record::Alpaca { instruction: "Add the numbers.".into(), input: "2, 3".into(), output: "5".into() },
+            file: Path::new("x").into(),
             line: 1,
         },
         Example {
             record: Record::Alpaca { instruction: "Say hello.".into(), input: "".into(), output: "Hello!".into() },
+            file: Path::new("x").into(),
             line: 2,
         },
     ];
-    let (sequences, _) = tokenize(&examples, &tok, &spec, None, 200, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&examples, &tok, &spec, None, 200, LossOn::Response).unwrap();
     let with_input = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2, 3\n\n### Response:\n";
     let without = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hello.\n\n### Response:\n";
     assert_eq!(sequences[0], expect(&tok, &[(with_input, false), ("5", true), ("<EOS>", true)]));
@@ -127,6 +129,7 @@ fn conversation() -> Example {
                 m(Role::Assistant, "Madrid."),
             ],
         },
+        file: Path::new("x").into(),
         line: 1,
     }
 }
@@ -135,8 +138,7 @@ fn conversation() -> Example {
 fn multi_turn_chat_trains_only_assistant_turns_each_ending_with_eos() {
     let tok = tok();
     let spec = data_spec("kind = \"chat\"");
-    let (sequences, report) =
-        tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, report) = tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::Response).unwrap();
     let want = expect(
         &tok,
         &[
@@ -156,7 +158,7 @@ fn multi_turn_chat_trains_only_assistant_turns_each_ending_with_eos() {
     assert_eq!(prompt_layout(&spec, None).unwrap().template, "<|user|>\n{prompt}\n<|assistant|>\n");
 
     // With the loss on everything, every token after the first is trained on.
-    let (all, _) = tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::All, Path::new("x")).unwrap();
+    let (all, _) = tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::All).unwrap();
     assert_eq!(all[0].ids, want.ids);
     assert!(all[0].trained.iter().all(|&t| t));
 }
@@ -179,8 +181,10 @@ fn sharegpt_conversations_read_as_the_same_messages() {
     let read_sharegpt =
         records::read(&sharegpt, &data_spec("kind = \"chat\"\nmessages_field = \"conversations\"")).unwrap();
     let read_openai = records::read(&openai, &data_spec("kind = \"chat\"")).unwrap();
-    assert_eq!(read_sharegpt, vec![conversation()]);
-    assert_eq!(read_openai, vec![conversation()]);
+    let records = |examples: Vec<Example>| examples.into_iter().map(|e| (e.record, e.line)).collect::<Vec<_>>();
+    let want = records(vec![conversation()]);
+    assert_eq!(records(read_sharegpt), want);
+    assert_eq!(records(read_openai), want);
 
     // Left at `messages`, the field is named; a role ShareGPT data may hold but pipe does not
     // train (tool turns) is refused naming it.
@@ -205,7 +209,7 @@ fn sharegpt_conversations_read_as_the_same_messages() {
 fn a_custom_chat_template_and_conversations_that_do_not_fit() {
     let tok = tok();
     let spec = data_spec("kind = \"chat\"\nchat_template = \"[{role}] {content} |\"");
-    let (sequences, _) = tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::Response, Path::new("x")).unwrap();
+    let (sequences, _) = tokenize(&[conversation()], &tok, &spec, None, 200, LossOn::Response).unwrap();
     let want = expect(
         &tok,
         &[
@@ -223,12 +227,11 @@ fn a_custom_chat_template_and_conversations_that_do_not_fit() {
     assert_eq!(sequences[0], want);
     // Cut inside the second exchange: the first answer stays trained, the rest is dropped.
     let cut = want.trained.iter().rposition(|&t| !t).unwrap();
-    let (short, report) =
-        tokenize(&[conversation()], &tok, &spec, None, cut, LossOn::Response, Path::new("x")).unwrap();
+    let (short, report) = tokenize(&[conversation()], &tok, &spec, None, cut, LossOn::Response).unwrap();
     assert_eq!(short[0].ids, want.ids[..cut]);
     assert_eq!(report.truncated, 1);
     // A limit before the first answer leaves nothing to train on: the conversation is dropped.
-    let (none, report) = tokenize(&[conversation()], &tok, &spec, None, 8, LossOn::Response, Path::new("x")).unwrap();
+    let (none, report) = tokenize(&[conversation()], &tok, &spec, None, 8, LossOn::Response).unwrap();
     assert!(none.is_empty());
     assert_eq!(report.dropped, 1);
 }
@@ -250,7 +253,7 @@ fn documents_are_packed_with_eos_between_and_every_token_trained_once() {
         stream.extend(tok.encode(doc).unwrap());
         stream.push(tok.eos_id);
     }
-    let (blocks, report) = tokenize(&examples, &tok, &spec, None, 8, LossOn::Response, Path::new("x")).unwrap();
+    let (blocks, report) = tokenize(&examples, &tok, &spec, None, 8, LossOn::Response).unwrap();
     assert!(blocks.iter().all(|b| b.ids.len() <= 8 && b.trained.iter().all(|&t| t)));
     // Consecutive blocks overlap by one token, so each token after the first is a target once.
     let mut rebuilt = blocks[0].ids.clone();
@@ -346,4 +349,64 @@ fn every_shipped_pipeline_checks_and_renders() {
         let text = stdout(&out);
         assert!(text.contains("[[") && text.contains("<|endoftext|>"), "{spec}: {text}");
     }
+}
+
+/// `data.path` names several files — a list, or a glob whose matches are read in name order —
+/// all of one kind: their examples are read one file after another, a bad record is named by
+/// its own file and line, the run's input hash covers every file, and a glob that matches
+/// nothing is refused naming it.
+#[test]
+fn several_data_files_by_list_or_glob_are_read_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lines: Vec<String> = std::fs::read_to_string(common::repo().join("data/sft.jsonl"))
+        .unwrap()
+        .lines()
+        .take(30)
+        .map(str::to_string)
+        .collect();
+    std::fs::create_dir(d.join("shards")).unwrap();
+    write(d, "shards/train-00001-of-00002.jsonl", &lines[20..].join("\n"));
+    write(d, "shards/train-00000-of-00002.jsonl", &lines[..20].join("\n"));
+    write(d, "all.jsonl", &lines.join("\n"));
+    let spec = |path: &str| {
+        common::spec(&format!("[data]\npath = {path}\nval_fraction = 0.1\n[train]\nepochs = 1\nbatch_size = 4"))
+    };
+    let printed = |spec_text: String| {
+        write(d, "spec.toml", &spec_text);
+        let out = pipe(d, &["data", "spec.toml", "-n", "30"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let whole = printed(spec("\"all.jsonl\""));
+    assert!(whole.contains("27 examples"), "{whole}");
+    assert_eq!(printed(spec("\"shards/train-*.jsonl\"")), whole, "a glob reads the shards in name order");
+    let listed = spec("[\"shards/train-00000-of-00002.jsonl\", \"shards/train-00001-of-00002.jsonl\"]");
+    assert_eq!(printed(listed.clone()), whole, "as does the list");
+
+    // The run's recorded input covers both shards: a change to the second is found on resume.
+    write(d, "spec.toml", &listed);
+    let out = pipe(d, &["run", "spec.toml"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = common::newest_run(d, "test");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    assert!(meta["inputs"]["data.path"]["path"].as_str().unwrap().contains("train-00001-of-00002.jsonl"), "{meta}");
+    let meta_text = std::fs::read_to_string(run.join("meta.json")).unwrap().replace("\"completed\"", "\"failed\"");
+    std::fs::write(run.join("meta.json"), meta_text).unwrap();
+    write(d, "shards/train-00001-of-00002.jsonl", &lines[21..].join("\n"));
+    let out = pipe(d, &["resume", run.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("data.path") && stderr(&out).contains("changed"), "{}", stderr(&out));
+
+    // A bad record is named by its shard and line; a glob that matches nothing is refused.
+    write(d, "shards/train-00001-of-00002.jsonl", &format!("{}\n{{\"prompt\": 5}}", lines[20]));
+    write(d, "spec.toml", &spec("\"shards/train-*.jsonl\""));
+    let out = pipe(d, &["data", "spec.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("train-00001-of-00002.jsonl:2"), "{}", stderr(&out));
+    write(d, "spec.toml", &spec("\"shards/valid-*.jsonl\""));
+    let out = pipe(d, &["data", "spec.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("valid-*.jsonl") && stderr(&out).contains("matches no file"), "{}", stderr(&out));
 }

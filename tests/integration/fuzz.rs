@@ -575,14 +575,16 @@ fn spec_and_its_overrides() {
         if let Ok(loaded) = loaded {
             let spec = &loaded.spec;
             names.extend(["train.jsonl", "data.", "train.", "tokenizer", "model", "generate.", "context"]);
-            let files: Vec<String> = [Some(&spec.data.path), spec.data.val_path.as_ref(), spec.tokenizer.path.as_ref()]
-                .into_iter()
-                .flatten()
+            let files: Vec<String> = (spec.data.path.0.iter())
+                .chain(spec.data.val_path.as_ref())
+                .chain(spec.tokenizer.path.as_ref())
                 .map(|p| p.display().to_string())
                 .collect();
             names.extend(files.iter().map(String::as_str));
             judge(&pipe::train::StepPlan::new(4, &spec.train, 1), &names, true)?;
-            if spec.tokenizer.train_vocab_size.is_some_and(|v| v <= 2000) && spec.data.path.ends_with("train.jsonl") {
+            if spec.tokenizer.train_vocab_size.is_some_and(|v| v <= 2000)
+                && spec.data.path.0.iter().all(|p| p.ends_with("train.jsonl"))
+            {
                 judge(&pipe::data::PreparedData::prepare(spec, None), &names, true)?;
             }
         }
@@ -635,7 +637,7 @@ fn datasets_of_every_format_and_kind() {
         judge(&examples, &names, true)?;
         if let Ok(examples) = examples {
             let max_length = 2 + max_length % 40;
-            let tokenized = pipe::data::tokenize(&examples, &tok, &data, None, max_length, Default::default(), &path);
+            let tokenized = pipe::data::tokenize(&examples, &tok, &data, None, max_length, Default::default());
             judge(&tokenized, &names, true)?;
         }
         Ok(())

@@ -97,13 +97,13 @@ fn relative_paths_resolve_against_the_spec_folder() {
     let path = write_spec(&spec_dir, &BASE.replace("data/train.jsonl", "../data/train.jsonl"));
     let loaded = load_with_env(&path, &[], &[], dir.path()).unwrap();
     let root = dir.path().canonicalize().unwrap();
-    assert_eq!(loaded.spec.data.path, root.join("data/train.jsonl"));
+    assert_eq!(loaded.spec.data.path, root.join("data/train.jsonl").into());
     // A path given on the command line or in the environment is relative to where the command
     // runs, and is kept absolute, so that the run's saved spec finds it from inside the run.
     let cwd = dir.path().join("elsewhere");
     let env = [("PIPE_DATA__VAL_PATH".to_string(), "held/val.jsonl".to_string())];
     let loaded = load_with_env(&path, &["data.path=other.jsonl".into()], &env, &cwd).unwrap();
-    assert_eq!(loaded.spec.data.path, cwd.join("other.jsonl"));
+    assert_eq!(loaded.spec.data.path, cwd.join("other.jsonl").into());
     assert_eq!(loaded.spec.data.val_path, Some(cwd.join("held/val.jsonl")));
     assert!(
         loaded.to_toml().contains(&format!("{:?}", cwd.join("other.jsonl").display().to_string())),
