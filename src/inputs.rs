@@ -27,14 +27,16 @@ pub type Inputs = BTreeMap<String, InputHash>;
 /// The inputs of a spec whose base model (if any) is the HF folder `model_dir`.
 pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
     // Several data files are one input: their hashes together, under the paths as named.
-    let data_files = spec.data.path.files()?;
+    let data_files = crate::data::sources::train_files(&spec.data)?;
     let data = match data_files.as_slice() {
         [one] => (one.clone(), vec![]),
         _ => (PathBuf::from(spec.data.path.display()), data_files),
     };
     let mut files: Vec<(&str, PathBuf, Vec<PathBuf>)> = vec![("data.path", data.0, data.1)];
-    if let Some(val) = &spec.data.val_path {
-        files.push(("data.val_path", val.clone(), vec![]));
+    match (&spec.data.val_path, crate::data::sources::val_files(&spec.data)?) {
+        (Some(val), Some(parts)) => files.push(("data.val_path", val.clone(), parts)),
+        (None, Some(parts)) => files.push(("data.val_split", PathBuf::from(spec.data.path.display()), parts)),
+        _ => {}
     }
     match (&spec.tokenizer.path, spec.tokenizer.train_vocab_size, model_dir) {
         (Some(path), _, _) => files.push(("tokenizer.path", path.clone(), vec![])),

@@ -4,10 +4,12 @@
 pub mod batch;
 pub mod cache;
 pub mod chat_template;
+pub mod columnar;
 pub mod examples;
 pub mod prepare;
 pub mod records;
 pub mod render;
+pub mod sources;
 pub mod tokenizer;
 
 pub use batch::{pack, Batch, Sequence};

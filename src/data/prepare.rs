@@ -10,8 +10,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::{
-    cache, pack, prompt_layout, records, tokenize, Example, Examples, JinjaTemplate, PromptLayout, RenderLimits,
-    Sequence, Tok, TokenizeReport, TokenizeSettings, Tokenizing,
+    cache, pack, prompt_layout, records, sources, tokenize, Example, Examples, JinjaTemplate, PromptLayout,
+    RenderLimits, Sequence, Tok, TokenizeReport, TokenizeSettings, Tokenizing,
 };
 use crate::error::bad_input;
 use crate::model::{family, hf};
@@ -48,13 +48,14 @@ impl PreparedData {
     /// unchanged), checking it against the model's vocabulary and context.
     pub fn prepare(spec: &Spec, tokenizer: Option<&Path>) -> Result<Self> {
         let model_dir = model_dir(&spec.model)?;
-        let files = spec.data.path.files()?;
+        let files = sources::train_files(&spec.data)?;
+        let val_files = sources::val_files(&spec.data)?;
         // The records are read whole only to train a tokenizer on them; tokenizing streams
         // them, and a cache hit reads none.
         let read_examples = || -> Result<ReadExamples> {
             let train_examples = records::read_all(&files, &spec.data)?;
-            Ok(match &spec.data.val_path {
-                Some(path) => (train_examples, records::read(path, &spec.data)?),
+            Ok(match &val_files {
+                Some(val) => (train_examples, records::read_all(val, &spec.data)?),
                 None => split(train_examples, spec.data.val_fraction, spec.run.seed),
             })
         };
@@ -111,7 +112,7 @@ impl PreparedData {
             _ => None,
         };
         let layout = prompt_layout(&spec.data, chat.as_ref())?;
-        let entry = cache_entry(spec, &files, &tok, chat.as_ref(), max_length)?;
+        let entry = cache_entry(spec, &files, val_files.as_deref(), &tok, chat.as_ref(), max_length)?;
         let tokenized = match cache::load(&entry) {
             Some(cached) => {
                 tracing::info!(path = %entry.display(), "reusing the tokenized data from the cache");
@@ -124,7 +125,9 @@ impl PreparedData {
                 match cache::Writer::create(&entry) {
                     Ok(mut writer) => {
                         let (report, val) =
-                            tokenize_data(spec, &files, &settings, read, |sequence| writer.push(&sequence))?;
+                            tokenize_data(spec, &files, val_files.as_deref(), &settings, read, |sequence| {
+                                writer.push(&sequence)
+                            })?;
                         writer.finish(val, report).context("cannot write the tokenized cache")?;
                         tracing::info!(path = %entry.display(), "tokenized the data and cached it");
                         cache::load(&entry).with_context(|| format!("{}: cannot read back", entry.display()))?
@@ -132,10 +135,11 @@ impl PreparedData {
                     Err(e) => {
                         tracing::warn!("could not cache the tokenized data: {e:#}; keeping it in memory");
                         let mut train = Vec::new();
-                        let (report, val) = tokenize_data(spec, &files, &settings, read, |sequence| {
-                            train.push(sequence);
-                            Ok(())
-                        })?;
+                        let (report, val) =
+                            tokenize_data(spec, &files, val_files.as_deref(), &settings, read, |sequence| {
+                                train.push(sequence);
+                                Ok(())
+                            })?;
                         cache::Tokenized { train: train.into(), val, report }
                     }
                 }
@@ -167,23 +171,25 @@ impl PreparedData {
     }
 }
 
-/// The cache entry for a spec's data: the dataset files' bytes, the tokenizer, the chat
+/// The cache entry for a spec's data: the training and validation files' bytes, the tokenizer, the chat
 /// template's text, and every setting that changes the tokenized result (paths themselves do not).
 fn cache_entry(
     spec: &Spec,
     files: &[PathBuf],
+    val_files: Option<&[PathBuf]>,
     tok: &Tok,
     chat: Option<&JinjaTemplate>,
     max_length: usize,
 ) -> Result<PathBuf> {
     // Hashed as they are read: a large dataset is never held whole for its key.
     let train = crate::files::hash_files(files)?;
-    let val = spec.data.val_path.as_ref().map(|p| crate::files::hash_files(std::slice::from_ref(p)));
-    let val = val.transpose()?.unwrap_or_default();
+    let val = val_files.map(crate::files::hash_files).transpose()?.unwrap_or_default();
     let tokenizer = tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
     let mut data = spec.data.clone();
     data.path = DataPaths::default();
     data.val_path = None;
+    data.split = String::new();
+    data.val_split = None;
     let settings = format!(
         "{}\nseed={} max_length={max_length} loss_on={:?} eos={} bos={:?} version={}",
         toml::to_string(&data)?,
@@ -224,26 +230,44 @@ type ReadExamples = (Vec<Example>, Vec<Example>);
 fn tokenize_data(
     spec: &Spec,
     files: &[PathBuf],
+    val_files: Option<&[PathBuf]>,
     settings: &TokenizeSettings<'_>,
     read: Option<ReadExamples>,
     sink: impl FnMut(Sequence) -> Result<()>,
 ) -> Result<(TokenizeReport, Vec<Sequence>)> {
     let data = &spec.data;
     let mut tokenizing = Tokenizing::new(settings, sink);
-    let val_examples = match (read, &data.val_path) {
+    let val_examples = match (read, val_files) {
         (Some((train, val)), _) => {
-            train.chunks(records::CHUNK).try_for_each(|chunk| tokenizing.push(chunk))?;
+            let bar = examples_bar("tokenizing", Some(train.len()));
+            train.chunks(records::CHUNK).try_for_each(|chunk| {
+                bar.inc(chunk.len() as u64);
+                tokenizing.push(chunk)
+            })?;
+            bar.finish_and_clear();
             val
         }
-        (None, Some(val_path)) => {
-            records::read_chunks_of(files, data, |chunk| tokenizing.push(&chunk))?;
-            records::read(val_path, data)?
+        (None, Some(val_files)) => {
+            let bar = examples_bar("tokenizing", None);
+            records::read_chunks_of(files, data, |chunk| {
+                bar.inc(chunk.len() as u64);
+                tokenizing.push(&chunk)
+            })?;
+            bar.finish_and_clear();
+            records::read_all(val_files, data)?
         }
         (None, None) => {
-            let count = records::read_chunks_of(files, data, |_| Ok(()))?;
+            let bar = examples_bar("counting", None);
+            let count = records::read_chunks_of(files, data, |chunk| {
+                bar.inc(chunk.len() as u64);
+                Ok(())
+            })?;
+            bar.finish_and_clear();
             let held_out = held_out(count, data.val_fraction, spec.run.seed);
             let (mut val, mut index) = (Vec::new(), 0);
+            let bar = examples_bar("tokenizing", Some(count));
             records::read_chunks_of(files, data, |mut chunk| {
+                bar.inc(chunk.len() as u64);
                 chunk.retain(|example| {
                     let keep = !held_out.contains(&index);
                     index += 1;
@@ -254,6 +278,7 @@ fn tokenize_data(
                 });
                 tokenizing.push(&chunk)
             })?;
+            bar.finish_and_clear();
             val
         }
     };
@@ -261,6 +286,20 @@ fn tokenize_data(
     let TokenizeSettings { tok, chat, max_length, loss_on, .. } = *settings;
     let (val, _) = tokenize(&val_examples, tok, data, chat, max_length, loss_on)?;
     Ok((report, val))
+}
+
+/// A bar over the examples read (a counter where their number is not known yet); drawn only
+/// on a terminal.
+fn examples_bar(what: &str, total: Option<usize>) -> indicatif::ProgressBar {
+    let (bar, template) = match total {
+        Some(total) => (
+            indicatif::ProgressBar::new(total as u64),
+            "{prefix} [{bar:30}] {human_pos}/{human_len} examples ({per_sec}, {eta})",
+        ),
+        None => (indicatif::ProgressBar::new_spinner(), "{spinner} {prefix} {human_pos} examples ({per_sec})"),
+    };
+    let style = indicatif::ProgressStyle::with_template(template).expect("a valid template").progress_chars("=> ");
+    bar.with_style(style).with_prefix(what.to_string())
 }
 
 /// The indexes of the examples held out for validation: `fraction` of `count`, chosen by a
@@ -312,7 +351,7 @@ mod tests {
         let tokenized = |read: Option<ReadExamples>| {
             let mut train = Vec::new();
             let files = spec.data.path.files().unwrap();
-            let (report, val) = tokenize_data(&spec, &files, &settings, read, |s| {
+            let (report, val) = tokenize_data(&spec, &files, None, &settings, read, |s| {
                 train.push(s);
                 Ok(())
             })

@@ -1,6 +1,7 @@
-//! Records from disk — JSON arrays, JSONL, CSV with a header row, or plain text — as the
-//! spec's kind says: prompt/response pairs, alpaca records, chat conversations or documents.
-//! Each record remembers the file and line it starts on, for messages.
+//! Records from disk — JSON arrays, JSONL, CSV with a header row, plain text, Parquet or Arrow
+//! — as the spec's kind says: prompt/response pairs, alpaca records, chat conversations or
+//! documents. Each record remembers the file and line it starts on (a columnar file's row,
+//! counted from 1), for messages.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use serde_json::Value;
 
+use super::columnar::{self, Columnar};
 use crate::error::bad_input;
 use crate::spec::{DataFormat, DataKind, DataSpec, Documents};
 
@@ -117,6 +119,8 @@ pub fn read_chunks(path: &Path, spec: &DataSpec, each: impl FnMut(Vec<Example>) 
             "jsonl" => DataFormat::Jsonl,
             "csv" => DataFormat::Csv,
             "txt" | "text" => DataFormat::Text,
+            "parquet" => DataFormat::Parquet,
+            "arrow" | "feather" | "ipc" => DataFormat::Arrow,
             _ => {
                 let head = reader.fill_buf().map_err(cannot_read)?;
                 match head.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -170,6 +174,14 @@ pub fn read_chunks(path: &Path, spec: &DataSpec, each: impl FnMut(Vec<Example>) 
                     chunks.push(example(number, jsonl_row(path, number, &text)?)?)?;
                 }
             }
+        }
+        (DataFormat::Parquet | DataFormat::Arrow, _) => {
+            drop(reader);
+            let columnar = match format {
+                DataFormat::Parquet => Columnar::Parquet,
+                _ => Columnar::Arrow,
+            };
+            columnar::rows(path, columnar, spec, |row, value| chunks.push(example(row, Row::Json(value))?))?
         }
         (DataFormat::Csv, _) => {
             let bounded = LineBound { inner: reader, path, max, run: 0, line: 1 };
@@ -310,6 +322,9 @@ fn record(path: &Path, line: usize, row: &Row, spec: &DataSpec) -> Result<Record
         let found = match row {
             Row::Json(value) => match value.get(name) {
                 Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Null) if required => {
+                    return Err(bad_input(format!("{}: field `{name}` is null", at())));
+                }
                 Some(Value::Null) | None => None,
                 Some(other) => {
                     return Err(bad_input(format!(

@@ -258,9 +258,17 @@ pub struct DataSpec {
     pub text_field: String,
     /// Plain-text files: one document per `line`, or the whole `file` as one document.
     pub documents: Documents,
-    /// Validation examples from a second file; otherwise `val_fraction` of `path` is held out.
+    /// The split a dataset folder in `path` is read at: a `datasets` save_to_disk folder, or a
+    /// hub dataset repo's `data/<split>-*.parquet`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub split: String,
+    /// Validation examples from a second file or folder; otherwise `val_split` of `path`'s
+    /// folder, or else `val_fraction` of `path` held out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_path: Option<PathBuf>,
+    /// The validation split of `path`'s dataset folder (or of `val_path`'s): `test`, `validation`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_split: Option<String>,
     pub val_fraction: f64,
     /// The largest record read, in bytes: a line of JSONL, CSV or text, a record of a JSON
     /// array, a text file read as one document, a conversation as its chat template renders it.
@@ -350,13 +358,18 @@ impl<'de> Deserialize<'de> for DataPaths {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
-    /// By extension: `.jsonl`, `.csv`, `.txt`; otherwise a JSON array or, failing that, JSONL.
+    /// By extension: `.jsonl`, `.csv`, `.txt`, `.parquet`, `.arrow`; otherwise a JSON array
+    /// or, failing that, JSONL.
     #[default]
     Auto,
     Json,
     Jsonl,
     Csv,
     Text,
+    /// Apache Parquet, as the hub ships datasets.
+    Parquet,
+    /// Arrow IPC, stream or file (`datasets`' save_to_disk writes streams).
+    Arrow,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -594,6 +607,13 @@ impl Default for RunSpec {
     }
 }
 
+impl DataSpec {
+    /// Whether validation examples come from files of their own (not held out of `path`).
+    pub fn has_val_files(&self) -> bool {
+        self.val_path.is_some() || self.val_split.is_some()
+    }
+}
+
 impl Default for DataSpec {
     fn default() -> Self {
         Self {
@@ -610,7 +630,9 @@ impl Default for DataSpec {
             chat_template: "simple".into(),
             text_field: "text".into(),
             documents: Documents::Line,
+            split: "train".into(),
             val_path: None,
+            val_split: None,
             val_fraction: 0.1,
             max_record_bytes: 1 << 20,
             max_template_steps: 10_000_000,

@@ -23,7 +23,7 @@ pub fn unused(spec: &Spec) -> Vec<(Vec<&'static str>, String)> {
         let plain_text = match data.format {
             DataFormat::Text => Some(true),
             DataFormat::Auto if extension == "txt" => Some(true),
-            DataFormat::Auto if ["json", "jsonl", "csv"].contains(&extension) => Some(false),
+            DataFormat::Auto if ["json", "jsonl", "csv", "parquet", "arrow"].contains(&extension) => Some(false),
             DataFormat::Auto => None,
             _ => Some(false),
         };
@@ -34,8 +34,8 @@ pub fn unused(spec: &Spec) -> Vec<(Vec<&'static str>, String)> {
         }
         out.push((vec!["train.loss_on"], "documents are trained on whole".into()));
     }
-    if data.val_path.is_some() {
-        out.push((vec!["data.val_fraction"], "data.val_path holds the validation set".into()));
+    if data.has_val_files() {
+        out.push((vec!["data.val_fraction"], "data.val_path or data.val_split holds the validation set".into()));
     }
     let runs = |stage: Stage| spec.run.stages.contains(&stage);
     if !runs(Stage::Train) {
@@ -44,10 +44,10 @@ pub fn unused(spec: &Spec) -> Vec<(Vec<&'static str>, String)> {
         if spec.optimizer.schedule == Schedule::Constant {
             out.push((vec!["optimizer.min_lr_ratio"], "for optimizer.schedule = \"cosine\"".into()));
         }
-        let validates = data.val_path.is_some() || data.val_fraction > 0.0;
+        let validates = data.has_val_files() || data.val_fraction > 0.0;
         if !validates {
             let keys = vec!["train.eval_every", "train.select_metric", "train.early_stopping_patience"];
-            out.push((keys, "there is no validation data (data.val_path, data.val_fraction)".into()));
+            out.push((keys, "there is no validation data (data.val_path, data.val_split, data.val_fraction)".into()));
         }
         if !validates || spec.train.early_stopping_patience == 0 {
             out.push((vec!["train.early_stopping_min_delta"], "early stopping is off".into()));

@@ -91,6 +91,11 @@ impl LoadedSpec {
         if s.data.max_template_steps == 0 {
             return Err(self.invalid("data.max_template_steps", "must be at least 1"));
         }
+        for (field, split) in [("data.split", Some(&s.data.split)), ("data.val_split", s.data.val_split.as_ref())] {
+            if split.is_some_and(|split| split.is_empty() || split.contains(['/', '\\']) || split.starts_with('.')) {
+                return Err(self.invalid(field, "must name a split (train, test, validation, …)"));
+            }
+        }
         if !(0.0..1.0).contains(&s.data.val_fraction) || s.data.val_fraction.is_nan() {
             return Err(self.invalid("data.val_fraction", format!("must be in [0, 1), got {}", s.data.val_fraction)));
         }
@@ -130,11 +135,11 @@ impl LoadedSpec {
         }
         non_negative_f("generate.temperature", s.generate.temperature)?;
         non_negative_f("train.early_stopping_min_delta", s.train.early_stopping_min_delta)?;
-        let has_validation = s.data.val_fraction > 0.0 || s.data.val_path.is_some();
+        let has_validation = s.data.val_fraction > 0.0 || s.data.has_val_files();
         if s.train.final_model == FinalModel::Best && !has_validation {
             return Err(self.invalid(
                 "train.final",
-                "`best` is chosen on the validation set: set data.val_fraction or data.val_path",
+                "`best` is chosen on the validation set: set data.val_fraction, data.val_path or data.val_split",
             ));
         }
         if s.train.select_metric.higher_is_better() && s.eval.responses == 0 {
@@ -146,7 +151,7 @@ impl LoadedSpec {
         if s.train.early_stopping_patience > 0 && !has_validation {
             return Err(self.invalid(
                 "train.early_stopping_patience",
-                "early stopping watches the validation set: set data.val_fraction or data.val_path",
+                "early stopping watches the validation set: set data.val_fraction, data.val_path or data.val_split",
             ));
         }
         if !(s.generate.top_p > 0.0 && s.generate.top_p <= 1.0) {

@@ -15,7 +15,9 @@ use crate::train::evaluate;
 
 pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
     if ctx.data.val.is_empty() {
-        tracing::warn!("eval stage: no validation examples (data.val_fraction = 0 and no data.val_path)");
+        tracing::warn!(
+            "eval stage: no validation examples (data.val_fraction = 0, and no data.val_path or data.val_split)"
+        );
         return Ok(state);
     }
     ctx.stop.check("before the eval stage")?;

@@ -336,7 +336,7 @@ fn catalogue() -> Vec<Case> {
 
         // The spec's values, one field at a time.
         case("unknown data kind", sub("val_fraction = 0.0", "val_fraction = 0.0\nkind = \"dialog\""), &["spec.toml", "data.kind", "dialog"]),
-        case("unknown data format", sub("val_fraction = 0.0", "val_fraction = 0.0\nformat = \"parquet\""), &["spec.toml", "data.format", "parquet"]),
+        case("unknown data format", sub("val_fraction = 0.0", "val_fraction = 0.0\nformat = \"xml\""), &["spec.toml", "data.format", "xml"]),
         case("val_fraction of 1", sub("val_fraction = 0.0", "val_fraction = 1.0"), &["spec.toml", "data.val_fraction"]),
         case("negative val_fraction", sub("val_fraction = 0.0", "val_fraction = -0.2"), &["spec.toml", "data.val_fraction"]),
         case("zero grad_accum", sub("batch_size = 2", "batch_size = 2\ngrad_accum = 0"), &["spec.toml", "train.grad_accum"]),

@@ -1,5 +1,5 @@
 //! The property/fuzz campaign: every parser a user feeds — the spec and its overrides, each
-//! dataset format and kind, config.json, safetensors files, tokenizer.json, and the run folder's
+//! dataset format and kind (Parquet and Arrow files among them), config.json, safetensors files, tokenizer.json, and the run folder's
 //! own files (meta.json, metrics.jsonl, trainer.json, checkpoint folders) — is given inputs made
 //! from valid ones by structure-aware edits (a value replaced by an odd one of any type, a key
 //! added or removed) and byte-level edits (a token inserted, a range deleted or repeated, a bit
@@ -642,6 +642,97 @@ fn datasets_of_every_format_and_kind() {
         }
         Ok(())
     });
+}
+
+/// Byte-level edits of a columnar file, half of them aimed at its metadata — a Parquet file's
+/// footer (its last bytes), an Arrow file's schema (its first) — where a reader can go wrong
+/// before any checksum or decompressor would notice.
+fn mutate_columnar(seed: &[u8], edits: &[Edit], metadata_at_end: bool) -> Vec<u8> {
+    let mut out = seed.to_vec();
+    for edit in edits {
+        let n = out.len().max(1);
+        let window = n.min(768);
+        let aim = |a: usize| match (a % 2, metadata_at_end) {
+            (0, _) => a / 2,
+            (_, true) => n - window + (a / 2) % window,
+            (_, false) => (a / 2) % window,
+        };
+        let edit = match *edit {
+            // The structural edits, meaningless here, become flips.
+            Edit::Replace { node, value } | Edit::AddKey { node, value, .. } => {
+                Edit::Flip { at: aim(node), bit: (value % 8) as u8 }
+            }
+            Edit::Remove { node } => Edit::Flip { at: aim(node), bit: (node % 8) as u8 },
+            Edit::Flip { at, bit } => Edit::Flip { at: aim(at), bit },
+            Edit::Insert { at, token } => Edit::Insert { at: aim(at), token },
+            Edit::Delete { at, len } => Edit::Delete { at: aim(at), len },
+            Edit::Repeat { at, len } => Edit::Repeat { at: aim(at), len },
+            Edit::Cut { at } => Edit::Cut { at: aim(at) },
+        };
+        edit_bytes(&mut out, &edit);
+    }
+    out
+}
+
+/// Columnar datasets of each kind, edited, read through the data reader as a run reads them.
+fn columnar_campaign(parser: &str, seeds: &[(&str, &str)], metadata_at_end: bool) {
+    let fixtures = common::repo().join("tests/fixtures/columnar");
+    let seeds: Vec<(Vec<u8>, String, pipe::spec::DataSpec)> = seeds
+        .iter()
+        .map(|(file, spec)| {
+            let extension = Path::new(file).extension().unwrap().to_str().unwrap().to_string();
+            (std::fs::read(fixtures.join(file)).unwrap(), extension, toml::from_str(spec).unwrap())
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let contained = std::sync::atomic::AtomicUsize::new(0);
+    campaign(parser, edits(seeds.len()), |(seed, edits)| {
+        let (bytes, extension, spec) = &seeds[seed];
+        let path = dir.path().join(format!("fuzzed.{extension}"));
+        write(&path, &mutate_columnar(bytes, &edits, metadata_at_end));
+        let read = pipe::data::records::read(&path, spec);
+        if read.as_ref().is_err_and(|e| format!("{e:#}").contains("the reader failed on it")) {
+            contained.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        judge(&read, &["fuzzed."], true)
+    });
+    println!(
+        "fuzz {parser}: {} panics inside the reader were caught and reported as the file's",
+        contained.into_inner()
+    );
+}
+
+#[test]
+fn parquet_files() {
+    let chat = "path = \"x\"\nkind = \"chat\"";
+    let seeds = [
+        ("pairs-snappy.parquet", "path = \"x\""),
+        ("pairs-zstd.parquet", "path = \"x\""),
+        ("pairs-gzip.parquet", "path = \"x\""),
+        ("pairs-lz4.parquet", "path = \"x\""),
+        ("pairs-brotli.parquet", "path = \"x\""),
+        ("pairs-none.parquet", "path = \"x\""),
+        ("pairs-large-and-view.parquet", "path = \"x\""),
+        ("pairs-dictionary.parquet", "path = \"x\""),
+        ("alpaca.parquet", "path = \"x\"\nkind = \"alpaca\""),
+        ("chat.parquet", chat),
+        ("chat-large-list.parquet", chat),
+        ("sharegpt.parquet", "path = \"x\"\nkind = \"chat\"\nmessages_field = \"conversations\""),
+        ("text.parquet", "path = \"x\"\nkind = \"text\""),
+    ];
+    columnar_campaign("parquet", &seeds, true);
+}
+
+#[test]
+fn arrow_files() {
+    let seeds = [
+        // datasets' save_to_disk: Arrow's stream format.
+        ("saved-dataset/data-00000-of-00002.arrow", "path = \"x\""),
+        // Arrow's file format (Feather v2), with its footer.
+        ("pairs.feather", "path = \"x\""),
+        ("pairs-lz4.feather", "path = \"x\""),
+    ];
+    columnar_campaign("arrow", &seeds, false);
 }
 
 /// A tiny model saved as a HF GPT-2 folder (config.json, model.safetensors, tokenizer.json), in

@@ -8,6 +8,7 @@ mod bad_input;
 mod bf16_decode;
 mod chat_templates;
 mod cli;
+mod columnar;
 mod data;
 mod data_parallel;
 mod families;
