@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::files;
 use crate::model::{hf, lora};
-use crate::spec::Spec;
+use crate::spec::{Spec, Stage};
 
 /// One input: where it was read from and the SHA-256 of its contents (of its files in order,
 /// each with its length, for the base model's folder and several data files).
@@ -26,17 +26,21 @@ pub type Inputs = BTreeMap<String, InputHash>;
 
 /// The inputs of a spec whose base model (if any) is the HF folder `model_dir`.
 pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
-    // Several data files are one input: their hashes together, under the paths as named.
-    let data_files = crate::data::sources::train_files(&spec.data)?;
-    let data = match data_files.as_slice() {
-        [one] => (one.clone(), vec![]),
-        _ => (PathBuf::from(spec.data.path.display()), data_files),
-    };
-    let mut files: Vec<(&str, PathBuf, Vec<PathBuf>)> = vec![("data.path", data.0, data.1)];
-    match (&spec.data.val_path, crate::data::sources::val_files(&spec.data)?) {
-        (Some(val), Some(parts)) => files.push(("data.val_path", val.clone(), parts)),
-        (None, Some(parts)) => files.push(("data.val_split", PathBuf::from(spec.data.path.display()), parts)),
-        _ => {}
+    let mut files: Vec<(&str, PathBuf, Vec<PathBuf>)> = Vec::new();
+    // A run of the dpo stage alone has no SFT data.
+    if !spec.data.path.is_empty() {
+        // Several data files are one input: their hashes together, under the paths as named.
+        let data_files = crate::data::sources::train_files(&spec.data)?;
+        let data = match data_files.as_slice() {
+            [one] => (one.clone(), vec![]),
+            _ => (PathBuf::from(spec.data.path.display()), data_files),
+        };
+        files.push(("data.path", data.0, data.1));
+        match (&spec.data.val_path, crate::data::sources::val_files(&spec.data)?) {
+            (Some(val), Some(parts)) => files.push(("data.val_path", val.clone(), parts)),
+            (None, Some(parts)) => files.push(("data.val_split", PathBuf::from(spec.data.path.display()), parts)),
+            _ => {}
+        }
     }
     match (&spec.tokenizer.path, spec.tokenizer.train_vocab_size, model_dir) {
         (Some(path), _, _) => files.push(("tokenizer.path", path.clone(), vec![])),
@@ -46,6 +50,12 @@ pub fn of(spec: &Spec, model_dir: Option<&Path>) -> Result<Inputs> {
     if let Some(dir) = model_dir {
         let field = if spec.model.path.is_some() { "model.path" } else { "model.hub" };
         files.push((field, dir.to_path_buf(), hf::model_files(dir)?));
+    }
+    if let Some(dpo) = spec.dpo.as_ref().filter(|_| spec.run.stages.contains(&Stage::Dpo)) {
+        files.push(("dpo.path", PathBuf::from(dpo.path.display()), dpo.path.files()?));
+        if let Some(val) = &dpo.val_path {
+            files.push(("dpo.val_path", PathBuf::from(val.display()), val.files()?));
+        }
     }
     if let Some(dir) = spec.lora.as_ref().and_then(|lora| lora.from.as_ref()) {
         let files_of = vec![dir.join(lora::ADAPTER_CONFIG_FILE), dir.join(lora::ADAPTER_WEIGHTS_FILE)];

@@ -61,3 +61,25 @@ mod tests {
         assert!(serde_json::from_str::<Record>(r#"{"value":"big"}"#).is_err());
     }
 }
+
+/// `Option<f64>` as the above, for fields written only when there is a value: use with
+/// `#[serde(default, skip_serializing_if = "Option::is_none", with = "crate::json_float::optional")]`.
+pub mod optional {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<f64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => super::serialize(v, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
+        super::deserialize(deserializer).map(Some)
+    }
+}
+
+/// A float that reads and writes as the above, for maps of named figures.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Float(#[serde(with = "self")] pub f64);

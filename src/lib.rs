@@ -13,6 +13,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod distributed;
+pub mod dpo;
 pub mod error;
 pub mod export;
 pub mod files;

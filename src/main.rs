@@ -79,7 +79,8 @@ enum Command {
         sets: Vec<String>,
     },
     /// Show how a spec's data is rendered and tokenized: the first examples with the trained
-    /// tokens marked [[...]], and counts.
+    /// tokens marked [[...]], and counts; with a dpo stage, its first preference pairs too (each
+    /// completion marked [[...]]).
     Data {
         spec: PathBuf,
         #[arg(long = "set", value_name = "FIELD=VALUE")]
@@ -447,6 +448,21 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     p.examples,
                     p.sequences,
                     100.0 * p.fill
+                );
+            }
+            if let Some(pairs) = &data.preference {
+                for (i, pair) in pairs.train.iter().take(n).enumerate() {
+                    for (which, sequence) in [("chosen", &pair.chosen), ("rejected", &pair.rejected)] {
+                        let (tokens, completion) = (sequence.ids.len(), sequence.loss_tokens());
+                        println!("--- pair {} {which} ({tokens} tokens, {completion} in the completion)", i + 1);
+                        println!("{}", pipe::data::render::show(sequence, &data.tok)?);
+                    }
+                }
+                println!(
+                    "--- {} preference pairs for training, {} for validation; {} sequences cut to dpo.max_length",
+                    pairs.train.len(),
+                    pairs.val.len(),
+                    pairs.truncated
                 );
             }
         }

@@ -1,12 +1,12 @@
 //! What a training step minimises. The trainer asks an objective for the loss of each
-//! micro-batch and for how many tokens the step's loss is averaged over; everything else (the
-//! loop, accumulation, clipping, the update) is the objective's business not at all. Today's
-//! objective is supervised fine-tuning's masked token loss; a preference objective (DPO) would
-//! be a second one whose examples hold a chosen and a rejected sequence.
+//! micro-batch and for how many units (tokens, pairs) the step's loss is averaged over;
+//! everything else (the loop, accumulation, clipping, the update) is the objective's business
+//! not at all. Supervised fine-tuning's masked token loss is here; preference tuning's is in
+//! the `dpo` module, its examples a chosen and a rejected sequence.
 
 use burn::tensor::Tensor;
 
-use crate::data::{Batch, Sequence};
+use crate::data::{Batch, Examples, Sequence};
 use crate::model::{CausalLm, FusedOps};
 
 /// What one micro-batch processed.
@@ -18,18 +18,34 @@ pub struct BatchCounts {
     pub positions: usize,
 }
 
+/// What one micro-batch's loss came to: the summed loss, what it processed, and the sums of
+/// the objective's own figures (in the order of [`Objective::figure_names`]).
+pub struct MicroBatch<B: FusedOps> {
+    /// → [1]
+    pub loss: Tensor<B, 1>,
+    pub counts: BatchCounts,
+    pub figures: Vec<f64>,
+}
+
 /// A training objective over examples of type `Example`, for a model `M` on backend `B`.
 pub trait Objective<B: FusedOps, M: CausalLm<B>> {
     /// One example as this objective reads it.
     type Example;
 
-    /// The tokens of `example` its loss is taken over. A step's loss is the sum of its
-    /// micro-batches' `loss_sum` divided by these tokens over the whole step, so that neither
-    /// the loss nor the gradient depends on how the step is split into micro-batches.
+    /// The units of `example` its loss is averaged over (trained tokens, or 1 for a pair). A
+    /// step's loss is the sum of its micro-batches' `loss_sum` divided by these units over the
+    /// whole step, so that neither the loss nor the gradient depends on how the step is split
+    /// into micro-batches.
     fn loss_tokens(&self, example: &Self::Example) -> usize;
 
-    /// The summed (not averaged) loss of one micro-batch, and what it processed. → [1]
-    fn loss_sum(&self, model: &M, examples: &[&Self::Example], device: &B::Device) -> (Tensor<B, 1>, BatchCounts);
+    /// The summed (not averaged) loss of one micro-batch, what it processed, and its figures.
+    fn loss_sum(&self, model: &M, examples: &[&Self::Example], device: &B::Device) -> MicroBatch<B>;
+
+    /// The names of the figures `loss_sum` sums besides the loss; they are reported as means
+    /// over the loss units.
+    fn figure_names(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// Supervised fine-tuning's loss: the negative log-likelihood of each trained token (the
@@ -47,9 +63,57 @@ impl<B: FusedOps, M: CausalLm<B>> Objective<B, M> for TokenLoss {
         example.loss_tokens()
     }
 
-    fn loss_sum(&self, model: &M, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, BatchCounts) {
+    fn loss_sum(&self, model: &M, examples: &[&Sequence], device: &B::Device) -> MicroBatch<B> {
         let batch = Batch::<B>::new(examples, self.pad_id, device);
         let counts = BatchCounts { tokens: batch.tokens, positions: batch.positions };
-        (model.loss_sum_packed(batch.inputs, batch.targets, batch.weights, batch.packing), counts)
+        let loss = model.loss_sum_packed(batch.inputs, batch.targets, batch.weights, batch.packing);
+        MicroBatch { loss, counts, figures: Vec::new() }
+    }
+}
+
+/// A training set the loop reads by index, one copy shared by a process's peers.
+pub trait TrainingSet: Clone + Send + Sync + 'static {
+    type Example: Clone + Send + Sync + 'static;
+
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Example `i`, copied out.
+    fn get(&self, i: usize) -> Self::Example;
+
+    /// Example `i`'s length in tokens (its longest sequence), for batching by length.
+    fn token_len(&self, i: usize) -> usize;
+
+    /// What example `i` weighs in a step's mean loss: the objective's `loss_tokens` of it.
+    fn loss_units(&self, i: usize) -> usize;
+
+    /// A 64-bit digest of the whole set, for the peers to compare.
+    fn fingerprint(&self) -> u64;
+}
+
+impl TrainingSet for Examples {
+    type Example = Sequence;
+
+    fn len(&self) -> usize {
+        Examples::len(self)
+    }
+
+    fn get(&self, i: usize) -> Sequence {
+        Examples::get(self, i)
+    }
+
+    fn token_len(&self, i: usize) -> usize {
+        Examples::token_len(self, i)
+    }
+
+    fn loss_units(&self, i: usize) -> usize {
+        Examples::loss_tokens(self, i)
+    }
+
+    fn fingerprint(&self) -> u64 {
+        Examples::fingerprint(self)
     }
 }

@@ -65,7 +65,16 @@ impl BackendJob for NodeJob<'_> {
         let data = prepare_data(spec, self.resume)?;
         let (model, resume) = model_and_progress::<B>(spec, &data, self.resume, &device)?;
         check_plan(spec, &data, &model.config())?;
-        let ctx = crate::train::TrainContext { spec, data: &data, run: None, device: &device, stop: self.stop };
+        let ctx = crate::train::TrainContext {
+            spec,
+            data: &data,
+            train: &data.train,
+            val: &data.val,
+            stage: crate::train::TrainStage::Train,
+            run: None,
+            device: &device,
+            stop: self.stop,
+        };
         let resume = resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
         let objective = crate::objective::TokenLoss { pad_id: data.tok.eos_id };
         crate::train::train(&ctx, model, objective, resume)?;

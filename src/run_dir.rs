@@ -111,7 +111,16 @@ pub struct StepRecord {
     /// peers included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allreduce_s: Option<f64>,
+    /// The stage that trained the step, after the first (`dpo`); absent for `train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// The objective's own figures (DPO's `rewards/chosen`, …), under their names.
+    #[serde(default, flatten, skip_serializing_if = "Figures::is_empty")]
+    pub figures: Figures,
 }
+
+/// Named figures an objective reports besides its loss, in name order.
+pub type Figures = std::collections::BTreeMap<String, crate::json_float::Float>;
 
 /// The validation loss at the end of an epoch, or every `train.eval_every` steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,11 +129,18 @@ pub struct EpochRecord {
     pub epoch: usize,
     #[serde(with = "crate::json_float")]
     pub val_loss: f64,
-    #[serde(with = "crate::json_float")]
-    pub val_ppl: f64,
+    /// The validation perplexity, of a token loss (not of DPO's).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::json_float::optional")]
+    pub val_ppl: Option<f64>,
     /// The answers' mean scores, when `train.select_metric` is one of them.
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     pub responses: Option<ResponseScores>,
+    /// The stage that trained the model evaluated, after the first (`dpo`); absent for `train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// The objective's own figures on the validation set, under their names.
+    #[serde(default, flatten, skip_serializing_if = "Figures::is_empty")]
+    pub figures: Figures,
 }
 
 /// The eval stage's figures (also written as `eval.json`).
@@ -144,9 +160,22 @@ pub struct EvalRecord {
     /// The answers to held-out prompts (`eval.responses`), scored against the references.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub responses: Option<ResponseEval>,
+    /// The training stage that trained the model, after the first (`dpo`: `step` counts its
+    /// steps); absent for `train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }
 
 impl MetricRecord {
+    /// The training stage after the first that wrote the record (`dpo`), if one did.
+    pub fn stage(&self) -> Option<&str> {
+        match self {
+            Self::Eval(_) => None,
+            Self::Step(r) => r.stage.as_deref(),
+            Self::Epoch(r) => r.stage.as_deref(),
+        }
+    }
+
     /// The optimizer step the record was taken at.
     pub fn step(&self) -> usize {
         match self {
@@ -318,6 +347,8 @@ impl RunDir {
                 // its step's evaluation); the eval stage runs again after training.
                 let stays = match &record {
                     MetricRecord::Eval(_) => false,
+                    // A later training stage's records are its own to restart (`restart_stage`).
+                    other if other.stage().is_some() => true,
                     other => other.step() <= step,
                 };
                 if stays {
@@ -333,6 +364,7 @@ impl RunDir {
             let dropped = events.retain(|tag, at| match tag {
                 tensorboard::HPARAMS_START_TAG => true,
                 tag if TRAINING_TAGS.iter().any(|prefix| tag.starts_with(prefix)) => at <= step,
+                tag if LATER_STAGES.iter().any(|stage| tag.starts_with(&stage_prefix(Some(stage)))) => true,
                 _ => false,
             })?;
             if dropped > 0 {
@@ -347,6 +379,27 @@ impl RunDir {
         self.meta.error = None;
         self.meta.resumed.push(now());
         self.write_meta()
+    }
+
+    /// Make the folder ready for training stage `stage` (after the first) to continue from
+    /// its optimizer step `step` (0: from its start): its records after that step go.
+    pub fn restart_stage(&self, stage: &str, step: usize) -> Result<()> {
+        let metrics = self.file(METRICS_FILE);
+        if metrics.exists() {
+            let mut kept = String::new();
+            for record in read_metrics(&self.path) {
+                if record.stage() != Some(stage) || record.step() <= step {
+                    kept += &serde_json::to_string(&record)?;
+                    kept.push('\n');
+                }
+            }
+            write_atomic(&metrics, kept.as_bytes())?;
+        }
+        if let Some(events) = &self.events {
+            let prefix = stage_prefix(Some(stage));
+            events.retain(|tag, at| !tag.starts_with(&prefix) || at <= step)?;
+        }
+        Ok(())
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -393,18 +446,25 @@ impl RunDir {
         append_line(&self.file(METRICS_FILE), &serde_json::to_string(record)?)?;
         let Some(events) = &self.events else { return Ok(()) };
         match record {
-            MetricRecord::Step(r) => events.scalars(
-                r.step,
-                &[
-                    ("train/loss", r.loss),
-                    ("train/lr", r.lr),
-                    ("train/grad_norm", r.grad_norm),
-                    ("train/tokens_per_s", r.tokens_per_s),
-                    ("train/epoch", r.epoch as f64),
-                ],
-            ),
+            MetricRecord::Step(r) => {
+                let prefix = stage_prefix(r.stage.as_deref());
+                let mut values = vec![
+                    ("train/loss".to_string(), r.loss),
+                    ("train/lr".into(), r.lr),
+                    ("train/grad_norm".into(), r.grad_norm),
+                    ("train/tokens_per_s".into(), r.tokens_per_s),
+                    ("train/epoch".into(), r.epoch as f64),
+                ];
+                values.extend(r.figures.iter().map(|(name, v)| (format!("train/{name}"), v.0)));
+                let tagged: Vec<(String, f64)> = values.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)).collect();
+                events.scalars(r.step, &tagged.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>())
+            }
             MetricRecord::Epoch(r) => {
-                events.scalars(r.step, &[("val/loss", r.val_loss), ("val/ppl", r.val_ppl)])?;
+                let prefix = stage_prefix(r.stage.as_deref());
+                let mut values = vec![(format!("{prefix}val/loss"), r.val_loss)];
+                values.extend(r.val_ppl.map(|ppl| (format!("{prefix}val/ppl"), ppl)));
+                values.extend(r.figures.iter().map(|(name, v)| (format!("{prefix}val/{name}"), v.0)));
+                events.scalars(r.step, &values.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>())?;
                 match &r.responses {
                     Some(scores) => events.scalars(
                         r.step,
@@ -451,6 +511,15 @@ impl RunDir {
 
 /// The TensorBoard tags the training stage writes (steps and validation).
 const TRAINING_TAGS: [&str; 2] = ["train/", "val/"];
+
+/// The training stages that come after the first and count their own steps.
+pub const LATER_STAGES: [&str; 1] = ["dpo"];
+
+/// Where a later training stage's TensorBoard tags go: `dpo/train/loss`, … (the first
+/// stage's are `train/loss`, …).
+fn stage_prefix(stage: Option<&str>) -> String {
+    stage.map(|s| format!("{s}/")).unwrap_or_default()
+}
 
 fn append_line(path: &Path, line: &str) -> Result<()> {
     let mut file = OpenOptions::new()

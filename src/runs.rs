@@ -33,6 +33,39 @@ pub struct Run {
     pub spec: toml::Table,
     /// The eval stage's scores of answers to held-out prompts, if it made them.
     pub responses: Option<ResponseEval>,
+    /// The dpo stage's records, if it ran: its steps count from 1 again, apart from SFT's.
+    pub dpo: Option<DpoCurves>,
+}
+
+/// What a run's dpo stage recorded.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DpoCurves {
+    /// (step, DPO loss) per optimizer step.
+    pub loss: Vec<(u64, f64)>,
+    /// Each evaluation on the held-out pairs.
+    pub val: Vec<DpoVal>,
+}
+
+/// One evaluation of the dpo stage on its held-out pairs.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct DpoVal {
+    pub step: u64,
+    pub loss: f64,
+    /// The fraction of pairs whose chosen completion the policy rewards above the rejected one.
+    pub reward_accuracy: Option<f64>,
+    /// The mean reward margin (chosen − rejected).
+    pub reward_margin: Option<f64>,
+}
+
+impl DpoCurves {
+    /// The last evaluation on the held-out pairs.
+    pub fn last_val(&self) -> Option<&DpoVal> {
+        self.val.last()
+    }
+
+    pub fn lowest_val_loss(&self) -> Option<f64> {
+        self.val.iter().map(|v| v.loss).filter(|l| !l.is_nan()).min_by(f64::total_cmp)
+    }
 }
 
 impl Run {
@@ -44,8 +77,24 @@ impl Run {
         }
         let (mut train_loss, mut val_loss, mut eval_val_loss, mut responses) =
             (Vec::new(), Vec::new(), Vec::new(), None);
+        let mut dpo: Option<DpoCurves> = None;
         for record in run_dir::read_metrics(path) {
             let step = record.step() as u64;
+            if record.stage() == Some("dpo") {
+                let curves = dpo.get_or_insert_with(DpoCurves::default);
+                let figure = |figures: &run_dir::Figures, name: &str| figures.get(name).map(|f| f.0);
+                match record {
+                    MetricRecord::Step(r) => curves.loss.push((step, r.loss)),
+                    MetricRecord::Epoch(r) => curves.val.push(DpoVal {
+                        step,
+                        loss: r.val_loss,
+                        reward_accuracy: figure(&r.figures, "rewards/accuracies"),
+                        reward_margin: figure(&r.figures, "rewards/margins"),
+                    }),
+                    MetricRecord::Eval(_) => {}
+                }
+                continue;
+            }
             match record {
                 MetricRecord::Step(r) => train_loss.push((step, r.loss)),
                 MetricRecord::Epoch(r) => val_loss.push((step, r.val_loss)),
@@ -61,7 +110,7 @@ impl Run {
             .ok()
             .and_then(|t| t.parse::<toml::Table>().ok())
             .unwrap_or_default();
-        Ok(Self { path: path.to_path_buf(), meta, train_loss, val_loss, eval_val_loss, spec, responses })
+        Ok(Self { path: path.to_path_buf(), meta, train_loss, val_loss, eval_val_loss, spec, responses, dpo })
     }
 
     /// `name@id`, how runs are named on the command line.
@@ -336,8 +385,9 @@ pub fn table(runs: &[Run]) -> String {
         "final model",
         "backend",
     ];
+    let with_dpo = runs.iter().any(|r| r.dpo.is_some());
     let rows = runs.iter().map(|r| {
-        vec![
+        let mut row = vec![
             r.meta.name.clone(),
             r.meta.run_id.clone(),
             r.status(),
@@ -348,9 +398,19 @@ pub fn table(runs: &[Run]) -> String {
             r.lowest_val_cell(),
             r.final_model(),
             r.meta.backend.clone(),
-        ]
+        ];
+        if with_dpo {
+            row.push(r.dpo.as_ref().and_then(DpoCurves::last_val).map_or("-".into(), |v| {
+                format!("{} / {}", fmt_opt(v.reward_accuracy, 3), fmt_opt(v.reward_margin, 3))
+            }));
+        }
+        row
     });
-    let rows: Vec<Vec<String>> = std::iter::once(header.map(String::from).to_vec()).chain(rows).collect();
+    let mut header: Vec<String> = header.map(String::from).to_vec();
+    if with_dpo {
+        header.push("dpo val reward acc / margin".into());
+    }
+    let rows: Vec<Vec<String>> = std::iter::once(header).chain(rows).collect();
     render_rows(&rows)
 }
 
@@ -418,6 +478,7 @@ impl<'a> Comparison<'a> {
                 "train_loss": r.train_loss,
                 "val_loss": r.val_loss,
                 "eval_val_loss": r.eval_val_loss,
+                "dpo": r.dpo,
             })).collect::<Vec<_>>(),
             "spec_diff": self.spec_diff,
             "plot": plot,
@@ -497,6 +558,38 @@ impl<'a> Comparison<'a> {
             for (i, r) in self.runs.iter().enumerate() {
                 let n = r.responses.as_ref().map_or("-".into(), |r| r.examples.to_string());
                 rows.push(vec![labels[i].clone(), n, em[i].clone(), f1[i].clone(), rl[i].clone()]);
+            }
+            out.push_str(&indent(&render_rows(&rows)));
+        }
+        if self.runs.iter().any(|r| r.dpo.is_some()) {
+            out.push_str(match marks {
+                true => "\npreference tuning (dpo) on its held-out pairs (* the best):\n",
+                false => "\npreference tuning (dpo) on its held-out pairs:\n",
+            });
+            let pick = |f: &dyn Fn(&DpoCurves) -> Option<f64>, high: bool, digits: usize| -> Vec<String> {
+                let values: Vec<Option<f64>> = self.runs.iter().map(|r| r.dpo.as_ref().and_then(f)).collect();
+                let best = values.iter().flatten().copied().reduce(|a, b| if (b > a) == high { b } else { a });
+                let mark = |v: &Option<f64>| if marks && v.is_some() && *v == best { "*" } else { "" };
+                values.iter().map(|v| fmt_opt(*v, digits) + mark(v)).collect()
+            };
+            let last_loss = pick(&|d| d.loss.last().map(|p| p.1), false, 4);
+            let val = pick(&|d| d.lowest_val_loss(), false, 4);
+            let accuracy = pick(&|d| d.last_val().and_then(|v| v.reward_accuracy), true, 3);
+            let margin = pick(&|d| d.last_val().and_then(|v| v.reward_margin), true, 3);
+            let mut rows = vec![[
+                "run",
+                "steps",
+                "last train loss",
+                "lowest val loss",
+                "last val reward accuracy",
+                "last val reward margin",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for (i, r) in self.runs.iter().enumerate() {
+                let steps = r.dpo.as_ref().and_then(|d| d.loss.last()).map_or("-".into(), |p| p.0.to_string());
+                let row = [&labels[i], &steps, &last_loss[i], &val[i], &accuracy[i], &margin[i]];
+                rows.push(row.map(|c| c.to_string()).to_vec());
             }
             out.push_str(&indent(&render_rows(&rows)));
         }

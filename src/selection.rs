@@ -64,7 +64,7 @@ impl Selection {
 
 /// What the train stage chose: the best model seen, whether it stopped early, and which model
 /// `final/` (and the stages after it) is.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingOutcome {
     #[serde(flatten)]
     pub selection: Selection,
@@ -73,4 +73,7 @@ pub struct TrainingOutcome {
     pub final_model: FinalModel,
     /// The step the final model was trained to.
     pub final_step: usize,
+    /// The training stage this is the outcome of, after the first (`dpo`); absent for `train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }

@@ -17,11 +17,12 @@ use rand::SeedableRng;
 
 use crate::adam::{check_state, FusedAdam, ModelState};
 use crate::checkpoint::{self, Progress};
-use crate::data::{Examples, PreparedData, Sequence, Tok};
+use crate::data::{Examples, PreparedData, Tok};
 use crate::distributed::{Peer, Peers, Topology};
 use crate::error::{bad_input, Interrupted};
+use crate::json_float::Float;
 use crate::model::{params, CausalLm, FusedOps, Model, TrainBackend, TrainableLm};
-use crate::objective::{Objective, TokenLoss};
+use crate::objective::{Objective, TokenLoss, TrainingSet};
 use crate::response_metrics::{answer_all, ResponseScores};
 use crate::run_dir::{EpochRecord, MetricRecord, RunDir, StepRecord};
 use crate::selection::{Scored, Selection};
@@ -75,7 +76,7 @@ struct CheckpointAt<'a, M> {
 }
 
 /// What one optimizer step saw.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepStats {
     /// Mean loss over the step's trained tokens, before the update.
     pub loss: f64,
@@ -89,6 +90,8 @@ pub struct StepStats {
     pub loss_tokens: usize,
     /// Seconds in the step's all-reduce (data-parallel runs).
     pub allreduce_s: Option<f64>,
+    /// The objective's figures, as means over the step's loss units.
+    pub figures: Vec<f64>,
 }
 
 /// The optimizer, the objective and how to step them: one `step` is one update of the model
@@ -155,17 +158,19 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
         let rank = self.peer.as_ref().map_or(0, |p| p.rank);
         let mut accumulator = GradientsAccumulator::<M>::new();
         let (mut loss, mut tokens, mut positions) = (0.0f64, 0usize, 0usize);
+        let mut figures = vec![0.0; self.objective.figure_names().len()];
         for (i, micro) in micro_batches.iter().enumerate() {
-            let (micro_loss, counts) = {
+            let done = {
                 let _turn = self.peer.as_ref().map(Peer::forward_turn);
                 if let Some(seed) = dropout_seed {
                     B::seed(&self.device, dropout_draws(seed, rank, i));
                 }
                 self.objective.loss_sum(&model, micro, &self.device)
             };
-            tokens += counts.tokens;
-            positions += counts.positions;
-            let micro_loss = micro_loss.div_scalar(loss_tokens as f64);
+            tokens += done.counts.tokens;
+            positions += done.counts.positions;
+            figures.iter_mut().zip(&done.figures).for_each(|(sum, f)| *sum += f);
+            let micro_loss = done.loss.div_scalar(loss_tokens as f64);
             loss += micro_loss.clone().into_scalar().elem::<f64>();
             let grads = GradientsParams::from_grads(micro_loss.backward(), &model);
             accumulator.accumulate(&model, grads);
@@ -174,11 +179,13 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
         let mut allreduce_s = None;
         if let Some(peer) = &mut self.peer {
             let started = Instant::now();
-            let extras = [loss, tokens as f64, positions as f64, stop.unwrap_or(0) as f64];
+            let mut extras = vec![loss, tokens as f64, positions as f64, stop.unwrap_or(0) as f64];
+            extras.extend(&figures);
             let summed;
             (grads, summed) =
                 peer.sum_gradients(&model, grads, &extras, "summing the step's gradients", &self.device)?;
             (loss, tokens, positions) = (summed[0], summed[1] as usize, summed[2] as usize);
+            figures = summed[4..].to_vec();
             // Any peer's signal stops them all after this step (its number, or SIGTERM's if several).
             stop = (summed[3] > 0.0).then(|| stop.unwrap_or(if summed[3] <= 64.0 { summed[3] as i32 } else { 15 }));
             allreduce_s = Some(started.elapsed().as_secs_f64());
@@ -192,7 +199,8 @@ impl<B: TrainBackend, M: TrainableLm<B>, O: Objective<B, M>> Trainer<B, M, O> {
             bail!("the gradient norm became {grad_norm} (the loss was {loss:.4}); {NON_FINITE}");
         }
         let model = self.optim.step(lr, model, grads);
-        Ok((model, StepStats { loss, grad_norm, tokens, positions, loss_tokens, allreduce_s }, stop))
+        figures.iter_mut().for_each(|f| *f /= loss_tokens.max(1) as f64);
+        Ok((model, StepStats { loss, grad_norm, tokens, positions, loss_tokens, allreduce_s, figures }, stop))
     }
 }
 
@@ -240,13 +248,43 @@ impl StepPlan {
     }
 }
 
-/// Everything the training stage works with besides the model.
-#[derive(Clone, Copy)]
-pub struct TrainContext<'a, B: TrainBackend> {
+/// Which training stage the loop runs: where its checkpoints go and how its records are marked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainStage {
+    /// Supervised fine-tuning: checkpoints under the run folder, records unmarked.
+    Train,
+    /// Preference tuning: checkpoints under `<run>/dpo/`, records marked `"stage": "dpo"`.
+    Dpo,
+}
+
+impl TrainStage {
+    /// The folder this stage's checkpoints (and best model) are kept under.
+    pub fn folder(self, run: &Path) -> PathBuf {
+        match self {
+            TrainStage::Train => run.to_path_buf(),
+            TrainStage::Dpo => run.join("dpo"),
+        }
+    }
+
+    /// How its records are marked.
+    pub fn tag(self) -> Option<String> {
+        match self {
+            TrainStage::Train => None,
+            TrainStage::Dpo => Some("dpo".into()),
+        }
+    }
+}
+
+/// Everything a training stage works with besides the model.
+pub struct TrainContext<'a, B: TrainBackend, S: TrainingSet = Examples> {
+    /// The spec, its `[train]` and `[optimizer]` as this stage trains with them.
     pub spec: &'a Spec,
-    /// The tokenizer, the training and validation examples, and how prompts are laid out (for
-    /// the answers that select the best model).
+    /// The tokenizer, and the SFT validation prompts and their layout (for the answers that
+    /// select the best model).
     pub data: &'a PreparedData,
+    pub train: &'a S,
+    pub val: &'a [S::Example],
+    pub stage: TrainStage,
     /// The run folder; None on the nodes of a multi-node run other than node 0.
     pub run: Option<&'a RunDir>,
     pub device: &'a B::Device,
@@ -254,14 +292,22 @@ pub struct TrainContext<'a, B: TrainBackend> {
     pub stop: &'a StopSignal,
 }
 
+impl<B: TrainBackend, S: TrainingSet> Clone for TrainContext<'_, B, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: TrainBackend, S: TrainingSet> Copy for TrainContext<'_, B, S> {}
+
 /// Train for the spec's epochs, evaluating on the validation set after each, checkpointing
 /// every `train.checkpoint_every` steps and at the end. With `resume` (a checkpoint whose
 /// weights `model` already holds, and where training stood), training continues exactly where
 /// the interrupted run stood. With several peers (`run.devices`, `[distributed]`), this
 /// process trains its peers on threads of their own and returns rank 0's model. `objective` is
 /// what every step minimises and every validation measures.
-pub fn train<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
-    ctx: &TrainContext<'_, B>,
+pub fn train<B: TrainBackend, M: TrainableLm<B>, S: TrainingSet, O: LoopObjective<B, M, S::Example>>(
+    ctx: &TrainContext<'_, B, S>,
     model: M,
     objective: O,
     resume: Option<(&Path, Progress)>,
@@ -279,7 +325,7 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
     // read, so that one that hangs cannot keep this process from ending with the error.
     let (done, finished) = mpsc::channel();
     if !ranks.is_empty() {
-        let shared = Arc::new(OwnedContext::<B>::of(ctx));
+        let shared = Arc::new(OwnedContext::<B, S>::of(ctx));
         for rank in ranks {
             let (peers, shared, done, fingerprints, objective) =
                 (peers.clone(), shared.clone(), done.clone(), fingerprints.clone(), objective.clone());
@@ -315,10 +361,10 @@ pub fn train<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
 }
 
 /// Join the run as `rank`, check that every peer trains the same thing, and train.
-fn join_and_train<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
+fn join_and_train<B: TrainBackend, M: TrainableLm<B>, S: TrainingSet, O: LoopObjective<B, M, S::Example>>(
     peers: &Peers,
     rank: usize,
-    ctx: &TrainContext<'_, B>,
+    ctx: &TrainContext<'_, B, S>,
     model: M,
     objective: O,
     resume: Option<(&Path, Progress)>,
@@ -331,35 +377,55 @@ fn join_and_train<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>
 
 /// What a peer on a thread of its own reads, owned: the data and settings of a `TrainContext`
 /// (no run folder: only the first peer of node 0 writes).
-struct OwnedContext<B: TrainBackend> {
+struct OwnedContext<B: TrainBackend, S: TrainingSet> {
     spec: Spec,
     data: PreparedData,
+    train: S,
+    val: Vec<S::Example>,
+    stage: TrainStage,
     device: B::Device,
     stop: StopSignal,
 }
 
-impl<B: TrainBackend> OwnedContext<B> {
-    fn of(ctx: &TrainContext<'_, B>) -> Self {
-        Self { spec: ctx.spec.clone(), data: ctx.data.clone(), device: ctx.device.clone(), stop: ctx.stop.clone() }
+impl<B: TrainBackend, S: TrainingSet> OwnedContext<B, S> {
+    fn of(ctx: &TrainContext<'_, B, S>) -> Self {
+        Self {
+            spec: ctx.spec.clone(),
+            data: ctx.data.clone(),
+            train: ctx.train.clone(),
+            val: ctx.val.to_vec(),
+            stage: ctx.stage,
+            device: ctx.device.clone(),
+            stop: ctx.stop.clone(),
+        }
     }
 
-    fn borrow(&self) -> TrainContext<'_, B> {
-        TrainContext { spec: &self.spec, data: &self.data, run: None, device: &self.device, stop: &self.stop }
+    fn borrow(&self) -> TrainContext<'_, B, S> {
+        TrainContext {
+            spec: &self.spec,
+            data: &self.data,
+            train: &self.train,
+            val: &self.val,
+            stage: self.stage,
+            run: None,
+            device: &self.device,
+            stop: &self.stop,
+        }
     }
 }
 
 /// What the peers of a run compare before training: the spec (less what differs by node),
 /// the training data, the model's weights, and where training stands. Reading every weight
 /// also initialises lazily created parameters, so that the peers' clones share them.
-fn fingerprints<B: TrainBackend, M: TrainableLm<B>>(
-    ctx: &TrainContext<'_, B>,
+fn fingerprints<B: TrainBackend, M: TrainableLm<B>, S: TrainingSet>(
+    ctx: &TrainContext<'_, B, S>,
     model: &M,
     resume: Option<(&Path, Progress)>,
 ) -> Vec<(&'static str, u64)> {
     use sha2::Digest;
     let digest = |bytes: &[u8]| u64::from_le_bytes(sha2::Sha256::digest(bytes)[..8].try_into().expect("8 bytes"));
     let spec = digest(serde_json::to_string(&ctx.spec.shared_by_nodes()).unwrap_or_default().as_bytes());
-    let data = ctx.data.train.fingerprint();
+    let data = ctx.train.fingerprint();
     let weights = params::fingerprint(model);
     let step = resume.map_or(0, |(_, progress)| progress.step as u64);
     vec![("spec", spec), ("training data", data), ("model weights", weights), ("resume step", step)]
@@ -368,8 +434,8 @@ fn fingerprints<B: TrainBackend, M: TrainableLm<B>>(
 /// The training loop of one peer (or of the only device, with no `peer`), top to bottom:
 /// each step is trained and logged; then, when due, validated (keeping the best model); then
 /// training stops early, stops on a signal, or checkpoints and goes on.
-fn train_peer<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
-    ctx: &TrainContext<'_, B>,
+fn train_peer<B: TrainBackend, M: TrainableLm<B>, S: TrainingSet, O: LoopObjective<B, M, S::Example>>(
+    ctx: &TrainContext<'_, B, S>,
     mut model: M,
     objective: O,
     resume: Option<(&Path, Progress)>,
@@ -383,8 +449,7 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
     }
     let per_step = lp.plan.examples_per_step;
     'epochs: for epoch in start.epoch..=train_spec.epochs {
-        let order =
-            epoch_order(&ctx.data.train, ctx.spec.run.seed, epoch, train_spec.group_by_length.then_some(per_step));
+        let order = epoch_order(ctx.train, ctx.spec.run.seed, epoch, train_spec.group_by_length.then_some(per_step));
         // A position past the end is possible only when the data shrank under a resume.
         let skip = if epoch == start.epoch { start.position.min(order.len()) } else { 0 };
         let bar = match lp.writes() {
@@ -398,23 +463,23 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
             (model, done) = lp.step(model, step_examples, epoch)?;
             epoch_loss.add(&done.stats);
             let step = done.step;
-            let position = (skip + (i + 1) * per_step).min(ctx.data.train.len());
+            let position = (skip + (i + 1) * per_step).min(ctx.train.len());
             // Evaluations come before the step's checkpoint, so a checkpoint holds everything
             // logged up to its step (and where selection stood) and a resumed run neither
             // repeats nor loses one.
-            let epoch_done = position == ctx.data.train.len();
+            let epoch_done = position == ctx.train.len();
             let validation = match lp.validation_due(step, epoch_done) {
                 true => Some(lp.validate(&model, step, epoch)?),
                 false => None,
             };
             if epoch_done && lp.writes() {
-                epoch_loss.log(epoch, validation);
+                epoch_loss.log(epoch, validation.as_ref());
             }
             let val = lp.latest_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
             bar.set_message(format!("loss {:.4}{val}  {:.0} tok/s", done.stats.loss, done.tokens_per_s));
             bar.inc(1);
             let progress = Progress { step, epoch, position, selection: lp.summary.selection };
-            if validation.is_some_and(|v| v.stop_early) {
+            if validation.as_ref().is_some_and(|v| v.stop_early) {
                 bar.finish_and_clear();
                 lp.checkpoint(&model, progress)?;
                 lp.log_early_stop(step);
@@ -433,29 +498,22 @@ fn train_peer<B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>>(
     lp.finish(model)
 }
 
-/// An objective the loop trains with: one over the data's sequences, which its peers share.
-pub trait SequenceObjective<B: TrainBackend, M: TrainableLm<B>>:
-    Objective<B, M, Example = Sequence>
-    + Objective<B::InnerBackend, M::InnerModule, Example = Sequence>
-    + Clone
-    + Send
-    + 'static
+/// An objective the loop trains with, over examples `E`: it trains the model and measures
+/// the model without gradients alike, and its peers share it.
+pub trait LoopObjective<B: TrainBackend, M: TrainableLm<B>, E>:
+    Objective<B, M, Example = E> + Objective<B::InnerBackend, M::InnerModule, Example = E> + Clone + Send + 'static
 {
 }
 
-impl<B: TrainBackend, M: TrainableLm<B>, O> SequenceObjective<B, M> for O where
-    O: Objective<B, M, Example = Sequence>
-        + Objective<B::InnerBackend, M::InnerModule, Example = Sequence>
-        + Clone
-        + Send
-        + 'static
+impl<B: TrainBackend, M: TrainableLm<B>, E, O> LoopObjective<B, M, E> for O where
+    O: Objective<B, M, Example = E> + Objective<B::InnerBackend, M::InnerModule, Example = E> + Clone + Send + 'static
 {
 }
 
 /// One peer's training: the trainer, the plan, the schedule, where it started and what it has
 /// seen so far, and where it writes (rank 0 only).
-struct PeerLoop<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> {
-    ctx: &'a TrainContext<'a, B>,
+struct PeerLoop<'a, B: TrainBackend, M: TrainableLm<B>, S: TrainingSet, O: LoopObjective<B, M, S::Example>> {
+    ctx: &'a TrainContext<'a, B, S>,
     trainer: Trainer<B, M, O>,
     objective: O,
     plan: StepPlan,
@@ -479,17 +537,21 @@ struct StepDone {
 }
 
 /// What a validation found.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Validation {
     val_loss: f64,
+    /// The objective's figures on the validation set.
+    figures: Vec<(&'static str, f64)>,
     /// The answers' mean scores, when selection is by one of them.
     answers: Option<ResponseScores>,
     stop_early: bool,
 }
 
-impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoop<'a, B, M, O> {
+impl<'a, B: TrainBackend, M: TrainableLm<B>, S: TrainingSet, O: LoopObjective<B, M, S::Example>>
+    PeerLoop<'a, B, M, S, O>
+{
     fn setup(
-        ctx: &'a TrainContext<'a, B>,
+        ctx: &'a TrainContext<'a, B, S>,
         model: &M,
         objective: O,
         resume: Option<(&Path, Progress)>,
@@ -506,11 +568,10 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
             start = progress;
             tracing::info!(checkpoint = %dir.display(), step = start.step, epoch = start.epoch, "resuming");
         }
-        let plan = StepPlan::new(ctx.data.train.len(), train_spec, world)?;
+        let plan = StepPlan::new(ctx.train.len(), train_spec, world)?;
         let schedule = LrSchedule::new(opt, plan.total_steps);
         if run.is_some() {
-            let (examples, steps_per_epoch, total_steps) =
-                (ctx.data.train.len(), plan.steps_per_epoch, plan.total_steps);
+            let (examples, steps_per_epoch, total_steps) = (ctx.train.len(), plan.steps_per_epoch, plan.total_steps);
             tracing::info!(examples, steps_per_epoch, total_steps, peers = world, "training");
         }
         let summary =
@@ -542,10 +603,10 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
             Some(peer) => peer.share(step_examples, self.plan.examples_per_step / self.world),
             None => step_examples,
         };
-        // Read now (from the mapped cache, usually): only this step's sequences are in memory.
-        let sequences: Vec<Sequence> = mine.iter().map(|&i| ctx.data.train.get(i)).collect();
-        let micro_batches: Vec<Vec<&Sequence>> =
-            sequences.chunks(train_spec.batch_size).map(|chunk| chunk.iter().collect()).collect();
+        // Read now (from the mapped cache, usually): only this step's examples are in memory.
+        let examples: Vec<S::Example> = mine.iter().map(|&i| ctx.train.get(i)).collect();
+        let micro_batches: Vec<Vec<&S::Example>> =
+            examples.chunks(train_spec.batch_size).map(|chunk| chunk.iter().collect()).collect();
         let step = self.summary.steps + 1;
         if let (Some(peer), Some(hooks)) = (&self.trainer.peer, crate::hooks::installed()) {
             hooks.peer_step_begins(peer.rank, step)?;
@@ -554,7 +615,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
         // Dropout draws from the backend's generator: seeding it per step makes a resumed run
         // draw the same masks as an uninterrupted one.
         let share = StepShare {
-            loss_tokens: step_examples.iter().map(|&i| ctx.data.train.loss_tokens(i)).sum(),
+            loss_tokens: step_examples.iter().map(|&i| ctx.train.loss_units(i)).sum(),
             dropout_seed: Some(ctx.spec.run.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64)),
             stop: ctx.stop.requested(),
         };
@@ -579,11 +640,19 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
             tokens_per_s,
             elapsed_s: self.started.elapsed().as_secs_f64(),
             allreduce_s: stats.allreduce_s,
+            stage: ctx.stage.tag(),
+            figures: self.named(&stats.figures).collect(),
         }))?;
         if self.writes() && step.is_multiple_of(train_spec.log_every) {
             tracing::debug!(step, epoch, loss = stats.loss, lr, grad_norm = stats.grad_norm, tokens_per_s, "step");
         }
         Ok((model, StepDone { step, stats, tokens_per_s, stop }))
+    }
+
+    /// The objective's figures under their names.
+    fn named<'f>(&self, figures: &'f [f64]) -> impl Iterator<Item = (String, Float)> + 'f {
+        let names = <O as Objective<B, M>>::figure_names(&self.objective);
+        names.iter().zip(figures).map(|(name, value)| (name.to_string(), Float(*value)))
     }
 
     fn log_metrics(&self, record: &MetricRecord) -> Result<()> {
@@ -593,7 +662,7 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
     /// At each epoch's end and every `train.eval_every` steps, where there is validation data.
     fn validation_due(&self, step: usize, epoch_done: bool) -> bool {
         let every = self.ctx.spec.train.eval_every;
-        !self.ctx.data.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every)))
+        !self.ctx.val.is_empty() && (epoch_done || (every > 0 && step.is_multiple_of(every)))
     }
 
     /// The validation loss (and the answers' scores, when they select the model), logged; the
@@ -604,41 +673,47 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
         let valid = model.valid();
         let metric = train_spec.select_metric;
         let objective = &self.objective;
-        let (val_loss, responses) = match &mut self.trainer.peer {
+        let (val_loss, figures, responses) = match &mut self.trainer.peer {
             None => {
-                let (val_loss, _) = evaluate(&valid, objective, &ctx.data.val, train_spec.batch_size, device);
-                let responses = match metric.higher_is_better() {
+                let measured = evaluate(&valid, objective, ctx.val, train_spec.batch_size, device);
+                let responses = match metric.scores_answers() {
                     true => Some(answers(ctx, &valid)?),
                     false => None,
                 };
-                (val_loss, responses)
+                (measured.loss, measured.figures, responses)
             }
             // Each peer evaluates its share of the validation set; rank 0 answers.
             Some(peer) => {
-                let shard = peer.share(&ctx.data.val, ctx.data.val.len().div_ceil(world));
-                let (loss, tokens) = evaluate(&valid, objective, shard, train_spec.batch_size, device);
-                let scores = match (metric.higher_is_better(), peer.writes()) {
+                let shard = peer.share(ctx.val, ctx.val.len().div_ceil(world));
+                let measured = evaluate(&valid, objective, shard, train_spec.batch_size, device);
+                let scores = match (metric.scores_answers(), peer.writes()) {
                     (true, true) => Some(answers(ctx, &valid)?),
                     _ => None,
                 };
                 let s = scores.unwrap_or(ResponseScores { exact_match: 0.0, token_f1: 0.0, rouge_l: 0.0 });
-                let local = [loss * tokens as f64, tokens as f64, s.exact_match, s.token_f1, s.rouge_l];
+                let units = measured.units as f64;
+                let mut local = vec![measured.loss * units, units, s.exact_match, s.token_f1, s.rouge_l];
+                local.extend(measured.figures.iter().map(|f| f * units));
                 let all = peer.sum::<B::InnerBackend>(&local, "summing the evaluation", device)?;
-                let responses = metric.higher_is_better().then_some(ResponseScores {
+                let responses = metric.scores_answers().then_some(ResponseScores {
                     exact_match: all[2],
                     token_f1: all[3],
                     rouge_l: all[4],
                 });
-                (all[0] / all[1].max(1.0), responses)
+                let figures = all[5..].iter().map(|f| f / all[1].max(1.0)).collect();
+                (all[0] / all[1].max(1.0), figures, responses)
             }
         };
         let val_loss = measured("val_loss", val_loss);
+        let token_loss = ctx.stage == TrainStage::Train;
         self.log_metrics(&MetricRecord::Epoch(EpochRecord {
             step,
             epoch,
             val_loss,
-            val_ppl: val_loss.exp(),
+            val_ppl: token_loss.then(|| val_loss.exp()),
             responses,
+            stage: ctx.stage.tag(),
+            figures: self.named(&figures).collect(),
         }))?;
         // Never selected, never trained on: a model that measures NaN or infinity has diverged.
         if !val_loss.is_finite() {
@@ -652,13 +727,22 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
             (SelectMetric::ExactMatch, Some(r)) => r.exact_match,
             (SelectMetric::TokenF1, Some(r)) => r.token_f1,
             (SelectMetric::RougeL, Some(r)) => r.rouge_l,
+            (SelectMetric::RewardAccuracy, _) => {
+                let names = <O as Objective<B, M>>::figure_names(objective);
+                let at = names.iter().position(|name| *name == "rewards/accuracies").ok_or_else(|| {
+                    anyhow!("select_metric = reward_accuracy: this stage's objective measures no reward accuracy")
+                })?;
+                figures[at]
+            }
             _ => val_loss,
         };
         let verdict = self.summary.selection.observe(Scored { step, value }, train_spec);
         if let Some(run) = self.run.filter(|_| verdict.new_best) {
-            checkpoint::save_best(&run.path, &valid, &ctx.data.tok, Scored { step, value })?;
+            checkpoint::save_best(&ctx.stage.folder(&run.path), &valid, &ctx.data.tok, Scored { step, value })?;
         }
-        Ok(Validation { val_loss, answers: responses, stop_early: verdict.stop })
+        let names = <O as Objective<B, M>>::figure_names(objective);
+        let figures = names.iter().copied().zip(figures).collect();
+        Ok(Validation { val_loss, figures, answers: responses, stop_early: verdict.stop })
     }
 
     /// Every `train.checkpoint_every` steps, and after the last.
@@ -671,7 +755,8 @@ impl<'a, B: TrainBackend, M: TrainableLm<B>, O: SequenceObjective<B, M>> PeerLoo
     fn checkpoint(&self, model: &M, progress: Progress) -> Result<Option<PathBuf>> {
         let Some(run) = self.run else { return Ok(None) };
         let keep = self.ctx.spec.train.keep_checkpoints;
-        let at = CheckpointAt { run: &run.path, model, tok: &self.ctx.data.tok, progress, keep };
+        let folder = self.ctx.stage.folder(&run.path);
+        let at = CheckpointAt { run: &folder, model, tok: &self.ctx.data.tok, progress, keep };
         self.trainer.optim.save(at).map(Some)
     }
 
@@ -720,9 +805,19 @@ impl EpochLoss {
         self.tokens += stats.loss_tokens;
     }
 
-    fn log(&self, epoch: usize, validation: Option<Validation>) {
+    fn log(&self, epoch: usize, validation: Option<&Validation>) {
         let train_loss = self.sum / self.tokens.max(1) as f64;
         match validation {
+            Some(Validation { val_loss, figures, .. }) if !figures.is_empty() => {
+                let figures: Vec<String> = figures.iter().map(|(name, value)| format!("{name}={value:.4}")).collect();
+                tracing::info!(
+                    epoch,
+                    train_loss = format!("{train_loss:.4}"),
+                    val_loss = format!("{val_loss:.4}"),
+                    val = figures.join(" "),
+                    "epoch done"
+                )
+            }
             Some(Validation { val_loss, answers: Some(answers), .. }) => tracing::info!(
                 epoch,
                 train_loss = format!("{train_loss:.4}"),
@@ -745,8 +840,8 @@ impl EpochLoss {
 }
 
 /// The answers to the first `eval.responses` validation prompts, scored.
-fn answers<B: TrainBackend, V: CausalLm<B::InnerBackend>>(
-    ctx: &TrainContext<'_, B>,
+fn answers<B: TrainBackend, S: TrainingSet, V: CausalLm<B::InnerBackend>>(
+    ctx: &TrainContext<'_, B, S>,
     valid: &V,
 ) -> Result<ResponseScores> {
     let examples = &ctx.data.val[..ctx.spec.eval.responses.min(ctx.data.val.len())];
@@ -754,21 +849,34 @@ fn answers<B: TrainBackend, V: CausalLm<B::InnerBackend>>(
     Ok(answer_all(valid, &ctx.data.tok, &ctx.data.layout, examples, max_new, ctx.device, |_, _| Ok(()))?.scores)
 }
 
-/// The objective's token-weighted mean loss over `examples`, and the number of loss tokens.
+/// What an objective measured over a set of examples.
+pub struct Evaluated {
+    /// The mean loss over the loss units (tokens, pairs).
+    pub loss: f64,
+    pub units: usize,
+    /// The objective's figures, as means over the loss units.
+    pub figures: Vec<f64>,
+}
+
+/// The objective's mean loss and figures over `examples`, `batch_size` at a time.
 pub fn evaluate<B: FusedOps, M: CausalLm<B>, O: Objective<B, M>>(
     model: &M,
     objective: &O,
     examples: &[O::Example],
     batch_size: usize,
     device: &B::Device,
-) -> (f64, usize) {
-    let (mut sum, mut tokens) = (0.0, 0);
+) -> Evaluated {
+    let (mut sum, mut units) = (0.0, 0);
+    let mut figures = vec![0.0; objective.figure_names().len()];
     for chunk in examples.chunks(batch_size) {
         let refs: Vec<&O::Example> = chunk.iter().collect();
-        tokens += refs.iter().map(|e| objective.loss_tokens(e)).sum::<usize>();
-        sum += objective.loss_sum(model, &refs, device).0.into_scalar().elem::<f64>();
+        units += refs.iter().map(|e| objective.loss_tokens(e)).sum::<usize>();
+        let done = objective.loss_sum(model, &refs, device);
+        sum += done.loss.into_scalar().elem::<f64>();
+        figures.iter_mut().zip(&done.figures).for_each(|(total, f)| *total += f);
     }
-    (sum / tokens.max(1) as f64, tokens)
+    let per_unit = units.max(1) as f64;
+    Evaluated { loss: sum / per_unit, units, figures: figures.into_iter().map(|f| f / per_unit).collect() }
 }
 
 /// The order of examples in an epoch: a shuffle seeded by the run seed and the epoch, so the
@@ -778,7 +886,7 @@ pub fn evaluate<B: FusedOps, M: CausalLm<B>, O: Objective<B, M>>(
 /// a time, each group sorted by length and cut into steps, and the full steps of the epoch are
 /// shuffled again: a batch holds examples of similar length, so little of it is padding, while
 /// the epoch stays randomly ordered. A last, short step stays last.
-pub fn epoch_order(train: &Examples, seed: u64, epoch: usize, group_by_length: Option<usize>) -> Vec<usize> {
+pub fn epoch_order<S: TrainingSet>(train: &S, seed: u64, epoch: usize, group_by_length: Option<usize>) -> Vec<usize> {
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64));
     order.shuffle(&mut rng);

@@ -224,6 +224,7 @@ fn columns(path: &Path, schema: &Schema, spec: &DataSpec) -> Result<Vec<usize>> 
         DataKind::Alpaca => (vec![&spec.instruction_field, &spec.output_field], vec![&spec.input_field], None),
         DataKind::Text => (vec![&spec.text_field], vec![], None),
         DataKind::Chat => (vec![], vec![], Some(&spec.messages_field)),
+        DataKind::Preference => (vec![&spec.prompt_field, &spec.response_field, &spec.rejected_field], vec![], None),
     };
     let found = || schema.fields().iter().map(|f| format!("`{}`", f.name())).collect::<Vec<_>>().join(", ");
     let mut columns = Vec::new();

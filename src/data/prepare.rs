@@ -3,6 +3,7 @@
 //! vocabulary and context.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rand::rngs::StdRng;
@@ -10,12 +11,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::{
-    cache, pack, prompt_layout, records, sources, tokenize, Example, Examples, JinjaTemplate, PromptLayout,
-    RenderLimits, Sequence, Tok, TokenizeReport, TokenizeSettings, Tokenizing,
+    cache, pack, preference, prompt_layout, records, sources, tokenize, Example, Examples, JinjaTemplate,
+    PreferenceData, PromptLayout, RenderLimits, Sequence, Tok, TokenizeReport, TokenizeSettings, Tokenizing,
 };
 use crate::error::bad_input;
 use crate::model::{family, hf};
-use crate::spec::{DataKind, DataPaths, ModelSpec, Spec};
+use crate::spec::{DataKind, DataPaths, ModelSpec, Spec, Stage};
 
 /// The tokenizer and the tokenized train and validation sets of a spec.
 #[derive(Clone)]
@@ -31,6 +32,8 @@ pub struct PreparedData {
     pub layout: PromptLayout,
     /// With `train.packing`: how the training examples were packed.
     pub packing: Option<PackingReport>,
+    /// The `dpo` stage's preference pairs, when the spec runs it.
+    pub preference: Option<Arc<PreferenceData>>,
 }
 
 /// What packing made of the training examples.
@@ -48,7 +51,10 @@ impl PreparedData {
     /// unchanged), checking it against the model's vocabulary and context.
     pub fn prepare(spec: &Spec, tokenizer: Option<&Path>) -> Result<Self> {
         let model_dir = model_dir(&spec.model)?;
-        let files = sources::train_files(&spec.data)?;
+        let files = match spec.data.path.is_empty() {
+            true => Vec::new(),
+            false => sources::train_files(&spec.data)?,
+        };
         let val_files = sources::val_files(&spec.data)?;
         // The records are read whole only to train a tokenizer on them; tokenizing streams
         // them, and a cache hit reads none.
@@ -112,40 +118,13 @@ impl PreparedData {
             _ => None,
         };
         let layout = prompt_layout(&spec.data, chat.as_ref())?;
-        let entry = cache_entry(spec, &files, val_files.as_deref(), &tok, chat.as_ref(), max_length)?;
-        let tokenized = match cache::load(&entry) {
-            Some(cached) => {
-                tracing::info!(path = %entry.display(), "reusing the tokenized data from the cache");
-                cached
-            }
-            None => {
-                let (data, loss_on) = (&spec.data, spec.train.loss_on);
-                let settings = TokenizeSettings { tok: &tok, data, chat: chat.as_ref(), max_length, loss_on };
-                let read = examples.take();
-                match cache::Writer::create(&entry) {
-                    Ok(mut writer) => {
-                        let (report, val) =
-                            tokenize_data(spec, &files, val_files.as_deref(), &settings, read, |sequence| {
-                                writer.push(&sequence)
-                            })?;
-                        writer.finish(val, report).context("cannot write the tokenized cache")?;
-                        tracing::info!(path = %entry.display(), "tokenized the data and cached it");
-                        cache::load(&entry).with_context(|| format!("{}: cannot read back", entry.display()))?
-                    }
-                    Err(e) => {
-                        tracing::warn!("could not cache the tokenized data: {e:#}; keeping it in memory");
-                        let mut train = Vec::new();
-                        let (report, val) =
-                            tokenize_data(spec, &files, val_files.as_deref(), &settings, read, |sequence| {
-                                train.push(sequence);
-                                Ok(())
-                            })?;
-                        cache::Tokenized { train: train.into(), val, report }
-                    }
-                }
-            }
+        let tokenized = if spec.data.path.is_empty() {
+            // Only the dpo stage runs (validated): there is no SFT data to tokenize.
+            cache::Tokenized { train: Vec::new().into(), val: Vec::new(), report: Default::default() }
+        } else {
+            tokenize_sft(spec, &files, val_files.as_deref(), &tok, chat.as_ref(), max_length, examples.take())?
         };
-        if tokenized.train.is_empty() {
+        if tokenized.train.is_empty() && !spec.data.path.is_empty() {
             return Err(bad_input(format!(
                 "{}: no training sequences are left after tokenizing",
                 spec.data.path.display()
@@ -167,8 +146,71 @@ impl PreparedData {
             }
             false => (tokenized.train, None),
         };
-        Ok(Self { tok, train, val: tokenized.val, report: tokenized.report, model_dir, layout, packing })
+        let preference = match (&spec.dpo, spec.run.stages.contains(&Stage::Dpo)) {
+            (Some(dpo), true) => {
+                let dpo_max_length = dpo.max_length.unwrap_or(max_length);
+                if dpo_max_length > context {
+                    return Err(bad_input(format!(
+                        "dpo.max_length = {dpo_max_length} is longer than the model's context of {context} positions"
+                    )));
+                }
+                // Conversational pairs are laid out by the data's chat template, whatever its kind.
+                let limits = RenderLimits { steps: spec.data.max_template_steps, bytes: spec.data.max_record_bytes };
+                let dpo_chat = match &chat {
+                    Some(jinja) => Some(jinja.clone()),
+                    None => JinjaTemplate::resolve(&spec.data.chat_template, tokenizer_dir, &tok, limits)?,
+                };
+                let pairs =
+                    preference::prepare(dpo, &spec.data, dpo_chat.as_ref(), &tok, dpo_max_length, spec.run.seed)?;
+                tracing::info!(train = pairs.train.len(), val = pairs.val.len(), "preference pairs");
+                Some(Arc::new(pairs))
+            }
+            _ => None,
+        };
+        Ok(Self { tok, train, val: tokenized.val, report: tokenized.report, model_dir, layout, packing, preference })
     }
+}
+
+/// The SFT data tokenized, from the cache when an entry for the same files and settings is
+/// there, else tokenized (streamed, or from `examples` already read) and cached.
+fn tokenize_sft(
+    spec: &Spec,
+    files: &[PathBuf],
+    val_files: Option<&[PathBuf]>,
+    tok: &Tok,
+    chat: Option<&JinjaTemplate>,
+    max_length: usize,
+    examples: Option<ReadExamples>,
+) -> Result<cache::Tokenized> {
+    let entry = cache_entry(spec, files, val_files, tok, chat, max_length)?;
+    Ok(match cache::load(&entry) {
+        Some(cached) => {
+            tracing::info!(path = %entry.display(), "reusing the tokenized data from the cache");
+            cached
+        }
+        None => {
+            let (data, loss_on) = (&spec.data, spec.train.loss_on);
+            let settings = TokenizeSettings { tok, data, chat, max_length, loss_on };
+            match cache::Writer::create(&entry) {
+                Ok(mut writer) => {
+                    let (report, val) =
+                        tokenize_data(spec, files, val_files, &settings, examples, |sequence| writer.push(&sequence))?;
+                    writer.finish(val, report).context("cannot write the tokenized cache")?;
+                    tracing::info!(path = %entry.display(), "tokenized the data and cached it");
+                    cache::load(&entry).with_context(|| format!("{}: cannot read back", entry.display()))?
+                }
+                Err(e) => {
+                    tracing::warn!("could not cache the tokenized data: {e:#}; keeping it in memory");
+                    let mut train = Vec::new();
+                    let (report, val) = tokenize_data(spec, files, val_files, &settings, examples, |sequence| {
+                        train.push(sequence);
+                        Ok(())
+                    })?;
+                    cache::Tokenized { train: train.into(), val, report }
+                }
+            }
+        }
+    })
 }
 
 /// The cache entry for a spec's data: the training and validation files' bytes, the tokenizer, the chat
@@ -315,7 +357,7 @@ fn held_out(count: usize, fraction: f64, seed: u64) -> std::collections::HashSet
 }
 
 /// Hold out `fraction` of the examples for validation, as `held_out` chooses them.
-fn split(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+pub(super) fn split(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
     let held_out = held_out(examples.len(), fraction, seed);
     let (val, train): (Vec<_>, Vec<_>) = examples.into_iter().enumerate().partition(|(i, _)| held_out.contains(i));
     (train.into_iter().map(|(_, e)| e).collect(), val.into_iter().map(|(_, e)| e).collect())

@@ -24,10 +24,33 @@ pub struct Example {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
-    Pair { prompt: String, response: String },
-    Alpaca { instruction: String, input: String, output: String },
-    Chat { messages: Vec<Message> },
-    Text { text: String },
+    Pair {
+        prompt: String,
+        response: String,
+    },
+    Alpaca {
+        instruction: String,
+        input: String,
+        output: String,
+    },
+    Chat {
+        messages: Vec<Message>,
+    },
+    Text {
+        text: String,
+    },
+    Preference {
+        prompt: String,
+        chosen: String,
+        rejected: String,
+    },
+    /// A preference pair in TRL's conversational form: the prompt's turns, then the chosen and
+    /// the rejected completions' turns (an assistant's answer each).
+    ChatPreference {
+        prompt: Vec<Message>,
+        chosen: Vec<Message>,
+        rejected: Vec<Message>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +84,10 @@ impl Example {
             Record::Alpaca { instruction, input, output } => vec![instruction, input, output],
             Record::Chat { messages } => messages.iter().map(|m| m.content.as_str()).collect(),
             Record::Text { text } => vec![text],
+            Record::Preference { prompt, chosen, rejected } => vec![prompt, chosen, rejected],
+            Record::ChatPreference { prompt, chosen, rejected } => {
+                prompt.iter().chain(chosen).chain(rejected).map(|m| m.content.as_str()).collect()
+            }
         }
     }
 }
@@ -352,6 +379,43 @@ fn record(path: &Path, line: usize, row: &Row, spec: &DataSpec) -> Result<Record
             output: field(&spec.output_field, true)?,
         },
         DataKind::Text => Record::Text { text: field(&spec.text_field, true)? },
+        DataKind::Preference => match row {
+            Row::Json(value) if value.get(&spec.prompt_field).is_some_and(Value::is_array) => {
+                let turns = |name: &str| -> Result<Vec<Message>> {
+                    let list = value
+                        .get(name)
+                        .ok_or_else(|| bad_input(format!("{}: record has no field `{name}`", at())))?
+                        .as_array()
+                        .ok_or_else(|| {
+                            bad_input(format!(
+                                "{}: field `{name}` must be a list of messages, as `{}` is",
+                                at(),
+                                spec.prompt_field
+                            ))
+                        })?;
+                    list.iter()
+                        .enumerate()
+                        .map(|(i, m)| {
+                            message(m)
+                                .map_err(|why| bad_input(format!("{}: field `{name}`, message {}: {why}", at(), i + 1)))
+                        })
+                        .collect()
+                };
+                let (prompt, chosen, rejected) =
+                    (turns(&spec.prompt_field)?, turns(&spec.response_field)?, turns(&spec.rejected_field)?);
+                for (name, completion) in [(&spec.response_field, &chosen), (&spec.rejected_field, &rejected)] {
+                    if !completion.iter().any(|m| m.role == Role::Assistant) {
+                        return Err(bad_input(format!("{}: field `{name}` has no assistant message", at())));
+                    }
+                }
+                Record::ChatPreference { prompt, chosen, rejected }
+            }
+            _ => Record::Preference {
+                prompt: field(&spec.prompt_field, true)?,
+                chosen: field(&spec.response_field, true)?,
+                rejected: field(&spec.rejected_field, true)?,
+            },
+        },
         DataKind::Chat => {
             let Row::Json(value) = row else {
                 return Err(bad_input(format!("{}: chat records need JSON or JSONL, not CSV", at())));

@@ -83,7 +83,7 @@ impl PromptLayout {
 /// The layout of the data's kind; `chat` is the data's Jinja chat template, if it has one.
 pub fn prompt_layout(data: &DataSpec, chat: Option<&JinjaTemplate>) -> Result<PromptLayout> {
     let template = match data.kind {
-        DataKind::Pair => data.prompt_template.clone(),
+        DataKind::Pair | DataKind::Preference => data.prompt_template.clone(),
         DataKind::Alpaca => ALPACA_NO_INPUT.replace("{instruction}", "{prompt}"),
         DataKind::Chat => match chat {
             Some(jinja) => {
@@ -112,7 +112,7 @@ enum Piece {
 fn pieces(record: &Record, data: &DataSpec, loss_on: LossOn) -> Vec<Piece> {
     let all = loss_on == LossOn::All;
     match record {
-        Record::Pair { prompt, response } => vec![
+        Record::Pair { prompt, response } | Record::Preference { prompt, chosen: response, .. } => vec![
             Piece::Text(apply_template(&data.prompt_template, prompt), all),
             Piece::Text(response.clone(), true),
             Piece::Eos(true),
@@ -138,6 +138,10 @@ fn pieces(record: &Record, data: &DataSpec, loss_on: LossOn) -> Vec<Piece> {
             out
         }
         Record::Text { text } => vec![Piece::Text(text.clone(), true), Piece::Eos(true)],
+        // A preference pair read as SFT data is its prompt and chosen answer.
+        Record::ChatPreference { prompt, chosen, .. } => {
+            pieces(&Record::Chat { messages: [&prompt[..], &chosen[..]].concat() }, data, loss_on)
+        }
     }
 }
 

@@ -111,8 +111,16 @@ pub struct LoadedSpec {
 
 /// The spec's path fields, which resolve against the spec file's folder when they come from
 /// the file, and against the current directory when they come from an override.
-const PATH_FIELDS: &[&str] =
-    &["run.runs_dir", "data.path", "data.val_path", "tokenizer.path", "model.path", "lora.from"];
+const PATH_FIELDS: &[&str] = &[
+    "run.runs_dir",
+    "data.path",
+    "data.val_path",
+    "tokenizer.path",
+    "model.path",
+    "lora.from",
+    "dpo.path",
+    "dpo.val_path",
+];
 
 /// Load a spec: the TOML file, then `PIPE_` environment variables, then `--set key=value`
 /// flags, later winning. Unknown fields, wrong types and invalid values are errors that name
@@ -198,6 +206,10 @@ pub fn load_with_env(path: &Path, sets: &[String], env: &[(String, String)], cwd
 fn path_fields<'a>(spec: &'a mut Spec, field: &str) -> Vec<&'a mut PathBuf> {
     let one = match field {
         "data.path" => return spec.data.path.0.iter_mut().collect(),
+        "dpo.path" => return spec.dpo.iter_mut().flat_map(|dpo| dpo.path.0.iter_mut()).collect(),
+        "dpo.val_path" => {
+            return spec.dpo.iter_mut().flat_map(|dpo| dpo.val_path.iter_mut().flat_map(|p| p.0.iter_mut())).collect()
+        }
         "run.runs_dir" => Some(&mut spec.run.runs_dir),
         "data.val_path" => spec.data.val_path.as_mut(),
         "tokenizer.path" => spec.tokenizer.path.as_mut(),

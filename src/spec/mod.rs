@@ -21,6 +21,8 @@ pub const ENV_PREFIX: &str = "PIPE_";
 #[serde(deny_unknown_fields)]
 pub struct Spec {
     pub run: RunSpec,
+    /// The SFT data; a run whose only stages are `dpo` and `generate` has none.
+    #[serde(default)]
     pub data: DataSpec,
     #[serde(default)]
     pub tokenizer: TokenizerSpec,
@@ -39,6 +41,9 @@ pub struct Spec {
     /// Training across several machines (nodes), each running this spec with its own rank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distributed: Option<DistributedSpec>,
+    /// Preference tuning: the `dpo` stage's data and settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSpec>,
 }
 
 impl RunSpec {
@@ -207,6 +212,8 @@ impl BackendKind {
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
     Train,
+    /// Preference tuning (DPO) on `[dpo]`'s pairs, from the model as the stages before left it.
+    Dpo,
     Eval,
     Generate,
 }
@@ -216,9 +223,106 @@ impl Stage {
     pub fn name(self) -> &'static str {
         match self {
             Stage::Train => "train",
+            Stage::Dpo => "dpo",
             Stage::Eval => "eval",
             Stage::Generate => "generate",
         }
+    }
+}
+
+/// `[dpo]`: preference pairs and how the `dpo` stage trains on them. Settings left out take
+/// `[train]`'s and `[optimizer]`'s values.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoSpec {
+    /// Preference records (any format `data.path` takes): a prompt, a chosen and a rejected
+    /// completion each.
+    pub path: DataPaths,
+    /// Validation pairs; without it, `val_fraction` of `path`'s records are held out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_path: Option<DataPaths>,
+    pub val_fraction: f64,
+    pub format: DataFormat,
+    #[serde(deserialize_with = "lenient_string")]
+    pub prompt_field: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub chosen_field: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub rejected_field: String,
+    /// How far the policy may move from the reference (DPO's β).
+    pub beta: f64,
+    pub loss: DpoLoss,
+    /// `robust`: the assumed fraction of pairs whose preference is flipped, in [0, 0.5).
+    pub label_smoothing: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_accum: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Tokens of prompt and completion together; longer sequences lose their start (the
+    /// prompt's first tokens first), as TRL's `truncation_mode = "keep_end"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    /// What picks the stage's best model and stops it early: `val_loss` or `reward_accuracy`.
+    pub select_metric: SelectMetric,
+}
+
+impl Default for DpoSpec {
+    fn default() -> Self {
+        Self {
+            path: DataPaths::default(),
+            val_path: None,
+            val_fraction: 0.1,
+            format: DataFormat::Auto,
+            prompt_field: "prompt".into(),
+            chosen_field: "chosen".into(),
+            rejected_field: "rejected".into(),
+            beta: 0.1,
+            loss: DpoLoss::Sigmoid,
+            label_smoothing: 0.0,
+            epochs: None,
+            batch_size: None,
+            grad_accum: None,
+            lr: None,
+            max_length: None,
+            select_metric: SelectMetric::ValLoss,
+        }
+    }
+}
+
+/// DPO's loss over a pair's reward margin, with TRL's formulas for the types of the same names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    /// −log σ(β·m): the DPO paper's.
+    #[default]
+    Sigmoid,
+    /// (m̄ − 1/(2β))², m̄ the margin of per-token mean log-probabilities (IPO).
+    Ipo,
+    /// max(0, 1 − β·m) (SLiC).
+    Hinge,
+    /// Robust DPO: unbiased under `label_smoothing` flipped labels.
+    Robust,
+}
+
+impl Spec {
+    /// The spec the `dpo` stage trains with: `[train]` and `[optimizer]` with `[dpo]`'s own
+    /// settings in their places.
+    pub fn for_dpo(&self) -> Spec {
+        let mut spec = self.clone();
+        if let Some(dpo) = &self.dpo {
+            let train = &mut spec.train;
+            train.epochs = dpo.epochs.unwrap_or(train.epochs);
+            train.batch_size = dpo.batch_size.unwrap_or(train.batch_size);
+            train.grad_accum = dpo.grad_accum.unwrap_or(train.grad_accum);
+            train.packing = false;
+            train.select_metric = dpo.select_metric;
+            spec.optimizer.lr = dpo.lr.unwrap_or(spec.optimizer.lr);
+        }
+        spec
     }
 }
 
@@ -256,6 +360,9 @@ pub struct DataSpec {
     /// `text` records: the field that holds the text (JSON, JSONL or CSV).
     #[serde(deserialize_with = "lenient_string")]
     pub text_field: String,
+    /// `preference` records: the field with the rejected completion.
+    #[serde(skip)]
+    pub rejected_field: String,
     /// Plain-text files: one document per `line`, or the whole `file` as one document.
     pub documents: Documents,
     /// The split a dataset folder in `path` is read at: a `datasets` save_to_disk folder, or a
@@ -384,6 +491,11 @@ pub enum DataKind {
     Chat,
     /// Plain documents for continued pre-training, packed into blocks with EOS between.
     Text,
+    /// A prompt with a chosen and a rejected completion (`prompt_field`, `response_field` for
+    /// the chosen one, `rejected_field`): the `dpo` stage reads `[dpo]`'s records so, never a
+    /// spec's `[data]`.
+    #[serde(skip)]
+    Preference,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -546,12 +658,20 @@ pub enum SelectMetric {
     ExactMatch,
     TokenF1,
     RougeL,
+    /// The dpo stage's: the fraction of validation pairs whose chosen completion the model
+    /// rewards above the rejected one.
+    RewardAccuracy,
 }
 
 impl SelectMetric {
-    /// Whether a higher value is better (the response scores) or a lower one (the loss).
+    /// Whether a higher value is better (the scores, the accuracy) or a lower one (the loss).
     pub fn higher_is_better(self) -> bool {
         self != Self::ValLoss
+    }
+
+    /// Whether it scores answers to held-out prompts (which validation then generates).
+    pub fn scores_answers(self) -> bool {
+        matches!(self, Self::ExactMatch | Self::TokenF1 | Self::RougeL)
     }
 }
 
@@ -629,6 +749,7 @@ impl Default for DataSpec {
             messages_field: "messages".into(),
             chat_template: "simple".into(),
             text_field: "text".into(),
+            rejected_field: String::new(),
             documents: Documents::Line,
             split: "train".into(),
             val_path: None,

@@ -2,7 +2,7 @@
 //! beside `val_path`, the settings of a stage the spec does not run. `pipe check` shows them
 //! apart from the fields that apply.
 
-use super::{DataFormat, DataKind, Schedule, SelectMetric, Spec, Stage};
+use super::{DataFormat, DataKind, Schedule, Spec, Stage};
 
 /// Fields that do nothing in `spec`, as groups of dotted keys with the reason.
 pub fn unused(spec: &Spec) -> Vec<(Vec<&'static str>, String)> {
@@ -38,7 +38,7 @@ pub fn unused(spec: &Spec) -> Vec<(Vec<&'static str>, String)> {
         out.push((vec!["data.val_fraction"], "data.val_path or data.val_split holds the validation set".into()));
     }
     let runs = |stage: Stage| spec.run.stages.contains(&stage);
-    if !runs(Stage::Train) {
+    if !runs(Stage::Train) && !runs(Stage::Dpo) {
         out.push((vec!["optimizer.*", "train.*"], "run.stages has no train stage".into()));
     } else {
         if spec.optimizer.schedule == Schedule::Constant {
@@ -53,12 +53,15 @@ pub fn unused(spec: &Spec) -> Vec<(Vec<&'static str>, String)> {
             out.push((vec!["train.early_stopping_min_delta"], "early stopping is off".into()));
         }
     }
-    let answers_select = runs(Stage::Train) && spec.train.select_metric != SelectMetric::ValLoss;
+    let answers_select = runs(Stage::Train) && spec.train.select_metric.scores_answers();
     if !runs(Stage::Eval) && !answers_select {
         out.push((vec!["eval.*"], "run.stages has no eval stage, and no answers select the model".into()));
     }
     if !runs(Stage::Generate) {
         out.push((vec!["generate.*"], "run.stages has no generate stage".into()));
+    }
+    if !runs(Stage::Dpo) && spec.dpo.is_some() {
+        out.push((vec!["dpo.*"], "run.stages has no dpo stage".into()));
     }
     out
 }

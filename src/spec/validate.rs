@@ -15,6 +15,90 @@ impl LoadedSpec {
         bad_input(format!("{source}: field `{key}`: {problem}"))
     }
 
+    /// The `dpo` stage and its `[dpo]` section.
+    fn validate_dpo(&self) -> Result<()> {
+        let s = &self.spec;
+        let stages = &s.run.stages;
+        let Some(at) = stages.iter().position(|st| *st == Stage::Dpo) else { return Ok(()) };
+        let Some(dpo) = &s.dpo else {
+            return Err(
+                self.invalid("dpo", "the dpo stage needs a [dpo] section naming the preference data (dpo.path)")
+            );
+        };
+        if dpo.path.is_empty() {
+            return Err(self.invalid("dpo.path", "is missing: name the preference data (prompt, chosen, rejected)"));
+        }
+        if stages.iter().position(|st| *st == Stage::Train).is_some_and(|train| train > at) {
+            return Err(self.invalid("run.stages", "the dpo stage tunes the trained model: put it after `train`"));
+        }
+        if !(dpo.beta.is_finite() && dpo.beta > 0.0) {
+            return Err(self.invalid("dpo.beta", format!("must be a finite number > 0, got {}", dpo.beta)));
+        }
+        match dpo.loss {
+            super::DpoLoss::Robust if !(0.0..0.5).contains(&dpo.label_smoothing) => {
+                return Err(self.invalid(
+                    "dpo.label_smoothing",
+                    format!("must be in [0, 0.5) for the robust loss, got {}", dpo.label_smoothing),
+                ))
+            }
+            super::DpoLoss::Robust => {}
+            _ if dpo.label_smoothing != 0.0 => {
+                return Err(self.invalid(
+                    "dpo.label_smoothing",
+                    "applies to dpo.loss = \"robust\" only (TRL's other losses here do not take it)",
+                ))
+            }
+            _ => {}
+        }
+        if !(0.0..1.0).contains(&dpo.val_fraction) || dpo.val_fraction.is_nan() {
+            return Err(self.invalid("dpo.val_fraction", format!("must be in [0, 1), got {}", dpo.val_fraction)));
+        }
+        for (key, value) in
+            [("dpo.epochs", dpo.epochs), ("dpo.batch_size", dpo.batch_size), ("dpo.grad_accum", dpo.grad_accum)]
+        {
+            if value == Some(0) {
+                return Err(self.invalid(key, "must be at least 1"));
+            }
+        }
+        if dpo.lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
+            return Err(
+                self.invalid("dpo.lr", format!("must be a finite number > 0, got {}", dpo.lr.unwrap_or_default()))
+            );
+        }
+        if dpo.max_length.is_some_and(|max| max < 2) {
+            return Err(self.invalid("dpo.max_length", "must be at least 2 tokens"));
+        }
+        let names = [
+            ("dpo.prompt_field", &dpo.prompt_field),
+            ("dpo.chosen_field", &dpo.chosen_field),
+            ("dpo.rejected_field", &dpo.rejected_field),
+        ];
+        for (key, name) in names {
+            if name.is_empty() || name.chars().any(char::is_control) {
+                return Err(self.invalid(key, "must name a field (one line of printable text)"));
+            }
+        }
+        if ![super::SelectMetric::ValLoss, super::SelectMetric::RewardAccuracy].contains(&dpo.select_metric) {
+            return Err(self.invalid(
+                "dpo.select_metric",
+                "the dpo stage selects by its validation pairs: `val_loss` or `reward_accuracy`",
+            ));
+        }
+        let dpo_validates = dpo.val_path.is_some() || dpo.val_fraction > 0.0;
+        if !dpo_validates && (s.train.final_model == FinalModel::Best || s.train.early_stopping_patience > 0) {
+            return Err(self.invalid(
+                "dpo.val_fraction",
+                "train.final = \"best\" and early stopping watch the validation pairs: set dpo.val_fraction or dpo.val_path",
+            ));
+        }
+        if s.distributed.is_some() {
+            return Err(
+                self.invalid("distributed", "the dpo stage trains on one machine (run.devices may name several GPUs)")
+            );
+        }
+        Ok(())
+    }
+
     pub(super) fn validate(&self) -> Result<()> {
         let s = &self.spec;
         let positive_f = |key: &str, v: f64| -> Result<()> {
@@ -44,7 +128,8 @@ impl LoadedSpec {
         if s.run.name.is_empty() {
             return Err(self.invalid("run.name", "is missing: name the run (runs land in <runs_dir>/<name>/<run-id>/)"));
         }
-        if s.data.path.is_empty() {
+        let reads_data = s.run.stages.iter().any(|stage| matches!(stage, Stage::Train | Stage::Eval));
+        if s.data.path.is_empty() && (reads_data || s.tokenizer.train_vocab_size.is_some()) {
             return Err(self.invalid("data.path", "is missing: name the training data file"));
         }
         let names = [
@@ -72,13 +157,14 @@ impl LoadedSpec {
             ));
         }
         if s.run.stages.is_empty() {
-            return Err(self.invalid("run.stages", "name at least one stage: train, eval, generate"));
+            return Err(self.invalid("run.stages", "name at least one stage: train, dpo, eval, generate"));
         }
         if let Some(twice) =
             s.run.stages.iter().enumerate().find_map(|(i, st)| s.run.stages[..i].contains(st).then_some(st))
         {
             return Err(self.invalid("run.stages", format!("names `{}` twice", format!("{twice:?}").to_lowercase())));
         }
+        self.validate_dpo()?;
         if s.run.stages.contains(&Stage::Generate) && s.generate.prompts.is_empty() {
             return Err(self.invalid("generate.prompts", "the generate stage needs at least one prompt"));
         }
@@ -142,7 +228,13 @@ impl LoadedSpec {
                 "`best` is chosen on the validation set: set data.val_fraction, data.val_path or data.val_split",
             ));
         }
-        if s.train.select_metric.higher_is_better() && s.eval.responses == 0 {
+        if s.train.select_metric == super::SelectMetric::RewardAccuracy {
+            return Err(self.invalid(
+                "train.select_metric",
+                "reward_accuracy measures preference pairs: it is dpo.select_metric's, not the train stage's",
+            ));
+        }
+        if s.train.select_metric.scores_answers() && s.eval.responses == 0 {
             return Err(self.invalid(
                 "train.select_metric",
                 "selecting by the answers' scores needs eval.responses: how many held-out prompts to answer",

@@ -11,7 +11,7 @@ use crate::objective::TokenLoss;
 use crate::response_metrics::answer_all;
 use crate::run_dir::{self, EvalRecord, MetricRecord};
 use crate::spec::FinalModel;
-use crate::train::evaluate;
+use crate::train::{evaluate, TrainStage};
 
 pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
     if ctx.data.val.is_empty() {
@@ -21,15 +21,15 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         return Ok(state);
     }
     ctx.stop.check("before the eval stage")?;
-    let record = evaluate_model(ctx, &state.model.valid(), "final", state.steps, true)?;
+    let record = evaluate_model(ctx, &state.model.valid(), "final", state.steps, state.stage, true)?;
     crate::files::write_atomic(&ctx.run.file(run_dir::EVAL_FILE), serde_json::to_string_pretty(&record)?.as_bytes())?;
     // When final/ is the best model, the last one is evaluated too, to show them side by side.
-    let last = checkpoint::list(&ctx.run.path).pop();
-    if let (Some(training), Some(last)) = (state.training, last) {
+    let last = checkpoint::list(&state.stage.folder(&ctx.run.path)).pop();
+    if let (Some(training), Some(last)) = (&state.training, last) {
         let last_step = checkpoint::progress(&last)?.step;
         if training.final_model == FinalModel::Best && last_step != state.steps {
             let model = state.model.clone().with_weights_of(&last)?.valid();
-            evaluate_model(ctx, &model, "last", last_step, false)?;
+            evaluate_model(ctx, &model, "last", last_step, state.stage, false)?;
         }
     }
     ctx.stop.check("after the eval stage")?;
@@ -43,11 +43,13 @@ fn evaluate_model<B: TrainBackend, M: CausalLm<B::InnerBackend>>(
     model: &M,
     name: &str,
     step: usize,
+    stage: TrainStage,
     log_answers: bool,
 ) -> Result<EvalRecord> {
     let val = &ctx.data.val;
     let objective = TokenLoss { pad_id: ctx.data.tok.eos_id };
-    let (val_loss, tokens) = evaluate(model, &objective, val, ctx.spec.train.batch_size, ctx.device);
+    let measured = evaluate(model, &objective, val, ctx.spec.train.batch_size, ctx.device);
+    let (val_loss, tokens) = (measured.loss, measured.units);
     let responses = match ctx.spec.eval.responses {
         0 => None,
         n => Some(answer_all(
@@ -74,6 +76,7 @@ fn evaluate_model<B: TrainBackend, M: CausalLm<B::InnerBackend>>(
         val_tokens: tokens,
         val_examples: val.len(),
         responses,
+        stage: stage.tag(),
     };
     ctx.run.log_metrics(&MetricRecord::Eval(record.clone()))?;
     tracing::info!(

@@ -1,6 +1,7 @@
 //! The stages a pipeline runs, one file each, all with one signature: a stage takes the run's
 //! context and the model as the previous stage left it, and returns the model for the next.
 
+mod dpo;
 mod eval;
 mod generate;
 mod train;
@@ -18,6 +19,7 @@ use crate::run_dir::RunDir;
 use crate::selection::TrainingOutcome;
 use crate::signals::StopSignal;
 use crate::spec::{Spec, Stage};
+use crate::train::TrainStage;
 
 /// What every stage works with besides the model.
 pub struct StageContext<'a, B: TrainBackend> {
@@ -37,7 +39,9 @@ pub struct Trained<M> {
     pub model: M,
     /// Optimizer steps the model was trained for (the best model's step when `final/` is it).
     pub steps: usize,
-    /// Set by the train stage.
+    /// The training stage that trained the model last (whose checkpoints hold its steps).
+    pub stage: TrainStage,
+    /// Set by the train and dpo stages: how the last of them ended.
     pub training: Option<TrainingOutcome>,
 }
 
@@ -47,13 +51,14 @@ pub fn run_all<B: TrainBackend, M: TrainableLm<B>>(
     model: M,
 ) -> Result<Option<TrainingOutcome>> {
     let steps = ctx.resume.as_ref().map_or(0, |(_, progress)| progress.step);
-    let mut state = Trained { model, steps, training: None };
+    let mut state = Trained { model, steps, stage: TrainStage::Train, training: None };
     for stage in &ctx.spec.run.stages {
         if let Some(hooks) = crate::hooks::installed() {
             hooks.stage_begins(stage.name());
         }
         state = match stage {
             Stage::Train => train::run(ctx, state)?,
+            Stage::Dpo => dpo::run(ctx, state)?,
             Stage::Eval => eval::run(ctx, state)?,
             Stage::Generate => generate::run(ctx, state)?,
         };

@@ -11,11 +11,20 @@ use crate::objective::TokenLoss;
 use crate::run_dir::{self, RunDir};
 use crate::selection::TrainingOutcome;
 use crate::spec::FinalModel;
-use crate::train::{self, TrainContext};
+use crate::train::{self, TrainContext, TrainStage};
 
 pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state: Trained<M>) -> Result<Trained<M>> {
     let data = ctx.data;
-    let train_ctx = TrainContext { spec: ctx.spec, data, run: Some(ctx.run), device: ctx.device, stop: ctx.stop };
+    let train_ctx = TrainContext {
+        spec: ctx.spec,
+        data,
+        train: &data.train,
+        val: &data.val,
+        stage: TrainStage::Train,
+        run: Some(ctx.run),
+        device: ctx.device,
+        stop: ctx.stop,
+    };
     let resume = ctx.resume.as_ref().map(|(dir, progress)| (dir.as_path(), *progress));
     let objective = TokenLoss { pad_id: data.tok.eos_id };
     let (model, summary) = train::train(&train_ctx, state.model, objective, resume)?;
@@ -52,12 +61,13 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         select_metric: train.select_metric,
         final_model: train.final_model,
         final_step,
+        stage: None,
     };
-    Ok(Trained { model, steps: final_step, training: Some(outcome) })
+    Ok(Trained { model, steps: final_step, stage: TrainStage::Train, training: Some(outcome) })
 }
 
 /// Save the model as `final/` with its tokenizer, written beside and renamed into place.
-fn save_final<B: FusedOps, M: CausalLm<B>>(model: &M, tok: &Tok, run: &RunDir) -> Result<()> {
+pub(super) fn save_final<B: FusedOps, M: CausalLm<B>>(model: &M, tok: &Tok, run: &RunDir) -> Result<()> {
     // A resumed run that had finished training saves the same weights again, replacing them.
     let staged = Staged::new(&run.file(run_dir::FINAL_DIR), run.file(".final.partial"))?;
     model.save(staged.path(), Some(tok.eos_id as usize))?;

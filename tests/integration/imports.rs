@@ -12,7 +12,7 @@ const FLOORS: &[&[&str]] = &[
     &["spec", "signals"],
     &["adam", "backend", "data", "distributed", "memory", "selection", "tensorboard"],
     &["checkpoint", "export", "generate", "inputs", "objective"],
-    &["chat", "response_metrics", "score"],
+    &["chat", "dpo", "response_metrics", "score"],
     &["run_dir"],
     &["runs", "train"],
     &["bench", "stages"],

@@ -11,6 +11,7 @@ mod cli;
 mod columnar;
 mod data;
 mod data_parallel;
+mod dpo;
 mod families;
 mod faults;
 mod fidelity;
