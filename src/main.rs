@@ -20,10 +20,10 @@ use pipe::{backend, chat, pipeline, runs, score, spec};
 #[command(
     name = "pipe",
     version,
-    about = "Declarative supervised fine-tuning pipelines for GPT-style models (GPT-2, Llama, Qwen2, Qwen3)",
-    long_about = "pipe runs the supervised fine-tuning pipeline a TOML spec describes — tokenizer, \
-data, model, optimizer, then the train, eval and generate stages — and writes everything a run \
-produces into a new folder runs/<name>/<run-id>/.\n\nEvery spec field can be overridden: \
+    about = "Declarative fine-tuning pipelines (SFT, then DPO) for GPT-style models (GPT-2, Llama, Qwen2, Qwen3)",
+    long_about = "pipe runs the fine-tuning pipeline a TOML spec describes — tokenizer, data, \
+model, optimizer, then its stages: train (supervised fine-tuning), dpo (preference tuning), eval \
+and generate — and writes everything a run produces into a new folder runs/<name>/<run-id>/.\n\nEvery spec field can be overridden: \
 PIPE_SECTION__FIELD=value in the environment, then --set section.field=value on the command \
 line (later wins). Set RUST_LOG=debug for per-step logs.",
     after_help = "Start with:  pipe run pipelines/sft.toml"
@@ -35,7 +35,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a pipeline: train, evaluate and sample as the spec says, into a new run folder.
+    /// Run a pipeline: train (SFT, DPO), evaluate and sample as the spec says, into a new run folder.
     Run {
         /// The pipeline spec (TOML).
         spec: PathBuf,

@@ -202,6 +202,12 @@ pub fn newest_run(dir: &Path, name: &str) -> PathBuf {
 pub fn spec(changes: &str) -> String {
     let base = "[run]\nname = \"test\"\nruns_dir = \"runs\"\n\n[data]\npath = \"train.jsonl\"\n\n\
                 [tokenizer]\ntrain_vocab_size = 300\n\n[model]\nlayers = 1\nheads = 2\nembd = 16\ncontext = 48\n";
+    overlaid(base, changes)
+}
+
+/// The spec `base` with `changes` (TOML: the sections and fields that differ) laid over it,
+/// field by field.
+pub fn overlaid(base: &str, changes: &str) -> String {
     let mut spec: toml::Table = base.parse().unwrap();
     let changes: toml::Table = changes.parse().unwrap_or_else(|e| panic!("the changes are not TOML: {e}"));
     for (section, fields) in changes {

@@ -487,3 +487,27 @@ fn bad_preference_input_exits_2_naming_the_file_record_and_field() {
         assert!(!message.contains("panicked"), "{message}");
     }
 }
+
+/// Settings the dpo stage cannot honour are refused by `pipe check`, naming the field; a [dpo]
+/// section without the stage is reported as doing nothing.
+#[test]
+fn dpo_settings_are_checked_naming_the_field() {
+    let cases: [(&str, &str); 6] = [
+        ("[run]\nstages = [\"dpo\", \"train\"]", "run.stages"),
+        ("[dpo]\nlabel_smoothing = 0.1", "dpo.label_smoothing"),
+        ("[dpo]\nloss = \"robust\"\nlabel_smoothing = 0.5", "dpo.label_smoothing"),
+        ("[dpo]\nselect_metric = \"rouge_l\"", "dpo.select_metric"),
+        ("[dpo]\nval_fraction = 0.0\n[train]\nfinal = \"best\"", "dpo.val_fraction"),
+        ("[dpo]\nmax_length = 1", "dpo.max_length"),
+    ];
+    for (changes, field) in cases {
+        let dir = folder(&common::overlaid(&run_spec("", ""), changes));
+        let out = pipe(dir.path(), &["check", "spec.toml"], &[]);
+        assert_eq!(out.status.code(), Some(2), "{changes}: {}", stderr(&out));
+        assert!(stderr(&out).contains(field), "{changes}: the message names {field}: {}", stderr(&out));
+    }
+    let dir = folder(&common::overlaid(&run_spec("", ""), "[run]\nstages = [\"train\"]"));
+    let out = pipe(dir.path(), &["check", "spec.toml"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(common::stdout(&out).contains("dpo.*: run.stages has no dpo stage"), "{}", common::stdout(&out));
+}
