@@ -12,18 +12,28 @@ use crate::error::bad_input;
 
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    write_atomic_with(path, |file| Ok(file.write_all(bytes)?))
+}
+
+/// Write `path` with `write` through a temporary file in the same folder and a rename, so a
+/// write that fails (or a process killed) leaves no `path` that looks complete.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
     let name = path.file_name().context("a file path has a name")?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
+    let written = || -> Result<()> {
+        let mut file = std::io::BufWriter::new(File::create(&tmp)?);
+        write(&mut file)?;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        fs::rename(&tmp, path)
+        Ok(fs::rename(&tmp, path)?)
     };
-    write().map_err(|e| {
+    written().map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot write {}: {e}", path.display())
+        anyhow::anyhow!("cannot write {}: {e:#}", path.display())
     })
 }
 

@@ -189,15 +189,25 @@ enum Command {
     },
     /// Write a run's model as a HuggingFace folder of its family that transformers loads; for a run
     /// with LoRA adapters, a PEFT adapter folder (`PeftModel.from_pretrained`), or with --merge a
-    /// model folder with the adapters folded in.
+    /// model folder with the adapters folded in. With `--format gguf`, one GGUF file for
+    /// llama.cpp, ollama and LM Studio (adapters merged).
     Export {
-        /// A run folder, `name` (its latest run) or `name@id`.
+        /// A run folder, `name` (its latest run) or `name@id`, or a HF model folder.
         run: PathBuf,
         #[command(flatten)]
         runs: RunsDirArg,
-        /// The new directory (must not exist or be empty).
+        /// `hf`: a HuggingFace folder; `gguf`: one GGUF file.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Hf)]
+        format: ExportFormat,
+        /// The new directory (must not exist or be empty); with `--format gguf`, the new file
+        /// (default: `<run name>-<quant>.gguf`, or the model folder's name, here).
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
+        /// `--format gguf`: how weights are stored: f32, f16, bf16 or q8_0 (8-bit blocks of 32).
+        /// Norms and biases stay f32.
+        /// Default: f16.
+        #[arg(long, value_enum)]
+        quant: Option<pipe::export::gguf::Quant>,
         /// Instead of `final/`: `best` (the best model), `last` (the newest checkpoint),
         /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
         #[arg(long)]
@@ -210,6 +220,13 @@ enum Command {
         #[arg(long, value_enum)]
         dtype: Option<pipe::export::Dtype>,
     },
+}
+
+/// What `pipe export` writes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    Hf,
+    Gguf,
 }
 
 /// Where the model runs.
@@ -565,7 +582,51 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let result = backend::dispatch(on.backend, &[on.device], pipe::bench::Bench(shape, on.backend, on.device))?;
             println!("{result}");
         }
-        Command::Export { run, runs, out, checkpoint, merge, dtype } => {
+        Command::Export { run, runs, format: ExportFormat::Gguf, out, checkpoint, merge, dtype, quant } => {
+            if merge || dtype.is_some() {
+                return Err(bad_input(
+                    "--merge and --dtype are for --format hf: a GGUF file always has its adapters merged, and --quant says how its weights are stored",
+                ));
+            }
+            let quant = quant.unwrap_or(pipe::export::gguf::Quant::F16);
+            let source = runs::model_source(&runs.runs_dir, &run, checkpoint.as_deref())?;
+            let tok = pipe::data::Tok::load(&source.dir.join(hf::TOKENIZER_FILE))?;
+            // A chat run's Jinja template (`hf` reads the one saved beside the run's tokenizer).
+            let jinja = match &source.spec {
+                Some(spec) if spec.data.kind == pipe::spec::DataKind::Chat => {
+                    let limits = pipe::data::RenderLimits::default();
+                    let resolved =
+                        pipe::data::JinjaTemplate::resolve(&spec.data.chat_template, Some(&source.dir), &tok, limits);
+                    resolved.ok().flatten().map(|t| t.source)
+                }
+                _ => None,
+            };
+            let template = pipe::export::gguf::chat_template(jinja, source.layout.as_ref(), &tok);
+            // The run's name, or the model folder's.
+            let name = match &source.spec {
+                Some(spec) => spec.run.name.clone(),
+                None => source.origin.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string()),
+            };
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", quant.name())));
+            pipe::export::gguf::export(&source.dir, &out, quant, template.as_deref(), &name)?;
+            let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            println!(
+                "exported {} to {} as GGUF {} ({:.1} MB)",
+                source.origin.display(),
+                out.display(),
+                quant.name(),
+                size as f64 / 1e6
+            );
+        }
+        Command::Export { run, runs, format: ExportFormat::Hf, out, checkpoint, merge, dtype, quant } => {
+            if quant.is_some() {
+                return Err(bad_input(
+                    "--quant is for --format gguf; a HF folder's weights are stored as --dtype says",
+                ));
+            }
+            let Some(out) = out else {
+                return Err(bad_input("--out: name the new folder to write the model into"));
+            };
             let source = runs::model_source(&runs.runs_dir, &run, checkpoint.as_deref())?;
             let dtype = match dtype {
                 Some(dtype) => dtype,

@@ -142,6 +142,16 @@ impl Tok {
         self.inner.id_to_token(self.eos_id).unwrap_or_else(|| EOS_TOKEN.to_string())
     }
 
+    /// The id of a special token its `tokenizer_config.json` names (`"pad_token"`, `"unk_token"`…).
+    pub fn configured_token_id(&self, key: &str) -> Option<u32> {
+        special_token(self.config.as_ref()?, key).and_then(|token| self.inner.token_to_id(&token))
+    }
+
+    /// The chat template its `tokenizer_config.json` carries, if one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.config.as_ref()?.get("chat_template")?.as_str()
+    }
+
     /// Whether `id` ends generation.
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.contains(&id)

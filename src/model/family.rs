@@ -200,6 +200,26 @@ impl<B: Backend> Model<B> {
             Model::Llama(m) => m.adapters.as_ref(),
         }
     }
+
+    /// The weights as a HF checkpoint of its family holds them (f32, HF's names and layouts),
+    /// for a model without adapters (merge them first).
+    pub fn hf_tensors(&self) -> Vec<(String, burn::tensor::TensorData)> {
+        debug_assert!(self.adapters().is_none(), "adapters are merged before their weights are named as HF's");
+        match self {
+            Model::Gpt2(m) => hf::hf_tensors(m),
+            Model::Llama(m) => llama_hf::hf_tensors(m),
+        }
+    }
+
+    /// The same model with its LoRA adapters folded into the weights it adapts (unchanged
+    /// without adapters).
+    pub fn merged(self) -> Self {
+        match self {
+            Model::Gpt2(m) if m.adapters.is_some() => Model::Gpt2(lora::merged(m)),
+            Model::Llama(m) if m.adapters.is_some() => Model::Llama(lora::merged(m)),
+            plain => plain,
+        }
+    }
 }
 
 impl<B: FusedOps> CausalLm<B> for Model<B> {

@@ -361,9 +361,14 @@ fn config_json(config: &Gpt2Config, eos_id: usize) -> serde_json::Value {
 pub fn save<B: Backend>(model: &Gpt2<B>, eos_id: Option<usize>, dir: &Path) -> Result<()> {
     debug_assert!(model.adapters.is_none(), "a model with adapters is saved by lora::save");
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors = params::tensors(model).into_iter().map(|(name, data)| (format!("{PREFIX}{name}"), data));
-    write_safetensors(&dir.join(WEIGHTS_FILE), tensors.collect())?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), hf_tensors(model))?;
     write_config(&model.config, eos_id, dir)
+}
+
+/// The weights as a HF GPT-2 checkpoint holds them: f32, HF's names, Conv1D's `[in, out]`
+/// layout (pipe's own).
+pub fn hf_tensors<B: Backend>(model: &Gpt2<B>) -> Vec<(String, TensorData)> {
+    params::tensors(model).into_iter().map(|(name, data)| (format!("{PREFIX}{name}"), data)).collect()
 }
 
 /// Write `tensors` (f32) as a safetensors file, atomically.

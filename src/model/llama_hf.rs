@@ -341,8 +341,6 @@ fn eos_ids_value(eos_ids: &[usize]) -> Value {
 }
 
 /// Write a HF folder transformers loads: config.json, generation_config.json and
-/// model.safetensors (f32, HF names and layouts), each atomically.
-/// Write a HF folder transformers loads: config.json, generation_config.json and
 /// model.safetensors (f32, HF names and layouts), each atomically; a model with adapters is
 /// written as their folder. `eos_id`, the tokenizer's end-of-text id, joins the config's
 /// end-of-sequence ids.
@@ -351,15 +349,20 @@ pub fn save<B: Backend>(model: &Llama<B>, eos_id: Option<usize>, dir: &Path) -> 
         return super::lora::save(model, adapters, dir, eos_id);
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors = params::tensors(model)
+    write_safetensors(&dir.join(WEIGHTS_FILE), hf_tensors(model))?;
+    write_config(&model.config, eos_id, dir)
+}
+
+/// The weights as a HF checkpoint of the family holds them: f32, HF's names, linear weights
+/// `[out, in]`.
+pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, TensorData)> {
+    params::tensors(model)
         .into_iter()
         .map(|(name, data)| {
             let data = if is_linear_weight(&name) { transposed(data) } else { data };
             (name, data)
         })
-        .collect();
-    write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
-    write_config(&model.config, eos_id, dir)
+        .collect()
 }
 
 /// Write `config.json` and `generation_config.json` for this architecture.

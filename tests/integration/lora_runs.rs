@@ -218,3 +218,62 @@ fn bad_lora_settings_are_refused_naming_the_field() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("`lora`") && stderr(&out).contains("model.path"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_lora_run_exports_one_gguf_file_with_its_adapters_merged_and_its_prompt_layout() {
+    use pipe::export::gguf::file;
+    let dir = setup(LORA);
+    run_ok(dir.path(), &[]);
+    let export = |args: &[&str]| {
+        let out = pipe(dir.path(), args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    // Default name: the run's, in the working folder.
+    let said = export(&["export", "lora", "--format", "gguf", "--quant", "f32"]);
+    assert!(said.contains("lora-f32.gguf"), "{said}");
+    export(&["export", "lora", "--merge", "--dtype", "f32", "--out", "merged"]);
+    export(&["export", "merged", "--format", "gguf", "--quant", "f32", "--out", "merged.gguf"]);
+    let (from_run, from_merged) = (
+        std::fs::read(dir.path().join("lora-f32.gguf")).unwrap(),
+        std::fs::read(dir.path().join("merged.gguf")).unwrap(),
+    );
+    let (a, b) = (file::read(&from_run).unwrap(), file::read(&from_merged).unwrap());
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        assert_eq!((&x.name, &x.dims, x.ty), (&y.name, &y.dims, y.ty));
+        assert_eq!(&from_run[x.start..x.start + x.len], &from_merged[y.start..y.start + y.len], "{}", x.name);
+    }
+    // The adapters changed what they adapt: the merged weights are not the base's.
+    export(&[
+        "export",
+        &fixture_dir().display().to_string(),
+        "--format",
+        "gguf",
+        "--quant",
+        "f32",
+        "--out",
+        "base.gguf",
+    ]);
+    let base_bytes = std::fs::read(dir.path().join("base.gguf")).unwrap();
+    let base = file::read(&base_bytes).unwrap();
+    let qkv = |f: &file::File| f.tensor("blk.0.attn_qkv.weight").unwrap().clone();
+    let (x, y) = (qkv(&base), qkv(&a));
+    assert_ne!(&base_bytes[x.start..x.start + x.len], &from_run[y.start..y.start + y.len]);
+    // The run laid prompts out as "{prompt}\n" and ended answers with EOS: so does its template.
+    let template = a.get("tokenizer.chat_template").and_then(|v| v.as_str()).unwrap().to_string();
+    assert!(template.contains(r#"message['content'] + "\n""#) && template.contains("<|endoftext|>"), "{template}");
+    assert_eq!(a.get("general.name").and_then(|v| v.as_str()), Some("lora"));
+
+    // Settings of the other format, and a file already there, are refused.
+    for (args, says) in [
+        (vec!["export", "lora", "--format", "gguf", "--merge"], "--merge and --dtype are for --format hf"),
+        (vec!["export", "lora", "--quant", "q8_0", "--out", "x"], "--quant is for --format gguf"),
+        (vec!["export", "lora", "--format", "gguf", "--out", "merged.gguf"], "already exists"),
+        (vec!["export", "lora", "--format", "gguf", "--quant", "q4"], "invalid value 'q4'"),
+    ] {
+        let out = pipe(dir.path(), &args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+}

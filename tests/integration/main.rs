@@ -18,6 +18,7 @@ mod fidelity;
 mod formats;
 mod fused;
 mod fuzz;
+mod gguf;
 mod imports;
 mod lora;
 mod lora_runs;

@@ -1,5 +1,7 @@
-//! `pipe export`: a run's model written for use outside pipe, with its tokenizer, in the dtype
-//! asked for, into a new folder that appears whole or not at all.
+//! `pipe export`: a run's model written for use outside pipe, with its tokenizer: a HF folder
+//! in the dtype asked for, which appears whole or not at all, or one GGUF file ([`gguf`]).
+
+pub mod gguf;
 
 use std::path::{Path, PathBuf};
 
@@ -83,13 +85,7 @@ fn write(source: &Path, out: &Path, merge: bool, dtype: Dtype) -> Result<()> {
             Model::Gpt2(m) => lora::save_peft(m, &adapters, out)?,
             Model::Llama(m) => lora::save_peft(m, &adapters, out)?,
         },
-        (Some(_), true) => {
-            let merged = match model {
-                Model::Gpt2(m) => Model::Gpt2(lora::merged(m)),
-                Model::Llama(m) => Model::Llama(lora::merged(m)),
-            };
-            merged.save(out, eos_id)?
-        }
+        (Some(_), true) => model.merged().save(out, eos_id)?,
     }
     if let Some(half) = Half::of(dtype) {
         store_as(out, half)?;
