@@ -9,7 +9,7 @@ use std::sync::Arc;
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::{Tensor, TensorData};
 
-use crate::data::{Batch, PreferencePair, Sequence};
+use crate::data::{best_fit, Batch, PreferencePair, Sequence};
 use crate::model::{CausalLm, FusedOps};
 use crate::objective::{BatchCounts, MicroBatch, Objective, TrainingSet};
 use crate::spec::DpoLoss;
@@ -74,16 +74,40 @@ const FIGURES: [&str; 6] =
     ["logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/chosen", "rewards/margins", "rewards/rejected"];
 
 /// Each sequence's summed log-probability of its trained (completion) tokens. → [sequences]
+///
+/// The sequences are packed end to end into as few rows as the longest of them fills (each
+/// computed as if alone: positions and attention restart at each), so a step spends nothing on
+/// padding but the rows' tails; a matrix of which sequence owns each trained position sums
+/// their log-probabilities per sequence.
 pub fn completion_logps<B: FusedOps, M: CausalLm<B>>(
     model: &M,
     sequences: &[&Sequence],
     pad_id: u32,
     device: &B::Device,
 ) -> (Tensor<B, 1>, BatchCounts) {
-    let batch = Batch::<B>::new(sequences, pad_id, device);
+    let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
+    let bins = best_fit(&lengths, lengths.iter().copied().max().unwrap_or(1));
+    let rows: Vec<Sequence> =
+        bins.iter().map(|bin| Sequence::packed(&bin.iter().map(|&i| sequences[i]).collect::<Vec<_>>())).collect();
+    let batch = Batch::<B>::new(&rows.iter().collect::<Vec<_>>(), pad_id, device);
     let counts = BatchCounts { tokens: batch.tokens, positions: batch.positions };
-    let nll = model.token_nll(batch.inputs, batch.targets); // [n, seq]
-    let logps = (nll * batch.weights).sum_dim(1).neg(); // [n, 1]
+    let [row_count, width] = batch.inputs.dims();
+    let positions = row_count * width;
+    // owner[s, p] = 1 where input position p (row-major) predicts a trained token of sequence s.
+    let mut owner = vec![0f32; sequences.len() * positions];
+    for (row, bin) in bins.iter().enumerate() {
+        let mut offset = row * width;
+        for &s in bin {
+            let sequence = sequences[s];
+            for (t, _) in sequence.trained.iter().enumerate().skip(1).filter(|(_, &trained)| trained) {
+                owner[s * positions + offset + t - 1] = 1.0;
+            }
+            offset += sequence.ids.len();
+        }
+    }
+    let owner = Tensor::<B, 2>::from_data(TensorData::new(owner, [sequences.len(), positions]), device);
+    let nll = model.token_nll_packed(batch.inputs, batch.targets, batch.packing); // [rows, width]
+    let logps = owner.matmul(nll.reshape([positions, 1])).neg(); // [sequences, 1]
     (logps.squeeze_dim::<1>(1), counts)
 }
 

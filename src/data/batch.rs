@@ -132,13 +132,21 @@ impl<B: Backend> Batch<B> {
 /// The result does not depend on the input order beyond ties, and packed sequences come out in
 /// the order they were opened.
 pub fn pack(sequences: &[Sequence], capacity: usize) -> Vec<Sequence> {
-    let mut order: Vec<usize> = (0..sequences.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
+    let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
+    let bins = best_fit(&lengths, capacity);
+    bins.iter().map(|bin| Sequence::packed(&bin.iter().map(|&i| &sequences[i]).collect::<Vec<_>>())).collect()
+}
+
+/// Best-fit decreasing of items of `lengths` into bins of `capacity`: each bin's item indices,
+/// in the order they went in; bins in the order they were opened.
+pub fn best_fit(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     // Open bins by room left; the smallest room that fits is the best fit.
     let mut by_room: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
     let mut bins: Vec<Vec<usize>> = Vec::new();
     for i in order {
-        let len = sequences[i].ids.len();
+        let len = lengths[i];
         let fit = by_room.range(len..).next().map(|(&room, _)| room);
         let (bin, room) = match fit {
             Some(room) => {
@@ -157,5 +165,5 @@ pub fn pack(sequences: &[Sequence], capacity: usize) -> Vec<Sequence> {
         bins[bin].push(i);
         by_room.entry(room - len.min(room)).or_default().push(bin);
     }
-    bins.iter().map(|bin| Sequence::packed(&bin.iter().map(|&i| &sequences[i]).collect::<Vec<_>>())).collect()
+    bins
 }

@@ -13,7 +13,7 @@ pub mod render;
 pub mod sources;
 pub mod tokenizer;
 
-pub use batch::{pack, Batch, Sequence};
+pub use batch::{best_fit, pack, Batch, Sequence};
 pub use chat_template::{JinjaTemplate, RenderLimits};
 pub use examples::Examples;
 pub use preference::{PreferenceData, PreferencePair};
