@@ -209,7 +209,8 @@ enum Command {
         #[arg(long, value_enum)]
         quant: Option<pipe::export::gguf::Quant>,
         /// Instead of `final/`: `best` (the best model), `last` (the newest checkpoint),
-        /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
+        /// `step-N` (the checkpoint at step N), or a checkpoint folder inside the run
+        /// (`checkpoints/step-000100`).
         #[arg(long)]
         checkpoint: Option<String>,
         /// Fold the run's LoRA adapters into the base weights: a full model folder.
@@ -269,7 +270,8 @@ struct SamplingArgs {
     #[arg(long)]
     greedy: bool,
     /// Instead of `final/`: `best` (the best model), `last` (the newest checkpoint),
-    /// or a checkpoint folder inside the run (`checkpoints/step-000100`).
+    /// `step-N` (the checkpoint at step N), or a checkpoint folder inside the run
+    /// (`checkpoints/step-000100`).
     #[arg(long)]
     checkpoint: Option<String>,
     /// `bf16`: decode with the weights rounded to bf16 (half the memory each token reads;

@@ -244,6 +244,32 @@ fn latest_run_in(folder: &Path) -> Option<PathBuf> {
     ids.pop()
 }
 
+/// N of `step-N` (`--checkpoint step-100`).
+fn step_number(name: &str) -> Option<u64> {
+    name.strip_prefix("step-").filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
+}
+
+/// The run's checkpoint at step `step`: of its training stage (`checkpoints/`) or of its DPO
+/// stage (`dpo/checkpoints/`); refused where there is none, or one in each.
+fn checkpoint_at_step(run: &Path, step: u64) -> Result<PathBuf> {
+    let stages = std::iter::once(run.to_path_buf()).chain(run_dir::LATER_STAGES.iter().map(|stage| run.join(stage)));
+    let found: Vec<PathBuf> = stages
+        .flat_map(|stage| crate::checkpoint::list(&stage))
+        .filter(|dir| dir.file_name().and_then(|n| step_number(&n.to_string_lossy())) == Some(step))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(bad_input(format!(
+            "{}: --checkpoint step-{step}: the run has no checkpoint at step {step} (`pipe runs` lists them; name best, last or a folder inside the run)",
+            run.display()
+        ))),
+        several => Err(bad_input(format!(
+            "--checkpoint step-{step}: the run has a checkpoint at step {step} in each of its training stages; name one folder: {}",
+            several.iter().map(|d| d.strip_prefix(run).unwrap_or(d).display().to_string()).collect::<Vec<_>>().join(" or ")
+        ))),
+    }
+}
+
 /// A model argument: a run folder (its `final/` model, or `--checkpoint`) or a HF directory.
 pub struct ModelSource {
     /// Where to read the model: a snapshot of a run's folder (see [`Snapshot`]), or the folder.
@@ -283,6 +309,9 @@ pub fn model_source(runs_dir: &Path, reference: &Path, checkpoint: Option<&str>)
                 Some("last") => crate::checkpoint::list(path).pop().ok_or_else(|| {
                     bad_input(format!("{}: --checkpoint last: the run has no checkpoint", path.display()))
                 })?,
+                Some(step) if step_number(step).is_some() && !path.join(step).exists() => {
+                    checkpoint_at_step(path, step_number(step).expect("a step number"))?
+                }
                 Some(other) => {
                     let dir = path.join(other);
                     // A folder of this run only: `../another-run/final` would pass off another

@@ -223,7 +223,7 @@ fn bad_lora_settings_are_refused_naming_the_field() {
 fn a_lora_run_exports_one_gguf_file_with_its_adapters_merged_and_its_prompt_layout() {
     use pipe::export::gguf::file;
     let dir = setup(LORA);
-    run_ok(dir.path(), &[]);
+    let run = run_ok(dir.path(), &[]);
     let export = |args: &[&str]| {
         let out = pipe(dir.path(), args, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -264,6 +264,16 @@ fn a_lora_run_exports_one_gguf_file_with_its_adapters_merged_and_its_prompt_layo
     let template = a.get("tokenizer.chat_template").and_then(|v| v.as_str()).unwrap().to_string();
     assert!(template.contains(r#"message['content'] + "\n""#) && template.contains("<|endoftext|>"), "{template}");
     assert_eq!(a.get("general.name").and_then(|v| v.as_str()), Some("lora"));
+
+    // A checkpoint by its step.
+    let newest = common::list_checkpoints(&run).pop().unwrap();
+    let step: u64 = newest.file_name().unwrap().to_str().unwrap().trim_start_matches("step-").parse().unwrap();
+    let said =
+        export(&["export", "lora", "--format", "gguf", "--checkpoint", &format!("step-{step}"), "--out", "step.gguf"]);
+    assert!(said.contains(&newest.file_name().unwrap().to_string_lossy().to_string()), "{said}");
+    let out = pipe(dir.path(), &["export", "lora", "--format", "gguf", "--checkpoint", "step-999999"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no checkpoint at step 999999"), "{}", stderr(&out));
 
     // Settings of the other format, and a file already there, are refused.
     for (args, says) in [
