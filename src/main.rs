@@ -610,7 +610,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 None => source.origin.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string()),
             };
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", quant.name())));
-            pipe::export::gguf::export(&source.dir, &out, quant, template.as_deref(), &name)?;
+            pipe::export::gguf::export(&source.dir, &tok, &out, quant, template.as_deref(), &name)?;
             let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
             println!(
                 "exported {} to {} as GGUF {} ({:.1} MB)",

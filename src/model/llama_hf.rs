@@ -15,7 +15,7 @@ use super::hf::{
     check_stored, weight_files, write_safetensors, TensorFile, CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE,
 };
 use super::llama::{Llama, LlamaConfig, RopeScaling, Variant};
-use super::params;
+use super::params::{self, transposed};
 use crate::error::bad_input;
 use crate::files::write_atomic;
 
@@ -201,19 +201,6 @@ fn rope_scaling(rope: &Value) -> std::result::Result<Option<RopeScaling>, String
 /// Whether a parameter is a linear layer's weight, kept `[in, out]` but stored `[out, in]`.
 fn is_linear_weight(name: &str) -> bool {
     name.ends_with("_proj.weight") || name == "lm_head.weight"
-}
-
-/// `data` [rows, cols] → [cols, rows]
-fn transposed(data: TensorData) -> TensorData {
-    let [rows, cols] = [data.shape[0], data.shape[1]];
-    let values = data.to_vec::<f32>().expect("weights are read as f32");
-    let mut out = vec![0.0f32; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    TensorData::new(out, [cols, rows])
 }
 
 /// The tensors that pin every size in the config (vocabulary, width, depth).

@@ -206,3 +206,16 @@ pub fn set_ids<B: Backend, M: Module<B>>(module: M, ids: &BTreeMap<String, u64>)
         false => Err(set.unmatched.join("; ")),
     }
 }
+
+/// `data` [rows, cols] → [cols, rows]
+pub fn transposed(data: TensorData) -> TensorData {
+    let [rows, cols] = [data.shape[0], data.shape[1]];
+    let values = data.to_vec::<f32>().expect("weights are read as f32");
+    let mut out = vec![0.0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    TensorData::new(out, [cols, rows])
+}

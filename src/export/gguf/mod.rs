@@ -23,6 +23,7 @@ use self::file::{TensorType, Value};
 use crate::data::{PromptLayout, Tok};
 use crate::error::bad_input;
 use crate::model::llama::{LlamaConfig, RopeScaling, Variant};
+use crate::model::params::transposed;
 use crate::model::{hf, CausalLm, Gpt2Config, Model, ModelConfig};
 
 /// How the weights are stored.
@@ -67,10 +68,17 @@ impl Quant {
 }
 
 /// Write the model of folder `source` (a HF model directory, or one with LoRA adapters, which
-/// are merged) as the GGUF file `out`, its weights stored as `quant`. `chat_template` is the one
+/// are merged) with its tokenizer `tok` as the GGUF file `out`, its weights stored as `quant`. `chat_template` is the one
 /// chats are laid out with (see [`chat_template`]); `name` goes in `general.name`. The file is
 /// written beside `out` under a hidden name and renamed into place once whole.
-pub fn export(source: &Path, out: &Path, quant: Quant, chat_template: Option<&str>, name: &str) -> Result<()> {
+pub fn export(
+    source: &Path,
+    tok: &Tok,
+    out: &Path,
+    quant: Quant,
+    chat_template: Option<&str>,
+    name: &str,
+) -> Result<()> {
     if out.exists() {
         return Err(bad_input(format!("{}: already exists; choose a new file", out.display())));
     }
@@ -79,11 +87,11 @@ pub fn export(source: &Path, out: &Path, quant: Quant, chat_template: Option<&st
     }
     let device = Default::default();
     let model = <Model<burn::backend::Flex> as CausalLm<_>>::load(source, None, &device)?.merged();
-    let tok = Tok::load(&source.join(hf::TOKENIZER_FILE))?;
     let config = model.config();
+    let config_file = source.join(hf::CONFIG_FILE);
     let (mut metadata, bos_id) = match &config {
         ModelConfig::Gpt2(c) => (gpt2_metadata(c), Some(tok.eos_id)),
-        ModelConfig::Llama(c) => (llama_metadata(c)?, c.bos_token_id.map(|id| id as u32)),
+        ModelConfig::Llama(c) => (llama_metadata(c, &config_file)?, c.bos_token_id.map(|id| id as u32)),
     };
     metadata.splice(
         0..0,
@@ -95,8 +103,14 @@ pub fn export(source: &Path, out: &Path, quant: Quant, chat_template: Option<&st
             ("general.quantization_version".into(), Value::U32(2)),
         ],
     );
-    metadata.extend(vocab::metadata(&tok, config.vocab_size(), bos_id, chat_template)?);
-    let tensors = tensors(&model, &config, quant)?;
+    metadata.extend(vocab::metadata(
+        tok,
+        &source.join(hf::TOKENIZER_FILE),
+        config.vocab_size(),
+        bos_id,
+        chat_template,
+    )?);
+    let tensors = tensors(&model, &config, &config_file, quant)?;
     drop(model);
 
     let bar = indicatif::ProgressBar::new(tensors.len() as u64);
@@ -166,19 +180,20 @@ fn gpt2_metadata(c: &Gpt2Config) -> Vec<(String, Value)> {
     ]
 }
 
-fn llama_metadata(c: &LlamaConfig) -> Result<Vec<(String, Value)>> {
+fn llama_metadata(c: &LlamaConfig, config_file: &Path) -> Result<Vec<(String, Value)>> {
     let arch = architecture(&ModelConfig::Llama(c.clone()));
     match c.variant {
         Variant::Qwen3 if c.qkv_bias || c.o_bias || c.mlp_bias => {
             return Err(refused(
+                config_file,
                 "llama.cpp's qwen3 architecture has no attention or MLP biases (attention_bias = true)",
             ))
         }
         Variant::Qwen2 if c.o_bias || c.mlp_bias => {
-            return Err(refused("llama.cpp's qwen2 architecture has no output-projection or MLP biases"))
+            return Err(refused(config_file, "llama.cpp's qwen2 architecture has no output-projection or MLP biases"))
         }
         Variant::Qwen2 | Variant::Qwen3 if matches!(c.rope_scaling, Some(RopeScaling::Llama3 { .. })) => {
-            return Err(refused("llama.cpp reads Llama 3's rope scaling for its llama architecture only"))
+            return Err(refused(config_file, "llama.cpp reads Llama 3's rope scaling for its llama architecture only"))
         }
         _ => {}
     }
@@ -214,7 +229,12 @@ struct PlannedTensor {
     values: Vec<f32>,
 }
 
-fn tensors(model: &Model<burn::backend::Flex>, config: &ModelConfig, quant: Quant) -> Result<Vec<PlannedTensor>> {
+fn tensors(
+    model: &Model<burn::backend::Flex>,
+    config: &ModelConfig,
+    config_file: &Path,
+    quant: Quant,
+) -> Result<Vec<PlannedTensor>> {
     let mut out = Vec::new();
     if let ModelConfig::Llama(c) = config {
         if let Some(factors) = llama3_rope_factors(c) {
@@ -222,36 +242,30 @@ fn tensors(model: &Model<burn::backend::Flex>, config: &ModelConfig, quant: Quan
             out.push(PlannedTensor { name: "rope_freqs.weight".into(), dims, ty: TensorType::F32, values: factors });
         }
     }
-    for (hf_name, data) in model.hf_tensors() {
+    for (hf_name, mut data) in model.hf_tensors() {
+        let name = match config {
+            ModelConfig::Gpt2(_) => gpt2_name(&hf_name),
+            ModelConfig::Llama(_) => llama_name(&hf_name),
+        };
+        let name = name.ok_or_else(|| refused(config_file, &format!("no GGUF name for {hf_name}")))?;
+        // HF's GPT-2 Conv1D keeps [in, out]; llama.cpp multiplies by [out, in].
+        let conv1d = matches!(config, ModelConfig::Gpt2(_)) && data.shape.len() == 2 && !name.contains("embd");
+        if conv1d {
+            data = transposed(data);
+        }
         let mut shape = data.shape.to_vec();
         let mut values: Vec<f32> = data.to_vec().map_err(|e| anyhow::anyhow!("{hf_name}: {e:?}"))?;
-        let (name, mut shape) = match config {
-            ModelConfig::Gpt2(_) => {
-                let name = gpt2_name(&hf_name).ok_or_else(|| refused(&format!("no GGUF name for {hf_name}")))?;
-                // HF's Conv1D keeps [in, out]; llama.cpp multiplies by [out, in].
-                if hf_name.ends_with(".weight") && shape.len() == 2 && !name.contains("embd") {
-                    values = transposed(&values, shape[0], shape[1]);
-                    shape.swap(0, 1);
-                }
-                (name, shape)
+        if let ModelConfig::Llama(c) = config {
+            let heads = match () {
+                _ if c.variant != Variant::Llama => None,
+                _ if hf_name.contains(".q_proj.") => Some(c.num_attention_heads),
+                _ if hf_name.contains(".k_proj.") => Some(c.num_key_value_heads),
+                _ => None,
+            };
+            if let Some(heads) = heads {
+                values = interleaved_rotary(&values, heads, shape[0], shape.get(1).copied().unwrap_or(1));
             }
-            ModelConfig::Llama(c) => {
-                let name = llama_name(&hf_name).ok_or_else(|| refused(&format!("no GGUF name for {hf_name}")))?;
-                if c.variant == Variant::Llama {
-                    let heads = if hf_name.contains(".q_proj.") {
-                        Some(c.num_attention_heads)
-                    } else if hf_name.contains(".k_proj.") {
-                        Some(c.num_key_value_heads)
-                    } else {
-                        None
-                    };
-                    if let Some(heads) = heads {
-                        values = interleaved_rotary(&values, heads, shape[0], shape.get(1).copied().unwrap_or(1));
-                    }
-                }
-                (name, shape)
-            }
-        };
+        }
         shape.reverse(); // ggml lists the fastest-varying dimension first
         let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
         let kept_f32 = dims.len() < 2
@@ -324,17 +338,6 @@ fn llama_name(hf_name: &str) -> Option<String> {
     Some(format!("{mapped}.{suffix}"))
 }
 
-/// `values` [rows, cols] → [cols, rows]
-fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    out
-}
-
 /// A query or key projection's output rows (weight [heads·head_dim, in], or bias [heads·head_dim])
 /// reordered per head from HF's halves (the first half of a head's dimensions rotates with the
 /// second) to llama.cpp's adjacent pairs: row (h, j, i) of [heads, 2, head_dim/2] becomes row
@@ -385,8 +388,8 @@ fn llama3_rope_factors(c: &LlamaConfig) -> Option<Vec<f32>> {
     Some(factors)
 }
 
-fn refused(why: &str) -> anyhow::Error {
-    bad_input(format!("cannot write this model as GGUF: {why}"))
+fn refused(file: &Path, why: &str) -> anyhow::Error {
+    bad_input(format!("{}: cannot write this model as GGUF: {why}", file.display()))
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! token text and type, the merges, the pre-tokenizer llama.cpp should split text with, the
 //! special ids, whether a BOS starts every text, and the chat template.
 
+use std::path::Path;
+
 use anyhow::Result;
 use serde_json::Value as Json;
 
@@ -22,10 +24,12 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// The tokenizer's metadata for a model of `vocab_size` rows; `bos_id` is the model's BOS where
+/// The tokenizer's metadata (`tokenizer_file` is where it came from, for messages) for a model
+/// of `vocab_size` rows; `bos_id` is the model's BOS where
 /// its tokenizer adds none, `chat_template` the one chats are laid out with.
 pub fn metadata(
     tok: &Tok,
+    tokenizer_file: &Path,
     vocab_size: usize,
     bos_id: Option<u32>,
     chat_template: Option<&str>,
@@ -34,28 +38,34 @@ pub fn metadata(
     let json: Json = serde_json::from_str(&json)?;
     let model = &json["model"];
     if model["type"] != "BPE" {
-        return Err(refused(format!(
-            "its tokenizer is a {} model; pipe writes byte-level BPE tokenizers",
-            model["type"]
-        )));
+        return Err(refused(
+            tokenizer_file,
+            format!("its tokenizer is a {} model; pipe writes byte-level BPE tokenizers", model["type"]),
+        ));
     }
     if model["byte_fallback"] == true {
         return Err(refused(
+            tokenizer_file,
             "its tokenizer is a SentencePiece-style BPE (byte_fallback), llama.cpp's \"llama\" vocabulary, which pipe does not write"
                 .into(),
         ));
     }
     match json["normalizer"]["type"].as_str() {
         None | Some("NFC") => {}
-        Some(other) => return Err(refused(format!("its tokenizer's {other} normalizer has no GGUF equivalent"))),
+        Some(other) => {
+            return Err(refused(tokenizer_file, format!("its tokenizer's {other} normalizer has no GGUF equivalent")))
+        }
     }
-    let pre = pre_tokenizer(&json["pre_tokenizer"])?;
+    let pre = pre_tokenizer(&json["pre_tokenizer"], tokenizer_file)?;
 
     let mut tokens = vec![None; vocab_size];
     let mut types = vec![UNUSED; vocab_size];
     let mut place = |id: u64, text: &str, ty: i32| -> Result<()> {
         let slot = tokens.get_mut(id as usize).ok_or_else(|| {
-            refused(format!("its tokenizer has token {id} ({text:?}), past the model's {vocab_size} embedding rows"))
+            refused(
+                tokenizer_file,
+                format!("its tokenizer has token {id} ({text:?}), past the model's {vocab_size} embedding rows"),
+            )
         })?;
         *slot = Some(text.to_string());
         types[id as usize] = ty;
@@ -81,7 +91,7 @@ pub fn metadata(
         ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
         ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges".to_string(), Value::Array(merges(&model["merges"])?)),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges(&model["merges"], tokenizer_file)?)),
     ];
     if let Some(bos) = tok.bos_id.or(bos_id) {
         out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)));
@@ -103,7 +113,7 @@ pub fn metadata(
 }
 
 /// llama.cpp's name for the pre-tokenizer, recognised by its structure and split regex.
-fn pre_tokenizer(pre: &Json) -> Result<&'static str> {
+fn pre_tokenizer(pre: &Json, tokenizer_file: &Path) -> Result<&'static str> {
     let byte_level =
         |p: &Json, regex: bool| p["type"] == "ByteLevel" && p["use_regex"] == regex && p["add_prefix_space"] != true;
     if byte_level(pre, true) {
@@ -122,7 +132,7 @@ fn pre_tokenizer(pre: &Json) -> Result<&'static str> {
             }
         }
     }
-    Err(refused(format!(
+    Err(refused(tokenizer_file, format!(
         "its tokenizer's pre-tokenizer is none llama.cpp names that pipe recognises (GPT-2's, Llama 3's, Qwen2's, SmolLM's): {}",
         truncated(&pre.to_string())
     )))
@@ -130,7 +140,7 @@ fn pre_tokenizer(pre: &Json) -> Result<&'static str> {
 
 /// The merges as llama.cpp reads them: "left right", a space inside a part written as U+0120
 /// (what the byte-level alphabet maps a space to), as the converter writes the pair form.
-fn merges(merges: &Json) -> Result<Vec<Value>> {
+fn merges(merges: &Json, tokenizer_file: &Path) -> Result<Vec<Value>> {
     merges
         .as_array()
         .into_iter()
@@ -141,7 +151,7 @@ fn merges(merges: &Json) -> Result<Vec<Value>> {
                 let part = |p: &Json| p.as_str().unwrap_or_default().replace(' ', "\u{120}");
                 Ok(Value::String(format!("{} {}", part(&parts[0]), part(&parts[1]))))
             }
-            other => Err(refused(format!("its tokenizer has a merge written as {other}"))),
+            other => Err(refused(tokenizer_file, format!("its tokenizer has a merge written as {other}"))),
         })
         .collect()
 }
@@ -153,6 +163,6 @@ fn truncated(text: &str) -> String {
     }
 }
 
-fn refused(why: String) -> anyhow::Error {
-    bad_input(format!("cannot write this model as GGUF: {why}"))
+fn refused(file: &Path, why: String) -> anyhow::Error {
+    bad_input(format!("{}: cannot write this model as GGUF: {why}", file.display()))
 }
