@@ -12,7 +12,7 @@ use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
 use super::fused::composite::{GELU_A, GELU_B};
-use super::fused::{AdamUpdate, AttentionArgs, LinearGradsWanted};
+use super::fused::{AdamUpdate, AttentionArgs, LinearGradsWanted, RotaryArgs};
 use super::gpt2::Precision;
 use super::raw::{bf16_matmul, filled, matmul, par_matmul, vectorised, Mat, Out, SharedMut};
 
@@ -615,6 +615,237 @@ pub fn layer_norm_backward(
         dbeta.iter_mut().zip(b).for_each(|(a, v)| *a += v);
     }
     (tensor(dx, Shape::new([rows, d])), tensor(dgamma, Shape::new([d])), tensor(dbeta, Shape::new([d])))
+}
+
+pub fn rms_norm(x: FlexTensor, weight: FlexTensor, epsilon: f64) -> (FlexTensor, FlexTensor) {
+    let [rows, d] = x.layout().shape().dims::<2>();
+    let (x, weight) = (f32s(&x), f32s(&weight));
+    let (mut y, mut rstd) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
+    let block = rows_per_task(d);
+    let kernel = |(y, x, rstd): (&mut [f32], &[f32], &mut [f32])| rms_norm_rows(y, x, rstd, &weight, epsilon as f32);
+    if worth_threads(rows * d) {
+        (y.par_chunks_mut(block * d), x.par_chunks(block * d), rstd.par_chunks_mut(block))
+            .into_par_iter()
+            .for_each(kernel);
+    } else {
+        kernel((&mut y, &x, &mut rstd));
+    }
+    (tensor(y, Shape::new([rows, d])), tensor(rstd, Shape::new([rows])))
+}
+
+vectorised! {
+    fn rms_norm_rows(y: &mut [f32], x: &[f32], rstd: &mut [f32], weight: &[f32], epsilon: f32) {
+        let d = weight.len();
+        for ((y, x), rstd) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(rstd) {
+            y.iter_mut().zip(x).for_each(|(s, v)| *s = v * v);
+            *rstd = 1.0 / (lane_sum(y) / d as f32 + epsilon).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
+                *y = x * *rstd * w;
+            }
+        }
+    }
+}
+
+vectorised! {
+    /// dx for a block of rows, and the block's sum for dweight.
+    fn rms_norm_backward_rows(dx: &mut [f32], x: &[f32], grad: &[f32], rstd: &[f32], weight: &[f32]) -> Vec<f32> {
+        let d = weight.len();
+        let mut dweight = vec![0.0f32; d];
+        let rows = dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(grad.chunks_exact(d));
+        for (((dx, x), dy), &rstd) in rows.zip(rstd) {
+            // dx first holds g·x̂, then the gradient.
+            for ((((h, &x), &dy), &w), dw) in dx.iter_mut().zip(x).zip(dy).zip(weight).zip(dweight.iter_mut()) {
+                let x_hat = x * rstd;
+                *h = dy * w * x_hat;
+                *dw += dy * x_hat;
+            }
+            let mean_gx = lane_sum(dx) / d as f32;
+            for (((h, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(weight) {
+                *h = rstd * (dy * w - x * rstd * mean_gx);
+            }
+        }
+        dweight
+    }
+}
+
+/// dx row by row; dweight as per-task partial sums, then added.
+pub fn rms_norm_backward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    rstd: FlexTensor,
+    grad: FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let [rows, d] = x.layout().shape().dims::<2>();
+    let (x, weight, rstd, grad) = (f32s(&x), f32s(&weight), f32s(&rstd), f32s(&grad));
+    let mut dx = vec![0.0f32; rows * d];
+    let block = rows_per_task(d);
+    type Block<'a> = (&'a mut [f32], &'a [f32], &'a [f32], &'a [f32]);
+    let kernel = |(dx, x, grad, rstd): Block<'_>| rms_norm_backward_rows(dx, x, grad, rstd, &weight);
+    let partials: Vec<Vec<f32>> = if worth_threads(rows * d) {
+        let blocks =
+            (dx.par_chunks_mut(block * d), x.par_chunks(block * d), grad.par_chunks(block * d), rstd.par_chunks(block));
+        blocks.into_par_iter().map(kernel).collect()
+    } else {
+        vec![kernel((&mut dx, &x, &grad, &rstd))]
+    };
+    let mut dweight = vec![0.0f32; d];
+    for partial in partials {
+        dweight.iter_mut().zip(partial).for_each(|(a, v)| *a += v);
+    }
+    (tensor(dx, Shape::new([rows, d])), tensor(dweight, Shape::new([d])))
+}
+
+vectorised! {
+    fn swiglu_chunk(y: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+            *y = g * sigmoid(g) * u;
+        }
+    }
+}
+
+pub fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+    let shape = gate.layout().shape().clone();
+    let (gate, up) = (f32s(&gate), f32s(&up));
+    let mut y = vec![0.0f32; gate.len()];
+    let kernel = |(y, (gate, up)): (&mut [f32], (&[f32], &[f32]))| swiglu_chunk(y, gate, up);
+    match worth_threads(y.len()) {
+        true => y.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(kernel),
+        false => kernel((&mut y, (&gate, &up))),
+    }
+    tensor(y, shape)
+}
+
+vectorised! {
+    /// With s = σ(gate): dgate = grad·up·s·(1 + gate·(1 − s)), dup = grad·gate·s.
+    fn swiglu_backward_chunk(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], grad: &[f32]) {
+        for ((((dg, du), &g), &u), &dy) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(grad) {
+            let s = sigmoid(g);
+            *dg = dy * u * (s * (1.0 + g * (1.0 - s)));
+            *du = dy * g * s;
+        }
+    }
+}
+
+pub fn swiglu_backward(gate: FlexTensor, up: FlexTensor, grad: FlexTensor) -> (FlexTensor, FlexTensor) {
+    let shape = gate.layout().shape().clone();
+    let (gate, up, grad) = (f32s(&gate), f32s(&up), f32s(&grad));
+    let (mut dgate, mut dup) = (vec![0.0f32; gate.len()], vec![0.0f32; gate.len()]);
+    type Chunk<'a> = ((&'a mut [f32], &'a mut [f32]), (&'a [f32], (&'a [f32], &'a [f32])));
+    let kernel = |((dg, du), (gate, (up, grad))): Chunk<'_>| swiglu_backward_chunk(dg, du, gate, up, grad);
+    if worth_threads(gate.len()) {
+        let outputs = dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK));
+        outputs.zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)))).for_each(kernel);
+    } else {
+        kernel(((&mut dgate, &mut dup), (&gate, (&up, &grad))));
+    }
+    (tensor(dgate, shape.clone()), tensor(dup, shape))
+}
+
+vectorised! {
+    /// One head rotated (`sign` 1) or rotated back (`sign` −1): y₁ = x₁·cos − sign·x₂·sin,
+    /// y₂ = x₂·cos + sign·x₁·sin, for the head's halves.
+    fn rotate_head(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], sign: f32) {
+        let half = cos.len();
+        let (y1, y2) = y.split_at_mut(half);
+        let (x1, x2) = x.split_at(half);
+        for ((((y1, y2), (&x1, &x2)), &c), &s) in y1.iter_mut().zip(y2).zip(x1.iter().zip(x2)).zip(cos).zip(sin) {
+            let s = sign * s;
+            *y1 = x1 * c - x2 * s;
+            *y2 = x2 * c + x1 * s;
+        }
+    }
+}
+
+/// Rows per parallel task for the rotary kernels, whose rows are `3·width` wide.
+fn rotary_rows_per_task(width: usize) -> usize {
+    rows_per_task(3 * width)
+}
+
+/// Each row's queries rotated, its keys rotated and spread, its values spread, into the packed
+/// row `causal_attention` reads.
+pub fn rotary_qkv(q: FlexTensor, k: FlexTensor, v: FlexTensor, rotary: RotaryArgs<Flex>) -> FlexTensor {
+    let [rows, width] = q.layout().shape().dims::<2>();
+    let (heads, kv_heads) = (rotary.heads, rotary.kv_heads);
+    let (head_dim, group) = (width / heads, heads / kv_heads);
+    let half = head_dim / 2;
+    let (q, k, v, cos, sin) = (f32s(&q), f32s(&k), f32s(&v), f32s(&rotary.cos), f32s(&rotary.sin));
+    let kv_width = kv_heads * head_dim;
+    let mut out = vec![0.0f32; rows * 3 * width];
+    let block = rotary_rows_per_task(width);
+    let kernel = |(first, out): (usize, &mut [f32])| {
+        for (r, out) in (first * block..).zip(out.chunks_exact_mut(3 * width)) {
+            let (cos, sin) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+            let (out_q, rest) = out.split_at_mut(width);
+            let (out_k, out_v) = rest.split_at_mut(width);
+            let (q, k, v) = (
+                &q[r * width..(r + 1) * width],
+                &k[r * kv_width..(r + 1) * kv_width],
+                &v[r * kv_width..(r + 1) * kv_width],
+            );
+            for (y, x) in out_q.chunks_exact_mut(head_dim).zip(q.chunks_exact(head_dim)) {
+                rotate_head(y, x, cos, sin, 1.0);
+            }
+            for (h, (y_k, y_v)) in out_k.chunks_exact_mut(head_dim).zip(out_v.chunks_exact_mut(head_dim)).enumerate() {
+                let source = (h / group) * head_dim..(h / group + 1) * head_dim;
+                rotate_head(y_k, &k[source.clone()], cos, sin, 1.0);
+                y_v.copy_from_slice(&v[source]);
+            }
+        }
+    };
+    if worth_threads(rows * 3 * width) {
+        out.par_chunks_mut(block * 3 * width).enumerate().for_each(kernel);
+    } else {
+        kernel((0, &mut out));
+    }
+    tensor(out, Shape::new([rows, 3 * width]))
+}
+
+/// The packed row's gradient back to the projections': the heads a key/value head serves
+/// summed, then the rotation undone.
+pub fn rotary_qkv_backward(grad: FlexTensor, rotary: RotaryArgs<Flex>) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let [rows, packed] = grad.layout().shape().dims::<2>();
+    let width = packed / 3;
+    let (heads, kv_heads) = (rotary.heads, rotary.kv_heads);
+    let (head_dim, group) = (width / heads, heads / kv_heads);
+    let half = head_dim / 2;
+    let kv_width = kv_heads * head_dim;
+    let (grad, cos, sin) = (f32s(&grad), f32s(&rotary.cos), f32s(&rotary.sin));
+    let (mut dq, mut dk, mut dv) =
+        (vec![0.0f32; rows * width], vec![0.0f32; rows * kv_width], vec![0.0f32; rows * kv_width]);
+    let block = rotary_rows_per_task(width);
+    type Block<'a> = (usize, (&'a mut [f32], (&'a mut [f32], &'a mut [f32])));
+    let kernel = |(first, (dq, (dk, dv))): Block<'_>| {
+        let mut summed = vec![0.0f32; head_dim];
+        let rows = dq.chunks_exact_mut(width).zip(dk.chunks_exact_mut(kv_width).zip(dv.chunks_exact_mut(kv_width)));
+        for (r, (dq, (dk, dv))) in (first * block..).zip(rows) {
+            let (cos, sin) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+            let row = &grad[r * packed..(r + 1) * packed];
+            let (gq, rest) = row.split_at(width);
+            let (gk, gv) = rest.split_at(width);
+            for (y, g) in dq.chunks_exact_mut(head_dim).zip(gq.chunks_exact(head_dim)) {
+                rotate_head(y, g, cos, sin, -1.0);
+            }
+            for (j, (dk, dv)) in dk.chunks_exact_mut(head_dim).zip(dv.chunks_exact_mut(head_dim)).enumerate() {
+                let served = j * group * head_dim..(j + 1) * group * head_dim;
+                summed.fill(0.0);
+                for (g_k, g_v) in gk[served.clone()].chunks_exact(head_dim).zip(gv[served].chunks_exact(head_dim)) {
+                    summed.iter_mut().zip(g_k).for_each(|(s, g)| *s += g);
+                    dv.iter_mut().zip(g_v).for_each(|(s, g)| *s += g);
+                }
+                rotate_head(dk, &summed, cos, sin, -1.0);
+            }
+        }
+    };
+    if worth_threads(rows * packed) {
+        let outputs = dq
+            .par_chunks_mut(block * width)
+            .zip(dk.par_chunks_mut(block * kv_width).zip(dv.par_chunks_mut(block * kv_width)));
+        outputs.enumerate().for_each(kernel);
+    } else {
+        kernel((0, (&mut dq, (&mut dk, &mut dv))));
+    }
+    let shape = |cols: usize| Shape::new([rows, cols]);
+    (tensor(dq, shape(width)), tensor(dk, shape(kv_width)), tensor(dv, shape(kv_width)))
 }
 
 /// A tensor's f32 buffer to update in place: its own if it is contiguous and not shared,

@@ -115,7 +115,7 @@ impl<B: Backend> LayerCache<'_, B> {
 /// Each key/value head repeated for the query heads that share it, in order (query head h
 /// reads key/value head h / (heads / kv_heads)). x: [batch, kv_heads, n, head_dim] →
 /// [batch, heads, n, head_dim]
-pub fn repeat_heads<B: Backend>(x: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
+fn repeat_heads<B: Backend>(x: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
     let [batch, kv_heads, n, head_dim] = x.dims();
     if kv_heads == heads {
         return x;

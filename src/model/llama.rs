@@ -10,14 +10,14 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LinearConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::fused::{causal_attention, linear, FusedOps};
+use super::fused::composite::rotate;
+use super::fused::{causal_attention, linear, rms_norm, rotary_qkv, swiglu, FusedOps};
 use super::gpt2::Precision;
-use super::kv_cache::{repeat_heads, KvCache, LayerCache};
+use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{Adaptable, Adapters, Lora, Slot, Target};
 use super::{nll_of_hidden, Packing};
 
@@ -322,39 +322,36 @@ pub struct RmsNorm<B: Backend> {
     pub epsilon: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: FusedOps> RmsNorm<B> {
     /// x: [rows, d] → [rows, d]
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let mean_square = x.clone().powi_scalar(2).mean_dim(1); // [rows, 1]
-        x * (mean_square + self.epsilon).sqrt().recip() * self.weight.val().unsqueeze::<2>()
+        rms_norm(x, self.weight.val(), self.epsilon)
     }
 }
 
-/// The rotation of every position's queries and keys: cos and sin of position × frequency,
-/// each frequency repeated for both halves of a head. [batch, seq, 1, head_dim] each.
+/// The rotation of every position's queries and keys: cos and sin of position × frequency, one
+/// per pair of a head's dimensions. [batch·seq, head_dim / 2] each.
 struct Rotary<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
 }
 
 impl<B: Backend> Rotary<B> {
     /// positions: [batch, seq]
     fn at(positions: Tensor<B, 2, Int>, inverse_frequencies: &[f32]) -> Self {
         let half = inverse_frequencies.len();
+        let [batch, seq] = positions.dims();
         let device = positions.device();
         let frequencies = Tensor::<B, 1>::from_data(TensorData::new(inverse_frequencies.to_vec(), [half]), &device);
-        let angles = positions.float().unsqueeze_dim::<3>(2) * frequencies.reshape([1, 1, half]); // [batch, seq, half]
-        let angles = Tensor::cat(vec![angles.clone(), angles], 2).unsqueeze_dim::<4>(2); // [batch, seq, 1, head_dim]
+        let angles = positions.float().reshape([batch * seq, 1]) * frequencies.reshape([1, half]); // [batch·seq, half]
         Rotary { cos: angles.clone().cos(), sin: angles.sin() }
     }
 
-    /// x·cos + rotate_half(x)·sin, where rotate_half(x) = (−x₂, x₁) for x's halves x₁, x₂.
-    /// x: [batch, seq, heads, head_dim] → same
+    /// The rotation of every head at every position. x: [batch, seq, heads, head_dim] → same
     fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let half = x.dims()[3] / 2;
-        let (x1, x2) = (x.clone().narrow(3, 0, half), x.clone().narrow(3, half, half));
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let [batch, seq, heads, head_dim] = x.dims();
+        let rows = x.reshape([batch * seq, heads, head_dim]);
+        rotate(rows, &self.cos, &self.sin, false).reshape([batch, seq, heads, head_dim])
     }
 }
 
@@ -501,28 +498,31 @@ impl<B: FusedOps> SelfAttention<B> {
         let (heads, kv_heads, head_dim) = (self.heads, self.kv_heads, self.head_dim);
         let project = |proj: &Linear<B>, norm: &Option<RmsNorm<B>>, n: usize| {
             let y = proj.forward(x.clone(), precision); // [batch·seq, n·head_dim]
-            let y = match norm {
-                Some(norm) => norm.forward(y.reshape([batch * seq * n, head_dim])),
+            match norm {
+                Some(norm) => norm.forward(y.reshape([batch * seq * n, head_dim])).reshape([batch * seq, n * head_dim]),
                 None => y,
-            };
-            y.reshape([batch, seq, n, head_dim])
-        };
-        let q = rotary.apply(project(&self.q_proj, &self.q_norm, heads)); // [batch, seq, heads, head_dim]
-        let k = rotary.apply(project(&self.k_proj, &self.k_norm, kv_heads)); // [batch, seq, kv_heads, head_dim]
-        let v = project(&self.v_proj, &None, kv_heads); // [batch, seq, kv_heads, head_dim]
-        let y = match cache {
-            // Training and scoring: the fused op reads the heads out of one packed q·k·v.
-            // (Generation, below, runs without autodiff, so without dropout.)
-            None => {
-                let width = heads * head_dim;
-                let spread = |t: Tensor<B, 4>| {
-                    repeat_heads(t.swap_dims(1, 2), heads).swap_dims(1, 2).reshape([batch, seq, width])
-                };
-                let qkv = Tensor::cat(vec![q.reshape([batch, seq, width]), spread(k), spread(v)], 2); // [batch, seq, 3·width]
-                causal_attention(qkv, heads, self.attention_dropout, starts, precision)
-                // [batch, seq, width]
             }
-            Some(cache) => cache.attend(q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2)),
+        };
+        let q = project(&self.q_proj, &self.q_norm, heads); // [batch·seq, heads·head_dim]
+        let k = project(&self.k_proj, &self.k_norm, kv_heads); // [batch·seq, kv_heads·head_dim]
+        let v = project(&self.v_proj, &None, kv_heads); // [batch·seq, kv_heads·head_dim]
+        let y = match cache {
+            // Training and scoring: one op rotates and spreads the heads into the packed q·k·v
+            // the fused attention reads. (Generation, below, runs without autodiff, so without
+            // dropout.)
+            None => {
+                let (cos, sin) = (rotary.cos.clone(), rotary.sin.clone());
+                let qkv = rotary_qkv(q, k, v, cos, sin, heads, kv_heads); // [batch·seq, 3·heads·head_dim]
+                let qkv = qkv.reshape([batch, seq, 3 * heads * head_dim]);
+                causal_attention(qkv, heads, self.attention_dropout, starts, precision)
+                // [batch, seq, heads·head_dim]
+            }
+            Some(cache) => {
+                let split = |t: Tensor<B, 2>, n: usize| t.reshape([batch, seq, n, head_dim]);
+                let (q, k) = (rotary.apply(split(q, heads)), rotary.apply(split(k, kv_heads)));
+                let v = split(v, kv_heads);
+                cache.attend(q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
+            }
         };
         self.o_proj.forward(y.reshape([batch * seq, heads * head_dim]), precision)
     }
@@ -531,7 +531,8 @@ impl<B: FusedOps> SelfAttention<B> {
 impl<B: FusedOps> SwiGlu<B> {
     /// down(silu(gate(x)) · up(x)). x: [rows, hidden] → [rows, hidden]
     fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
-        let gate = silu(self.gate_proj.forward(x.clone(), precision)); // [rows, inner]
-        self.down_proj.forward(gate * self.up_proj.forward(x, precision), precision)
+        let gate = self.gate_proj.forward(x.clone(), precision); // [rows, inner]
+        let up = self.up_proj.forward(x, precision); // [rows, inner]
+        self.down_proj.forward(swiglu(gate, up), precision)
     }
 }

@@ -6,7 +6,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
-use pipe::model::fused::{composite, cross_entropy, gelu_new, AttentionArgs, FusedOps, LinearGradsWanted};
+use pipe::model::fused::{composite, cross_entropy, gelu_new, AttentionArgs, FusedOps, LinearGradsWanted, RotaryArgs};
 use pipe::model::gpt2::Precision::{Bf16, F32};
 
 type Ad = Autodiff<Flex>;
@@ -440,4 +440,131 @@ fn layer_norm_gradient_through_autodiff_matches_burns_layer_norm() {
     assert_close(&values(x.grad(&fused).unwrap()), &values(x.grad(&plain).unwrap()), 1e-4, "x gradient");
     assert_close(&values(gamma.grad(&fused).unwrap()), &values(gamma.grad(&plain).unwrap()), 1e-4, "gamma gradient");
     assert_close(&values(beta.grad(&fused).unwrap()), &values(beta.grad(&plain).unwrap()), 1e-4, "beta gradient");
+}
+
+#[test]
+fn rms_norm_kernel_matches_composite_forward_and_backward() {
+    for (rows, d) in [(3, 5), (130, 576), (9, 1031)] {
+        let x = random::<Flex, 2>([rows, d], 3.0, 101).add_scalar(1.0);
+        let weight = random::<Flex, 1>([d], 1.0, 102);
+        let grad = random::<Flex, 2>([rows, d], 1.0, 103);
+        let (y, rstd) = Flex::fused_rms_norm(prim(&x), prim(&weight), 1e-6);
+        let (want_y, want_rstd) = composite::rms_norm::<Flex>(prim(&x), prim(&weight), 1e-6);
+        assert_close(&values(float::<2>(y)), &values(float::<2>(want_y)), 1e-5, "rms norm");
+        assert_close(&values(float::<1>(rstd.clone())), &values(float::<1>(want_rstd)), 1e-6, "1/rms");
+        let fused = Flex::fused_rms_norm_backward(prim(&x), prim(&weight), rstd.clone(), prim(&grad));
+        let plain = composite::rms_norm_backward::<Flex>(prim(&x), prim(&weight), rstd, prim(&grad));
+        assert_close(&values(float::<2>(fused.0)), &values(float::<2>(plain.0)), 1e-4, "rms norm dx");
+        assert_close(&values(float::<1>(fused.1)), &values(float::<1>(plain.1)), 1e-4, "dweight");
+    }
+}
+
+#[test]
+fn rms_norm_gradient_through_autodiff_matches_burns_own() {
+    let (rows, d) = (40, 96);
+    let x = random::<Ad, 2>([rows, d], 2.0, 111).require_grad();
+    let weight = random::<Ad, 1>([d], 1.0, 112).require_grad();
+    let weights = random::<Ad, 2>([rows, d], 1.0, 113);
+    let fused_y = pipe::model::fused::rms_norm(x.clone(), weight.clone(), 1e-6);
+    // transformers' LlamaRMSNorm, written with burn's ops.
+    let plain_y = x.clone() * (x.clone().powi_scalar(2).mean_dim(1) + 1e-6).sqrt().recip() * weight.clone().unsqueeze();
+    assert_close(&values(fused_y.clone()), &values(plain_y.clone()), 1e-5, "rms norm");
+    let fused = (fused_y * weights.clone()).sum().backward();
+    let plain = (plain_y * weights).sum().backward();
+    assert_close(&values(x.grad(&fused).unwrap()), &values(x.grad(&plain).unwrap()), 1e-4, "x gradient");
+    assert_close(&values(weight.grad(&fused).unwrap()), &values(weight.grad(&plain).unwrap()), 1e-4, "weight gradient");
+}
+
+#[test]
+fn swiglu_kernel_matches_composite_forward_and_backward() {
+    // Wide range, odd length (not a multiple of any vector width or chunk).
+    let (gate, up) = (random::<Flex, 2>([37, 1031], 4.0, 121), random::<Flex, 2>([37, 1031], 2.0, 122));
+    let grad = random::<Flex, 2>([37, 1031], 1.0, 123);
+    let fused = float::<2>(Flex::swiglu(prim(&gate), prim(&up)));
+    let plain = float::<2>(composite::swiglu::<Flex>(prim(&gate), prim(&up)));
+    assert_close(&values(fused), &values(plain), 1e-6, "swiglu forward");
+    let fused = Flex::swiglu_backward(prim(&gate), prim(&up), prim(&grad));
+    let plain = composite::swiglu_backward::<Flex>(prim(&gate), prim(&up), prim(&grad));
+    assert_close(&values(float::<2>(fused.0)), &values(float::<2>(plain.0)), 1e-6, "swiglu dgate");
+    assert_close(&values(float::<2>(fused.1)), &values(float::<2>(plain.1)), 1e-6, "swiglu dup");
+}
+
+#[test]
+fn swiglu_gradient_through_autodiff_matches_burns_own() {
+    let gate = random::<Ad, 2>([24, 80], 3.0, 131).require_grad();
+    let up = random::<Ad, 2>([24, 80], 1.0, 132).require_grad();
+    let weights = random::<Ad, 2>([24, 80], 1.0, 133);
+    let fused_y = pipe::model::fused::swiglu(gate.clone(), up.clone());
+    let plain_y = burn::tensor::activation::silu(gate.clone()) * up.clone();
+    assert_close(&values(fused_y.clone()), &values(plain_y.clone()), 1e-6, "swiglu");
+    let fused = (fused_y * weights.clone()).sum().backward();
+    let plain = (plain_y * weights).sum().backward();
+    assert_close(&values(gate.grad(&fused).unwrap()), &values(gate.grad(&plain).unwrap()), 1e-5, "gate gradient");
+    assert_close(&values(up.grad(&fused).unwrap()), &values(up.grad(&plain).unwrap()), 1e-5, "up gradient");
+}
+
+/// Angles of a rotary embedding at positions that restart (as packed rows do), for `half`
+/// frequencies. → cos, sin: [rows, half]
+fn rotary_angles<B: Backend>(rows: usize, half: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let angles: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..half).map(move |i| (r % 7) as f32 / 10_000f32.powf(2.0 * i as f32 / (2 * half) as f32)))
+        .collect();
+    let angles = Tensor::<B, 2>::from_data(TensorData::new(angles, [rows, half]), &Default::default());
+    (angles.clone().cos(), angles.sin())
+}
+
+#[test]
+fn rotary_qkv_kernel_matches_composite_forward_and_backward() {
+    // Grouped (3 heads a key/value head), multi-head (as many) and multi-query (one) attention;
+    // enough rows for several parallel tasks.
+    for (rows, heads, kv_heads, head_dim) in [(5, 6, 2, 8), (300, 9, 3, 64), (33, 4, 4, 16), (17, 4, 1, 6)] {
+        let q = random::<Flex, 2>([rows, heads * head_dim], 1.0, 141);
+        let k = random::<Flex, 2>([rows, kv_heads * head_dim], 1.0, 142);
+        let v = random::<Flex, 2>([rows, kv_heads * head_dim], 1.0, 143);
+        let grad = random::<Flex, 2>([rows, 3 * heads * head_dim], 1.0, 144);
+        let (cos, sin) = rotary_angles::<Flex>(rows, head_dim / 2);
+        let args = RotaryArgs { cos: prim(&cos), sin: prim(&sin), heads, kv_heads };
+        let fused = Flex::rotary_qkv(prim(&q), prim(&k), prim(&v), args.clone());
+        let plain = composite::rotary_qkv::<Flex>(prim(&q), prim(&k), prim(&v), args.clone());
+        let shape = format!("{rows} rows, {heads} heads on {kv_heads}");
+        assert_close(&values(float::<2>(fused)), &values(float::<2>(plain)), 1e-6, &format!("rotary qkv, {shape}"));
+        let fused = Flex::rotary_qkv_backward(prim(&grad), args.clone());
+        let plain = composite::rotary_qkv_backward::<Flex>(prim(&grad), args);
+        for (what, got, want) in [("dq", fused.0, plain.0), ("dk", fused.1, plain.1), ("dv", fused.2, plain.2)] {
+            assert_close(&values(float::<2>(got)), &values(float::<2>(want)), 1e-5, &format!("{what}, {shape}"));
+        }
+    }
+}
+
+#[test]
+fn rotary_qkv_gradient_through_autodiff_matches_burns_rotation_and_spread() {
+    let (rows, heads, kv_heads, head_dim) = (12, 6, 2, 8);
+    let q = random::<Ad, 2>([rows, heads * head_dim], 1.0, 151).require_grad();
+    let k = random::<Ad, 2>([rows, kv_heads * head_dim], 1.0, 152).require_grad();
+    let v = random::<Ad, 2>([rows, kv_heads * head_dim], 1.0, 153).require_grad();
+    let weights = random::<Ad, 2>([rows, 3 * heads * head_dim], 1.0, 154);
+    let (cos, sin) = rotary_angles::<Ad>(rows, head_dim / 2);
+    let fused_y =
+        pipe::model::fused::rotary_qkv(q.clone(), k.clone(), v.clone(), cos.clone(), sin.clone(), heads, kv_heads);
+    // transformers' apply_rotary_pos_emb and repeat_kv, written with burn's ops.
+    let whole = |t: &Tensor<Ad, 2>| Tensor::cat(vec![t.clone(), t.clone()], 1).unsqueeze_dim::<3>(1);
+    let rotate = |x: Tensor<Ad, 2>, n: usize| {
+        let x = x.reshape([rows, n, head_dim]);
+        let (x1, x2) = (x.clone().narrow(2, 0, head_dim / 2), x.clone().narrow(2, head_dim / 2, head_dim / 2));
+        x * whole(&cos) + Tensor::cat(vec![x2.neg(), x1], 2) * whole(&sin)
+    };
+    let spread = |x: Tensor<Ad, 3>| {
+        let group = heads / kv_heads;
+        x.unsqueeze_dim::<4>(2).expand([rows, kv_heads, group, head_dim]).reshape([rows, heads * head_dim])
+    };
+    let plain_q = rotate(q.clone(), heads).reshape([rows, heads * head_dim]);
+    let plain_k = spread(rotate(k.clone(), kv_heads));
+    let plain_v = spread(v.clone().reshape([rows, kv_heads, head_dim]));
+    let plain_y = Tensor::cat(vec![plain_q, plain_k, plain_v], 1);
+    assert_close(&values(fused_y.clone()), &values(plain_y.clone()), 1e-6, "rotary qkv");
+    let fused = (fused_y * weights.clone()).sum().backward();
+    let plain = (plain_y * weights).sum().backward();
+    assert_close(&values(q.grad(&fused).unwrap()), &values(q.grad(&plain).unwrap()), 1e-5, "q gradient");
+    assert_close(&values(k.grad(&fused).unwrap()), &values(k.grad(&plain).unwrap()), 1e-5, "k gradient");
+    assert_close(&values(v.grad(&fused).unwrap()), &values(v.grad(&plain).unwrap()), 1e-5, "v gradient");
 }

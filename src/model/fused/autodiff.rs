@@ -96,6 +96,88 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         (y, Self::from_inner(mean), Self::from_inner(rstd))
     }
 
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct RmsNorm;
+        impl<B: FusedOps> Backward<B, 2> for RmsNorm {
+            type State = [FloatTensor<B>; 3]; // x, weight, rstd
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [x, weight, rstd] = ops.state;
+                let (dx, dweight) = B::fused_rms_norm_backward(x, weight, rstd, grad);
+                for (parent, grad) in ops.parents.into_iter().zip([dx, dweight]) {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+        let (y, rstd) = B::fused_rms_norm(x.primitive.clone(), weight.primitive.clone(), epsilon);
+        let y = match RmsNorm.prepare::<C>([x.node, weight.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish([x.primitive, weight.primitive, rstd.clone()], y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, Self::from_inner(rstd))
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SwiGlu;
+        impl<B: FusedOps> Backward<B, 2> for SwiGlu {
+            type State = (FloatTensor<B>, FloatTensor<B>); // gate, up
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (gate, up) = ops.state;
+                let (dgate, dup) = B::swiglu_backward(gate, up, grad);
+                for (parent, grad) in ops.parents.into_iter().zip([dgate, dup]) {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+        let y = B::swiglu(gate.primitive.clone(), up.primitive.clone());
+        match SwiGlu.prepare::<C>([gate.node, up.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn rotary_qkv(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        rotary: RotaryArgs<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RotaryQkv;
+        impl<B: FusedOps> Backward<B, 3> for RotaryQkv {
+            // The rotation alone: the backward needs none of the inputs.
+            type State = RotaryArgs<B>;
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (dq, dk, dv) = B::rotary_qkv_backward(grad, ops.state);
+                for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+        // The angles are constants: no gradient flows to them.
+        let RotaryArgs { cos, sin, heads, kv_heads } = rotary;
+        let rotary = RotaryArgs { cos: cos.primitive, sin: sin.primitive, heads, kv_heads };
+        let y = B::rotary_qkv(q.primitive, k.primitive, v.primitive, rotary.clone());
+        match RotaryQkv.prepare::<C>([q.node, k.node, v.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(rotary, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
         #[derive(Debug)]
         struct CrossEntropy;

@@ -84,6 +84,106 @@ pub fn layer_norm_backward<B: Backend>(
     (dx.into_primitive().tensor(), dgamma.into_primitive().tensor(), dbeta.into_primitive().tensor())
 }
 
+pub fn rms_norm<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    epsilon: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let x = float::<B, 2>(x);
+    let rstd = (x.clone().square().mean_dim(1) + epsilon).sqrt().recip(); // [rows, 1]
+    let y = x * rstd.clone() * float::<B, 1>(weight).unsqueeze::<2>();
+    (y.into_primitive().tensor(), rstd.squeeze_dim::<1>(1).into_primitive().tensor())
+}
+
+/// With x̂ = x·rstd and g = grad·weight: dx = rstd·(g − x̂·mean(g·x̂)), dweight = Σ grad·x̂ over
+/// the rows.
+pub fn rms_norm_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    rstd: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (x, grad) = (float::<B, 2>(x), float::<B, 2>(grad));
+    let d = x.dims()[1];
+    let rstd = float::<B, 1>(rstd).unsqueeze_dim::<2>(1); // [rows, 1]
+    let x_hat = x * rstd.clone(); // [rows, d]
+    let g = grad.clone() * float::<B, 1>(weight).unsqueeze::<2>();
+    let dx = (g.clone() - x_hat.clone() * (g * x_hat.clone()).mean_dim(1)) * rstd;
+    let dweight = (grad * x_hat).sum_dim(0).reshape([d]);
+    (dx.into_primitive().tensor(), dweight.into_primitive().tensor())
+}
+
+pub fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let (gate, up) = (float::<B, 2>(gate), float::<B, 2>(up));
+    (burn::tensor::activation::silu(gate) * up).into_primitive().tensor()
+}
+
+/// With s = σ(gate): d silu(gate)/d gate = s·(1 + gate·(1 − s)); dup = grad·silu(gate).
+pub fn swiglu_backward<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (gate, up, grad) = (float::<B, 2>(gate), float::<B, 2>(up), float::<B, 2>(grad));
+    let s = sigmoid(gate.clone());
+    let slope = s.clone() * ((s.clone().neg() + 1.0) * gate.clone() + 1.0);
+    let dgate = grad.clone() * up * slope;
+    let dup = grad * gate * s;
+    (dgate.into_primitive().tensor(), dup.into_primitive().tensor())
+}
+
+/// x·cos + rotate_half(x)·sin, where rotate_half(x) = (−x₂, x₁) for a head's halves x₁, x₂ (as
+/// transformers' `apply_rotary_pos_emb`); with `inverse`, the rotation back (sin negated).
+/// x: [rows, n, head_dim], cos, sin: [rows, head_dim / 2] → [rows, n, head_dim]
+pub fn rotate<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, inverse: bool) -> Tensor<B, 3> {
+    let half = x.dims()[2] / 2;
+    let whole = |t: &Tensor<B, 2>| Tensor::cat(vec![t.clone(), t.clone()], 1).unsqueeze_dim::<3>(1); // [rows, 1, head_dim]
+    let (x1, x2) = (x.clone().narrow(2, 0, half), x.clone().narrow(2, half, half));
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+    let sin = if inverse { whole(sin).neg() } else { whole(sin) };
+    x * whole(cos) + rotated * sin
+}
+
+pub fn rotary_qkv<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    rotary: RotaryArgs<B>,
+) -> FloatTensor<B> {
+    let (cos, sin) = (float::<B, 2>(rotary.cos), float::<B, 2>(rotary.sin));
+    let (heads, kv_heads, group) = (rotary.heads, rotary.kv_heads, rotary.heads / rotary.kv_heads);
+    let (q, k, v) = (float::<B, 2>(q), float::<B, 2>(k), float::<B, 2>(v));
+    let [rows, width] = q.dims();
+    let head_dim = width / heads;
+    let heads_of = |t: Tensor<B, 2>, n: usize| t.reshape([rows, n, head_dim]);
+    let spread =
+        |t: Tensor<B, 3>| t.unsqueeze_dim::<4>(2).expand([rows, kv_heads, group, head_dim]).reshape([rows, width]);
+    let q = rotate(heads_of(q, heads), &cos, &sin, false).reshape([rows, width]);
+    let k = spread(rotate(heads_of(k, kv_heads), &cos, &sin, false));
+    let v = spread(heads_of(v, kv_heads));
+    Tensor::cat(vec![q, k, v], 1).into_primitive().tensor()
+}
+
+pub fn rotary_qkv_backward<B: Backend>(
+    grad: FloatTensor<B>,
+    rotary: RotaryArgs<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (cos, sin) = (float::<B, 2>(rotary.cos), float::<B, 2>(rotary.sin));
+    let (heads, kv_heads, group) = (rotary.heads, rotary.kv_heads, rotary.heads / rotary.kv_heads);
+    let grad = float::<B, 2>(grad);
+    let [rows, packed] = grad.dims();
+    let width = packed / 3;
+    let head_dim = width / heads;
+    let part = |i: usize| grad.clone().narrow(1, i * width, width);
+    // The heads a key/value head serves are adjacent: their gradients sum to its own.
+    let gather =
+        |t: Tensor<B, 2>| t.reshape([rows, kv_heads, group, head_dim]).sum_dim(2).reshape([rows, kv_heads, head_dim]);
+    let dq = rotate(part(0).reshape([rows, heads, head_dim]), &cos, &sin, true).reshape([rows, width]);
+    let dk = rotate(gather(part(1)), &cos, &sin, true).reshape([rows, kv_heads * head_dim]);
+    let dv = gather(part(2)).reshape([rows, kv_heads * head_dim]);
+    (dq.into_primitive().tensor(), dk.into_primitive().tensor(), dv.into_primitive().tensor())
+}
+
 /// burn's Adam/AdamW arithmetic, op for op.
 pub fn adam_step<B: Backend>(
     param: FloatTensor<B>,

@@ -26,6 +26,12 @@ impl<T: IsF32> IsF32 for (T, T) {
     }
 }
 
+impl IsF32 for RotaryArgs<Flex> {
+    fn is_f32(&self) -> bool {
+        self.cos.is_f32() && self.sin.is_f32()
+    }
+}
+
 /// Each listed op runs `cpu_kernels::$op` when the float arguments named after `f32:` are all
 /// f32, else `composite::$op` (bf16 products, for one).
 macro_rules! f32_kernels {
@@ -95,6 +101,24 @@ impl FusedOps for Flex {
             grad: FlexFloat,
         ) -> (FlexFloat, FlexFloat, FlexFloat) {
             f32: [x, gamma, mean, rstd, grad] => layer_norm_backward
+        }
+        fn fused_rms_norm(x: FlexFloat, weight: FlexFloat, epsilon: f64) -> (FlexFloat, FlexFloat) {
+            f32: [x, weight] => rms_norm
+        }
+        fn fused_rms_norm_backward(x: FlexFloat, weight: FlexFloat, rstd: FlexFloat, grad: FlexFloat) -> (FlexFloat, FlexFloat) {
+            f32: [x, weight, rstd, grad] => rms_norm_backward
+        }
+        fn swiglu(gate: FlexFloat, up: FlexFloat) -> FlexFloat {
+            f32: [gate, up] => swiglu
+        }
+        fn swiglu_backward(gate: FlexFloat, up: FlexFloat, grad: FlexFloat) -> (FlexFloat, FlexFloat) {
+            f32: [gate, up, grad] => swiglu_backward
+        }
+        fn rotary_qkv(q: FlexFloat, k: FlexFloat, v: FlexFloat, rotary: RotaryArgs<Self>) -> FlexFloat {
+            f32: [q, k, v, rotary] => rotary_qkv
+        }
+        fn rotary_qkv_backward(grad: FlexFloat, rotary: RotaryArgs<Self>) -> (FlexFloat, FlexFloat, FlexFloat) {
+            f32: [grad, rotary] => rotary_qkv_backward
         }
         fn gelu_new(x: FlexFloat) -> FlexFloat {
             f32: [x] => gelu_new

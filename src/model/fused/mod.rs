@@ -1,6 +1,7 @@
-//! Fused operations for the hot spots of a GPT-2 step, as a backend extension: the linear
-//! layers, LayerNorm, GELU, causal self-attention, the cross-entropy over the vocabulary and
-//! the Adam update are each one operation (the differentiable ones with a hand-written
+//! Fused operations for the hot spots of a training step, as a backend extension: the linear
+//! layers, LayerNorm and RMSNorm, GELU and SwiGLU, the rotary embedding of grouped-query
+//! attention, causal self-attention, the cross-entropy over the vocabulary and the Adam update
+//! are each one operation (the differentiable ones with a hand-written
 //! backward) instead of the chain of element-wise tensor ops (each a pass over memory and an
 //! autodiff node) that composing them from burn's API costs.
 //!
@@ -44,6 +45,18 @@ pub struct AttentionArgs<B: Backend> {
     pub keep: Option<FloatTensor<B>>,
     pub starts: Option<IntTensor<B>>,
     pub precision: Precision,
+}
+
+/// The rotary embedding at every row's position, and the head counts `rotary_qkv` spreads
+/// between: row r's pair i of a head is rotated by the angle whose cosine and sine are
+/// `cos[r, i]`, `sin[r, i]` (dimension i with dimension i + head_dim/2, as transformers pairs
+/// them). cos, sin: [rows, head_dim / 2]
+#[derive(Debug, Clone)]
+pub struct RotaryArgs<B: Backend> {
+    pub cos: FloatTensor<B>,
+    pub sin: FloatTensor<B>,
+    pub heads: usize,
+    pub kv_heads: usize,
 }
 
 /// A backend pipe's model runs on: burn's ops plus the fused ones.
@@ -111,6 +124,63 @@ pub trait FusedOps: Backend {
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         composite::layer_norm_backward::<Self>(x, gamma, mean, rstd, grad)
+    }
+
+    /// RMSNorm of each row, x/√(mean(x²) + ε)·weight, and each row's 1/√(mean(x²) + ε) (kept
+    /// for the backward). x: [rows, d], weight: [d] → ([rows, d], [rows])
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composite::rms_norm::<Self>(x, weight, epsilon)
+    }
+
+    /// The gradients of `fused_rms_norm` for x and weight, given the output's.
+    fn fused_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composite::rms_norm_backward::<Self>(x, weight, rstd, grad)
+    }
+
+    /// The SwiGLU MLP's gate: silu(gate)·up. gate, up: [rows, inner] → [rows, inner]
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        composite::swiglu::<Self>(gate, up)
+    }
+
+    /// The gradients of `swiglu` for gate and up, given the output's. [rows, inner] each.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composite::swiglu_backward::<Self>(gate, up, grad)
+    }
+
+    /// The packed q·k·v that `causal_attention` reads, from the projections: queries and keys
+    /// rotated by the rotary embedding, keys and values spread from the key/value heads to the
+    /// heads they serve (`rotary.heads / rotary.kv_heads` each, in order).
+    /// q: [rows, heads·head_dim], k, v: [rows, kv_heads·head_dim] → [rows, 3·heads·head_dim]
+    fn rotary_qkv(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        rotary: RotaryArgs<Self>,
+    ) -> FloatTensor<Self> {
+        composite::rotary_qkv::<Self>(q, k, v, rotary)
+    }
+
+    /// The gradients of `rotary_qkv` for q, k and v, given the packed output's: each rotation
+    /// undone, and the gradients of the heads a key/value head serves summed.
+    /// grad: [rows, 3·heads·head_dim] → ([rows, heads·head_dim], [rows, kv_heads·head_dim] × 2)
+    fn rotary_qkv_backward(
+        grad: FloatTensor<Self>,
+        rotary: RotaryArgs<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composite::rotary_qkv_backward::<Self>(grad, rotary)
     }
 
     /// GPT-2's tanh GELU. x: [rows, cols] → [rows, cols]
@@ -277,6 +347,37 @@ pub fn layer_norm<B: FusedOps>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, beta: Tenso
 /// GPT-2's "gelu_new", the tanh approximation of GELU. x: [rows, cols] → [rows, cols]
 pub fn gelu_new<B: FusedOps>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(B::gelu_new(x.into_primitive().tensor())))
+}
+
+/// RMSNorm of each row: x/√(mean(x²) + ε)·weight. x: [rows, d], weight: [d] → [rows, d]
+pub fn rms_norm<B: FusedOps>(x: Tensor<B, 2>, weight: Tensor<B, 1>, epsilon: f64) -> Tensor<B, 2> {
+    let (y, _rstd) = B::fused_rms_norm(x.into_primitive().tensor(), weight.into_primitive().tensor(), epsilon);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// silu(gate)·up. gate, up: [rows, inner] → [rows, inner]
+pub fn swiglu<B: FusedOps>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::swiglu(
+        gate.into_primitive().tensor(),
+        up.into_primitive().tensor(),
+    )))
+}
+
+/// The packed, rotated q·k·v of grouped-query attention (`FusedOps::rotary_qkv`).
+/// q: [rows, heads·head_dim], k, v: [rows, kv_heads·head_dim], cos, sin: [rows, head_dim / 2]
+/// → [rows, 3·heads·head_dim]
+pub fn rotary_qkv<B: FusedOps>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    heads: usize,
+    kv_heads: usize,
+) -> Tensor<B, 2> {
+    let rotary = RotaryArgs { cos: cos.into_primitive().tensor(), sin: sin.into_primitive().tensor(), heads, kv_heads };
+    let prim = |t: Tensor<B, 2>| t.into_primitive().tensor();
+    Tensor::from_primitive(TensorPrimitive::Float(B::rotary_qkv(prim(q), prim(k), prim(v), rotary)))
 }
 
 /// The most logits `lm_head_nll` holds at once (256 MiB of f32): below it the rows are one block.
