@@ -197,7 +197,7 @@ impl BackendJob for Bench {
         // On the CPU, bf16 generation is the family's bf16-weight decoder where it has one
         // (what `pipe generate --precision bf16` runs); elsewhere the model's own bf16 products.
         let decoder = match (shape.precision, self.1) {
-            (Precision::Bf16, BackendKind::Cpu) => inference.bf16_decoder(),
+            (Precision::Bf16, BackendKind::Cpu) => Some(inference.bf16_decoder()),
             _ => None,
         };
         let decoder_ran = decoder.is_some();

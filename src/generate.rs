@@ -41,7 +41,7 @@ impl<W: WithDecoder> BackendJob for Decoding<W> {
         tracing::info!(device = %device_name, precision = ?self.precision, "decoding on");
         let model = Model::<B::InnerBackend>::load(&self.dir, None, &device)?;
         let decoder = match (self.kind, self.precision) {
-            (BackendKind::Cpu, Precision::Bf16) => model.bf16_decoder(),
+            (BackendKind::Cpu, Precision::Bf16) => Some(model.bf16_decoder()),
             _ => None,
         };
         match decoder {

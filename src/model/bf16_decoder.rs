@@ -1,12 +1,16 @@
-//! GPT-2 decoding on the CPU with bf16 weights: at batch 1 each new token reads every weight
-//! once, so generation runs at the speed memory delivers weights, and bf16 halves the bytes.
+//! Decoding on the CPU with bf16 weights, for every family: at batch 1 each new token reads
+//! every weight once, so generation runs at the speed memory delivers weights, and bf16 halves
+//! the bytes.
 //!
-//! The weights are converted once (rounded to nearest bf16) when the decoder is made; the
-//! activations, residual stream, LayerNorm, softmax and every sum stay f32, so the only rounding
-//! beyond the f32 model's is in the weights and in the cached keys and values (also bf16). The
-//! cache is allocated whole for the model's context when a session starts, so decoding never
-//! reallocates. Each product reads a block of weight rows once for all the rows being fed (the
-//! prompt's tokens at once), so prefill costs one pass over the weights, not one per token.
+//! A model is mapped once onto one family-neutral layer — a norm, one product for the
+//! queries, keys and values, an optional per-head norm of queries and keys (Qwen3), the
+//! positions (GPT-2's learned rows or Llama's rotation), attention over a key/value cache of the
+//! key/value heads' shape, the output product, a norm, and a GELU or SwiGLU MLP — with its
+//! weights rounded to nearest bf16 (LoRA adapters folded in first). Activations, the residual
+//! stream, norms, softmax and every sum stay f32, so the only rounding beyond the f32 model's is
+//! in the weights and in the cached keys and values (also bf16). Each product reads a block of
+//! weight rows once for all the rows being fed (the prompt's tokens at once), so prefill costs
+//! one pass over the weights, not one per token.
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -14,9 +18,10 @@ use burn::tensor::Tensor;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::cpu_kernels::{exp, gelu_chunk, layer_norm_rows};
+use super::cpu_kernels::{exp, gelu_chunk, layer_norm_rows, rms_norm_rows, rotate_head, swiglu_chunk};
 use super::decode::Decode;
-use super::gpt2::{Gpt2, Gpt2Config, LayerNorm, Projection};
+use super::gpt2::{self, Gpt2};
+use super::llama::{self, Llama};
 use super::lora;
 use super::raw::{bf16_products, vectorised, widen};
 
@@ -33,8 +38,8 @@ impl Bf16Rows {
         Self { bits: values.iter().map(|&v| bf16::from_f32(v).to_bits()).collect(), width }
     }
 
-    /// From a `[in, out]` weight (GPT-2's Conv1D layout), transposed so each output's weights
-    /// are one contiguous row.
+    /// From an `[in, out]` weight (the layout both families keep), transposed so each output's
+    /// weights are one contiguous row.
     fn from_columns(values: &[f32], d_in: usize, d_out: usize) -> Self {
         let mut bits = vec![0u16; d_in * d_out];
         for (i, row) in values.chunks_exact(d_out).enumerate() {
@@ -85,71 +90,160 @@ vectorised! {
     }
 }
 
-struct Norm {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    epsilon: f32,
+fn values<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> Vec<f32> {
+    param.val().into_data().convert::<f32>().to_vec().expect("f32 parameter")
+}
+
+/// A norm over the residual stream's width (or, for Qwen3's query and key norms, a head's).
+enum Norm {
+    /// GPT-2's: (x − mean)/√(var + ε)·weight + bias.
+    Layer { weight: Vec<f32>, bias: Vec<f32>, epsilon: f32 },
+    /// The Llama family's: x/√(mean(x²) + ε)·weight.
+    Rms { weight: Vec<f32>, epsilon: f32 },
 }
 
 impl Norm {
-    fn of<B: Backend>(norm: &LayerNorm<B>) -> Self {
-        Self { weight: values(&norm.weight), bias: values(&norm.bias), epsilon: norm.epsilon as f32 }
+    fn layer<B: Backend>(norm: &gpt2::LayerNorm<B>) -> Self {
+        Norm::Layer { weight: values(&norm.weight), bias: values(&norm.bias), epsilon: norm.epsilon as f32 }
+    }
+
+    fn rms<B: Backend>(norm: &llama::RmsNorm<B>) -> Self {
+        Norm::Rms { weight: values(&norm.weight), epsilon: norm.epsilon as f32 }
     }
 
     /// x: [n, d] → [n, d]
     fn apply(&self, x: &[f32]) -> Vec<f32> {
-        let n = x.len() / self.weight.len();
-        let (mut y, mut mean, mut rstd) = (vec![0.0f32; x.len()], vec![0.0f32; n], vec![0.0f32; n]);
-        layer_norm_rows(&mut y, x, &mut mean, &mut rstd, &self.weight, &self.bias, self.epsilon);
+        let mut y = vec![0.0f32; x.len()];
+        match self {
+            Norm::Layer { weight, bias, epsilon } => {
+                let n = x.len() / weight.len();
+                let (mut mean, mut rstd) = (vec![0.0f32; n], vec![0.0f32; n]);
+                layer_norm_rows(&mut y, x, &mut mean, &mut rstd, weight, bias, *epsilon);
+            }
+            Norm::Rms { weight, epsilon } => {
+                let mut rstd = vec![0.0f32; x.len() / weight.len()];
+                rms_norm_rows(&mut y, x, &mut rstd, weight, *epsilon);
+            }
+        }
         y
     }
 }
 
+/// An `[in, out]` weight and its bias, where it has one.
+type WeightAndBias<'a, B> = (&'a Param<Tensor<B, 2>>, Option<&'a Param<Tensor<B, 1>>>);
+
+/// A product with bf16 weights and an optional f32 bias.
 struct Linear {
     weight: Bf16Rows,
-    bias: Vec<f32>,
+    bias: Option<Vec<f32>>,
 }
 
 impl Linear {
-    fn of<B: Backend>(projection: &Projection<B>) -> Self {
-        let [d_in, d_out] = projection.weight.val().dims();
-        Self {
-            weight: Bf16Rows::from_columns(&values(&projection.weight), d_in, d_out),
-            bias: values(&projection.bias),
+    /// Several `[in, out]` weights over the same input as one product, their outputs side by
+    /// side (a missing bias is zeros where another part has one).
+    fn stacked<B: Backend>(parts: &[WeightAndBias<'_, B>]) -> Self {
+        let d_in = parts[0].0.val().dims()[0];
+        let mut bits = Vec::new();
+        let mut bias = Vec::new();
+        for (weight, part_bias) in parts {
+            let d_out = weight.val().dims()[1];
+            bits.extend(Bf16Rows::from_columns(&values(weight), d_in, d_out).bits);
+            bias.extend(part_bias.map_or_else(|| vec![0.0; d_out], values));
         }
+        let any_bias = parts.iter().any(|(_, b)| b.is_some());
+        Self { weight: Bf16Rows { bits, width: d_in }, bias: any_bias.then_some(bias) }
+    }
+
+    fn gpt2<B: Backend>(projection: &gpt2::Projection<B>) -> Self {
+        Self::stacked(&[(&projection.weight, Some(&projection.bias))])
+    }
+
+    fn llama<B: Backend>(linear: &llama::Linear<B>) -> Self {
+        Self::stacked(&[(&linear.weight, linear.bias.as_ref())])
+    }
+
+    fn outputs(&self) -> usize {
+        self.weight.rows()
     }
 
     /// x: [n, in] → [n, out]
     fn apply(&self, x: &[f32]) -> Vec<f32> {
-        self.weight.times(x, Some(&self.bias))
+        self.weight.times(x, self.bias.as_deref())
+    }
+}
+
+enum Mlp {
+    /// GPT-2's: proj(gelu(fc(x))).
+    Gelu { fc: Linear, proj: Linear },
+    /// The Llama family's: down(silu(gate(x))·up(x)), gate and up as one product.
+    SwiGlu { gate_up: Linear, down: Linear },
+}
+
+impl Mlp {
+    /// x: [n, d] → [n, d]
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        match self {
+            Mlp::Gelu { fc, proj } => {
+                let mut h = fc.apply(x); // [n, inner]
+                let pre = h.clone();
+                gelu_chunk(&mut h, &pre);
+                proj.apply(&h)
+            }
+            Mlp::SwiGlu { gate_up, down } => {
+                let inner = gate_up.outputs() / 2;
+                let both = gate_up.apply(x); // [n, 2·inner]
+                let mut h = vec![0.0f32; both.len() / 2]; // [n, inner]
+                for (h, row) in h.chunks_exact_mut(inner).zip(both.chunks_exact(2 * inner)) {
+                    let (gate, up) = row.split_at(inner);
+                    swiglu_chunk(h, gate, up);
+                }
+                down.apply(&h)
+            }
+        }
     }
 }
 
 struct Layer {
-    ln_1: Norm,
-    c_attn: Linear,
-    attn_proj: Linear,
-    ln_2: Norm,
-    c_fc: Linear,
-    mlp_proj: Linear,
+    attn_norm: Norm,
+    /// Queries, keys and values as one product: [n, d] → [n, (heads + 2·kv_heads)·head_dim]
+    qkv: Linear,
+    /// Qwen3: RMSNorm of each head's queries and keys, before the rotation.
+    qk_norm: Option<(Norm, Norm)>,
+    out: Linear,
+    mlp_norm: Norm,
+    mlp: Mlp,
 }
 
-/// GPT-2 with bf16 weights, for decoding on the CPU.
+/// Where a token is, to the model.
+enum Positions {
+    /// GPT-2: a learned row added to the token's embedding, kept f32 (one row read per token):
+    /// [context, d].
+    Learned(Vec<f32>),
+    /// The Llama family: queries and keys rotated by position × frequency, one frequency per
+    /// pair of a head's dimensions: [head_dim / 2].
+    Rotary(Vec<f32>),
+}
+
+/// A model with bf16 weights, for decoding on the CPU.
 pub struct Bf16Decoder {
-    config: Gpt2Config,
-    /// Token embedding rows, also the LM head (tied): [vocab, d_model].
-    wte: Bf16Rows,
-    /// Position embedding, kept f32 (one row read per token): [n_positions, d_model].
-    wpe: Vec<f32>,
+    context: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Token embedding rows: [vocab, d].
+    embedding: Bf16Rows,
+    positions: Positions,
     layers: Vec<Layer>,
-    ln_f: Norm,
+    final_norm: Norm,
+    /// The LM head's rows, [vocab, d]; None where it is the token embedding (tied).
+    head: Option<Bf16Rows>,
 }
 
-/// One decoding session's keys and values, bf16, allocated for the whole context:
-/// per layer [heads, context, head_dim] each.
+/// One decoding session's keys and values, bf16, per layer and key/value head:
+/// [positions seen, head_dim] each.
 pub struct Bf16Cache {
-    keys: Vec<Vec<u16>>,
-    values: Vec<Vec<u16>>,
+    keys: Vec<Vec<Vec<u16>>>,
+    values: Vec<Vec<Vec<u16>>>,
     seen: usize,
 }
 
@@ -160,13 +254,9 @@ impl Bf16Cache {
     }
 }
 
-fn values<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> Vec<f32> {
-    param.val().into_data().convert::<f32>().to_vec().expect("f32 parameter")
-}
-
 impl Bf16Decoder {
-    /// The model's weights as bf16 (LoRA adapters folded in first), read from any backend.
-    pub fn new<B: Backend>(model: &Gpt2<B>) -> Self {
+    /// GPT-2's weights as bf16, read from any backend.
+    pub fn of_gpt2<B: Backend>(model: &Gpt2<B>) -> Self {
         let merged;
         let model = match model.adapters {
             Some(_) => {
@@ -175,103 +265,200 @@ impl Bf16Decoder {
             }
             None => model,
         };
-        let d = model.config.n_embd;
+        let c = &model.config;
         Self {
-            config: model.config.clone(),
-            wte: Bf16Rows::from_rows(&values(&model.wte.weight), d),
-            wpe: values(&model.wpe.weight),
+            context: c.n_positions,
+            heads: c.n_head,
+            kv_heads: c.n_head,
+            head_dim: c.head_dim(),
+            embedding: Bf16Rows::from_rows(&values(&model.wte.weight), c.n_embd),
+            positions: Positions::Learned(values(&model.wpe.weight)),
             layers: model
                 .h
                 .iter()
                 .map(|block| Layer {
-                    ln_1: Norm::of(&block.ln_1),
-                    c_attn: Linear::of(&block.attn.c_attn),
-                    attn_proj: Linear::of(&block.attn.c_proj),
-                    ln_2: Norm::of(&block.ln_2),
-                    c_fc: Linear::of(&block.mlp.c_fc),
-                    mlp_proj: Linear::of(&block.mlp.c_proj),
+                    attn_norm: Norm::layer(&block.ln_1),
+                    qkv: Linear::gpt2(&block.attn.c_attn),
+                    qk_norm: None,
+                    out: Linear::gpt2(&block.attn.c_proj),
+                    mlp_norm: Norm::layer(&block.ln_2),
+                    mlp: Mlp::Gelu { fc: Linear::gpt2(&block.mlp.c_fc), proj: Linear::gpt2(&block.mlp.c_proj) },
                 })
                 .collect(),
-            ln_f: Norm::of(&model.ln_f),
+            final_norm: Norm::layer(&model.ln_f),
+            head: None,
         }
     }
 
-    pub fn config(&self) -> &Gpt2Config {
-        &self.config
+    /// A Llama, Qwen2 or Qwen3 model's weights as bf16, read from any backend.
+    pub fn of_llama<B: Backend>(model: &Llama<B>) -> Self {
+        let merged;
+        let model = match model.adapters {
+            Some(_) => {
+                merged = lora::merged(model.clone());
+                &merged
+            }
+            None => model,
+        };
+        let c = &model.config;
+        let stacked = |parts: [&llama::Linear<B>; 3]| {
+            Linear::stacked(&parts.map(|linear| (&linear.weight, linear.bias.as_ref())))
+        };
+        Self {
+            context: c.max_position_embeddings,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            embedding: Bf16Rows::from_rows(&values(&model.model.embed_tokens.weight), c.hidden_size),
+            positions: Positions::Rotary(c.inverse_frequencies()),
+            layers: model
+                .model
+                .layers
+                .iter()
+                .map(|layer| {
+                    let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+                    let qk_norm = match (&attn.q_norm, &attn.k_norm) {
+                        (Some(q), Some(k)) => Some((Norm::rms(q), Norm::rms(k))),
+                        _ => None,
+                    };
+                    let gate_up = [
+                        (&mlp.gate_proj.weight, mlp.gate_proj.bias.as_ref()),
+                        (&mlp.up_proj.weight, mlp.up_proj.bias.as_ref()),
+                    ];
+                    Layer {
+                        attn_norm: Norm::rms(&layer.input_layernorm),
+                        qkv: stacked([&attn.q_proj, &attn.k_proj, &attn.v_proj]),
+                        qk_norm,
+                        out: Linear::llama(&attn.o_proj),
+                        mlp_norm: Norm::rms(&layer.post_attention_layernorm),
+                        mlp: Mlp::SwiGlu { gate_up: Linear::stacked(&gate_up), down: Linear::llama(&mlp.down_proj) },
+                    }
+                })
+                .collect(),
+            final_norm: Norm::rms(&model.model.norm),
+            head: model.lm_head.as_ref().map(|head| {
+                let [d_in, d_out] = head.weight.val().dims();
+                Bf16Rows::from_columns(&values(&head.weight), d_in, d_out)
+            }),
+        }
     }
 
-    /// An empty cache with room for the whole context.
+    /// An empty cache.
     pub fn new_cache(&self) -> Bf16Cache {
-        let size = self.config.n_positions * self.config.n_embd;
-        let zeroed = || (0..self.config.n_layer).map(|_| vec![0u16; size]).collect();
-        Bf16Cache { keys: zeroed(), values: zeroed(), seen: 0 }
+        let empty = || (0..self.layers.len()).map(|_| vec![Vec::new(); self.kv_heads]).collect();
+        Bf16Cache { keys: empty(), values: empty(), seen: 0 }
     }
 
     /// Logits after each of `tokens`, which follow the cached positions (and join the cache):
     /// every fed position's with `all`, else the last one's. tokens: [n] → [n or 1, vocab]
     pub fn logits(&self, tokens: &[u32], cache: &mut Bf16Cache, all: bool) -> Vec<f32> {
-        let (d, start, n) = (self.config.n_embd, cache.seen, tokens.len());
-        assert!(n > 0 && start + n <= self.config.n_positions, "{n} tokens after {start} overflow the context");
+        let (d, start, n) = (self.embedding.width, cache.seen, tokens.len());
+        assert!(n > 0 && start + n <= self.context, "{n} tokens after {start} overflow the context");
         let mut x = vec![0.0f32; n * d]; // [n, d]
         for (i, (row, &token)) in x.chunks_exact_mut(d).zip(tokens).enumerate() {
-            let position = &self.wpe[(start + i) * d..(start + i + 1) * d];
-            for ((x, &t), &p) in row.iter_mut().zip(self.wte.row(token as usize)).zip(position) {
-                *x = widen(t) + p;
+            let embedding = self.embedding.row(token as usize);
+            match &self.positions {
+                Positions::Learned(wpe) => {
+                    let position = &wpe[(start + i) * d..(start + i + 1) * d];
+                    for ((x, &t), &p) in row.iter_mut().zip(embedding).zip(position) {
+                        *x = widen(t) + p;
+                    }
+                }
+                Positions::Rotary(_) => row.iter_mut().zip(embedding).for_each(|(x, &t)| *x = widen(t)),
             }
         }
+        let rotation = self.rotation(start, n);
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.c_attn.apply(&layer.ln_1.apply(&x)); // [n, 3d]
-            let attended = self.attend(&qkv, &mut cache.keys[l], &mut cache.values[l], start); // [n, d]
-            add_into(&mut x, &layer.attn_proj.apply(&attended));
-            let mut h = layer.c_fc.apply(&layer.ln_2.apply(&x)); // [n, 4d]
-            let pre = h.clone();
-            gelu_chunk(&mut h, &pre);
-            add_into(&mut x, &layer.mlp_proj.apply(&h));
+            let mut qkv = layer.qkv.apply(&layer.attn_norm.apply(&x)); // [n, (heads + 2·kv_heads)·head_dim]
+            self.position_queries_and_keys(&mut qkv, layer, rotation.as_ref());
+            let attended = self.attend(&qkv, &mut cache.keys[l], &mut cache.values[l]); // [n, heads·head_dim]
+            add_into(&mut x, &layer.out.apply(&attended));
+            let mlp = layer.mlp.apply(&layer.mlp_norm.apply(&x));
+            add_into(&mut x, &mlp);
         }
         cache.seen += n;
         let last = if all { &x[..] } else { &x[(n - 1) * d..] };
-        self.wte.times(&self.ln_f.apply(last), None) // [rows, vocab]
+        let head = self.head.as_ref().unwrap_or(&self.embedding);
+        head.times(&self.final_norm.apply(last), None) // [rows, vocab]
     }
 
-    /// Causal attention of the new positions (after `start` cached ones) over the cache, which
-    /// their keys and values join first. qkv: [n, 3d] → [n, d]
-    fn attend(&self, qkv: &[f32], keys: &mut [u16], values: &mut [u16], start: usize) -> Vec<f32> {
-        let (d, heads, context) = (self.config.n_embd, self.config.n_head, self.config.n_positions);
-        let head_dim = d / heads;
-        let n = qkv.len() / (3 * d);
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let per_head: Vec<Vec<f32>> = keys
-            .par_chunks_mut(context * head_dim)
-            .zip(values.par_chunks_mut(context * head_dim))
-            .enumerate()
-            .map(|(h, (keys, values))| {
-                for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
-                    let slot = (start + i) * head_dim..(start + i + 1) * head_dim;
-                    let part = |p: usize| &row[p * d + h * head_dim..p * d + (h + 1) * head_dim];
-                    keys[slot.clone()].iter_mut().zip(part(1)).for_each(|(k, &v)| *k = bf16::from_f32(v).to_bits());
-                    values[slot].iter_mut().zip(part(2)).for_each(|(k, &v)| *k = bf16::from_f32(v).to_bits());
+    /// With rotary positions, cos and sin of each new position × each frequency, as
+    /// transformers computes them (the angle in f32). → ([n, head_dim / 2], same)
+    fn rotation(&self, start: usize, n: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+        let Positions::Rotary(frequencies) = &self.positions else { return None };
+        let angles: Vec<f32> =
+            (start..start + n).flat_map(|p| frequencies.iter().map(move |&f| p as f32 * f)).collect();
+        Some((angles.iter().map(|a| a.cos()).collect(), angles.iter().map(|a| a.sin()).collect()))
+    }
+
+    /// Each new row's query and key heads normalised (Qwen3) and rotated to their position, in
+    /// place. qkv: [n, (heads + 2·kv_heads)·head_dim]
+    fn position_queries_and_keys(&self, qkv: &mut [f32], layer: &Layer, rotation: Option<&(Vec<f32>, Vec<f32>)>) {
+        if layer.qk_norm.is_none() && rotation.is_none() {
+            return;
+        }
+        let (hd, heads, kv_heads) = (self.head_dim, self.heads, self.kv_heads);
+        let half = hd / 2;
+        let mut head = vec![0.0f32; hd];
+        for (i, row) in qkv.chunks_exact_mut((heads + 2 * kv_heads) * hd).enumerate() {
+            // Queries' heads, then keys' (values are neither normalised nor rotated).
+            for (h, part) in row[..(heads + kv_heads) * hd].chunks_exact_mut(hd).enumerate() {
+                if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                    let norm = if h < heads { q_norm } else { k_norm };
+                    part.copy_from_slice(&norm.apply(part));
                 }
-                let mut out = vec![0.0f32; n * head_dim]; // [n, head_dim]
-                for (i, (row, y)) in qkv.chunks_exact(3 * d).zip(out.chunks_exact_mut(head_dim)).enumerate() {
-                    let q = &row[h * head_dim..(h + 1) * head_dim];
+                if let Some((cos, sin)) = rotation {
+                    head.copy_from_slice(part);
+                    rotate_head(part, &head, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half], 1.0);
+                }
+            }
+        }
+    }
+
+    /// Causal attention of the new positions over the cache, which their keys and values join
+    /// first; each query head reads the key/value head it shares with its group.
+    /// qkv: [n, (heads + 2·kv_heads)·head_dim] → [n, heads·head_dim]
+    fn attend(&self, qkv: &[f32], keys: &mut [Vec<u16>], values: &mut [Vec<u16>]) -> Vec<f32> {
+        let (hd, heads, kv_heads) = (self.head_dim, self.heads, self.kv_heads);
+        let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+        let row_width = q_width + 2 * kv_width;
+        let n = qkv.len() / row_width;
+        let bits = |part: &[f32]| part.iter().map(|&v| bf16::from_f32(v).to_bits()).collect::<Vec<_>>();
+        for row in qkv.chunks_exact(row_width) {
+            for (h, (keys, values)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
+                keys.extend(bits(&row[q_width + h * hd..q_width + (h + 1) * hd]));
+                values.extend(bits(&row[q_width + kv_width + h * hd..q_width + kv_width + (h + 1) * hd]));
+            }
+        }
+        let start = keys[0].len() / hd - n;
+        let group = heads / kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys, values) = (&*keys, &*values);
+        let per_head: Vec<Vec<f32>> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let (keys, values) = (&keys[h / group], &values[h / group]);
+                let mut out = vec![0.0f32; n * hd]; // [n, head_dim]
+                for (i, (row, y)) in qkv.chunks_exact(row_width).zip(out.chunks_exact_mut(hd)).enumerate() {
+                    let q = &row[h * hd..(h + 1) * hd];
                     let seen = start + i + 1;
                     let mut scores = vec![0.0f32; seen]; // q against every key so far
-                    bf16_products(&mut scores, &keys[..seen * head_dim], q, head_dim);
+                    bf16_products(&mut scores, &keys[..seen * hd], q, hd);
                     scores.iter_mut().for_each(|s| *s *= scale);
                     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                     let weights: Vec<f32> = scores.iter().map(|&s| exp(s - max)).collect();
                     let total: f32 = weights.iter().sum();
-                    for (&p, v) in weights.iter().zip(values.chunks_exact(head_dim)) {
+                    for (&p, v) in weights.iter().zip(values.chunks_exact(hd)) {
                         add_scaled_bf16(y, p / total, v);
                     }
                 }
                 out
             })
             .collect();
-        let mut y = vec![0.0f32; n * d];
+        let mut y = vec![0.0f32; n * q_width];
         for (h, out) in per_head.iter().enumerate() {
-            for (row, head) in y.chunks_exact_mut(d).zip(out.chunks_exact(head_dim)) {
-                row[h * head_dim..(h + 1) * head_dim].copy_from_slice(head);
+            for (row, head) in y.chunks_exact_mut(q_width).zip(out.chunks_exact(hd)) {
+                row[h * hd..(h + 1) * hd].copy_from_slice(head);
             }
         }
         y
@@ -285,7 +472,7 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 impl Decode for Bf16Decoder {
     type Cache = Bf16Cache;
     fn context(&self) -> usize {
-        self.config().n_positions
+        self.context
     }
     fn new_cache(&self) -> Bf16Cache {
         Bf16Decoder::new_cache(self)

@@ -634,7 +634,7 @@ pub fn rms_norm(x: FlexTensor, weight: FlexTensor, epsilon: f64) -> (FlexTensor,
 }
 
 vectorised! {
-    fn rms_norm_rows(y: &mut [f32], x: &[f32], rstd: &mut [f32], weight: &[f32], epsilon: f32) {
+    pub(super) fn rms_norm_rows(y: &mut [f32], x: &[f32], rstd: &mut [f32], weight: &[f32], epsilon: f32) {
         let d = weight.len();
         for ((y, x), rstd) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(rstd) {
             y.iter_mut().zip(x).for_each(|(s, v)| *s = v * v);
@@ -696,7 +696,7 @@ pub fn rms_norm_backward(
 }
 
 vectorised! {
-    fn swiglu_chunk(y: &mut [f32], gate: &[f32], up: &[f32]) {
+    pub(super) fn swiglu_chunk(y: &mut [f32], gate: &[f32], up: &[f32]) {
         for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
             *y = g * sigmoid(g) * u;
         }
@@ -744,7 +744,7 @@ pub fn swiglu_backward(gate: FlexTensor, up: FlexTensor, grad: FlexTensor) -> (F
 vectorised! {
     /// One head rotated (`sign` 1) or rotated back (`sign` −1): y₁ = x₁·cos − sign·x₂·sin,
     /// y₂ = x₂·cos + sign·x₁·sin, for the head's halves.
-    fn rotate_head(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], sign: f32) {
+    pub(super) fn rotate_head(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], sign: f32) {
         let half = cos.len();
         let (y1, y2) = y.split_at_mut(half);
         let (x1, x2) = x.split_at(half);

@@ -1,7 +1,7 @@
 //! Decoding, the one way generation, scoring and chat use a model: host token ids in, the next
 //! position's logits (or a chosen token) out, with a cache per session. A burn model decodes
-//! through [`OnDevice`], on its backend and in its own precision; a family may also offer a
-//! decoder of its own for the CPU with bf16 weights (`CausalLm::bf16_decoder`).
+//! through [`OnDevice`], on its backend and in its own precision; on the CPU, every family also
+//! decodes with bf16 weights through [`super::Bf16Decoder`] (`CausalLm::bf16_decoder`).
 
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;

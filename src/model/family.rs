@@ -281,12 +281,10 @@ impl<B: FusedOps> CausalLm<B> for Model<B> {
         }
     }
 
-    type Bf16Decoder = Bf16Decoder;
-
-    fn bf16_decoder(&self) -> Option<Bf16Decoder> {
+    fn bf16_decoder(&self) -> Bf16Decoder {
         match self {
             Model::Gpt2(m) => m.bf16_decoder(),
-            Model::Llama(_) => None,
+            Model::Llama(m) => Bf16Decoder::of_llama(m),
         }
     }
 

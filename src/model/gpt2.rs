@@ -256,10 +256,8 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         Gpt2 { precision, ..self }
     }
 
-    type Bf16Decoder = Bf16Decoder;
-
-    fn bf16_decoder(&self) -> Option<Bf16Decoder> {
-        Some(Bf16Decoder::new(self))
+    fn bf16_decoder(&self) -> Bf16Decoder {
+        Bf16Decoder::of_gpt2(self)
     }
 
     fn save(&self, dir: &Path, eos_id: Option<usize>) -> Result<()> {

@@ -144,12 +144,9 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
     where
         Self: Sized;
 
-    /// The family's decoder for the CPU with the weights rounded to bf16 (`--precision bf16`).
-    type Bf16Decoder: decode::Decode;
-
-    /// A copy of the model as its family's bf16 decoder, where the family has one (else the
-    /// model decodes on its backend with its products in bf16).
-    fn bf16_decoder(&self) -> Option<Self::Bf16Decoder>;
+    /// A copy of the model for decoding on the CPU with its weights rounded to bf16
+    /// (`--precision bf16`).
+    fn bf16_decoder(&self) -> Bf16Decoder;
 
     /// Write the model as a folder in its family's format (GPT-2: a HuggingFace directory);
     /// `eos_id` is the tokenizer's end-of-text id, recorded in the config.

@@ -10,7 +10,7 @@ use crate::generate::{Decode, Generator, Sampling};
 use crate::model::gpt2::Precision;
 use crate::model::{CausalLm, TrainBackend, TrainableLm};
 use crate::run_dir::SampleRecord;
-use crate::spec::{Spec, Stage};
+use crate::spec::{BackendKind, Spec, Stage};
 
 /// Each of the spec's prompts, laid out as the data was, must leave the model room to
 /// generate: 1 to context − 1 tokens, as `pipe generate` requires of its prompt.
@@ -35,15 +35,17 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
     let g = &ctx.spec.generate;
     let sampling = Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p };
     let model = state.model.valid();
-    match g.precision {
-        Precision::F32 => sample_all(ctx, Generator::new(&model, ctx.device, g.seed), sampling, state.steps)?,
-        Precision::Bf16 => match model.bf16_decoder() {
-            Some(decoder) => sample_all(ctx, Generator::with(decoder, g.seed), sampling, state.steps)?,
-            None => {
-                let model = model.with_precision(Precision::Bf16);
-                sample_all(ctx, Generator::new(&model, ctx.device, g.seed), sampling, state.steps)?
-            }
-        },
+    // bf16 on the CPU is the bf16-weight decoder (as `pipe generate --precision bf16`); on a
+    // GPU, the model's own bf16 products.
+    match (g.precision, ctx.spec.run.backend) {
+        (Precision::F32, _) => sample_all(ctx, Generator::new(&model, ctx.device, g.seed), sampling, state.steps)?,
+        (Precision::Bf16, BackendKind::Cpu) => {
+            sample_all(ctx, Generator::with(model.bf16_decoder(), g.seed), sampling, state.steps)?
+        }
+        (Precision::Bf16, _) => {
+            let model = model.with_precision(Precision::Bf16);
+            sample_all(ctx, Generator::new(&model, ctx.device, g.seed), sampling, state.steps)?
+        }
     }
     Ok(state)
 }

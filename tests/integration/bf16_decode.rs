@@ -8,7 +8,7 @@
 use crate::common::{fixture_dir, floats, ids, pipe, reference, stdout};
 use burn::backend::Flex;
 use pipe::generate::{Decode, Generator, OnDevice, Sampling};
-use pipe::model::{hf, Bf16Decoder, Gpt2};
+use pipe::model::{hf, CausalLm, Gpt2};
 
 fn model() -> Gpt2<Flex> {
     hf::load::<Flex>(&fixture_dir(), None, &Default::default()).unwrap().1
@@ -17,7 +17,7 @@ fn model() -> Gpt2<Flex> {
 #[test]
 fn bf16_nll_is_within_bf16_resolution_of_transformers() {
     let r = reference();
-    let decoder = Bf16Decoder::new(&model());
+    let decoder = model().bf16_decoder();
     let f32_model = model();
     let on_device = OnDevice::<Flex, _> { model: &f32_model, device: Default::default() };
     for (i, encoded) in r["encoded"].as_array().unwrap().iter().enumerate() {
@@ -37,7 +37,7 @@ fn bf16_nll_is_within_bf16_resolution_of_transformers() {
 
 #[test]
 fn feeding_a_prompt_at_once_or_token_by_token_gives_the_same_logits() {
-    let decoder = Bf16Decoder::new(&model());
+    let decoder = model().bf16_decoder();
     let prompt = ids(&reference()["encoded"][1]);
     let all = decoder.logits(&prompt, &mut decoder.new_cache(), true); // [n, vocab]
     let vocab = all.len() / prompt.len();
@@ -55,7 +55,7 @@ fn feeding_a_prompt_at_once_or_token_by_token_gives_the_same_logits() {
 fn bf16_greedy_continuation_follows_transformers() {
     let g = &reference()["greedy"];
     let (prompt, want) = (ids(&g["prompt_ids"]), ids(&g["new_ids"]));
-    let decoder = Bf16Decoder::new(&model());
+    let decoder = model().bf16_decoder();
     let got = Generator::with(&decoder, 0).generate(&prompt, want.len(), Sampling::GREEDY, &[], |_| true);
     assert_eq!(got, want);
 }

@@ -13,7 +13,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::tensor::{Int, Tensor, TensorData};
 use pipe::data::{Batch, Sequence, Tok};
-use pipe::generate::{Generator, Sampling};
+use pipe::generate::{Decode, Generator, Sampling};
 use pipe::model::lora::{self, Adapters, BaseModel, Target};
 use pipe::model::{family, CausalLm, Model, ModelConfig};
 use pipe::spec::{OptimizerKind, OptimizerSpec};
@@ -191,6 +191,64 @@ fn top5_and_greedy_ids_match() {
             generator.generate(&ids(&g["prompt_ids"]), new_ids.len(), Sampling::GREEDY, &[9999, stop], |_| true);
         assert_eq!(stopped, new_ids[..until], "{fixture}: stopped at {stop}");
     }
+}
+
+/// Decoding with bf16 weights (`--precision bf16` on the CPU), one decoder for every family:
+/// per-token NLL within 0.01 of transformers' f32 (the weights carry 8 significant bits, as
+/// for GPT-2 in bf16_decode.rs) and not equal to pipe's f32 (the weights were rounded), the
+/// same greedy ids through its cache, and a prompt fed at once or token by token giving
+/// bit-identical logits.
+#[test]
+fn bf16_decoding_follows_transformers() {
+    for fixture in FIXTURES {
+        let (r, model) = (reference(fixture), load::<B>(fixture));
+        let decoder = model.bf16_decoder();
+        let exact = texts_nll(&model, &r["encoded"]);
+        let mut got = Vec::new();
+        for (i, encoded) in r["encoded"].as_array().unwrap().iter().enumerate() {
+            let nll = decoder.token_nll(&ids(encoded));
+            let want = floats(&r["nll"][i]);
+            assert_eq!(nll.len(), want.len());
+            for (j, (g, w)) in nll.iter().zip(&want).enumerate() {
+                assert_close(&format!("{fixture} text {i} token {j} bf16 NLL"), *g as f64, *w, 0.01);
+            }
+            got.extend(nll);
+        }
+        assert!(got != exact, "{fixture}: bf16 NLL equal to f32's: the weights were not rounded");
+
+        let g = &r["greedy"];
+        let (prompt, new_ids) = (ids(&g["prompt_ids"]), ids(&g["new_ids"]));
+        let new = Generator::with(&decoder, 0).generate(&prompt, new_ids.len(), Sampling::GREEDY, &[], |_| true);
+        assert_eq!(new, new_ids, "{fixture}: bf16 greedy ids");
+
+        let all = decoder.logits(&prompt, &mut decoder.new_cache(), true); // [n, vocab]
+        let vocab = all.len() / prompt.len();
+        let mut cache = decoder.new_cache();
+        for (i, &token) in prompt.iter().enumerate() {
+            let one = decoder.logits(&[token], &mut cache, false);
+            assert_eq!(one, all[i * vocab..(i + 1) * vocab], "{fixture}: position {i} fed alone");
+        }
+    }
+}
+
+/// bf16 decoding folds a Llama's adapters in: the NLL follows PEFT's within bf16 resolution
+/// (0.02 absolute: the merged weights, base + B·A, are what is rounded), not the base's.
+#[test]
+fn bf16_decoding_of_a_llama_includes_its_adapters() {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lora_dir().join("reference.json")).unwrap()).unwrap();
+    let decoder = llama_with_peft_adapter::<B>().bf16_decoder();
+    let got: Vec<f32> = r["encoded"].as_array().unwrap().iter().flat_map(|e| decoder.token_nll(&ids(e))).collect();
+    let want: Vec<f64> = r["nll"].as_array().unwrap().iter().flat_map(floats).collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("adapted token {i} bf16 NLL"), *g as f64, *w, 0.02);
+    }
+    let plain: Vec<f32> = {
+        let base = load::<B>("tiny-llama").bf16_decoder();
+        r["encoded"].as_array().unwrap().iter().flat_map(|e| base.token_nll(&ids(e))).collect()
+    };
+    assert!(plain.iter().zip(&got).any(|(a, b)| (a - b).abs() > 0.05), "the adapters change the bf16 NLL");
 }
 
 /// Every parameter's gradient at step 0, by name as transformers names it (linear weights in

@@ -94,9 +94,9 @@ fn bf16_decoding_includes_the_adapters() {
     use pipe::generate::Decode;
     let reference = peft_reference();
     let text = ids(&reference_text());
-    let adapted = pipe::model::Bf16Decoder::new(&with_peft::<B>()).token_nll(&text);
+    let adapted = pipe::model::Bf16Decoder::of_gpt2(&with_peft::<B>()).token_nll(&text);
     assert_close("bf16 per-token NLL", &adapted, &reference["nll"].1, 1e-2, 0.0);
-    let plain = pipe::model::Bf16Decoder::new(&base::<B>()).token_nll(&text);
+    let plain = pipe::model::Bf16Decoder::of_gpt2(&base::<B>()).token_nll(&text);
     assert!(plain.iter().zip(&adapted).any(|(a, b)| (a - b).abs() > 0.05), "the adapters change the bf16 NLL");
 }
 
