@@ -158,8 +158,10 @@ impl Linear {
         Self::stacked(&[(&projection.weight, Some(&projection.bias))])
     }
 
-    fn llama<B: Backend>(linear: &llama::Linear<B>) -> Self {
-        Self::stacked(&[(&linear.weight, linear.bias.as_ref())])
+    /// Llama-family projections over the same input as one product.
+    fn llama<B: Backend>(parts: &[&llama::Linear<B>]) -> Self {
+        let parts: Vec<WeightAndBias<'_, B>> = parts.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+        Self::stacked(&parts)
     }
 
     fn outputs(&self) -> usize {
@@ -257,14 +259,8 @@ impl Bf16Cache {
 impl Bf16Decoder {
     /// GPT-2's weights as bf16, read from any backend.
     pub fn of_gpt2<B: Backend>(model: &Gpt2<B>) -> Self {
-        let merged;
-        let model = match model.adapters {
-            Some(_) => {
-                merged = lora::merged(model.clone());
-                &merged
-            }
-            None => model,
-        };
+        // A model's clone shares its weights; merging changes only the adapted projections.
+        let model = &lora::merged(model.clone());
         let c = &model.config;
         Self {
             context: c.n_positions,
@@ -292,18 +288,9 @@ impl Bf16Decoder {
 
     /// A Llama, Qwen2 or Qwen3 model's weights as bf16, read from any backend.
     pub fn of_llama<B: Backend>(model: &Llama<B>) -> Self {
-        let merged;
-        let model = match model.adapters {
-            Some(_) => {
-                merged = lora::merged(model.clone());
-                &merged
-            }
-            None => model,
-        };
+        // A model's clone shares its weights; merging changes only the adapted projections.
+        let model = &lora::merged(model.clone());
         let c = &model.config;
-        let stacked = |parts: [&llama::Linear<B>; 3]| {
-            Linear::stacked(&parts.map(|linear| (&linear.weight, linear.bias.as_ref())))
-        };
         Self {
             context: c.max_position_embeddings,
             heads: c.num_attention_heads,
@@ -321,17 +308,16 @@ impl Bf16Decoder {
                         (Some(q), Some(k)) => Some((Norm::rms(q), Norm::rms(k))),
                         _ => None,
                     };
-                    let gate_up = [
-                        (&mlp.gate_proj.weight, mlp.gate_proj.bias.as_ref()),
-                        (&mlp.up_proj.weight, mlp.up_proj.bias.as_ref()),
-                    ];
                     Layer {
                         attn_norm: Norm::rms(&layer.input_layernorm),
-                        qkv: stacked([&attn.q_proj, &attn.k_proj, &attn.v_proj]),
+                        qkv: Linear::llama(&[&attn.q_proj, &attn.k_proj, &attn.v_proj]),
                         qk_norm,
-                        out: Linear::llama(&attn.o_proj),
+                        out: Linear::llama(&[&attn.o_proj]),
                         mlp_norm: Norm::rms(&layer.post_attention_layernorm),
-                        mlp: Mlp::SwiGlu { gate_up: Linear::stacked(&gate_up), down: Linear::llama(&mlp.down_proj) },
+                        mlp: Mlp::SwiGlu {
+                            gate_up: Linear::llama(&[&mlp.gate_proj, &mlp.up_proj]),
+                            down: Linear::llama(&[&mlp.down_proj]),
+                        },
                     }
                 })
                 .collect(),
@@ -423,7 +409,6 @@ impl Bf16Decoder {
         let (q_width, kv_width) = (heads * hd, kv_heads * hd);
         let row_width = q_width + 2 * kv_width;
         let n = qkv.len() / row_width;
-        let bits = |part: &[f32]| part.iter().map(|&v| bf16::from_f32(v).to_bits()).collect::<Vec<_>>();
         for row in qkv.chunks_exact(row_width) {
             for (h, (keys, values)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
                 keys.extend(bits(&row[q_width + h * hd..q_width + (h + 1) * hd]));
@@ -463,6 +448,11 @@ impl Bf16Decoder {
         }
         y
     }
+}
+
+/// A slice's values rounded to bf16 bits.
+fn bits(part: &[f32]) -> impl Iterator<Item = u16> + '_ {
+    part.iter().map(|&v| bf16::from_f32(v).to_bits())
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {
