@@ -77,8 +77,9 @@ const FIGURES: [&str; 6] =
 ///
 /// The sequences are packed end to end into as few rows as the longest of them fills (each
 /// computed as if alone: positions and attention restart at each), so a step spends nothing on
-/// padding but the rows' tails; a matrix of which sequence owns each trained position sums
-/// their log-probabilities per sequence.
+/// padding but the rows' tails; the LM head runs only at the positions predicting a trained
+/// token, and a matrix of which sequence owns each of those sums their log-probabilities per
+/// sequence.
 pub fn completion_logps<B: FusedOps, M: CausalLm<B>>(
     model: &M,
     sequences: &[&Sequence],
@@ -91,23 +92,22 @@ pub fn completion_logps<B: FusedOps, M: CausalLm<B>>(
         bins.iter().map(|bin| Sequence::packed(&bin.iter().map(|&i| sequences[i]).collect::<Vec<_>>())).collect();
     let batch = Batch::<B>::new(&rows.iter().collect::<Vec<_>>(), pad_id, device);
     let counts = BatchCounts { tokens: batch.tokens, positions: batch.positions };
-    let [row_count, width] = batch.inputs.dims();
-    let positions = row_count * width;
-    // owner[s, p] = 1 where input position p (row-major) predicts a trained token of sequence s.
-    let mut owner = vec![0f32; sequences.len() * positions];
-    for (row, bin) in bins.iter().enumerate() {
-        let mut offset = row * width;
+    // The scored positions in row-major order: each row's sequences in bin order.
+    let mut owners = Vec::with_capacity(batch.loss_tokens);
+    for bin in &bins {
         for &s in bin {
-            let sequence = sequences[s];
-            for (t, _) in sequence.trained.iter().enumerate().skip(1).filter(|(_, &trained)| trained) {
-                owner[s * positions + offset + t - 1] = 1.0;
-            }
-            offset += sequence.ids.len();
+            owners.extend(std::iter::repeat_n(s, sequences[s].loss_tokens()));
         }
     }
-    let owner = Tensor::<B, 2>::from_data(TensorData::new(owner, [sequences.len(), positions]), device);
-    let nll = model.token_nll_packed(batch.inputs, batch.targets, batch.packing); // [rows, width]
-    let logps = owner.matmul(nll.reshape([positions, 1])).neg(); // [sequences, 1]
+    debug_assert_eq!(owners.len(), batch.loss_tokens);
+    // owner[s, i] = 1 where scored position i predicts a trained token of sequence s.
+    let mut owner = vec![0f32; sequences.len() * owners.len()];
+    for (i, &s) in owners.iter().enumerate() {
+        owner[s * owners.len() + i] = 1.0;
+    }
+    let owner = Tensor::<B, 2>::from_data(TensorData::new(owner, [sequences.len(), owners.len()]), device);
+    let nll = model.nll_at(batch.inputs, batch.targets, batch.packing, Some(batch.scored)); // [scored]
+    let logps = owner.matmul(nll.unsqueeze_dim(1)).neg(); // [sequences, 1]
     (logps.squeeze_dim::<1>(1), counts)
 }
 

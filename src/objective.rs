@@ -66,7 +66,7 @@ impl<B: FusedOps, M: CausalLm<B>> Objective<B, M> for TokenLoss {
     fn loss_sum(&self, model: &M, examples: &[&Sequence], device: &B::Device) -> MicroBatch<B> {
         let batch = Batch::<B>::new(examples, self.pad_id, device);
         let counts = BatchCounts { tokens: batch.tokens, positions: batch.positions };
-        let loss = model.loss_sum_packed(batch.inputs, batch.targets, batch.weights, batch.packing);
+        let loss = model.loss_sum(batch.inputs, batch.targets, batch.scored, batch.packing);
         MicroBatch { loss, counts, figures: Vec::new() }
     }
 }

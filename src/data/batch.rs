@@ -62,15 +62,15 @@ impl Sequence {
 }
 
 /// A right-padded batch: inputs are each sequence without its last token, targets without its
-/// first, and weights are 1 where a target is trained on (0 for prompt and padding).
+/// first, and the scored positions those whose target is trained on (not prompt, not padding).
 pub struct Batch<B: Backend> {
     /// [batch, seq]
     pub inputs: Tensor<B, 2, Int>,
     /// [batch, seq]
     pub targets: Tensor<B, 2, Int>,
-    /// [batch, seq]
-    pub weights: Tensor<B, 2>,
-    /// How many targets have weight 1.
+    /// The row-major positions of [batch, seq] whose targets are trained on. [loss_tokens]
+    pub scored: Tensor<B, 1, Int>,
+    /// How many targets are trained on.
     pub loss_tokens: usize,
     /// Real (non-padding) input tokens.
     pub tokens: usize,
@@ -86,8 +86,8 @@ impl<B: Backend> Batch<B> {
         let seq = sequences.iter().map(|s| s.ids.len() - 1).max().unwrap_or(1).max(1);
         let mut inputs = vec![pad_id as i32; batch * seq];
         let mut targets = vec![pad_id as i32; batch * seq];
-        let mut weights = vec![0f32; batch * seq];
-        let (mut loss_tokens, mut tokens) = (0, 0);
+        let mut scored = Vec::new();
+        let mut tokens = 0;
         for (row, s) in sequences.iter().enumerate() {
             let n = s.ids.len() - 1;
             tokens += n;
@@ -95,11 +95,11 @@ impl<B: Backend> Batch<B> {
                 inputs[row * seq + j] = s.ids[j] as i32;
                 targets[row * seq + j] = s.ids[j + 1] as i32;
                 if s.trained[j + 1] {
-                    weights[row * seq + j] = 1.0;
-                    loss_tokens += 1;
+                    scored.push((row * seq + j) as i32);
                 }
             }
         }
+        let loss_tokens = scored.len();
         let packed = sequences.iter().any(|s| !s.segments.is_empty());
         let packing = packed.then(|| {
             let (mut positions, mut starts) = (vec![0i32; batch * seq], vec![0i32; batch * seq]);
@@ -118,8 +118,8 @@ impl<B: Backend> Batch<B> {
         Self {
             inputs: Tensor::from_data(TensorData::new(inputs, [batch, seq]), device),
             targets: Tensor::from_data(TensorData::new(targets, [batch, seq]), device),
-            weights: Tensor::from_data(TensorData::new(weights, [batch, seq]), device),
             loss_tokens,
+            scored: Tensor::from_data(TensorData::new(scored, [loss_tokens]), device),
             tokens,
             positions: batch * seq,
             packing,

@@ -247,15 +247,16 @@ impl<B: FusedOps> CausalLm<B> for Model<B> {
         }
     }
 
-    fn token_nll_packed(
+    fn nll_at(
         &self,
         inputs: Tensor<B, 2, Int>,
         targets: Tensor<B, 2, Int>,
         packing: Option<Packing<B>>,
-    ) -> Tensor<B, 2> {
+        at: Option<Tensor<B, 1, Int>>,
+    ) -> Tensor<B, 1> {
         match self {
-            Model::Gpt2(m) => m.token_nll_packed(inputs, targets, packing),
-            Model::Llama(m) => m.token_nll_packed(inputs, targets, packing),
+            Model::Gpt2(m) => m.nll_at(inputs, targets, packing, at),
+            Model::Llama(m) => m.nll_at(inputs, targets, packing, at),
         }
     }
 

@@ -228,13 +228,15 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         }
     }
 
-    fn token_nll_packed(
+    fn nll_at(
         &self,
         inputs: Tensor<B, 2, Int>,
         targets: Tensor<B, 2, Int>,
         packing: Option<Packing<B>>,
-    ) -> Tensor<B, 2> {
-        nll_of_hidden(self.hidden(inputs, None, packing), self.wte.weight.val().transpose(), targets, self.precision)
+        at: Option<Tensor<B, 1, Int>>,
+    ) -> Tensor<B, 1> {
+        let head = self.wte.weight.val().transpose(); // [d_model, vocab]
+        nll_of_hidden(self.hidden(inputs, None, packing), head, targets, at, self.precision)
     }
 
     fn new_cache(&self) -> KvCache<B> {

@@ -439,18 +439,20 @@ impl<B: FusedOps> Llama<B> {
         }
     }
 
-    /// Per-token NLL of `targets`. inputs, targets: [batch, seq] → [batch, seq]
-    pub fn token_nll_packed(
+    /// Per-token NLL of `targets` at the row-major positions `at` (`CausalLm::nll_at`).
+    /// inputs, targets: [batch, seq], at: [n] → [n] (or [batch·seq])
+    pub fn nll_at(
         &self,
         inputs: Tensor<B, 2, Int>,
         targets: Tensor<B, 2, Int>,
         packing: Option<Packing<B>>,
-    ) -> Tensor<B, 2> {
+        at: Option<Tensor<B, 1, Int>>,
+    ) -> Tensor<B, 1> {
         let head = match &self.lm_head {
             Some(head) => head.weight.val(),
             None => self.model.embed_tokens.weight.val().transpose(),
         }; // [hidden, vocab]
-        nll_of_hidden(self.hidden(inputs, None, packing), head, targets, self.precision)
+        nll_of_hidden(self.hidden(inputs, None, packing), head, targets, at, self.precision)
     }
 
     /// The next-token logits after `tokens`, which follow the cached positions.

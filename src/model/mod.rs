@@ -64,18 +64,24 @@ impl<B: burn::tensor::backend::Backend> Packing<B> {
     }
 }
 
-/// Per-token NLL of `targets` from final hidden states through the LM head `weight`, the
-/// logits a block of rows at a time. hidden: [batch, seq, width], weight: [width, vocab],
-/// targets: [batch, seq] → [batch, seq]
+/// Per-token NLL of `targets` from final hidden states through the LM head `weight`, at the
+/// row-major positions `at` of [batch, seq] (every position when `None`), the logits a block of
+/// rows at a time. hidden: [batch, seq, width], weight: [width, vocab], targets: [batch, seq],
+/// at: [n] → [n] (or [batch·seq])
 fn nll_of_hidden<B: FusedOps>(
     hidden: Tensor<B, 3>,
     weight: Tensor<B, 2>,
     targets: Tensor<B, 2, Int>,
+    at: Option<Tensor<B, 1, Int>>,
     precision: Precision,
-) -> Tensor<B, 2> {
+) -> Tensor<B, 1> {
     let [batch, seq, width] = hidden.dims();
-    let rows = hidden.reshape([batch * seq, width]); // [batch·seq, width]
-    fused::lm_head_nll(rows, weight, targets.reshape([batch * seq]), precision).reshape([batch, seq])
+    let (rows, targets) = (hidden.reshape([batch * seq, width]), targets.reshape([batch * seq])); // [batch·seq, width], [batch·seq]
+    let (rows, targets) = match at {
+        Some(at) => (rows.select(0, at.clone()), targets.select(0, at)), // [n, width], [n]
+        None => (rows, targets),
+    };
+    fused::lm_head_nll(rows, weight, targets, precision)
 }
 
 /// A causal language model: everything the trainer, checkpoints, evaluation, generation,
@@ -99,34 +105,41 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
     /// Per-token negative log-likelihood of `targets` given `inputs` (targets are the inputs
     /// shifted left by one). inputs, targets: [batch, seq] → [batch, seq]
     fn token_nll(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        self.token_nll_packed(inputs, targets, None)
+        let [batch, seq] = inputs.dims();
+        self.nll_at(inputs, targets, None, None).reshape([batch, seq])
     }
 
-    /// `token_nll` of rows that may each pack several examples (`packing`): every example
-    /// computed as if it were alone in its row. inputs, targets: [batch, seq] → [batch, seq]
-    fn token_nll_packed(
+    /// Per-token NLL of `targets` at the row-major positions `at` of [batch, seq] (every
+    /// position when `None`), of rows that may each pack several examples (`packing`: every
+    /// example computed as if it were alone in its row). The LM head and its softmax run only
+    /// where asked, so a prompt's positions cost no vocabulary-wide products.
+    /// inputs, targets: [batch, seq], at: [n] → [n] (or [batch·seq])
+    fn nll_at(
         &self,
         inputs: Tensor<B, 2, Int>,
         targets: Tensor<B, 2, Int>,
         packing: Option<Packing<B>>,
-    ) -> Tensor<B, 2>;
+        at: Option<Tensor<B, 1, Int>>,
+    ) -> Tensor<B, 1>;
 
-    /// Sum of the per-token NLL weighted by `weights` (1 where a token is trained on, 0 for
-    /// prompt or padding): the numerator of a token-mean loss.
-    /// inputs, targets: [batch, seq] Int; weights: [batch, seq] → [1]
-    fn loss_sum(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 1> {
-        self.loss_sum_packed(inputs, targets, weights, None)
-    }
-
-    /// `loss_sum` of rows that may each pack several examples.
-    fn loss_sum_packed(
+    /// Sum of the per-token NLL at the positions `scored` (those trained on: not prompt, not
+    /// padding), the numerator of a token-mean loss. With nothing scored it is a zero that
+    /// still reaches every parameter, so each gets its (zero) gradient.
+    /// inputs, targets: [batch, seq], scored: [n] → [1]
+    fn loss_sum(
         &self,
         inputs: Tensor<B, 2, Int>,
         targets: Tensor<B, 2, Int>,
-        weights: Tensor<B, 2>,
+        scored: Tensor<B, 1, Int>,
         packing: Option<Packing<B>>,
     ) -> Tensor<B, 1> {
-        (self.token_nll_packed(inputs, targets, packing) * weights).sum()
+        match scored.dims()[0] {
+            0 => {
+                let first = Tensor::zeros([1], &inputs.device());
+                self.nll_at(inputs, targets, packing, Some(first)).mul_scalar(0.0)
+            }
+            _ => self.nll_at(inputs, targets, packing, Some(scored)).sum(),
+        }
     }
 
     /// An empty cache for one decoding session.

@@ -48,7 +48,7 @@ pub fn sequences_of(r: &serde_json::Value) -> Vec<Sequence> {
 pub fn batch_loss(model: &Gpt2<Flex>, sequences: &[Sequence]) -> f64 {
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<Flex>::new(&refs, 50256, &Default::default());
-    let sum: f32 = model.loss_sum(batch.inputs, batch.targets, batch.weights).into_scalar();
+    let sum: f32 = model.loss_sum(batch.inputs, batch.targets, batch.scored, batch.packing).into_scalar();
     sum as f64 / batch.loss_tokens as f64
 }
 

@@ -131,19 +131,20 @@ fn response_only_mask_trains_response_and_eos_never_prompt_or_padding() {
     // EOS doubles as padding; the EOS that ends a response must still be trained on.
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<Flex>::new(&refs, tok.eos_id, &Default::default());
-    let weights: Vec<f32> = batch.weights.to_data().to_vec().unwrap();
+    let scored: Vec<i32> = batch.scored.to_data().convert::<i32>().to_vec().unwrap();
     let targets: Vec<i32> = batch.targets.to_data().convert::<i32>().to_vec().unwrap();
-    let width = batch.weights.dims()[1];
+    let width = batch.targets.dims()[1];
+    assert!(scored.windows(2).all(|w| w[0] < w[1]), "scored positions are in row-major order");
     for (row, s) in sequences.iter().enumerate() {
         for j in 0..width {
-            let trained = weights[row * width + j] == 1.0;
+            let trained = scored.contains(&((row * width + j) as i32));
             let target_index = j + 1;
             let expect = target_index < s.ids.len() && s.trained[target_index];
             assert_eq!(trained, expect, "row {row} position {j}");
         }
         let last = s.ids.len() - 2;
         assert_eq!(targets[row * width + last], tok.eos_id as i32, "row {row} ends with EOS as a target");
-        assert_eq!(weights[row * width + last], 1.0, "row {row}: the EOS target is trained on");
+        assert!(scored.contains(&((row * width + last) as i32)), "row {row}: the EOS target is trained on");
     }
     assert_eq!(batch.loss_tokens, sequences.iter().map(Sequence::loss_tokens).sum::<usize>());
     assert_eq!(sequences[0].loss_tokens(), response.len() + 1);

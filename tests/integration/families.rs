@@ -50,7 +50,7 @@ fn sequences(r: &serde_json::Value) -> Vec<Sequence> {
 fn batch_loss(model: &Model<B>, sequences: &[Sequence], pad: u32) -> f64 {
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<B>::new(&refs, pad, &Default::default());
-    let sum: f32 = model.loss_sum_packed(batch.inputs, batch.targets, batch.weights, batch.packing).into_scalar();
+    let sum: f32 = model.loss_sum(batch.inputs, batch.targets, batch.scored, batch.packing).into_scalar();
     sum as f64 / batch.loss_tokens as f64
 }
 
@@ -257,7 +257,8 @@ fn gradients_by_name(model: &Model<AD>, r: &serde_json::Value, pad: u32) -> Vec<
     let sequences = sequences(r);
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<AD>::new(&refs, pad, &Default::default());
-    let loss = model.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(batch.loss_tokens as f64);
+    let loss =
+        model.loss_sum(batch.inputs, batch.targets, batch.scored, batch.packing).div_scalar(batch.loss_tokens as f64);
     let hf_layout = |(name, dims, values): (String, Vec<usize>, Vec<f32>)| {
         if !(name.ends_with("_proj.weight") || name == "lm_head.weight") {
             return (name, dims, values);
@@ -478,7 +479,8 @@ fn peft_adapters_on_a_llama_match_peft() {
         r["encoded"].as_array().unwrap().iter().map(|e| Sequence::all_trained(ids(e))).collect();
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<AD>::new(&refs, eos("tiny-llama"), &Default::default());
-    let loss = trained.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(batch.loss_tokens as f64);
+    let loss =
+        trained.loss_sum(batch.inputs, batch.targets, batch.scored, batch.packing).div_scalar(batch.loss_tokens as f64);
     let grads = named_gradients(&trained, loss);
     let bytes = std::fs::read(lora_dir().join("grads.safetensors")).unwrap();
     let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -603,7 +605,7 @@ fn the_loss_in_blocks_of_rows_equals_the_loss_at_once() {
                 let sequences = sequences(&r);
                 let refs: Vec<&Sequence> = sequences.iter().collect();
                 let batch = Batch::<AD>::new(&refs, eos(fixture), &Default::default());
-                let loss = model.loss_sum(batch.inputs, batch.targets, batch.weights);
+                let loss = model.loss_sum(batch.inputs, batch.targets, batch.scored, batch.packing);
                 let value: f32 = loss.clone().into_scalar();
                 (value, named_gradients(&model, loss))
             })

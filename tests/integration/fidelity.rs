@@ -264,7 +264,8 @@ fn gradients_by_name(model: &Gpt2<AD>) -> Vec<(String, Vec<f32>)> {
     let sequences = sequences_of(&reference());
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<AD>::new(&refs, 50256, &Default::default());
-    let loss = model.loss_sum(batch.inputs, batch.targets, batch.weights).div_scalar(batch.loss_tokens as f64);
+    let loss =
+        model.loss_sum(batch.inputs, batch.targets, batch.scored, batch.packing).div_scalar(batch.loss_tokens as f64);
     common::gradients_by_name(model, loss).into_iter().map(|(name, _, values)| (name, values)).collect()
 }
 

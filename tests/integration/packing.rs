@@ -42,7 +42,7 @@ fn loss_and_grads(sequences: &[Sequence]) -> (f32, Vec<(String, Vec<f32>)>) {
     let model: Gpt2<AD> = hf::load::<AD>(&fixture_dir(), None, &Default::default()).unwrap().1;
     let refs: Vec<&Sequence> = sequences.iter().collect();
     let batch = Batch::<AD>::new(&refs, 50256, &Default::default());
-    let loss = model.loss_sum_packed(batch.inputs, batch.targets, batch.weights, batch.packing);
+    let loss = model.loss_sum(batch.inputs, batch.targets, batch.scored, batch.packing);
     let value = loss.clone().into_scalar();
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     let mut collect = Collect(&grads, Vec::new());

@@ -71,6 +71,44 @@ fn norm(values: &[Vec<f32>]) -> f64 {
     values.iter().flatten().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
 }
 
+/// The loss over the trained positions runs the LM head there alone; it must be the loss (and
+/// give the gradients) of every position's NLL with the rest weighted 0, and a batch with
+/// nothing trained must still give every parameter a (zero) gradient.
+#[test]
+fn the_loss_at_trained_positions_alone_equals_the_masked_loss_of_every_position() {
+    let device = Default::default();
+    let model = Gpt2Config::new(50, 16, 16, 2, 2).init::<AD>(&device);
+    let tokens = |ids: Vec<i32>| Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [2, 4]), &device);
+    let (inputs, targets) = (vec![1, 2, 3, 4, 5, 6, 7, 8], vec![2, 3, 4, 5, 6, 7, 8, 9]);
+    // Row 0 trains on its last two targets (a prompt before them), row 1 on its second only.
+    let trained = [2, 3, 5];
+    let mask: Vec<f32> = (0..8).map(|i| f32::from(u8::from(trained.contains(&i)))).collect();
+    let scored = Tensor::from_data(TensorData::new(trained.to_vec(), [3]), &device);
+    let alone = model.loss_sum(tokens(inputs.clone()), tokens(targets.clone()), scored, None);
+    let masked = model.token_nll(tokens(inputs.clone()), tokens(targets.clone()))
+        * Tensor::from_data(TensorData::new(mask, [2, 4]), &device);
+    let masked = masked.sum();
+    let (a, m): (f32, f32) = (alone.clone().into_scalar(), masked.clone().into_scalar());
+    assert!((a - m).abs() <= 1e-6 * m.abs(), "loss {a} against the masked {m}");
+    let (alone, masked) = (
+        grad_values(&model, &GradientsParams::from_grads(alone.backward(), &model)),
+        grad_values(&model, &GradientsParams::from_grads(masked.backward(), &model)),
+    );
+    assert_eq!(alone.len(), masked.len(), "the same parameters have gradients");
+    for (got, want) in alone.iter().zip(&masked) {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() <= 1e-5 * scale), "gradients differ");
+    }
+
+    let nothing = Tensor::<AD, 1, Int>::from_data(TensorData::new(Vec::<i32>::new(), [0]), &device);
+    let empty = model.loss_sum(tokens(inputs), tokens(targets), nothing, None);
+    assert_eq!(empty.clone().into_scalar(), 0.0);
+    let grads = grad_values(&model, &GradientsParams::from_grads(empty.backward(), &model));
+    assert_eq!(grads.len(), masked.len(), "every parameter still has a gradient");
+    assert!(grads.iter().flatten().all(|&g| g == 0.0));
+}
+
 #[test]
 fn clipping_scales_every_gradient_by_one_factor_to_the_global_norm() {
     let device = Default::default();
@@ -78,7 +116,8 @@ fn clipping_scales_every_gradient_by_one_factor_to_the_global_norm() {
     let tokens = |ids: Vec<i32>| Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [2, 4]), &device);
     let fresh = || {
         let inputs = tokens(vec![1, 2, 3, 4, 5, 6, 7, 8]);
-        let loss = model.loss_sum(inputs, tokens(vec![2, 3, 4, 5, 6, 7, 8, 9]), Tensor::ones([2, 4], &device));
+        let every = Tensor::arange(0..8, &device);
+        let loss = model.loss_sum(inputs, tokens(vec![2, 3, 4, 5, 6, 7, 8, 9]), every, None);
         GradientsParams::from_grads(loss.backward(), &model)
     };
     let grads = fresh();
