@@ -111,6 +111,19 @@ pub fn cached_decoding_matches_the_full_forward<B: FusedOps>() {
     assert_eq!(Gpt2::<B>::cached(&cache), 300);
 }
 
+/// Feeding `prompt` to a bf16 decoder at once or one token at a time gives bit-identical
+/// logits at every position (`what` names the model in a failure).
+pub fn fed_at_once_or_token_by_token_alike(decoder: &pipe::model::Bf16Decoder, prompt: &[u32], what: &str) {
+    let all = decoder.logits(prompt, &mut decoder.new_cache(), true); // [n, vocab]
+    let vocab = all.len() / prompt.len();
+    let mut cache = decoder.new_cache();
+    for (i, &token) in prompt.iter().enumerate() {
+        let one = decoder.logits(&[token], &mut cache, false);
+        assert_eq!(one, all[i * vocab..(i + 1) * vocab], "{what}: position {i} fed alone");
+    }
+    assert_eq!(cache.seen(), prompt.len());
+}
+
 /// The test build's `pipe-faults`: `pipe` that makes the faults PIPEFAULT_* variables ask for.
 pub fn pipe_faults_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pipe-faults"))

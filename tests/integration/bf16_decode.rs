@@ -5,7 +5,7 @@
 //! measured differences); the same greedy continuation; feeding a prompt at once or one token
 //! at a time gives bit-identical logits.
 
-use crate::common::{fixture_dir, floats, ids, pipe, reference, stdout};
+use crate::common::{fed_at_once_or_token_by_token_alike, fixture_dir, floats, ids, pipe, reference, stdout};
 use burn::backend::Flex;
 use pipe::generate::{Decode, Generator, OnDevice, Sampling};
 use pipe::model::{hf, CausalLm, Gpt2};
@@ -37,16 +37,8 @@ fn bf16_nll_is_within_bf16_resolution_of_transformers() {
 
 #[test]
 fn feeding_a_prompt_at_once_or_token_by_token_gives_the_same_logits() {
-    let decoder = model().bf16_decoder();
     let prompt = ids(&reference()["encoded"][1]);
-    let all = decoder.logits(&prompt, &mut decoder.new_cache(), true); // [n, vocab]
-    let vocab = all.len() / prompt.len();
-    let mut cache = decoder.new_cache();
-    for (i, &token) in prompt.iter().enumerate() {
-        let one = decoder.logits(&[token], &mut cache, false);
-        assert_eq!(one, all[i * vocab..(i + 1) * vocab], "position {i}");
-    }
-    assert_eq!(cache.seen(), prompt.len());
+    fed_at_once_or_token_by_token_alike(&model().bf16_decoder(), &prompt, "GPT-2");
 }
 
 /// Greedy continuation of the fixture's prompt with bf16 weights: the same ids as transformers'

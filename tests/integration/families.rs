@@ -19,7 +19,7 @@ use pipe::model::{family, CausalLm, Model, ModelConfig};
 use pipe::spec::{OptimizerKind, OptimizerSpec};
 use pipe::train::Trainer;
 
-use crate::common::{floats, gradients_by_name as named_gradients, ids, repo};
+use crate::common::{fed_at_once_or_token_by_token_alike, floats, gradients_by_name as named_gradients, ids, repo};
 
 type B = Flex;
 type AD = Autodiff<Flex>;
@@ -220,14 +220,7 @@ fn bf16_decoding_follows_transformers() {
         let (prompt, new_ids) = (ids(&g["prompt_ids"]), ids(&g["new_ids"]));
         let new = Generator::with(&decoder, 0).generate(&prompt, new_ids.len(), Sampling::GREEDY, &[], |_| true);
         assert_eq!(new, new_ids, "{fixture}: bf16 greedy ids");
-
-        let all = decoder.logits(&prompt, &mut decoder.new_cache(), true); // [n, vocab]
-        let vocab = all.len() / prompt.len();
-        let mut cache = decoder.new_cache();
-        for (i, &token) in prompt.iter().enumerate() {
-            let one = decoder.logits(&[token], &mut cache, false);
-            assert_eq!(one, all[i * vocab..(i + 1) * vocab], "{fixture}: position {i} fed alone");
-        }
+        fed_at_once_or_token_by_token_alike(&decoder, &prompt, fixture);
     }
 }
 
