@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use burn::tensor::activation::{log_sigmoid, relu};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::data::{best_fit, Batch, PreferencePair, Sequence};
-use crate::model::{CausalLm, FusedOps};
+use crate::data::{best_fit, PreferencePair, Sequence};
+use crate::model::{CausalLm, FusedOps, Packing};
 use crate::objective::{BatchCounts, MicroBatch, Objective, TrainingSet};
 use crate::spec::DpoLoss;
 
@@ -73,41 +73,130 @@ pub struct Dpo {
 const FIGURES: [&str; 6] =
     ["logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/chosen", "rewards/margins", "rewards/rejected"];
 
-/// Each sequence's summed log-probability of its trained (completion) tokens. → [sequences]
+/// One pair laid out for a row: its chosen sequence's inputs, then its rejected sequence's from
+/// the last position of their common prefix on. The rejected tokens continue the prefix's
+/// positions and skip the chosen tail (a gap in their attention), so the prefix is computed
+/// once and serves both: the prefix's last token, fed a second time, predicts the rejected
+/// tail's first (the first copy predicts the chosen tail's). Per token, offsets within the unit.
+#[derive(Debug, Default)]
+struct PairUnit {
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    positions: Vec<usize>,
+    /// The keys (offsets) a token skips, [from, to): empty but in the rejected part, whose
+    /// tokens skip the chosen tail and the first copy of the last shared token.
+    gaps: Vec<(usize, usize)>,
+    /// Whether the token's target is a trained token of the chosen, of the rejected sequence.
+    scored: Vec<[bool; 2]>,
+}
+
+impl PairUnit {
+    fn new(pair: &PreferencePair) -> Self {
+        let (chosen, rejected) = (&pair.chosen, &pair.rejected);
+        let (nc, nr) = (chosen.ids.len(), rejected.ids.len());
+        let common = chosen.ids.iter().zip(&rejected.ids).take_while(|(c, r)| c == r).count();
+        // Shared inputs: the first `shared` chosen tokens predict the same targets for both
+        // (never a sequence's last token, which is no input).
+        let shared = common.min(nc - 1).min(nr - 1).saturating_sub(1);
+        let mut unit = PairUnit::default();
+        for t in 0..nc - 1 {
+            let for_rejected = t < shared && rejected.trained[t + 1];
+            unit.push(chosen.ids[t], chosen.ids[t + 1], t, (0, 0), [chosen.trained[t + 1], for_rejected]);
+        }
+        let chosen_end = nc - 1;
+        for t in shared..nr - 1 {
+            unit.push(rejected.ids[t], rejected.ids[t + 1], t, (shared, chosen_end), [false, rejected.trained[t + 1]]);
+        }
+        unit
+    }
+
+    fn push(&mut self, input: u32, target: u32, position: usize, gap: (usize, usize), scored: [bool; 2]) {
+        self.inputs.push(input);
+        self.targets.push(target);
+        self.positions.push(position);
+        self.gaps.push(gap);
+        self.scored.push(scored);
+    }
+
+    fn len(&self) -> usize {
+        self.inputs.len()
+    }
+}
+
+/// Each pair's summed log-probabilities of its chosen and rejected completions' trained tokens:
+/// the chosen ones, then the rejected ones. → [2·pairs]
 ///
-/// The sequences are packed end to end into as few rows as the longest of them fills (each
-/// computed as if alone: positions and attention restart at each), so a step spends nothing on
-/// padding but the rows' tails; the LM head runs only at the positions predicting a trained
-/// token, and a matrix of which sequence owns each of those sums their log-probabilities per
-/// sequence.
-pub fn completion_logps<B: FusedOps, M: CausalLm<B>>(
+/// Each pair is one `PairUnit` (its prompt computed once for both completions), the units
+/// packed end to end into as few rows as the longest fills (each computed as if alone), so a
+/// step spends nothing on padding but the rows' tails; the LM head runs only at the positions
+/// predicting a trained token, and a matrix of which sequences own each of those sums their
+/// log-probabilities per sequence.
+pub fn pair_logps<B: FusedOps, M: CausalLm<B>>(
     model: &M,
-    sequences: &[&Sequence],
+    pairs: &[&PreferencePair],
     pad_id: u32,
     device: &B::Device,
 ) -> (Tensor<B, 1>, BatchCounts) {
-    let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
-    let bins = best_fit(&lengths, lengths.iter().copied().max().unwrap_or(1));
-    let rows: Vec<Sequence> =
-        bins.iter().map(|bin| Sequence::packed(&bin.iter().map(|&i| sequences[i]).collect::<Vec<_>>())).collect();
-    let batch = Batch::<B>::new(&rows.iter().collect::<Vec<_>>(), pad_id, device);
-    let counts = BatchCounts { tokens: batch.tokens, positions: batch.positions };
-    // The scored positions in row-major order: each row's sequences in bin order.
-    let mut owners = Vec::with_capacity(batch.loss_tokens);
-    for bin in &bins {
-        for &s in bin {
-            owners.extend(std::iter::repeat_n(s, sequences[s].loss_tokens()));
+    let units: Vec<PairUnit> = pairs.iter().map(|p| PairUnit::new(p)).collect();
+    let lengths: Vec<usize> = units.iter().map(PairUnit::len).collect();
+    let seq = lengths.iter().copied().max().unwrap_or(1).max(1);
+    let bins = best_fit(&lengths, seq);
+    let (rows, n) = (bins.len(), pairs.len());
+    let mut inputs = vec![pad_id as i32; rows * seq];
+    let mut targets = vec![pad_id as i32; rows * seq];
+    let (mut positions, mut starts, mut gaps) =
+        (vec![0i32; rows * seq], vec![0i32; rows * seq], vec![0i32; rows * seq * 2]);
+    // The scored positions in row-major order, and the sequences (0..n chosen, n..2n rejected)
+    // each one's log-probability counts for.
+    let (mut scored, mut owners): (Vec<i32>, Vec<[Option<usize>; 2]>) = (Vec::new(), Vec::new());
+    for (row, bin) in bins.iter().enumerate() {
+        let mut offset = 0;
+        for &p in bin {
+            let unit = &units[p];
+            for t in 0..unit.len() {
+                let at = row * seq + offset + t;
+                (inputs[at], targets[at]) = (unit.inputs[t] as i32, unit.targets[t] as i32);
+                (positions[at], starts[at]) = (unit.positions[t] as i32, offset as i32);
+                let (from, to) = unit.gaps[t];
+                (gaps[2 * at], gaps[2 * at + 1]) = ((offset + from) as i32, (offset + to) as i32);
+                let [chosen, rejected] = unit.scored[t];
+                if chosen || rejected {
+                    scored.push(at as i32);
+                    owners.push([chosen.then_some(p), rejected.then_some(n + p)]);
+                }
+            }
+            offset += unit.len();
+        }
+        // Padding, which feeds nothing, sees itself alone (at position 0: a unit may be longer
+        // than the model's context, its positions never are).
+        for j in offset..seq {
+            let at = row * seq + j;
+            starts[at] = j as i32;
+            (gaps[2 * at], gaps[2 * at + 1]) = (j as i32, j as i32);
         }
     }
-    debug_assert_eq!(owners.len(), batch.loss_tokens);
-    // owner[s, i] = 1 where scored position i predicts a trained token of sequence s.
-    let mut owner = vec![0f32; sequences.len() * owners.len()];
-    for (i, &s) in owners.iter().enumerate() {
-        owner[s * owners.len() + i] = 1.0;
+    let tokens = lengths.iter().sum();
+    let counts = BatchCounts { tokens, positions: rows * seq };
+    // With nothing scored, position 0 is scored and owned by none: a zero reaching every parameter.
+    if scored.is_empty() {
+        (scored, owners) = (vec![0], vec![[None, None]]);
     }
-    let owner = Tensor::<B, 2>::from_data(TensorData::new(owner, [sequences.len(), owners.len()]), device);
-    let nll = model.nll_at(batch.inputs, batch.targets, batch.packing, Some(batch.scored)); // [scored]
-    let logps = owner.matmul(nll.unsqueeze_dim(1)).neg(); // [sequences, 1]
+    // owner[s, i] = 1 where scored position i predicts a trained token of sequence s.
+    let mut owner = vec![0f32; 2 * n * owners.len()];
+    for (i, sequences) in owners.iter().enumerate() {
+        sequences.iter().flatten().for_each(|&s| owner[s * owners.len() + i] = 1.0);
+    }
+    let int =
+        |values: Vec<i32>, shape: [usize; 2]| Tensor::<B, 2, Int>::from_data(TensorData::new(values, shape), device);
+    let packing = Packing {
+        positions: int(positions, [rows, seq]),
+        starts: int(starts, [rows, seq]),
+        gaps: Some(Tensor::from_data(TensorData::new(gaps, [rows, seq, 2]), device)),
+    };
+    let at = Tensor::<B, 1, Int>::from_data(TensorData::new(scored, [owners.len()]), device);
+    let owner = Tensor::<B, 2>::from_data(TensorData::new(owner, [2 * n, owners.len()]), device);
+    let nll = model.nll_at(int(inputs, [rows, seq]), int(targets, [rows, seq]), Some(packing), Some(at)); // [scored]
+    let logps = owner.matmul(nll.unsqueeze_dim(1)).neg(); // [2n, 1]
     (logps.squeeze_dim::<1>(1), counts)
 }
 
@@ -123,9 +212,7 @@ pub fn reference_logps<B: FusedOps, M: CausalLm<B>>(
 ) -> anyhow::Result<Vec<[f64; 2]>> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
-        let sequences: Vec<&Sequence> =
-            chunk.iter().map(|p| &p.chosen).chain(chunk.iter().map(|p| &p.rejected)).collect();
-        let (logps, _) = completion_logps(model, &sequences, pad_id, device);
+        let (logps, _) = pair_logps(model, &chunk.iter().collect::<Vec<_>>(), pad_id, device);
         let logps = values(logps);
         let n = chunk.len();
         out.extend((0..n).map(|i| [logps[i], logps[n + i]]));
@@ -148,10 +235,8 @@ impl<B: FusedOps, M: CausalLm<B>> Objective<B, M> for Dpo {
 
     fn loss_sum(&self, model: &M, pairs: &[&ScoredPair], device: &B::Device) -> MicroBatch<B> {
         let n = pairs.len();
-        // The chosen sequences, then the rejected ones, in one batch (as TRL batches them).
-        let sequences: Vec<&Sequence> =
-            pairs.iter().map(|p| &p.pair.chosen).chain(pairs.iter().map(|p| &p.pair.rejected)).collect();
-        let (logps, counts) = completion_logps(model, &sequences, self.pad_id, device); // [2n]
+        let (logps, counts) =
+            pair_logps(model, &pairs.iter().map(|p| &p.pair).collect::<Vec<_>>(), self.pad_id, device); // [2n]
         let chosen = logps.clone().slice(0..n); // [n]
         let rejected = logps.slice(n..2 * n); // [n]
         let column = |values: Vec<f64>| Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device);

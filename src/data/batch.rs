@@ -113,6 +113,7 @@ impl<B: Backend> Batch<B> {
             Packing {
                 positions: Tensor::from_data(TensorData::new(positions, [batch, seq]), device),
                 starts: Tensor::from_data(TensorData::new(starts, [batch, seq]), device),
+                gaps: None,
             }
         });
         Self {

@@ -315,11 +315,12 @@ fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
 /// either precision: at attention's sizes (k = head width, or a block of rows) packing bf16
 /// operands costs more than their products save (README, Speed).
 pub fn causal_attention(qkv: FlexTensor, args: AttentionArgs<Flex>) -> (FlexTensor, FlexTensor) {
-    let AttentionArgs { n_head, keep, starts, .. } = args;
+    let AttentionArgs { n_head, keep, starts, gaps, .. } = args;
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();
     let (d, qkv) = (three_d / 3, f32s(&qkv));
     let keep = keep.as_ref().map(f32s);
     let starts = starts.as_ref().map(indices); // [batch·seq]
+    let gaps = gaps.as_ref().map(indices); // [batch·seq·2]
     let head_dim = d / n_head;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut y = vec![0.0f32; batch * seq * d];
@@ -330,7 +331,10 @@ pub fn causal_attention(qkv: FlexTensor, args: AttentionArgs<Flex>) -> (FlexTens
         let base = b * seq * three_d + h * head_dim;
         let part = |i: usize| Mat::row_major(&qkv, base + i * d, three_d);
         let (q, k, v) = (part(0), part(1), part(2));
-        let starts = starts.as_ref().map(|s| &s[b * seq..(b + 1) * seq]);
+        let spans = RowSpans {
+            starts: starts.as_ref().map(|s| &s[b * seq..(b + 1) * seq]),
+            gaps: gaps.as_ref().map(|g| &g[2 * b * seq..2 * (b + 1) * seq]),
+        };
         for (first, rows) in query_blocks(seq) {
             let keys = first + rows; // the keys up to the block's last row
             let block = &mut p[first * seq..keys * seq];
@@ -346,7 +350,7 @@ pub fn causal_attention(qkv: FlexTensor, args: AttentionArgs<Flex>) -> (FlexTens
                 );
                 // scores [rows, keys]
             }
-            causal_softmax_rows(block, seq, first, starts);
+            causal_softmax_rows(block, seq, first, spans);
         }
         let dropped = keep.as_ref().map(|keep| times(p, &keep[bh * seq * seq..(bh + 1) * seq * seq]));
         let p = Mat::row_major(dropped.as_deref().unwrap_or(p), 0, seq);
@@ -361,25 +365,51 @@ pub fn causal_attention(qkv: FlexTensor, args: AttentionArgs<Flex>) -> (FlexTens
     (tensor(y, Shape::new([batch, seq, d])), tensor(probs, Shape::new([batch, n_head, seq, seq])))
 }
 
+/// One row of packed sequences' key spans (`KeySpans`): each query's example start, and its
+/// gap as (from, to) pairs. starts: [seq], gaps: [seq·2]
+#[derive(Clone, Copy)]
+struct RowSpans<'a> {
+    starts: Option<&'a [usize]>,
+    gaps: Option<&'a [usize]>,
+}
+
+impl RowSpans<'_> {
+    /// The keys query `i` skips: those before `start`, and those in `gap`, which lies in
+    /// start..i (clamped there, so the query always sees itself).
+    fn of(&self, i: usize) -> (usize, std::ops::Range<usize>) {
+        let start = self.starts.map_or(0, |s| s[i].min(i));
+        let gap = self.gaps.map_or(start..start, |g| g[2 * i].clamp(start, i)..g[2 * i + 1].clamp(start, i));
+        (start, gap.start..gap.end.max(gap.start))
+    }
+}
+
 vectorised! {
 /// Row i of the rows starting at `first` (query `first + i`) keeps columns start..=first + i
-/// (start = `starts[first + i]`, the first position of its packed example, or 0): softmax
-/// over those, zeros elsewhere.
-fn causal_softmax_rows(scores: &mut [f32], seq: usize, first: usize, starts: Option<&[usize]>) {
+/// but its gap (`RowSpans::of`; start 0 and no gap for one example a row): softmax over
+/// those, zeros elsewhere.
+fn causal_softmax_rows(scores: &mut [f32], seq: usize, first: usize, spans: RowSpans<'_>) {
     for (row, scores) in scores.chunks_exact_mut(seq).enumerate() {
         let i = first + row;
         let (upto, masked) = scores.split_at_mut(i + 1);
-        let start = starts.map_or(0, |s| s[i].min(i));
+        let (start, gap) = spans.of(i);
         let (before, kept) = upto.split_at_mut(start);
         before.fill(0.0);
-        let max = row_max(kept);
-        let mut sum = 0.0;
-        for x in kept.iter_mut() {
-            *x = exp(*x - max);
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        kept.iter_mut().for_each(|x| *x *= inv);
+        // kept = [start, gap.start) ∪ [gap.end, i]; the gap's scores are zeroed after.
+        let (head, rest) = kept.split_at_mut(gap.start - start);
+        let (skipped, tail) = rest.split_at_mut(gap.len());
+        let max = row_max(head).max(row_max(tail));
+        let exp_sum = |xs: &mut [f32]| {
+            let mut sum = 0.0;
+            for x in xs.iter_mut() {
+                *x = exp(*x - max);
+                sum += *x;
+            }
+            sum
+        };
+        let inv = 1.0 / (exp_sum(head) + exp_sum(tail));
+        head.iter_mut().for_each(|x| *x *= inv);
+        tail.iter_mut().for_each(|x| *x *= inv);
+        skipped.fill(0.0);
         masked.fill(0.0);
     }
 }

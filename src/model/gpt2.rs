@@ -13,7 +13,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::fused::{causal_attention, gelu_new, layer_norm, linear, FusedOps};
+use super::fused::{causal_attention, gelu_new, layer_norm, linear, FusedOps, KeySpans};
 use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{self, Adaptable, Adapters, Lora, Slot, Target};
 use super::{hf, nll_of_hidden, Bf16Decoder, CausalLm, Packing};
@@ -351,12 +351,12 @@ impl<B: FusedOps> Gpt2<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
         let start = KvCache::begin_step(&mut cache, seq, self.config.n_positions);
-        let (positions, starts) = Packing::layout(packing, start, [batch, seq], &tokens.device()); // [batch, seq] each
+        let (positions, spans) = Packing::layout(packing, start, [batch, seq], &tokens.device()); // [batch, seq], spans
         let x = self.wte.forward(tokens) + self.wpe.forward(positions); // [batch, seq, d_model]
         let mut x = self.dropout.forward(x);
         for (layer, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layer(layer));
-            x = block.forward(x, layer_cache, starts.clone(), self.precision);
+            x = block.forward(x, layer_cache, spans.clone(), self.precision);
         }
         if let Some(cache) = cache {
             cache.advance(seq);
@@ -384,10 +384,10 @@ impl<B: FusedOps> Block<B> {
         &self,
         x: Tensor<B, 3>,
         cache: Option<LayerCache<'_, B>>,
-        starts: Option<Tensor<B, 2, Int>>,
+        spans: Option<KeySpans<B>>,
         precision: Precision,
     ) -> Tensor<B, 3> {
-        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, starts, precision);
+        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, spans, precision);
         let x = x + self.dropout.forward(attn);
         let mlp = self.mlp.forward(self.ln_2.forward(x.clone()), precision);
         x + self.dropout.forward(mlp)
@@ -396,13 +396,13 @@ impl<B: FusedOps> Block<B> {
 
 impl<B: FusedOps> Attention<B> {
     /// Causal multi-head self-attention, with `attn_pdrop` on its probabilities while training;
-    /// `starts` (packed rows) confines each position to its own example.
-    /// x: [batch, seq, d_model], starts: [batch, seq] → [batch, seq, d_model]
+    /// `spans` (packed rows) confines each position to its own example's keys.
+    /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn forward(
         &self,
         x: Tensor<B, 3>,
         cache: Option<LayerCache<'_, B>>,
-        starts: Option<Tensor<B, 2, Int>>,
+        spans: Option<KeySpans<B>>,
         precision: Precision,
     ) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
@@ -410,13 +410,9 @@ impl<B: FusedOps> Attention<B> {
         let y = match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
             // (Generation, below, runs without autodiff, so without dropout.)
-            None => causal_attention(
-                qkv.reshape([batch, seq, 3 * d_model]),
-                self.n_head,
-                self.attn_pdrop,
-                starts,
-                precision,
-            ), // [batch, seq, d_model]
+            None => {
+                causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, self.attn_pdrop, spans, precision)
+            } // [batch, seq, d_model]
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
         };
         self.c_proj.forward(y.reshape([batch * seq, d_model]), precision).reshape([batch, seq, d_model])

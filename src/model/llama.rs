@@ -15,7 +15,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::fused::composite::rotate;
-use super::fused::{causal_attention, linear, rms_norm, rotary_qkv, swiglu, FusedOps};
+use super::fused::{causal_attention, linear, rms_norm, rotary_qkv, swiglu, FusedOps, KeySpans};
 use super::gpt2::Precision;
 use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{Adaptable, Adapters, Lora, Slot, Target};
@@ -417,12 +417,12 @@ impl<B: FusedOps> Llama<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
         let start = KvCache::begin_step(&mut cache, seq, self.config.max_position_embeddings);
-        let (positions, starts) = Packing::layout(packing, start, [batch, seq], &tokens.device()); // [batch, seq] each
+        let (positions, spans) = Packing::layout(packing, start, [batch, seq], &tokens.device()); // [batch, seq], spans
         let rotary = Rotary::at(positions, &self.config.inverse_frequencies());
         let mut x = self.model.embed_tokens.forward(tokens); // [batch, seq, hidden]
         for (index, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layer(index));
-            x = layer.forward(x, &rotary, layer_cache, starts.clone(), self.precision);
+            x = layer.forward(x, &rotary, layer_cache, spans.clone(), self.precision);
         }
         if let Some(cache) = cache {
             cache.advance(seq);
@@ -472,12 +472,12 @@ impl<B: FusedOps> DecoderLayer<B> {
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
         cache: Option<LayerCache<'_, B>>,
-        starts: Option<Tensor<B, 2, Int>>,
+        spans: Option<KeySpans<B>>,
         precision: Precision,
     ) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
         let rows = x.clone().reshape([batch * seq, hidden]);
-        let attn = self.self_attn.forward(self.input_layernorm.forward(rows), batch, rotary, cache, starts, precision);
+        let attn = self.self_attn.forward(self.input_layernorm.forward(rows), batch, rotary, cache, spans, precision);
         let x = x.reshape([batch * seq, hidden]) + attn; // [batch·seq, hidden]
         let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()), precision);
         (x + mlp).reshape([batch, seq, hidden])
@@ -485,15 +485,15 @@ impl<B: FusedOps> DecoderLayer<B> {
 }
 
 impl<B: FusedOps> SelfAttention<B> {
-    /// Causal grouped-query attention over rotated queries and keys; `starts` (packed rows)
-    /// confines each position to its own example. x: [batch·seq, hidden] → [batch·seq, hidden]
+    /// Causal grouped-query attention over rotated queries and keys; `spans` (packed rows)
+    /// confines each position to its own example's keys. x: [batch·seq, hidden] → [batch·seq, hidden]
     fn forward(
         &self,
         x: Tensor<B, 2>,
         batch: usize,
         rotary: &Rotary<B>,
         cache: Option<LayerCache<'_, B>>,
-        starts: Option<Tensor<B, 2, Int>>,
+        spans: Option<KeySpans<B>>,
         precision: Precision,
     ) -> Tensor<B, 2> {
         let seq = x.dims()[0] / batch;
@@ -516,7 +516,7 @@ impl<B: FusedOps> SelfAttention<B> {
                 let (cos, sin) = (rotary.cos.clone(), rotary.sin.clone());
                 let qkv = rotary_qkv(q, k, v, cos, sin, heads, kv_heads); // [batch·seq, 3·heads·head_dim]
                 let qkv = qkv.reshape([batch, seq, 3 * heads * head_dim]);
-                causal_attention(qkv, heads, self.attention_dropout, starts, precision)
+                causal_attention(qkv, heads, self.attention_dropout, spans, precision)
                 // [batch, seq, heads·head_dim]
             }
             Some(cache) => {

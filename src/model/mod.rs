@@ -29,33 +29,35 @@ use burn::tensor::{Int, Tensor};
 pub use bf16_decoder::Bf16Decoder;
 pub use cpu_kernels::gemm_gflops;
 pub use family::{Model, ModelConfig};
-pub use fused::{FusedOps, TrainBackend};
+pub use fused::{FusedOps, KeySpans, TrainBackend};
 pub use gpt2::{Gpt2, Gpt2Config, Precision};
 pub use kv_cache::KvCache;
 pub use llama::{Llama, LlamaConfig};
 pub use raw::bf16_native;
 
 /// Rows that pack several examples each: every position's index within its own example (where
-/// position embeddings restart) and the row position its example starts at (where its
-/// attention begins). [batch, seq] each.
+/// position embeddings restart), the row position its example starts at (where its attention
+/// begins) and, where given, a span of keys each position skips (`KeySpans`).
+/// positions, starts: [batch, seq], gaps: [batch, seq, 2]
 #[derive(Debug, Clone)]
 pub struct Packing<B: burn::tensor::backend::Backend> {
     pub positions: Tensor<B, 2, Int>,
     pub starts: Tensor<B, 2, Int>,
+    pub gaps: Option<Tensor<B, 3, Int>>,
 }
 
 impl<B: burn::tensor::backend::Backend> Packing<B> {
     /// Where each of a step's `seq` new positions (after `start` cached ones) is, per row: its
-    /// position within its example, and with packed rows the position its example starts at.
-    /// → ([batch, seq], [batch, seq])
+    /// position within its example, and with packed rows the keys it attends to.
+    /// → [batch, seq], spans
     pub fn layout(
         packing: Option<Self>,
         start: usize,
         [batch, seq]: [usize; 2],
         device: &B::Device,
-    ) -> (Tensor<B, 2, Int>, Option<Tensor<B, 2, Int>>) {
+    ) -> (Tensor<B, 2, Int>, Option<KeySpans<B>>) {
         match packing {
-            Some(Packing { positions, starts }) => (positions, Some(starts)),
+            Some(Packing { positions, starts, gaps }) => (positions, Some(KeySpans { starts, gaps })),
             None => {
                 let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + seq) as i64, device);
                 (positions.unsqueeze::<2>().expand([batch, seq]), None)

@@ -213,15 +213,23 @@ fn fused_composites_on_the_gpu_backend_match_the_cpu_kernels() {
     let starts_on = |_: ()| TensorData::new(starts.clone(), [batch, seq]);
     let (qkv_g, qkv_c) = (random::<G, 3>([batch, seq, 3 * d], 1), random::<Flex, 3>([batch, seq, 3 * d], 1));
     let (grad_g, grad_c) = (random::<G, 3>([batch, seq, d], 2), random::<Flex, 3>([batch, seq, d], 2));
+    // And gaps: row 1's queries from 15 on skip keys 3 to 14.
+    let gaps: Vec<i32> = (0..batch * seq)
+        .flat_map(|k| if k / seq == 1 && k % seq >= 15 { [3, 15] } else { [(k % seq) as i32; 2] })
+        .collect();
+    let gaps_on = |_: ()| TensorData::new(gaps.clone(), [batch, seq, 2]);
     let s_g = Tensor::<G, 2, Int>::from_data(starts_on(()), &Default::default()).into_primitive();
     let s_c = Tensor::<Flex, 2, Int>::from_data(starts_on(()), &Default::default()).into_primitive();
-    let args_g = AttentionArgs { n_head, keep: None, starts: Some(s_g), precision: F32 };
-    let args_c = AttentionArgs { n_head, keep: None, starts: Some(s_c), precision: F32 };
+    let g_g = Tensor::<G, 3, Int>::from_data(gaps_on(()), &Default::default()).into_primitive();
+    let g_c = Tensor::<Flex, 3, Int>::from_data(gaps_on(()), &Default::default()).into_primitive();
+    let args_g = AttentionArgs { n_head, keep: None, starts: Some(s_g), gaps: Some(g_g), precision: F32 };
+    let args_c = AttentionArgs { n_head, keep: None, starts: Some(s_c), gaps: Some(g_c), precision: F32 };
     let (y_g, p_g) = composite::causal_attention::<G>(prim(&qkv_g), args_g.clone());
     let (y_c, p_c) = Flex::causal_attention(prim(&qkv_c), args_c.clone());
     assert_close("packed attention", &float::<G, 3>(y_g), &float::<Flex, 3>(y_c), 1e-4 * MATMUL_SLACK);
     let dg = composite::causal_attention_backward::<G>(prim(&qkv_g), p_g, prim(&grad_g), args_g);
-    let dc = Flex::causal_attention_backward(prim(&qkv_c), p_c, prim(&grad_c), AttentionArgs { starts: None, ..args_c });
+    let args_c = AttentionArgs { starts: None, gaps: None, ..args_c };
+    let dc = Flex::causal_attention_backward(prim(&qkv_c), p_c, prim(&grad_c), args_c);
     assert_close("packed attention backward", &float::<G, 3>(dg), &float::<Flex, 3>(dc), 1e-4 * MATMUL_SLACK);
 
     // LayerNorm, GELU, cross-entropy and a frozen linear layer's backward.
@@ -382,8 +390,9 @@ fn attention_matches_the_composite<B: FusedOps>(backend: &str) {
         let (qkv, qkvc) = (qkv.reshape([batch, seq, 3 * d]), qkvc.reshape([batch, seq, 3 * d]));
         let (grad, gradc) = on_both([batch, seq, 1, d], 42, 1.0);
         let (grad, gradc) = (grad.reshape([batch, seq, d]), gradc.reshape([batch, seq, d]));
-        for (dropout, packed) in [(false, false), (true, false), (false, true), (true, true)] {
-            let what = format!("{backend}: attention over [{batch}, {seq}] × {n_head} heads of {head_dim}, dropout {dropout}, packed {packed}");
+        let cases = [(false, false, false), (true, false, false), (false, true, false), (true, true, false), (true, true, true)];
+        for (dropout, packed, gapped) in cases {
+            let what = format!("{backend}: attention over [{batch}, {seq}] × {n_head} heads of {head_dim}, dropout {dropout}, packed {packed}, gaps {gapped}");
             // Each row's examples start at 0, at seq/3 and at 2·seq/3.
             let starts: Vec<i32> =
                 (0..batch * seq).map(|k| (k % seq / (seq / 3).max(1) * (seq / 3).max(1)) as i32).collect();
@@ -395,8 +404,19 @@ fn attention_matches_the_composite<B: FusedOps>(backend: &str) {
             let (keep, keepc) = (keep.as_ref().map(prim), dropout.then(|| prim(&keep_mask)));
             let s = packed.then(|| Tensor::<B, 2, Int>::from_data(starts_on(), &Default::default()).into_primitive());
             let sc = packed.then(|| Tensor::<C, 2, Int>::from_data(starts_on(), &Default::default()).into_primitive());
-            let args = AttentionArgs { n_head, keep, starts: s, precision: F32 };
-            let argsc = AttentionArgs { n_head, keep: keepc, starts: sc, precision: F32 };
+            // Gaps (the kernels take none: the composite runs): each query past its example's
+            // second position skips the first half of the keys after its example's first.
+            let gaps: Vec<i32> = (0..batch * seq)
+                .flat_map(|k| {
+                    let (i, start) = (k % seq, starts[k] as usize);
+                    [start + 1, start + (i - start) / 2].map(|g| g.min(i) as i32)
+                })
+                .collect();
+            let gaps_on = || TensorData::new(gaps.clone(), [batch, seq, 2]);
+            let g = gapped.then(|| Tensor::<B, 3, Int>::from_data(gaps_on(), &Default::default()).into_primitive());
+            let gc = gapped.then(|| Tensor::<C, 3, Int>::from_data(gaps_on(), &Default::default()).into_primitive());
+            let args = AttentionArgs { n_head, keep, starts: s, gaps: g, precision: F32 };
+            let argsc = AttentionArgs { n_head, keep: keepc, starts: sc, gaps: gc, precision: F32 };
             let (y, saved) = B::causal_attention(prim(&qkv), args.clone());
             let (yc, probs) = composite::causal_attention::<C>(prim(&qkvc), argsc.clone());
             assert_close(&format!("{what}: output"), &float::<B, 3>(y), &float::<C, 3>(yc), 1e-5);

@@ -8,9 +8,10 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
-use pipe::data::{preference, JinjaTemplate, PreferencePair, RenderLimits, Tok};
-use pipe::dpo::{reference_logps, Dpo, ScoredPair};
-use pipe::model::{hf, Gpt2};
+use burn::tensor::{Int, Tensor, TensorData};
+use pipe::data::{preference, JinjaTemplate, PreferencePair, RenderLimits, Sequence, Tok};
+use pipe::dpo::{pair_logps, reference_logps, Dpo, ScoredPair};
+use pipe::model::{family, hf, CausalLm, Gpt2};
 use pipe::objective::Objective;
 use pipe::spec::{DataSpec, DpoLoss, DpoSpec};
 
@@ -197,6 +198,75 @@ fn the_first_loss_is_ln_2_when_the_policy_is_its_reference() {
     let batch = Objective::<AD, Gpt2<AD>>::loss_sum(&objective, &model, &refs, &device);
     let loss = batch.loss.into_scalar() as f64 / refs.len() as f64;
     close("loss", loss, std::f64::consts::LN_2, 1e-6);
+}
+
+/// Each pair is laid out with its common prefix computed once for both completions (the
+/// rejected tokens continuing its positions and skipping the chosen ones): each sequence's
+/// log-probability, and its gradients, must be those of the sequence computed alone, whatever
+/// the two share — a prompt, a prompt and a completion's start, one the other's start, all, a
+/// single token, nothing, or a prefix trained in one and not the other — for GPT-2 and for a
+/// rotary family. Tolerances: log-probabilities 1e-5 relative, gradients 1e-5 of the largest.
+#[test]
+fn pairs_sharing_their_prefix_score_as_each_sequence_alone() {
+    let device = Default::default();
+    for fixture in ["tiny-gpt2", "tiny-qwen3"] {
+        let model = family::load::<AD>(&common::repo().join("tests/fixtures").join(fixture), None, &device).unwrap();
+        let vocab = model.vocab_size() as u32;
+        let sequence =
+            |ids: &[u32], prompt: usize| Sequence::with_prompt(ids.iter().map(|i| (i * 37) % vocab).collect(), prompt);
+        let pair = |chosen: (&[u32], usize), rejected: (&[u32], usize)| PreferencePair {
+            chosen: sequence(chosen.0, chosen.1),
+            rejected: sequence(rejected.0, rejected.1),
+        };
+        let pairs = [
+            pair((&[5, 6, 7, 8, 9, 10], 3), (&[5, 6, 7, 11, 12], 3)),
+            pair((&[5, 6, 7, 8, 9, 10, 11], 3), (&[5, 6, 7, 8, 9, 13], 3)),
+            pair((&[20, 21, 22, 23], 2), (&[20, 21, 22, 23, 24, 25], 2)),
+            pair((&[20, 21, 22, 23, 24, 25, 26], 2), (&[20, 21, 22, 23], 2)),
+            pair((&[30, 31, 32, 33], 2), (&[30, 31, 32, 33], 2)),
+            pair((&[40, 41, 42], 1), (&[43, 44, 45, 46], 1)),
+            pair((&[50, 51, 52, 53, 54], 3), (&[50, 51, 52, 53, 55], 1)),
+            pair((&[60, 61, 62], 1), (&[60, 63, 64, 65], 1)),
+        ];
+        let n = pairs.len();
+        let refs: Vec<&PreferencePair> = pairs.iter().collect();
+        let (shared, _) = pair_logps(&model, &refs, EOS % vocab, &device); // [2n]
+                                                                           // Each sequence alone: its trained tokens' summed log-probability. → [2n]
+        let alone: Vec<Tensor<AD, 1>> = pairs
+            .iter()
+            .map(|p| &p.chosen)
+            .chain(pairs.iter().map(|p| &p.rejected))
+            .map(|s| {
+                let len = s.ids.len() - 1;
+                let ids = |range: std::ops::Range<usize>| {
+                    let ids: Vec<i32> = s.ids[range].iter().map(|&i| i as i32).collect();
+                    Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [1, len]), &device)
+                };
+                let mask: Vec<f32> = s.trained[1..].iter().map(|&t| f32::from(u8::from(t))).collect();
+                let mask = Tensor::<AD, 2>::from_data(TensorData::new(mask, [1, len]), &device);
+                (model.token_nll(ids(0..len), ids(1..len + 1)) * mask).sum().neg()
+            })
+            .collect();
+        let alone = Tensor::cat(alone, 0);
+        let (got, want): (Vec<f32>, Vec<f32>) =
+            (shared.clone().into_data().to_vec().unwrap(), alone.clone().into_data().to_vec().unwrap());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let which = if i < n { "chosen" } else { "rejected" };
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "{fixture} pair {} {which}: {g} shared, {w} alone", i % n);
+        }
+        // Unequal weights, so that no sequence's gradient can hide behind another's.
+        let weights: Vec<f32> =
+            (0..2 * n).map(|i| 1.0 + 0.37 * i as f32 * if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let weights = Tensor::<AD, 1>::from_data(TensorData::new(weights, [2 * n]), &device);
+        let shared = common::gradients_by_name(&model, (shared * weights.clone()).sum());
+        let alone = common::gradients_by_name(&model, (alone * weights).sum());
+        assert_eq!(shared.len(), alone.len(), "{fixture}: the same parameters have gradients");
+        for ((name, _, got), (_, _, want)) in shared.iter().zip(&alone) {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "{fixture} {name}: off by {diff:e}, largest gradient {scale:e}");
+        }
+    }
 }
 
 // --- the stage in a run ---

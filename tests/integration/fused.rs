@@ -141,16 +141,36 @@ fn attention_kernel_matches_composite_forward_and_backward() {
     };
     let starts: Vec<i32> = (0..batch * seq).map(|k| example_starts(k / seq, k % seq)).collect();
     let starts = Tensor::<Flex, 2, Int>::from_data(TensorData::new(starts, [batch, seq]), &Default::default());
-    for (keep, starts) in
-        [(None, None), (Some(prim(&keep)), None), (None, Some(starts.clone())), (Some(prim(&keep)), Some(starts))]
-    {
-        let packed = starts.is_some();
+    // Gaps, as a pair's second continuation skips the first: row 0's queries 18 to 24 skip
+    // keys 12 to 17 of their example; row 1's from 30 on skip keys 5 to 29.
+    let gap_of = |row: usize, i: usize| -> (usize, usize) {
+        match (row, i) {
+            (0, 18..25) => (12, 18),
+            (1, 30..) => (5, 30),
+            _ => (i, i),
+        }
+    };
+    let gaps: Vec<i32> =
+        (0..batch * seq).flat_map(|k| <[usize; 2]>::from(gap_of(k / seq, k % seq)).map(|g| g as i32)).collect();
+    let gaps = Tensor::<Flex, 3, Int>::from_data(TensorData::new(gaps, [batch, seq, 2]), &Default::default());
+    let cases = [
+        (None, None, None),
+        (Some(prim(&keep)), None, None),
+        (None, Some(starts.clone()), None),
+        (Some(prim(&keep)), Some(starts.clone()), None),
+        (None, Some(starts.clone()), Some(gaps.clone())),
+        (Some(prim(&keep)), Some(starts), Some(gaps)),
+    ];
+    for (keep, starts, gaps) in cases {
+        let (packed, gapped) = (starts.is_some(), gaps.is_some());
         let what = format!(
-            "{} dropout{}",
+            "{} dropout{}{}",
             if keep.is_some() { "with" } else { "without" },
-            if packed { ", packed" } else { "" }
+            if packed { ", packed" } else { "" },
+            if gapped { ", with gaps" } else { "" }
         );
-        let args = AttentionArgs { n_head, keep, starts: starts.map(|s| s.into_primitive()), precision: F32 };
+        let (starts, gaps) = (starts.map(|s| s.into_primitive()), gaps.map(|g| g.into_primitive()));
+        let args = AttentionArgs { n_head, keep, starts, gaps, precision: F32 };
         let (y, probs) = Flex::causal_attention(prim(&qkv), args.clone());
         let (want_y, want_probs) = composite::causal_attention::<Flex>(prim(&qkv), args.clone());
         assert_close(&values(float::<3>(y)), &values(float::<3>(want_y)), 1e-5, &format!("output {what}"));
@@ -162,9 +182,12 @@ fn attention_kernel_matches_composite_forward_and_backward() {
             assert!(row[i + 1..].iter().all(|&p| p == 0.0), "row {r} attends to the future");
             let start = if packed { example_starts(b, i) as usize } else { 0 };
             assert!(row[..start].iter().all(|&p| p == 0.0), "row {r} attends to an earlier example");
-            assert!(row[start..=i].iter().all(|&p| p > 0.0), "row {r} attends to all of its own example");
+            let gap = if gapped { gap_of(b, i) } else { (i, i) };
+            let seen = (start..=i).filter(|&j| !(gap.0..gap.1).contains(&j));
+            assert!(seen.map(|j| row[j]).all(|p| p > 0.0), "row {r} attends to all of its own example");
+            assert!(row[gap.0..gap.1].iter().all(|&p| p == 0.0), "row {r} attends to its gap");
         }
-        let args = AttentionArgs { starts: None, ..args };
+        let args = AttentionArgs { starts: None, gaps: None, ..args };
         let fused = Flex::causal_attention_backward(prim(&qkv), probs.clone(), prim(&grad), args.clone());
         let plain = composite::causal_attention_backward::<Flex>(prim(&qkv), probs, prim(&grad), args);
         assert_close(&values(float::<3>(fused)), &values(float::<3>(plain)), 1e-5, &format!("backward {what}"));
@@ -178,7 +201,7 @@ fn attention_dropout_gradient_through_autodiff_matches_burns_ops() {
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 33).require_grad();
     let weights = random::<Ad, 3>([batch, seq, d], 1.0, 34);
     let keep = keep_mask::<Ad>([batch, n_head, seq, seq], 0.25, 35);
-    let args = AttentionArgs { n_head, keep: Some(prim_ad(&keep)), starts: None, precision: F32 };
+    let args = AttentionArgs { n_head, keep: Some(prim_ad(&keep)), starts: None, gaps: None, precision: F32 };
     let (fused_y, _) = Ad::causal_attention(qkv.clone().into_primitive().tensor(), args);
     let fused_y = Tensor::<Ad, 3>::from_primitive(TensorPrimitive::Float(fused_y));
     // The same attention from burn's ops: masked softmax, dropped, times V.
@@ -342,7 +365,7 @@ fn bf16_attention_runs_its_products_in_bf16_on_the_gpu_composite_and_in_f32_on_t
     let qkv = random::<Flex, 3>([batch, seq, 3 * d], 1.5, 81);
     let grad = random::<Flex, 3>([batch, seq, d], 1.0, 82);
     let keep = Some(prim(&keep_mask::<Flex>([batch, n_head, seq, seq], 0.3, 83)));
-    let args = |precision| AttentionArgs { n_head, keep: keep.clone(), starts: None, precision };
+    let args = |precision| AttentionArgs { n_head, keep: keep.clone(), starts: None, gaps: None, precision };
     let cpu = |precision| {
         let (y, probs) = Flex::causal_attention(prim(&qkv), args(precision));
         let dqkv = Flex::causal_attention_backward(prim(&qkv), probs, prim(&grad), args(precision));

@@ -244,8 +244,8 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             }
         }
         // The mask is a constant: no gradient flows to it.
-        let AttentionArgs { n_head, keep, starts, precision } = args;
-        let args = AttentionArgs { n_head, keep: keep.map(|k| k.primitive), starts, precision };
+        let AttentionArgs { n_head, keep, starts, gaps, precision } = args;
+        let args = AttentionArgs { n_head, keep: keep.map(|k| k.primitive), starts, gaps, precision };
         let (y, saved) = B::causal_attention(qkv.primitive.clone(), args.clone());
         let y = match CausalAttention.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((qkv.primitive, saved.clone(), args), y),

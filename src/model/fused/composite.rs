@@ -295,7 +295,7 @@ fn matmul<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>, precision: Precision) ->
 }
 
 pub fn causal_attention<B: Backend>(qkv: FloatTensor<B>, args: AttentionArgs<B>) -> (FloatTensor<B>, FloatTensor<B>) {
-    let AttentionArgs { n_head, keep, starts, precision } = args;
+    let AttentionArgs { n_head, keep, starts, gaps, precision } = args;
     let [q, k, v] = split_heads(float::<B, 3>(qkv), n_head);
     let [batch, heads, seq, head_dim] = q.dims();
     let device = q.device();
@@ -303,14 +303,22 @@ pub fn causal_attention<B: Backend>(qkv: FloatTensor<B>, args: AttentionArgs<B>)
 
     // Expanded to the scores' shape: mask_fill does not broadcast on every backend.
     let future = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &device).unsqueeze::<3>().expand([batch, seq, seq]);
+    let keys = || Tensor::<B, 1, Int>::arange(0..seq as i64, &device).unsqueeze::<3>().expand([batch, seq, seq]);
+    // A per-query bound, across the keys. [batch, seq] → [batch, seq, seq]
+    let per_query = |bound: Tensor<B, 2, Int>| bound.unsqueeze_dim::<3>(2).expand([batch, seq, seq]);
     let hidden = match starts {
         // Keys before the query's own example are hidden too.
-        Some(starts) => {
-            let starts = Tensor::<B, 2, Int>::from_primitive(starts).unsqueeze_dim::<3>(2).expand([batch, seq, seq]);
-            let keys = Tensor::<B, 1, Int>::arange(0..seq as i64, &device).unsqueeze::<3>().expand([batch, seq, seq]);
-            future.bool_or(keys.lower(starts))
-        }
+        Some(starts) => future.bool_or(keys().lower(per_query(Tensor::from_primitive(starts)))),
         None => future,
+    };
+    let hidden = match gaps {
+        // And the keys in the query's gap.
+        Some(gaps) => {
+            let gaps = Tensor::<B, 3, Int>::from_primitive(gaps); // [batch, seq, 2]
+            let bound = |i: usize| per_query(gaps.clone().narrow(2, i, 1).squeeze_dim::<2>(2));
+            hidden.bool_or(keys().greater_equal(bound(0)).bool_and(keys().lower(bound(1))))
+        }
+        None => hidden,
     };
     let hidden = hidden.unsqueeze_dim::<4>(1).expand([batch, heads, seq, seq]);
     let probs = softmax(scores.mask_fill(hidden, f32::NEG_INFINITY), 3); // [batch, heads, seq, seq]
@@ -318,7 +326,8 @@ pub fn causal_attention<B: Backend>(qkv: FloatTensor<B>, args: AttentionArgs<B>)
     (y.into_primitive().tensor(), probs.into_primitive().tensor())
 }
 
-/// The probabilities carry the mask (zero outside it), so `args.starts` is not needed here.
+/// The probabilities carry the mask (zero outside it), so `args.starts` and `args.gaps` are not
+/// needed here.
 pub fn causal_attention_backward<B: Backend>(
     qkv: FloatTensor<B>,
     probs: FloatTensor<B>,

@@ -52,7 +52,8 @@ type FlexFloat = FloatTensor<Flex>;
 type Moments = Option<(FlexFloat, FlexFloat)>;
 
 impl FusedOps for Flex {
-    /// The probabilities carry the mask (zero outside it), so `args.starts` is not needed here.
+    /// The probabilities carry the mask (zero outside it), so `args.starts` and `args.gaps` are
+    /// not needed here.
     fn causal_attention_backward(
         qkv: FlexFloat,
         probs: FlexFloat,

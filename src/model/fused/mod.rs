@@ -37,14 +37,27 @@ mod cpu;
 /// What causal attention runs with besides the packed projections: the heads; the dropout mask
 /// on the probabilities, already scaled (0 or 1/(1 − p); None for no dropout); for packed rows,
 /// the position each position's example starts at (block-diagonal causal attention; None for
-/// one example a row); and the precision of the products (the softmax is f32).
-/// keep: [batch, heads, seq, seq], starts: [batch, seq]
+/// one example a row) and, where given, a span [from, to) of keys each position skips (see
+/// `KeySpans`); and the precision of the products (the softmax is f32).
+/// keep: [batch, heads, seq, seq], starts: [batch, seq], gaps: [batch, seq, 2]
 #[derive(Debug, Clone)]
 pub struct AttentionArgs<B: Backend> {
     pub n_head: usize,
     pub keep: Option<FloatTensor<B>>,
     pub starts: Option<IntTensor<B>>,
+    pub gaps: Option<IntTensor<B>>,
     pub precision: Precision,
+}
+
+/// Which keys each query of packed rows attends to: those from its example's start (`starts`)
+/// up to itself, less the span [from, to) that `gaps` gives it, where given (an empty span,
+/// from = to, skips nothing). A gap lets two continuations of one prefix share a row and the
+/// prefix's computation: the second skips the first (see `dpo`). A gap never holds the query
+/// itself. starts: [batch, seq], gaps: [batch, seq, 2]
+#[derive(Debug, Clone)]
+pub struct KeySpans<B: Backend> {
+    pub starts: Tensor<B, 2, Int>,
+    pub gaps: Option<Tensor<B, 3, Int>>,
 }
 
 /// The rotary embedding at every row's position, and the head counts `rotary_qkv` spreads
@@ -242,7 +255,7 @@ pub trait FusedOps: Backend {
     /// The gradient of `causal_attention` with respect to `qkv`, given the output's gradient
     /// and what the forward saved, with the forward's `args`; its four products run in
     /// `args.precision`. (Probabilities are zero outside the mask, so this version needs no
-    /// `args.starts`; a backend that recomputes them does.) qkv: [batch, seq, 3·d_model],
+    /// `args.starts` or `args.gaps`; a backend that recomputes them does.) qkv: [batch, seq, 3·d_model],
     /// saved: as the forward returned it, grad: [batch, seq, d_model] → [batch, seq, 3·d_model]
     fn causal_attention_backward(
         qkv: FloatTensor<Self>,
@@ -487,14 +500,14 @@ pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, In
 }
 
 /// Causal multi-head self-attention (no cache: every query sees the keys up to its own position,
-/// from its example's first position when `starts` gives packed rows), with dropout `p` on the
-/// attention probabilities while training (as GPT-2's `attn_pdrop`), the products in `precision`.
-/// qkv: [batch, seq, 3·d_model], starts: [batch, seq] → [batch, seq, d_model]
+/// within its `spans` when given for packed rows), with dropout `p` on the attention
+/// probabilities while training (as GPT-2's `attn_pdrop`), the products in `precision`.
+/// qkv: [batch, seq, 3·d_model] → [batch, seq, d_model]
 pub fn causal_attention<B: FusedOps>(
     qkv: Tensor<B, 3>,
     n_head: usize,
     dropout: f64,
-    starts: Option<Tensor<B, 2, Int>>,
+    spans: Option<KeySpans<B>>,
     precision: Precision,
 ) -> Tensor<B, 3> {
     let device = qkv.device();
@@ -503,7 +516,11 @@ pub fn causal_attention<B: FusedOps>(
         let keep = Tensor::<B, 4>::random([batch, n_head, seq, seq], Distribution::Bernoulli(1.0 - dropout), &device);
         (keep / (1.0 - dropout)).into_primitive().tensor()
     });
-    let args = AttentionArgs { n_head, keep, starts: starts.map(Tensor::into_primitive), precision };
+    let (starts, gaps) = match spans {
+        Some(KeySpans { starts, gaps }) => (Some(starts.into_primitive()), gaps.map(Tensor::into_primitive)),
+        None => (None, None),
+    };
+    let args = AttentionArgs { n_head, keep, starts, gaps, precision };
     let (y, _probs) = B::causal_attention(qkv.into_primitive().tensor(), args);
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }

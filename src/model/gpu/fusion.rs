@@ -103,7 +103,8 @@ impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for Custom<B> {
                 let qkv = float(0);
                 let keep = dropout.then(|| float(1));
                 let starts = packed.then(|| handles.get_int_tensor::<B>(&inputs[1 + dropout as usize]));
-                let (y, saved) = B::causal_attention(qkv, AttentionArgs { n_head, keep, starts, precision });
+                let (y, saved) =
+                    B::causal_attention(qkv, AttentionArgs { n_head, keep, starts, gaps: None, precision });
                 vec![y, saved]
             }
             Kernel::AttentionBackward { n_head, precision, dropout, packed } => {
@@ -111,7 +112,12 @@ impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for Custom<B> {
                 let keep = dropout.then(|| float(2));
                 let starts = packed.then(|| handles.get_int_tensor::<B>(&inputs[2 + dropout as usize]));
                 let grad = handles.get_float_tensor::<B>(&inputs[inputs.len() - 1]);
-                vec![B::causal_attention_backward(qkv, saved, grad, AttentionArgs { n_head, keep, starts, precision })]
+                vec![B::causal_attention_backward(
+                    qkv,
+                    saved,
+                    grad,
+                    AttentionArgs { n_head, keep, starts, gaps: None, precision },
+                )]
             }
             Kernel::SampleToken { sampling, draw } => {
                 let token = B::sample_token(float(0), sampling, draw);
@@ -228,11 +234,13 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
     }
 
     fn causal_attention(qkv: FloatTensor<Self>, args: AttentionArgs<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        // The composite version runs through fusion itself, so that its element-wise ops fuse.
-        let Some(saved) = B::attention_saved_shape(&qkv.shape, args.n_head, qkv.dtype) else {
+        // The composite version runs through fusion itself, so that its element-wise ops fuse;
+        // it is also the one for rows with gaps, which the kernels do not take.
+        let kernels = B::attention_saved_shape(&qkv.shape, args.n_head, qkv.dtype).filter(|_| args.gaps.is_none());
+        let Some(saved) = kernels else {
             return composite::causal_attention::<Self>(qkv, args);
         };
-        let AttentionArgs { n_head, keep, starts, precision } = args;
+        let AttentionArgs { n_head, keep, starts, precision, .. } = args;
         let [batch, seq, three_d] = qkv.shape.dims();
         let (y, saved) = ((Shape::new([batch, seq, three_d / 3]), qkv.dtype), (saved, qkv.dtype));
         let kernel = Kernel::Attention { n_head, precision, dropout: keep.is_some(), packed: starts.is_some() };
@@ -247,11 +255,11 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         grad: FloatTensor<Self>,
         args: AttentionArgs<Self>,
     ) -> FloatTensor<Self> {
-        let kernels = B::attention_saved_shape(&qkv.shape, args.n_head, qkv.dtype);
+        let kernels = B::attention_saved_shape(&qkv.shape, args.n_head, qkv.dtype).filter(|_| args.gaps.is_none());
         if kernels.is_none_or(|shape| shape != saved.shape) {
             return composite::causal_attention_backward::<Self>(qkv, saved, grad, args);
         }
-        let AttentionArgs { n_head, keep, starts, precision } = args;
+        let AttentionArgs { n_head, keep, starts, precision, .. } = args;
         let out = like(&qkv);
         let kernel = Kernel::AttentionBackward { n_head, precision, dropout: keep.is_some(), packed: starts.is_some() };
         let inputs = [Some(qkv), Some(saved), keep, starts, Some(grad)].into_iter().flatten().collect();

@@ -91,7 +91,8 @@ where
     }
 
     fn causal_attention(qkv: FloatTensor<Self>, args: AttentionArgs<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match attention::saved_shape(&qkv.shape(), args.n_head, qkv.dtype()) {
+        // The kernels take no gaps: rows with gaps take the composite version.
+        match attention::saved_shape(&qkv.shape(), args.n_head, qkv.dtype()).filter(|_| args.gaps.is_none()) {
             Some(_) => attention::causal_attention(qkv, args.n_head, args.keep, args.starts, I::dtype()),
             None => composite::causal_attention::<Self>(qkv, args),
         }
@@ -104,7 +105,7 @@ where
         args: AttentionArgs<Self>,
     ) -> FloatTensor<Self> {
         // `saved` is what the forward kept: the kernels' rows or the composite's probabilities.
-        let kernels = attention::saved_shape(&qkv.shape(), args.n_head, qkv.dtype());
+        let kernels = attention::saved_shape(&qkv.shape(), args.n_head, qkv.dtype()).filter(|_| args.gaps.is_none());
         if kernels.is_some_and(|shape| shape == saved.shape()) {
             let AttentionArgs { n_head, keep, starts, .. } = args;
             attention::causal_attention_backward(qkv, saved, keep, starts, grad, n_head, I::dtype())
