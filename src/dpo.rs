@@ -123,6 +123,11 @@ impl PairUnit {
     }
 }
 
+/// The tokens `pair_logps` lays `pair` out in, its prompt shared (its row, when alone).
+pub fn pair_row_len(pair: &PreferencePair) -> usize {
+    PairUnit::new(pair).len()
+}
+
 /// Each pair's summed log-probabilities of its chosen and rejected completions' trained tokens:
 /// the chosen ones, then the rejected ones. → [2·pairs]
 ///

@@ -333,7 +333,7 @@ fn initial_model<B: FusedOps>(spec: &Spec, data: &PreparedData, device: &B::Devi
                 BackendKind::Cpu => 0.0,
                 _ => 4.0 * config.num_params() as f64,
             };
-            check_fits_in_memory(&config, &arch, spec, &data.train, loaded)?;
+            check_fits_in_memory(&config, &arch, spec, data, loaded)?;
             family::load::<B>(dir, spec.model.dropout, device)?
         }
         None => {
@@ -345,7 +345,7 @@ fn initial_model<B: FusedOps>(spec: &Spec, data: &PreparedData, device: &B::Devi
                 config.width(),
                 config.context()
             );
-            check_fits_in_memory(&config, &arch, spec, &data.train, 0.0)?;
+            check_fits_in_memory(&config, &arch, spec, data, 0.0)?;
             let model = config.init::<B>(device);
             crate::model::params::materialize(&model);
             model
@@ -421,18 +421,39 @@ fn adapted<B: FusedOps, M: Adaptable<B>>(
 
 /// A run too large to train in the memory of its devices is refused before anything is
 /// allocated (see `memory`): each device holds one local peer's largest micro-batch (on the CPU
-/// the local peers share the machine's memory). `loaded`: bytes of the weights already on the
-/// device, which its free memory no longer counts.
-fn check_fits_in_memory(
+/// the local peers share the machine's memory), the training stage's and the dpo stage's
+/// alike. `loaded`: bytes of the weights already on the device, which its free memory no
+/// longer counts.
+fn check_fits_in_memory(config: &ModelConfig, arch: &str, spec: &Spec, data: &PreparedData, loaded: f64) -> Result<()> {
+    // The micro-batch holding the longest example is padded to it.
+    let train = &data.train;
+    let longest = (0..train.len()).map(|i| train.token_len(i)).max().unwrap_or(0);
+    let what = format!("{arch}, train.batch_size = {}", spec.train.batch_size);
+    let lower = "lower train.batch_size (train.grad_accum keeps the step's size) or train.max_length";
+    check_micro_batches(config, spec, longest, spec.train.batch_size.min(train.len()), &what, lower, loaded)?;
+    if let Some(preference) = &data.preference {
+        // A dpo micro-batch: its pairs' rows (`dpo::pair_row_len`), packed into rows as long as
+        // the longest.
+        let longest = preference.train.iter().map(crate::dpo::pair_row_len).max().unwrap_or(0);
+        let batch = spec.for_dpo().train.batch_size;
+        let what = format!("{arch}, the dpo stage's batch of {batch} pairs (dpo.batch_size or train.batch_size)");
+        let lower = "lower dpo.batch_size (dpo.grad_accum keeps the step's size) or dpo.max_length";
+        check_micro_batches(config, spec, longest, batch.min(preference.train.len()), &what, lower, loaded)?;
+    }
+    Ok(())
+}
+
+/// `check_fits_in_memory` for micro-batches of `rows` rows of up to `longest` tokens.
+fn check_micro_batches(
     config: &ModelConfig,
-    arch: &str,
     spec: &Spec,
-    train: &crate::data::Examples,
+    longest: usize,
+    rows: usize,
+    what: &str,
+    lower: &str,
     loaded: f64,
 ) -> Result<()> {
-    // The micro-batch holding the longest example is padded to it.
-    let longest = (0..train.len()).map(|i| train.token_len(i)).max().unwrap_or(0) as f64;
-    let micro_batch = longest * spec.train.batch_size.min(train.len()) as f64;
+    let (longest, micro_batch) = (longest as f64, (longest * rows) as f64);
     let backend = spec.run.backend;
     let devices = if spec.run.devices.is_empty() { vec![spec.run.device] } else { spec.run.devices.clone() };
     let (tokens, devices) = match backend {
@@ -443,11 +464,9 @@ fn check_fits_in_memory(
     let mut footprint =
         memory::Footprint::training(config, spec.lora.is_some(), spec.run.precision, tokens, longest, keeps);
     footprint.weights -= loaded;
-    let what = format!("{arch}, train.batch_size = {}", spec.train.batch_size);
-    let lower = "lower train.batch_size (train.grad_accum keeps the step's size) or train.max_length";
     for device in devices {
         if let Some(room) = memory::Room::of(backend, device) {
-            footprint.check(&room, &what, lower)?;
+            footprint.check(&room, what, lower)?;
         }
     }
     Ok(())

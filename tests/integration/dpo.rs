@@ -558,6 +558,26 @@ fn bad_preference_input_exits_2_naming_the_file_record_and_field() {
     }
 }
 
+/// A dpo stage whose micro-batches cannot fit in the machine's memory is refused before the run
+/// starts, naming the dpo batch and what to lower, though the SFT before it would fit.
+#[test]
+fn a_dpo_stage_too_large_for_memory_is_refused_before_the_run_starts() {
+    let changes = "[model]\nlayers = 8\nheads = 1024\nembd = 1024\ncontext = 1024\n[dpo]\nbatch_size = 64";
+    let dir = folder(&common::overlaid(&run_spec("", ""), changes));
+    let long = |seed: usize| (0..600).map(|i| format!("w{}", (i * 7 + seed) % 97)).collect::<Vec<_>>().join(" ");
+    let pairs: Vec<String> = (0..64)
+        .map(|i| serde_json::json!({"prompt": long(i), "chosen": long(i + 1), "rejected": long(i + 2)}).to_string())
+        .collect();
+    std::fs::write(dir.path().join("prefs.jsonl"), pairs.join("\n")).unwrap();
+    let out = pipe(dir.path(), &["run", "spec.toml"], &[]);
+    let message = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{message}");
+    for wanted in ["the dpo stage's batch of 64 pairs", "GiB of activations", "lower dpo.batch_size"] {
+        assert!(message.contains(wanted), "the message names {wanted}: {message}");
+    }
+    assert!(runs(dir.path(), "prefs").is_empty(), "no run folder is made");
+}
+
 /// Settings the dpo stage cannot honour are refused by `pipe check`, naming the field; a [dpo]
 /// section without the stage is reported as doing nothing.
 #[test]
