@@ -249,3 +249,33 @@ pub fn folder_with(spec: &str, examples: usize) -> tempfile::TempDir {
     std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
     dir
 }
+
+/// Test data drawn by a generator of the caller's own, seeded: a tensor of `shape` filled by
+/// `draw`. Never the backend's generator (`B::seed`, `Tensor::random`): that is one per process,
+/// shared by the tests running beside this one, which may seed it or draw from it between this
+/// test's seeding and its draw.
+pub fn drawn<B: burn::tensor::backend::Backend, const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+    mut draw: impl FnMut(&mut rand::rngs::StdRng) -> f32,
+) -> Tensor<B, D> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| draw(&mut rng)).collect();
+    Tensor::from_data(TensorData::new(values, shape), &Default::default())
+}
+
+/// Draws from N(0, std²) (Box–Muller).
+pub fn normal(std: f32) -> impl FnMut(&mut rand::rngs::StdRng) -> f32 {
+    use rand::Rng;
+    move |rng| {
+        let (u, v): (f32, f32) = (1.0 - rng.random::<f32>(), rng.random());
+        std * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    }
+}
+
+/// A dropout mask's entries as the model draws them: 1/(1 − p) with probability 1 − p, else 0.
+pub fn kept(p: f32) -> impl FnMut(&mut rand::rngs::StdRng) -> f32 {
+    use rand::Rng;
+    move |rng| if rng.random::<f32>() < 1.0 - p { 1.0 / (1.0 - p) } else { 0.0 }
+}

