@@ -385,7 +385,8 @@ fn bf16_attention_runs_its_products_in_bf16_on_the_gpu_composite_and_in_f32_on_t
         (values(float::<3>(y)), values(float::<3>(dqkv)))
     };
     let ((y, dqkv), (y_f32, dqkv_f32)) = (composite(Bf16), composite(F32));
-    // The worst of thousands of entries: over many draws it reaches about 0.09.
+    // The worst of thousands of entries, each within bf16's rounding: loose on purpose; the
+    // check below makes sure the products did run in bf16.
     assert_close(&y, &y_f32, 1.2e-1, "bf16 composite attention output");
     assert_close(&dqkv, &dqkv_f32, 1.2e-1, "bf16 composite attention gradient");
     let off = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
