@@ -1,20 +1,22 @@
 //! The `pipe` command line: parses arguments, calls the library, maps errors to exit codes
-//! (2 for bad input, 1 for a failed run).
+//! (2 for bad input, 1 for a failed run). It lives in the library, not in the binaries, so that
+//! `pipe` and the test build's `pipe-faults` share one compiled copy of it.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pipe::data::PromptLayout;
-use pipe::data::Tok;
-use pipe::error::{bad_input, interrupted_by, is_bad_input};
-use pipe::generate::{Decode, Decoding, Generator, Sampling, WithDecoder};
-use pipe::model::fused::GpuAttention;
-use pipe::model::gpt2::Precision;
-use pipe::model::hf;
-use pipe::spec::{BackendKind, GenerateSpec};
-use pipe::{backend, chat, pipeline, runs, score, spec};
+
+use crate::data::PromptLayout;
+use crate::data::Tok;
+use crate::error::{bad_input, interrupted_by, is_bad_input};
+use crate::generate::{Decode, Decoding, Generator, Sampling, WithDecoder};
+use crate::model::fused::GpuAttention;
+use crate::model::gpt2::Precision;
+use crate::model::hf;
+use crate::spec::{BackendKind, GenerateSpec};
+use crate::{backend, chat, pipeline, runs, score, spec};
 
 #[derive(Parser)]
 #[command(
@@ -183,7 +185,7 @@ enum Command {
     /// PyTorch reference measures HF transformers (see README, Speed).
     Bench {
         #[command(flatten)]
-        shape: pipe::bench::BenchShape,
+        shape: crate::bench::BenchShape,
         #[command(flatten)]
         on: BackendArgs,
     },
@@ -207,7 +209,7 @@ enum Command {
         /// Norms and biases stay f32.
         /// Default: f16.
         #[arg(long, value_enum)]
-        quant: Option<pipe::export::gguf::Quant>,
+        quant: Option<crate::export::gguf::Quant>,
         /// Instead of `final/`: `best` (the best model), `last` (the newest checkpoint),
         /// `step-N` (the checkpoint at step N), or a checkpoint folder inside the run
         /// (`checkpoints/step-000100`).
@@ -219,7 +221,7 @@ enum Command {
         /// Store the weights as f32, bf16 or f16. Default: a model's, the dtype of the
         /// checkpoint the run started from (f32 for a model pipe made); adapters', f32.
         #[arg(long, value_enum)]
-        dtype: Option<pipe::export::Dtype>,
+        dtype: Option<crate::export::Dtype>,
     },
 }
 
@@ -415,9 +417,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Orchestrator { port, bind } => {
-            pipe::distributed::port_free(bind, port, "--port")?;
+            crate::distributed::port_free(bind, port, "--port")?;
             eprintln!("orchestrator listening on {bind} port {port} (Ctrl-C to stop)");
-            pipe::distributed::serve_orchestrator(bind, port)?;
+            crate::distributed::serve_orchestrator(bind, port)?;
         }
         Command::Resume { run, runs, allow_changed_inputs } => {
             let run = runs::resolve(&runs.runs_dir, &run.to_string_lossy())?;
@@ -451,10 +453,10 @@ fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Data { spec, sets, n } => {
             let loaded = spec::load(&spec, &sets)?;
-            let data = pipe::data::PreparedData::prepare(&loaded.spec, None)?;
+            let data = crate::data::PreparedData::prepare(&loaded.spec, None)?;
             for (i, sequence) in data.train.iter().take(n).enumerate() {
                 println!("--- example {} ({} tokens, {} trained)", i + 1, sequence.ids.len(), sequence.loss_tokens());
-                println!("{}", pipe::data::render::show(&sequence, &data.tok)?);
+                println!("{}", crate::data::render::show(&sequence, &data.tok)?);
             }
             let r = &data.report;
             println!(
@@ -474,7 +476,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     for (which, sequence) in [("chosen", &pair.chosen), ("rejected", &pair.rejected)] {
                         let (tokens, completion) = (sequence.ids.len(), sequence.loss_tokens());
                         println!("--- pair {} {which} ({tokens} tokens, {completion} in the completion)", i + 1);
-                        println!("{}", pipe::data::render::show(sequence, &data.tok)?);
+                        println!("{}", crate::data::render::show(sequence, &data.tok)?);
                     }
                 }
                 println!(
@@ -562,7 +564,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 return Err(bad_input("bench sizes must be at least 1, and --embd divisible by --heads"));
             }
             if let Some(kv_heads) = shape.kv_heads {
-                if shape.family != pipe::bench::BenchFamily::Llama {
+                if shape.family != crate::bench::BenchFamily::Llama {
                     return Err(bad_input("--kv-heads: only for --family llama"));
                 }
                 if kv_heads == 0 || shape.heads % kv_heads != 0 {
@@ -572,7 +574,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if shape.inner == Some(0) {
                 return Err(bad_input("--inner: must be at least 1"));
             }
-            if shape.family == pipe::bench::BenchFamily::Llama && (shape.embd / shape.heads) % 2 != 0 {
+            if shape.family == crate::bench::BenchFamily::Llama && (shape.embd / shape.heads) % 2 != 0 {
                 return Err(bad_input("--family llama: --embd / --heads must be even (rotary embeddings)"));
             }
             if let Some(rank) = shape.lora_rank.filter(|&r| r == 0 || r > shape.embd) {
@@ -581,7 +583,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if shape.gpu_attention != GpuAttention::Kernels && on.backend == BackendKind::Cpu {
                 return Err(bad_input("--gpu-attention: only for the GPU backends (--backend cuda or wgpu)"));
             }
-            let result = backend::dispatch(on.backend, &[on.device], pipe::bench::Bench(shape, on.backend, on.device))?;
+            let result =
+                backend::dispatch(on.backend, &[on.device], crate::bench::Bench(shape, on.backend, on.device))?;
             println!("{result}");
         }
         Command::Export { run, runs, format: ExportFormat::Gguf, out, checkpoint, merge, dtype, quant } => {
@@ -590,27 +593,27 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     "--merge and --dtype are for --format hf: a GGUF file always has its adapters merged, and --quant says how its weights are stored",
                 ));
             }
-            let quant = quant.unwrap_or(pipe::export::gguf::Quant::F16);
+            let quant = quant.unwrap_or(crate::export::gguf::Quant::F16);
             let source = runs::model_source(&runs.runs_dir, &run, checkpoint.as_deref())?;
-            let tok = pipe::data::Tok::load(&source.dir.join(hf::TOKENIZER_FILE))?;
+            let tok = crate::data::Tok::load(&source.dir.join(hf::TOKENIZER_FILE))?;
             // A chat run's Jinja template (`hf` reads the one saved beside the run's tokenizer).
             let jinja = match &source.spec {
-                Some(spec) if spec.data.kind == pipe::spec::DataKind::Chat => {
-                    let limits = pipe::data::RenderLimits::default();
+                Some(spec) if spec.data.kind == crate::spec::DataKind::Chat => {
+                    let limits = crate::data::RenderLimits::default();
                     let resolved =
-                        pipe::data::JinjaTemplate::resolve(&spec.data.chat_template, Some(&source.dir), &tok, limits);
+                        crate::data::JinjaTemplate::resolve(&spec.data.chat_template, Some(&source.dir), &tok, limits);
                     resolved.ok().flatten().map(|t| t.source)
                 }
                 _ => None,
             };
-            let template = pipe::export::gguf::chat_template(jinja, source.layout.as_ref(), &tok);
+            let template = crate::export::gguf::chat_template(jinja, source.layout.as_ref(), &tok);
             // The run's name, or the model folder's.
             let name = match &source.spec {
                 Some(spec) => spec.run.name.clone(),
                 None => source.origin.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string()),
             };
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", quant.name())));
-            pipe::export::gguf::export(&source.dir, &tok, &out, quant, template.as_deref(), &name)?;
+            crate::export::gguf::export(&source.dir, &tok, &out, quant, template.as_deref(), &name)?;
             let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
             println!(
                 "exported {} to {} as GGUF {} ({:.1} MB)",
@@ -634,7 +637,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 Some(dtype) => dtype,
                 None => export_dtype(&source, merge)?,
             };
-            pipe::export::export(&source.dir, &out, merge, dtype)?;
+            crate::export::export(&source.dir, &out, merge, dtype)?;
             let how = if merge { " with its adapters merged" } else { "" };
             println!("exported {}{how} to {} as {}", source.origin.display(), out.display(), dtype.torch_name());
         }
@@ -645,9 +648,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
 /// The dtype `pipe export` stores weights in when not told: that of the checkpoint the model
 /// came from — the run's base model, or a model folder itself — and f32 for a model pipe made
 /// and for LoRA adapters (trained in f32) unless merged.
-fn export_dtype(source: &runs::ModelSource, merge: bool) -> anyhow::Result<pipe::export::Dtype> {
-    use pipe::export::Dtype;
-    let adapters_only = !merge && source.dir.join(pipe::model::lora::ADAPTER_DIR).is_dir();
+fn export_dtype(source: &runs::ModelSource, merge: bool) -> anyhow::Result<crate::export::Dtype> {
+    use crate::export::Dtype;
+    let adapters_only = !merge && source.dir.join(crate::model::lora::ADAPTER_DIR).is_dir();
     if adapters_only {
         return Ok(Dtype::F32);
     }

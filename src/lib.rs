@@ -11,6 +11,10 @@ pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod checkpoint;
+// The library's unit-test build leaves the command line out: nothing in it is unit-tested (the
+// integration tests run the binaries), and it instantiates the whole stack for every backend.
+#[cfg(not(test))]
+pub mod cli;
 pub mod data;
 pub mod distributed;
 pub mod dpo;

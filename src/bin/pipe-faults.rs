@@ -15,9 +15,6 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
 
-#[path = "../main.rs"]
-mod cli;
-
 #[derive(Default)]
 struct FaultsFromEnv {
     /// How many times each quantity has been measured.
@@ -76,5 +73,5 @@ impl pipe::hooks::Hooks for FaultsFromEnv {
 
 fn main() -> ExitCode {
     pipe::hooks::install(Box::<FaultsFromEnv>::default()).expect("the only installation");
-    cli::main()
+    pipe::cli::main()
 }

@@ -17,6 +17,7 @@ const FLOORS: &[&[&str]] = &[
     &["runs", "train"],
     &["bench", "stages"],
     &["pipeline"],
+    &["cli"],
 ];
 
 fn floor_of(module: &str) -> Option<usize> {
