@@ -10,8 +10,8 @@
 //! mantissa, a relative error of up to 2⁻¹¹ per operand), so those allow `MATMUL_SLACK` times
 //! more (2e-3 on NLL and losses, relative to the largest value). pipe's own kernels compute in
 //! f32 and hold the wgpu suite's tolerances.
-//! One test here runs without a GPU too, and CI runs it: `--backend cuda` where the driver or
-//! the device is missing.
+//! `--backend cuda` where the driver or the device is missing needs no GPU: that test is in
+//! `tests/gpu_refusals.rs`, which CI runs.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -26,29 +26,3 @@ const BACKEND: &str = "cuda";
 const MATMUL_SLACK: f32 = 20.0;
 
 include!("gpu/suite.rs");
-
-/// `--backend cuda` asked of a driver or device that is not there: exit 2 and what to fix,
-/// before any run folder exists, never burn's panic. Without the NVIDIA driver (CI) the
-/// message names its library; with it (a GPU machine), the device index past the count.
-#[test]
-fn cuda_without_its_driver_or_device_is_refused_clearly() {
-    let dir = common::folder_with(&common::tiny_spec("cuda"), 8);
-    let tiny = ["--layers", "1", "--heads", "1", "--embd", "8", "--vocab", "16", "--seq", "8", "--batch", "1"];
-    let bench = [&["bench", "--backend", "cuda", "--device", "999"][..], &tiny].concat();
-    let run = vec!["run", "spec.toml"];
-    let asked = [
-        (bench, vec![]),
-        (run.clone(), vec![("PIPE_RUN__DEVICE", "999")]),
-        (run, vec![("PIPE_RUN__DEVICES", "[0, 999]")]),
-    ];
-    for (args, env) in asked {
-        let output = common::pipe(dir.path(), &args, &env);
-        let err = common::stderr(&output);
-        assert_eq!(output.status.code(), Some(2), "{args:?} {env:?}: {err}");
-        assert!(!err.contains("panicked"), "{args:?} {env:?}: {err}");
-        let no_driver = err.contains("libcuda.so.1") && err.contains("LD_LIBRARY_PATH");
-        let no_device = err.contains("device 999 was asked for") && err.contains("this machine has");
-        assert!(no_driver || no_device, "{args:?} {env:?}: {err}");
-    }
-    assert!(!dir.path().join("runs").exists(), "a refused run left a folder");
-}
