@@ -4,6 +4,7 @@
 //! place, so a crash mid-write never leaves one that looks complete.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -97,7 +98,7 @@ pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
     }
     let done = staged.commit()?;
     for old in list(run).into_iter().rev().skip(keep.max(1)) {
-        std::fs::remove_dir_all(&old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        crate::files::remove_dir(&old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
     }
     tracing::debug!(path = %done.display(), "checkpoint");
     Ok(done)
@@ -224,7 +225,16 @@ impl Snapshot {
         let made = std::fs::create_dir_all(&root)
             .and_then(|()| tempfile::Builder::new().prefix(".reading-").tempdir_in(&root));
         let Ok(snapshot) = made else { return Ok(None) };
+        // pipe removes a folder by renaming it away before deleting its files
+        // (`files::remove_dir`), so the same folder still under its name after linking means
+        // nothing was deleted from it meanwhile: the links are all of it.
+        let folder = std::fs::metadata(dir)?;
         link_all(dir, snapshot.path())?;
+        let still = std::fs::metadata(dir)?;
+        if (still.dev(), still.ino()) != (folder.dev(), folder.ino()) {
+            let gone = format!("{} was replaced while it was read", dir.display());
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, gone));
+        }
         Ok(Some(Self(snapshot)))
     }
 

@@ -92,6 +92,20 @@ pub fn hash_files(paths: &[PathBuf]) -> Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Remove the folder `dir`: renamed to a hidden name beside it first, then deleted, so that a
+/// reader never finds a half-deleted folder under its name (`checkpoint::Snapshot` relies on
+/// it). A leftover of a process killed between the two is removed by the next removal of a
+/// folder of the same name.
+pub fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    let name = dir.file_name().map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    let removing = dir.with_file_name(format!(".{name}.removing"));
+    if removing.exists() {
+        fs::remove_dir_all(&removing)?;
+    }
+    fs::rename(dir, &removing)?;
+    fs::remove_dir_all(&removing)
+}
+
 /// A folder written under a hidden name beside where it belongs and renamed into place once
 /// complete: dropped before [`Staged::commit`] (a failed write, a full disk), it is removed,
 /// so no half-written folder is left behind or looks complete.
@@ -119,7 +133,7 @@ impl Staged {
     /// Move the written folder into place, replacing what was there.
     pub fn commit(mut self) -> Result<PathBuf> {
         if self.target.exists() {
-            fs::remove_dir_all(&self.target).with_context(|| format!("cannot replace {}", self.target.display()))?;
+            remove_dir(&self.target).with_context(|| format!("cannot replace {}", self.target.display()))?;
         }
         fs::rename(&self.staging, &self.target)
             .with_context(|| format!("cannot move {} into place", self.target.display()))?;

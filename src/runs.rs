@@ -338,10 +338,20 @@ pub fn model_source(runs_dir: &Path, reference: &Path, checkpoint: Option<&str>)
             }
             Ok(dir)
         };
-        // Training may prune or replace the folder while it is linked: then it is named anew.
+        // Training may prune or replace the folder while it is named or linked (a listing made
+        // while checkpoints are renamed may miss them all; `best/` is absent for a moment while
+        // replaced): then it is named anew, a few times, before what is missing is reported.
         let mut tries = 0;
         let (origin, snapshot) = loop {
-            let dir = named()?;
+            let dir = match named() {
+                Ok(dir) => dir,
+                Err(_) if tries < 3 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match Snapshot::of(path, &dir) {
                 Ok(snapshot) => break (dir, snapshot),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => tries += 1,
