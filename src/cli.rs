@@ -314,7 +314,7 @@ pub fn main() -> ExitCode {
         .with_target(false)
         .init();
     let cli = Cli::parse();
-    match execute(cli.command) {
+    match on_kernel_thread(|| execute(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -326,6 +326,22 @@ pub fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+/// Run `work` on a thread of its own pool of CPU-kernel threads (as many as rayon's global
+/// pool would have), blocking until it returns. A CPU kernel split across the pool then keeps
+/// one part on the thread that asked for it, where from a thread outside the pool it would hand
+/// every part over and sleep until woken: at a small model's sizes, those hand-offs cost a large
+/// share of a training step (docs/speed.md). Threads the command starts itself (data-parallel
+/// peers) use rayon's global pool, as before.
+fn on_kernel_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    // The main thread's usual stack, which the command's work ran on before.
+    const STACK_BYTES: usize = 8 << 20;
+    match rayon::ThreadPoolBuilder::new().thread_name(|i| format!("pipe-cpu-{i}")).stack_size(STACK_BYTES).build() {
+        Ok(pool) => pool.install(work),
+        // No threads to be had: the work runs on this thread, as it would without the pool.
+        Err(_) => work(),
     }
 }
 
