@@ -9,6 +9,7 @@
 #      lr 2e-4, AdamW betas 0.9/0.95, weight decay 0.01, 20 warmup steps then cosine to 0.1×,
 #      clipping at 1.0, beta 0.1, sigmoid loss, max_length 128 keep_end).
 # usage: scripts/dpo-vs-trl.sh [PYTHON]   (PYTHON with torch, transformers, trl; default python3)
+#        PRECISIONS=f32 scripts/dpo-vs-trl.sh ...   runs TRL in float32 only
 # Needs `cargo build --release` first. Writes only under a temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,9 +72,20 @@ end=$(date +%s.%N)
 run=$(ls -d "$tmp"/runs/dpo-speed/*)
 pipe_val=$(grep '"stage":"dpo"' "$run/metrics.jsonl" | grep -v '"lr"' | tail -1)
 pipe_train=$(grep '"stage":"dpo"' "$run/metrics.jsonl" | grep '"lr"' | tail -1 | sed 's/.*"elapsed_s":\([0-9.]*\).*/\1/')
-echo "pipe: $(echo "$end - $start" | bc) s for the whole command (load, tokenize, reference, train, save); ${pipe_train} s training to the last step; last held-out record: $pipe_val"
+# The reference's scoring, which TRL does inside each step, from the log's timestamps.
+reference=$("$python" - "$tmp/pipe.log" <<'EOF'
+import datetime, re, sys
+at = {}
+for line in open(sys.argv[1]):
+    found = re.match(r"(\S+)Z\s+INFO (scoring the pairs|training examples)", line)
+    if found:
+        at[found.group(2)] = datetime.datetime.fromisoformat(found.group(1))
+print(f"{(at['training examples'] - at['scoring the pairs']).total_seconds():.2f}")
+EOF
+)
+echo "pipe: $(echo "$end - $start" | bc) s for the whole command (load, tokenize, reference, train, save); ${pipe_train} s training to the last step, after ${reference} s scoring the pairs with the reference; last held-out record: $pipe_val"
 
-for precision in f32 bf16; do
+for precision in ${PRECISIONS:-f32 bf16}; do
 "$python" - "$tmp" "$precision" <<'EOF'
 import sys, time, tempfile, json
 tmp, precision = sys.argv[1], sys.argv[2]
