@@ -100,6 +100,9 @@ pub fn save<B: TrainBackend, M: TrainableLm<B>, R: burn::record::Record<B>>(
     for old in list(run).into_iter().rev().skip(keep.max(1)) {
         crate::files::remove_dir(&old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
     }
+    // A process killed while pruning left its checkpoint under a hidden name no later prune uses.
+    crate::files::remove_leftover_removals(&root)
+        .with_context(|| format!("cannot remove the leftovers of an earlier pruning in {}", root.display()))?;
     tracing::debug!(path = %done.display(), "checkpoint");
     Ok(done)
 }

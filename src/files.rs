@@ -95,15 +95,37 @@ pub fn hash_files(paths: &[PathBuf]) -> Result<String> {
 /// Remove the folder `dir`: renamed to a hidden name beside it first, then deleted, so that a
 /// reader never finds a half-deleted folder under its name (`checkpoint::Snapshot` relies on
 /// it). A leftover of a process killed between the two is removed by the next removal of a
-/// folder of the same name.
+/// folder of the same name, or by [`remove_leftover_removals`].
 pub fn remove_dir(dir: &Path) -> std::io::Result<()> {
-    let name = dir.file_name().map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
-    let removing = dir.with_file_name(format!(".{name}.removing"));
+    let removing = removing_name(dir);
     if removing.exists() {
         fs::remove_dir_all(&removing)?;
     }
     fs::rename(dir, &removing)?;
     fs::remove_dir_all(&removing)
+}
+
+/// Where [`remove_dir`] moves `dir` before deleting it: `.NAME.removing` beside it.
+fn removing_name(dir: &Path) -> PathBuf {
+    let name = dir.file_name().map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    dir.with_file_name(format!(".{name}.removing"))
+}
+
+/// Remove every folder in `parent` that a process killed inside [`remove_dir`] left under its
+/// hidden name: no reader looks there (readers go by the visible names), and a folder whose
+/// name never comes back (a pruned checkpoint's step) would otherwise keep its disk forever.
+/// Only for a folder whose removals one process makes at a time (a run's, under its lock).
+pub fn remove_leftover_removals(parent: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(parent)? {
+        let path = entry?.path();
+        let leftover = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.strip_prefix('.').and_then(|n| n.strip_suffix(".removing")).is_some_and(|n| !n.is_empty())
+        });
+        if leftover && path.is_dir() {
+            fs::remove_dir_all(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// A folder written under a hidden name beside where it belongs and renamed into place once
