@@ -105,10 +105,13 @@ pub fn remove_dir(dir: &Path) -> std::io::Result<()> {
     fs::remove_dir_all(&removing)
 }
 
-/// Where [`remove_dir`] moves `dir` before deleting it: `.NAME.removing` beside it.
+/// How [`remove_dir`] names a folder it is deleting: `.NAME` followed by this, beside it.
+const REMOVING_SUFFIX: &str = ".removing";
+
+/// Where [`remove_dir`] moves `dir` before deleting it.
 fn removing_name(dir: &Path) -> PathBuf {
     let name = dir.file_name().map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
-    dir.with_file_name(format!(".{name}.removing"))
+    dir.with_file_name(format!(".{name}{REMOVING_SUFFIX}"))
 }
 
 /// Remove every folder in `parent` that a process killed inside [`remove_dir`] left under its
@@ -119,7 +122,7 @@ pub fn remove_leftover_removals(parent: &Path) -> std::io::Result<()> {
     for entry in fs::read_dir(parent)? {
         let path = entry?.path();
         let leftover = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-            n.strip_prefix('.').and_then(|n| n.strip_suffix(".removing")).is_some_and(|n| !n.is_empty())
+            n.strip_prefix('.').and_then(|n| n.strip_suffix(REMOVING_SUFFIX)).is_some_and(|n| !n.is_empty())
         });
         if leftover && path.is_dir() {
             fs::remove_dir_all(&path)?;
