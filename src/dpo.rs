@@ -132,10 +132,10 @@ pub fn pair_row_len(pair: &PreferencePair) -> usize {
 /// the chosen ones, then the rejected ones. → [2·pairs]
 ///
 /// Each pair is one `PairUnit` (its prompt computed once for both completions), the units
-/// packed end to end into as few rows as the longest fills (each computed as if alone), so a
-/// step spends nothing on padding but the rows' tails; the LM head runs only at the positions
-/// predicting a trained token, and a matrix of which sequences own each of those sums their
-/// log-probabilities per sequence.
+/// packed end to end into rows (each computed as if alone) of `row_length`, so a step spends
+/// nothing on padding but the rows' tails; the LM head (and the last layer past attention)
+/// runs only at the positions predicting a trained token, and a matrix of which sequences own
+/// each of those sums their log-probabilities per sequence.
 pub fn pair_logps<B: FusedOps, M: CausalLm<B>>(
     model: &M,
     pairs: &[&PreferencePair],
@@ -144,7 +144,7 @@ pub fn pair_logps<B: FusedOps, M: CausalLm<B>>(
 ) -> (Tensor<B, 1>, BatchCounts) {
     let units: Vec<PairUnit> = pairs.iter().map(|p| PairUnit::new(p)).collect();
     let lengths: Vec<usize> = units.iter().map(PairUnit::len).collect();
-    let seq = lengths.iter().copied().max().unwrap_or(1).max(1);
+    let seq = row_length(&lengths, model.position_cost_in_keys());
     let bins = best_fit(&lengths, seq);
     let (rows, n) = (bins.len(), pairs.len());
     let mut inputs = vec![pad_id as i32; rows * seq];
@@ -203,6 +203,29 @@ pub fn pair_logps<B: FusedOps, M: CausalLm<B>>(
     let nll = model.nll_at(int(inputs, [rows, seq]), int(targets, [rows, seq]), Some(packing), Some(at)); // [scored]
     let logps = owner.matmul(nll.unsqueeze_dim(1)).neg(); // [2n, 1]
     (logps.squeeze_dim::<1>(1), counts)
+}
+
+/// The length of the rows units of these `lengths` are packed into: of the lengths from the
+/// longest unit's on, the one whose rows cost least, a position costing `position_cost` (in
+/// attended keys, `CausalLm::position_cost_in_keys`) plus the keys it attends (about the row's
+/// length, the attention kernels computing causal blocks). Longer rows waste less on padding
+/// but attend more; none holds more of attention's work and memory than a row per unit would.
+fn row_length(lengths: &[usize], position_cost: usize) -> usize {
+    let longest = lengths.iter().copied().max().unwrap_or(1).max(1);
+    let (units, total) = (lengths.len(), lengths.iter().sum::<usize>().max(1));
+    // rows·length² ≤ units·longest², and rows ≥ total / length.
+    let longest_allowed = (units * longest * longest / total).max(longest);
+    // A few dozen candidates suffice: the cost changes slowly with the length.
+    let step = ((longest_allowed - longest) / 64).max(1);
+    let mut best = (usize::MAX, longest);
+    for length in (longest..=longest_allowed).step_by(step) {
+        let rows = best_fit(lengths, length).len();
+        let cost = rows * length * (position_cost + length);
+        if rows * length * length <= units * longest * longest && cost < best.0 {
+            best = (cost, length);
+        }
+    }
+    best.1
 }
 
 /// The reference log-probabilities of `pairs` under `model`, `batch_size` pairs at a time;
@@ -292,5 +315,47 @@ impl<B: FusedOps, M: CausalLm<B>> Objective<B, M> for Dpo {
 
     fn figure_names(&self) -> &'static [&'static str] {
         &FIGURES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cost(lengths: &[usize], length: usize, position_cost: usize) -> usize {
+        best_fit(lengths, length).len() * length * (position_cost + length)
+    }
+
+    #[test]
+    fn rows_grow_past_the_longest_unit_where_that_removes_padding() {
+        // At 20 a row each (100 positions for 68 tokens); at 24 the four 12s pair up (72).
+        for position_cost in [0, 1536] {
+            assert_eq!(row_length(&[12, 20, 12, 12, 12], position_cost), 24, "position cost {position_cost}");
+        }
+        // Nothing to gain: as long as the longest unit.
+        assert_eq!(row_length(&[20, 20, 20], 1536), 20);
+        assert_eq!(row_length(&[7], 1536), 7);
+    }
+
+    #[test]
+    fn rows_cost_no_more_than_a_row_per_unit_and_hold_no_more_attention() {
+        let mut state = 12345u64;
+        let mut next = |below: usize| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as usize % below
+        };
+        for _ in 0..500 {
+            let units = 1 + next(40);
+            let lengths: Vec<usize> = (0..units).map(|_| 1 + next(300)).collect();
+            let position_cost = next(8000);
+            let (length, longest) = (row_length(&lengths, position_cost), *lengths.iter().max().unwrap());
+            let rows = best_fit(&lengths, length).len();
+            assert!(length >= longest, "{lengths:?}: rows of {length} hold no unit of {longest}");
+            assert!(rows * length * length <= units * longest * longest, "{lengths:?}: rows of {length} attend more");
+            assert!(
+                cost(&lengths, length, position_cost) <= cost(&lengths, longest, position_cost),
+                "{lengths:?}: rows of {length} cost more than rows of {longest}"
+            );
+        }
     }
 }

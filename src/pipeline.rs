@@ -432,8 +432,8 @@ fn check_fits_in_memory(config: &ModelConfig, arch: &str, spec: &Spec, data: &Pr
     let lower = "lower train.batch_size (train.grad_accum keeps the step's size) or train.max_length";
     check_micro_batches(config, spec, longest, spec.train.batch_size.min(train.len()), &what, lower, loaded)?;
     if let Some(preference) = &data.preference {
-        // A dpo micro-batch: its pairs' rows (`dpo::pair_row_len`), packed into rows as long as
-        // the longest.
+        // A dpo micro-batch: its pairs' rows (`dpo::pair_row_len`), packed into rows that hold no
+        // more positions or attention than a row each as long as the longest (`dpo::row_length`).
         let longest = preference.train.iter().map(crate::dpo::pair_row_len).max().unwrap_or(0);
         let batch = spec.for_dpo().train.batch_size;
         let what = format!("{arch}, the dpo stage's batch of {batch} pairs (dpo.batch_size or train.batch_size)");

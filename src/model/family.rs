@@ -103,6 +103,14 @@ impl ModelConfig {
         }
     }
 
+    /// `CausalLm::position_cost_in_keys`.
+    pub fn position_cost_in_keys(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.position_cost_in_keys(),
+            ModelConfig::Llama(c) => c.position_cost_in_keys(),
+        }
+    }
+
     /// Parameter count (a tied LM head counted once).
     pub fn num_params(&self) -> usize {
         match self {
@@ -245,6 +253,10 @@ impl<B: FusedOps> CausalLm<B> for Model<B> {
             Model::Llama(m) if m.adapters.is_some() => lora::trainable_params(m),
             Model::Llama(m) => m.config.num_params(),
         }
+    }
+
+    fn position_cost_in_keys(&self) -> usize {
+        self.config().position_cost_in_keys()
     }
 
     fn nll_at(

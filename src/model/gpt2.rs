@@ -16,7 +16,7 @@ use burn::tensor::{Int, Tensor};
 use super::fused::{causal_attention, gelu_new, layer_norm, linear, FusedOps, KeySpans};
 use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{self, Adaptable, Adapters, Lora, Slot, Target};
-use super::{hf, nll_of_hidden, Bf16Decoder, CausalLm, Packing};
+use super::{hf, nll_of_rows, Bf16Decoder, CausalLm, Packing};
 
 /// The architecture, with the same meaning as the fields of HF's `GPT2Config`.
 #[derive(Config, Debug, PartialEq)]
@@ -51,6 +51,13 @@ impl Gpt2Config {
 
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
+    }
+
+    /// `CausalLm::position_cost_in_keys`: a block's multiply-adds a position (4·d² in attention's
+    /// projections, 8·d² in the MLP) over what each key it attends to costs (d: a score and a
+    /// weighted value per dimension).
+    pub fn position_cost_in_keys(&self) -> usize {
+        12 * self.n_embd
     }
 
     /// Parameter count (the tied LM head counted once).
@@ -157,8 +164,12 @@ impl<B: FusedOps> LayerNorm<B> {
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let rows = x.reshape([batch * seq, d_model]); // [batch·seq, d_model]
-        layer_norm(rows, self.weight.val(), self.bias.val(), self.epsilon).reshape([batch, seq, d_model])
+        self.rows(x.reshape([batch * seq, d_model])).reshape([batch, seq, d_model])
+    }
+
+    /// x: [rows, d_model] → [rows, d_model]
+    pub fn rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        layer_norm(x, self.weight.val(), self.bias.val(), self.epsilon)
     }
 }
 
@@ -228,6 +239,10 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         }
     }
 
+    fn position_cost_in_keys(&self) -> usize {
+        self.config.position_cost_in_keys()
+    }
+
     fn nll_at(
         &self,
         inputs: Tensor<B, 2, Int>,
@@ -236,7 +251,7 @@ impl<B: FusedOps> CausalLm<B> for Gpt2<B> {
         at: Option<Tensor<B, 1, Int>>,
     ) -> Tensor<B, 1> {
         let head = self.wte.weight.val().transpose(); // [d_model, vocab]
-        nll_of_hidden(self.hidden(inputs, None, packing), head, targets, at, self.precision)
+        nll_of_rows(self.hidden_at(inputs, packing, at.clone()), head, targets, at, self.precision)
     }
 
     fn new_cache(&self) -> KvCache<B> {
@@ -352,8 +367,7 @@ impl<B: FusedOps> Gpt2<B> {
         let [batch, seq] = tokens.dims();
         let start = KvCache::begin_step(&mut cache, seq, self.config.n_positions);
         let (positions, spans) = Packing::layout(packing, start, [batch, seq], &tokens.device()); // [batch, seq], spans
-        let x = self.wte.forward(tokens) + self.wpe.forward(positions); // [batch, seq, d_model]
-        let mut x = self.dropout.forward(x);
+        let mut x = self.embed(tokens, positions); // [batch, seq, d_model]
         for (layer, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layer(layer));
             x = block.forward(x, layer_cache, spans.clone(), self.precision);
@@ -362,6 +376,30 @@ impl<B: FusedOps> Gpt2<B> {
             cache.advance(seq);
         }
         self.ln_f.forward(x)
+    }
+
+    /// Token and position embeddings, with dropout. tokens, positions: [batch, seq] → [batch, seq, d_model]
+    fn embed(&self, tokens: Tensor<B, 2, Int>, positions: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.dropout.forward(self.wte.forward(tokens) + self.wpe.forward(positions))
+    }
+
+    /// Final hidden states at the row-major positions `at` (every position when `None`). The
+    /// last block finishes only those rows: nothing reads the others' outputs, only their keys
+    /// and values. tokens: [batch, seq], at: [n] → [n, d_model] (or [batch·seq, d_model])
+    fn hidden_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        packing: Option<Packing<B>>,
+        at: Option<Tensor<B, 1, Int>>,
+    ) -> Tensor<B, 2> {
+        let [batch, seq] = tokens.dims();
+        let (positions, spans) = Packing::layout(packing, 0, [batch, seq], &tokens.device()); // [batch, seq], spans
+        let mut x = self.embed(tokens, positions); // [batch, seq, d_model]
+        let (last, blocks) = self.h.split_last().expect("a model has blocks");
+        for block in blocks {
+            x = block.forward(x, None, spans.clone(), self.precision);
+        }
+        self.ln_f.rows(last.forward_at(x, spans, at, self.precision))
     }
 
     /// Next-token logits from hidden states, through the tied LM head.
@@ -387,9 +425,38 @@ impl<B: FusedOps> Block<B> {
         spans: Option<KeySpans<B>>,
         precision: Precision,
     ) -> Tensor<B, 3> {
-        let attn = self.attn.forward(self.ln_1.forward(x.clone()), cache, spans, precision);
-        let x = x + self.dropout.forward(attn);
-        let mlp = self.mlp.forward(self.ln_2.forward(x.clone()), precision);
+        let [batch, seq, d_model] = x.dims();
+        let heads = self.attn.heads(self.ln_1.forward(x.clone()), cache, spans, precision); // [batch, seq, d_model]
+        let rows = |t: Tensor<B, 3>| t.reshape([batch * seq, d_model]);
+        self.after_attention(rows(x), rows(heads), precision).reshape([batch, seq, d_model])
+    }
+
+    /// `forward`'s output at the row-major positions `at` alone (every position when `None`).
+    /// x: [batch, seq, d_model], at: [n] → [n, d_model] (or [batch·seq, d_model])
+    fn forward_at(
+        &self,
+        x: Tensor<B, 3>,
+        spans: Option<KeySpans<B>>,
+        at: Option<Tensor<B, 1, Int>>,
+        precision: Precision,
+    ) -> Tensor<B, 2> {
+        let [batch, seq, d_model] = x.dims();
+        let heads = self.attn.heads(self.ln_1.forward(x.clone()), None, spans, precision); // [batch, seq, d_model]
+        let rows = |t: Tensor<B, 3>| {
+            let t = t.reshape([batch * seq, d_model]);
+            match &at {
+                Some(at) => t.select(0, at.clone()),
+                None => t,
+            }
+        };
+        self.after_attention(rows(x), rows(heads), precision)
+    }
+
+    /// The rest of the block for rows of the residual stream `x`, given attention's heads at
+    /// the same rows: the output projection, then the MLP. x, heads: [rows, d_model] → [rows, d_model]
+    fn after_attention(&self, x: Tensor<B, 2>, heads: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+        let x = x + self.dropout.forward(self.attn.c_proj.forward(heads, precision));
+        let mlp = self.mlp.forward(self.ln_2.rows(x.clone()), precision);
         x + self.dropout.forward(mlp)
     }
 }
@@ -397,8 +464,9 @@ impl<B: FusedOps> Block<B> {
 impl<B: FusedOps> Attention<B> {
     /// Causal multi-head self-attention, with `attn_pdrop` on its probabilities while training;
     /// `spans` (packed rows) confines each position to its own example's keys.
+    /// The heads' outputs side by side, before the output projection (`c_proj`).
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(
+    fn heads(
         &self,
         x: Tensor<B, 3>,
         cache: Option<LayerCache<'_, B>>,
@@ -407,15 +475,14 @@ impl<B: FusedOps> Attention<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
         let qkv = self.c_attn.forward(x.reshape([batch * seq, d_model]), precision); // [batch·seq, 3·d_model]
-        let y = match cache {
+        match cache {
             // Training and scoring: one fused op reads the heads out of qkv directly.
             // (Generation, below, runs without autodiff, so without dropout.)
             None => {
                 causal_attention(qkv.reshape([batch, seq, 3 * d_model]), self.n_head, self.attn_pdrop, spans, precision)
-            } // [batch, seq, d_model]
+            }
             Some(cache) => self.cached_attention(qkv, batch, seq, cache),
-        };
-        self.c_proj.forward(y.reshape([batch * seq, d_model]), precision).reshape([batch, seq, d_model])
+        }
     }
 
     /// Generation: the new positions against the cache (see `LayerCache::attend`).
@@ -432,11 +499,9 @@ impl<B: FusedOps> Attention<B> {
 }
 
 impl<B: FusedOps> Mlp<B> {
-    /// x: [batch, seq, d_model] → [batch, seq, d_model]
-    fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
-        let [batch, seq, d_model] = x.dims();
-        let h = self.c_fc.forward(x.reshape([batch * seq, d_model]), precision); // [batch·seq, 4·d_model]
-        let h = gelu_new(h);
-        self.c_proj.forward(h, precision).reshape([batch, seq, d_model])
+    /// x: [rows, d_model] → [rows, d_model]
+    fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+        let h = self.c_fc.forward(x, precision); // [rows, 4·d_model]
+        self.c_proj.forward(gelu_new(h), precision)
     }
 }

@@ -19,7 +19,7 @@ use super::fused::{causal_attention, linear, rms_norm, rotary_qkv, swiglu, Fused
 use super::gpt2::Precision;
 use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{Adaptable, Adapters, Lora, Slot, Target};
-use super::{nll_of_hidden, Packing};
+use super::{nll_of_rows, Packing};
 
 /// Which of the family's HF architectures a model is, kept so it is written back as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +152,15 @@ impl LlamaConfig {
 
     pub fn num_params(&self) -> usize {
         self.checked_num_params().unwrap_or(usize::MAX)
+    }
+
+    /// `CausalLm::position_cost_in_keys`: a layer's multiply-adds a position (the query, key,
+    /// value and output projections, then gate, up and down) over what each key it attends to
+    /// costs (a score and a weighted value per query head dimension).
+    pub fn position_cost_in_keys(&self) -> usize {
+        let (d, q, kv) =
+            (self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        (d * (2 * q + 2 * kv) + 3 * d * self.intermediate_size) / q.max(1)
     }
 
     /// The rotary frequencies, one per pair of a head's dimensions, as transformers computes
@@ -431,6 +440,26 @@ impl<B: FusedOps> Llama<B> {
         self.model.norm.forward(x.reshape([batch * seq, hidden])).reshape([batch, seq, hidden])
     }
 
+    /// Final hidden states at the row-major positions `at` (every position when `None`). The
+    /// last layer finishes only those rows: nothing reads the others' outputs, only their keys
+    /// and values. tokens: [batch, seq], at: [n] → [n, hidden] (or [batch·seq, hidden])
+    fn hidden_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        packing: Option<Packing<B>>,
+        at: Option<Tensor<B, 1, Int>>,
+    ) -> Tensor<B, 2> {
+        let [batch, seq] = tokens.dims();
+        let (positions, spans) = Packing::layout(packing, 0, [batch, seq], &tokens.device()); // [batch, seq], spans
+        let rotary = Rotary::at(positions, &self.config.inverse_frequencies());
+        let mut x = self.model.embed_tokens.forward(tokens); // [batch, seq, hidden]
+        let (last, layers) = self.model.layers.split_last().expect("a model has layers");
+        for layer in layers {
+            x = layer.forward(x, &rotary, None, spans.clone(), self.precision);
+        }
+        self.model.norm.forward(last.forward_at(x, &rotary, spans, at, self.precision))
+    }
+
     /// Next-token logits from hidden states. hidden: [tokens, hidden] → [tokens, vocab]
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
@@ -452,7 +481,7 @@ impl<B: FusedOps> Llama<B> {
             Some(head) => head.weight.val(),
             None => self.model.embed_tokens.weight.val().transpose(),
         }; // [hidden, vocab]
-        nll_of_hidden(self.hidden(inputs, None, packing), head, targets, at, self.precision)
+        nll_of_rows(self.hidden_at(inputs, packing, at.clone()), head, targets, at, self.precision)
     }
 
     /// The next-token logits after `tokens`, which follow the cached positions.
@@ -476,18 +505,47 @@ impl<B: FusedOps> DecoderLayer<B> {
         precision: Precision,
     ) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
-        let rows = x.clone().reshape([batch * seq, hidden]);
-        let attn = self.self_attn.forward(self.input_layernorm.forward(rows), batch, rotary, cache, spans, precision);
-        let x = x.reshape([batch * seq, hidden]) + attn; // [batch·seq, hidden]
+        let x = x.reshape([batch * seq, hidden]);
+        let heads =
+            self.self_attn.heads(self.input_layernorm.forward(x.clone()), batch, rotary, cache, spans, precision);
+        self.after_attention(x, heads, precision).reshape([batch, seq, hidden])
+    }
+
+    /// `forward`'s output at the row-major positions `at` alone (every position when `None`).
+    /// x: [batch, seq, hidden], at: [n] → [n, hidden] (or [batch·seq, hidden])
+    fn forward_at(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        spans: Option<KeySpans<B>>,
+        at: Option<Tensor<B, 1, Int>>,
+        precision: Precision,
+    ) -> Tensor<B, 2> {
+        let [batch, seq, hidden] = x.dims();
+        let x = x.reshape([batch * seq, hidden]);
+        let heads =
+            self.self_attn.heads(self.input_layernorm.forward(x.clone()), batch, rotary, None, spans, precision);
+        match at {
+            Some(at) => self.after_attention(x.select(0, at.clone()), heads.select(0, at), precision),
+            None => self.after_attention(x, heads, precision),
+        }
+    }
+
+    /// The rest of the layer for rows of the residual stream `x`, given attention's heads at the
+    /// same rows: the output projection, then the MLP.
+    /// x: [rows, hidden], heads: [rows, heads·head_dim] → [rows, hidden]
+    fn after_attention(&self, x: Tensor<B, 2>, heads: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+        let x = x + self.self_attn.o_proj.forward(heads, precision);
         let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()), precision);
-        (x + mlp).reshape([batch, seq, hidden])
+        x + mlp
     }
 }
 
 impl<B: FusedOps> SelfAttention<B> {
-    /// Causal grouped-query attention over rotated queries and keys; `spans` (packed rows)
-    /// confines each position to its own example's keys. x: [batch·seq, hidden] → [batch·seq, hidden]
-    fn forward(
+    /// Causal grouped-query attention over rotated queries and keys, the heads' outputs side by
+    /// side before the output projection (`o_proj`); `spans` (packed rows) confines each
+    /// position to its own example's keys. x: [batch·seq, hidden] → [batch·seq, heads·head_dim]
+    fn heads(
         &self,
         x: Tensor<B, 2>,
         batch: usize,
@@ -526,7 +584,7 @@ impl<B: FusedOps> SelfAttention<B> {
                 cache.attend(q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
             }
         };
-        self.o_proj.forward(y.reshape([batch * seq, heads * head_dim]), precision)
+        y.reshape([batch * seq, heads * head_dim])
     }
 }
 

@@ -66,22 +66,22 @@ impl<B: burn::tensor::backend::Backend> Packing<B> {
     }
 }
 
-/// Per-token NLL of `targets` from final hidden states through the LM head `weight`, at the
-/// row-major positions `at` of [batch, seq] (every position when `None`), the logits a block of
-/// rows at a time. hidden: [batch, seq, width], weight: [width, vocab], targets: [batch, seq],
-/// at: [n] → [n] (or [batch·seq])
-fn nll_of_hidden<B: FusedOps>(
-    hidden: Tensor<B, 3>,
+/// Per-token NLL of `targets` at the row-major positions `at` of [batch, seq] (every position
+/// when `None`) from the final hidden states of those positions, through the LM head `weight`,
+/// the logits a block of rows at a time. rows: [n, width] (or [batch·seq, width]),
+/// weight: [width, vocab], targets: [batch, seq], at: [n] → [n] (or [batch·seq])
+fn nll_of_rows<B: FusedOps>(
+    rows: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     targets: Tensor<B, 2, Int>,
     at: Option<Tensor<B, 1, Int>>,
     precision: Precision,
 ) -> Tensor<B, 1> {
-    let [batch, seq, width] = hidden.dims();
-    let (rows, targets) = (hidden.reshape([batch * seq, width]), targets.reshape([batch * seq])); // [batch·seq, width], [batch·seq]
-    let (rows, targets) = match at {
-        Some(at) => (rows.select(0, at.clone()), targets.select(0, at)), // [n, width], [n]
-        None => (rows, targets),
+    let [batch, seq] = targets.dims();
+    let targets = targets.reshape([batch * seq]); // [batch·seq]
+    let targets = match at {
+        Some(at) => targets.select(0, at), // [n]
+        None => targets,
     };
     fused::lm_head_nll(rows, weight, targets, precision)
 }
@@ -103,6 +103,10 @@ pub trait CausalLm<B: FusedOps>: Module<B> + core::fmt::Debug {
 
     /// Trainable parameter count (a tied weight counted once).
     fn num_params(&self) -> usize;
+
+    /// What one position costs in the layers' matrix products, counted in what attending to one
+    /// more key costs it: how packing weighs a longer row's attention against padding.
+    fn position_cost_in_keys(&self) -> usize;
 
     /// Per-token negative log-likelihood of `targets` given `inputs` (targets are the inputs
     /// shifted left by one). inputs, targets: [batch, seq] → [batch, seq]
