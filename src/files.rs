@@ -155,10 +155,24 @@ impl Staged {
         &self.staging
     }
 
-    /// Move the written folder into place, replacing what was there.
+    /// Move the written folder into place, replacing what was there. Where the file system
+    /// can swap two folders at once, the old one is swapped out (to the hidden staging name,
+    /// then deleted), so a reader never finds the name missing; elsewhere the old one is
+    /// removed first (`remove_dir`), and the name is missing for a moment.
     pub fn commit(mut self) -> Result<PathBuf> {
+        let cannot_replace = || format!("cannot replace {}", self.target.display());
+        match exchange(&self.staging, &self.target) {
+            Ok(()) => {
+                self.committed = true;
+                fs::remove_dir_all(&self.staging).with_context(cannot_replace)?;
+                return Ok(self.target.clone());
+            }
+            // Nothing there yet, or no atomic swap on this file system: below.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::ENOTSUP)) => {}
+            Err(e) => return Err(e).with_context(cannot_replace),
+        }
         if self.target.exists() {
-            remove_dir(&self.target).with_context(|| format!("cannot replace {}", self.target.display()))?;
+            remove_dir(&self.target).with_context(cannot_replace)?;
         }
         fs::rename(&self.staging, &self.target)
             .with_context(|| format!("cannot move {} into place", self.target.display()))?;
@@ -167,10 +181,77 @@ impl Staged {
     }
 }
 
+/// Swap the folders `a` and `b` in one step (both must exist).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).map_err(std::io::Error::from)
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A folder replaced again and again while another thread looks for it: where the file
+    /// system can swap folders at once (Linux's tmpfs, ext4, xfs, btrfs), the reader never finds
+    /// the name missing; everywhere, each replacement leaves the new folder whole and nothing
+    /// else behind.
+    #[test]
+    fn a_replaced_folder_is_never_missing_under_its_name() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("best");
+        let staging = root.path().join(".best.partial");
+        let write = |round: usize| {
+            let staged = Staged::new(&target, staging.clone()).unwrap();
+            for file in 0..20 {
+                fs::write(staged.path().join(format!("part-{file}")), round.to_string()).unwrap();
+            }
+            staged.commit().unwrap();
+        };
+        write(0);
+        let swaps = {
+            let (a, b) = (root.path().join("a"), root.path().join("b"));
+            fs::create_dir(&a).unwrap();
+            fs::create_dir(&b).unwrap();
+            let swaps = exchange(&a, &b).is_ok();
+            fs::remove_dir(&a).unwrap();
+            fs::remove_dir(&b).unwrap();
+            swaps
+        };
+        let (done, missing) = (AtomicBool::new(false), AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    if !target.is_dir() {
+                        missing.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            for round in 1..=200 {
+                write(round);
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        for file in 0..20 {
+            assert_eq!(fs::read_to_string(target.join(format!("part-{file}"))).unwrap(), "200");
+        }
+        let names: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["best"], "only the folder is left");
+        if swaps {
+            assert_eq!(missing.load(Ordering::Relaxed), 0, "the reader found the folder missing");
+        } else {
+            eprintln!(
+                "this file system cannot swap folders at once: the folder was missing {} times",
+                missing.into_inner()
+            );
         }
     }
 }
