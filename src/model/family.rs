@@ -103,14 +103,6 @@ impl ModelConfig {
         }
     }
 
-    /// `CausalLm::position_cost_in_keys`.
-    pub fn position_cost_in_keys(&self) -> usize {
-        match self {
-            ModelConfig::Gpt2(c) => c.position_cost_in_keys(),
-            ModelConfig::Llama(c) => c.position_cost_in_keys(),
-        }
-    }
-
     /// Parameter count (a tied LM head counted once).
     pub fn num_params(&self) -> usize {
         match self {
@@ -256,7 +248,10 @@ impl<B: FusedOps> CausalLm<B> for Model<B> {
     }
 
     fn position_cost_in_keys(&self) -> usize {
-        self.config().position_cost_in_keys()
+        match self {
+            Model::Gpt2(m) => m.config.position_cost_in_keys(),
+            Model::Llama(m) => m.config.position_cost_in_keys(),
+        }
     }
 
     fn nll_at(

@@ -462,9 +462,9 @@ impl<B: FusedOps> Block<B> {
 }
 
 impl<B: FusedOps> Attention<B> {
-    /// Causal multi-head self-attention, with `attn_pdrop` on its probabilities while training;
-    /// `spans` (packed rows) confines each position to its own example's keys.
-    /// The heads' outputs side by side, before the output projection (`c_proj`).
+    /// Causal multi-head self-attention, with `attn_pdrop` on its probabilities while training,
+    /// the heads' outputs side by side before the output projection (`c_proj`); `spans` (packed
+    /// rows) confines each position to its own example's keys.
     /// x: [batch, seq, d_model] → [batch, seq, d_model]
     fn heads(
         &self,
