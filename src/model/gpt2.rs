@@ -399,7 +399,7 @@ impl<B: FusedOps> Gpt2<B> {
         for block in blocks {
             x = block.forward(x, None, spans.clone(), self.precision);
         }
-        self.ln_f.rows(last.forward_at(x, spans, at, self.precision))
+        self.ln_f.rows(last.forward_at(x, None, spans, at, self.precision))
     }
 
     /// Next-token logits from hidden states, through the tied LM head.
@@ -426,22 +426,22 @@ impl<B: FusedOps> Block<B> {
         precision: Precision,
     ) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let heads = self.attn.heads(self.ln_1.forward(x.clone()), cache, spans, precision); // [batch, seq, d_model]
-        let rows = |t: Tensor<B, 3>| t.reshape([batch * seq, d_model]);
-        self.after_attention(rows(x), rows(heads), precision).reshape([batch, seq, d_model])
+        self.forward_at(x, cache, spans, None, precision).reshape([batch, seq, d_model])
     }
 
-    /// `forward`'s output at the row-major positions `at` alone (every position when `None`).
+    /// `forward`'s output at the row-major positions `at` alone (every position when `None`):
+    /// attention over every position, the output projection and the MLP at those rows only.
     /// x: [batch, seq, d_model], at: [n] → [n, d_model] (or [batch·seq, d_model])
     fn forward_at(
         &self,
         x: Tensor<B, 3>,
+        cache: Option<LayerCache<'_, B>>,
         spans: Option<KeySpans<B>>,
         at: Option<Tensor<B, 1, Int>>,
         precision: Precision,
     ) -> Tensor<B, 2> {
         let [batch, seq, d_model] = x.dims();
-        let heads = self.attn.heads(self.ln_1.forward(x.clone()), None, spans, precision); // [batch, seq, d_model]
+        let heads = self.attn.heads(self.ln_1.forward(x.clone()), cache, spans, precision); // [batch, seq, d_model]
         let rows = |t: Tensor<B, 3>| {
             let t = t.reshape([batch * seq, d_model]);
             match &at {
@@ -449,12 +449,7 @@ impl<B: FusedOps> Block<B> {
                 None => t,
             }
         };
-        self.after_attention(rows(x), rows(heads), precision)
-    }
-
-    /// The rest of the block for rows of the residual stream `x`, given attention's heads at
-    /// the same rows: the output projection, then the MLP. x, heads: [rows, d_model] → [rows, d_model]
-    fn after_attention(&self, x: Tensor<B, 2>, heads: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+        let (x, heads) = (rows(x), rows(heads)); // [n, d_model]
         let x = x + self.dropout.forward(self.attn.c_proj.forward(heads, precision));
         let mlp = self.mlp.forward(self.ln_2.rows(x.clone()), precision);
         x + self.dropout.forward(mlp)

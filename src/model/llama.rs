@@ -457,7 +457,7 @@ impl<B: FusedOps> Llama<B> {
         for layer in layers {
             x = layer.forward(x, &rotary, None, spans.clone(), self.precision);
         }
-        self.model.norm.forward(last.forward_at(x, &rotary, spans, at, self.precision))
+        self.model.norm.forward(last.forward_at(x, &rotary, None, spans, at, self.precision))
     }
 
     /// Next-token logits from hidden states. hidden: [tokens, hidden] → [tokens, vocab]
@@ -505,18 +505,17 @@ impl<B: FusedOps> DecoderLayer<B> {
         precision: Precision,
     ) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
-        let x = x.reshape([batch * seq, hidden]);
-        let heads =
-            self.self_attn.heads(self.input_layernorm.forward(x.clone()), batch, rotary, cache, spans, precision);
-        self.after_attention(x, heads, precision).reshape([batch, seq, hidden])
+        self.forward_at(x, rotary, cache, spans, None, precision).reshape([batch, seq, hidden])
     }
 
-    /// `forward`'s output at the row-major positions `at` alone (every position when `None`).
+    /// `forward`'s output at the row-major positions `at` alone (every position when `None`):
+    /// attention over every position, the output projection and the MLP at those rows only.
     /// x: [batch, seq, hidden], at: [n] → [n, hidden] (or [batch·seq, hidden])
     fn forward_at(
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
+        cache: Option<LayerCache<'_, B>>,
         spans: Option<KeySpans<B>>,
         at: Option<Tensor<B, 1, Int>>,
         precision: Precision,
@@ -524,17 +523,11 @@ impl<B: FusedOps> DecoderLayer<B> {
         let [batch, seq, hidden] = x.dims();
         let x = x.reshape([batch * seq, hidden]);
         let heads =
-            self.self_attn.heads(self.input_layernorm.forward(x.clone()), batch, rotary, None, spans, precision);
-        match at {
-            Some(at) => self.after_attention(x.select(0, at.clone()), heads.select(0, at), precision),
-            None => self.after_attention(x, heads, precision),
-        }
-    }
-
-    /// The rest of the layer for rows of the residual stream `x`, given attention's heads at the
-    /// same rows: the output projection, then the MLP.
-    /// x: [rows, hidden], heads: [rows, heads·head_dim] → [rows, hidden]
-    fn after_attention(&self, x: Tensor<B, 2>, heads: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+            self.self_attn.heads(self.input_layernorm.forward(x.clone()), batch, rotary, cache, spans, precision);
+        let (x, heads) = match at {
+            Some(at) => (x.select(0, at.clone()), heads.select(0, at)),
+            None => (x, heads),
+        }; // [n, hidden], [n, heads·head_dim]
         let x = x + self.self_attn.o_proj.forward(heads, precision);
         let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()), precision);
         x + mlp
