@@ -182,7 +182,7 @@ enum Command {
         on: BackendArgs,
     },
     /// Measure training and generation speed (AdamW on random tokens, then greedy generation), as the
-    /// PyTorch reference measures HF transformers (see README, Speed).
+    /// PyTorch reference measures HF transformers (see docs/speed.md).
     Bench {
         #[command(flatten)]
         shape: crate::bench::BenchShape,

@@ -313,7 +313,7 @@ fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
 /// split/merge copies are made. With a dropout mask `keep`, the output is (P ⊙ keep)·V. Returns
 /// the output and the attention probabilities P (before dropout). The products are f32 at
 /// either precision: at attention's sizes (k = head width, or a block of rows) packing bf16
-/// operands costs more than their products save (README, Speed).
+/// operands costs more than their products save (docs/speed.md).
 pub fn causal_attention(qkv: FlexTensor, args: AttentionArgs<Flex>) -> (FlexTensor, FlexTensor) {
     let AttentionArgs { n_head, keep, starts, gaps, .. } = args;
     let [batch, seq, three_d] = qkv.layout().shape().dims::<3>();

@@ -34,7 +34,7 @@ const GPT2_EOS_ID: usize = 50256;
 
 /// `config.json` settings that change GPT-2's arithmetic in ways pipe does not implement, with
 /// the one value pipe computes: any other value is refused rather than silently ignored.
-/// (README, "Loading HuggingFace GPT-2 checkpoints", lists every field of `GPT2Config`.)
+/// (docs/fidelity.md, "Loading HuggingFace GPT-2 checkpoints", lists every field of `GPT2Config`.)
 fn fixed_settings() -> [(&'static str, serde_json::Value, &'static str); 6] {
     use serde_json::Value::Bool;
     [

@@ -1,7 +1,7 @@
 //! Decoding with bf16 weights (`--precision bf16` for generate, score and chat): against
 //! transformers' f32 reference on the tiny fixture and against pipe's own f32 model.
 //! Tolerances: per-token NLL within 0.01 absolute and each text's loss within 0.1% of
-//! transformers' (the weights carry 8 significant bits; the README's fidelity table has the
+//! transformers' (the weights carry 8 significant bits; docs/fidelity.md's table has the
 //! measured differences); the same greedy continuation; feeding a prompt at once or one token
 //! at a time gives bit-identical logits.
 

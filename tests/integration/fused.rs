@@ -374,7 +374,7 @@ fn bf16_attention_runs_its_products_in_bf16_on_the_gpu_composite_and_in_f32_on_t
         let dqkv = Flex::causal_attention_backward(prim(&qkv), probs, prim(&grad), args(precision));
         (values(float::<3>(y)), values(float::<3>(dqkv)))
     };
-    // The CPU kernel's products are f32 at either precision (faster there; README, Speed).
+    // The CPU kernel's products are f32 at either precision (faster there; docs/speed.md).
     assert_eq!(cpu(Bf16), cpu(F32), "the CPU's bf16 attention is its f32 attention");
     // The composite (what the GPU backends run) casts every product's operands to bf16 and
     // its result back: within bf16's rounding of f32 (scores of a few units rounded to 8

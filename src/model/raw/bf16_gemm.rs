@@ -19,7 +19,7 @@ use super::{par_matmul, Mat, Out};
 /// Rows of lhs per microkernel tile (each broadcast against the tile's columns).
 const MR: usize = 14;
 /// Columns of rhs per tile: two 16-lane vectors. (14 × 2 vectors measured fastest of the
-/// shapes that fit the 32 vector registers; README, Speed.)
+/// shapes that fit the 32 vector registers; docs/speed.md.)
 const NR: usize = 32;
 /// k-pairs per block: GPT-2 small's width (768) in one block, so that most products write
 /// each output tile once; a tile's rhs panel of a block (KC · NR words, 48 KiB) stays in L2.

@@ -206,13 +206,14 @@ pub unsafe fn matmul([m, n, k]: [usize; 3], dst: Out, lhs: Mat, rhs: Mat, scale:
 
 /// `matmul` split across rayon's threads by blocks of output columns (rows, when the output is
 /// taller than wide), one single-threaded product each: at the shapes of a GPT-2 step this is
-/// faster than gemm's own threading (README, Speed).
+/// faster than gemm's own threading (docs/speed.md).
 ///
 /// # Safety
 /// As `matmul`.
 pub unsafe fn par_matmul([m, n, k]: [usize; 3], dst: Out, lhs: Mat, rhs: Mat, accumulate: bool) {
-    // Small products (generation's one-token steps) are not worth a trip through the pool.
-    const PARALLEL_FROM: usize = 192 * 192 * 192;
+    // Tiny products (a small model's one-token steps) are not worth a trip through the pool; a
+    // small model's training products (a few hundred rows of width 128) are (docs/speed.md).
+    const PARALLEL_FROM: usize = 64 * 64 * 64;
     let parts = if m * n * k < PARALLEL_FROM { 1 } else { rayon::current_num_threads().max(1) };
     if parts == 1 {
         return matmul([m, n, k], dst, lhs, rhs, 1.0, accumulate);
