@@ -57,11 +57,19 @@ impl Tok {
         let dir = path.parent().unwrap_or(Path::new("."));
         let config = read_json(&dir.join(TOKENIZER_CONFIG_FILE))?;
         let mut tok = Self::with_special_tokens(inner, config, path)?;
-        if let Some(generation) = read_json(&dir.join(GENERATION_CONFIG_FILE))? {
-            let ids = match generation.get("eos_token_id") {
-                Some(serde_json::Value::Array(ids)) => ids.iter().filter_map(serde_json::Value::as_u64).collect(),
-                Some(id) => id.as_u64().into_iter().collect(),
-                None => Vec::new(),
+        let generation_path = dir.join(GENERATION_CONFIG_FILE);
+        if let Some(generation) = read_json(&generation_path)? {
+            let not_an_id = |found: &serde_json::Value| {
+                bad_input(format!(
+                    "{}: `eos_token_id` = {found}: must be a token id (an integer ≥ 0), a list of them, or null",
+                    generation_path.display()
+                ))
+            };
+            let id = |v: &serde_json::Value| v.as_u64().ok_or_else(|| not_an_id(v));
+            let ids: Vec<u64> = match generation.get("eos_token_id") {
+                Some(serde_json::Value::Array(ids)) => ids.iter().map(id).collect::<Result<_>>()?,
+                None | Some(serde_json::Value::Null) => Vec::new(),
+                Some(one) => vec![id(one)?],
             };
             let vocab = tok.vocab_size() as u64;
             for id in ids.into_iter().filter(|&id| id < vocab) {
@@ -75,6 +83,18 @@ impl Tok {
 
     /// The EOS `config` names (else `<|endoftext|>`), and the BOS the post-processor adds.
     fn with_special_tokens(inner: Tokenizer, config: Option<serde_json::Value>, origin: &Path) -> Result<Self> {
+        // A special token written as neither form is refused, not read as absent.
+        if let Some(config) = &config {
+            for key in SPECIAL_TOKEN_KEYS {
+                let found = &config[key];
+                if !found.is_null() && special_token(config, key).is_none() {
+                    return Err(bad_input(format!(
+                        "{}: `{key}` = {found}: must be a token (a string, or an object with a string `content`) or null",
+                        origin.with_file_name(TOKENIZER_CONFIG_FILE).display()
+                    )));
+                }
+            }
+        }
         let named = config.as_ref().and_then(|c| special_token(c, "eos_token"));
         let eos = named.clone().unwrap_or_else(|| EOS_TOKEN.to_string());
         let eos_id = inner.token_to_id(&eos).ok_or_else(|| match named {
@@ -210,6 +230,9 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
         Err(e) => Err(bad_input(format!("{}: cannot read: {e}", path.display()))),
     }
 }
+
+/// The special tokens a `tokenizer_config.json` may name that pipe reads.
+const SPECIAL_TOKEN_KEYS: [&str; 4] = ["eos_token", "bos_token", "pad_token", "unk_token"];
 
 /// A special token of a `tokenizer_config.json`, written as a string or as `{"content": …}`.
 fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {

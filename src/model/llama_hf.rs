@@ -59,7 +59,8 @@ pub fn read_config(path: &Path, value: &Value, variant: Variant) -> Result<Llama
             "pipe does not implement sliding-window attention",
         ));
     }
-    if let Some(types) = present("layer_types") {
+    let layer_types = present("layer_types");
+    if let Some(types) = layer_types {
         let full = types.as_array().is_some_and(|t| t.iter().all(|t| t == "full_attention"));
         if !full {
             return Err(refuse("layer_types", types, "pipe implements full attention in every layer only"));
@@ -98,8 +99,27 @@ pub fn read_config(path: &Path, value: &Value, variant: Variant) -> Result<Llama
         return Err(refuse("head_dim", &json!(head_dim), "rotary embeddings need an even head_dim"));
     }
     // The RoPE settings, as transformers 4 writes them (`rope_theta`, `rope_scaling`) or 5
-    // (`rope_parameters`, holding both).
+    // (`rope_parameters`, holding both). transformers 5 lets a `rope_scaling` beside
+    // `rope_parameters` override it, which a reader of the file would not guess: two that
+    // disagree are refused.
+    if let (Some(parameters), Some(scaling)) = (present("rope_parameters"), present("rope_scaling")) {
+        if parameters != scaling {
+            return Err(refuse(
+                "rope_scaling",
+                scaling,
+                &format!("disagrees with `rope_parameters` = {parameters}; a config should say its RoPE once"),
+            ));
+        }
+    }
     let rope = present("rope_parameters").or(present("rope_scaling"));
+    for (key, factor) in [
+        ("partial_rotary_factor", present("partial_rotary_factor")),
+        ("rope_parameters.partial_rotary_factor", rope.and_then(|r| r.get("partial_rotary_factor"))),
+    ] {
+        if let Some(factor) = factor.filter(|f| f.as_f64() != Some(1.0)) {
+            return Err(refuse(key, factor, "pipe rotates every dimension of each head (1.0)"));
+        }
+    }
     let theta_in = |v: Option<&Value>, key: &str| -> Result<Option<f64>> {
         match v {
             None => Ok(None),
@@ -132,11 +152,14 @@ pub fn read_config(path: &Path, value: &Value, variant: Variant) -> Result<Llama
     };
     let attention_dropout =
         number("attention_dropout", 0.0, |p| (0.0..1.0).contains(&p), "must be a probability in [0, 1)")?;
-    let token_id = |v: &Value| v.as_u64().map(|n| n as usize);
-    let bos_token_id = present("bos_token_id").and_then(token_id);
+    // Special-token ids are written back on export: one that is not an id is refused, not dropped.
+    let token_id = |key: &str, v: &Value| {
+        v.as_u64().map(|n| n as usize).ok_or_else(|| refuse(key, v, "must be a token id (an integer ≥ 0) or null"))
+    };
+    let bos_token_id = present("bos_token_id").map(|v| token_id("bos_token_id", v)).transpose()?;
     let eos_token_ids = match present("eos_token_id") {
-        Some(Value::Array(ids)) => ids.iter().filter_map(token_id).collect(),
-        Some(id) => token_id(id).into_iter().collect(),
+        Some(Value::Array(ids)) => ids.iter().map(|id| token_id("eos_token_id", id)).collect::<Result<_>>()?,
+        Some(id) => vec![token_id("eos_token_id", id)?],
         None => Vec::new(),
     };
     let config = LlamaConfig {
@@ -162,6 +185,12 @@ pub fn read_config(path: &Path, value: &Value, variant: Variant) -> Result<Llama
         attention_dropout,
         initializer_range: number("initializer_range", 0.02, |r| r >= 0.0, "must be a number ≥ 0")?,
     };
+    if let Some(types) = layer_types.and_then(Value::as_array) {
+        if types.len() != config.num_hidden_layers {
+            let why = format!("lists {} layers, not num_hidden_layers = {}", types.len(), config.num_hidden_layers);
+            return Err(refuse("layer_types", &json!(types), &why));
+        }
+    }
     if config.checked_num_params().is_none() {
         return Err(bad_input(format!("{}: more parameters than can be counted", path.display())));
     }
@@ -171,7 +200,10 @@ pub fn read_config(path: &Path, value: &Value, variant: Variant) -> Result<Llama
 /// A `rope_scaling` (or `rope_parameters`) object: None for the default rotation, the
 /// scaling pipe implements, or why it is refused.
 fn rope_scaling(rope: &Value) -> std::result::Result<Option<RopeScaling>, String> {
-    let kind = rope.get("rope_type").or(rope.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let kind = match rope.get("rope_type").or(rope.get("type")) {
+        None | Some(Value::Null) => "default",
+        Some(kind) => kind.as_str().ok_or_else(|| format!("`rope_type` must be a string, found {kind}"))?,
+    };
     let number = |key: &str| -> std::result::Result<f64, String> {
         rope.get(key)
             .and_then(Value::as_f64)

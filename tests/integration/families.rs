@@ -380,7 +380,7 @@ fn refusal(folder: &Path) -> String {
 #[test]
 fn settings_pipe_does_not_compute_are_refused_naming_key_and_value() {
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
-    let cases: [(&str, Edit, &str); 6] = [
+    let cases: [(&str, Edit, &str); 13] = [
         ("tiny-llama", Box::new(|c| c["hidden_act"] = "gelu".into()), "`hidden_act` = \"gelu\""),
         ("tiny-qwen2", Box::new(|c| c["use_sliding_window"] = true.into()), "`use_sliding_window` = true"),
         (
@@ -391,6 +391,25 @@ fn settings_pipe_does_not_compute_are_refused_naming_key_and_value() {
         ("tiny-llama", Box::new(|c| c["num_key_value_heads"] = 3.into()), "`num_key_value_heads` = 3"),
         ("tiny-llama", Box::new(|c| c["model_type"] = "mistral".into()), "`model_type` = \"mistral\""),
         ("tiny-qwen3", Box::new(|c| c["layer_types"][1] = "sliding_attention".into()), "`layer_types`"),
+        // Fields transformers reads that pipe would otherwise not: a second RoPE (which
+        // transformers 5 lets override the first), a partial rotation, a layer count the
+        // layer list contradicts.
+        (
+            "tiny-llama",
+            Box::new(|c| c["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 2.0})),
+            "`rope_scaling` = {\"factor\":2.0,\"rope_type\":\"linear\"}: disagrees with `rope_parameters`",
+        ),
+        ("tiny-llama", Box::new(|c| c["partial_rotary_factor"] = 0.5.into()), "`partial_rotary_factor` = 0.5"),
+        (
+            "tiny-qwen3",
+            Box::new(|c| c["rope_parameters"]["partial_rotary_factor"] = 0.25.into()),
+            "`rope_parameters.partial_rotary_factor` = 0.25",
+        ),
+        ("tiny-qwen2", Box::new(|c| c["rope_parameters"]["rope_type"] = 3.into()), "`rope_type` must be a string"),
+        ("tiny-qwen3", Box::new(|c| c["layer_types"] = serde_json::json!(["full_attention"])), "lists 1 layers"),
+        // Special-token ids are written back on export: one that is no id is refused, not dropped.
+        ("tiny-qwen2", Box::new(|c| c["eos_token_id"] = serde_json::json!([4, "x"])), "`eos_token_id` = \"x\""),
+        ("tiny-llama", Box::new(|c| c["bos_token_id"] = (-1).into()), "`bos_token_id` = -1"),
     ];
     for (fixture, edit, expected) in cases {
         let folder = with_config(fixture, edit);
@@ -413,14 +432,43 @@ fn settings_pipe_does_not_compute_are_refused_naming_key_and_value() {
     );
 }
 
+/// The tokenizer's own files: a special token or an end-of-sequence id written in no form pipe
+/// reads is refused naming the file, key and value, where it used to be read as absent (the
+/// EOS would then fall back to `<|endoftext|>`, or a stop id be lost).
+#[test]
+fn special_tokens_in_no_readable_form_are_refused() {
+    let cases: [(&str, &str, serde_json::Value, &str); 3] = [
+        ("tokenizer_config.json", "eos_token", serde_json::json!(5), "`eos_token` = 5"),
+        ("tokenizer_config.json", "pad_token", serde_json::json!({"id": 3}), "`pad_token` = {\"id\":3}"),
+        ("generation_config.json", "eos_token_id", serde_json::json!([2, 4.5]), "`eos_token_id` = 4.5"),
+    ];
+    for (file, key, value, expected) in cases {
+        let folder = with_config("tiny-qwen2", |_| {});
+        let path = folder.path().join(file);
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json[key] = value;
+        std::fs::write(&path, json.to_string()).unwrap();
+        let Err(error) = Tok::load(&folder.path().join("tokenizer.json")) else { panic!("{file} {key} was read") };
+        let message = format!("{error:#}");
+        assert!(pipe::error::is_bad_input(&error), "{message}");
+        assert!(message.contains(file) && message.contains(expected), "{message}");
+    }
+}
+
 /// Shards: a tensor listed in the index but missing from its file, or one no parameter takes,
 /// is named.
 #[test]
 fn missing_and_unexpected_tensors_of_a_sharded_checkpoint_are_named() {
-    let folder = with_config("tiny-qwen2", |c| c["num_hidden_layers"] = 3.into());
+    let layers = |n: usize| {
+        move |c: &mut serde_json::Value| {
+            c["num_hidden_layers"] = n.into();
+            c["layer_types"] = vec!["full_attention"; n].into();
+        }
+    };
+    let folder = with_config("tiny-qwen2", layers(3));
     let message = refusal(folder.path());
     assert!(message.contains("model.layers.2.input_layernorm.weight") && message.contains("missing"), "{message}");
-    let folder = with_config("tiny-qwen2", |c| c["num_hidden_layers"] = 1.into());
+    let folder = with_config("tiny-qwen2", layers(1));
     let message = refusal(folder.path());
     assert!(message.contains("unexpected tensors") && message.contains("model.layers.1."), "{message}");
 }
