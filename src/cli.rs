@@ -475,10 +475,13 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 println!("{}", crate::data::render::show(&sequence, &data.tok)?);
             }
             let r = &data.report;
-            println!(
-                "--- {} examples -> {} training sequences, {} tokens, {} trained on; {} truncated, {} dropped; {} validation sequences",
-                r.examples, r.sequences, r.tokens, r.trained_tokens, r.truncated, r.dropped, data.val.len()
-            );
+            // A pipeline whose only training is DPO reads no SFT examples: nothing to sum up.
+            if loaded.spec.run.stages.contains(&spec::Stage::Train) || data.preference.is_none() {
+                println!(
+                    "--- {} examples -> {} training sequences, {} tokens, {} trained on; {} truncated, {} dropped; {} validation sequences",
+                    r.examples, r.sequences, r.tokens, r.trained_tokens, r.truncated, r.dropped, data.val.len()
+                );
+            }
             if let Some(p) = data.packing {
                 println!(
                     "--- packed: {} examples into {} sequences of up to max_length tokens, {:.1}% full",

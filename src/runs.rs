@@ -439,15 +439,20 @@ pub fn table(runs: &[Run]) -> String {
             r.meta.backend.clone(),
         ];
         if with_dpo {
-            row.push(r.dpo.as_ref().and_then(DpoCurves::last_val).map_or("-".into(), |v| {
-                format!("{} / {}", fmt_opt(v.reward_accuracy, 3), fmt_opt(v.reward_margin, 3))
+            // The steps column counts SFT's; the dpo stage's count from 1 again, so they are shown here.
+            row.push(r.dpo.as_ref().map_or("-".into(), |d| {
+                let steps = d.loss.last().map_or("-".into(), |p| p.0.to_string());
+                let val = d.last_val().map_or("-".into(), |v| {
+                    format!("{} / {}", fmt_opt(v.reward_accuracy, 3), fmt_opt(v.reward_margin, 3))
+                });
+                format!("{steps}, {val}")
             }));
         }
         row
     });
     let mut header: Vec<String> = header.map(String::from).to_vec();
     if with_dpo {
-        header.push("dpo val reward acc / margin".into());
+        header.push("dpo steps, val reward acc / margin".into());
     }
     let rows: Vec<Vec<String>> = std::iter::once(header).chain(rows).collect();
     render_rows(&rows)

@@ -392,8 +392,8 @@ fn sft_then_dpo_records_trl_figures_and_saves_the_dpo_model() {
     let last = during.last().unwrap();
     let out = pipe(dir.path(), &["runs", "runs"], &[]);
     let table = common::stdout(&out);
-    assert!(table.contains("dpo val reward acc / margin"), "{table}");
-    let cell = format!("{:.3} / {:.3}", accuracy(last), last["rewards/margins"].as_f64().unwrap());
+    assert!(table.contains("dpo steps, val reward acc / margin"), "{table}");
+    let cell = format!("16, {:.3} / {:.3}", accuracy(last), last["rewards/margins"].as_f64().unwrap());
     assert!(table.contains(&cell), "{cell} in {table}");
     let out = pipe(dir.path(), &["compare", "prefs", "--json"], &[]);
     let comparison: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
@@ -503,6 +503,13 @@ fn dpo_alone_from_a_model_needs_no_data_or_train_section() {
     assert_eq!(steps.len(), 6, "18 pairs, 3 a step, one epoch");
     close("first loss", steps[0]["loss"].as_f64().unwrap(), std::f64::consts::LN_2, 1e-6);
     assert!(run.join("final/model.safetensors").is_file());
+    // `pipe runs` shows the DPO stage's steps (its own steps column counts SFT's, none here),
+    // and `pipe data` sums up the pairs alone: there are no SFT examples to speak of.
+    let table = common::stdout(&pipe(dir.path(), &["runs", "runs"], &[]));
+    assert!(table.lines().any(|l| l.starts_with("alone") && l.contains(" 6, ")), "{table}");
+    let preview = common::stdout(&pipe(dir.path(), &["data", "spec.toml", "-n", "1"], &[]));
+    assert!(preview.contains("--- 18 preference pairs for training, 0 for validation"), "{preview}");
+    assert!(!preview.contains("examples ->"), "{preview}");
 }
 
 /// Under [lora] the adapters are what DPO trains; the reference is the base as the stage
