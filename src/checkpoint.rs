@@ -216,8 +216,21 @@ pub fn load_optimizer<B: Backend, R: burn::record::Record<B>>(dir: &Path, device
 /// links to its files, in a hidden folder of the reader's own under `checkpoints/`. Pruning or
 /// replacing the folder while it is read then takes nothing from the reader (a file's contents
 /// stay until its last link goes, and pipe never rewrites a file in place); the links go when
-/// the snapshot is dropped.
-pub struct Snapshot(tempfile::TempDir);
+/// the snapshot is dropped. A reader holds a lock on its snapshot while it lives, so one left by
+/// a reader that was killed (and whose links would keep pruned checkpoints on disk) is found
+/// unlocked and removed by the run's next reader.
+pub struct Snapshot {
+    dir: tempfile::TempDir,
+    /// The folder, opened and locked (`flock`) for the snapshot's life; the lock goes with the
+    /// process however it ends.
+    _lock: Option<std::fs::File>,
+}
+
+/// How the hidden snapshot folders under `checkpoints/` are named.
+const SNAPSHOT_PREFIX: &str = ".reading-";
+
+/// A snapshot this recent is left alone even when unlocked: its reader may not have locked it yet.
+const SNAPSHOT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Snapshot {
     /// Snapshot `dir` of `run`. `Ok(None)` where the run folder cannot take one (a read-only
@@ -226,8 +239,12 @@ impl Snapshot {
     pub fn of(run: &Path, dir: &Path) -> std::io::Result<Option<Self>> {
         let root = run.join(CHECKPOINTS_DIR);
         let made = std::fs::create_dir_all(&root)
-            .and_then(|()| tempfile::Builder::new().prefix(".reading-").tempdir_in(&root));
+            .and_then(|()| tempfile::Builder::new().prefix(SNAPSHOT_PREFIX).tempdir_in(&root));
         let Ok(snapshot) = made else { return Ok(None) };
+        // A file system without locks leaves snapshots unlocked, and then none is ever removed
+        // but by its own reader.
+        let lock = std::fs::File::open(snapshot.path()).ok().filter(locked);
+        remove_abandoned_snapshots(&root, snapshot.path());
         // pipe removes a folder by renaming it away before deleting its files
         // (`files::remove_dir`), so the same folder still under its name after linking means
         // nothing was deleted from it meanwhile: the links are all of it.
@@ -238,11 +255,37 @@ impl Snapshot {
             let gone = format!("{} was replaced while it was read", dir.display());
             return Err(std::io::Error::new(std::io::ErrorKind::NotFound, gone));
         }
-        Ok(Some(Self(snapshot)))
+        Ok(Some(Self { dir: snapshot, _lock: lock }))
     }
 
     pub fn path(&self) -> &Path {
-        self.0.path()
+        self.dir.path()
+    }
+}
+
+/// Whether this process now holds the exclusive lock of `file` (taken without waiting).
+fn locked(file: &std::fs::File) -> bool {
+    rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+}
+
+/// Remove the snapshots under `root` (but `own`) whose readers are gone: a live reader holds
+/// its snapshot's lock. Best effort: a snapshot that cannot be examined or removed stays.
+fn remove_abandoned_snapshots(root: &Path, own: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == own || !entry.file_name().to_string_lossy().starts_with(SNAPSHOT_PREFIX) {
+            continue;
+        }
+        let age = entry.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default());
+        if !age.is_ok_and(|age| age >= SNAPSHOT_GRACE) {
+            continue;
+        }
+        let Ok(folder) = std::fs::File::open(&path) else { continue };
+        // The lock is held while the folder is removed, so no other reader removes it too.
+        if locked(&folder) {
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 }
 
@@ -259,4 +302,60 @@ fn link_all(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The snapshots left under a run's `checkpoints/`, by name.
+    fn snapshots(run: &Path) -> Vec<PathBuf> {
+        let entries = std::fs::read_dir(run.join(CHECKPOINTS_DIR)).unwrap().map(|e| e.unwrap().path());
+        let mut found: Vec<PathBuf> =
+            entries.filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(SNAPSHOT_PREFIX)).collect();
+        found.sort();
+        found
+    }
+
+    /// A snapshot whose reader died (its lock gone, its folder kept) `age` ago.
+    fn abandoned(run: &Path, model: &Path, age: std::time::Duration) -> PathBuf {
+        let Snapshot { dir, _lock } = Snapshot::of(run, model).unwrap().unwrap();
+        drop(_lock);
+        let path = dir.keep();
+        let when = std::time::SystemTime::now() - age;
+        std::fs::File::open(&path).unwrap().set_modified(when).unwrap();
+        path
+    }
+
+    /// A reader killed while it read leaves its snapshot (hard links that would keep pruned
+    /// checkpoints on disk); the run's next reader removes it once it is past the grace period,
+    /// and never one whose reader still holds it.
+    #[test]
+    fn snapshots_of_readers_that_died_are_removed_by_the_next_reader() {
+        let run = tempfile::tempdir().unwrap();
+        let model = run.path().join("final");
+        std::fs::create_dir_all(model.join("sub")).unwrap();
+        std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
+        std::fs::write(model.join("sub/file"), b"more").unwrap();
+
+        let live = Snapshot::of(run.path(), &model).unwrap().unwrap();
+        std::fs::File::open(live.path())
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - SNAPSHOT_GRACE * 2)
+            .unwrap();
+        let dead_just_now = abandoned(run.path(), &model, std::time::Duration::ZERO);
+        let dead = abandoned(run.path(), &model, SNAPSHOT_GRACE * 2);
+        assert_eq!(snapshots(run.path()).len(), 3);
+
+        let next = Snapshot::of(run.path(), &model).unwrap().unwrap();
+        assert_eq!(std::fs::read(next.path().join("sub/file")).unwrap(), b"more");
+        let mut left = vec![live.path().to_path_buf(), dead_just_now.clone(), next.path().to_path_buf()];
+        left.sort();
+        assert_eq!(snapshots(run.path()), left, "only {} goes", dead.display());
+        assert_eq!(std::fs::read(live.path().join("model.safetensors")).unwrap(), b"weights");
+
+        drop((live, next));
+        assert_eq!(snapshots(run.path()), [dead_just_now]);
+        assert_eq!(std::fs::read(model.join("model.safetensors")).unwrap(), b"weights", "the model stays");
+    }
 }
