@@ -483,8 +483,11 @@ pub fn with_peft_adapter<B: Backend, M: Adaptable<B>>(model: M, peft_dir: &Path,
         let name = format!("{}{path}", M::PEFT_PREFIX);
         let a = file.take_named(&format!("{name}.lora_A.weight"), &[rank, d_in]).with_context(settings)?;
         let b = file.take_named(&format!("{name}.lora_B.weight"), &[d_out, rank]).with_context(settings)?;
-        let a = Tensor::<B, 2>::from_data(a, &device).transpose();
-        let b = Tensor::<B, 2>::from_data(b, &device).transpose();
+        // Laid out as a fresh adapter's ([in, rank], [rank, out], row-major), not as views of
+        // PEFT's: the products then run the same kernels in the same order, and a run resumed
+        // from a checkpoint computes what it would have computed going on.
+        let a = Tensor::<B, 2>::from_data(super::params::transposed(a), &device);
+        let b = Tensor::<B, 2>::from_data(super::params::transposed(b), &device);
         Ok(Lora::from_tensors(a, b, config))
     })?;
     let mut unexpected: Vec<String> = file.names().map(|n| format!("`{n}`")).collect();
