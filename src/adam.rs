@@ -104,8 +104,10 @@ pub fn check_state<B: AutodiffBackend<InnerBackend: FusedOps>, M: AutodiffModule
     state: &ModelState<B, M>,
     params: &[(String, ParamId, Vec<usize>)],
 ) -> Result<(), String> {
+    let mut matched = 0;
     for (name, id, dims) in params {
         let Some(record) = state.get(id) else { continue }; // a parameter not stepped yet
+        matched += 1;
         let AdaptorRecord::V1(record) = record;
         let moments = |s: &dyn MomentDims| s.moment_dims();
         let found = match record {
@@ -123,8 +125,13 @@ pub fn check_state<B: AutodiffBackend<InnerBackend: FusedOps>, M: AutodiffModule
             return Err(format!("the state of `{name}` has shape {:?}, the parameter {dims:?}", found[0]));
         }
     }
-    if state.len() > params.len() {
-        return Err(format!("it holds {} parameter states, the model has {} parameters", state.len(), params.len()));
+    // States keyed by ids no parameter has would be dropped, and their moments start over.
+    if matched != state.len() {
+        return Err(format!(
+            "{} of its {} parameter states belong to no parameter of the model (its parameter ids differ)",
+            state.len() - matched,
+            state.len()
+        ));
     }
     Ok(())
 }

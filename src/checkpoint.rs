@@ -156,8 +156,20 @@ pub fn load<B: FusedOps, M: CausalLm<B>>(
     device: &B::Device,
 ) -> Result<(M, Progress)> {
     let state = read_state(dir)?;
-    let model = M::load(dir, dropout, device)?;
-    let ids = match state.param_ids {
+    let model = with_recorded_ids(M::load(dir, dropout, device)?, state.param_ids, dir)?;
+    Ok((model, state.progress))
+}
+
+/// `model` (of the checkpoint's architecture) with the weights of checkpoint `dir` and the
+/// parameter ids its optimizer state is keyed by, as a stage that goes on from the checkpoint
+/// needs it: a model made afresh has ids of its own, which would match none of the states.
+pub fn restore<B: FusedOps, M: CausalLm<B>>(model: M, dir: &Path) -> Result<M> {
+    let state = read_state(dir)?;
+    with_recorded_ids(model.with_weights_of(dir)?, state.param_ids, dir)
+}
+
+fn with_recorded_ids<B: FusedOps, M: CausalLm<B>>(model: M, ids: ParamIds, dir: &Path) -> Result<M> {
+    let ids = match ids {
         ParamIds::ByName(ids) => ids,
         ParamIds::InVisitingOrder(ids) => {
             let names = params::ids(&model).into_iter().map(|(name, _)| name);
@@ -172,10 +184,9 @@ pub fn load<B: FusedOps, M: CausalLm<B>>(
             names.zip(ids).collect()
         }
     };
-    let model = params::set_ids(model, &ids).map_err(|why| {
+    params::set_ids(model, &ids).map_err(|why| {
         bad_input(format!("{}: does not match the checkpoint's model: {why}", dir.join(STATE_FILE).display()))
-    })?;
-    Ok((model, state.progress))
+    })
 }
 
 fn read_state(dir: &Path) -> Result<TrainerState> {

@@ -45,7 +45,7 @@ pub fn run<B: TrainBackend, M: TrainableLm<B>>(ctx: &StageContext<'_, B>, state:
         Some((dir, progress)) => {
             let reference = read_reference(&folder, pairs.train.len(), pairs.val.len())?;
             tracing::info!(checkpoint = %dir.display(), step = progress.step, "resuming the dpo stage");
-            (state.model.with_weights_of(&dir)?, Some((dir, progress)), reference)
+            (checkpoint::restore(state.model, &dir)?, Some((dir, progress)), reference)
         }
         None => {
             let total = pairs.train.len() + pairs.val.len();

@@ -538,6 +538,43 @@ fn dpo_trains_lora_adapters_against_the_base() {
     assert!(!run.join("final/model.safetensors").exists(), "not a copy of the base");
 }
 
+/// A dpo stage alone, from a model folder, killed while writing a checkpoint and resumed, ends
+/// with the weights of an uninterrupted run, full and under [lora]: each process makes the
+/// model's parameters afresh, and the resumed one takes the checkpoint's parameter ids back, so
+/// the optimizer's moments are found again rather than started over.
+#[test]
+fn sigkill_mid_dpo_alone_then_resume_is_exact() {
+    let pairs: Vec<String> = trl()["pairs"].as_array().unwrap().iter().map(|p| p.to_string()).collect();
+    for (lora, weights) in [("", "final/model.safetensors"), (LORA, "final/adapter/adapter_model.safetensors")] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("prefs.jsonl"), [&pairs[..], &pairs[..], &pairs[..]].concat().join("\n"))
+            .unwrap();
+        let spec = format!(
+            "[run]\nname = \"alone\"\nruns_dir = \"runs\"\nstages = [\"dpo\"]\n\n[model]\npath = {:?}\n\n\
+             [train]\ncheckpoint_every = 2\n\n\
+             [dpo]\npath = \"prefs.jsonl\"\nval_fraction = 0.0\nbatch_size = 3\nmax_length = 48\nlr = 1e-2\n{lora}",
+            fixture_dir().display().to_string()
+        );
+        std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
+        let out = pipe(dir.path(), &["run", "spec.toml", "--set", "run.name=reference"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let reference = runs(dir.path(), "reference").pop().unwrap();
+        // Six steps; killed writing step 4's checkpoint, the run goes on from step 2's.
+        spawn(dir.path(), &["run", "spec.toml"], &[("PIPEFAULT_KILL_IN_CHECKPOINT", "4")]).wait().unwrap();
+        let run = runs(dir.path(), "alone").pop().unwrap();
+        assert_ne!(status(&run), "completed");
+        let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let losses = |r: &Path| dpo_steps(r).iter().map(|s| s["loss"].as_f64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(losses(&run), losses(&reference), "{lora}: every step's loss as uninterrupted");
+        let read = |r: &Path| std::fs::read(r.join(weights)).unwrap();
+        assert!(read(&run) == read(&reference), "{lora}: final weights differ from the uninterrupted run's");
+    }
+}
+
+/// The adapters the resume tests put on the fixture.
+const LORA: &str = "\n[lora]\nrank = 4\nalpha = 8\ntargets = [\"c_attn\", \"mlp.c_proj\"]\n";
+
 #[test]
 fn bad_preference_input_exits_2_naming_the_file_record_and_field() {
     let cases: [(&str, &str, &[&str]); 5] = [
