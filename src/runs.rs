@@ -66,6 +66,11 @@ impl DpoCurves {
     pub fn lowest_val_loss(&self) -> Option<f64> {
         self.val.iter().map(|v| v.loss).filter(|l| !l.is_nan()).min_by(f64::total_cmp)
     }
+
+    /// The stage's last optimizer step, as a table cell (`-` before its first).
+    fn steps_cell(&self) -> String {
+        self.loss.last().map_or("-".into(), |p| p.0.to_string())
+    }
 }
 
 impl Run {
@@ -441,7 +446,7 @@ pub fn table(runs: &[Run]) -> String {
         if with_dpo {
             // The steps column counts SFT's; the dpo stage's count from 1 again, so they are shown here.
             row.push(r.dpo.as_ref().map_or("-".into(), |d| {
-                let steps = d.loss.last().map_or("-".into(), |p| p.0.to_string());
+                let steps = d.steps_cell();
                 let val = d.last_val().map_or("-".into(), |v| {
                     format!("{} / {}", fmt_opt(v.reward_accuracy, 3), fmt_opt(v.reward_margin, 3))
                 });
@@ -631,7 +636,7 @@ impl<'a> Comparison<'a> {
             .map(String::from)
             .to_vec()];
             for (i, r) in self.runs.iter().enumerate() {
-                let steps = r.dpo.as_ref().and_then(|d| d.loss.last()).map_or("-".into(), |p| p.0.to_string());
+                let steps = r.dpo.as_ref().map_or("-".into(), DpoCurves::steps_cell);
                 let row = [&labels[i], &steps, &last_loss[i], &val[i], &accuracy[i], &margin[i]];
                 rows.push(row.map(|c| c.to_string()).to_vec());
             }

@@ -465,6 +465,27 @@ fn a_damaged_newest_checkpoint_falls_back_and_a_cut_metrics_line_is_repaired() {
     }
 }
 
+/// A checkpoint whose optimizer state is keyed by ids no parameter has (here its trainer.json
+/// names other ids) is passed over like a damaged one: taking it would start every parameter's
+/// Adam moments over in silence.
+#[test]
+fn an_optimizer_state_that_fits_no_parameter_is_passed_over() {
+    let dir = setup();
+    let reference = reference(dir.path());
+    let run = killed_in_checkpoint(dir.path(), "9");
+    let trainer = pipe::checkpoint::list(&run)[1].join("trainer.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trainer).unwrap()).unwrap();
+    for id in state["param_ids"].as_object_mut().unwrap().values_mut() {
+        *id = (id.as_u64().unwrap() ^ 1).into();
+    }
+    std::fs::write(&trainer, state.to_string()).unwrap();
+    let out = pipe(dir.path(), &["resume", run.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(message.contains("belong to no parameter") && message.contains("trying the one before it"), "{message}");
+    resume_and_compare(dir.path(), &run, &reference);
+}
+
 /// A resumed run's TensorBoard events continue from the checkpoint without duplicated or
 /// backwards steps (a record cut off by the kill is dropped), and hold one start and one end of
 /// the session.
